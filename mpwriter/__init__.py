@@ -1,0 +1,48 @@
+"""mpwriter: one writer process for SQLite, shared by every process of your app.
+
+    writer = mpwriter.start("app.db")
+    writer.execute("INSERT INTO t(x) VALUES (?)", (1,))   # returns once committed
+
+See README.md for the guarantees and the limits.
+"""
+
+from ._attached import attach, get_writer
+from ._client import Result, Transaction, Writer
+from ._errors import (
+    Error,
+    NotPicklable,
+    QueueFull,
+    RemoteError,
+    RemoteTraceback,
+    StatementRefused,
+    Timeout,
+    WriterAlreadyRunning,
+    WriterClosed,
+    WriterCrashed,
+    WriterUnavailable,
+)
+from ._owner import start
+from ._reader import reader
+
+__all__ = [
+    "Error",
+    "NotPicklable",
+    "QueueFull",
+    "RemoteError",
+    "RemoteTraceback",
+    "Result",
+    "StatementRefused",
+    "Timeout",
+    "Transaction",
+    "Writer",
+    "WriterAlreadyRunning",
+    "WriterClosed",
+    "WriterCrashed",
+    "WriterUnavailable",
+    "attach",
+    "get_writer",
+    "reader",
+    "start",
+]
+
+__version__ = "0.1.0"

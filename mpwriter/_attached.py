@@ -1,0 +1,32 @@
+"""A process-wide writer for pool workers: `attach` as initializer, `get_writer` in tasks.
+
+Pool tasks cannot take a Writer as an argument (file descriptors travel only
+when a process is created), so the handle goes in the pool's initializer
+arguments and tasks fetch it with `get_writer()`.
+"""
+
+from __future__ import annotations
+
+from ._client import Writer
+from ._errors import Error
+
+_attached: Writer | None = None
+
+
+def attach(writer: Writer) -> None:
+    """Make ``writer`` this process's writer; use as a pool ``initializer``.
+
+    ``ProcessPoolExecutor(initializer=mpwriter.attach, initargs=(writer,))``
+    """
+    global _attached
+    _attached = writer
+
+
+def get_writer() -> Writer:
+    """The writer given to `attach` in this process (or inherited through fork).
+
+    Raises `mpwriter.Error` if none was attached.
+    """
+    if _attached is None:
+        raise Error("no writer attached in this process: call mpwriter.attach(writer) first")
+    return _attached

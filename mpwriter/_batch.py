@@ -1,0 +1,367 @@
+"""Group commit: run a batch of requests in one transaction, one savepoint each.
+
+The writer hands `BatchRunner.run` every request it has in hand; the runner
+returns one encoded reply per request, and the writer sends none of them
+before `run` returns -- that is, after the COMMIT that made them durable.
+
+Isolation: each request runs inside its own SAVEPOINT. A request that fails
+is rolled back to its savepoint and answered with its own error; the others
+still commit. If SQLite itself abandoned the whole transaction (``INSERT OR
+ROLLBACK``, a full disk, an I/O error), the requests run so far lost their
+work too; the batch is then replayed without the culprit, so a request never
+commits half of what it did and no error reaches a request it does not
+concern. If the COMMIT fails, every request of the batch gets that error.
+
+The writer's own transaction statements are the only ones allowed: an
+authorizer refuses BEGIN, COMMIT, END, ROLLBACK, SAVEPOINT and RELEASE from
+callers (SQLite tells us what a statement does; we do not guess from its text).
+Statements that SQLite will not run inside a transaction (VACUUM, changing
+journal_mode or foreign_keys) are run alone after the batch commits.
+"""
+
+from __future__ import annotations
+
+import pickle
+import random
+import sqlite3
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+from ._errors import NotPicklable, RemoteError, StatementRefused, Timeout
+from ._wire import Kind, Request, Status, encode_reply
+
+# Pragmas that SQLite ignores or refuses inside a transaction when they set a
+# value; such a request is deferred and run alone, outside the batch.
+_SOLO_PRAGMAS = frozenset({"foreign_keys", "journal_mode", "page_size", "auto_vacuum"})
+_SOLO_MESSAGES = ("within a transaction", "from within a transaction")
+
+# A request stops waiting for an outside lock holder this long before its
+# deadline, so that its "database is locked" error reaches the caller while the
+# caller is still listening.
+_DEADLINE_MARGIN = 0.02
+_BACKOFF_FIRST = 0.001
+_BACKOFF_MAX = 0.1
+
+SQLITE_BUSY = 5
+
+
+class Work(NamedTuple):
+    """A request, unpickled, ready to run."""
+
+    request: Request
+    deadline: float
+    body: tuple[Any, ...]
+
+
+class Counters:
+    """Figures the writer reports through `stats()`; plain ints, one process."""
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.batches = 0
+        self.commits = 0
+        self.errors = 0
+        self.retries = 0
+        self.refused = 0
+        self.expired = 0
+        self.replayed_batches = 0
+        self.errors_by_class: dict[str, int] = {}
+
+    def count_error(self, exc: BaseException) -> None:
+        self.errors += 1
+        name = type(exc).__qualname__
+        self.errors_by_class[name] = self.errors_by_class.get(name, 0) + 1
+
+    def as_dict(self) -> dict[str, Any]:
+        figures = dict(vars(self))
+        figures["errors_by_class"] = dict(self.errors_by_class)
+        figures["mean_batch_size"] = self.requests / self.batches if self.batches else 0.0
+        return figures
+
+
+def is_busy(exc: BaseException) -> bool:
+    """True for SQLITE_BUSY and its extended codes ("database is locked")."""
+    code = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+
+    if code is not None:
+        return bool(code & 0xFF == SQLITE_BUSY)
+    return isinstance(exc, sqlite3.OperationalError) and "database is locked" in str(exc)
+
+
+def error_reply(request_id: int, exc: BaseException) -> bytes:
+    """Encode an exception with its traceback text; never raises."""
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    try:
+        return encode_reply(request_id, Status.ERROR, (exc, tb))
+    except Exception:
+        substitute = RemoteError(f"{type(exc).__qualname__}: {exc}")
+        return encode_reply(request_id, Status.ERROR, (substitute, tb))
+
+
+def split_script(script: str) -> list[str]:
+    """Cut a script into statements, using SQLite's own tokenizer to find ends.
+
+    A ';' inside a string, a comment or a trigger body does not end a
+    statement; `sqlite3.complete_statement` knows the difference.
+    """
+    statements: list[str] = []
+    start = 0
+    position = script.find(";")
+    while position >= 0:
+        candidate = script[start : position + 1]
+        if sqlite3.complete_statement(candidate):
+            statements.append(candidate)
+            start = position + 1
+        position = script.find(";", position + 1)
+    tail = script[start:]
+    if tail.strip():
+        statements.append(tail)
+    return statements
+
+
+class _Refused(Exception):
+    """Raised inside the runner to turn an authorizer denial into a reply."""
+
+
+class _NeedsSolo(Exception):
+    """The request must run outside any transaction."""
+
+
+class _TransactionLost(Exception):
+    """SQLite rolled back the whole transaction while running one request."""
+
+    def __init__(self, index: int, reply: bytes) -> None:
+        super().__init__(index)
+        self.index = index
+        self.reply = reply
+
+
+class BatchRunner:
+    """Runs batches on the writer's connection; see the module docstring."""
+
+    def __init__(self, conn: sqlite3.Connection, counters: Counters) -> None:
+        self._conn = conn
+        self._counters = counters
+        # While True, statements come from callers and are vetted.
+        self._guarded = False
+        self._allow_solo = False
+        self._denied: str | None = None
+        self._wants_solo = False
+        conn.set_authorizer(self._authorize)
+
+    # -- authorizer ---------------------------------------------------------
+
+    def _authorize(
+        self, action: int, arg1: str | None, arg2: str | None, _db: str | None, _src: str | None
+    ) -> int:
+        if not self._guarded:
+            return sqlite3.SQLITE_OK
+        if action == sqlite3.SQLITE_TRANSACTION or action == sqlite3.SQLITE_SAVEPOINT:
+            verb = "SAVEPOINT" if action == sqlite3.SQLITE_SAVEPOINT and arg1 == "BEGIN" else arg1
+            self._denied = f"{verb or 'transaction control'} is refused"
+            return sqlite3.SQLITE_DENY
+        if (
+            action == sqlite3.SQLITE_PRAGMA
+            and not self._allow_solo
+            and arg2 is not None
+            and (arg1 or "").lower() in _SOLO_PRAGMAS
+        ):
+            self._wants_solo = True
+            return sqlite3.SQLITE_DENY
+        return sqlite3.SQLITE_OK
+
+    # -- one request ----------------------------------------------------------
+
+    def _perform(self, kind: int, body: tuple[Any, ...]) -> Any:
+        conn = self._conn
+        if kind == Kind.EXECUTE:
+            return _execute(conn, body[0], body[1])
+        if kind == Kind.EXECUTEMANY:
+            cursor = conn.executemany(body[0], body[1])
+            return (cursor.rowcount, cursor.lastrowid, [])
+        if kind == Kind.SCRIPT:
+            for statement in split_script(body[0]):
+                conn.execute(statement).fetchall()
+            return None
+        if kind == Kind.TRANSACTION:
+            results = []
+            for many, sql, params in body[0]:
+                if many:
+                    cursor = conn.executemany(sql, params)
+                    results.append((cursor.rowcount, cursor.lastrowid, []))
+                else:
+                    results.append(_execute(conn, sql, params))
+            return results
+        if kind == Kind.CALL:
+            function: Callable[..., Any] = body[0]
+            return function(conn, *body[1], **body[2])
+        raise ValueError(f"unknown request kind {kind}")
+
+    def _run_guarded(self, work: Work) -> bytes:
+        """Run one request with caller statements vetted; return its OK reply.
+
+        Raises `_Refused`, `_NeedsSolo` or the request's own exception.
+        """
+        self._denied = None
+        self._wants_solo = False
+        self._guarded = True
+        try:
+            value = self._perform(work.request.kind, work.body)
+        except sqlite3.DatabaseError as exc:
+            if self._denied is not None:
+                raise _Refused(self._denied) from exc
+            if self._wants_solo or any(m in str(exc) for m in _SOLO_MESSAGES):
+                raise _NeedsSolo from exc
+            raise
+        finally:
+            self._guarded = False
+        try:
+            return encode_reply(work.request.request_id, Status.OK, value)
+        except Exception as exc:
+            raise NotPicklable(f"the result could not be pickled: {exc}") from exc
+
+    def _refusal(self, work: Work, refused: _Refused) -> bytes:
+        self._counters.refused += 1
+        message = (
+            f"{refused.args[0]}: every mpwriter request already runs atomically in the"
+            " writer's transaction; send the statements without transaction control"
+            " (use Writer.transaction() to group several)"
+        )
+        return self._fail(work, StatementRefused(message))
+
+    def _fail(self, work: Work, exc: BaseException) -> bytes:
+        self._counters.count_error(exc)
+        return error_reply(work.request.request_id, exc)
+
+    # -- the batch ------------------------------------------------------------
+
+    def run(self, batch: list[Work]) -> list[tuple[Request, bytes]]:
+        """Run ``batch`` in one transaction; return each request's reply.
+
+        Replies are returned only once the transaction has committed (or
+        failed); the caller sends them after this returns.
+        """
+        self._counters.batches += 1
+        self._counters.requests += len(batch)
+        replies: dict[int, bytes] = {}
+        pending = self._begin(batch, replies)
+        solo: list[Work] = []
+        while pending:
+            try:
+                outcome = self._run_in_transaction(pending, solo)
+            except _TransactionLost as lost:
+                self._counters.replayed_batches += 1
+                culprit = pending[lost.index]
+                replies[id(culprit)] = lost.reply
+                pending = pending[: lost.index] + pending[lost.index + 1 :]
+                solo.clear()
+                pending = self._begin(pending, replies)
+                continue
+            replies.update(outcome)
+            break
+        for work in solo:
+            replies[id(work)] = self._run_solo(work)
+        return [(work.request, replies[id(work)]) for work in batch]
+
+    def _begin(self, batch: list[Work], replies: dict[int, bytes]) -> list[Work]:
+        """BEGIN IMMEDIATE, waiting out outside lock holders with backoff.
+
+        Requests whose deadline comes first are answered with SQLite's
+        "database is locked" error and left out; the rest are returned.
+        """
+        pending = list(batch)
+        delay = _BACKOFF_FIRST
+        while pending:
+            try:
+                self._conn.execute("BEGIN IMMEDIATE")
+                return pending
+            except sqlite3.OperationalError as exc:
+                if not is_busy(exc):
+                    for work in pending:
+                        replies[id(work)] = self._fail(work, exc)
+                    return []
+                busy = exc
+            now = time.monotonic()
+            still: list[Work] = []
+            for work in pending:
+                if work.deadline - _DEADLINE_MARGIN <= now:
+                    replies[id(work)] = self._fail(work, busy)
+                else:
+                    still.append(work)
+            pending = still
+            if not pending:
+                break
+            self._counters.retries += 1
+            earliest = min(work.deadline for work in pending) - _DEADLINE_MARGIN
+            time.sleep(max(0.0, min(delay * random.uniform(0.5, 1.5), earliest - now)))
+            delay = min(delay * 2, _BACKOFF_MAX)
+        return []
+
+    def _run_in_transaction(self, pending: list[Work], solo: list[Work]) -> dict[int, bytes]:
+        conn = self._conn
+        replies: dict[int, bytes] = {}
+        succeeded: list[Work] = []
+        for index, work in enumerate(pending):
+            conn.execute("SAVEPOINT mpwriter_request")
+            try:
+                replies[id(work)] = self._run_guarded(work)
+            except _NeedsSolo:
+                solo.append(work)
+            except _Refused as refused:
+                replies[id(work)] = self._refusal(work, refused)
+            except Exception as exc:
+                reply = self._fail(work, exc)
+                if not conn.in_transaction:
+                    raise _TransactionLost(index, reply) from exc
+                replies[id(work)] = reply
+            else:
+                conn.execute("RELEASE mpwriter_request")
+                succeeded.append(work)
+                continue
+            conn.execute("ROLLBACK TO mpwriter_request")
+            conn.execute("RELEASE mpwriter_request")
+        try:
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            for work in succeeded:
+                replies[id(work)] = self._fail(work, exc)
+        else:
+            self._counters.commits += 1
+        return replies
+
+    def _run_solo(self, work: Work) -> bytes:
+        """Run a request that SQLite will not run inside a transaction."""
+        self._allow_solo = True
+        try:
+            return self._run_guarded(work)
+        except _Refused as refused:
+            return self._refusal(work, refused)
+        except _NeedsSolo as needs:
+            return self._fail(work, needs.__cause__ or needs)
+        except Exception as exc:
+            return self._fail(work, exc)
+        finally:
+            self._allow_solo = False
+
+
+def _execute(conn: sqlite3.Connection, sql: str, params: Any) -> tuple[int, int | None, list[Any]]:
+    cursor = conn.execute(sql, params)
+    # RETURNING rows must be fetched before rowcount is final.
+    rows = cursor.fetchall() if cursor.description is not None else []
+    return (cursor.rowcount, cursor.lastrowid, rows)
+
+
+def unpickle_work(request: Request) -> Work:
+    """Unpickle a request's payload; raises what unpickling raises."""
+    deadline, body = pickle.loads(request.payload)
+    return Work(request, deadline, body)
+
+
+def expired_reply(work: Work) -> bytes:
+    return error_reply(
+        work.request.request_id,
+        Timeout("the deadline passed before the writer reached this request; not applied"),
+    )

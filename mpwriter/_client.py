@@ -1,0 +1,541 @@
+"""The handle callers use: `Writer`, usable from any process that has it.
+
+A call pickles its request here, in the caller (so a bad argument fails at
+once, with nothing queued), writes it to the shared request pipe as atomic
+frames, then waits for the reply on a reply pipe that only this request uses.
+
+Reply pipes are pooled per process: creating one costs a registration (its
+write end travels to the writer over a Unix socket), so a process keeps the
+pipes it made and lends each to one request at a time. A request that ends in
+a timeout or an error whose effect on the pipe is unknown *retires* its pipe
+instead of returning it, so a late reply can never be read by the next request.
+
+After a fork, the child gets fresh per-process state (new sender token, no
+pipes, new locks); it never touches its parent's pipes (`os.register_at_fork`
+covers raw ``os.fork()`` as gunicorn uses it, not only multiprocessing).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import itertools
+import os
+import pickle
+import select
+import socket
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterable, Iterator
+from multiprocessing import context as mp_context
+from multiprocessing import reduction
+from typing import Any, NamedTuple, Protocol
+
+from ._errors import (
+    Error,
+    NotPicklable,
+    QueueFull,
+    RemoteTraceback,
+    Timeout,
+    WriterClosed,
+    WriterCrashed,
+    WriterUnavailable,
+)
+from ._wire import (
+    PICKLE_PROTOCOL,
+    REPLY_HEADER_SIZE,
+    Kind,
+    Status,
+    decode_reply_header,
+    encode_frames,
+    make_sender_token,
+)
+from ._writer import CLOSED, NO_REPLY, REGISTRATION
+
+_READ_SIZE = 1 << 16
+_POLL_IN = select.POLLIN | select.POLLHUP | select.POLLERR
+
+
+class Result(NamedTuple):
+    """What a write returned.
+
+    ``rows`` holds the rows a statement produced (``RETURNING``, or a query);
+    ``rowcount`` and ``lastrowid`` are those of `sqlite3.Cursor`.
+    """
+
+    rowcount: int
+    lastrowid: int | None
+    rows: list[tuple[Any, ...]]
+
+
+class _Owner(Protocol):
+    """What the owning process adds to its handle (see `_owner.py`)."""
+
+    def describe_exit(self) -> str: ...
+
+    def close(self, timeout: float) -> None: ...
+
+
+class _Slot:
+    """A reply pipe: this process reads ``fd``; the writer holds the write end."""
+
+    __slots__ = ("fd", "number", "poller")
+
+    def __init__(self, number: int, fd: int, sentinel: int) -> None:
+        self.number = number
+        self.fd = fd
+        self.poller = select.poll()
+        self.poller.register(fd, select.POLLIN)
+        self.poller.register(sentinel, select.POLLIN)
+
+
+class _ProcessState:
+    """A handle's per-process state; replaced wholesale in a forked child."""
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self.sender = make_sender_token(self.pid)
+        self.lock = threading.Lock()
+        self.free: list[_Slot] = []
+        self.slot_numbers = itertools.count()
+        self.request_ids = itertools.count(1)
+        self.collector: _Collector | None = None
+
+
+_handles: weakref.WeakSet[Writer] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for handle in list(_handles):
+        handle._forget_parent_state()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+class Writer:
+    """A handle on the writer process. Create one with `mpwriter.start()`.
+
+    Every method may be called from any thread of any process that has the
+    handle: the process that started the writer (the *owner*), its forked
+    children (gunicorn workers), and children it passed the handle to at
+    creation (``Process`` args, pool ``initargs``) under fork, spawn and
+    forkserver.
+
+    Guarantees: a call returns only after the COMMIT that made its write
+    durable; a call's failure affects no other call; calls made one after the
+    other by one thread are applied in that order. Every call ends within its
+    timeout, raising `Timeout` (outcome unknown), `QueueFull` (not sent) or
+    `WriterUnavailable` when it cannot succeed.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        timeout: float,
+        request_fd: int,
+        registration: socket.socket,
+        sentinel: int,
+        state: Any,
+        owner: _Owner | None = None,
+    ) -> None:
+        self.path = path
+        self.timeout = timeout
+        self._request_fd = request_fd
+        self._registration = registration
+        self._sentinel = sentinel
+        self._state = state
+        self._owner = owner
+        self._owner_pid = os.getpid() if owner is not None else None
+        self._closed_here = False
+        self._local = _ProcessState()
+        _handles.add(self)
+
+    def __repr__(self) -> str:
+        status = "closed" if self.closed else "open"
+        return f"<mpwriter.Writer {self.path!r} {status}>"
+
+    # -- public API -----------------------------------------------------------
+
+    def execute(self, sql: str, params: Any = (), *, timeout: float | None = None) -> Result:
+        """Run one statement in its own savepoint; return once it is committed.
+
+        SQL errors are raised as their `sqlite3` class.
+        """
+        return Result(*self._call(Kind.EXECUTE, (sql, params), timeout))
+
+    def executemany(
+        self, sql: str, seq_of_params: Iterable[Any], *, timeout: float | None = None
+    ) -> Result:
+        """Run one statement for each parameter set, atomically; ``rows`` is empty."""
+        return Result(*self._call(Kind.EXECUTEMANY, (sql, list(seq_of_params)), timeout))
+
+    def executescript(self, script: str, *, timeout: float | None = None) -> None:
+        """Run a script atomically: all of its statements apply, or none.
+
+        Transaction control inside the script is refused (`StatementRefused`).
+        """
+        self._call(Kind.SCRIPT, (script,), timeout)
+
+    @contextlib.contextmanager
+    def transaction(self, *, timeout: float | None = None) -> Iterator[Transaction]:
+        """Buffer statements here; apply them atomically when the block exits.
+
+        Nothing is sent if the block raises. After the block, ``tx.results``
+        holds one `Result` per statement.
+        """
+        tx = Transaction()
+        yield tx
+        if tx._statements:
+            raw = self._call(Kind.TRANSACTION, (tx._statements,), timeout)
+            tx.results = [Result(*item) for item in raw]
+        else:
+            tx.results = []
+
+    def call(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        """Run ``fn(conn, *args, **kwargs)`` in the writer, atomically; return its result.
+
+        ``fn`` must be importable by the writer (a module-level function) and
+        its arguments and result picklable. It runs inside the request's
+        savepoint: if it raises, its changes are rolled back and the exception
+        is re-raised here. It must not commit, roll back or close ``conn``.
+        Uses the handle's default timeout; see `call_with_timeout`.
+        """
+        return self._call(Kind.CALL, (fn, args, kwargs), None)
+
+    def call_with_timeout(
+        self, timeout: float, fn: Callable[..., Any], /, *args: Any, **kwargs: Any
+    ) -> Any:
+        """`call` with an explicit timeout in seconds."""
+        return self._call(Kind.CALL, (fn, args, kwargs), timeout)
+
+    def submit(
+        self, sql: str, params: Any = (), *, timeout: float | None = None
+    ) -> concurrent.futures.Future[Result]:
+        """Send a statement now; the future resolves when it is committed.
+
+        No thread per request: one background thread per process collects the
+        replies of every pending future. Errors are set on the future; the
+        request is already sent, so the future cannot be cancelled.
+        """
+        future: concurrent.futures.Future[Result] = concurrent.futures.Future()
+        future.set_running_or_notify_cancel()
+        deadline, payload = self._prepare(Kind.EXECUTE, (sql, params), timeout)
+        slot = self._borrow_slot(deadline)
+        try:
+            request_id = self._send(Kind.EXECUTE, payload, slot.number, deadline)
+        except BaseException:
+            self._retire(slot)
+            raise
+        self._collector().add(slot, request_id, future, deadline)
+        return future
+
+    def stats(self, *, timeout: float | None = None) -> dict[str, Any]:
+        """The writer's figures: requests, batches, commits, errors, queue depth..."""
+        figures: dict[str, Any] = self._call(Kind.STATS, (), timeout)
+        return figures
+
+    @property
+    def closed(self) -> bool:
+        """True once this handle, or the writer itself, was closed."""
+        return self._closed_here or self._state.value == CLOSED
+
+    def close(self, timeout: float | None = None) -> None:
+        """Release this handle; in the owner process, stop the writer.
+
+        In the owner: new calls are refused at once, everything already
+        queued is served and committed, the WAL is checkpointed, and the
+        writer exits and releases its lock file. Waits up to ``timeout``
+        seconds (the handle's default) before terminating the writer.
+        Elsewhere this only releases the handle's reply pipes. Idempotent.
+        """
+        if self._closed_here:
+            return
+        self._closed_here = True
+        if self._owner is not None and os.getpid() == self._owner_pid:
+            self._owner.close(self.timeout if timeout is None else timeout)
+        with self._local.lock:
+            free, self._local.free = self._local.free, []
+        for slot in free:
+            os.close(slot.fd)
+
+    def __enter__(self) -> Writer:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Descriptors can travel only while a child is being started (they are
+        # then passed down with the new process); anywhere else -- a pool task
+        # argument, a queue -- there is no channel for them.
+        if mp_context.get_spawning_popen() is None:
+            raise NotPicklable(
+                "a mpwriter.Writer can only be passed to a child process when it is"
+                " created (Process args, Pool/ProcessPoolExecutor initializer"
+                " arguments: see mpwriter.attach) or inherited through fork; it"
+                " cannot be sent as a task argument or through a queue"
+            )
+        return (
+            _rebuild,
+            (
+                self.path,
+                self.timeout,
+                reduction.DupFd(self._request_fd),
+                reduction.DupFd(self._registration.fileno()),
+                reduction.DupFd(self._sentinel),
+                self._state,
+            ),
+        )
+
+    # -- request path -----------------------------------------------------------
+
+    def _call(self, kind: Kind, body: tuple[Any, ...], timeout: float | None) -> Any:
+        deadline, payload = self._prepare(kind, body, timeout)
+        slot = self._borrow_slot(deadline)
+        try:
+            request_id = self._send(kind, payload, slot.number, deadline)
+            value = self._await_reply(slot, request_id, deadline)
+        except BaseException:
+            # Whatever went wrong, the pipe may still receive a reply.
+            self._retire(slot)
+            raise
+        self._local.free.append(slot)
+        return value
+
+    def _prepare(
+        self, kind: Kind, body: tuple[Any, ...], timeout: float | None
+    ) -> tuple[float, bytes]:
+        if self._closed_here:
+            raise WriterClosed("this Writer handle was closed; the request was not sent")
+        if self._state.value == CLOSED:
+            raise WriterClosed("the writer was closed; the request was not sent")
+        seconds = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + seconds
+        try:
+            payload = pickle.dumps((deadline, body), PICKLE_PROTOCOL)
+        except Exception as exc:
+            raise NotPicklable(
+                f"cannot send this {kind.name.lower()} request to the writer: {exc}"
+            ) from exc
+        return deadline, payload
+
+    def _send(self, kind: Kind, payload: bytes, slot_number: int, deadline: float) -> int:
+        local = self._local
+        request_id = next(local.request_ids) & 0xFFFFFFFF
+        poller: select.poll | None = None
+        for frame in encode_frames(kind, local.sender, request_id, slot_number, payload):
+            while True:
+                try:
+                    os.write(self._request_fd, frame)
+                    break
+                except BlockingIOError:
+                    pass
+                except BrokenPipeError:
+                    raise self._unavailable(sent=False) from None
+                if poller is None:
+                    poller = select.poll()
+                    poller.register(self._request_fd, select.POLLOUT)
+                    poller.register(self._sentinel, select.POLLIN)
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise QueueFull(
+                        "the request queue stayed full for the whole timeout; not sent"
+                    )
+                for fd, _ in poller.poll(_millis(remaining)):
+                    if fd == self._sentinel:
+                        raise self._unavailable(sent=False)
+        return request_id
+
+    def _await_reply(self, slot: _Slot, request_id: int, deadline: float) -> Any:
+        payload = self._read_reply(slot, deadline)
+        return _unpack_reply(payload, request_id)
+
+    def _read_reply(self, slot: _Slot, deadline: float) -> bytes:
+        """Read one whole reply from ``slot``; raise on timeout or a dead writer."""
+        buffer = b""
+        needed = REPLY_HEADER_SIZE
+        while True:
+            remaining = deadline - time.monotonic()
+            events = slot.poller.poll(_millis(max(remaining, 0.0)))
+            if not events:
+                raise Timeout(
+                    "no reply from the writer within the timeout; the outcome is unknown"
+                )
+            if not any(fd == slot.fd for fd, _ in events):
+                # The writer is gone and nothing is left to read.
+                raise self._unavailable(sent=True)
+            chunk = os.read(slot.fd, _READ_SIZE)
+            if not chunk:
+                raise self._unavailable(sent=True)
+            buffer += chunk
+            if needed == REPLY_HEADER_SIZE and len(buffer) >= REPLY_HEADER_SIZE:
+                needed += decode_reply_header(buffer[:REPLY_HEADER_SIZE])[0]
+            if len(buffer) >= needed:
+                return buffer
+
+    def _unavailable(self, *, sent: bool) -> WriterUnavailable:
+        outcome = "the outcome is unknown" if sent else "the request was not applied"
+        if self._state.value == CLOSED or self._closed_here:
+            return WriterClosed(f"the writer was closed; {outcome}")
+        how = self._owner.describe_exit() if self._owner is not None else "died"
+        return WriterCrashed(f"the writer process {how}; {outcome}")
+
+    # -- reply pipes --------------------------------------------------------------
+
+    def _borrow_slot(self, deadline: float) -> _Slot:
+        local = self._local
+        try:
+            return local.free.pop()
+        except IndexError:
+            pass
+        number = next(local.slot_numbers) % NO_REPLY
+        read_fd, write_fd = os.pipe()
+        try:
+            os.set_blocking(read_fd, False)
+            self._register(local.sender, number, write_fd, deadline)
+        except BaseException:
+            os.close(read_fd)
+            raise
+        finally:
+            # The writer now holds the only write end: EOF here means it died.
+            os.close(write_fd)
+        return _Slot(number, read_fd, self._sentinel)
+
+    def _register(self, sender: int, number: int, write_fd: int, deadline: float) -> None:
+        message = [REGISTRATION.pack(sender, number)]
+        while True:
+            try:
+                socket.send_fds(self._registration, message, [write_fd])
+                return
+            except BlockingIOError:
+                pass
+            except (BrokenPipeError, ConnectionRefusedError):
+                raise self._unavailable(sent=False) from None
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise QueueFull("the writer did not accept a new reply pipe in time; not sent")
+            select.select([self._sentinel], [self._registration], [], remaining)
+            if _readable(self._sentinel):
+                raise self._unavailable(sent=False)
+
+    def _retire(self, slot: _Slot) -> None:
+        os.close(slot.fd)
+
+    def _collector(self) -> _Collector:
+        local = self._local
+        with local.lock:
+            if local.collector is None:
+                local.collector = _Collector(self)
+            return local.collector
+
+    def _forget_parent_state(self) -> None:
+        """In a forked child: drop the parent's pipes; never read from them."""
+        parent = self._local
+        self._local = _ProcessState()
+        for slot in parent.free:
+            os.close(slot.fd)
+        self._owner = None  # only the process that started the writer owns it
+
+
+class Transaction:
+    """Statements buffered by `Writer.transaction()`, sent together on exit."""
+
+    def __init__(self) -> None:
+        self._statements: list[tuple[bool, str, Any]] = []
+        self.results: list[Result] | None = None
+
+    def execute(self, sql: str, params: Any = ()) -> None:
+        self._statements.append((False, sql, params))
+
+    def executemany(self, sql: str, seq_of_params: Iterable[Any]) -> None:
+        self._statements.append((True, sql, list(seq_of_params)))
+
+
+class _Collector:
+    """One thread per process that resolves the futures of `Writer.submit`."""
+
+    def __init__(self, writer: Writer) -> None:
+        self._writer = writer
+        self._lock = threading.Lock()
+        self._pending: dict[int, tuple[_Slot, int, concurrent.futures.Future[Result], float]] = {}
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        thread = threading.Thread(target=self._run, name="mpwriter-replies", daemon=True)
+        thread.start()
+
+    def add(
+        self,
+        slot: _Slot,
+        request_id: int,
+        future: concurrent.futures.Future[Result],
+        deadline: float,
+    ) -> None:
+        with self._lock:
+            self._pending[slot.fd] = (slot, request_id, future, deadline)
+        with contextlib.suppress(BlockingIOError):
+            os.write(self._wake_w, b"\0")
+
+    def _run(self) -> None:
+        writer = self._writer
+        while True:
+            with self._lock:
+                pending = dict(self._pending)
+            poller = select.poll()
+            poller.register(self._wake_r, select.POLLIN)
+            for fd in pending:
+                poller.register(fd, select.POLLIN)
+            now = time.monotonic()
+            soonest = min((entry[3] for entry in pending.values()), default=now + 60.0)
+            ready = {fd for fd, _ in poller.poll(_millis(max(0.0, soonest - now)))}
+            if self._wake_r in ready:
+                with contextlib.suppress(BlockingIOError):
+                    os.read(self._wake_r, 4096)
+            now = time.monotonic()
+            for fd, (slot, request_id, future, deadline) in pending.items():
+                if fd not in ready and deadline > now:
+                    continue
+                with self._lock:
+                    del self._pending[fd]
+                try:
+                    value = writer._await_reply(slot, request_id, deadline)
+                except BaseException as exc:
+                    writer._retire(slot)
+                    future.set_exception(exc)
+                else:
+                    writer._local.free.append(slot)
+                    future.set_result(Result(*value))
+
+
+def _unpack_reply(payload: bytes, request_id: int) -> Any:
+    length, replied_to = decode_reply_header(payload[:REPLY_HEADER_SIZE])
+    if replied_to != request_id:
+        raise Error(f"reply to request {replied_to} arrived for request {request_id}")
+    status, value = pickle.loads(payload[REPLY_HEADER_SIZE : REPLY_HEADER_SIZE + length])
+    if status == Status.OK:
+        return value
+    exc, tb = value
+    exc.__cause__ = RemoteTraceback(tb)
+    raise exc
+
+
+def _millis(seconds: float) -> int:
+    return max(0, int(seconds * 1000) + 1)
+
+
+def _readable(fd: int) -> bool:
+    return bool(select.select([fd], [], [], 0)[0])
+
+
+def _rebuild(
+    path: str,
+    timeout: float,
+    request_fd: Any,
+    registration_fd: Any,
+    sentinel: Any,
+    state: Any,
+) -> Writer:
+    registration = socket.socket(fileno=registration_fd.detach())
+    return Writer(path, timeout, request_fd.detach(), registration, sentinel.detach(), state)

@@ -1,0 +1,237 @@
+"""The wire protocol: request frames on the shared queue, replies on reply pipes.
+
+Requests
+--------
+Every caller writes to one shared pipe. A write of at most ``PIPE_BUF`` bytes
+to a pipe is atomic on POSIX: it lands whole or not at all, even when the
+writing process is SIGKILLed, and never interleaves with another process's
+write. So every frame is at most ``PIPE_BUF`` bytes and is written with one
+``os.write``, and no cross-process lock exists that a dying client could keep
+held (the flaw that wedges a plain ``multiprocessing.Queue``).
+
+A request larger than one frame is split into frames that share the sender's
+token and the request id; the writer reassembles them (`Assembler`) and drops
+the pieces of a sender that died half-way.
+
+Each frame carries a magic, its length and two CRC-32 check values (header and
+payload), so a reader that starts in the middle of the stream -- a new writer
+after its predecessor died part-way through a read -- can tell a whole frame
+from a torn one and resynchronise on the next real frame (`FrameReader`).
+
+Replies
+-------
+A reply goes to the reply pipe that the request named, which only that request
+is using; it is a small header (payload length, request id) and a pickled
+``(status, value)``. No atomicity is needed there: one writer, one reader.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import pickle
+import select
+import struct
+import zlib
+from collections.abc import Iterator
+from typing import Any, NamedTuple
+
+PICKLE_PROTOCOL = pickle.HIGHEST_PROTOCOL
+
+# 4096 on Linux, 512 on macOS: the largest write that is atomic on a pipe.
+PIPE_BUF: int = getattr(select, "PIPE_BUF", 512)
+
+
+class Kind(enum.IntEnum):
+    """What a request asks of the writer; carried in each frame's header."""
+
+    EXECUTE = 1  # (sql, params)
+    EXECUTEMANY = 2  # (sql, seq_of_params)
+    SCRIPT = 3  # (script,)
+    TRANSACTION = 4  # (list of (many: bool, sql, params),)
+    CALL = 5  # (fn, args, kwargs)
+    STATS = 6  # ()
+    CLOSE = 7  # (): drain, commit, checkpoint, stop
+
+
+class Status(enum.IntEnum):
+    """Outcome carried in a reply."""
+
+    OK = 0
+    ERROR = 1  # value is (exception, writer-side traceback text)
+
+
+FIRST = 0x01
+LAST = 0x02
+
+_MAGIC = b"\xa7W"
+# magic, kind, flags, payload length, sender token, request id, reply slot,
+# payload CRC, header CRC (over every field before it).
+_HEADER = struct.Struct("!2sBBHQIHII")
+_HEADER_CHECKED = _HEADER.size - 4
+HEADER_SIZE = _HEADER.size
+MAX_PAYLOAD = PIPE_BUF - HEADER_SIZE
+
+
+class Frame(NamedTuple):
+    kind: int
+    flags: int
+    sender: int
+    request_id: int
+    slot: int
+    payload: bytes
+
+
+class Request(NamedTuple):
+    """A whole request, reassembled; the payload is still pickled."""
+
+    kind: int
+    sender: int
+    request_id: int
+    slot: int
+    payload: bytes
+
+
+def sender_pid(sender: int) -> int:
+    """The process id a sender token was made for (its high 32 bits)."""
+    return sender >> 32
+
+
+def make_sender_token(pid: int) -> int:
+    """A token unique to this process: its pid plus 32 random bits.
+
+    The random half keeps a recycled pid from being taken for the dead
+    process that had it before.
+    """
+    return (pid << 32) | int.from_bytes(os.urandom(4), "big")
+
+
+def encode_frames(
+    kind: int, sender: int, request_id: int, slot: int, payload: bytes
+) -> Iterator[bytes]:
+    """Split a pickled request into frames of at most ``PIPE_BUF`` bytes."""
+    view = memoryview(payload)
+    total = len(view)
+    offset = 0
+    flags = FIRST
+    while True:
+        chunk = view[offset : offset + MAX_PAYLOAD]
+        offset += len(chunk)
+        if offset >= total:
+            flags |= LAST
+        head = _HEADER.pack(
+            _MAGIC, kind, flags, len(chunk), sender, request_id, slot, zlib.crc32(chunk), 0
+        )
+        head = head[:_HEADER_CHECKED] + zlib.crc32(head[:_HEADER_CHECKED]).to_bytes(4, "big")
+        yield head + chunk
+        if flags & LAST:
+            return
+        flags = 0
+
+
+class FrameReader:
+    """Cuts the byte stream read from the request pipe into checked frames.
+
+    Bytes that do not form a valid frame (the tail of a frame whose head a dead
+    predecessor consumed) are skipped one at a time until a frame's magic,
+    header CRC and payload CRC all agree; `skipped` counts them.
+    """
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+        self.skipped = 0
+
+    def feed(self, data: bytes) -> list[Frame]:
+        buffer = self._buffer
+        buffer += data
+        frames: list[Frame] = []
+        position = 0
+        end = len(buffer)
+        while end - position >= HEADER_SIZE:
+            if buffer[position : position + 2] != _MAGIC or not self._header_ok(buffer, position):
+                position = self._resync(buffer, position + 1)
+                continue
+            _, kind, flags, length, sender, request_id, slot, payload_crc, _ = (
+                _HEADER.unpack_from(buffer, position)
+            )
+            start = position + HEADER_SIZE
+            if end - start < length:
+                break  # the rest of this frame has not been read yet
+            payload = bytes(buffer[start : start + length])
+            if zlib.crc32(payload) != payload_crc:
+                position = self._resync(buffer, position + 1)
+                continue
+            frames.append(Frame(kind, flags, sender, request_id, slot, payload))
+            position = start + length
+        del buffer[:position]
+        return frames
+
+    @staticmethod
+    def _header_ok(buffer: bytearray, position: int) -> bool:
+        checked = buffer[position : position + _HEADER_CHECKED]
+        stored = int.from_bytes(buffer[position + _HEADER_CHECKED : position + HEADER_SIZE], "big")
+        return zlib.crc32(checked) == stored
+
+    def _resync(self, buffer: bytearray, position: int) -> int:
+        found = buffer.find(_MAGIC, position)
+        # Keep a last byte that may be the first half of a magic still unread.
+        new_position = found if found >= 0 else max(position, len(buffer) - 1)
+        self.skipped += new_position - position + 1
+        return new_position
+
+
+class Assembler:
+    """Joins multi-frame requests; single-frame requests pass straight through.
+
+    Pieces are kept per (sender, request id). A sender that dies between its
+    first and last frame leaves pieces behind: `drop_senders` discards them.
+    """
+
+    def __init__(self) -> None:
+        self._partial: dict[tuple[int, int], tuple[Frame, list[bytes]]] = {}
+        self.dropped = 0
+
+    def add(self, frame: Frame) -> Request | None:
+        flags = frame.flags
+        if flags & FIRST and flags & LAST:
+            return Request(frame.kind, frame.sender, frame.request_id, frame.slot, frame.payload)
+        key = (frame.sender, frame.request_id)
+        if flags & FIRST:
+            self._partial[key] = (frame, [frame.payload])
+            return None
+        entry = self._partial.get(key)
+        if entry is None:
+            # The head of this request was lost (read by a writer that died):
+            # the request can never be whole, so its pieces are dropped.
+            self.dropped += 1
+            return None
+        entry[1].append(frame.payload)
+        if not flags & LAST:
+            return None
+        del self._partial[key]
+        head = entry[0]
+        return Request(head.kind, head.sender, head.request_id, head.slot, b"".join(entry[1]))
+
+    def senders(self) -> set[int]:
+        return {sender for sender, _ in self._partial}
+
+    def drop_senders(self, senders: set[int]) -> None:
+        for key in [key for key in self._partial if key[0] in senders]:
+            del self._partial[key]
+            self.dropped += 1
+
+
+_REPLY_HEADER = struct.Struct("!II")
+REPLY_HEADER_SIZE = _REPLY_HEADER.size
+
+
+def encode_reply(request_id: int, status: Status, value: Any) -> bytes:
+    """Pickle a reply; raises whatever pickle raises for ``value``."""
+    payload = pickle.dumps((int(status), value), PICKLE_PROTOCOL)
+    return _REPLY_HEADER.pack(len(payload), request_id) + payload
+
+
+def decode_reply_header(header: bytes) -> tuple[int, int]:
+    """Return (payload length, request id)."""
+    length, request_id = _REPLY_HEADER.unpack(header)
+    return length, request_id

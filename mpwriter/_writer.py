@@ -1,0 +1,411 @@
+"""The writer process: the one place that writes to the database.
+
+Data flow::
+
+    callers (any process)  --frames-->  request pipe (one, shared by all)
+    request pipe           -->  writer loop: read every frame at hand, reassemble
+    writer loop            -->  group commit: up to max_batch requests, one
+                                transaction, a savepoint each (_batch.py)
+    COMMIT returned        -->  each reply to the reply pipe its request named
+
+- The request pipe is bounded by its kernel capacity (plus at most one batch
+  held here): a flood of callers blocks in their own process, with their own
+  deadline (QueueFull), instead of growing the writer's memory.
+- A batch is capped at ``max_batch`` so one burst cannot stretch the latency
+  of the requests at its head without limit.
+- Reply pipes reach the writer once per pipe, as file descriptors sent over a
+  Unix socket pair (SCM_RIGHTS); a request names its pipe by (sender, slot).
+- Replies are written without blocking: a caller that stopped reading (it
+  timed out, or was killed) can never stall the writer.
+
+The loop stops gracefully on a CLOSE request, on SIGTERM, or when its owner
+process is gone (the lifeline pipe reads EOF): it marks itself closed so that
+callers fail fast, serves what is already queued, checkpoints and exits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import select
+import selectors
+import signal
+import socket
+import sqlite3
+import struct
+import termios
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any
+
+import filelock
+
+from ._batch import BatchRunner, Counters, Work, error_reply, expired_reply, unpickle_work
+from ._errors import WriterAlreadyRunning
+from ._wire import Assembler, FrameReader, Kind, Request, Status, encode_reply, sender_pid
+
+log = logging.getLogger("mpwriter")
+
+# Shared state flag values (a RawValue written by the writer and the owner).
+RUNNING = 0
+CLOSED = 1
+
+NO_REPLY = 0xFFFF  # slot number of a request that wants no reply (CLOSE)
+REGISTRATION = struct.Struct("!QH")  # sender token, slot number
+
+_READ_SIZE = 1 << 16
+_HOUSEKEEPING_INTERVAL = 1.0
+
+
+@dataclass(frozen=True)
+class WriterConfig:
+    """Everything the writer needs to open the database; picklable."""
+
+    path: str
+    synchronous: str
+    init: str | Callable[[sqlite3.Connection], object] | None
+    max_batch: int
+
+    @property
+    def lock_path(self) -> str:
+        return self.path + ".mpwriter.lock"
+
+
+def open_database(config: WriterConfig) -> sqlite3.Connection:
+    """Open the write connection: WAL, the chosen durability, foreign keys on."""
+    conn = sqlite3.connect(config.path, isolation_level=None, check_same_thread=False)
+    mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+    if str(mode).lower() != "wal":
+        raise sqlite3.OperationalError(f"could not switch {config.path!r} to WAL (got {mode!r})")
+    conn.execute(f"PRAGMA synchronous={config.synchronous}")
+    conn.execute("PRAGMA foreign_keys=ON")
+    # Lock waits are retried by the batch runner with backoff and a deadline
+    # per request; SQLite's own busy handler would sleep past those deadlines.
+    conn.execute("PRAGMA busy_timeout=0")
+    if isinstance(config.init, str):
+        conn.executescript(config.init)
+    elif config.init is not None:
+        config.init(conn)
+    if conn.in_transaction:
+        conn.execute("COMMIT")
+    return conn
+
+
+def serve(
+    config: WriterConfig,
+    requests: Connection,
+    registrations: socket.socket,
+    lifeline: Connection,
+    ready: Connection,
+    state: Any,
+) -> None:
+    """Entry point of the writer process (a `multiprocessing.Process` target)."""
+    # Ctrl-C reaches the whole process group; the owner decides what it means.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    lock = filelock.FileLock(config.lock_path, timeout=0)
+    try:
+        lock.acquire()
+    except filelock.Timeout:
+        ready.send(
+            (
+                "error",
+                WriterAlreadyRunning(
+                    f"another mpwriter writer already serves {config.path!r}"
+                    f" (it holds {config.lock_path!r})"
+                ),
+            )
+        )
+        return
+    try:
+        try:
+            conn = open_database(config)
+        except BaseException as exc:
+            ready.send(("error", exc))
+            return
+        loop = WriterLoop(conn, config, requests, registrations, lifeline, state)
+        ready.send(("ready", os.getpid()))
+        ready.close()
+        try:
+            loop.run()
+        finally:
+            loop.shut_down()
+    finally:
+        lock.release()
+
+
+class WriterLoop:
+    """Reads requests, runs them in batches, writes replies."""
+
+    def __init__(
+        self,
+        conn: sqlite3.Connection,
+        config: WriterConfig,
+        requests: Connection,
+        registrations: socket.socket,
+        lifeline: Connection,
+        state: Any,
+    ) -> None:
+        self._conn = conn
+        self._config = config
+        self._requests = requests
+        self._request_fd = requests.fileno()
+        os.set_blocking(self._request_fd, False)
+        self._registrations = registrations
+        registrations.setblocking(False)
+        self._lifeline = lifeline
+        self._state = state
+        self._frames = FrameReader()
+        self._assembler = Assembler()
+        self._backlog: deque[Request] = deque()
+        self._slots: dict[tuple[int, int], int] = {}
+        self._unsent: dict[int, bytes] = {}
+        self.counters = Counters()
+        self._runner = BatchRunner(conn, self.counters)
+        self._started = time.monotonic()
+        self._stopping = False
+        self._next_housekeeping = self._started + _HOUSEKEEPING_INTERVAL
+
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(self._request_fd, selectors.EVENT_READ, "requests")
+        self._selector.register(registrations, selectors.EVENT_READ, "registrations")
+        self._selector.register(lifeline.fileno(), selectors.EVENT_READ, "lifeline")
+        # SIGTERM means "close": the handler only sets a flag, and the wakeup
+        # fd makes the selector return (PEP 475 would otherwise resume the wait).
+        wake_r, wake_w = os.pipe()
+        os.set_blocking(wake_r, False)
+        os.set_blocking(wake_w, False)
+        self._wake_r = wake_r
+        signal.set_wakeup_fd(wake_w)
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+        self._selector.register(wake_r, selectors.EVENT_READ, "signal")
+
+    def _on_sigterm(self, _signum: int, _frame: object) -> None:
+        self._stopping = True
+
+    # -- main loop ------------------------------------------------------------
+
+    def run(self) -> None:
+        while True:
+            if self._stopping:
+                self._state.value = CLOSED
+                self._read_available()
+                if not self._backlog:
+                    return
+            elif not self._backlog:
+                self._wait()
+            if self._backlog:
+                self._serve_batch()
+            if time.monotonic() >= self._next_housekeeping:
+                self._housekeeping()
+
+    def _wait(self) -> None:
+        timeout = max(0.0, self._next_housekeeping - time.monotonic())
+        for key, _ in self._selector.select(timeout):
+            what = key.data
+            if what == "requests":
+                self._read_available()
+            elif what == "registrations":
+                self._read_registrations()
+            elif what == "lifeline":
+                log.warning("mpwriter: the owner process is gone; closing")
+                self._selector.unregister(key.fileobj)
+                self._stopping = True
+            elif what == "signal":
+                with contextlib.suppress(BlockingIOError):
+                    os.read(self._wake_r, 512)
+            else:
+                self._flush(key.fileobj)  # type: ignore[arg-type]
+
+    def _read_available(self) -> None:
+        """Take every request already queued, up to one batch in hand."""
+        limit = self._config.max_batch
+        while len(self._backlog) < limit:
+            try:
+                data = os.read(self._request_fd, _READ_SIZE)
+            except BlockingIOError:
+                return
+            if not data:
+                # No write end is left anywhere: nobody can send again.
+                self._stopping = True
+                return
+            for frame in self._frames.feed(data):
+                request = self._assembler.add(frame)
+                if request is not None:
+                    self._backlog.append(request)
+
+    def _serve_batch(self) -> None:
+        limit = self._config.max_batch
+        batch: list[Work] = []
+        extra: list[tuple[Request, bytes]] = []
+        now = time.monotonic()
+        while self._backlog and len(batch) < limit:
+            request = self._backlog.popleft()
+            kind = request.kind
+            if kind == Kind.CLOSE:
+                self._stopping = True
+                continue
+            try:
+                work = unpickle_work(request)
+            except Exception as exc:
+                self.counters.count_error(exc)
+                extra.append((request, error_reply(request.request_id, exc)))
+                continue
+            if kind == Kind.STATS:
+                extra.append((request, self._stats_reply(work)))
+            elif work.deadline <= now:
+                self.counters.expired += 1
+                extra.append((request, expired_reply(work)))
+            else:
+                batch.append(work)
+        replies: list[tuple[Request, bytes]] = []
+        if batch:
+            try:
+                replies = self._runner.run(batch)
+            except Exception as exc:
+                # Only the writer's own statements can fail here (a ROLLBACK TO
+                # on a broken disk): fail this batch, keep serving.
+                log.exception("mpwriter: batch failed")
+                if self._conn.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        self._conn.execute("ROLLBACK")
+                replies = [(w.request, error_reply(w.request.request_id, exc)) for w in batch]
+        for request, reply in replies + extra:
+            self._send(request, reply)
+
+    def _stats_reply(self, work: Work) -> bytes:
+        figures = self.counters.as_dict()
+        figures["queue_depth"] = len(self._backlog) + self._queued_estimate()
+        figures["queued_bytes"] = self._queued_bytes()
+        figures["reply_pipes"] = len(self._slots)
+        figures["uptime"] = time.monotonic() - self._started
+        figures["pid"] = os.getpid()
+        figures["resync_skipped_bytes"] = self._frames.skipped
+        figures["dropped_partial_requests"] = self._assembler.dropped
+        return encode_reply(work.request.request_id, Status.OK, figures)
+
+    def _queued_bytes(self) -> int:
+        answer = fcntl.ioctl(self._request_fd, termios.FIONREAD, b"\0\0\0\0")
+        return int(struct.unpack("i", answer)[0])
+
+    def _queued_estimate(self) -> int:
+        # Requests are typically one frame; a rough count is what a dashboard needs.
+        return -(-self._queued_bytes() // 256)
+
+    # -- reply pipes ----------------------------------------------------------
+
+    def _read_registrations(self) -> None:
+        while True:
+            try:
+                message, fds, _, _ = socket.recv_fds(
+                    self._registrations, REGISTRATION.size, 1
+                )
+            except BlockingIOError:
+                return
+            if len(message) != REGISTRATION.size or len(fds) != 1:
+                for fd in fds:
+                    os.close(fd)
+                continue
+            key = REGISTRATION.unpack(message)
+            os.set_blocking(fds[0], False)
+            old = self._slots.pop(key, None)
+            if old is not None:
+                self._drop_fd(old)
+            self._slots[key] = fds[0]
+
+    def _send(self, request: Request, reply: bytes) -> None:
+        if request.slot == NO_REPLY:
+            return
+        key = (request.sender, request.slot)
+        fd = self._slots.get(key)
+        if fd is None:
+            # The registration is sent before the request, so it is queued
+            # on the socket already unless its sender died in between.
+            self._read_registrations()
+            fd = self._slots.get(key)
+            if fd is None:
+                log.warning("mpwriter: no reply pipe for request from pid %d", sender_pid(key[0]))
+                return
+        if fd in self._unsent:
+            self._unsent[fd] += reply
+            return
+        self._write_reply(key, fd, reply)
+
+    def _write_reply(self, key: tuple[int, int], fd: int, data: bytes) -> None:
+        try:
+            written = os.write(fd, data)
+        except BlockingIOError:
+            written = 0
+        except OSError as exc:
+            if exc.errno not in (errno.EPIPE, errno.EBADF):
+                log.warning("mpwriter: reply pipe failed: %s", exc)
+            # The caller is gone (killed, or retired the pipe after a timeout).
+            self._slots.pop(key, None)
+            self._drop_fd(fd)
+            return
+        if written < len(data):
+            self._unsent[fd] = data[written:]
+            self._selector.register(fd, selectors.EVENT_WRITE, key)
+
+    def _flush(self, fd: int) -> None:
+        key = self._selector.get_key(fd).data
+        data = self._unsent.pop(fd)
+        self._selector.unregister(fd)
+        self._write_reply(key, fd, data)
+
+    def _drop_fd(self, fd: int) -> None:
+        if self._unsent.pop(fd, None) is not None:
+            self._selector.unregister(fd)
+        os.close(fd)
+
+    # -- housekeeping -----------------------------------------------------------
+
+    def _housekeeping(self) -> None:
+        """Forget reply pipes and partial requests of callers that are gone."""
+        self._next_housekeeping = time.monotonic() + _HOUSEKEEPING_INTERVAL
+        self._read_registrations()
+        if self._slots:
+            poller = select.poll()
+            by_fd = {}
+            for key, fd in self._slots.items():
+                poller.register(fd, 0)  # POLLERR is reported whatever the mask
+                by_fd[fd] = key
+            for fd, events in poller.poll(0):
+                if events & (select.POLLERR | select.POLLNVAL):
+                    self._slots.pop(by_fd[fd], None)
+                    self._drop_fd(fd)
+        dead = {sender for sender in self._assembler.senders() if not _pid_alive(sender_pid(sender))}
+        if dead:
+            self._assembler.drop_senders(dead)
+
+    def shut_down(self) -> None:
+        """Checkpoint and close; called once the loop has returned or failed."""
+        self._state.value = CLOSED
+        conn = self._conn
+        try:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            conn.execute("PRAGMA optimize")
+        except sqlite3.Error:
+            log.exception("mpwriter: checkpoint at shutdown failed")
+        finally:
+            conn.close()
+        for fd in list(self._slots.values()):
+            self._drop_fd(fd)
+        self._slots.clear()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
