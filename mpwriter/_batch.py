@@ -46,6 +46,20 @@ _BACKOFF_MAX = 0.1
 
 SQLITE_BUSY = 5
 
+# The writer's own statements. sqlite3 caches prepared statements by their
+# text, and the authorizer runs only when a statement is prepared: a caller's
+# "COMMIT" must never hit the cached, unvetted "COMMIT" of the writer, so the
+# writer's texts carry a marker no caller sends by accident.
+_BEGIN = "BEGIN IMMEDIATE /* mpwriter */"
+_SAVEPOINT = "SAVEPOINT mpwriter_request /* mpwriter */"
+_RELEASE = "RELEASE mpwriter_request /* mpwriter */"
+_ROLLBACK_TO = "ROLLBACK TO mpwriter_request /* mpwriter */"
+_COMMIT = "COMMIT /* mpwriter */"
+_ROLLBACK = "ROLLBACK /* mpwriter */"
+# Appended to a statement run alone, for the same reason: its unvetted cached
+# form must not be found by the same text sent later inside a batch.
+_SOLO_SUFFIX = "\n/* mpwriter solo */"
+
 
 class Work(NamedTuple):
     """A request, unpickled, ready to run."""
@@ -145,7 +159,6 @@ class BatchRunner:
         self._counters = counters
         # While True, statements come from callers and are vetted.
         self._guarded = False
-        self._allow_solo = False
         self._denied: str | None = None
         self._wants_solo = False
         conn.set_authorizer(self._authorize)
@@ -163,7 +176,6 @@ class BatchRunner:
             return sqlite3.SQLITE_DENY
         if (
             action == sqlite3.SQLITE_PRAGMA
-            and not self._allow_solo
             and arg2 is not None
             and (arg1 or "").lower() in _SOLO_PRAGMAS
         ):
@@ -246,7 +258,7 @@ class BatchRunner:
         self._counters.requests += len(batch)
         replies: dict[int, bytes] = {}
         pending = self._begin(batch, replies)
-        solo: list[Work] = []
+        solo: list[tuple[Work, BaseException]] = []
         while pending:
             try:
                 outcome = self._run_in_transaction(pending, solo)
@@ -260,8 +272,8 @@ class BatchRunner:
                 continue
             replies.update(outcome)
             break
-        for work in solo:
-            replies[id(work)] = self._run_solo(work)
+        for work, cause in solo:
+            replies[id(work)] = self._run_solo(work, cause)
         return [(work.request, replies[id(work)]) for work in batch]
 
     def _begin(self, batch: list[Work], replies: dict[int, bytes]) -> list[Work]:
@@ -274,7 +286,7 @@ class BatchRunner:
         delay = _BACKOFF_FIRST
         while pending:
             try:
-                self._conn.execute("BEGIN IMMEDIATE")
+                self._conn.execute(_BEGIN)
                 return pending
             except sqlite3.OperationalError as exc:
                 if not is_busy(exc):
@@ -298,16 +310,18 @@ class BatchRunner:
             delay = min(delay * 2, _BACKOFF_MAX)
         return []
 
-    def _run_in_transaction(self, pending: list[Work], solo: list[Work]) -> dict[int, bytes]:
+    def _run_in_transaction(
+        self, pending: list[Work], solo: list[tuple[Work, BaseException]]
+    ) -> dict[int, bytes]:
         conn = self._conn
         replies: dict[int, bytes] = {}
         succeeded: list[Work] = []
         for index, work in enumerate(pending):
-            conn.execute("SAVEPOINT mpwriter_request")
+            conn.execute(_SAVEPOINT)
             try:
                 replies[id(work)] = self._run_guarded(work)
-            except _NeedsSolo:
-                solo.append(work)
+            except _NeedsSolo as needs:
+                solo.append((work, needs.__cause__ or needs))
             except _Refused as refused:
                 replies[id(work)] = self._refusal(work, refused)
             except Exception as exc:
@@ -316,35 +330,37 @@ class BatchRunner:
                     raise _TransactionLost(index, reply) from exc
                 replies[id(work)] = reply
             else:
-                conn.execute("RELEASE mpwriter_request")
+                conn.execute(_RELEASE)
                 succeeded.append(work)
                 continue
-            conn.execute("ROLLBACK TO mpwriter_request")
-            conn.execute("RELEASE mpwriter_request")
+            conn.execute(_ROLLBACK_TO)
+            conn.execute(_RELEASE)
         try:
-            conn.execute("COMMIT")
+            conn.execute(_COMMIT)
         except sqlite3.Error as exc:
             if conn.in_transaction:
-                conn.execute("ROLLBACK")
+                conn.execute(_ROLLBACK)
             for work in succeeded:
                 replies[id(work)] = self._fail(work, exc)
         else:
             self._counters.commits += 1
         return replies
 
-    def _run_solo(self, work: Work) -> bytes:
-        """Run a request that SQLite will not run inside a transaction."""
-        self._allow_solo = True
+    def _run_solo(self, work: Work, cause: BaseException) -> bytes:
+        """Run a statement that SQLite will not run inside a transaction.
+
+        Only a single statement qualifies (``execute``); it was vetted when it
+        was first prepared inside the batch, so it runs unguarded here -- VACUUM
+        issues its own BEGIN internally.
+        """
+        if work.request.kind != Kind.EXECUTE:
+            return self._fail(work, cause)
+        sql, params = work.body
         try:
-            return self._run_guarded(work)
-        except _Refused as refused:
-            return self._refusal(work, refused)
-        except _NeedsSolo as needs:
-            return self._fail(work, needs.__cause__ or needs)
+            value = _execute(self._conn, sql + _SOLO_SUFFIX, params)
+            return encode_reply(work.request.request_id, Status.OK, value)
         except Exception as exc:
             return self._fail(work, exc)
-        finally:
-            self._allow_solo = False
 
 
 def _execute(conn: sqlite3.Connection, sql: str, params: Any) -> tuple[int, int | None, list[Any]]:

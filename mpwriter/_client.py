@@ -147,7 +147,6 @@ class Writer:
         self._sentinel = sentinel
         self._state = state
         self._owner = owner
-        self._owner_pid = os.getpid() if owner is not None else None
         self._closed_here = False
         self._local = _ProcessState()
         _handles.add(self)
@@ -253,12 +252,17 @@ class Writer:
         if self._closed_here:
             return
         self._closed_here = True
-        if self._owner is not None and os.getpid() == self._owner_pid:
-            self._owner.close(self.timeout if timeout is None else timeout)
+        owner = self._owner
+        if owner is not None:
+            owner.close(self.timeout if timeout is None else timeout)
         with self._local.lock:
             free, self._local.free = self._local.free, []
         for slot in free:
             os.close(slot.fd)
+        os.close(self._request_fd)
+        self._registration.close()
+        if owner is None:
+            os.close(self._sentinel)  # in the owner, the Process object owns it
 
     def __enter__(self) -> Writer:
         return self

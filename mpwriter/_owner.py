@@ -193,8 +193,7 @@ class _Owner:
         self._close_lifeline()
         if not wait([self.process.sentinel], timeout):
             self.kill()
-        else:
-            self.process.join(0)
+        self.process.join(0)
 
     def kill(self) -> None:
         """Terminate, then kill, reaping with deadlines."""
@@ -225,7 +224,7 @@ def _sentinel_ready(process: Any) -> bool:
 
 def _close_at_exit(ref: weakref.ref[Writer]) -> None:
     writer = ref()
-    if writer is not None and writer._owner is not None and os.getpid() == writer._owner_pid:
+    if writer is not None and writer._owner is not None:
         writer.close()
 
 

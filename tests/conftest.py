@@ -1,0 +1,147 @@
+"""Shared fixtures: a database path, a started writer, start methods, reaping."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import select
+import signal
+from collections.abc import Iterator
+from multiprocessing.connection import wait
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import mpwriter
+
+START_METHODS = [m for m in ("fork", "spawn", "forkserver") if m in multiprocessing.get_all_start_methods()]
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS items (
+    id INTEGER PRIMARY KEY,
+    client INTEGER,
+    seq INTEGER,
+    payload TEXT,
+    UNIQUE (client, seq)
+);
+"""
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "app.db"
+
+
+@pytest.fixture(params=START_METHODS)
+def start_method(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def writer(db_path: Path) -> Iterator[mpwriter.Writer]:
+    """A writer on a fresh database with the `items` table, started with fork."""
+    handle = mpwriter.start(db_path, init=SCHEMA, timeout=10.0, context="fork")
+    try:
+        yield handle
+    finally:
+        handle.close(timeout=10.0)
+
+
+def count_rows(db_path: Path, table: str = "items") -> int:
+    with mpwriter.reader(db_path) as conn:
+        return int(conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
+
+
+def reap(process: Any, timeout: float = 10.0) -> None:
+    """Join a child with escalation: wait, terminate, kill; never hang."""
+    for stop in (None, process.terminate, process.kill):
+        if stop is not None:
+            stop()
+        if wait([process.sentinel], timeout):
+            process.join(0)
+            return
+    raise AssertionError(f"process {process.pid} would not die")
+
+
+def reap_pid(pid: int, timeout: float = 10.0) -> None:
+    """Reap a raw os.fork() child with a deadline (SIGKILL past it).
+
+    Waits on a pidfd (Linux >= 5.3), which becomes readable when the child exits.
+    """
+    pidfd = os.pidfd_open(pid)
+    try:
+        if not select.select([pidfd], [], [], timeout)[0]:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise AssertionError(f"forked child {pid} did not exit in time")
+    finally:
+        os.close(pidfd)
+    os.waitpid(pid, 0)
+
+
+def hold_writer(conn: Any, entered_path: str, release_path: str) -> str:
+    """A `call()` target that keeps the writer loop busy until released."""
+    entered = os.open(entered_path, os.O_WRONLY)
+    os.write(entered, b"!")
+    os.close(entered)
+    release = os.open(release_path, os.O_RDONLY)
+    try:
+        select.select([release], [], [], 30.0)  # bounded even if the test dies
+        return "released"
+    finally:
+        os.close(release)
+
+
+class Gate:
+    """Holds the writer inside a call() so that requests queue up behind it.
+
+    Two FIFOs, each opened read-write on this side so that no open() blocks:
+    the writer signals "entered" on one and waits for a byte on the other.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self._entered_path = str(directory / "gate-entered")
+        self._release_path = str(directory / "gate-release")
+        os.mkfifo(self._entered_path)
+        os.mkfifo(self._release_path)
+        self._entered = os.open(self._entered_path, os.O_RDWR | os.O_NONBLOCK)
+        self._release = os.open(self._release_path, os.O_RDWR | os.O_NONBLOCK)
+        self.future: Any = None
+
+    def hold(self, writer: mpwriter.Writer, timeout: float = 10.0) -> None:
+        """Return once the writer is inside the gate."""
+        import concurrent.futures
+        import threading
+
+        self.future = concurrent.futures.Future()
+
+        def run() -> None:
+            try:
+                self.future.set_result(
+                    writer.call(hold_writer, self._entered_path, self._release_path)
+                )
+            except BaseException as exc:  # reported through the future
+                self.future.set_exception(exc)
+
+        threading.Thread(target=run, daemon=True).start()
+        if not select.select([self._entered], [], [], timeout)[0]:
+            raise AssertionError("the writer did not enter the gate")
+        os.read(self._entered, 1)
+
+    def release(self) -> None:
+        os.write(self._release, b"!")
+
+    def close(self) -> None:
+        os.close(self._entered)
+        os.close(self._release)
+
+
+@pytest.fixture
+def gate(tmp_path: Path) -> Iterator[Gate]:
+    g = Gate(tmp_path)
+    try:
+        yield g
+    finally:
+        g.release()
+        g.close()
