@@ -39,7 +39,9 @@ from ._wire import Kind, encode_frames, make_sender_token
 _SYNCHRONOUS = ("NORMAL", "FULL", "EXTRA")
 _KILL_GRACE = 2.0
 
-_owners: weakref.WeakSet[_Owner] = weakref.WeakSet()
+# Strong references: a forked child must still find every owner here after its
+# handles have dropped theirs (the order of after-fork hooks is not ours).
+_owners: set[_Owner] = set()
 
 
 def start(
@@ -194,6 +196,7 @@ class _Owner:
         if not wait([self.process.sentinel], timeout):
             self.kill()
         self.process.join(0)
+        _owners.discard(self)
 
     def kill(self) -> None:
         """Terminate, then kill, reaping with deadlines."""
@@ -204,6 +207,7 @@ class _Owner:
             stop()
             wait([self.process.sentinel], _KILL_GRACE)
         self.process.join(0)
+        _owners.discard(self)
 
     def _close_lifeline(self) -> None:
         if self.lifeline_w is not None:

@@ -1,0 +1,114 @@
+"""The frame format: atomic-size frames, reassembly, and resynchronisation."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+
+from mpwriter import _wire
+from mpwriter._wire import FIRST, LAST, Assembler, FrameReader, Kind
+
+
+def frames_of(payload: bytes, sender: int = 7, request_id: int = 1, slot: int = 3) -> list[bytes]:
+    return list(_wire.encode_frames(Kind.EXECUTE, sender, request_id, slot, payload))
+
+
+def test_every_frame_fits_in_one_atomic_pipe_write() -> None:
+    frames = frames_of(os.urandom(50_000))
+    assert len(frames) > 10
+    assert all(len(frame) <= _wire.PIPE_BUF for frame in frames)
+
+
+def test_a_small_request_is_one_frame_marked_first_and_last() -> None:
+    (frame,) = frames_of(b"hello")
+    (decoded,) = FrameReader().feed(frame)
+    assert decoded.flags == FIRST | LAST
+    assert (decoded.kind, decoded.sender, decoded.request_id, decoded.slot) == (
+        Kind.EXECUTE,
+        7,
+        1,
+        3,
+    )
+    assert decoded.payload == b"hello"
+
+
+def test_frames_survive_arbitrary_read_boundaries() -> None:
+    payloads = [os.urandom(random.randrange(0, 9000)) for _ in range(20)]
+    stream = b"".join(
+        frame for n, payload in enumerate(payloads) for frame in frames_of(payload, request_id=n)
+    )
+    reader, assembler = FrameReader(), Assembler()
+    requests = []
+    position = 0
+    rng = random.Random(1)
+    while position < len(stream):
+        step = rng.randrange(1, 700)
+        for frame in reader.feed(stream[position : position + step]):
+            request = assembler.add(frame)
+            if request is not None:
+                requests.append(request)
+        position += step
+    assert [r.payload for r in requests] == payloads
+    assert reader.skipped == 0
+
+
+def test_interleaved_multi_frame_requests_of_two_senders_are_reassembled() -> None:
+    a = frames_of(b"a" * 10_000, sender=1)
+    b = frames_of(b"b" * 10_000, sender=2)
+    interleaved = [frame for pair in zip(a, b) for frame in pair]
+    reader, assembler = FrameReader(), Assembler()
+    done = [assembler.add(frame) for frame in reader.feed(b"".join(interleaved))]
+    whole = [request for request in done if request is not None]
+    assert sorted(request.payload for request in whole) == [b"a" * 10_000, b"b" * 10_000]
+
+
+@pytest.mark.parametrize("cut", [1, 5, 17, 27, 100, 1000])
+def test_reader_starting_mid_frame_resynchronises_on_the_next_frame(cut: int) -> None:
+    torn = frames_of(os.urandom(2000), request_id=1)[0][cut:]
+    whole = frames_of(b"next request", request_id=2)[0]
+    reader = FrameReader()
+    frames = reader.feed(torn + whole)
+    assert [frame.payload for frame in frames] == [b"next request"]
+    assert reader.skipped == len(torn)
+
+
+def test_a_corrupted_payload_is_skipped_not_delivered() -> None:
+    frame = bytearray(frames_of(b"x" * 100)[0])
+    frame[-1] ^= 0xFF
+    good = frames_of(b"good", request_id=9)[0]
+    frames = FrameReader().feed(bytes(frame) + good)
+    assert [f.payload for f in frames] == [b"good"]
+
+
+def test_tail_frames_without_their_head_are_dropped() -> None:
+    frames = frames_of(b"z" * 10_000)
+    reader, assembler = FrameReader(), Assembler()
+    results = [assembler.add(f) for f in reader.feed(b"".join(frames[1:]))]
+    assert results == [None] * (len(frames) - 1)
+    assert assembler.dropped == len(frames) - 1
+
+
+def test_pieces_of_a_dead_sender_are_dropped() -> None:
+    frames = frames_of(b"q" * 10_000, sender=42)
+    reader, assembler = FrameReader(), Assembler()
+    for frame in reader.feed(b"".join(frames[:2])):
+        assert assembler.add(frame) is None
+    assert assembler.senders() == {42}
+    assembler.drop_senders({42})
+    assert assembler.senders() == set()
+    assert assembler.dropped == 1
+
+
+def test_sender_token_carries_the_pid() -> None:
+    token = _wire.make_sender_token(12345)
+    assert _wire.sender_pid(token) == 12345
+    assert _wire.make_sender_token(12345) != token
+
+
+def test_reply_round_trip() -> None:
+    encoded = _wire.encode_reply(77, _wire.Status.OK, (1, 2, [(3,)]))
+    length, request_id = _wire.decode_reply_header(encoded[: _wire.REPLY_HEADER_SIZE])
+    assert request_id == 77
+    assert length == len(encoded) - _wire.REPLY_HEADER_SIZE
