@@ -10,7 +10,9 @@ from __future__ import annotations
 from ._client import Writer
 from ._errors import Error
 
-_attached: Writer | None = None
+# One slot per process; a forked child inherits it, which is what a
+# fork-started pool worker wants.
+_attached: list[Writer] = []
 
 
 def attach(writer: Writer) -> None:
@@ -18,8 +20,7 @@ def attach(writer: Writer) -> None:
 
     ``ProcessPoolExecutor(initializer=mpwriter.attach, initargs=(writer,))``
     """
-    global _attached
-    _attached = writer
+    _attached[:] = [writer]
 
 
 def get_writer() -> Writer:
@@ -27,6 +28,6 @@ def get_writer() -> Writer:
 
     Raises `mpwriter.Error` if none was attached.
     """
-    if _attached is None:
+    if not _attached:
         raise Error("no writer attached in this process: call mpwriter.attach(writer) first")
-    return _attached
+    return _attached[0]

@@ -197,7 +197,7 @@ class BatchRunner:
                 conn.execute(statement).fetchall()
             return None
         if kind == Kind.TRANSACTION:
-            results = []
+            results: list[tuple[int, int | None, list[Any]]] = []
             for many, sql, params in body[0]:
                 if many:
                     cursor = conn.executemany(sql, params)

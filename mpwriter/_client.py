@@ -344,9 +344,7 @@ class Writer:
                     poller.register(self._sentinel, select.POLLIN)
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise QueueFull(
-                        "the request queue stayed full for the whole timeout; not sent"
-                    )
+                    raise QueueFull("the request queue stayed full for the whole timeout; not sent")
                 for fd, _ in poller.poll(_millis(remaining)):
                     if fd == self._sentinel:
                         raise self._unavailable(sent=False)
@@ -364,9 +362,7 @@ class Writer:
             remaining = deadline - time.monotonic()
             events = slot.poller.poll(_millis(max(remaining, 0.0)))
             if not events:
-                raise Timeout(
-                    "no reply from the writer within the timeout; the outcome is unknown"
-                )
+                raise Timeout("no reply from the writer within the timeout; the outcome is unknown")
             if not any(fd == slot.fd for fd, _ in events):
                 # The writer is gone and nothing is left to read.
                 raise self._unavailable(sent=True)

@@ -33,8 +33,8 @@ from typing import Any
 
 from ._client import Writer
 from ._errors import WriterCrashed
-from ._writer import CLOSED, NO_REPLY, WriterConfig, serve
 from ._wire import Kind, encode_frames, make_sender_token
+from ._writer import CLOSED, NO_REPLY, WriterConfig, serve
 
 _SYNCHRONOUS = ("NORMAL", "FULL", "EXTRA")
 _KILL_GRACE = 2.0
@@ -81,7 +81,8 @@ def start(
         raise ValueError(f"synchronous must be one of {_SYNCHRONOUS}, not {synchronous!r}")
     if max_batch < 1:
         raise ValueError("max_batch must be at least 1")
-    ctx = context if isinstance(context, BaseContext) else multiprocessing.get_context(context)
+    # Any: typeshed's BaseContext lacks Process(), which every concrete context has.
+    ctx: Any = context if isinstance(context, BaseContext) else multiprocessing.get_context(context)
     config = WriterConfig(os.path.abspath(path), synchronous, init, max_batch)
 
     request_r, request_w = os.pipe()

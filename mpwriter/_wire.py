@@ -151,8 +151,8 @@ class FrameReader:
             if buffer[position : position + 2] != _MAGIC or not self._header_ok(buffer, position):
                 position = self._resync(buffer, position + 1)
                 continue
-            _, kind, flags, length, sender, request_id, slot, payload_crc, _ = (
-                _HEADER.unpack_from(buffer, position)
+            _, kind, flags, length, sender, request_id, slot, payload_crc, _ = _HEADER.unpack_from(
+                buffer, position
             )
             start = position + HEADER_SIZE
             if end - start < length:

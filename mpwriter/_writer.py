@@ -302,9 +302,7 @@ class WriterLoop:
     def _read_registrations(self) -> None:
         while True:
             try:
-                message, fds, _, _ = socket.recv_fds(
-                    self._registrations, REGISTRATION.size, 1
-                )
+                message, fds, _, _ = socket.recv_fds(self._registrations, REGISTRATION.size, 1)
             except BlockingIOError:
                 return
             if len(message) != REGISTRATION.size or len(fds) != 1:
@@ -379,7 +377,9 @@ class WriterLoop:
                 if events & (select.POLLERR | select.POLLNVAL):
                     self._slots.pop(by_fd[fd], None)
                     self._drop_fd(fd)
-        dead = {sender for sender in self._assembler.senders() if not _pid_alive(sender_pid(sender))}
+        dead = {
+            sender for sender in self._assembler.senders() if not _pid_alive(sender_pid(sender))
+        }
         if dead:
             self._assembler.drop_senders(dead)
 

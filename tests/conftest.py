@@ -15,7 +15,9 @@ import pytest
 
 import mpwriter
 
-START_METHODS = [m for m in ("fork", "spawn", "forkserver") if m in multiprocessing.get_all_start_methods()]
+START_METHODS = [
+    m for m in ("fork", "spawn", "forkserver") if m in multiprocessing.get_all_start_methods()
+]
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS items (

@@ -125,9 +125,7 @@ def test_executescript_is_atomic(writer: mpwriter.Writer, db_path: Path) -> None
     assert count_rows(db_path, "extra") == 1
 
 
-def test_transaction_applies_everything_or_nothing(
-    writer: mpwriter.Writer, db_path: Path
-) -> None:
+def test_transaction_applies_everything_or_nothing(writer: mpwriter.Writer, db_path: Path) -> None:
     with writer.transaction() as tx:
         tx.execute("INSERT INTO items(client, seq) VALUES (1, 1)")
         tx.executemany("INSERT INTO items(client, seq) VALUES (?, ?)", [(1, 2), (1, 3)])
@@ -135,19 +133,27 @@ def test_transaction_applies_everything_or_nothing(
     assert [r.rowcount for r in tx.results] == [1, 2]
     assert count_rows(db_path) == 3
 
-    with pytest.raises(sqlite3.IntegrityError), writer.transaction() as tx:
-        tx.execute("INSERT INTO items(client, seq) VALUES (2, 1)")
-        tx.execute("INSERT INTO items(client, seq) VALUES (1, 1)")  # duplicate
+    with pytest.raises(sqlite3.IntegrityError):
+        insert_pair_with_duplicate(writer)
     assert count_rows(db_path) == 3
 
 
-def test_transaction_body_that_raises_sends_nothing(
-    writer: mpwriter.Writer, db_path: Path
-) -> None:
-    before = writer.stats()["requests"]
-    with pytest.raises(RuntimeError), writer.transaction() as tx:
+def insert_pair_with_duplicate(writer: mpwriter.Writer) -> None:
+    with writer.transaction() as tx:
+        tx.execute("INSERT INTO items(client, seq) VALUES (2, 1)")
+        tx.execute("INSERT INTO items(client, seq) VALUES (1, 1)")  # duplicate of the above
+
+
+def abandon_transaction(writer: mpwriter.Writer) -> None:
+    with writer.transaction() as tx:
         tx.execute("INSERT INTO items(client, seq) VALUES (1, 1)")
         raise RuntimeError("changed my mind")
+
+
+def test_transaction_body_that_raises_sends_nothing(writer: mpwriter.Writer, db_path: Path) -> None:
+    before = writer.stats()["requests"]
+    with pytest.raises(RuntimeError, match="changed my mind"):
+        abandon_transaction(writer)
     assert writer.stats()["requests"] == before
     assert count_rows(db_path) == 0
 
@@ -230,7 +236,8 @@ def test_transaction_control_hidden_in_a_script_is_refused_and_nothing_applies(
 ) -> None:
     with pytest.raises(mpwriter.StatementRefused):
         writer.executescript(
-            "INSERT INTO items(payload) VALUES ('a'); COMMIT; INSERT INTO items(payload) VALUES ('b');"
+            "INSERT INTO items(payload) VALUES ('a'); COMMIT;"
+            " INSERT INTO items(payload) VALUES ('b');"
         )
     assert count_rows(db_path) == 0
 

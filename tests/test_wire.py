@@ -57,7 +57,7 @@ def test_frames_survive_arbitrary_read_boundaries() -> None:
 def test_interleaved_multi_frame_requests_of_two_senders_are_reassembled() -> None:
     a = frames_of(b"a" * 10_000, sender=1)
     b = frames_of(b"b" * 10_000, sender=2)
-    interleaved = [frame for pair in zip(a, b) for frame in pair]
+    interleaved = [frame for pair in zip(a, b, strict=True) for frame in pair]
     reader, assembler = FrameReader(), Assembler()
     done = [assembler.add(frame) for frame in reader.feed(b"".join(interleaved))]
     whole = [request for request in done if request is not None]
