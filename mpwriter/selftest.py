@@ -1,0 +1,238 @@
+"""``python -m mpwriter.selftest``: prove mpwriter works on this machine.
+
+Starts a writer on a temporary database, then many client processes at once,
+each doing business writes: a task row plus an audit row that references it
+(FOREIGN KEY), atomically. Afterwards it verifies that every write succeeded,
+no "database is locked" appeared, no audit row is orphaned, the row counts
+equal the acknowledgements, and ``PRAGMA integrity_check`` is ok. It prints
+throughput, latency percentiles and the mean group-commit batch size.
+
+Exit status 0 only when everything verified. ``--json`` prints one JSON
+object instead of text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import platform
+import sqlite3
+import statistics
+import sys
+import tempfile
+import time
+from collections import Counter
+from multiprocessing.connection import Connection, wait
+from typing import Any
+
+from ._attached import attach, get_writer
+from ._client import Writer
+from ._owner import start
+from ._reader import reader
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS task (
+    id INTEGER PRIMARY KEY,
+    client INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    body TEXT NOT NULL,
+    UNIQUE (client, seq)
+);
+CREATE TABLE IF NOT EXISTS audit (
+    id INTEGER PRIMARY KEY,
+    task_id INTEGER NOT NULL REFERENCES task(id),
+    note TEXT NOT NULL
+);
+"""
+
+
+def add_task(conn: sqlite3.Connection, client: int, seq: int, body: str) -> int:
+    """The business write, run inside the writer: a task and its audit row."""
+    task_id = conn.execute(
+        "INSERT INTO task(client, seq, body) VALUES (?, ?, ?)", (client, seq, body)
+    ).lastrowid
+    conn.execute("INSERT INTO audit(task_id, note) VALUES (?, 'created')", (task_id,))
+    return int(task_id or 0)
+
+
+def _client(client: int, writes: int, go: Any, report: Connection) -> None:
+    writer = get_writer()
+    latencies: list[float] = []
+    errors: Counter[str] = Counter()
+    if not go.wait(60):  # everyone starts together
+        errors["the start signal never came"] += 1
+    for seq in range(writes):
+        began = time.perf_counter()
+        try:
+            if seq % 2:
+                writer.call(add_task, client, seq, "x" * 64)
+            else:
+                # The same business write, sent as a buffered transaction.
+                with writer.transaction() as tx:
+                    tx.execute(
+                        "INSERT INTO task(client, seq, body) VALUES (?, ?, ?)",
+                        (client, seq, "y" * 64),
+                    )
+                    tx.execute(
+                        "INSERT INTO audit(task_id, note) VALUES (last_insert_rowid(), 'created')"
+                    )
+        except Exception as exc:
+            errors[f"{type(exc).__name__}: {exc}"] += 1
+            continue
+        latencies.append(time.perf_counter() - began)
+    report.send((latencies, dict(errors)))
+
+
+def _percentile(ordered: list[float], fraction: float) -> float:
+    if not ordered:
+        return 0.0
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+def run(clients: int, writes: int, context: str | None, *, live: bool) -> dict[str, Any]:
+    """Run the self-test; return its figures and verdicts."""
+    ctx = multiprocessing.get_context(context)
+    with tempfile.TemporaryDirectory(prefix="mpwriter-selftest-") as directory:
+        path = os.path.join(directory, "selftest.db")
+        with start(path, init=SCHEMA, context=ctx, timeout=60.0) as writer:
+            figures = _drive(writer, ctx, clients, writes, live)
+            figures["writer"] = writer.stats()
+        figures.update(_verify(path, figures["acknowledged"]))
+    return figures
+
+
+def _drive(writer: Writer, ctx: Any, clients: int, writes: int, live: bool) -> dict[str, Any]:
+    go = ctx.Event()
+    reports, processes = [], []
+    for client in range(clients):
+        receive, send = ctx.Pipe(duplex=False)
+        process = ctx.Process(
+            target=_child_main, args=(writer, client, writes, go, send), daemon=True
+        )
+        process.start()
+        send.close()
+        reports.append(receive)
+        processes.append(process)
+    began = time.perf_counter()
+    go.set()
+    latencies: list[float] = []
+    errors: Counter[str] = Counter()
+    waiting = set(reports)
+    deadline = time.monotonic() + 600
+    while waiting and time.monotonic() < deadline:
+        for ready in wait(list(waiting), timeout=0.25):
+            assert isinstance(ready, Connection)
+            try:
+                got, errs = ready.recv()
+            except EOFError:
+                errors["client process died"] += 1
+            else:
+                latencies.extend(got)
+                errors.update(errs)
+            waiting.discard(ready)
+        if live:
+            done = writer.stats()["requests"]
+            print(f"\r  {done} of {clients * writes} writes committed", end="", flush=True)
+    elapsed = time.perf_counter() - began
+    if live:
+        print()
+    for process in processes:
+        process.join(5)
+        if process.exitcode is None:
+            process.kill()
+            process.join(5)
+    latencies.sort()
+    return {
+        "clients": clients,
+        "writes_per_client": writes,
+        "attempted": clients * writes,
+        "acknowledged": len(latencies),
+        "errors": dict(errors),
+        "locked_errors": sum(n for msg, n in errors.items() if "locked" in msg),
+        "seconds": elapsed,
+        "writes_per_second": len(latencies) / elapsed if elapsed else 0.0,
+        "latency_ms": {
+            "p50": 1000 * _percentile(latencies, 0.50),
+            "p99": 1000 * _percentile(latencies, 0.99),
+            "max": 1000 * (latencies[-1] if latencies else 0.0),
+            "mean": 1000 * (statistics.fmean(latencies) if latencies else 0.0),
+        },
+    }
+
+
+def _child_main(writer: Writer, client: int, writes: int, go: Any, report: Connection) -> None:
+    attach(writer)
+    _client(client, writes, go, report)
+
+
+def _verify(path: str, acknowledged: int) -> dict[str, Any]:
+    with reader(path) as conn:
+        tasks = conn.execute("SELECT count(*) FROM task").fetchone()[0]
+        audits = conn.execute("SELECT count(*) FROM audit").fetchone()[0]
+        orphans = conn.execute(
+            "SELECT count(*) FROM audit LEFT JOIN task ON task.id = audit.task_id"
+            " WHERE task.id IS NULL"
+        ).fetchone()[0]
+        integrity = conn.execute("PRAGMA integrity_check").fetchone()[0]
+    return {"task_rows": tasks, "audit_rows": audits, "orphans": orphans, "integrity": integrity}
+
+
+def verdicts(figures: dict[str, Any]) -> dict[str, bool]:
+    acknowledged = figures["acknowledged"]
+    return {
+        "every write succeeded": acknowledged == figures["attempted"] and not figures["errors"],
+        'no "database is locked"': figures["locked_errors"] == 0,
+        "no orphaned audit rows": figures["orphans"] == 0,
+        "rows equal acknowledgements": figures["task_rows"] == acknowledged
+        and figures["audit_rows"] == acknowledged,
+        "integrity_check ok": figures["integrity"] == "ok",
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mpwriter.selftest", description=__doc__)
+    parser.add_argument("--clients", type=int, default=100, help="client processes (100)")
+    parser.add_argument("--writes", type=int, default=50, help="writes per client (50)")
+    parser.add_argument("--context", choices=["fork", "spawn", "forkserver"], default=None)
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args(argv)
+    if not args.json:
+        print(
+            f"mpwriter self-test: {args.clients} processes x {args.writes} writes"
+            f" | Python {platform.python_version()}, SQLite {sqlite3.sqlite_version},"
+            f" {os.cpu_count()} cores, {platform.system()}"
+        )
+    figures = run(
+        args.clients, args.writes, args.context, live=sys.stdout.isatty() and not args.json
+    )
+    checks = verdicts(figures)
+    ok = all(checks.values())
+    if args.json:
+        print(json.dumps({**figures, "checks": checks, "ok": ok}, indent=2, sort_keys=True))
+        return 0 if ok else 1
+    latency = figures["latency_ms"]
+    writer = figures["writer"]
+    print(
+        f"  {figures['acknowledged']} writes in {figures['seconds']:.2f} s:"
+        f" {figures['writes_per_second']:,.0f} writes/s"
+    )
+    print(
+        f"  latency p50 {latency['p50']:.2f} ms, p99 {latency['p99']:.2f} ms,"
+        f" max {latency['max']:.2f} ms"
+    )
+    print(
+        f"  group commit: {writer['batches']} batches,"
+        f" mean {writer['mean_batch_size']:.1f} requests per commit"
+    )
+    for name, passed in checks.items():
+        print(f"  [{'ok' if passed else 'FAILED'}] {name}")
+    for message, count in sorted(figures["errors"].items()):
+        print(f"    {count} x {message}")
+    print("PASSED" if ok else "FAILED")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
