@@ -186,18 +186,26 @@ class _Owner:
 
     def close(self, timeout: float) -> None:
         """Ask the writer to drain and stop; escalate if it does not in time."""
+        asked = False
         if self.state is not None and self.state.value != CLOSED:
             self.state.value = CLOSED
-            for frame in encode_frames(Kind.CLOSE, self.sender, 0, NO_REPLY, b""):
-                try:
-                    os.write(self.request_w, frame)
-                except OSError:
-                    break  # already dead, or the queue is full: the lifeline remains
-        self._close_lifeline()
+            asked = self._send_close()
+        if not asked:
+            # The queue is full or the writer is gone: the lifeline still works.
+            self._close_lifeline()
         if not wait([self.process.sentinel], timeout):
             self.kill()
+        self._close_lifeline()
         self.process.join(0)
         _owners.discard(self)
+
+    def _send_close(self) -> bool:
+        (frame,) = encode_frames(Kind.CLOSE, self.sender, 0, NO_REPLY, b"")
+        try:
+            os.write(self.request_w, frame)
+        except OSError:
+            return False
+        return True
 
     def kill(self) -> None:
         """Terminate, then kill, reaping with deadlines."""

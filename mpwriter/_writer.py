@@ -213,9 +213,10 @@ class WriterLoop:
             elif what == "registrations":
                 self._read_registrations()
             elif what == "lifeline":
-                log.warning("mpwriter: the owner process is gone; closing")
                 self._selector.unregister(key.fileobj)
-                self._stopping = True
+                if not self._stopping:
+                    log.warning("mpwriter: the owner process is gone; closing")
+                    self._stopping = True
             elif what == "signal":
                 with contextlib.suppress(BlockingIOError):
                     os.read(self._wake_r, 512)
