@@ -411,7 +411,8 @@ class Writer:
                 return
             except BlockingIOError:
                 pass
-            except (BrokenPipeError, ConnectionRefusedError):
+            except OSError:
+                # EPIPE, ECONNREFUSED, ENOTCONN: the writer's end is gone.
                 raise self._unavailable(sent=False) from None
             remaining = deadline - time.monotonic()
             if remaining <= 0:

@@ -230,7 +230,11 @@ def test_writer_death_is_seen_even_when_the_owner_reaped_it_itself(db_path: Path
         os.kill(writer_pid, signal.SIGKILL)
         # Like gunicorn's master, reap the child behind multiprocessing's back.
         assert os.waitpid(writer_pid, 0)[0] == writer_pid
+        # Every later call, each needing a fresh reply pipe, fails the same clear way.
+        for _ in range(5):
+            with pytest.raises(mpwriter.WriterCrashed, match="has died"):
+                writer.execute("INSERT INTO items(payload) VALUES ('x')", timeout=5)
         with pytest.raises(mpwriter.WriterCrashed):
-            writer.execute("INSERT INTO items(payload) VALUES ('x')", timeout=5)
+            writer.stats()
     finally:
         writer.close(timeout=5)
