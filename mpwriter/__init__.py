@@ -10,6 +10,7 @@ from ._attached import attach, get_writer
 from ._client import Result, Transaction, Writer
 from ._errors import (
     Error,
+    Interrupted,
     NotPicklable,
     QueueFull,
     RemoteError,
@@ -26,6 +27,7 @@ from ._reader import reader
 
 __all__ = [
     "Error",
+    "Interrupted",
     "NotPicklable",
     "QueueFull",
     "RemoteError",

@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import pickle
 import random
+import signal
 import sqlite3
 import time
 import traceback
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-from ._errors import NotPicklable, RemoteError, StatementRefused, Timeout
+from ._errors import Interrupted, NotPicklable, RemoteError, StatementRefused, Timeout
 from ._wire import Kind, Request, Status, encode_reply
 
 # Pragmas that SQLite ignores or refuses inside a transaction when they set a
@@ -81,6 +82,7 @@ class Counters:
         self.refused = 0
         self.expired = 0
         self.replayed_batches = 0
+        self.lost_requests = 0
         self.errors_by_class: dict[str, int] = {}
 
     def count_error(self, exc: BaseException) -> None:
@@ -134,6 +136,14 @@ def split_script(script: str) -> list[str]:
     return statements
 
 
+class _CallOverrun(BaseException):
+    """Raised by the alarm inside a `call()` function that ran past its limit.
+
+    A BaseException, so that the function's own ``except Exception`` cannot
+    swallow it.
+    """
+
+
 class _Refused(Exception):
     """Raised inside the runner to turn an authorizer denial into a reply."""
 
@@ -154,9 +164,23 @@ class _TransactionLost(Exception):
 class BatchRunner:
     """Runs batches on the writer's connection; see the module docstring."""
 
-    def __init__(self, conn: sqlite3.Connection, counters: Counters) -> None:
+    def __init__(
+        self,
+        conn: sqlite3.Connection,
+        counters: Counters,
+        state: Any,
+        execution_limit: float | None = None,
+    ) -> None:
         self._conn = conn
         self._counters = counters
+        self._state = state
+        self._execution_limit = execution_limit
+        # When the running request must stop (its deadline, or its execution
+        # limit if that comes first); published for the owner's watchdog.
+        self._stop_at = 0.0
+        self._in_call = False
+        conn.set_progress_handler(self._progress, 1000)
+        signal.signal(signal.SIGALRM, self._on_alarm)
         # While True, statements come from callers and are vetted.
         self._guarded = False
         self._denied: str | None = None
@@ -183,6 +207,15 @@ class BatchRunner:
             return sqlite3.SQLITE_DENY
         return sqlite3.SQLITE_OK
 
+    def _progress(self) -> int:
+        """SQLite's progress handler: a non-zero answer interrupts the statement."""
+        return 1 if self._guarded and time.monotonic() > self._stop_at else 0
+
+    def _on_alarm(self, _signum: int, _frame: object) -> None:
+        if self._in_call:
+            self._in_call = False
+            raise _CallOverrun
+
     # -- one request ----------------------------------------------------------
 
     def _perform(self, kind: int, body: tuple[Any, ...]) -> Any:
@@ -207,7 +240,15 @@ class BatchRunner:
             return results
         if kind == Kind.CALL:
             function: Callable[..., Any] = body[0]
-            return function(conn, *body[1], **body[2])
+            # Python code is not reached by the progress handler: an alarm
+            # interrupts a function that runs past its limit.
+            signal.setitimer(signal.ITIMER_REAL, max(0.001, self._stop_at - time.monotonic()))
+            self._in_call = True
+            try:
+                return function(conn, *body[1], **body[2])
+            finally:
+                self._in_call = False
+                signal.setitimer(signal.ITIMER_REAL, 0)
         raise ValueError(f"unknown request kind {kind}")
 
     def _run_guarded(self, work: Work) -> bytes:
@@ -217,14 +258,24 @@ class BatchRunner:
         """
         self._denied = None
         self._wants_solo = False
+        started = time.monotonic()
+        stop_at = work.deadline
+        if self._execution_limit is not None:
+            stop_at = min(stop_at, started + self._execution_limit)
+        self._stop_at = stop_at
+        self._state.busy_until = stop_at
         self._guarded = True
         try:
             value = self._perform(work.request.kind, work.body)
+        except _CallOverrun:
+            raise self._interrupted(started) from None
         except sqlite3.DatabaseError as exc:
             if self._denied is not None:
                 raise _Refused(self._denied) from exc
             if self._wants_solo or any(m in str(exc) for m in _SOLO_MESSAGES):
                 raise _NeedsSolo from exc
+            if time.monotonic() > stop_at and "interrupted" in str(exc):
+                raise self._interrupted(started) from exc
             raise
         finally:
             self._guarded = False
@@ -232,6 +283,12 @@ class BatchRunner:
             return encode_reply(work.request.request_id, Status.OK, value)
         except Exception as exc:
             raise NotPicklable(f"the result could not be pickled: {exc}") from exc
+
+    def _interrupted(self, started: float) -> Interrupted:
+        ran = time.monotonic() - started
+        return Interrupted(
+            f"interrupted after {ran:.3f} s at its execution limit; rolled back, not applied"
+        )
 
     def _refusal(self, work: Work, refused: _Refused) -> bytes:
         self._counters.refused += 1
@@ -274,6 +331,7 @@ class BatchRunner:
             break
         for work, cause in solo:
             replies[id(work)] = self._run_solo(work, cause)
+        self._state.busy_until = 0.0
         return [(work.request, replies[id(work)]) for work in batch]
 
     def _begin(self, batch: list[Work], replies: dict[int, bytes]) -> list[Work]:

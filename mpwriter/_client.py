@@ -10,6 +10,12 @@ pipes it made and lends each to one request at a time. A request that ends in
 a timeout or an error whose effect on the pipe is unknown *retires* its pipe
 instead of returning it, so a late reply can never be read by the next request.
 
+A dead writer shows as EOF on the reply pipe (the writer held its only write
+end). If the owner restarts the writer, the caller registers a new pipe for
+the same slot, naming the request it awaits: the new writer answers it if the
+request was still queued, or reports it lost ("outcome unknown") once it has
+read everything that was queued before the new pipe arrived.
+
 After a fork, the child gets fresh per-process state (new sender token, no
 pipes, new locks); it never touches its parent's pipes (`os.register_at_fork`
 covers raw ``os.fork()`` as gunicorn uses it, not only multiprocessing).
@@ -42,6 +48,7 @@ from ._errors import (
     WriterCrashed,
     WriterUnavailable,
 )
+from ._shared import CLOSED, DEAD, RUNNING, describe_exit
 from ._wire import (
     PICKLE_PROTOCOL,
     REPLY_HEADER_SIZE,
@@ -51,7 +58,7 @@ from ._wire import (
     encode_frames,
     make_sender_token,
 )
-from ._writer import CLOSED, NO_REPLY, REGISTRATION
+from ._writer import NO_REPLY, REGISTRATION
 
 _READ_SIZE = 1 << 16
 _POLL_IN = select.POLLIN | select.POLLHUP | select.POLLERR
@@ -72,8 +79,6 @@ class Result(NamedTuple):
 class _Owner(Protocol):
     """What the owning process adds to its handle (see `_owner.py`)."""
 
-    def describe_exit(self) -> str: ...
-
     def close(self, timeout: float) -> None: ...
 
 
@@ -82,12 +87,17 @@ class _Slot:
 
     __slots__ = ("fd", "number", "poller")
 
-    def __init__(self, number: int, fd: int, sentinel: int) -> None:
+    def __init__(self, number: int, fd: int) -> None:
         self.number = number
         self.fd = fd
         self.poller = select.poll()
         self.poller.register(fd, select.POLLIN)
-        self.poller.register(sentinel, select.POLLIN)
+
+    def replace_fd(self, fd: int) -> None:
+        self.poller.unregister(self.fd)
+        os.close(self.fd)
+        self.fd = fd
+        self.poller.register(fd, select.POLLIN)
 
 
 class _ProcessState:
@@ -99,8 +109,11 @@ class _ProcessState:
         self.lock = threading.Lock()
         self.free: list[_Slot] = []
         self.slot_numbers = itertools.count()
-        self.request_ids = itertools.count(1)
+        self.request_ids = itertools.count()
         self.collector: _Collector | None = None
+        # Every descriptor this state opened: a forked child closes them all,
+        # including those of requests in flight in another thread at the fork.
+        self.fds: set[int] = set()
 
 
 _handles: weakref.WeakSet[Writer] = weakref.WeakSet()
@@ -136,7 +149,6 @@ class Writer:
         timeout: float,
         request_fd: int,
         registration: socket.socket,
-        sentinel: int,
         state: Any,
         owner: _Owner | None = None,
     ) -> None:
@@ -144,7 +156,6 @@ class Writer:
         self.timeout = timeout
         self._request_fd = request_fd
         self._registration = registration
-        self._sentinel = sentinel
         self._state = state
         self._owner = owner
         self._closed_here = False
@@ -238,7 +249,7 @@ class Writer:
     @property
     def closed(self) -> bool:
         """True once this handle, or the writer itself, was closed."""
-        return self._closed_here or self._state.value == CLOSED
+        return self._closed_here or self._state.status == CLOSED
 
     def close(self, timeout: float | None = None) -> None:
         """Release this handle; in the owner process, stop the writer.
@@ -258,11 +269,9 @@ class Writer:
         with self._local.lock:
             free, self._local.free = self._local.free, []
         for slot in free:
-            os.close(slot.fd)
+            self._retire(slot)
         os.close(self._request_fd)
         self._registration.close()
-        if owner is None:
-            os.close(self._sentinel)  # in the owner, the Process object owns it
 
     def __enter__(self) -> Writer:
         return self
@@ -288,7 +297,6 @@ class Writer:
                 self.timeout,
                 reduction.DupFd(self._request_fd),
                 reduction.DupFd(self._registration.fileno()),
-                reduction.DupFd(self._sentinel),
                 self._state,
             ),
         )
@@ -313,8 +321,8 @@ class Writer:
     ) -> tuple[float, bytes]:
         if self._closed_here:
             raise WriterClosed("this Writer handle was closed; the request was not sent")
-        if self._state.value == CLOSED:
-            raise WriterClosed("the writer was closed; the request was not sent")
+        if self._state.status != RUNNING:
+            raise self._unavailable(sent=False)
         seconds = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + seconds
         try:
@@ -327,7 +335,8 @@ class Writer:
 
     def _send(self, kind: Kind, payload: bytes, slot_number: int, deadline: float) -> int:
         local = self._local
-        request_id = next(local.request_ids) & 0xFFFFFFFF
+        # Never 0: a registration awaiting request 0 is a fresh one.
+        request_id = next(local.request_ids) % 0xFFFFFFFF + 1
         poller: select.poll | None = None
         for frame in encode_frames(kind, local.sender, request_id, slot_number, payload):
             while True:
@@ -337,50 +346,70 @@ class Writer:
                 except BlockingIOError:
                     pass
                 except BrokenPipeError:
+                    # No reader is left: the writer is gone for good.
                     raise self._unavailable(sent=False) from None
                 if poller is None:
                     poller = select.poll()
                     poller.register(self._request_fd, select.POLLOUT)
-                    poller.register(self._sentinel, select.POLLIN)
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise QueueFull("the request queue stayed full for the whole timeout; not sent")
-                for fd, _ in poller.poll(_millis(remaining)):
-                    if fd == self._sentinel:
-                        raise self._unavailable(sent=False)
+                poller.poll(_millis(remaining))
         return request_id
 
     def _await_reply(self, slot: _Slot, request_id: int, deadline: float) -> Any:
-        payload = self._read_reply(slot, deadline)
+        payload = self._read_reply(slot, request_id, deadline)
         return _unpack_reply(payload, request_id)
 
-    def _read_reply(self, slot: _Slot, deadline: float) -> bytes:
-        """Read one whole reply from ``slot``; raise on timeout or a dead writer."""
+    def _read_reply(self, slot: _Slot, request_id: int, deadline: float) -> bytes:
+        """Read one whole reply from ``slot``; raise on timeout or a lost writer."""
         buffer = b""
         needed = REPLY_HEADER_SIZE
         while True:
             remaining = deadline - time.monotonic()
-            events = slot.poller.poll(_millis(max(remaining, 0.0)))
-            if not events:
+            if not slot.poller.poll(_millis(max(remaining, 0.0))):
                 raise Timeout("no reply from the writer within the timeout; the outcome is unknown")
-            if not any(fd == slot.fd for fd, _ in events):
-                # The writer is gone and nothing is left to read.
-                raise self._unavailable(sent=True)
             chunk = os.read(slot.fd, _READ_SIZE)
-            if not chunk:
+            if chunk:
+                buffer += chunk
+                if needed == REPLY_HEADER_SIZE and len(buffer) >= REPLY_HEADER_SIZE:
+                    needed += decode_reply_header(buffer[:REPLY_HEADER_SIZE])[0]
+                if len(buffer) >= needed:
+                    return buffer
+                continue
+            # EOF: the writer that held this pipe is gone, possibly part-way
+            # through the reply. Wait for its successor, if one may come.
+            if buffer or self._state.status != RUNNING:
                 raise self._unavailable(sent=True)
-            buffer += chunk
-            if needed == REPLY_HEADER_SIZE and len(buffer) >= REPLY_HEADER_SIZE:
-                needed += decode_reply_header(buffer[:REPLY_HEADER_SIZE])[0]
-            if len(buffer) >= needed:
-                return buffer
+            self._reregister(slot, request_id, deadline)
+
+    def _reregister(self, slot: _Slot, request_id: int, deadline: float) -> None:
+        """Hand a new pipe for ``slot`` to the next writer, awaiting ``request_id``.
+
+        The registration waits in the socket until a new writer reads it. If
+        the owner gives up instead, it closes the socket, which closes the
+        pipe's write end, and this caller sees EOF again.
+        """
+        read_fd, write_fd = self._new_pipe()
+        try:
+            self._register(slot.number, write_fd, request_id, deadline, sent=True)
+        except BaseException:
+            self._close_fd(read_fd)
+            raise
+        finally:
+            self._close_fd(write_fd)
+        self._local.fds.discard(slot.fd)
+        slot.replace_fd(read_fd)
 
     def _unavailable(self, *, sent: bool) -> WriterUnavailable:
-        outcome = "the outcome is unknown" if sent else "the request was not applied"
-        if self._state.value == CLOSED or self._closed_here:
+        outcome = "the outcome is unknown" if sent else "the request was not sent"
+        state = self._state
+        if self._closed_here:
+            return WriterClosed(f"this Writer handle was closed; {outcome}")
+        if state.status == CLOSED:
             return WriterClosed(f"the writer was closed; {outcome}")
-        how = self._owner.describe_exit() if self._owner is not None else "died"
-        return WriterCrashed(f"the writer process {how}; {outcome}")
+        how = describe_exit(state.last_exit) if state.status == DEAD else "died"
+        return WriterCrashed(f"the writer process (pid {state.writer_pid}) {how}; {outcome}")
 
     # -- reply pipes --------------------------------------------------------------
 
@@ -391,20 +420,31 @@ class Writer:
         except IndexError:
             pass
         number = next(local.slot_numbers) % NO_REPLY
-        read_fd, write_fd = os.pipe()
+        read_fd, write_fd = self._new_pipe()
         try:
-            os.set_blocking(read_fd, False)
-            self._register(local.sender, number, write_fd, deadline)
+            self._register(number, write_fd, 0, deadline, sent=False)
         except BaseException:
-            os.close(read_fd)
+            self._close_fd(read_fd)
             raise
         finally:
             # The writer now holds the only write end: EOF here means it died.
-            os.close(write_fd)
-        return _Slot(number, read_fd, self._sentinel)
+            self._close_fd(write_fd)
+        return _Slot(number, read_fd)
 
-    def _register(self, sender: int, number: int, write_fd: int, deadline: float) -> None:
-        message = [REGISTRATION.pack(sender, number)]
+    def _new_pipe(self) -> tuple[int, int]:
+        read_fd, write_fd = os.pipe()
+        self._local.fds.update((read_fd, write_fd))
+        os.set_blocking(read_fd, False)
+        return read_fd, write_fd
+
+    def _close_fd(self, fd: int) -> None:
+        self._local.fds.discard(fd)
+        os.close(fd)
+
+    def _register(
+        self, number: int, write_fd: int, awaiting: int, deadline: float, *, sent: bool
+    ) -> None:
+        message = [REGISTRATION.pack(self._local.sender, number, awaiting)]
         while True:
             try:
                 socket.send_fds(self._registration, message, [write_fd])
@@ -412,17 +452,17 @@ class Writer:
             except BlockingIOError:
                 pass
             except OSError:
-                # EPIPE, ECONNREFUSED, ENOTCONN: the writer's end is gone.
-                raise self._unavailable(sent=False) from None
+                # EPIPE, ECONNREFUSED, ENOTCONN: nobody will ever read it.
+                raise self._unavailable(sent=sent) from None
             remaining = deadline - time.monotonic()
             if remaining <= 0:
+                if sent:
+                    raise Timeout("no writer took over within the timeout; the outcome is unknown")
                 raise QueueFull("the writer did not accept a new reply pipe in time; not sent")
-            select.select([self._sentinel], [self._registration], [], remaining)
-            if _readable(self._sentinel):
-                raise self._unavailable(sent=False)
+            select.select([], [self._registration], [], remaining)
 
     def _retire(self, slot: _Slot) -> None:
-        os.close(slot.fd)
+        self._close_fd(slot.fd)
 
     def _collector(self) -> _Collector:
         local = self._local
@@ -435,8 +475,8 @@ class Writer:
         """In a forked child: drop the parent's pipes; never read from them."""
         parent = self._local
         self._local = _ProcessState()
-        for slot in parent.free:
-            os.close(slot.fd)
+        for fd in parent.fds:
+            os.close(fd)
         self._owner = None  # only the process that started the writer owns it
 
 
@@ -526,17 +566,12 @@ def _millis(seconds: float) -> int:
     return max(0, int(seconds * 1000) + 1)
 
 
-def _readable(fd: int) -> bool:
-    return bool(select.select([fd], [], [], 0)[0])
-
-
 def _rebuild(
     path: str,
     timeout: float,
     request_fd: Any,
     registration_fd: Any,
-    sentinel: Any,
     state: Any,
 ) -> Writer:
     registration = socket.socket(fileno=registration_fd.detach())
-    return Writer(path, timeout, request_fd.detach(), registration, sentinel.detach(), state)
+    return Writer(path, timeout, request_fd.detach(), registration, state)

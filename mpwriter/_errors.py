@@ -50,6 +50,15 @@ class QueueFull(Error):
     """
 
 
+class Interrupted(Error):
+    """The writer interrupted this request at its execution limit.
+
+    Long SQL is stopped by SQLite's progress handler and a long `call()`
+    function by an alarm in the writer; either way the request's changes are
+    rolled back (nothing of it was applied) and the writer serves on.
+    """
+
+
 class StatementRefused(Error):
     """The writer refused a statement that would end or split its transaction.
 

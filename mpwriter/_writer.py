@@ -18,6 +18,14 @@ Data flow::
 - Replies are written without blocking: a caller that stopped reading (it
   timed out, or was killed) can never stall the writer.
 
+Restarts: a caller whose reply pipe hit EOF (its writer died) registers a new
+pipe for the same slot, naming the request it awaits. If that request is
+still queued, this writer serves it and replies on the new pipe. If the reply
+was ready before the new pipe arrived, it is kept and sent on arrival. If this
+writer has read every byte that was queued when the new pipe arrived without
+meeting the request, the dead writer had taken it: the caller is told the
+outcome is unknown.
+
 The loop stops gracefully on a CLOSE request, on SIGTERM, or when its owner
 process is gone (the lifeline pipe reads EOF): it marks itself closed so that
 callers fail fast, serves what is already queued, checkpoints and exits.
@@ -38,7 +46,7 @@ import sqlite3
 import struct
 import termios
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -47,17 +55,19 @@ from typing import Any
 import filelock
 
 from ._batch import BatchRunner, Counters, Work, error_reply, expired_reply, unpickle_work
-from ._errors import WriterAlreadyRunning
+from ._errors import WriterAlreadyRunning, WriterCrashed
+from ._shared import CLOSED
 from ._wire import Assembler, FrameReader, Kind, Request, Status, encode_reply, sender_pid
 
 log = logging.getLogger("mpwriter")
 
-# Shared state flag values (a RawValue written by the writer and the owner).
-RUNNING = 0
-CLOSED = 1
-
 NO_REPLY = 0xFFFF  # slot number of a request that wants no reply (CLOSE)
-REGISTRATION = struct.Struct("!QH")  # sender token, slot number
+# A reply pipe's registration: sender token, slot number, and the request the
+# sender still awaits on it (0 for a fresh pipe; see "Restarts" above).
+REGISTRATION = struct.Struct("!QHI")
+# Replies whose pipe is not registered yet, kept for a sender that will
+# re-register after a restart; bounded, oldest dropped first.
+_ORPHAN_REPLIES_MAX = 4096
 
 _READ_SIZE = 1 << 16
 _HOUSEKEEPING_INTERVAL = 1.0
@@ -71,6 +81,7 @@ class WriterConfig:
     synchronous: str
     init: str | Callable[[sqlite3.Connection], object] | None
     max_batch: int
+    execution_limit: float | None = None
 
     @property
     def lock_path(self) -> str:
@@ -129,6 +140,7 @@ def serve(
             ready.send(("error", exc))
             return
         loop = WriterLoop(conn, config, requests, registrations, lifeline, state)
+        state.writer_pid = os.getpid()
         ready.send(("ready", os.getpid()))
         ready.close()
         try:
@@ -164,9 +176,13 @@ class WriterLoop:
         self._assembler = Assembler()
         self._backlog: deque[Request] = deque()
         self._slots: dict[tuple[int, int], int] = {}
+        # (sender, slot) -> (request id awaited, stream offset it must appear by)
+        self._awaited: dict[tuple[int, int], tuple[int, int]] = {}
+        self._orphans: OrderedDict[tuple[int, int], tuple[int, bytes]] = OrderedDict()
+        self._consumed = 0  # bytes read from the request pipe so far
         self._unsent: dict[int, bytes] = {}
         self.counters = Counters()
-        self._runner = BatchRunner(conn, self.counters)
+        self._runner = BatchRunner(conn, self.counters, state, config.execution_limit)
         self._started = time.monotonic()
         self._stopping = False
         self._next_housekeeping = self._started + _HOUSEKEEPING_INTERVAL
@@ -193,7 +209,7 @@ class WriterLoop:
     def run(self) -> None:
         while True:
             if self._stopping:
-                self._state.value = CLOSED
+                self._state.status = CLOSED
                 self._read_available()
                 if not self._backlog:
                     return
@@ -235,10 +251,17 @@ class WriterLoop:
                 # No write end is left anywhere: nobody can send again.
                 self._stopping = True
                 return
+            self._consumed += len(data)
             for frame in self._frames.feed(data):
                 request = self._assembler.add(frame)
                 if request is not None:
                     self._backlog.append(request)
+                    if self._awaited:
+                        awaited = self._awaited.get((request.sender, request.slot))
+                        if awaited is not None and awaited[0] == request.request_id:
+                            del self._awaited[(request.sender, request.slot)]
+        if self._awaited:
+            self._report_lost_requests()
 
     def _serve_batch(self) -> None:
         limit = self._config.max_batch
@@ -287,6 +310,7 @@ class WriterLoop:
         figures["uptime"] = time.monotonic() - self._started
         figures["pid"] = os.getpid()
         figures["resync_skipped_bytes"] = self._frames.skipped
+        figures["restarts"] = self._state.restarts
         figures["dropped_partial_requests"] = self._assembler.dropped
         return encode_reply(work.request.request_id, Status.OK, figures)
 
@@ -310,12 +334,37 @@ class WriterLoop:
                 for fd in fds:
                     os.close(fd)
                 continue
-            key = REGISTRATION.unpack(message)
+            sender, slot, awaiting = REGISTRATION.unpack(message)
+            key = (sender, slot)
             os.set_blocking(fds[0], False)
             old = self._slots.pop(key, None)
             if old is not None:
                 self._drop_fd(old)
             self._slots[key] = fds[0]
+            if awaiting:
+                self._await_after_restart(key, awaiting)
+
+    def _await_after_restart(self, key: tuple[int, int], request_id: int) -> None:
+        orphan = self._orphans.pop(key, None)
+        if orphan is not None and orphan[0] == request_id:
+            self._write_reply(key, self._slots[key], orphan[1])
+            return
+        if any(r.sender == key[0] and r.slot == key[1] for r in self._backlog):
+            return  # queued here already: its reply will find the new pipe
+        # Everything the caller sent before it registered this pipe is in the
+        # pipe now, or was taken by the writer that died.
+        self._awaited[key] = (request_id, self._consumed + self._queued_bytes())
+        self._report_lost_requests()
+
+    def _report_lost_requests(self) -> None:
+        for key, (request_id, offset) in list(self._awaited.items()):
+            if self._consumed >= offset:
+                del self._awaited[key]
+                self.counters.lost_requests += 1
+                lost = WriterCrashed(
+                    "the writer process died after taking this request; the outcome is unknown"
+                )
+                self._write_reply(key, self._slots[key], error_reply(request_id, lost))
 
     def _send(self, request: Request, reply: bytes) -> None:
         if request.slot == NO_REPLY:
@@ -324,11 +373,14 @@ class WriterLoop:
         fd = self._slots.get(key)
         if fd is None:
             # The registration is sent before the request, so it is queued
-            # on the socket already unless its sender died in between.
+            # on the socket already -- unless the pipe was registered with a
+            # writer that has died since, and its sender has not noticed yet.
             self._read_registrations()
             fd = self._slots.get(key)
             if fd is None:
-                log.warning("mpwriter: no reply pipe for request from pid %d", sender_pid(key[0]))
+                self._orphans[key] = (request.request_id, reply)
+                if len(self._orphans) > _ORPHAN_REPLIES_MAX:
+                    self._orphans.popitem(last=False)
                 return
         if fd in self._unsent:
             self._unsent[fd] += reply
@@ -377,6 +429,7 @@ class WriterLoop:
             for fd, events in poller.poll(0):
                 if events & (select.POLLERR | select.POLLNVAL):
                     self._slots.pop(by_fd[fd], None)
+                    self._awaited.pop(by_fd[fd], None)
                     self._drop_fd(fd)
         dead = {
             sender for sender in self._assembler.senders() if not _pid_alive(sender_pid(sender))
@@ -386,7 +439,7 @@ class WriterLoop:
 
     def shut_down(self) -> None:
         """Checkpoint and close; called once the loop has returned or failed."""
-        self._state.value = CLOSED
+        self._state.status = CLOSED
         conn = self._conn
         try:
             if conn.in_transaction:

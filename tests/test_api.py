@@ -15,6 +15,7 @@ from conftest import SCHEMA, Gate, count_rows
 
 EXPECTED_PUBLIC_NAMES = {
     "Error",
+    "Interrupted",
     "NotPicklable",
     "QueueFull",
     "RemoteError",
@@ -51,6 +52,7 @@ def test_public_names_are_exactly_the_documented_ones() -> None:
         mpwriter.WriterAlreadyRunning,
         mpwriter.Timeout,
         mpwriter.QueueFull,
+        mpwriter.Interrupted,
         mpwriter.StatementRefused,
         mpwriter.NotPicklable,
         mpwriter.RemoteError,

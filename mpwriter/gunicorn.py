@@ -1,0 +1,167 @@
+"""gunicorn integration: one writer per gunicorn master, shared by all its workers.
+
+In ``gunicorn.conf.py``::
+
+    import mpwriter.gunicorn
+
+    on_starting, on_exit = mpwriter.gunicorn.writer_hooks("app.db", init=SCHEMA)
+
+and in the app, inside a request::
+
+    mpwriter.get_writer().execute("INSERT INTO hits(path) VALUES (?)", (path,))
+
+`on_starting` runs in the master before it binds its sockets or forks any
+worker: it starts the writer and `mpwriter.attach`-es it, so every worker --
+the first ones, replacements after a crash, a kill, ``max_requests`` or a HUP
+-- inherits the handle through ``fork``. `on_exit` runs in the master after its
+workers have stopped: it closes the writer, which serves what is queued,
+commits, checkpoints and releases its lock file.
+
+What the rest of gunicorn's life does to the writer:
+
+- A worker's exit, however it happens (SIGKILL, SIGABRT after ``timeout``,
+  ``max_requests``, graceful stop), never stops or disturbs the writer: forked
+  children own nothing (see `mpwriter._owner`). A request in flight when its
+  worker dies may still be committed: its client saw no response.
+- The master reaps children with ``waitpid(-1)``, the writer included if it
+  dies; mpwriter judges the writer's liveness from its process sentinel, so a
+  dead writer is still reported at once (`mpwriter.WriterCrashed`).
+- HUP re-reads this configuration and replaces the workers; the writer keeps
+  running (a new `writer_hooks` call just makes new, equivalent hooks: the
+  started writer lives in this module). Changed writer arguments take effect
+  at the next start.
+- USR2 starts a second master beside the first. The lock file decides: the
+  new master waits up to ``takeover_timeout`` seconds, before starting any
+  writer or worker, for the old writer to release the lock -- it does once the
+  old master exits (TERM it after the USR2). If the old writer still holds it
+  then, the new master exits with `mpwriter.WriterAlreadyRunning` and the old
+  one keeps serving. Two writers never run at once.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import time
+from collections.abc import Callable
+from typing import Any, NamedTuple, Protocol
+
+import filelock
+
+from ._attached import attach
+from ._client import Writer
+from ._errors import WriterAlreadyRunning
+from ._owner import start
+from ._writer import WriterConfig
+
+__all__ = ["Hooks", "writer_hooks"]
+
+# The writer this process started: module state, not closure state, because
+# HUP re-executes gunicorn.conf.py and so replaces the hook functions.
+_started: list[Writer] = []
+
+
+class _Log(Protocol):
+    def info(self, msg: str, *args: Any) -> None: ...
+
+    def error(self, msg: str, *args: Any) -> None: ...
+
+
+class Arbiter(Protocol):
+    """What the hooks use of gunicorn's ``Arbiter`` (the ``server`` argument)."""
+
+    log: _Log
+    master_pid: int  # nonzero in the new master of a USR2 upgrade: the old one's pid
+
+
+class Hooks(NamedTuple):
+    """The two server hooks: assign them to the names gunicorn looks for."""
+
+    on_starting: Callable[[Arbiter], None]
+    on_exit: Callable[[Arbiter], None]
+
+
+def writer_hooks(
+    path: str | os.PathLike[str],
+    *,
+    takeover_timeout: float = 60.0,
+    **start_kwargs: Any,
+) -> Hooks:
+    """Hooks that run one writer for ``path`` in the gunicorn master.
+
+    ``start_kwargs`` are `mpwriter.start`'s keyword arguments; they are checked
+    here, so that a typo fails when gunicorn reads its configuration.
+
+    ``on_starting(server)`` starts the writer and attaches it, so workers get
+    it with `mpwriter.get_writer()` (call it in a request: with ``preload_app``
+    the app is imported before ``on_starting``). It raises what `start` raises,
+    which makes gunicorn exit: `WriterAlreadyRunning` if another writer serves
+    ``path`` -- at once for a fresh master, after ``takeover_timeout`` seconds
+    for the new master of a USR2 upgrade, which waits for the old writer.
+
+    ``on_exit(server)`` closes the writer: everything already queued is
+    committed, then the writer exits and releases the lock file. Both hooks
+    are plain functions of ``server``, callable from hooks of your own.
+    """
+    inspect.signature(start).bind(path, **start_kwargs)
+    if takeover_timeout < 0:
+        raise ValueError("takeover_timeout must not be negative")
+
+    def on_starting(server: Arbiter) -> None:
+        try:
+            if server.master_pid:
+                _await_old_writer(os.fspath(path), takeover_timeout, server)
+            writer = start(path, **start_kwargs)
+        except WriterAlreadyRunning as exc:
+            server.log.error("mpwriter: %s; this gunicorn master cannot start", exc)
+            raise
+        _started.append(writer)
+        attach(writer)
+        server.log.info("mpwriter: writer (pid %s) serves %s", writer.stats()["pid"], writer.path)
+
+    def on_exit(server: Arbiter) -> None:
+        while _started:
+            writer = _started.pop()
+            writer.close()
+            server.log.info("mpwriter: writer for %s closed", writer.path)
+
+    return Hooks(on_starting, on_exit)
+
+
+def _await_old_writer(path: str, timeout: float, server: Arbiter) -> None:
+    """In a USR2 master: wait until the old master's writer has released its lock.
+
+    Waiting here, before `start`, keeps the new master from starting workers
+    that would have no writer; the old master serves meanwhile, and once it
+    exits, new connections wait in the listen backlog this master inherited.
+    """
+    # The writer's own lock file (one definition of its name: WriterConfig).
+    lock_path = WriterConfig(os.path.abspath(path), "NORMAL", None, 1).lock_path
+    lock = filelock.FileLock(lock_path)
+    try:
+        lock.acquire(timeout=0)
+    except filelock.Timeout:
+        pass
+    else:
+        lock.release()
+        return
+    server.log.info(
+        "mpwriter: the writer of the old master (pid %s) holds %s; waiting up to %s s"
+        " for it to exit (stop the old master to hand over)",
+        server.master_pid,
+        lock_path,
+        timeout,
+    )
+    began = time.monotonic()
+    try:
+        # filelock polls flock(LOCK_NB); a blocking flock could not be bounded.
+        lock.acquire(timeout=timeout)
+    except filelock.Timeout:
+        raise WriterAlreadyRunning(
+            f"the old master (pid {server.master_pid}) still runs a writer for {path!r}"
+            f" after {timeout} s; stop it before its USR2 successor can take over"
+        ) from None
+    lock.release()
+    server.log.info(
+        "mpwriter: the old writer released %s after %.1f s", lock_path, time.monotonic() - began
+    )

@@ -1,0 +1,189 @@
+"""Restarts, the watchdog, execution limits, backpressure and a full disk."""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import sqlite3
+import threading
+import time
+from concurrent.futures import Future
+from pathlib import Path
+
+import pytest
+
+import mpwriter
+from conftest import SCHEMA, Gate, count_rows
+
+
+def test_queued_requests_survive_a_writer_kill_and_the_taken_one_is_reported_lost(
+    db_path: Path, gate: Gate
+) -> None:
+    with mpwriter.start(db_path, init=SCHEMA, context="fork", timeout=20) as writer:
+        first_pid = writer.stats()["pid"]
+        gate.hold(writer)  # the writer has taken the gate's request, and nothing else
+        queued = [
+            writer.submit("INSERT INTO items(client, seq) VALUES (1, ?)", (n,)) for n in range(20)
+        ]
+        os.kill(first_pid, signal.SIGKILL)
+        with pytest.raises(mpwriter.WriterCrashed, match="outcome is unknown"):
+            gate.future.result(timeout=20)
+        assert [f.result(timeout=20).rowcount for f in queued] == [1] * 20
+        stats = writer.stats()
+        assert stats["restarts"] == 1
+        assert stats["pid"] != first_pid
+        assert stats["lost_requests"] == 1
+    assert count_rows(db_path) == 20
+
+
+def test_torn_bytes_in_the_queue_are_skipped_and_the_next_request_served(
+    writer: mpwriter.Writer,
+) -> None:
+    from mpwriter import _wire
+
+    # What a successor finds when its predecessor died part-way through a read:
+    # the tail of a frame whose head is gone.
+    whole = next(_wire.encode_frames(_wire.Kind.EXECUTE, 1, 1, 1, os.urandom(3000)))
+    torn = whole[100:]
+    os.write(writer._request_fd, torn)
+    result = writer.execute(
+        "INSERT INTO items(payload) VALUES ('after the tear') RETURNING payload"
+    )
+    assert result.rows == [("after the tear",)]
+    assert writer.stats()["resync_skipped_bytes"] == len(torn)
+
+
+def test_past_the_restart_cap_callers_fail_at_once(db_path: Path) -> None:
+    with mpwriter.start(db_path, init=SCHEMA, context="fork", max_restarts=1) as writer:
+        os.kill(writer.stats()["pid"], signal.SIGKILL)
+        assert writer.execute("INSERT INTO items(payload) VALUES ('served')").rowcount == 1
+        os.kill(writer.stats()["pid"], signal.SIGKILL)
+        began = time.monotonic()
+        with pytest.raises(mpwriter.WriterCrashed, match="killed by signal 9"):
+            insert_until_refused(writer)
+        assert time.monotonic() - began < 5
+    assert count_rows(db_path) == 1
+
+
+def insert_until_refused(writer: mpwriter.Writer) -> None:
+    """Insert until a call fails: each try is a real call, racing the owner's give-up."""
+    for _ in range(50):
+        writer.execute("INSERT INTO items(payload) VALUES ('refused')", timeout=5)
+
+
+def block_alarms_and_hang(conn: sqlite3.Connection, seconds: float) -> None:
+    """A `call()` target stuck where no interrupt reaches it."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
+    conn.execute("INSERT INTO items(payload) VALUES ('never committed')")
+    select.select([], [], [], seconds)
+
+
+def test_watchdog_kills_and_replaces_a_stuck_writer(db_path: Path) -> None:
+    with mpwriter.start(
+        db_path, init=SCHEMA, context="fork", watchdog_grace=0.3, timeout=10
+    ) as writer:
+        stuck_pid = writer.stats()["pid"]
+        with pytest.raises((mpwriter.Timeout, mpwriter.WriterCrashed)):
+            writer.call_with_timeout(0.3, block_alarms_and_hang, 30.0)
+        assert writer.execute("INSERT INTO items(payload) VALUES ('next')").rowcount == 1
+        stats = writer.stats()
+        assert stats["restarts"] == 1
+        assert stats["pid"] != stuck_pid
+    assert count_rows(db_path) == 1
+
+
+INFINITE_QUERY = (
+    "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT count(*) FROM c"
+)
+
+
+def test_long_sql_is_interrupted_at_the_execution_limit(db_path: Path) -> None:
+    with mpwriter.start(db_path, init=SCHEMA, context="fork", execution_limit=0.2) as writer:
+        began = time.monotonic()
+        with pytest.raises(mpwriter.Interrupted, match="rolled back"):
+            writer.execute(INFINITE_QUERY)
+        assert time.monotonic() - began < 5
+        assert writer.execute("INSERT INTO items(payload) VALUES ('ok')").rowcount == 1
+        assert writer.stats()["restarts"] == 0
+
+
+def spin_after_writing(conn: sqlite3.Connection) -> None:
+    conn.execute("INSERT INTO items(payload) VALUES ('rolled back')")
+    while True:
+        pass
+
+
+def test_a_spinning_call_is_interrupted_and_rolled_back(db_path: Path) -> None:
+    with mpwriter.start(db_path, init=SCHEMA, context="fork", execution_limit=0.2) as writer:
+        with pytest.raises(mpwriter.Interrupted):
+            writer.call(spin_after_writing)
+        assert writer.execute("INSERT INTO items(payload) VALUES ('ok')").rowcount == 1
+        assert writer.stats()["restarts"] == 0
+    assert count_rows(db_path) == 1
+
+
+def submit_until_full(writer: mpwriter.Writer, accepted: list[Future[mpwriter.Result]]) -> None:
+    for n in range(10_000):
+        accepted.append(
+            writer.submit(
+                "INSERT INTO items(seq, payload) VALUES (?, ?)", (n, "x" * 200), timeout=0.2
+            )
+        )
+
+
+def test_a_full_queue_raises_queue_full_and_loses_nothing_accepted(
+    db_path: Path, gate: Gate
+) -> None:
+    with mpwriter.start(db_path, init=SCHEMA, context="fork", queue_size=4096) as writer:
+        gate.hold(writer)
+        accepted: list[Future[mpwriter.Result]] = []
+        with pytest.raises(mpwriter.QueueFull):
+            submit_until_full(writer, accepted)
+        assert 0 < len(accepted) < 10_000
+        gate.release()
+        assert gate.future.result(timeout=10) == "released"
+        # The accepted ones were queued before their deadline but waited behind
+        # the gate: each either committed or was dropped unapplied as expired.
+        outcomes = {"ok": 0, "expired": 0}
+        for future in accepted:
+            try:
+                future.result(timeout=10)
+                outcomes["ok"] += 1
+            except mpwriter.Timeout:
+                outcomes["expired"] += 1
+        assert count_rows(db_path) == outcomes["ok"]
+
+
+def test_a_full_disk_fails_that_batch_and_the_writer_recovers(writer: mpwriter.Writer) -> None:
+    writer.execute("INSERT INTO items(payload) VALUES ('before')")
+    pages = writer.call(current_page_count)
+    writer.execute(f"PRAGMA max_page_count = {pages}")
+    with pytest.raises(sqlite3.OperationalError, match="full"):
+        writer.executemany("INSERT INTO items(payload) VALUES (?)", [("z" * 4000,)] * 50)
+    writer.execute("PRAGMA max_page_count = 1000000")
+    assert writer.execute("INSERT INTO items(payload) VALUES ('after')").rowcount == 1
+    assert writer.call(count_items) == 2
+
+
+def current_page_count(conn: sqlite3.Connection) -> int:
+    return int(conn.execute("PRAGMA page_count").fetchone()[0])
+
+
+def count_items(conn: sqlite3.Connection) -> int:
+    return int(conn.execute("SELECT count(*) FROM items").fetchone()[0])
+
+
+def test_close_serves_everything_already_queued(db_path: Path, gate: Gate) -> None:
+    writer = mpwriter.start(db_path, init=SCHEMA, context="fork")
+    gate.hold(writer)
+    queued = [writer.submit("INSERT INTO items(seq) VALUES (?)", (n,)) for n in range(30)]
+    closer = threading.Thread(target=writer.close, kwargs={"timeout": 20})
+    closer.start()
+    gate.release()
+    closer.join(30)
+    assert not closer.is_alive()
+    assert [f.result(timeout=10).rowcount for f in queued] == [1] * 30
+    assert count_rows(db_path) == 30
+    with pytest.raises(mpwriter.WriterClosed):
+        writer.execute("INSERT INTO items(seq) VALUES (99)")
