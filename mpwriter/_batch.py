@@ -196,7 +196,16 @@ class BatchRunner:
             return sqlite3.SQLITE_OK
         if action == sqlite3.SQLITE_TRANSACTION or action == sqlite3.SQLITE_SAVEPOINT:
             verb = "SAVEPOINT" if action == sqlite3.SQLITE_SAVEPOINT and arg1 == "BEGIN" else arg1
-            self._denied = f"{verb or 'transaction control'} is refused"
+            self._denied = (
+                f"{verb or 'transaction control'} is refused: every mpwriter request already"
+                " runs atomically in the writer's transaction; send the statements without"
+                " transaction control (use Writer.transaction() to group several)"
+            )
+            return sqlite3.SQLITE_DENY
+        if action == sqlite3.SQLITE_ATTACH or action == sqlite3.SQLITE_DETACH:
+            # An attached file would be written outside the lock that makes
+            # this the only writer; and the attachment would outlive the request.
+            self._denied = "ATTACH and DETACH are refused: a writer serves one database file"
             return sqlite3.SQLITE_DENY
         if (
             action == sqlite3.SQLITE_PRAGMA
@@ -292,12 +301,7 @@ class BatchRunner:
 
     def _refusal(self, work: Work, refused: _Refused) -> bytes:
         self._counters.refused += 1
-        message = (
-            f"{refused.args[0]}: every mpwriter request already runs atomically in the"
-            " writer's transaction; send the statements without transaction control"
-            " (use Writer.transaction() to group several)"
-        )
-        return self._fail(work, StatementRefused(message))
+        return self._fail(work, StatementRefused(refused.args[0]))
 
     def _fail(self, work: Work, exc: BaseException) -> bytes:
         self._counters.count_error(exc)
