@@ -67,6 +67,7 @@ class Work(NamedTuple):
 
     request: Request
     deadline: float
+    sent_at: float  # the caller's monotonic clock, which is system-wide
     body: tuple[Any, ...]
 
 
@@ -434,8 +435,8 @@ def _execute(conn: sqlite3.Connection, sql: str, params: Any) -> tuple[int, int 
 
 def unpickle_work(request: Request) -> Work:
     """Unpickle a request's payload; raises what unpickling raises."""
-    deadline, body = pickle.loads(request.payload)
-    return Work(request, deadline, body)
+    deadline, sent_at, body = pickle.loads(request.payload)
+    return Work(request, deadline, sent_at, body)
 
 
 def expired_reply(work: Work) -> bytes:

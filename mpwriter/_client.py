@@ -38,6 +38,7 @@ from multiprocessing import context as mp_context
 from multiprocessing import reduction
 from typing import Any, NamedTuple, Protocol
 
+from . import _aio
 from ._errors import (
     Error,
     NotPicklable,
@@ -241,6 +242,27 @@ class Writer:
         self._collector().add(slot, request_id, future, deadline)
         return future
 
+    # -- asyncio ----------------------------------------------------------------
+
+    async def aexecute(self, sql: str, params: Any = (), *, timeout: float | None = None) -> Result:
+        """`execute` for asyncio: awaits the commit without blocking the event loop."""
+        return Result(*await _aio.request(self, Kind.EXECUTE, (sql, params), timeout))
+
+    async def aexecutemany(
+        self, sql: str, seq_of_params: Iterable[Any], *, timeout: float | None = None
+    ) -> Result:
+        """`executemany` for asyncio."""
+        body = (sql, list(seq_of_params))
+        return Result(*await _aio.request(self, Kind.EXECUTEMANY, body, timeout))
+
+    async def aexecutescript(self, script: str, *, timeout: float | None = None) -> None:
+        """`executescript` for asyncio."""
+        await _aio.request(self, Kind.SCRIPT, (script,), timeout)
+
+    async def acall(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        """`call` for asyncio (the handle's default timeout applies)."""
+        return await _aio.request(self, Kind.CALL, (fn, args, kwargs), None)
+
     def stats(self, *, timeout: float | None = None) -> dict[str, Any]:
         """The writer's figures: requests, batches, commits, errors, queue depth..."""
         figures: dict[str, Any] = self._call(Kind.STATS, (), timeout)
@@ -323,65 +345,59 @@ class Writer:
             raise WriterClosed("this Writer handle was closed; the request was not sent")
         if self._state.status != RUNNING:
             raise self._unavailable(sent=False)
-        seconds = self.timeout if timeout is None else timeout
-        deadline = time.monotonic() + seconds
+        now = time.monotonic()
+        deadline = now + (self.timeout if timeout is None else timeout)
         try:
-            payload = pickle.dumps((deadline, body), PICKLE_PROTOCOL)
+            payload = pickle.dumps((deadline, now, body), PICKLE_PROTOCOL)
         except Exception as exc:
             raise NotPicklable(
                 f"cannot send this {kind.name.lower()} request to the writer: {exc}"
             ) from exc
         return deadline, payload
 
-    def _send(self, kind: Kind, payload: bytes, slot_number: int, deadline: float) -> int:
+    def _outgoing(self, kind: Kind, payload: bytes, slot_number: int) -> _Outgoing:
         local = self._local
         # Never 0: a registration awaiting request 0 is a fresh one.
         request_id = next(local.request_ids) % 0xFFFFFFFF + 1
+        frames = encode_frames(kind, local.sender, request_id, slot_number, payload)
+        return _Outgoing(self, request_id, frames)
+
+    def _send(self, kind: Kind, payload: bytes, slot_number: int, deadline: float) -> int:
+        outgoing = self._outgoing(kind, payload, slot_number)
         poller: select.poll | None = None
-        for frame in encode_frames(kind, local.sender, request_id, slot_number, payload):
-            while True:
-                try:
-                    os.write(self._request_fd, frame)
-                    break
-                except BlockingIOError:
-                    pass
-                except BrokenPipeError:
-                    # No reader is left: the writer is gone for good.
-                    raise self._unavailable(sent=False) from None
-                if poller is None:
-                    poller = select.poll()
-                    poller.register(self._request_fd, select.POLLOUT)
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise QueueFull("the request queue stayed full for the whole timeout; not sent")
-                poller.poll(_millis(remaining))
-        return request_id
+        while not outgoing.pump():
+            if poller is None:
+                poller = select.poll()
+                poller.register(self._request_fd, select.POLLOUT)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise _queue_full()
+            poller.poll(_millis(remaining))
+        return outgoing.request_id
 
     def _await_reply(self, slot: _Slot, request_id: int, deadline: float) -> Any:
-        payload = self._read_reply(slot, request_id, deadline)
-        return _unpack_reply(payload, request_id)
-
-    def _read_reply(self, slot: _Slot, request_id: int, deadline: float) -> bytes:
-        """Read one whole reply from ``slot``; raise on timeout or a lost writer."""
-        buffer = b""
-        needed = REPLY_HEADER_SIZE
+        incoming = _Incoming()
         while True:
             remaining = deadline - time.monotonic()
             if not slot.poller.poll(_millis(max(remaining, 0.0))):
-                raise Timeout("no reply from the writer within the timeout; the outcome is unknown")
-            chunk = os.read(slot.fd, _READ_SIZE)
-            if chunk:
-                buffer += chunk
-                if needed == REPLY_HEADER_SIZE and len(buffer) >= REPLY_HEADER_SIZE:
-                    needed += decode_reply_header(buffer[:REPLY_HEADER_SIZE])[0]
-                if len(buffer) >= needed:
-                    return buffer
-                continue
-            # EOF: the writer that held this pipe is gone, possibly part-way
-            # through the reply. Wait for its successor, if one may come.
-            if buffer or self._state.status != RUNNING:
-                raise self._unavailable(sent=True)
-            self._reregister(slot, request_id, deadline)
+                raise _no_reply()
+            payload = self._receive(slot, incoming, request_id, deadline)
+            if payload is not None:
+                return _unpack_reply(payload, request_id)
+
+    def _receive(
+        self, slot: _Slot, incoming: _Incoming, request_id: int, deadline: float
+    ) -> bytes | None:
+        """Read what ``slot`` holds; return the whole reply once it is complete."""
+        chunk = os.read(slot.fd, _READ_SIZE)
+        if chunk:
+            return incoming.take(chunk)
+        # EOF: the writer that held this pipe is gone, possibly part-way
+        # through the reply. Wait for its successor, if one may come.
+        if incoming.started or self._state.status != RUNNING:
+            raise self._unavailable(sent=True)
+        self._reregister(slot, request_id, deadline)
+        return None
 
     def _reregister(self, slot: _Slot, request_id: int, deadline: float) -> None:
         """Hand a new pipe for ``slot`` to the next writer, awaiting ``request_id``.
@@ -492,6 +508,61 @@ class Transaction:
 
     def executemany(self, sql: str, seq_of_params: Iterable[Any]) -> None:
         self._statements.append((True, sql, list(seq_of_params)))
+
+
+class _Outgoing:
+    """A request's frames, written as far as the queue takes them without blocking."""
+
+    __slots__ = ("_frames", "_next", "_writer", "request_id")
+
+    def __init__(self, writer: Writer, request_id: int, frames: Iterator[bytes]) -> None:
+        self._writer = writer
+        self.request_id = request_id
+        self._frames = frames
+        self._next: bytes | None = next(frames)
+
+    def pump(self) -> bool:
+        """Write frames until done (True) or the queue is full (False)."""
+        fd = self._writer._request_fd
+        while self._next is not None:
+            try:
+                os.write(fd, self._next)
+            except BlockingIOError:
+                return False
+            except BrokenPipeError:
+                # No reader is left: the writer is gone for good. A request
+                # cut short here is incomplete and will never be run.
+                raise self._writer._unavailable(sent=False) from None
+            self._next = next(self._frames, None)
+        return True
+
+
+class _Incoming:
+    """Collects one reply from the chunks read off its pipe."""
+
+    __slots__ = ("_buffer", "_needed")
+
+    def __init__(self) -> None:
+        self._buffer = b""
+        self._needed = REPLY_HEADER_SIZE
+
+    @property
+    def started(self) -> bool:
+        return bool(self._buffer)
+
+    def take(self, chunk: bytes) -> bytes | None:
+        buffer = self._buffer = self._buffer + chunk
+        if self._needed == REPLY_HEADER_SIZE and len(buffer) >= REPLY_HEADER_SIZE:
+            self._needed += decode_reply_header(buffer[:REPLY_HEADER_SIZE])[0]
+        return buffer if len(buffer) >= self._needed else None
+
+
+def _queue_full() -> QueueFull:
+    return QueueFull("the request queue stayed full for the whole timeout; not sent")
+
+
+def _no_reply() -> Timeout:
+    return Timeout("no reply from the writer within the timeout; the outcome is unknown")
 
 
 class _Collector:

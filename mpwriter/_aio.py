@@ -1,0 +1,71 @@
+"""asyncio: await a write without a thread per call and without blocking the loop.
+
+The request path is the synchronous one's, with each wait handed to the event
+loop: a full queue is awaited with ``loop.add_writer`` on the request pipe,
+the reply with ``loop.add_reader`` on the request's own reply pipe. A call
+that times out or is cancelled retires its reply pipe, like a synchronous one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING, Any
+
+from ._wire import Kind
+
+if TYPE_CHECKING:
+    from ._client import Writer
+
+
+async def request(writer: Writer, kind: Kind, body: tuple[Any, ...], timeout: float | None) -> Any:
+    """Send one request and await its reply; the async twin of `Writer._call`."""
+    from ._client import _Incoming, _no_reply, _queue_full, _unpack_reply
+
+    deadline, payload = writer._prepare(kind, body, timeout)
+    slot = writer._borrow_slot(deadline)
+    loop = asyncio.get_running_loop()
+    try:
+        outgoing = writer._outgoing(kind, payload, slot.number)
+        while not outgoing.pump():
+            if not await _ready(loop, writer._request_fd, deadline, writable=True):
+                raise _queue_full()
+        incoming = _Incoming()
+        while True:
+            if not await _ready(loop, slot.fd, deadline, writable=False):
+                raise _no_reply()
+            reply = writer._receive(slot, incoming, outgoing.request_id, deadline)
+            if reply is not None:
+                value = _unpack_reply(reply, outgoing.request_id)
+                break
+    except BaseException:
+        # Cancelled or failed: a reply may still arrive on this pipe later.
+        writer._retire(slot)
+        raise
+    writer._local.free.append(slot)
+    return value
+
+
+async def _ready(
+    loop: asyncio.AbstractEventLoop, fd: int, deadline: float, *, writable: bool
+) -> bool:
+    """Wait until ``fd`` is ready (True) or ``deadline`` passes (False)."""
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        return False
+    ready: asyncio.Future[bool] = loop.create_future()
+
+    def wake(fd_ready: bool) -> None:
+        if not ready.done():
+            ready.set_result(fd_ready)
+
+    watch, unwatch = (
+        (loop.add_writer, loop.remove_writer) if writable else (loop.add_reader, loop.remove_reader)
+    )
+    watch(fd, wake, True)
+    timer = loop.call_later(remaining, wake, False)
+    try:
+        return await ready
+    finally:
+        unwatch(fd)
+        timer.cancel()
