@@ -22,6 +22,7 @@ from ._errors import (
     WriterCrashed,
     WriterUnavailable,
 )
+from ._metrics import prometheus_text
 from ._owner import start
 from ._reader import reader
 
@@ -43,6 +44,7 @@ __all__ = [
     "WriterUnavailable",
     "attach",
     "get_writer",
+    "prometheus_text",
     "reader",
     "start",
 ]

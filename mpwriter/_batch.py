@@ -21,6 +21,7 @@ journal_mode or foreign_keys) are run alone after the batch commits.
 
 from __future__ import annotations
 
+import logging
 import pickle
 import random
 import signal
@@ -46,6 +47,8 @@ _BACKOFF_FIRST = 0.001
 _BACKOFF_MAX = 0.1
 
 SQLITE_BUSY = 5
+
+log = logging.getLogger("mpwriter")
 
 # The writer's own statements. sqlite3 caches prepared statements by their
 # text, and the authorizer runs only when a statement is prepared: a caller's
@@ -84,6 +87,8 @@ class Counters:
         self.expired = 0
         self.replayed_batches = 0
         self.lost_requests = 0
+        self.posts_dropped = 0  # reported by callers with their next post
+        self.post_errors_by_class: dict[str, int] = {}
         self.errors_by_class: dict[str, int] = {}
 
     def count_error(self, exc: BaseException) -> None:
@@ -94,6 +99,7 @@ class Counters:
     def as_dict(self) -> dict[str, Any]:
         figures = dict(vars(self))
         figures["errors_by_class"] = dict(self.errors_by_class)
+        figures["post_errors_by_class"] = dict(self.post_errors_by_class)
         figures["mean_batch_size"] = self.requests / self.batches if self.batches else 0.0
         return figures
 
@@ -232,6 +238,9 @@ class BatchRunner:
         conn = self._conn
         if kind == Kind.EXECUTE:
             return _execute(conn, body[0], body[1])
+        if kind == Kind.POST:
+            self._counters.posts_dropped += body[2]
+            return _execute(conn, body[0], body[1])
         if kind == Kind.EXECUTEMANY:
             cursor = conn.executemany(body[0], body[1])
             return (cursor.rowcount, cursor.lastrowid, [])
@@ -305,7 +314,15 @@ class BatchRunner:
         return self._fail(work, StatementRefused(refused.args[0]))
 
     def _fail(self, work: Work, exc: BaseException) -> bytes:
-        self._counters.count_error(exc)
+        counters = self._counters
+        counters.count_error(exc)
+        if work.request.kind == Kind.POST:
+            # Nobody waits for this reply: the log and the counts are all there is.
+            name = type(exc).__qualname__
+            counters.post_errors_by_class[name] = counters.post_errors_by_class.get(name, 0) + 1
+            log.warning(
+                "mpwriter: fire-and-forget write failed: %s: %s [%s]", name, exc, describe(work)
+            )
         return error_reply(work.request.request_id, exc)
 
     # -- the batch ------------------------------------------------------------
@@ -431,6 +448,16 @@ def _execute(conn: sqlite3.Connection, sql: str, params: Any) -> tuple[int, int 
     # RETURNING rows must be fetched before rowcount is final.
     rows = cursor.fetchall() if cursor.description is not None else []
     return (cursor.rowcount, cursor.lastrowid, rows)
+
+
+def describe(work: Work) -> str:
+    """A short description of a request for logs: its kind and the head of its SQL."""
+    kind = Kind(work.request.kind).name.lower()
+    head = work.body[0] if work.body and isinstance(work.body[0], str) else ""
+    if not head and kind == "call":
+        head = getattr(work.body[0], "__qualname__", repr(work.body[0]))
+    head = " ".join(str(head).split())
+    return f"{kind} {head[:80]}{'...' if len(head) > 80 else ''}".strip()
 
 
 def unpickle_work(request: Request) -> Work:

@@ -112,6 +112,7 @@ class _ProcessState:
         self.slot_numbers = itertools.count()
         self.request_ids = itertools.count()
         self.collector: _Collector | None = None
+        self.posts_dropped = 0  # not yet reported to the writer
         # Every descriptor this state opened: a forked child closes them all,
         # including those of requests in flight in another thread at the fork.
         self.fds: set[int] = set()
@@ -241,6 +242,32 @@ class Writer:
             raise
         self._collector().add(slot, request_id, future, deadline)
         return future
+
+    def post(self, sql: str, params: Any = (), *, max_block: float = 0.05) -> bool:
+        """Fire and forget: queue a write and return at once, without a reply.
+
+        For observability data (audit logs, metrics) that must never slow
+        down or break the business path: it never raises, blocks at most
+        ``max_block`` seconds on a full queue, and returns False when it had
+        to drop the write (queue full, writer unavailable, unpicklable
+        arguments). Drops are counted in `stats()` (``posts_dropped``);
+        failures inside the writer are logged there with the statement's head
+        and counted by class (``post_errors_by_class``). Not durable on return.
+        """
+        local = self._local
+        try:
+            now = time.monotonic()
+            if self._closed_here or self._state.status != RUNNING:
+                raise self._unavailable(sent=False)
+            body = (sql, params, local.posts_dropped)
+            payload = pickle.dumps((now + self.timeout, now, body), PICKLE_PROTOCOL)
+            self._send(Kind.POST, payload, NO_REPLY, now + max_block)
+        except Exception:
+            # Dropped: counted here, reported with the next post that gets through.
+            local.posts_dropped += 1
+            return False
+        local.posts_dropped = 0
+        return True
 
     # -- asyncio ----------------------------------------------------------------
 

@@ -80,6 +80,7 @@ def start(
     max_restarts: int = 5,
     execution_limit: float | None = None,
     watchdog_grace: float = 5.0,
+    slow_request: float | None = 1.0,
     start_timeout: float = 30.0,
 ) -> Writer:
     """Start the writer process for the database at ``path``; return its handle.
@@ -101,7 +102,9 @@ def start(
     request may run before it is interrupted (`Interrupted`); by default a
     request may run until its caller's timeout. ``watchdog_grace``: how long
     past that the writer may stay stuck (in C code that ignores interrupts)
-    before the owner kills and replaces it.
+    before the owner kills and replaces it. ``slow_request``: log a warning
+    (logger "mpwriter") for requests slower than this many seconds, end to
+    end; None turns it off.
 
     Raises `WriterAlreadyRunning` if another writer serves this file, the
     sqlite3 error if the database cannot be opened or ``init`` fails, and
@@ -120,7 +123,9 @@ def start(
         raise ValueError("max_batch must be at least 1")
     # Any: typeshed's BaseContext lacks Process(), which every concrete context has.
     ctx: Any = context if isinstance(context, BaseContext) else multiprocessing.get_context(context)
-    config = WriterConfig(os.path.abspath(path), synchronous, init, max_batch, execution_limit)
+    config = WriterConfig(
+        os.path.abspath(path), synchronous, init, max_batch, execution_limit, slow_request
+    )
 
     owner = _Owner(ctx, config, queue_size, restart, max_restarts, watchdog_grace)
     _owners.add(owner)  # before the first fork, so that the writer drops the lifeline

@@ -52,6 +52,7 @@ class Kind(enum.IntEnum):
     CALL = 5  # (fn, args, kwargs)
     STATS = 6  # ()
     CLOSE = 7  # (): drain, commit, checkpoint, stop
+    POST = 8  # (sql, params, dropped before this one): fire-and-forget, no reply
 
 
 class Status(enum.IntEnum):

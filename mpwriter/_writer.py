@@ -54,8 +54,17 @@ from typing import Any
 
 import filelock
 
-from ._batch import BatchRunner, Counters, Work, error_reply, expired_reply, unpickle_work
+from ._batch import (
+    BatchRunner,
+    Counters,
+    Work,
+    describe,
+    error_reply,
+    expired_reply,
+    unpickle_work,
+)
 from ._errors import WriterAlreadyRunning, WriterCrashed
+from ._metrics import Latencies, SlowLog
 from ._shared import CLOSED
 from ._wire import Assembler, FrameReader, Kind, Request, Status, encode_reply, sender_pid
 
@@ -82,6 +91,7 @@ class WriterConfig:
     init: str | Callable[[sqlite3.Connection], object] | None
     max_batch: int
     execution_limit: float | None = None
+    slow_request: float | None = 1.0
 
     @property
     def lock_path(self) -> str:
@@ -182,6 +192,8 @@ class WriterLoop:
         self._consumed = 0  # bytes read from the request pipe so far
         self._unsent: dict[int, bytes] = {}
         self.counters = Counters()
+        self._latencies = Latencies()
+        self._slow = SlowLog(config.slow_request)
         self._runner = BatchRunner(conn, self.counters, state, config.execution_limit)
         self._started = time.monotonic()
         self._stopping = False
@@ -288,6 +300,7 @@ class WriterLoop:
             else:
                 batch.append(work)
         replies: list[tuple[Request, bytes]] = []
+        taken = time.monotonic()
         if batch:
             try:
                 replies = self._runner.run(batch)
@@ -299,8 +312,19 @@ class WriterLoop:
                     with contextlib.suppress(sqlite3.Error):
                         self._conn.execute("ROLLBACK")
                 replies = [(w.request, error_reply(w.request.request_id, exc)) for w in batch]
+        committed = time.monotonic()
         for request, reply in replies + extra:
             self._send(request, reply)
+        if batch:
+            self._record_timings(batch, taken, committed)
+
+    def _record_timings(self, batch: list[Work], taken: float, committed: float) -> None:
+        replied = time.monotonic()
+        record, check = self._latencies.record, self._slow.check
+        for work in batch:
+            total = replied - work.sent_at
+            record(taken - work.sent_at, committed - taken, total)
+            check(total, lambda work=work: describe(work))
 
     def _stats_reply(self, work: Work) -> bytes:
         figures = self.counters.as_dict()
@@ -311,6 +335,7 @@ class WriterLoop:
         figures["pid"] = os.getpid()
         figures["resync_skipped_bytes"] = self._frames.skipped
         figures["restarts"] = self._state.restarts
+        figures["latency_ms"] = self._latencies.summary()
         figures["dropped_partial_requests"] = self._assembler.dropped
         return encode_reply(work.request.request_id, Status.OK, figures)
 

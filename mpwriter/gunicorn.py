@@ -24,8 +24,11 @@ What the rest of gunicorn's life does to the writer:
   children own nothing (see `mpwriter._owner`). A request in flight when its
   worker dies may still be committed: its client saw no response.
 - The master reaps children with ``waitpid(-1)``, the writer included if it
-  dies; mpwriter judges the writer's liveness from its process sentinel, so a
-  dead writer is still reported at once (`mpwriter.WriterCrashed`).
+  dies; mpwriter judges the writer's liveness from its process sentinel, so
+  the master's supervisor thread still sees the death and restarts the writer
+  (see `mpwriter.start`'s ``restart``), only without its exit status.
+- mpwriter's log records (a writer that died, a restart) go to gunicorn's
+  error log unless logging was configured for them.
 - HUP re-reads this configuration and replaces the workers; the writer keeps
   running (a new `writer_hooks` call just makes new, equivalent hooks: the
   started writer lives in this module). Changed writer arguments take effect
@@ -41,6 +44,7 @@ What the rest of gunicorn's life does to the writer:
 from __future__ import annotations
 
 import inspect
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -108,6 +112,7 @@ def writer_hooks(
         raise ValueError("takeover_timeout must not be negative")
 
     def on_starting(server: Arbiter) -> None:
+        _route_records_to_gunicorn()
         try:
             if server.master_pid:
                 _await_old_writer(os.fspath(path), takeover_timeout, server)
@@ -136,7 +141,8 @@ def _await_old_writer(path: str, timeout: float, server: Arbiter) -> None:
     exits, new connections wait in the listen backlog this master inherited.
     """
     # The writer's own lock file (one definition of its name: WriterConfig).
-    lock_path = WriterConfig(os.path.abspath(path), "NORMAL", None, 1).lock_path
+    config = WriterConfig(path=os.path.abspath(path), synchronous="NORMAL", init=None, max_batch=1)
+    lock_path = config.lock_path
     lock = filelock.FileLock(lock_path)
     try:
         lock.acquire(timeout=0)
@@ -165,3 +171,22 @@ def _await_old_writer(path: str, timeout: float, server: Arbiter) -> None:
     server.log.info(
         "mpwriter: the old writer released %s after %.1f s", lock_path, time.monotonic() - began
     )
+
+
+class _ToGunicornErrorLog(logging.Handler):
+    """Hands mpwriter's records to gunicorn's error log, as configured now.
+
+    Looked up at each record: HUP replaces that logger's handlers.
+    """
+
+    def emit(self, record: logging.LogRecord) -> None:
+        logging.getLogger("gunicorn.error").handle(record)
+
+
+def _route_records_to_gunicorn() -> None:
+    # Without a handler, mpwriter's warnings (a writer that died, a restart)
+    # would reach only stderr, which a daemonized gunicorn sends to /dev/null.
+    # Installed before the writer starts, so that a forked writer has it too.
+    logger = logging.getLogger("mpwriter")
+    if not logger.hasHandlers():
+        logger.addHandler(_ToGunicornErrorLog())

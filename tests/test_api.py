@@ -31,6 +31,7 @@ EXPECTED_PUBLIC_NAMES = {
     "WriterUnavailable",
     "attach",
     "get_writer",
+    "prometheus_text",
     "reader",
     "start",
 }
