@@ -50,6 +50,8 @@ SQLITE_BUSY = 5
 
 log = logging.getLogger("mpwriter")
 
+_SINGLE_STATEMENT = frozenset({Kind.EXECUTE, Kind.POST})
+
 # The writer's own statements. sqlite3 caches prepared statements by their
 # text, and the authorizer runs only when a statement is prepared: a caller's
 # "COMMIT" must never hit the cached, unvetted "COMMIT" of the writer, so the
@@ -160,7 +162,11 @@ class _NeedsSolo(Exception):
 
 
 class _TransactionLost(Exception):
-    """SQLite rolled back the whole transaction while running one request."""
+    """One request failed in a way that spoils the whole transaction.
+
+    SQLite rolled it back, or the failed request left changes behind that no
+    savepoint can undo; the batch is replayed without that request.
+    """
 
     def __init__(self, index: int, reply: bytes) -> None:
         super().__init__(index)
@@ -343,6 +349,8 @@ class BatchRunner:
                 outcome = self._run_in_transaction(pending, solo)
             except _TransactionLost as lost:
                 self._counters.replayed_batches += 1
+                if self._conn.in_transaction:
+                    self._conn.execute(_ROLLBACK)
                 culprit = pending[lost.index]
                 replies[id(culprit)] = lost.reply
                 pending = pending[: lost.index] + pending[lost.index + 1 :]
@@ -397,7 +405,15 @@ class BatchRunner:
         replies: dict[int, bytes] = {}
         succeeded: list[Work] = []
         for index, work in enumerate(pending):
-            conn.execute(_SAVEPOINT)
+            # A single statement needs no savepoint: SQLite undoes a failed
+            # statement by itself. Where it does not (OR FAIL keeps the rows
+            # written before the failure, and an unencodable result must be
+            # undone), the change count shows it and the batch is replayed.
+            single = work.request.kind in _SINGLE_STATEMENT
+            if single:
+                changes = conn.total_changes
+            else:
+                conn.execute(_SAVEPOINT)
             try:
                 replies[id(work)] = self._run_guarded(work)
             except _NeedsSolo as needs:
@@ -406,15 +422,17 @@ class BatchRunner:
                 replies[id(work)] = self._refusal(work, refused)
             except Exception as exc:
                 reply = self._fail(work, exc)
-                if not conn.in_transaction:
+                if not conn.in_transaction or (single and conn.total_changes != changes):
                     raise _TransactionLost(index, reply) from exc
                 replies[id(work)] = reply
             else:
-                conn.execute(_RELEASE)
+                if not single:
+                    conn.execute(_RELEASE)
                 succeeded.append(work)
                 continue
-            conn.execute(_ROLLBACK_TO)
-            conn.execute(_RELEASE)
+            if not single:
+                conn.execute(_ROLLBACK_TO)
+                conn.execute(_RELEASE)
         try:
             conn.execute(_COMMIT)
         except sqlite3.Error as exc:
@@ -433,9 +451,9 @@ class BatchRunner:
         was first prepared inside the batch, so it runs unguarded here -- VACUUM
         issues its own BEGIN internally.
         """
-        if work.request.kind != Kind.EXECUTE:
+        if work.request.kind not in _SINGLE_STATEMENT:
             return self._fail(work, cause)
-        sql, params = work.body
+        sql, params = work.body[0], work.body[1]
         try:
             value = _execute(self._conn, sql + _SOLO_SUFFIX, params)
             return encode_reply(work.request.request_id, Status.OK, value)

@@ -328,6 +328,27 @@ def test_or_rollback_failure_inside_a_batch_does_not_undo_the_others(
     assert writer.stats()["replayed_batches"] == 1
 
 
+def test_or_fail_partial_rows_never_persist_and_batch_mates_commit(
+    writer: mpwriter.Writer, db_path: Path, gate: Gate
+) -> None:
+    writer.execute("INSERT INTO items(client, seq) VALUES (0, 0)")
+    gate.hold(writer)
+    before = writer.submit("INSERT INTO items(client, seq) VALUES (1, 1)")
+    # OR FAIL keeps the rows a statement wrote before its failure: (5, 1) and
+    # (5, 2) would stay in the transaction if nothing undid them.
+    culprit = writer.submit("INSERT OR FAIL INTO items(client, seq) VALUES (5, 1), (5, 2), (0, 0)")
+    after = writer.submit("INSERT INTO items(client, seq) VALUES (2, 2)")
+    gate.release()
+    assert before.result(timeout=10).rowcount == 1
+    with pytest.raises(sqlite3.IntegrityError):
+        culprit.result(timeout=10)
+    assert after.result(timeout=10).rowcount == 1
+    with mpwriter.reader(db_path) as conn:
+        clients = [row[0] for row in conn.execute("SELECT client FROM items ORDER BY id")]
+    assert clients == [0, 1, 2]
+    assert writer.stats()["replayed_batches"] == 1
+
+
 def test_timed_out_request_never_hands_its_late_reply_to_the_next(
     writer: mpwriter.Writer, gate: Gate
 ) -> None:
