@@ -248,7 +248,9 @@ class _Owner:
             if not wait([process.sentinel], _WATCH_INTERVAL):
                 self._watchdog(process)
                 continue
-            process.join(0)
+            # The sentinel can fire a moment before the exit status is ready:
+            # join() waits for it, unless someone else reaped the process.
+            process.join(_KILL_GRACE)
             code = process.exitcode
             self.state.last_exit = code if code is not None else EXIT_UNKNOWN
             if self._closing.is_set() or self.state.status == CLOSED:
@@ -301,10 +303,14 @@ class _Owner:
 
     def _give_up(self) -> None:
         """No writer will come back: make every caller fail now, not at its timeout."""
-        self.state.status = DEAD
-        self._release_far_ends()
+        with self._lock:
+            if self.state.status == RUNNING:
+                self.state.status = DEAD
+            self._release_far_ends()
 
     def _release_far_ends(self) -> None:
+        # Callers hold self._lock (or run single-threaded, after a fork): a
+        # descriptor closed twice could close an unrelated one reusing its number.
         # Closing the socket also closes the reply pipes queued in it, so that
         # callers awaiting a successor see EOF.
         if self.registration_writer is not None:
@@ -332,7 +338,7 @@ class _Owner:
             if not wait([self.process.sentinel], timeout):
                 self.kill()
             self._close_lifeline()
-            self.process.join(0)
+            self.process.join(_KILL_GRACE)
             self._release_far_ends()
         if self._supervisor is not None and self._supervisor is not threading.current_thread():
             self._supervisor.join(_WATCH_INTERVAL * 4)
@@ -353,7 +359,7 @@ class _Owner:
                 break
             stop()
             wait([self.process.sentinel], _KILL_GRACE)
-        self.process.join(0)
+        self.process.join(_KILL_GRACE)
 
     def abandon(self) -> None:
         """Clean up after a failed first launch."""

@@ -67,9 +67,10 @@ LAST = 0x02
 
 _MAGIC = b"\xa7W"
 # magic, kind, flags, payload length, sender token, request id, reply slot,
-# payload CRC, header CRC (over every field before it).
+# payload CRC; then the header CRC over all of those.
+_CHECKED = struct.Struct("!2sBBHQIHI")
 _HEADER = struct.Struct("!2sBBHQIHII")
-_HEADER_CHECKED = _HEADER.size - 4
+_HEADER_CHECKED = _CHECKED.size
 HEADER_SIZE = _HEADER.size
 MAX_PAYLOAD = PIPE_BUF - HEADER_SIZE
 
@@ -107,27 +108,29 @@ def make_sender_token(pid: int) -> int:
     return (pid << 32) | int.from_bytes(os.urandom(4), "big")
 
 
+def encode_frame(
+    kind: int, flags: int, sender: int, request_id: int, slot: int, chunk: bytes | memoryview
+) -> bytes:
+    """One frame: header, header CRC, payload (at most `MAX_PAYLOAD` bytes)."""
+    head = _CHECKED.pack(
+        _MAGIC, kind, flags, len(chunk), sender, request_id, slot, zlib.crc32(chunk)
+    )
+    return b"".join((head, zlib.crc32(head).to_bytes(4, "big"), chunk))
+
+
 def encode_frames(
     kind: int, sender: int, request_id: int, slot: int, payload: bytes
 ) -> Iterator[bytes]:
     """Split a pickled request into frames of at most ``PIPE_BUF`` bytes."""
+    if len(payload) <= MAX_PAYLOAD:
+        yield encode_frame(kind, FIRST | LAST, sender, request_id, slot, payload)
+        return
     view = memoryview(payload)
     total = len(view)
-    offset = 0
-    flags = FIRST
-    while True:
+    for offset in range(0, total, MAX_PAYLOAD):
+        flags = (FIRST if offset == 0 else 0) | (LAST if offset + MAX_PAYLOAD >= total else 0)
         chunk = view[offset : offset + MAX_PAYLOAD]
-        offset += len(chunk)
-        if offset >= total:
-            flags |= LAST
-        head = _HEADER.pack(
-            _MAGIC, kind, flags, len(chunk), sender, request_id, slot, zlib.crc32(chunk), 0
-        )
-        head = head[:_HEADER_CHECKED] + zlib.crc32(head[:_HEADER_CHECKED]).to_bytes(4, "big")
-        yield head + chunk
-        if flags & LAST:
-            return
-        flags = 0
+        yield encode_frame(kind, flags, sender, request_id, slot, chunk)
 
 
 class FrameReader:
@@ -139,44 +142,38 @@ class FrameReader:
     """
 
     def __init__(self) -> None:
-        self._buffer = bytearray()
+        self._rest = b""  # the start of a frame not yet read whole
         self.skipped = 0
 
     def feed(self, data: bytes) -> list[Frame]:
-        buffer = self._buffer
-        buffer += data
+        stream = self._rest + data if self._rest else data
         frames: list[Frame] = []
         position = 0
-        end = len(buffer)
-        while end - position >= HEADER_SIZE:
-            if buffer[position : position + 2] != _MAGIC or not self._header_ok(buffer, position):
-                position = self._resync(buffer, position + 1)
-                continue
-            _, kind, flags, length, sender, request_id, slot, payload_crc, _ = _HEADER.unpack_from(
-                buffer, position
+        end = len(stream)
+        unpack_from, crc32, header_size = _HEADER.unpack_from, zlib.crc32, HEADER_SIZE
+        while end - position >= header_size:
+            magic, kind, flags, length, sender, request_id, slot, payload_crc, header_crc = (
+                unpack_from(stream, position)
             )
-            start = position + HEADER_SIZE
+            start = position + header_size
+            if magic != _MAGIC or crc32(stream[position : start - 4]) != header_crc:
+                position = self._resync(stream, position + 1)
+                continue
             if end - start < length:
                 break  # the rest of this frame has not been read yet
-            payload = bytes(buffer[start : start + length])
-            if zlib.crc32(payload) != payload_crc:
-                position = self._resync(buffer, position + 1)
+            payload = stream[start : start + length]
+            if crc32(payload) != payload_crc:
+                position = self._resync(stream, position + 1)
                 continue
             frames.append(Frame(kind, flags, sender, request_id, slot, payload))
             position = start + length
-        del buffer[:position]
+        self._rest = stream[position:]
         return frames
 
-    @staticmethod
-    def _header_ok(buffer: bytearray, position: int) -> bool:
-        checked = buffer[position : position + _HEADER_CHECKED]
-        stored = int.from_bytes(buffer[position + _HEADER_CHECKED : position + HEADER_SIZE], "big")
-        return zlib.crc32(checked) == stored
-
-    def _resync(self, buffer: bytearray, position: int) -> int:
-        found = buffer.find(_MAGIC, position)
+    def _resync(self, stream: bytes, position: int) -> int:
+        found = stream.find(_MAGIC, position)
         # Keep a last byte that may be the first half of a magic still unread.
-        new_position = found if found >= 0 else max(position, len(buffer) - 1)
+        new_position = found if found >= 0 else max(position, len(stream) - 1)
         self.skipped += new_position - position + 1
         return new_position
 
