@@ -252,6 +252,10 @@ class _Owner:
             # join() waits for it, unless someone else reaped the process.
             process.join(_KILL_GRACE)
             code = process.exitcode
+            if code is None:
+                # Reaped by someone else: multiprocessing never learns it
+                # ended, and would SIGTERM its (maybe reused) pid at our exit.
+                multiprocessing.process._children.discard(process)  # type: ignore[attr-defined]
             self.state.last_exit = code if code is not None else EXIT_UNKNOWN
             if self._closing.is_set() or self.state.status == CLOSED:
                 return  # asked to stop (close(), SIGTERM, or the lifeline)
@@ -297,8 +301,9 @@ class _Owner:
         with self._lock:
             if self._closing.is_set():
                 return
-            self.launch(start_timeout)
+            # Counted first: the new writer may answer stats() before launch returns.
             self.state.restarts += 1
+            self.launch(start_timeout)
         log.warning("mpwriter: writer restarted (pid %s)", self.process.pid)
 
     def _give_up(self) -> None:

@@ -127,8 +127,7 @@ def serve(
     state: Any,
 ) -> None:
     """Entry point of the writer process (a `multiprocessing.Process` target)."""
-    # Ctrl-C reaches the whole process group; the owner decides what it means.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _reset_signals()
     lock = filelock.FileLock(config.lock_path, timeout=0)
     try:
         lock.acquire()
@@ -159,6 +158,28 @@ def serve(
             loop.shut_down()
     finally:
         lock.release()
+
+
+def _reset_signals() -> None:
+    """Own this process's signal handling, whatever the owner had installed.
+
+    A writer forked from a gunicorn master would otherwise run the master's
+    handlers -- which write to the master's wake-up pipe, so a signal sent to
+    the writer would act on the master. Ctrl-C (SIGINT) and a closed terminal
+    (SIGHUP) reach the whole process group: the owner decides what they mean.
+    SIGTERM and SIGALRM get the writer's own handlers later.
+    """
+    for signum in signal.valid_signals():
+        if signum in (signal.SIGKILL, signal.SIGSTOP):
+            continue
+        try:
+            if callable(signal.getsignal(signum)):
+                signal.signal(signum, signal.SIG_DFL)
+        except (OSError, ValueError):
+            pass  # not settable here
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.set_wakeup_fd(-1)
 
 
 class WriterLoop:

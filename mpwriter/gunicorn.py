@@ -20,8 +20,9 @@ commits, checkpoints and releases its lock file.
 What the rest of gunicorn's life does to the writer:
 
 - A worker's exit, however it happens (SIGKILL, SIGABRT after ``timeout``,
-  ``max_requests``, graceful stop), never stops or disturbs the writer: forked
-  children own nothing (see `mpwriter._owner`). A request in flight when its
+  ``max_requests``, graceful stop), never stops or disturbs the writer: a
+  forked child owns nothing, and mpwriter's fork hooks make it drop the
+  writer from its multiprocessing records. A request in flight when its
   worker dies may still be committed: its client saw no response.
 - The master reaps children with ``waitpid(-1)``, the writer included if it
   dies; mpwriter judges the writer's liveness from its process sentinel, so
@@ -118,7 +119,7 @@ def writer_hooks(
                 _await_old_writer(os.fspath(path), takeover_timeout, server)
             writer = start(path, **start_kwargs)
         except WriterAlreadyRunning as exc:
-            server.log.error("mpwriter: %s; this gunicorn master cannot start", exc)
+            server.log.error("mpwriter: this gunicorn master cannot start: %s", exc)
             raise
         _started.append(writer)
         attach(writer)
@@ -165,7 +166,7 @@ def _await_old_writer(path: str, timeout: float, server: Arbiter) -> None:
     except filelock.Timeout:
         raise WriterAlreadyRunning(
             f"the old master (pid {server.master_pid}) still runs a writer for {path!r}"
-            f" after {timeout} s; stop it before its USR2 successor can take over"
+            f" after {timeout} s, and serves on (to hand over, stop it after its USR2)"
         ) from None
     lock.release()
     server.log.info(
