@@ -185,6 +185,7 @@ class BatchRunner:
         execution_limit: float | None = None,
     ) -> None:
         self._conn = conn
+        self._cursor = conn.cursor()  # reused: one request at a time
         self._counters = counters
         self._state = state
         self._execution_limit = execution_limit
@@ -243,10 +244,10 @@ class BatchRunner:
     def _perform(self, kind: int, body: tuple[Any, ...]) -> Any:
         conn = self._conn
         if kind == Kind.EXECUTE:
-            return _execute(conn, body[0], body[1])
+            return _execute(self._cursor, body[0], body[1])
         if kind == Kind.POST:
             self._counters.posts_dropped += body[2]
-            return _execute(conn, body[0], body[1])
+            return _execute(self._cursor, body[0], body[1])
         if kind == Kind.EXECUTEMANY:
             cursor = conn.executemany(body[0], body[1])
             return (cursor.rowcount, cursor.lastrowid, [])
@@ -261,7 +262,7 @@ class BatchRunner:
                     cursor = conn.executemany(sql, params)
                     results.append((cursor.rowcount, cursor.lastrowid, []))
                 else:
-                    results.append(_execute(conn, sql, params))
+                    results.append(_execute(self._cursor, sql, params))
             return results
         if kind == Kind.CALL:
             function: Callable[..., Any] = body[0]
@@ -455,14 +456,14 @@ class BatchRunner:
             return self._fail(work, cause)
         sql, params = work.body[0], work.body[1]
         try:
-            value = _execute(self._conn, sql + _SOLO_SUFFIX, params)
+            value = _execute(self._cursor, sql + _SOLO_SUFFIX, params)
             return encode_reply(work.request.request_id, Status.OK, value)
         except Exception as exc:
             return self._fail(work, exc)
 
 
-def _execute(conn: sqlite3.Connection, sql: str, params: Any) -> tuple[int, int | None, list[Any]]:
-    cursor = conn.execute(sql, params)
+def _execute(cursor: sqlite3.Cursor, sql: str, params: Any) -> tuple[int, int | None, list[Any]]:
+    cursor.execute(sql, params)
     # RETURNING rows must be fetched before rowcount is final.
     rows = cursor.fetchall() if cursor.description is not None else []
     return (cursor.rowcount, cursor.lastrowid, rows)

@@ -65,10 +65,8 @@ class SlowLog:
         self._next_at = 0.0
         self._suppressed = 0
 
-    def check(self, seconds: float, describe: Any) -> None:
-        """``describe`` is called only when a warning is actually logged."""
-        if self.threshold is None or seconds < self.threshold:
-            return
+    def warn(self, seconds: float, description: str) -> None:
+        """Log that a request took ``seconds`` (the caller checked the threshold)."""
         now = time.monotonic()
         if now < self._next_at:
             self._suppressed += 1
@@ -76,7 +74,7 @@ class SlowLog:
         self._next_at = now + 1.0
         more = f" (and {self._suppressed} more since the last warning)" if self._suppressed else ""
         self._suppressed = 0
-        log.warning("mpwriter: slow request, %.3f s: %s%s", seconds, describe(), more)
+        log.warning("mpwriter: slow request, %.3f s: %s%s", seconds, description, more)
 
 
 def prometheus_text(stats: dict[str, Any], prefix: str = "mpwriter") -> str:

@@ -123,8 +123,11 @@ def encode_frames(
 ) -> Iterator[bytes]:
     """Split a pickled request into frames of at most ``PIPE_BUF`` bytes."""
     if len(payload) <= MAX_PAYLOAD:
-        yield encode_frame(kind, FIRST | LAST, sender, request_id, slot, payload)
-        return
+        return iter((encode_frame(kind, FIRST | LAST, sender, request_id, slot, payload),))
+    return _split(kind, sender, request_id, slot, payload)
+
+
+def _split(kind: int, sender: int, request_id: int, slot: int, payload: bytes) -> Iterator[bytes]:
     view = memoryview(payload)
     total = len(view)
     for offset in range(0, total, MAX_PAYLOAD):

@@ -341,11 +341,13 @@ class WriterLoop:
 
     def _record_timings(self, batch: list[Work], taken: float, committed: float) -> None:
         replied = time.monotonic()
-        record, check = self._latencies.record, self._slow.check
+        record, slow = self._latencies.record, self._slow
+        threshold = slow.threshold if slow.threshold is not None else float("inf")
         for work in batch:
             total = replied - work.sent_at
             record(taken - work.sent_at, committed - taken, total)
-            check(total, lambda work=work: describe(work))
+            if total >= threshold:
+                slow.warn(total, describe(work))
 
     def _stats_reply(self, work: Work) -> bytes:
         figures = self.counters.as_dict()
