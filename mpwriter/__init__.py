@@ -24,13 +24,14 @@ from ._errors import (
 )
 from ._metrics import prometheus_text
 from ._owner import start
-from ._reader import reader
+from ._reader import ReadConnection, reader
 
 __all__ = [
     "Error",
     "Interrupted",
     "NotPicklable",
     "QueueFull",
+    "ReadConnection",
     "RemoteError",
     "RemoteTraceback",
     "Result",

@@ -11,15 +11,36 @@ from __future__ import annotations
 import os
 import pathlib
 import sqlite3
+from types import TracebackType
+from typing import Literal
 
 
-def reader(path: str | os.PathLike[str], *, busy_timeout: float = 5.0) -> sqlite3.Connection:
+class ReadConnection(sqlite3.Connection):
+    """A `sqlite3.Connection` that a ``with`` block also closes.
+
+    (A plain sqlite3 connection's ``with`` only ends a transaction, which for
+    a read-only connection is rarely what the reader meant.)
+    """
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> Literal[False]:
+        super().__exit__(exc_type, exc, tb)
+        self.close()
+        return False
+
+
+def reader(path: str | os.PathLike[str], *, busy_timeout: float = 5.0) -> ReadConnection:
     """Open a read-only connection to ``path`` (``mode=ro`` and ``query_only``).
 
     Writes through it fail with `sqlite3.OperationalError`. Each call opens a
-    new connection; close it when done. Use one connection per thread.
+    new connection: use it in a ``with`` block, which closes it, or close it
+    yourself. Use one connection per thread.
     """
     uri = pathlib.Path(os.fspath(path)).resolve().as_uri() + "?mode=ro"
-    conn = sqlite3.connect(uri, uri=True, timeout=busy_timeout)
+    conn = sqlite3.connect(uri, uri=True, timeout=busy_timeout, factory=ReadConnection)
     conn.execute("PRAGMA query_only=ON")
     return conn

@@ -487,7 +487,8 @@ class WriterLoop:
 
     def shut_down(self) -> None:
         """Checkpoint and close; called once the loop has returned or failed."""
-        self._state.status = CLOSED
+        if self._stopping:
+            self._state.status = CLOSED  # a crash leaves it RUNNING: the owner restarts
         conn = self._conn
         try:
             if conn.in_transaction:

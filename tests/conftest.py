@@ -61,7 +61,9 @@ def reap(process: Any, timeout: float = 10.0) -> None:
         if stop is not None:
             stop()
         if wait([process.sentinel], timeout):
-            process.join(0)
+            # The sentinel fires as the child's files close, a moment before
+            # its exit status can be collected: join waits for that.
+            process.join(timeout)
             return
     raise AssertionError(f"process {process.pid} would not die")
 
@@ -84,10 +86,11 @@ def reap_pid(pid: int, timeout: float = 10.0) -> None:
 
 def hold_writer(conn: Any, entered_path: str, release_path: str) -> str:
     """A `call()` target that keeps the writer loop busy until released."""
-    entered = os.open(entered_path, os.O_WRONLY)
+    # Non-blocking opens: if the test side is gone, fail instead of hanging.
+    entered = os.open(entered_path, os.O_WRONLY | os.O_NONBLOCK)
     os.write(entered, b"!")
     os.close(entered)
-    release = os.open(release_path, os.O_RDONLY)
+    release = os.open(release_path, os.O_RDONLY | os.O_NONBLOCK)
     try:
         select.select([release], [], [], 30.0)  # bounded even if the test dies
         return "released"

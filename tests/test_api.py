@@ -18,6 +18,7 @@ EXPECTED_PUBLIC_NAMES = {
     "Interrupted",
     "NotPicklable",
     "QueueFull",
+    "ReadConnection",
     "RemoteError",
     "RemoteTraceback",
     "Result",
@@ -99,6 +100,13 @@ def test_a_returned_write_is_visible_to_a_reader_opened_afterwards(
 def test_reader_refuses_writes(writer: mpwriter.Writer, db_path: Path) -> None:
     with mpwriter.reader(db_path) as conn, pytest.raises(sqlite3.OperationalError):
         conn.execute("INSERT INTO items(payload) VALUES ('x')")
+
+
+def test_a_with_block_closes_the_reader(writer: mpwriter.Writer, db_path: Path) -> None:
+    with mpwriter.reader(db_path) as conn:
+        assert conn.execute("SELECT count(*) FROM items").fetchone() == (0,)
+    with pytest.raises(sqlite3.ProgrammingError, match="closed"):
+        conn.execute("SELECT 1")
 
 
 def test_executemany_applies_all_rows(writer: mpwriter.Writer, db_path: Path) -> None:
@@ -270,7 +278,8 @@ def test_unpicklable_argument_raises_at_once_and_sends_nothing(writer: mpwriter.
 
 
 def test_unsupported_parameter_type_is_the_sqlite3_error(writer: mpwriter.Writer) -> None:
-    with pytest.raises(sqlite3.ProgrammingError):
+    # InterfaceError up to Python 3.10, ProgrammingError since.
+    with pytest.raises((sqlite3.ProgrammingError, sqlite3.InterfaceError)):
         writer.execute("INSERT INTO items(payload) VALUES (?)", (1 + 2j,))
 
 
