@@ -36,14 +36,13 @@ async def request(writer: Writer, kind: Kind, body: tuple[Any, ...], timeout: fl
                 raise _no_reply()
             reply = writer._receive(slot, incoming, outgoing.request_id, deadline)
             if reply is not None:
-                value = _unpack_reply(reply, outgoing.request_id)
                 break
     except BaseException:
         # Cancelled or failed: a reply may still arrive on this pipe later.
         writer._retire(slot)
         raise
     writer._local.free.append(slot)
-    return value
+    return _unpack_reply(reply, outgoing.request_id)
 
 
 async def _ready(

@@ -62,7 +62,6 @@ from ._wire import (
 from ._writer import NO_REPLY, REGISTRATION
 
 _READ_SIZE = 1 << 16
-_POLL_IN = select.POLLIN | select.POLLHUP | select.POLLERR
 
 
 class Result(NamedTuple):
@@ -105,8 +104,7 @@ class _ProcessState:
     """A handle's per-process state; replaced wholesale in a forked child."""
 
     def __init__(self) -> None:
-        self.pid = os.getpid()
-        self.sender = make_sender_token(self.pid)
+        self.sender = make_sender_token(os.getpid())
         self.lock = threading.Lock()
         self.free: list[_Slot] = []
         self.slot_numbers = itertools.count()
@@ -171,9 +169,10 @@ class Writer:
     # -- public API -----------------------------------------------------------
 
     def execute(self, sql: str, params: Any = (), *, timeout: float | None = None) -> Result:
-        """Run one statement in its own savepoint; return once it is committed.
+        """Run one statement, atomically; return once it is committed.
 
-        SQL errors are raised as their `sqlite3` class.
+        SQL errors are raised as their `sqlite3` class, and nothing of the
+        failed statement is applied.
         """
         return Result(*self._call(Kind.EXECUTE, (sql, params), timeout))
 
@@ -357,13 +356,14 @@ class Writer:
         slot = self._borrow_slot(deadline)
         try:
             request_id = self._send(kind, payload, slot.number, deadline)
-            value = self._await_reply(slot, request_id, deadline)
+            reply = self._await_reply(slot, request_id, deadline)
         except BaseException:
             # Whatever went wrong, the pipe may still receive a reply.
             self._retire(slot)
             raise
+        # A whole reply was read: the pipe is clean, even if the reply is an error.
         self._local.free.append(slot)
-        return value
+        return _unpack_reply(reply, request_id)
 
     def _prepare(
         self, kind: Kind, body: tuple[Any, ...], timeout: float | None
@@ -402,15 +402,16 @@ class Writer:
             poller.poll(_millis(remaining))
         return outgoing.request_id
 
-    def _await_reply(self, slot: _Slot, request_id: int, deadline: float) -> Any:
+    def _await_reply(self, slot: _Slot, request_id: int, deadline: float) -> bytes:
+        """The whole reply to ``request_id``; raises on timeout or a lost writer."""
         incoming = _Incoming()
         while True:
             remaining = deadline - time.monotonic()
             if not slot.poller.poll(_millis(max(remaining, 0.0))):
                 raise _no_reply()
-            payload = self._receive(slot, incoming, request_id, deadline)
-            if payload is not None:
-                return _unpack_reply(payload, request_id)
+            reply = self._receive(slot, incoming, request_id, deadline)
+            if reply is not None:
+                return reply
 
     def _receive(
         self, slot: _Slot, incoming: _Incoming, request_id: int, deadline: float
@@ -592,13 +593,36 @@ def _no_reply() -> Timeout:
     return Timeout("no reply from the writer within the timeout; the outcome is unknown")
 
 
+class _Pending:
+    """A submitted request whose reply the collector awaits."""
+
+    __slots__ = ("deadline", "future", "incoming", "request_id", "slot")
+
+    def __init__(
+        self,
+        slot: _Slot,
+        request_id: int,
+        future: concurrent.futures.Future[Result],
+        deadline: float,
+    ) -> None:
+        self.slot = slot
+        self.request_id = request_id
+        self.future = future
+        self.deadline = deadline
+        self.incoming = _Incoming()
+
+
 class _Collector:
-    """One thread per process that resolves the futures of `Writer.submit`."""
+    """One thread per process that resolves the futures of `Writer.submit`.
+
+    It never blocks on one reply: each ready pipe is read once, without
+    waiting, so a slow or lost writer delays no other future past its deadline.
+    """
 
     def __init__(self, writer: Writer) -> None:
         self._writer = writer
         self._lock = threading.Lock()
-        self._pending: dict[int, tuple[_Slot, int, concurrent.futures.Future[Result], float]] = {}
+        self._added: list[_Pending] = []
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -613,39 +637,54 @@ class _Collector:
         deadline: float,
     ) -> None:
         with self._lock:
-            self._pending[slot.fd] = (slot, request_id, future, deadline)
+            self._added.append(_Pending(slot, request_id, future, deadline))
         with contextlib.suppress(BlockingIOError):
             os.write(self._wake_w, b"\0")
 
     def _run(self) -> None:
-        writer = self._writer
+        pending: dict[int, _Pending] = {}  # by the fd of its reply pipe
         while True:
             with self._lock:
-                pending = dict(self._pending)
+                added, self._added = self._added, []
+            pending.update((entry.slot.fd, entry) for entry in added)
             poller = select.poll()
             poller.register(self._wake_r, select.POLLIN)
             for fd in pending:
                 poller.register(fd, select.POLLIN)
             now = time.monotonic()
-            soonest = min((entry[3] for entry in pending.values()), default=now + 60.0)
+            soonest = min((entry.deadline for entry in pending.values()), default=now + 60.0)
             ready = {fd for fd, _ in poller.poll(_millis(max(0.0, soonest - now)))}
             if self._wake_r in ready:
                 with contextlib.suppress(BlockingIOError):
                     os.read(self._wake_r, 4096)
             now = time.monotonic()
-            for fd, (slot, request_id, future, deadline) in pending.items():
-                if fd not in ready and deadline > now:
-                    continue
-                with self._lock:
-                    del self._pending[fd]
-                try:
-                    value = writer._await_reply(slot, request_id, deadline)
-                except BaseException as exc:
-                    writer._retire(slot)
-                    future.set_exception(exc)
-                else:
-                    writer._local.free.append(slot)
-                    future.set_result(Result(*value))
+            for fd, entry in list(pending.items()):
+                if fd in ready:
+                    del pending[fd]
+                    if not self._step(entry):
+                        pending[entry.slot.fd] = entry  # maybe a new pipe, after a restart
+                elif entry.deadline <= now:
+                    del pending[fd]
+                    self._writer._retire(entry.slot)
+                    entry.future.set_exception(_no_reply())
+
+    def _step(self, entry: _Pending) -> bool:
+        """Read what is ready for ``entry``; True once its future is resolved."""
+        writer = self._writer
+        try:
+            reply = writer._receive(entry.slot, entry.incoming, entry.request_id, entry.deadline)
+        except BaseException as exc:
+            writer._retire(entry.slot)
+            entry.future.set_exception(exc)
+            return True
+        if reply is None:
+            return False
+        writer._local.free.append(entry.slot)
+        try:
+            entry.future.set_result(Result(*_unpack_reply(reply, entry.request_id)))
+        except BaseException as exc:
+            entry.future.set_exception(exc)
+        return True
 
 
 def _unpack_reply(payload: bytes, request_id: int) -> Any:

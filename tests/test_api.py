@@ -433,3 +433,12 @@ def test_foreign_keys_are_enforced(writer: mpwriter.Writer) -> None:
     )
     with pytest.raises(sqlite3.IntegrityError, match="FOREIGN KEY"):
         writer.execute("INSERT INTO child(parent) VALUES (42)")
+
+
+def test_error_replies_reuse_the_reply_pipe(writer: mpwriter.Writer) -> None:
+    writer.execute("INSERT INTO items(client, seq) VALUES (1, 1)")
+    for _ in range(20):
+        with pytest.raises(sqlite3.IntegrityError):
+            writer.execute("INSERT INTO items(client, seq) VALUES (1, 1)")
+    # One thread, one call at a time: one pipe served all of them.
+    assert writer.stats()["reply_pipes"] == 1
