@@ -32,6 +32,7 @@ import os
 import pickle
 import select
 import struct
+import time
 import zlib
 from collections.abc import Iterator
 from typing import Any, NamedTuple
@@ -185,11 +186,13 @@ class Assembler:
     """Joins multi-frame requests; single-frame requests pass straight through.
 
     Pieces are kept per (sender, request id). A sender that dies between its
-    first and last frame leaves pieces behind: `drop_senders` discards them.
+    first and last frame leaves pieces behind, and so does one that gave up
+    half-way (its queue stayed full): `drop_senders` and `drop_stale` discard
+    them. `dropped` counts requests dropped unfinished.
     """
 
     def __init__(self) -> None:
-        self._partial: dict[tuple[int, int], tuple[Frame, list[bytes]]] = {}
+        self._partial: dict[tuple[int, int], _Partial] = {}
         self.dropped = 0
 
     def add(self, frame: Frame) -> Request | None:
@@ -198,20 +201,22 @@ class Assembler:
             return Request(frame.kind, frame.sender, frame.request_id, frame.slot, frame.payload)
         key = (frame.sender, frame.request_id)
         if flags & FIRST:
-            self._partial[key] = (frame, [frame.payload])
+            self._partial[key] = _Partial(frame)
             return None
         entry = self._partial.get(key)
         if entry is None:
             # The head of this request was lost (read by a writer that died):
             # the request can never be whole, so its pieces are dropped.
-            self.dropped += 1
+            if flags & LAST:
+                self.dropped += 1
             return None
-        entry[1].append(frame.payload)
+        entry.chunks.append(frame.payload)
+        entry.touched = time.monotonic()
         if not flags & LAST:
             return None
         del self._partial[key]
-        head = entry[0]
-        return Request(head.kind, head.sender, head.request_id, head.slot, b"".join(entry[1]))
+        head = entry.head
+        return Request(head.kind, head.sender, head.request_id, head.slot, b"".join(entry.chunks))
 
     def senders(self) -> set[int]:
         return {sender for sender, _ in self._partial}
@@ -220,6 +225,20 @@ class Assembler:
         for key in [key for key in self._partial if key[0] in senders]:
             del self._partial[key]
             self.dropped += 1
+
+    def drop_stale(self, untouched_since: float) -> None:
+        for key in [key for key, p in self._partial.items() if p.touched < untouched_since]:
+            del self._partial[key]
+            self.dropped += 1
+
+
+class _Partial:
+    __slots__ = ("chunks", "head", "touched")
+
+    def __init__(self, head: Frame) -> None:
+        self.head = head
+        self.chunks = [head.payload]
+        self.touched = time.monotonic()
 
 
 _REPLY_HEADER = struct.Struct("!II")

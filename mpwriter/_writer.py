@@ -80,6 +80,9 @@ _ORPHAN_REPLIES_MAX = 4096
 
 _READ_SIZE = 1 << 16
 _HOUSEKEEPING_INTERVAL = 1.0
+# A request whose next frame has not come for this long was abandoned by a
+# live sender (its queue stayed full past its timeout): its pieces are dropped.
+_PARTIAL_REQUEST_MAX_IDLE = 300.0
 
 
 @dataclass(frozen=True)
@@ -279,11 +282,12 @@ class WriterLoop:
             try:
                 data = os.read(self._request_fd, _READ_SIZE)
             except BlockingIOError:
-                return
+                break
             if not data:
-                # No write end is left anywhere: nobody can send again.
+                # No write end is left anywhere (rare: a fork-started writer
+                # inherits one): nobody can send again.
                 self._stopping = True
-                return
+                break
             self._consumed += len(data)
             for frame in self._frames.feed(data):
                 request = self._assembler.add(frame)
@@ -484,6 +488,7 @@ class WriterLoop:
         }
         if dead:
             self._assembler.drop_senders(dead)
+        self._assembler.drop_stale(time.monotonic() - _PARTIAL_REQUEST_MAX_IDLE)
 
     def shut_down(self) -> None:
         """Checkpoint and close; called once the loop has returned or failed."""

@@ -87,7 +87,7 @@ def test_tail_frames_without_their_head_are_dropped() -> None:
     reader, assembler = FrameReader(), Assembler()
     results = [assembler.add(f) for f in reader.feed(b"".join(frames[1:]))]
     assert results == [None] * (len(frames) - 1)
-    assert assembler.dropped == len(frames) - 1
+    assert assembler.dropped == 1  # one request, counted once
 
 
 def test_pieces_of_a_dead_sender_are_dropped() -> None:
@@ -112,3 +112,17 @@ def test_reply_round_trip() -> None:
     length, request_id = _wire.decode_reply_header(encoded[: _wire.REPLY_HEADER_SIZE])
     assert request_id == 77
     assert length == len(encoded) - _wire.REPLY_HEADER_SIZE
+
+
+def test_pieces_left_untouched_too_long_are_dropped() -> None:
+    import time
+
+    frames = frames_of(b"s" * 10_000, sender=43)
+    reader, assembler = FrameReader(), Assembler()
+    for frame in reader.feed(frames[0]):
+        assert assembler.add(frame) is None
+    assembler.drop_stale(time.monotonic() - 3600)
+    assert assembler.senders() == {43}  # recent: kept
+    assembler.drop_stale(time.monotonic() + 1)
+    assert assembler.senders() == set()
+    assert assembler.dropped == 1
