@@ -234,9 +234,10 @@ def rows_of(db_path: Path, where: str = "1") -> list[tuple[Any, ...]]:
 # -- tests ---------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("context", ["fork", "spawn"])
 @pytest.mark.parametrize("restart", [False, True], ids=["no-restart", "restart"])
 def test_writer_sigkill_fails_waiting_callers_fast(
-    db_path: Path, gate: Gate, children: Children, restart: bool
+    db_path: Path, gate: Gate, children: Children, restart: bool, context: str
 ) -> None:
     """Callers waiting on a killed writer learn it within a second.
 
@@ -245,7 +246,7 @@ def test_writer_sigkill_fails_waiting_callers_fast(
     restarts they fail too (outcome unknown: the caller cannot tell they were
     never read); with a restart the successor serves them.
     """
-    writer = mpwriter.start(db_path, init=SCHEMA, timeout=10.0, context="fork", restart=restart)
+    writer = mpwriter.start(db_path, init=SCHEMA, timeout=10.0, context=context, restart=restart)
     try:
         writer_pid = writer.stats()["pid"]
         callers = [children.start(insert_when_told, writer, client) for client in range(4)]
