@@ -176,9 +176,9 @@ def send_large_request(
     report_outcome(report, writer.execute, sql, (client, blob))
 
 
-def own_a_writer(db_path: str, control: Connection, report: Connection) -> None:
+def own_a_writer(db_path: str, context: str, control: Connection, report: Connection) -> None:
     """Be the owner: start a writer, write a row, send the writer's pid, wait to be killed."""
-    writer = mpwriter.start(db_path, init=SCHEMA, timeout=10.0, context="fork")
+    writer = mpwriter.start(db_path, init=SCHEMA, timeout=10.0, context=context)
     writer.execute(INSERT, (0, 0))  # leaves frames in the WAL for the writer to checkpoint
     report.send(writer.stats()["pid"])
     control.poll(60.0)  # killed long before; bounded all the same
@@ -317,8 +317,10 @@ def test_random_client_sigkills_lose_no_acknowledged_row(
     assert stats["errors"] == 0, stats["errors_by_class"]
 
 
-def test_owner_death_stops_writer(db_path: Path, children: Children) -> None:
-    owner = children.start(own_a_writer, str(db_path), daemon=False)  # it starts the writer
+@pytest.mark.parametrize("context", ["fork", "spawn"])
+def test_owner_death_stops_writer(db_path: Path, children: Children, context: str) -> None:
+    # The owner starts the writer, so it must not be a daemon.
+    owner = children.start(own_a_writer, str(db_path), context, daemon=False)
     writer_pid = receive(owner.report)
     pidfd = os.pidfd_open(writer_pid)  # the writer is alive: its owner is waiting
     try:
