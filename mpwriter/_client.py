@@ -58,6 +58,7 @@ from ._wire import (
     decode_reply_header,
     encode_frames,
     make_sender_token,
+    reply_size,
 )
 from ._writer import NO_REPLY, REGISTRATION
 
@@ -391,6 +392,8 @@ class Writer:
 
     def _send(self, kind: Kind, payload: bytes, slot_number: int, deadline: float) -> int:
         outgoing = self._outgoing(kind, payload, slot_number)
+        if outgoing.pump():
+            return outgoing.request_id
         poller: select.poll | None = None
         while not outgoing.pump():
             if poller is None:
@@ -404,7 +407,18 @@ class Writer:
 
     def _await_reply(self, slot: _Slot, request_id: int, deadline: float) -> bytes:
         """The whole reply to ``request_id``; raises on timeout or a lost writer."""
-        incoming = _Incoming()
+        # The common case, cheaply: the whole reply in the first read.
+        if slot.poller.poll(_millis(max(deadline - time.monotonic(), 0.0))):
+            chunk = os.read(slot.fd, _READ_SIZE)
+            if len(chunk) >= REPLY_HEADER_SIZE and len(chunk) == reply_size(chunk):
+                return chunk
+            incoming = _Incoming()
+            if chunk:
+                incoming.take(chunk)
+            else:
+                self._after_eof(slot, incoming, request_id, deadline)
+        else:
+            raise _no_reply()
         while True:
             remaining = deadline - time.monotonic()
             if not slot.poller.poll(_millis(max(remaining, 0.0))):
@@ -420,12 +434,17 @@ class Writer:
         chunk = os.read(slot.fd, _READ_SIZE)
         if chunk:
             return incoming.take(chunk)
-        # EOF: the writer that held this pipe is gone, possibly part-way
-        # through the reply. Wait for its successor, if one may come.
+        self._after_eof(slot, incoming, request_id, deadline)
+        return None
+
+    def _after_eof(
+        self, slot: _Slot, incoming: _Incoming, request_id: int, deadline: float
+    ) -> None:
+        """The writer that held this pipe is gone, possibly part-way through
+        the reply: wait for its successor, if one may come."""
         if incoming.started or self._state.status != RUNNING:
             raise self._unavailable(sent=True)
         self._reregister(slot, request_id, deadline)
-        return None
 
     def _reregister(self, slot: _Slot, request_id: int, deadline: float) -> None:
         """Hand a new pipe for ``slot`` to the next writer, awaiting ``request_id``.

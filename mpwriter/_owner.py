@@ -270,9 +270,10 @@ class _Owner:
             try:
                 self._relaunch(start_timeout)
             except Exception:
+                # It died (or failed) before it was ready: that counts as a
+                # restart, and the next turn of this loop tries again while
+                # the cap allows.
                 log.exception("mpwriter: could not restart the writer")
-                self._give_up()
-                return
 
     def _watchdog(self, process: Any) -> None:
         busy_until = self.state.busy_until

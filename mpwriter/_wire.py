@@ -251,6 +251,11 @@ def encode_reply(request_id: int, status: Status, value: Any) -> bytes:
     return _REPLY_HEADER.pack(len(payload), request_id) + payload
 
 
+def reply_size(reply: bytes) -> int:
+    """The full size of the reply whose header starts ``reply``."""
+    return REPLY_HEADER_SIZE + int(_REPLY_HEADER.unpack_from(reply)[0])
+
+
 def decode_reply_header(header: bytes) -> tuple[int, int]:
     """Return (payload length, request id)."""
     length, request_id = _REPLY_HEADER.unpack(header)

@@ -214,6 +214,8 @@ class WriterLoop:
         self._awaited: dict[tuple[int, int], tuple[int, int]] = {}
         self._orphans: OrderedDict[tuple[int, int], tuple[int, bytes]] = OrderedDict()
         self._consumed = 0  # bytes read from the request pipe so far
+        # (sender, slot) of the requests taken from the backlog and not yet replied to
+        self._in_hand: set[tuple[int, int]] = set()
         self._unsent: dict[int, bytes] = {}
         self.counters = Counters()
         self._latencies = Latencies()
@@ -305,8 +307,10 @@ class WriterLoop:
         batch: list[Work] = []
         extra: list[tuple[Request, bytes]] = []
         now = time.monotonic()
+        in_hand = self._in_hand
         while self._backlog and len(batch) < limit:
             request = self._backlog.popleft()
+            in_hand.add((request.sender, request.slot))
             kind = request.kind
             if kind == Kind.CLOSE:
                 self._stopping = True
@@ -340,6 +344,7 @@ class WriterLoop:
         committed = time.monotonic()
         for request, reply in replies + extra:
             self._send(request, reply)
+        in_hand.clear()
         if batch:
             self._record_timings(batch, taken, committed)
 
@@ -401,8 +406,10 @@ class WriterLoop:
         if orphan is not None and orphan[0] == request_id:
             self._write_reply(key, self._slots[key], orphan[1])
             return
-        if any(r.sender == key[0] and r.slot == key[1] for r in self._backlog):
-            return  # queued here already: its reply will find the new pipe
+        if key in self._in_hand or any(
+            r.sender == key[0] and r.slot == key[1] for r in self._backlog
+        ):
+            return  # taken or queued here already: its reply will find the new pipe
         # Everything the caller sent before it registered this pipe is in the
         # pipe now, or was taken by the writer that died.
         self._awaited[key] = (request_id, self._consumed + self._queued_bytes())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import select
 import signal
@@ -10,11 +11,12 @@ import threading
 import time
 from concurrent.futures import Future
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 import mpwriter
-from conftest import SCHEMA, Gate, count_rows
+from conftest import SCHEMA, Gate, count_rows, hold_writer, reap
 
 
 def test_queued_requests_survive_a_writer_kill_and_the_taken_one_is_reported_lost(
@@ -187,3 +189,81 @@ def test_close_serves_everything_already_queued(db_path: Path, gate: Gate) -> No
     assert count_rows(db_path) == 30
     with pytest.raises(mpwriter.WriterClosed):
         writer.execute("INSERT INTO items(seq) VALUES (99)")
+
+
+def die_once_during_start(conn: sqlite3.Connection) -> None:
+    """An `init` that kills the first writer started after a marker file appears."""
+    conn.execute("CREATE TABLE IF NOT EXISTS t(x)")
+    marker = conn.execute("PRAGMA database_list").fetchone()[2] + ".die-once"
+    try:
+        os.unlink(marker)
+    except FileNotFoundError:
+        return
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_a_writer_dying_while_it_restarts_is_restarted_again(tmp_path: Path) -> None:
+    path = tmp_path / "app.db"
+    with mpwriter.start(path, init=die_once_during_start, context="fork", timeout=10) as writer:
+        writer.execute("INSERT INTO t VALUES (1)")
+        (tmp_path / "app.db.die-once").touch()
+        first = writer.stats()["pid"]
+        pidfd = os.pidfd_open(first)
+        os.kill(first, signal.SIGKILL)
+        assert select.select([pidfd], [], [], 10)[0]
+        os.close(pidfd)
+        # The first successor dies in its start-up; the second one serves.
+        assert writer.execute("INSERT INTO t VALUES (2)").rowcount == 1
+        assert writer.stats()["restarts"] == 2
+    assert count_rows(path, "t") == 2
+
+
+def insert_and_hold(conn: sqlite3.Connection, entered_path: str, release_path: str) -> str:
+    conn.execute("INSERT INTO items(payload) VALUES ('held call committed')")
+    return str(hold_writer(conn, entered_path, release_path))
+
+
+def ask_for_stats(writer: mpwriter.Writer) -> None:
+    writer.stats()
+
+
+def test_a_request_served_by_the_successor_is_never_reported_lost(
+    db_path: Path, tmp_path: Path
+) -> None:
+    """The caller's pooled pipe belonged to a dead writer; its next call is
+    taken by the successor *before* the caller re-registers its pipe."""
+    gate = Gate(tmp_path)
+    with mpwriter.start(db_path, init=SCHEMA, context="fork", timeout=10) as writer:
+        writer.execute("INSERT INTO items(payload) VALUES ('first')")  # pipe of writer 1
+        first = writer.stats()["pid"]
+        pidfd = os.pidfd_open(first)
+        os.kill(first, signal.SIGKILL)
+        assert select.select([pidfd], [], [], 10)[0]
+        os.close(pidfd)
+        probe = multiprocessing.get_context("fork").Process(target=ask_for_stats, args=(writer,))
+        probe.start()  # fresh pipes: returns once the successor serves
+        reap(probe)
+        assert probe.exitcode == 0
+
+        # Force the interleaving: re-register only once the successor runs the call.
+        running = threading.Event()
+        reregister = writer._reregister
+
+        def late_reregister(slot: Any, request_id: int, deadline: float) -> None:
+            running.wait(10)
+            reregister(slot, request_id, deadline)
+            gate.release()
+
+        writer._reregister = late_reregister  # type: ignore[method-assign]
+
+        def watch() -> None:
+            select.select([gate._entered], [], [], 10)
+            os.read(gate._entered, 1)
+            running.set()
+
+        threading.Thread(target=watch, daemon=True).start()
+        result = writer.call(insert_and_hold, gate._entered_path, gate._release_path)
+        assert result == "released"
+        assert writer.stats()["lost_requests"] == 0
+    gate.close()
+    assert count_rows(db_path) == 2
