@@ -1,45 +1,60 @@
-"""Client side of tools/bench.py: the write operations, the timed loop, the summaries.
+"""Shared machinery of tools/bench.py: clients, the timed loop, summaries, memory.
 
-Every client runs `drive`: wait for the start signal, insert one row at a time
-until the shared deadline (a `time.monotonic()` value, which is system-wide on
-Linux), then report one compact `Summary` through a pipe.
+Every client process runs `client_main`: build its operations, say "ready",
+wait for the start signal, call its operation back to back until the shared
+deadline (a `time.monotonic()` value, which is system-wide on Linux), then
+report one compact `Summary` per client through a pipe. `run_clients` forks
+the clients, releases them together and gathers their summaries; the
+workloads (bench_insert.py, bench_rmw.py) only say what one operation is.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
-import queue
+import contextlib
+import gc
+import heapq
+import itertools
+import multiprocessing
+import os
+import platform
 import random
 import sqlite3
+import statistics
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
-from functools import partial
-from multiprocessing.connection import Connection
+from collections.abc import Callable, Iterable
+from multiprocessing.connection import Connection, wait
 from typing import Any, TypedDict
 
-SCHEMA = "CREATE TABLE IF NOT EXISTS bench(id INTEGER PRIMARY KEY, client INTEGER, payload TEXT);"
-INSERT = "INSERT INTO bench(client, payload) VALUES (?, ?)"
+import mpwriter
+
 BUSY_TIMEOUT_MS = 5000
 OP_TIMEOUT = 10.0  # mpwriter and thread-writer per-call timeout, seconds
 START_TIMEOUT = 60.0  # a client that never gets the start signal gives up
+READY_TIMEOUT = 30.0
+RESULT_GRACE = OP_TIMEOUT + BUSY_TIMEOUT_MS / 1000 + 10.0  # past the deadline
+JOIN_TIMEOUT = 5.0
 MAX_SAMPLES = 20_000
+CTX = multiprocessing.get_context("fork")
 
-Op = Callable[[], None]
+Op = Callable[[], Any]
+# Builds one process's operations (one per client id) and a cleanup, in the
+# client process: (path, sync, client ids, writer or None) -> (ops, cleanup).
+OpsFactory = Callable[[str, str, list[int], Any], tuple[list[Op], Callable[[], None]]]
+Run = dict[str, Any]
 
 
 class Summary(TypedDict):
     client: int
-    count: int  # acknowledged (committed) writes
+    count: int  # operations that returned (acknowledged)
+    applied: int  # of those, the ones that did not return False (a declined transfer)
     errors: dict[str, int]  # "ExceptionClass: message" -> occurrences
-    samples: list[float]  # sorted latencies (ms) of successful writes, at most MAX_SAMPLES
+    samples: list[float]  # sorted latencies (ms) of successful operations, at most MAX_SAMPLES
     max_ms: float
-    last_end: float  # time.monotonic() when the last write returned
-
-
-def payload(client: int) -> str:
-    return f"client-{client:04d}:".ljust(100, "x")
+    last_end: float  # time.monotonic() when the last operation returned
 
 
 def error_key(exc: BaseException) -> str:
@@ -47,6 +62,7 @@ def error_key(exc: BaseException) -> str:
 
 
 def open_connection(path: str, sync: str, busy_ms: int = BUSY_TIMEOUT_MS) -> sqlite3.Connection:
+    """Autocommit connection (transactions are explicit), WAL, ``sync``, busy_timeout."""
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute(f"PRAGMA synchronous={sync}")
@@ -54,65 +70,33 @@ def open_connection(path: str, sync: str, busy_ms: int = BUSY_TIMEOUT_MS) -> sql
     return conn
 
 
-def insert_in_own_transaction(conn: sqlite3.Connection, client: int) -> None:
-    """BEGIN IMMEDIATE; INSERT; COMMIT -- rolled back if any step fails."""
-    try:
-        conn.execute("BEGIN IMMEDIATE")
-        conn.execute(INSERT, (client, payload(client)))
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
+def start_writer(path: str, sync: str, **options: Any) -> mpwriter.Writer:
+    """A fork-started writer (clients are forked from this process too)."""
+    options.setdefault("timeout", OP_TIMEOUT)
+    # The writer is forked from here: drop the garbage of earlier runs first, so
+    # that it does not inherit it (its resident memory is measured).
+    gc.collect()
+    return mpwriter.start(path, synchronous=sync, context="fork", **options)
 
 
-class ThreadWriter:
-    """The classic in-process design: one writer thread fed by a queue.Queue.
-
-    Each request is its own transaction (no group commit); callers block on a
-    per-call Future.
-    """
-
-    def __init__(self, path: str, sync: str) -> None:
-        self._conn = open_connection(path, sync)
-        self._queue: queue.Queue[tuple[int, concurrent.futures.Future[None]] | None] = queue.Queue()
-        self._thread = threading.Thread(target=self._run, name="bench-writer", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while (item := self._queue.get()) is not None:
-            client, future = item
-            try:
-                insert_in_own_transaction(self._conn, client)
-            except Exception as exc:
-                future.set_exception(exc)
-            else:
-                future.set_result(None)
-        self._conn.close()
-
-    def insert(self, client: int) -> None:
-        future: concurrent.futures.Future[None] = concurrent.futures.Future()
-        self._queue.put((client, future))
-        future.result(timeout=OP_TIMEOUT)
-
-    def close(self) -> None:
-        self._queue.put(None)
-        self._thread.join(OP_TIMEOUT)
+# -- client side --------------------------------------------------------------------
 
 
 def drive(client: int, op: Op, deadline: float) -> Summary:
     """Call ``op`` back to back until ``deadline``; time each call."""
     latencies: list[float] = []
     errors: Counter[str] = Counter()
+    declined = 0
     last_end = time.monotonic()
     while last_end < deadline:
         t0 = time.perf_counter()
         try:
-            op()
+            outcome = op()
         except Exception as exc:
             errors[error_key(exc)] += 1
         else:
             latencies.append(time.perf_counter() - t0)
+            declined += outcome is False
         last_end = time.monotonic()
     count = len(latencies)
     max_ms = max(latencies, default=0.0) * 1000
@@ -122,6 +106,7 @@ def drive(client: int, op: Op, deadline: float) -> Summary:
     return Summary(
         client=client,
         count=count,
+        applied=count - declined,
         errors=dict(errors),
         samples=samples,
         max_ms=max_ms,
@@ -129,25 +114,8 @@ def drive(client: int, op: Op, deadline: float) -> Summary:
     )
 
 
-def make_ops(
-    mode: str, path: str, sync: str, clients: list[int], writer: Any
-) -> tuple[list[Op], Op]:
-    """One operation per client id, and a cleanup to run after the loop."""
-    if mode == "mpwriter":
-        return [partial(mp_insert, writer, c) for c in clients], lambda: None
-    if mode == "thread":
-        tw = ThreadWriter(path, sync)
-        return [partial(tw.insert, c) for c in clients], tw.close
-    conn = open_connection(path, sync)  # raw / naive: one connection per process
-    return [partial(insert_in_own_transaction, conn, c) for c in clients], conn.close
-
-
-def mp_insert(writer: Any, client: int) -> None:
-    writer.execute(INSERT, (client, payload(client)))
-
-
 def client_main(
-    mode: str,
+    factory: OpsFactory,
     path: str,
     sync: str,
     clients: list[int],
@@ -158,7 +126,7 @@ def client_main(
 ) -> None:
     """Process target: set up, say "ready", wait for the start, run, send summaries."""
     try:
-        ops, cleanup = make_ops(mode, path, sync, clients, writer)
+        ops, cleanup = factory(path, sync, clients, writer)
     except Exception as exc:
         out.send(("error", error_key(exc)))
         return
@@ -184,56 +152,309 @@ def client_main(
     out.send(("done", [s for s in summaries if s is not None]))
 
 
-def weighted_percentile(groups: list[tuple[list[float], float]], q: float) -> float:
-    """Percentile ``q`` (0..1) over sorted sample lists, each with a weight per sample
-    (count / len(samples), since large clients are down-sampled)."""
-    pairs = sorted((x, w) for samples, w in groups for x in samples)
-    total = sum(w for _, w in pairs)
-    if not pairs:
-        return float("nan")
-    acc = 0.0
-    for x, w in pairs:
-        acc += w
-        if acc >= q * total:
-            return x
-    return pairs[-1][0]
+# -- driver side ----------------------------------------------------------------------
 
 
-def aggregate(
-    mode: str,
+def reap(process: Any) -> str | None:
+    """Join with a deadline, then terminate, then kill; describe any trouble."""
+    for stop in (None, process.terminate, process.kill):
+        if stop is not None:
+            stop()
+        if wait([process.sentinel], JOIN_TIMEOUT):
+            process.join(0)
+            return None if stop is None else f"pid {process.pid} had to be {stop.__name__}ed"
+    return f"pid {process.pid} would not die"
+
+
+def collect(pipes: list[Connection], tag: str, timeout: float) -> tuple[list[Any], list[str]]:
+    """One ``(tag, value)`` message from every pipe, within ``timeout`` seconds."""
+    values: list[Any] = []
+    problems: list[str] = []
+    pending = list(pipes)
+    end = time.monotonic() + timeout
+    while pending and (ready := wait(pending, max(0.0, end - time.monotonic()))):
+        for pipe in ready:
+            assert isinstance(pipe, Connection)
+            pending.remove(pipe)
+            try:
+                got, value = pipe.recv()
+            except EOFError:
+                problems.append(f"a client died before sending {tag!r}")
+                continue
+            if got == tag:
+                values.append(value)
+            else:
+                problems.append(f"client said {got}: {value}")
+    if pending:
+        problems.append(f"{len(pending)} client(s) sent no {tag!r} within {timeout:.0f} s (HANG)")
+    return values, problems
+
+
+def run_clients(
+    factory: OpsFactory,
+    path: str,
     sync: str,
-    clients: int,
-    summaries: list[Summary],
-    began: float,
-    rows: int,
-    stats: dict[str, Any] | None,
-    problems: list[str],
-) -> dict[str, Any]:
-    """One run's figures from its clients' summaries."""
+    groups: list[list[int]],
+    duration: float,
+    writer: Any = None,
+    sampler: MemorySampler | None = None,
+) -> tuple[list[Summary], float, list[str]]:
+    """Fork one process per group of client ids, release them together, gather summaries.
+
+    ``sampler`` (if any) runs from the start signal until the last summary.
+    """
+    start = CTX.Event()
+    deadline = CTX.RawValue("d", 0.0)
+    processes, pipes = [], []
+    for ids in groups:
+        receive, send = CTX.Pipe(duplex=False)
+        process = CTX.Process(
+            target=client_main,
+            daemon=True,
+            args=(factory, path, sync, ids, send, start, deadline, writer),
+        )
+        process.start()
+        send.close()
+        processes.append(process)
+        pipes.append(receive)
+    summaries: list[Summary] = []
+    began = time.monotonic()
+    try:
+        _, problems = collect(pipes, "ready", READY_TIMEOUT)
+        began = time.monotonic()
+        if not problems:
+            deadline.value = began + duration
+            if sampler is not None:
+                sampler.start()
+            start.set()
+            done, problems = collect(pipes, "done", duration + RESULT_GRACE)
+            summaries = [s for group in done for s in group]
+    finally:
+        if sampler is not None:
+            sampler.stop()
+        problems += [p for p in map(reap, processes) if p]
+        for pipe in pipes:
+            pipe.close()
+    return summaries, began, problems
+
+
+# -- figures --------------------------------------------------------------------------
+
+
+def weighted_percentiles(groups: list[tuple[list[float], float]], qs: list[float]) -> list[float]:
+    """Percentiles ``qs`` (0..1, ascending) over sorted sample lists, each with a
+    weight per sample (count / len(samples), since large clients are down-sampled).
+
+    Streams a merge of the lists: the driver stays small, and the writer it
+    forks next does not inherit a transient pile of tuples.
+    """
+    total = sum(len(samples) * weight for samples, weight in groups)
+    if not total:
+        return [float("nan")] * len(qs)
+    merged = heapq.merge(*(zip(samples, itertools.repeat(w)) for samples, w in groups))
+    out: list[float] = []
+    acc, x = 0.0, float("nan")
+    for x, weight in merged:
+        acc += weight
+        while len(out) < len(qs) and acc >= qs[len(out)] * total:
+            out.append(x)
+        if len(out) == len(qs):
+            return out
+    return out + [x] * (len(qs) - len(out))
+
+
+def summarize(summaries: list[Summary], clients: int, began: float, problems: list[str]) -> Run:
+    """The figures every workload shares, from one run's client summaries."""
     counts = [s["count"] for s in summaries]
     if len(summaries) != clients:
         problems = [*problems, f"only {len(summaries)}/{clients} clients reported"]
     acked = sum(counts)
     elapsed = max((s["last_end"] for s in summaries), default=began) - began
     groups = [(s["samples"], s["count"] / len(s["samples"])) for s in summaries if s["samples"]]
+    p50, p99 = weighted_percentiles(groups, [0.50, 0.99])
     errors: Counter[str] = Counter()
     for s in summaries:
         errors.update(s["errors"])
+    most = max(counts, default=0)
     return {
-        "mode": mode,
-        "sync": sync,
         "clients": clients,
         "acked": acked,
-        "rows": rows,
+        "applied": sum(s["applied"] for s in summaries),
         "elapsed_s": elapsed,
-        "writes_per_s": acked / elapsed if elapsed > 0 else 0.0,
-        "p50_ms": weighted_percentile(groups, 0.50),
-        "p99_ms": weighted_percentile(groups, 0.99),
+        "ops_per_s": acked / elapsed if elapsed > 0 else 0.0,
+        "p50_ms": p50,
+        "p99_ms": p99,
         "max_ms": max((s["max_ms"] for s in summaries), default=float("nan")),
-        "fairness": min(counts) / most if (most := max(counts, default=0)) else 0.0,
+        "fairness": min(counts) / most if most else 0.0,
         "per_client": counts,
         "errors": dict(errors),
-        "mean_batch_size": stats["mean_batch_size"] if stats else None,
-        "writer_stats": stats,
         "problems": problems,
+    }
+
+
+def median_of(runs: Iterable[Run], key: str) -> float:
+    values = [r[key] for r in runs if r.get(key) is not None and r[key] == r[key]]  # drop NaN
+    return statistics.median(values) if values else float("nan")
+
+
+def merged_errors(runs: Iterable[Run]) -> dict[str, int]:
+    errors: Counter[str] = Counter()
+    for r in runs:
+        errors.update(r["errors"])
+    return dict(errors)
+
+
+def cell(value: Any, spec: str) -> str:
+    return "-" if value is None or value != value else format(value, spec)  # None, NaN
+
+
+Column = tuple[str, int, Callable[[dict[str, Any]], str]]  # title, width (<0: left), show
+
+
+def print_table(rows: list[dict[str, Any]], columns: list[Column]) -> None:
+    widths = [width for _, width, _ in columns]
+
+    def line(cells: Iterable[str]) -> str:
+        pairs = zip(cells, widths, strict=True)
+        return " ".join(f"{c:{'<' if w < 0 else '>'}{abs(w)}}" for c, w in pairs)
+
+    header = line(title for title, _, _ in columns)
+    print(header.rstrip())
+    print("-" * len(header))
+    for r in rows:
+        flag = "  MISMATCH" if r["mismatches"] else ""
+        print((line(show(r) for _, _, show in columns) + flag).rstrip())
+    for r in rows:
+        for message, n in r["errors"].items():
+            print(f"errors {r['mode']} {r['sync']} x{r['clients']}: {n} x {message}")
+
+
+# -- memory ---------------------------------------------------------------------------
+
+
+def proc_memory_mb(pid: int | str = "self") -> dict[str, float]:
+    """VmRSS and VmHWM (/proc/PID/status) and the private part of the resident
+    set, "uss" (Private_Clean + Private_Dirty, /proc/PID/smaps_rollup), in MB.
+
+    A forked process starts with its parent's resident pages counted in its
+    VmRSS; "uss" counts only the pages it does not share.
+    """
+    figures: dict[str, float] = {}
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                figures[key.lower()] = int(value.split()[0]) / 1024
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as rollup:
+            private = sum(int(line.split()[1]) for line in rollup if line.startswith("Private_"))
+        figures["uss"] = private / 1024
+    except OSError:
+        pass  # kernels before 4.14
+    return figures
+
+
+class MemorySampler:
+    """Samples a process's VmRSS from a thread; the peak, VmHWM and USS at the end."""
+
+    INTERVAL = 0.05
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.peak_rss = 0.0
+        self.samples = 0
+        self.final: dict[str, float] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _sample(self) -> dict[str, float]:
+        figures = proc_memory_mb(self.pid)
+        self.peak_rss = max(self.peak_rss, figures["vmrss"])
+        self.samples += 1
+        return figures
+
+    def _run(self) -> None:
+        while True:
+            try:
+                self._sample()
+            except OSError:
+                return  # the process is gone
+            if self._stop.wait(self.INTERVAL):
+                return
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="bench-memory", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(JOIN_TIMEOUT)
+        with contextlib.suppress(OSError):  # the process is gone
+            self.final = self._sample()
+
+    def figures(self) -> dict[str, float | None]:
+        return {
+            "writer_rss_peak_mb": self.peak_rss or None,
+            "writer_hwm_mb": self.final.get("vmhwm"),
+            "writer_uss_mb": self.final.get("uss"),
+        }
+
+
+def writer_max_ms(stats: dict[str, Any] | None) -> float | None:
+    """The writer's own worst end-to-end time (caller's send to reply written) over
+    its recent requests (a window of the last 10,000): set against a client's
+    worst, it tells a stall of the writer from a client that was not scheduled."""
+    if not stats:
+        return None
+    return float(stats["latency_ms"]["total"]["max"])
+
+
+def writer_sampler(writer: mpwriter.Writer) -> MemorySampler:
+    return MemorySampler(int(writer.stats(timeout=OP_TIMEOUT)["pid"]))
+
+
+# -- the machine ------------------------------------------------------------------------
+
+
+def filesystem_of(path: str) -> str:
+    """The type of the filesystem holding ``path`` (from /proc/mounts; Linux)."""
+    best, kind = "", "?"
+    try:
+        with open("/proc/mounts") as mounts:
+            for line in mounts:
+                _dev, point, fstype = line.split()[:3]
+                if os.path.realpath(path).startswith(point) and len(point) > len(best):
+                    best, kind = point, fstype
+    except OSError:
+        pass
+    return kind
+
+
+def source_revision() -> str:
+    """The git commit of the mpwriter being measured (the code moves between runs)."""
+    where = os.path.dirname(os.path.abspath(mpwriter.__file__))
+    git = ["git", "-C", where, "describe", "--always", "--dirty"]
+    try:
+        return subprocess.run(
+            git, check=False, capture_output=True, text=True, timeout=5
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+
+
+def machine(base_dir: str) -> dict[str, Any]:
+    try:
+        load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        load = "?"
+    return {
+        "cores": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+        "sqlite": sqlite3.sqlite_version,
+        "mpwriter": f"{mpwriter.__version__} ({source_revision()})",
+        "db_dir": base_dir,
+        "db_fs": filesystem_of(base_dir),
+        "loadavg_at_start": load,
     }

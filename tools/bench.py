@@ -1,306 +1,86 @@
-"""Closed-loop single-row insert benchmark: mpwriter against the usual alternatives.
+"""mpwriter benchmark: inserts, read-modify-write, bulk load, memory; and the targets.
 
-Every client inserts one ~100-byte row at a time into
-``bench(id INTEGER PRIMARY KEY, client INTEGER, payload TEXT)`` and waits for
-the commit before the next one. Modes, each on a fresh WAL database:
+Workloads (each run on a fresh WAL database; details in each module):
 
-  raw       one process, one connection, BEGIN IMMEDIATE ... COMMIT per insert
-            (run with one client only: the single-connection ceiling)
-  naive     N processes, a connection each, busy_timeout=5000, BEGIN IMMEDIATE
-  thread    one process: a writer thread fed by a queue.Queue, N caller threads
-            (one transaction per request: no group commit)
-  mpwriter  N forked processes sharing one mpwriter.Writer (group commit)
+  bench_insert.py  closed-loop single-row inserts, modes raw, naive, thread,
+                   mpwriter and echo (mpwriter's transport with no database)
+  bench_rmw.py     "bank" transfers (read two balances, write both and a
+                   ledger row, in one transaction), modes rmw-mpwriter,
+                   rmw-naive-default, rmw-naive-immediate; invariants checked
+  bench_bulk.py    one executemany of --bulk-rows rows: mpwriter vs in-process
+  bench_memory.py  a client's added memory after --memory-calls calls
+  (the writer's resident memory is sampled during every mpwriter insert run)
 
-Each configuration runs --runs times; modes are interleaved within a round, and
-the table shows medians. Usage (from the repository root):
+Each configuration runs --runs times; within a round every mode runs in turn
+(interleaved, so that a noisy neighbour hurts all modes alike), and the tables
+show medians. The machine comes first, the project's targets last. Usage
+(from the repository root):
 
-  PYTHONPATH=. python3 tools/bench.py
-  PYTHONPATH=. python3 tools/bench.py --clients 1,8 --sync NORMAL,FULL --duration 3 --runs 3
-  PYTHONPATH=. python3 tools/bench.py --modes raw,mpwriter --json tools/results/bench.json
-  PYTHONPATH=. python3 tools/bench.py --dir /mnt/ssd/tmp   # where the databases go
+  PYTHONPATH=. python3 tools/bench.py --quick                 # ~1 minute smoke run
+  PYTHONPATH=. python3 tools/bench.py                         # everything, 3 runs of 3 s
+  PYTHONPATH=. python3 tools/bench.py --duration 10 --runs 5 --json tools/results/b.json
+  PYTHONPATH=. python3 tools/bench.py --modes raw,mpwriter,echo --clients 8 --sync NORMAL
+  PYTHONPATH=. python3 tools/bench.py --plot tools/results/bench.png   # needs matplotlib
+  PYTHONPATH=. python3 tools/bench.py --dir /mnt/ssd/tmp      # where the databases go
+
+Exit status 1 if any run had a problem: a hung or dead client, a row count
+that does not match the acknowledged writes, or a broken invariant in a mode
+that must keep it (naive-default is expected to break them). Targets that are
+not met do not change the exit status.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import os
-import platform
-import sqlite3
-import statistics
-import subprocess
 import sys
 import tempfile
-import time
-from collections import Counter
-from collections.abc import Callable
-from contextlib import closing
-from multiprocessing.connection import Connection, wait
 from typing import Any
 
 import _benchlib as lib
-import mpwriter
+import bench_bulk
+import bench_insert
+import bench_memory
+import bench_report
+import bench_rmw
 
-MODES = ("raw", "naive", "thread", "mpwriter")
-READY_TIMEOUT = 30.0
-RESULT_GRACE = lib.OP_TIMEOUT + lib.BUSY_TIMEOUT_MS / 1000 + 10.0  # past the deadline
-JOIN_TIMEOUT = 5.0
-CTX = multiprocessing.get_context("fork")
-
-Run = dict[str, Any]
-
-
-# -- machine ----------------------------------------------------------------------
-
-
-def filesystem_of(path: str) -> str:
-    """The type of the filesystem holding ``path`` (from /proc/mounts; Linux)."""
-    best, kind = "", "?"
-    try:
-        with open("/proc/mounts") as mounts:
-            for line in mounts:
-                _dev, point, fstype = line.split()[:3]
-                if os.path.realpath(path).startswith(point) and len(point) > len(best):
-                    best, kind = point, fstype
-    except OSError:
-        pass
-    return kind
-
-
-def source_revision() -> str:
-    """The git commit of the mpwriter being measured (the code moves between runs)."""
-    where = os.path.dirname(os.path.abspath(mpwriter.__file__))
-    git = ["git", "-C", where, "describe", "--always", "--dirty"]
-    try:
-        return subprocess.run(
-            git, check=False, capture_output=True, text=True, timeout=5
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "?"
-
-
-def machine(base_dir: str) -> dict[str, Any]:
-    return {
-        "cores": os.cpu_count(),
-        "platform": platform.platform(),
-        "python": sys.version.split()[0],
-        "sqlite": sqlite3.sqlite_version,
-        "mpwriter": f"{mpwriter.__version__} ({source_revision()})",
-        "db_dir": base_dir,
-        "db_fs": filesystem_of(base_dir),
-    }
-
-
-# -- one run ----------------------------------------------------------------------
-
-
-def reap(process: Any) -> str | None:
-    """Join with a deadline, then terminate, then kill; describe any trouble."""
-    for stop in (None, process.terminate, process.kill):
-        if stop is not None:
-            stop()
-        if wait([process.sentinel], JOIN_TIMEOUT):
-            process.join(0)
-            return None if stop is None else f"pid {process.pid} had to be {stop.__name__}ed"
-    return f"pid {process.pid} would not die"
-
-
-def collect(pipes: list[Connection], tag: str, timeout: float) -> tuple[list[Any], list[str]]:
-    """One ``(tag, value)`` message from every pipe, within ``timeout`` seconds."""
-    values: list[Any] = []
-    problems: list[str] = []
-    pending = list(pipes)
-    end = time.monotonic() + timeout
-    while pending and (ready := wait(pending, max(0.0, end - time.monotonic()))):
-        for pipe in ready:
-            assert isinstance(pipe, Connection)
-            pending.remove(pipe)
-            try:
-                got, value = pipe.recv()
-            except EOFError:
-                problems.append(f"a client died before sending {tag!r}")
-                continue
-            if got == tag:
-                values.append(value)
-            else:
-                problems.append(f"client said {got}: {value}")
-    if pending:
-        problems.append(f"{len(pending)} client(s) sent no {tag!r} within {timeout:.0f} s (HANG)")
-    return values, problems
-
-
-def run_clients(
-    mode: str, path: str, sync: str, clients: int, duration: float, writer: Any
-) -> tuple[list[lib.Summary], float, list[str]]:
-    """Start the clients, release them together, gather their summaries."""
-    groups = [list(range(clients))] if mode == "thread" else [[c] for c in range(clients)]
-    start = CTX.Event()
-    deadline = CTX.RawValue("d", 0.0)
-    processes, pipes = [], []
-    for ids in groups:
-        receive, send = CTX.Pipe(duplex=False)
-        process = CTX.Process(
-            target=lib.client_main,
-            daemon=True,
-            args=(mode, path, sync, ids, send, start, deadline, writer),
-        )
-        process.start()
-        send.close()
-        processes.append(process)
-        pipes.append(receive)
-    summaries: list[lib.Summary] = []
-    began = time.monotonic()
-    try:
-        _, problems = collect(pipes, "ready", READY_TIMEOUT)
-        began = time.monotonic()
-        if not problems:
-            deadline.value = began + duration
-            start.set()
-            done, problems = collect(pipes, "done", duration + RESULT_GRACE)
-            summaries = [s for group in done for s in group]
-    finally:
-        problems += [p for p in map(reap, processes) if p]
-        for pipe in pipes:
-            pipe.close()
-    return summaries, began, problems
-
-
-def count_rows(path: str) -> int:
-    with closing(sqlite3.connect(path, timeout=30)) as conn:
-        return int(conn.execute("SELECT count(*) FROM bench").fetchone()[0])
-
-
-def run_once(mode: str, sync: str, clients: int, duration: float, base_dir: str) -> Run:
-    with tempfile.TemporaryDirectory(prefix="mpwbench-", dir=base_dir) as tmp:
-        path = os.path.join(tmp, "bench.db")
-        writer, stats = None, None
-        if mode == "mpwriter":
-            writer = mpwriter.start(
-                path, init=lib.SCHEMA, synchronous=sync, context="fork", timeout=lib.OP_TIMEOUT
-            )
-        else:
-            with closing(lib.open_connection(path, sync)) as conn:
-                conn.execute(lib.SCHEMA)
-        try:
-            summaries, began, problems = run_clients(mode, path, sync, clients, duration, writer)
-            if writer is not None:
-                try:
-                    stats = writer.stats(timeout=lib.OP_TIMEOUT)
-                except Exception as exc:
-                    problems.append(f"stats() raised {lib.error_key(exc)}")
-        finally:
-            if writer is not None:
-                writer.close(timeout=30.0)
-        rows = count_rows(path)
-    return lib.aggregate(mode, sync, clients, summaries, began, rows, stats, problems)
-
-
-# -- rounds and report ----------------------------------------------------------------
-
-
-def configurations(
-    modes: list[str], syncs: list[str], clients: list[int]
-) -> list[tuple[str, str, int]]:
-    """Interleaved: for each (sync, clients), every mode in turn; raw only at 1 client."""
-    out = []
-    for sync in syncs:
-        if "raw" in modes:
-            out.append(("raw", sync, 1))
-        for n in clients:
-            out += [(m, sync, n) for m in modes if m != "raw"]
-    return out
-
-
-def check(run: Run) -> None:
-    """One progress line; a loud line for a row mismatch or a hung/dead client."""
-    name = f"{run['mode']} {run['sync']} x{run['clients']}"
-    errors = sum(run["errors"].values())
-    print(f"  {name:20} {run['writes_per_s']:9.0f} w/s  acked={run['acked']}", end="")
-    print(f" rows={run['rows']} errors={errors}", flush=True)
-    if run["rows"] != run["acked"]:
-        print(f"  *** MISMATCH {name}: {run['rows']} rows, {run['acked']} acknowledged ***")
-    for problem in run["problems"]:
-        print(f"  *** PROBLEM {name}: {problem} ***", flush=True)
-
-
-def median_of(runs: list[Run], key: str) -> float:
-    values = [r[key] for r in runs if r[key] is not None and r[key] == r[key]]  # drop NaN
-    return statistics.median(values) if values else float("nan")
-
-
-def table(results: dict[tuple[str, str, int], list[Run]]) -> list[dict[str, Any]]:
-    raw = {
-        sync: median_of(runs, "writes_per_s")
-        for (m, sync, _), runs in results.items()
-        if m == "raw"
-    }
-    rows = []
-    for (mode, sync, clients), runs in results.items():
-        errors: Counter[str] = Counter()
-        for r in runs:
-            errors.update(r["errors"])
-        mismatches = sum(r["rows"] != r["acked"] for r in runs)
-        row: dict[str, Any] = {"mode": mode, "sync": sync, "clients": clients, "runs": len(runs)}
-        row |= {"errors": dict(errors), "mismatches": mismatches}
-        for key in ("writes_per_s", "p50_ms", "p99_ms", "max_ms", "fairness", "mean_batch_size"):
-            row[key] = (
-                median_of(runs, key) if mode == "mpwriter" or key != "mean_batch_size" else None
-            )
-        speeds = [r["writes_per_s"] for r in runs]
-        row["range"] = f"{min(speeds):.0f}-{max(speeds):.0f}"
-        row["vs_raw"] = (
-            row["writes_per_s"] / raw[sync] if mode == "mpwriter" and raw.get(sync) else None
-        )
-        rows.append(row)
-    return rows
-
-
-def cell(value: Any, spec: str) -> str:
-    return "-" if value is None or value != value else format(value, spec)  # None, NaN
-
-
-COLUMNS: list[
-    tuple[str, int, Callable[[dict[str, Any]], str]]
-] = [  # title, width, how to show a median row
-    ("mode", -8, lambda r: r["mode"]),
-    ("sync", -6, lambda r: r["sync"]),
-    ("clients", 7, lambda r: str(r["clients"])),
-    ("writes/s", 9, lambda r: cell(r["writes_per_s"], ".0f")),
-    ("min-max", 11, lambda r: r["range"]),
-    ("p50 ms", 7, lambda r: cell(r["p50_ms"], ".2f")),
-    ("p99 ms", 7, lambda r: cell(r["p99_ms"], ".2f")),
-    ("max ms", 7, lambda r: cell(r["max_ms"], ".1f")),
-    ("fair", 5, lambda r: cell(r["fairness"], ".2f")),
-    ("errors", 6, lambda r: str(sum(r["errors"].values()))),
-    ("batch", 6, lambda r: cell(r["mean_batch_size"], ".2f")),
-    ("vs raw", 6, lambda r: cell(r["vs_raw"], ".2f")),
-]
-
-
-def print_table(rows: list[dict[str, Any]]) -> None:
-    line = " ".join(f"{title:{'<' if w < 0 else '>'}{abs(w)}}" for title, w, _ in COLUMNS)
-    print(line)
-    print("-" * len(line))
-    for r in rows:
-        cells = (f"{show(r):{'<' if w < 0 else '>'}{abs(w)}}" for _, w, show in COLUMNS)
-        print(" ".join(cells) + ("  MISMATCH" if r["mismatches"] else ""))
-    for r in rows:
-        for message, n in r["errors"].items():
-            print(f"errors {r['mode']} {r['sync']} x{r['clients']}: {n} x {message}")
+EXTRA_MODES = ("bulk", "memory")
+MODES = bench_insert.MODES + bench_rmw.MODES + EXTRA_MODES
+QUICK = {"clients": "1,8,16", "rmw_clients": "8,16", "duration": 1.0, "runs": 1}
+LEGEND = """\
+  worst ms: the worst latency of all the runs, as the clients timed it; w-worst: the
+  writer's own worst (caller's send to reply written) over its last 10,000 requests.
+  wRSS: the writer's peak VmRSS, which counts the pages it still shares with this
+  process (it is forked from here); wUSS: its private pages, at the end of the run."""
+Results = dict[tuple[str, str, int], list[lib.Run]]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--clients", default="1,2,4,8,16,32", help="comma-separated client counts")
-    parser.add_argument("--sync", default="NORMAL,FULL", help="PRAGMA synchronous values")
-    parser.add_argument("--modes", default=",".join(MODES), help=f"subset of {','.join(MODES)}")
-    parser.add_argument("--duration", type=float, default=3.0, help="seconds per run")
-    parser.add_argument("--runs", type=int, default=3, help="runs per configuration")
-    parser.add_argument("--dir", default=tempfile.gettempdir(), help="where the databases go")
-    parser.add_argument("--json", metavar="PATH", help="write every run and the medians here")
+    parser = argparse.ArgumentParser(
+        description=(__doc__ or "").split("\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="modes: " + ", ".join(MODES),
+    )
+    add = parser.add_argument
+    add("--clients", default="1,2,4,8,16,32", help="client counts of the insert modes")
+    add("--rmw-clients", default="8,16", help="client counts of the rmw modes")
+    add("--sync", default="NORMAL,FULL", help="PRAGMA synchronous values (rmw, bulk: the first)")
+    add("--modes", default=",".join(MODES), help="comma-separated subset of the modes")
+    add("--duration", type=float, default=3.0, help="seconds per timed run")
+    add("--runs", type=int, default=3, help="runs per configuration (medians are shown)")
+    add("--bulk-rows", type=int, default=100_000, help="rows of the bulk executemany")
+    add("--memory-calls", type=int, default=bench_memory.CALLS, help="calls of the memory probe")
+    add("--quick", action="store_true", help="smoke run: " + json.dumps(QUICK))
+    add("--dir", default=tempfile.gettempdir(), help="where the databases go")
+    add("--json", metavar="PATH", help="write every run, the medians and the targets here")
+    add("--plot", metavar="PATH", help="PNG of throughput and p99 against clients (matplotlib)")
     args = parser.parse_args(argv)
-    args.clients = [int(c) for c in args.clients.split(",")]
+    if args.quick:
+        for key, value in QUICK.items():
+            setattr(args, key, value)
+    args.clients = [int(c) for c in str(args.clients).split(",")]
+    args.rmw_clients = [int(c) for c in str(args.rmw_clients).split(",")]
     args.sync = [s.strip().upper() for s in args.sync.split(",")]
     args.modes = [m.strip() for m in args.modes.split(",")]
     unknown = set(args.modes) - set(MODES)
@@ -309,36 +89,140 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    info = machine(args.dir)
-    print("machine: " + ", ".join(f"{k}={v}" for k, v in info.items()), flush=True)
-    configs = configurations(args.modes, args.sync, args.clients)
-    results: dict[tuple[str, str, int], list[Run]] = {c: [] for c in configs}
+def run_rounds(args: argparse.Namespace) -> tuple[Results, Results, list[lib.Run], list[lib.Run]]:
+    """Every round runs every configuration once; returns all runs, by workload."""
+    insert_modes = [m for m in bench_insert.MODES if m in args.modes]
+    rmw_modes = [m for m in bench_rmw.MODES if m in args.modes]
+    insert_configs = bench_insert.configurations(insert_modes, args.sync, args.clients)
+    rmw_configs = [
+        c for c in bench_rmw.configurations(args.rmw_clients, args.sync[0]) if c[0] in rmw_modes
+    ]
+    inserts: Results = {c: [] for c in insert_configs}
+    rmw: Results = {c: [] for c in rmw_configs}
+    bulk: list[lib.Run] = []
+    memory: list[lib.Run] = []
+    sound = True
     for round_no in range(1, args.runs + 1):
         print(f"round {round_no}/{args.runs}", flush=True)
-        for mode, sync, clients in configs:
-            run = run_once(mode, sync, clients, args.duration, args.dir)
-            check(run)
-            results[(mode, sync, clients)].append(run)
-    rows = table(results)
-    print(f"\nmedians of {args.runs} run(s) of {args.duration:g} s each:")
-    print_table(rows)
+        for mode, sync, clients in insert_configs:
+            run = bench_insert.run_once(mode, sync, clients, args.duration, args.dir)
+            sound &= bench_insert.check(run)
+            inserts[(mode, sync, clients)].append(run)
+        for mode, sync, clients in rmw_configs:
+            run = bench_rmw.run_once(mode, sync, clients, args.duration, args.dir)
+            sound &= bench_rmw.check(run)
+            rmw[(mode, sync, clients)].append(run)
+        if "bulk" in args.modes:
+            # Alternate which goes first: the second may find a warmer page cache.
+            order = bench_bulk.MODES if round_no % 2 else bench_bulk.MODES[::-1]
+            for mode in order:
+                run = bench_bulk.run_once(mode, args.sync[0], args.bulk_rows, args.dir)
+                sound &= bench_bulk.check(run)
+                bulk.append(run)
+        if "memory" in args.modes:
+            run = bench_memory.run_once(args.sync[0], args.dir, args.memory_calls)
+            sound &= bench_memory.check(run)
+            memory.append(run)
+    args.sound = sound
+    return inserts, rmw, bulk, memory
+
+
+def print_key_figures(figures: dict[str, Any]) -> None:
+    def shown(value: Any) -> str:
+        if isinstance(value, float):
+            return f"{value:.2f}"
+        if isinstance(value, dict):
+            return ", ".join(f"{k} {shown(v)}" for k, v in value.items())
+        return "-" if value is None else str(value)
+
+    width = max(map(len, figures))
+    for name, value in figures.items():
+        print(f"  {name:{width}}  {shown(value)}")
+
+
+def strict_json(value: Any) -> Any:
+    """NaN (a figure not measured) as null: the output stays standard JSON."""
+    if isinstance(value, float) and value != value:
+        return None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    info = lib.machine(args.dir)
+    print("machine: " + ", ".join(f"{k}={v}" for k, v in info.items()), flush=True)
+    inserts, rmw, bulk_runs, memory_runs = run_rounds(args)
+    header = f"medians of {args.runs} run(s) of {args.duration:g} s each"
+
+    insert_rows = bench_insert.table(inserts)
+    if insert_rows:
+        print(f"\ninserts, {header}.")
+        print(LEGEND)
+        lib.print_table(insert_rows, bench_insert.COLUMNS)
+    rmw_rows = bench_rmw.table(rmw)
+    if rmw_rows:
+        print(f"\nread-modify-write (bank), {header}:")
+        lib.print_table(rmw_rows, bench_rmw.COLUMNS)
+    bulk = bench_bulk.summary(bulk_runs) if bulk_runs else None
+    if bulk:
+        print(
+            f"\nbulk executemany of {bulk['rows']} rows, median of {bulk['runs']}:"
+            f" mpwriter {bulk['bulk-mpwriter_s']:.3f} s,"
+            f" in-process {bulk['bulk-inprocess_s']:.3f} s"
+            f", in-process/mpwriter = {bulk['ratio']:.2f}"
+        )
+        print(
+            f"  mpwriter's time: queue wait {lib.cell(bulk['queue_wait_s'], '.3f')} s (pickling"
+            f" in the caller ~{lib.cell(bulk['pickle_s'], '.3f')} s, the pipe, unpickling in the"
+            f" writer), execution {lib.cell(bulk['execution_s'], '.3f')} s; writer peak RSS"
+            f" {lib.cell(bulk['writer_rss_peak_mb'], '.1f')} MB"
+        )
+    memory = bench_memory.summary(memory_runs) if memory_runs else None
+    if memory:
+        print(
+            f"\nclient memory after {memory['calls']} calls, median:"
+            f" +{memory['user_rss_added_mb']:.2f} MB RSS, +{memory['user_uss_added_mb']:.2f} MB USS"
+            f" (a control client that makes no calls: +{memory['control_rss_added_mb']:.2f} MB RSS,"
+            f" +{memory['control_uss_added_mb']:.2f} MB USS)"
+        )
+
+    insert_runs = [r for runs in inserts.values() for r in runs]
+    figures = bench_report.key_figures(
+        insert_rows, insert_runs, rmw_rows, bulk, memory, args.clients
+    )
+    print("\nkey figures:")
+    print_key_figures(figures)
+    found = bench_report.targets(figures, args.duration)
+    print("\ntargets:")
+    bench_report.print_targets(found)
+
+    if args.plot:
+        why_not = bench_report.plot(insert_rows, args.sync, args.plot)
+        print(f"\nplot: {args.plot}" if why_not is None else f"\nno plot: {why_not}")
     if args.json:
+        everything = {
+            "machine": info,
+            "args": vars(args),
+            "inserts": insert_rows,
+            "rmw": rmw_rows,
+            "bulk": bulk,
+            "memory": memory,
+            "key_figures": figures,
+            "targets": [t._asdict() for t in found],
+            "runs": insert_runs
+            + [r for runs in rmw.values() for r in runs]
+            + bulk_runs
+            + memory_runs,
+        }
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as out:
-            json.dump(
-                {
-                    "machine": info,
-                    "args": vars(args),
-                    "medians": rows,
-                    "runs": [r for v in results.values() for r in v],
-                },
-                out,
-                indent=1,
-            )
-    runs = [r for v in results.values() for r in v]
-    return 1 if any(r["problems"] or r["rows"] != r["acked"] for r in runs) else 0
+            json.dump(strict_json(everything), out, indent=1, allow_nan=False)
+        print(f"json: {args.json}")
+    return 0 if args.sound else 1
 
 
 if __name__ == "__main__":

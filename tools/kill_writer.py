@@ -1,0 +1,941 @@
+"""SIGKILLs of the writer, and of the whole process tree: no acknowledged write may be lost.
+
+Two faults, one bookkeeping. Clients are forked processes sharing one
+`mpwriter.Writer`; each inserts ``(client, seq)`` for seq = 0, 1, 2... one call
+at a time and reports every call on a pipe of its own: the seq, how long the
+call took, and the error it raised if it did not return. A call that returned
+is an *acknowledgement*. Afterwards the database must hold every acknowledged
+row, ``PRAGMA integrity_check`` must say ok, and a row that is there without
+an acknowledgement must belong to a call whose error said "the outcome is
+unknown", or be the call that a killed client had in flight.
+
+- `run` (writer kills): this process owns the writer. It waits on the
+  clients' pipes for a random deadline in ``[0, max_pause]``, SIGKILLs the
+  *current* writer process, and waits -- on those pipes, with a deadline --
+  until a new writer has acknowledged a call sent after the kill; ``kills``
+  times, with ``client_kills`` SIGKILLs of a random client (replaced at once)
+  shuffled in. Every call must end within its timeout (plus a second), and the
+  only errors allowed are `WriterCrashed` and `Timeout`, saying whether the
+  request was sent: a kill may cost a call its answer, never its bounded wait.
+  A `WriterCrashed` that no writer kill overlapped is counted apart: it blames
+  a death that did not happen.
+- `run_tree` (tree kills): a child process owns the writer and its clients, in
+  a process group of their own; the clients report straight to this process.
+  After a random number of acknowledgements the whole group -- owner, writer,
+  clients -- is SIGKILLed at once, and the database is opened with plain
+  sqlite3, as an application restarted after a crash would. The next round
+  starts a new tree on the same file, so rows acknowledged in every earlier
+  round are checked again.
+
+With ``synchronous=NORMAL`` in WAL mode a committed transaction is in the OS
+page cache when COMMIT returns: it survives a crash of any process (what is
+tested here), not a power loss (that needs FULL, and cannot be tested here).
+
+tests/test_durability.py runs both with small figures; this script runs more
+and prints them (a stress tool: it never gates the build):
+
+  PYTHONPATH=. python3 tools/kill_writer.py                    # 25 writer kills
+  PYTHONPATH=. python3 tools/kill_writer.py --kills 20 --client-kills 200
+  PYTHONPATH=. python3 tools/kill_writer.py --kills 100 --clients 8 --backoff-max 0.1
+  PYTHONPATH=. python3 tools/kill_writer.py --tree             # 5 tree kills
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import itertools
+import multiprocessing
+import os
+import platform
+import random
+import re
+import select
+import signal
+import sqlite3
+import sys
+import tempfile
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import closing
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, wait
+from typing import Any, NamedTuple
+
+import mpwriter
+import mpwriter._owner
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS items (
+    id INTEGER PRIMARY KEY,
+    client INTEGER,
+    seq INTEGER,
+    payload TEXT,
+    UNIQUE (client, seq)
+);
+"""
+INSERT = "INSERT INTO items(client, seq) VALUES (?, ?)"
+
+# Errors a writer kill may cause: the call that the dead writer had taken
+# ("outcome unknown"), or a call that outwaited a restart. Anything else is a bug.
+ALLOWED_ERRORS = frozenset({"WriterCrashed", "Timeout"})
+OVERRUN_MARGIN = 1.0  # seconds past its timeout that a call may take to return
+_NOT_SENT = re.compile(r"not sent")
+_OUTCOME = re.compile(r"outcome is unknown|not sent")  # every allowed error says which
+_DEADLINE = 10.0  # for every wait on a child or a restart, beyond the call timeout
+_LIFETIME = 600.0  # a client stops by itself after this long, whatever its parent does
+
+
+class Outcome(NamedTuple):
+    """One call, as its client reports it. ``error`` is None for an acknowledgement.
+
+    Small enough to be one write(2) below PIPE_BUF: a SIGKILL lands before
+    the report or after it, never in the middle.
+    """
+
+    seq: int
+    started: float  # time.monotonic(), which is system-wide: comparable across processes
+    seconds: float
+    error: str | None = None  # the exception's class name
+    message: str = ""
+
+
+class TreeMembers(NamedTuple):
+    """What a tree's owner reports once its writer and clients run."""
+
+    owner: int
+    writer: int
+    clients: tuple[int, ...]
+
+
+def client_loop(
+    writer: mpwriter.Writer,
+    client: int,
+    outcomes: Connection,
+    control: Connection,
+    until: float,
+) -> None:
+    """Child process body: insert seq 0, 1, 2... and report each call's `Outcome`.
+
+    A seq is never retried: a call that failed with "outcome unknown" may have
+    committed, and its row must stay attributable to that call. Any message
+    on ``control`` (or its EOF) means "stop after this call"; ``until`` (a
+    monotonic time, which is system-wide) bounds the loop if nobody says so.
+    """
+    seq = 0
+    while not control.poll() and time.monotonic() < until:
+        began = time.monotonic()
+        try:
+            writer.execute(INSERT, (client, seq))
+        except Exception as exc:
+            ended = time.monotonic()
+            outcome = Outcome(seq, began, ended - began, type(exc).__name__, str(exc)[:300])
+        else:
+            outcome = Outcome(seq, began, time.monotonic() - began)
+        outcomes.send(outcome)
+        seq += 1
+
+
+@dataclass
+class ClientLog:
+    """Everything one client reported."""
+
+    acked: set[int] = field(default_factory=set)
+    failed: dict[int, tuple[str, str]] = field(default_factory=dict)  # seq -> (class, message)
+    last_seq: int = -1  # the last seq reported either way
+    last_ack_start: float = 0.0
+    killed: bool = False  # SIGKILLed: its call in flight went unreported
+
+    def take(self, outcome: Outcome) -> None:
+        if outcome.error is None:
+            self.acked.add(outcome.seq)
+            self.last_ack_start = outcome.started
+        else:
+            self.failed[outcome.seq] = (outcome.error, outcome.message)
+        self.last_seq = outcome.seq
+
+
+@dataclass
+class Audit:
+    """The database checked against what the clients reported."""
+
+    rows: int
+    integrity: str
+    lost: list[tuple[int, int]]  # acknowledged, yet missing
+    unacknowledged: int  # present without an acknowledgement, and explained
+    contradicted: list[str]  # present although the call said "not sent"
+    unexplained: list[tuple[int, int]]  # present, and no call can account for it
+
+
+def audit(db_path: str | os.PathLike[str], logs: dict[int, ClientLog], *, in_flight: bool) -> Audit:
+    """Open the database with plain sqlite3 and check it against ``logs``.
+
+    A row present without an acknowledgement is explained by a call that
+    raised "outcome unknown", or by the call a killed client had in flight
+    (the seq after its last report): ``in_flight`` says every client was killed.
+    """
+    # Plain sqlite3, read-write: what an application restarted after a crash
+    # does, and what lets SQLite recover a WAL left by a killed writer.
+    with closing(sqlite3.connect(os.fspath(db_path), timeout=_DEADLINE)) as conn:
+        integrity = "; ".join(row[0] for row in conn.execute("PRAGMA integrity_check"))
+        found: dict[int, set[int]] = defaultdict(set)
+        for client, seq in conn.execute("SELECT client, seq FROM items"):
+            found[client].add(seq)
+    rows = sum(len(seqs) for seqs in found.values())
+    lost: list[tuple[int, int]] = []
+    contradicted: list[str] = []
+    unexplained: list[tuple[int, int]] = []
+    unacknowledged = 0
+    for client in sorted(set(logs) | set(found)):
+        log = logs.get(client, ClientLog())
+        present = found.get(client, set())
+        lost += [(client, seq) for seq in sorted(log.acked - present)]
+        for seq in sorted(present - log.acked):
+            failure = log.failed.get(seq)
+            if failure is not None and _NOT_SENT.search(failure[1]):
+                contradicted.append(f"({client}, {seq}) is present: {failure[0]}: {failure[1]}")
+            elif failure is not None or ((in_flight or log.killed) and seq == log.last_seq + 1):
+                unacknowledged += 1
+            else:
+                unexplained.append((client, seq))
+    return Audit(rows, integrity, lost, unacknowledged, contradicted, unexplained)
+
+
+class _Fleet:
+    """The clients' report pipes, as seen by the process that reads them."""
+
+    def __init__(self, call_timeout: float) -> None:
+        self.call_timeout = call_timeout
+        self.logs: dict[int, ClientLog] = {}
+        self.pipes: dict[Connection, int] = {}  # open report pipe -> client
+        self.acknowledged = 0
+        self.calls = 0
+        self.errors: Counter[str] = Counter()
+        self.unexpected_errors: list[str] = []
+        self.max_call = 0.0
+        self.overruns: list[str] = []  # calls that outlived their timeout + margin
+        self.eof_expected: set[int] = set()  # clients told to stop, or killed
+        self.exited: list[int] = []  # clients whose pipe closed unexpectedly
+        self.latest_ack_start = 0.0  # when the most recently begun acknowledged call began
+        self.crashes: list[tuple[str, float, float]] = []  # WriterCrashed: (what, start, end)
+
+    def add(self, client: int, pipe: Connection) -> None:
+        self.logs[client] = ClientLog()
+        self.pipes[pipe] = client
+
+    def pump(self, timeout: float, until: Callable[[], bool] | None = None) -> bool:
+        """Take reports for up to ``timeout`` seconds (a wait, not a sleep).
+
+        Returns early, True, once ``until()`` holds; False if it never did.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            if until is not None and until():
+                return True
+            remaining = deadline - time.monotonic()
+            for pipe in wait(list(self.pipes), max(0.0, remaining)):
+                assert isinstance(pipe, Connection)
+                self._drain(pipe)
+            if remaining <= 0 or not self.pipes:
+                return until is not None and until()
+
+    def _drain(self, pipe: Connection) -> None:
+        client = self.pipes[pipe]
+        while pipe.poll():
+            try:
+                outcome: Outcome = pipe.recv()
+            except EOFError:
+                del self.pipes[pipe]
+                pipe.close()
+                if client not in self.eof_expected:
+                    self.exited.append(client)
+                return
+            self.calls += 1
+            self.max_call = max(self.max_call, outcome.seconds)
+            if outcome.seconds > self.call_timeout + OVERRUN_MARGIN:
+                self.overruns.append(f"client {client} seq {outcome.seq}: {outcome.seconds:.2f} s")
+            if outcome.error is None:
+                self.acknowledged += 1
+                self.latest_ack_start = max(self.latest_ack_start, outcome.started)
+            else:
+                if outcome.error == "WriterCrashed":
+                    what = f"client {client} seq {outcome.seq}: {outcome.message}"
+                    self.crashes.append((what, outcome.started, outcome.started + outcome.seconds))
+                self.errors[outcome.error] += 1
+                if outcome.error not in ALLOWED_ERRORS or not _OUTCOME.search(outcome.message):
+                    self.unexpected_errors.append(
+                        f"client {client} seq {outcome.seq}: {outcome.error}: {outcome.message}"
+                    )
+            self.logs[client].take(outcome)
+
+    def finish(self, clients: set[int], sentinels: list[int], timeout: float) -> bool:
+        """Read the reports of ``clients`` until every process behind ``sentinels`` has exited.
+
+        Then take what is left in their pipes and close them. Not EOF: a
+        forked process inherits every descriptor open at the fork, so a
+        sibling or a restarted writer may hold a copy of a pipe's write end.
+        A sentinel is a process sentinel or a pidfd; False if one outlives
+        ``timeout``.
+        """
+        self.eof_expected |= clients
+        pending = set(sentinels)
+        deadline = time.monotonic() + timeout
+        while pending:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            mine = [pipe for pipe, client in self.pipes.items() if client in clients]
+            for ready in wait([*mine, *pending], remaining):
+                if isinstance(ready, Connection):
+                    self._drain(ready)
+                else:
+                    pending.discard(ready)  # a sentinel: an int
+        for pipe, client in list(self.pipes.items()):
+            if client in clients:
+                self._drain(pipe)  # everything the dead wrote is there already
+                if pipe in self.pipes:
+                    del self.pipes[pipe]
+                    pipe.close()
+        return not pending
+
+
+# -- writer kills ------------------------------------------------------------------
+
+
+@dataclass
+class WriterKillReport:
+    """What `run` saw; ``audit`` is the database checked afterwards."""
+
+    seed: int
+    clients: int
+    kills: int = 0
+    client_kills: int = 0
+    restarts: int = 0
+    acknowledged: int = 0
+    calls: int = 0
+    errors_by_class: dict[str, int] = field(default_factory=dict)
+    # Not WriterCrashed/Timeout, or one that does not say whether it was sent.
+    unexpected_errors: list[str] = field(default_factory=list)
+    max_call: float = 0.0
+    overruns: list[str] = field(default_factory=list)  # calls past their timeout + 1 s
+    max_restart: float = 0.0  # longest time from a kill to an acknowledgement by the new writer
+    kill_windows: list[tuple[float, float]] = field(default_factory=list)  # (SIGKILL sent, dead)
+    # WriterCrashed raised by a call during which no writer died: the error
+    # blames a death that did not happen (see _crashes_without_a_death).
+    crashes_without_a_death: list[str] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)  # the run itself went wrong
+    writer_stats: dict[str, Any] = field(default_factory=dict)
+    elapsed: float = 0.0
+    audit: Audit | None = None
+
+    def problems(self) -> dict[str, Any]:
+        """Every property that does not hold, by name; empty when all is well."""
+        assert self.audit is not None
+        found: dict[str, Any] = {
+            "run failures": self.failures,
+            "lost acknowledged rows": self.audit.lost,
+            "rows present although 'not sent'": self.audit.contradicted,
+            "unexplained rows": self.audit.unexplained,
+            "errors other than WriterCrashed/Timeout": self.unexpected_errors,
+            "calls past their timeout": self.overruns,
+        }
+        if self.audit.integrity != "ok":
+            found["integrity_check"] = [self.audit.integrity]
+        if self.restarts != self.kills:
+            found["restarts != kills"] = [f"{self.restarts} restarts for {self.kills} kills"]
+        return {name: what for name, what in found.items() if what}
+
+
+@contextlib.contextmanager
+def restart_backoff(cap: float | None) -> Iterator[None]:
+    """Cap the owner's restart backoff at ``cap`` seconds while the block runs.
+
+    The owner waits 0.05 s before the first restart in a minute and doubles
+    that for each further one, up to 2 s: 20 kills in a minute would spend
+    over 30 s in backoff alone. Durability does not depend on that wait,
+    so a test may shorten it; None leaves mpwriter's own figures. This sets
+    a private constant of ``mpwriter._owner``, read by the supervisor thread
+    of a writer owned by this process.
+    """
+    if cap is None:
+        yield
+        return
+    saved = mpwriter._owner._BACKOFF_MAX  # fails loudly if the constant is renamed
+    mpwriter._owner._BACKOFF_MAX = cap
+    try:
+        yield
+    finally:
+        mpwriter._owner._BACKOFF_MAX = saved
+
+
+class _Clients:
+    """The clients of `run`, forked by the writer's owner: start, kill and replace, stop."""
+
+    def __init__(self, writer: mpwriter.Writer, fleet: _Fleet, report: WriterKillReport) -> None:
+        self._writer = writer
+        self._fleet = fleet
+        self._report = report
+        self._ctx = multiprocessing.get_context("fork")
+        self._ids = itertools.count()
+        self._until = time.monotonic() + _LIFETIME
+        self.live: dict[int, tuple[Any, Connection]] = {}  # client -> (process, control)
+
+    def start(self) -> None:
+        client = next(self._ids)
+        outcomes_r, outcomes_w = self._ctx.Pipe(duplex=False)
+        control_r, control_w = self._ctx.Pipe(duplex=False)
+        process = self._ctx.Process(
+            target=client_loop,
+            args=(self._writer, client, outcomes_w, control_r, self._until),
+            name=f"kill-writer client {client}",
+            daemon=True,
+        )
+        process.start()
+        # The client holds the only write end: EOF means it is gone, and so
+        # is everything it sent.
+        outcomes_w.close()
+        control_r.close()
+        self._fleet.add(client, outcomes_r)
+        self.live[client] = (process, control_w)
+
+    def kill_one(self, rng: random.Random) -> bool:
+        """SIGKILL a random client, read its last reports, reap it, start a replacement."""
+        client = rng.choice(sorted(self.live))
+        process, control = self.live.pop(client)
+        process.kill()
+        self._fleet.finish({client}, [process.sentinel], _DEADLINE)
+        _reap(process)
+        control.close()
+        self._fleet.logs[client].killed = True
+        self._report.client_kills += 1
+        if process.exitcode != -signal.SIGKILL:
+            self._report.failures.append(f"killed client {client}: exit code {process.exitcode}")
+            return False
+        self.start()
+        return True
+
+    def stop(self, timeout: float) -> None:
+        """Tell every client to stop after its call in hand, read its reports, reap it."""
+        for _, control in self.live.values():
+            with contextlib.suppress(BrokenPipeError):  # it may have exited already
+                control.send(None)
+        sentinels = [process.sentinel for process, _ in self.live.values()]
+        if not self._fleet.finish(set(self.live), sentinels, timeout):
+            self._report.failures.append(f"clients still running {timeout} s after 'stop'")
+        for client, (process, control) in self.live.items():
+            _reap(process)
+            control.close()
+            if process.exitcode != 0:
+                self._report.failures.append(f"client {client}: exit code {process.exitcode}")
+        self.live.clear()
+
+
+def run(
+    db_path: str | os.PathLike[str],
+    kills: int,
+    clients: int = 4,
+    *,
+    client_kills: int = 0,
+    seed: int | None = None,
+    max_pause: float = 0.03,
+    call_timeout: float = 5.0,
+    synchronous: str = "NORMAL",
+    backoff_max: float | None = None,
+) -> WriterKillReport:
+    """Start a writer on ``db_path``, run ``clients`` clients, SIGKILL the writer ``kills`` times.
+
+    Each kill comes after a random wait in ``[0, max_pause]`` on the clients'
+    pipes, and the next one only once the new writer has acknowledged a call
+    sent after the kill (so every kill lands under load). ``client_kills``
+    SIGKILLs of a random client (replaced at once) are shuffled in among them.
+    Then the clients stop, the writer closes, and the database is audited.
+    """
+    report = WriterKillReport(
+        seed=random.randrange(1 << 32) if seed is None else seed, clients=clients
+    )
+    rng = random.Random(report.seed)
+    fleet = _Fleet(call_timeout)
+    started = time.monotonic()
+    with restart_backoff(backoff_max):
+        writer = mpwriter.start(
+            db_path,
+            init=SCHEMA,
+            context="fork",
+            restart=True,
+            max_restarts=kills + 5,  # the kills must not exhaust the restarts of a minute
+            timeout=call_timeout,
+            synchronous=synchronous,
+        )
+        try:
+            pool = _Clients(writer, fleet, report)
+            try:
+                for _ in range(clients):
+                    pool.start()
+                _kill_loop(writer, fleet, pool, report, rng, kills, client_kills, max_pause)
+            finally:
+                # A client finishes the call in hand first: up to its timeout.
+                pool.stop(call_timeout + _DEADLINE)
+            report.failures += [f"client {c} exited by itself" for c in fleet.exited]
+            report.restarts = writer._state.restarts
+            try:
+                report.writer_stats = writer.stats(timeout=call_timeout)
+            except mpwriter.Error as exc:
+                report.failures.append(f"stats() after the kills: {type(exc).__name__}: {exc}")
+        finally:
+            writer.close(timeout=call_timeout + _DEADLINE)
+    report.elapsed = time.monotonic() - started
+    report.acknowledged = fleet.acknowledged
+    report.calls = fleet.calls
+    report.errors_by_class = dict(fleet.errors)
+    report.unexpected_errors = fleet.unexpected_errors
+    report.max_call = fleet.max_call
+    report.overruns = fleet.overruns
+    report.crashes_without_a_death = _crashes_without_a_death(fleet.crashes, report.kill_windows)
+    report.audit = audit(db_path, fleet.logs, in_flight=False)
+    return report
+
+
+def _crashes_without_a_death(
+    crashes: list[tuple[str, float, float]], kill_windows: list[tuple[float, float]]
+) -> list[str]:
+    """The WriterCrashed calls that no writer kill overlapped.
+
+    A call can be told "the writer died" only if a writer died while it was
+    in progress: between the SIGKILL being sent and the death being seen.
+    """
+    return [
+        what
+        for what, start, end in crashes
+        if not any(start <= dead and sent <= end for sent, dead in kill_windows)
+    ]
+
+
+def _kill_loop(
+    writer: mpwriter.Writer,
+    fleet: _Fleet,
+    pool: _Clients,
+    report: WriterKillReport,
+    rng: random.Random,
+    kills: int,
+    client_kills: int,
+    max_pause: float,
+) -> None:
+    """The kills of `run`, in random order; stops at the first that goes wrong."""
+    if not fleet.pump(_DEADLINE, until=lambda: fleet.acknowledged > 0):
+        report.failures.append("no acknowledgement before the first kill")
+        return
+    writer_kills = [True] * kills + [False] * client_kills
+    rng.shuffle(writer_kills)
+    for of_writer in writer_kills:
+        fleet.pump(rng.uniform(0.0, max_pause))
+        done = _kill_writer_once(writer, fleet, report) if of_writer else pool.kill_one(rng)
+        if not done:
+            return
+    # Every client still gets its writes through, replacements included.
+    last = time.monotonic()
+
+    def idle() -> list[int]:
+        return [c for c in pool.live if fleet.logs[c].last_ack_start <= last]
+
+    fleet.pump(writer.timeout + _DEADLINE, until=lambda: not idle())
+    report.failures += [f"client {c}: no acknowledgement after the last kill" for c in idle()]
+
+
+def _kill_writer_once(writer: mpwriter.Writer, fleet: _Fleet, report: WriterKillReport) -> bool:
+    """SIGKILL the current writer and wait until its successor serves the clients."""
+    # Only a writer that has served a call is killed (the restart wait below),
+    # so writer_pid names a live child of this process, not a pid from the past.
+    victim = writer._state.writer_pid
+    sent = time.monotonic()
+    if not _sigkill(victim, _DEADLINE):
+        report.failures.append(f"writer {victim} did not die within {_DEADLINE} s")
+        return False
+    dead = time.monotonic()
+    report.kill_windows.append((sent, dead))
+    report.kills += 1
+
+    # Restarted and serving: a call that began after the victim was dead has
+    # been acknowledged, which only a new writer can have done. Not a stats()
+    # call from here: this process's pooled reply pipe was registered with a
+    # dead writer, and a request that the new writer is already running when
+    # the re-registration arrives is answered "lost" (WriterCrashed) although
+    # it runs (_writer.py, _await_after_restart looks only in the backlog).
+    deadline = dead + writer.timeout + _DEADLINE
+    if not fleet.pump(deadline - time.monotonic(), until=lambda: fleet.latest_ack_start > dead):
+        report.failures.append(f"no new writer served {deadline - sent:.0f} s after a kill")
+        return False
+    report.max_restart = max(report.max_restart, time.monotonic() - sent)
+    if writer._state.writer_pid == victim:
+        report.failures.append(f"calls were served, but writer_pid still names {victim}")
+        return False
+    return True
+
+
+def _sigkill(pid: int, timeout: float) -> bool:
+    """SIGKILL ``pid`` and wait until it has exited; False if it outlives ``timeout``.
+
+    Through a pidfd, which stays bound to this process even if it is reaped
+    (by the owner's supervisor) and its pid reused meanwhile.
+    """
+    pidfd = os.pidfd_open(pid)
+    try:
+        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        return bool(select.select([pidfd], [], [], timeout)[0])
+    finally:
+        os.close(pidfd)
+
+
+def _reap(process: Any, timeout: float = _DEADLINE) -> None:
+    """Join a child with escalation: wait, terminate, kill; never hang."""
+    for stop in (None, process.terminate, process.kill):
+        if stop is not None:
+            stop()
+        if wait([process.sentinel], timeout):
+            # Not join(0): the sentinel fires as the child closes its
+            # descriptors, a moment before its exit status can be collected.
+            process.join(timeout)
+            return
+    raise RuntimeError(f"process {process.pid} would not die")
+
+
+# -- tree kills -------------------------------------------------------------------
+
+
+@dataclass
+class TreeRound:
+    """One tree killed: when, and what the database held afterwards."""
+
+    after_acks: int  # acknowledgements this round before the kill
+    acknowledged: int  # ... including those that reached this process after it
+    elapsed: float
+    audit: Audit
+
+
+@dataclass
+class TreeKillReport:
+    """What `run_tree` saw, round by round."""
+
+    seed: int
+    clients: int
+    rounds: list[TreeRound] = field(default_factory=list)
+    errors_by_class: dict[str, int] = field(default_factory=dict)
+    unexpected_errors: list[str] = field(default_factory=list)
+    max_call: float = 0.0
+    overruns: list[str] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+    elapsed: float = 0.0
+
+    def problems(self) -> dict[str, Any]:
+        found: dict[str, Any] = {
+            "run failures": self.failures,
+            "errors": self.unexpected_errors
+            + [f"{n} x {e}" for e, n in self.errors_by_class.items()],
+            "calls past their timeout": self.overruns,
+        }
+        for number, one in enumerate(self.rounds):
+            found[f"round {number}: lost acknowledged rows"] = one.audit.lost
+            found[f"round {number}: rows present although 'not sent'"] = one.audit.contradicted
+            found[f"round {number}: unexplained rows"] = one.audit.unexplained
+            if one.audit.integrity != "ok":
+                found[f"round {number}: integrity_check"] = [one.audit.integrity]
+        return {name: what for name, what in found.items() if what}
+
+
+def run_tree(
+    db_path: str | os.PathLike[str],
+    rounds: int,
+    clients: int = 4,
+    *,
+    seed: int | None = None,
+    max_acks: int = 200,
+    max_pause: float = 0.03,
+    call_timeout: float = 5.0,
+    synchronous: str = "NORMAL",
+) -> TreeKillReport:
+    """Start and SIGKILL a whole tree (owner, writer, clients) ``rounds`` times on ``db_path``.
+
+    Each round kills the tree after a random number of acknowledgements in
+    ``[1, max_acks]`` and a random wait in ``[0, max_pause]``, then audits
+    the database, with every acknowledgement of every round so far.
+    """
+    report = TreeKillReport(
+        seed=random.randrange(1 << 32) if seed is None else seed, clients=clients
+    )
+    rng = random.Random(report.seed)
+    fleet = _Fleet(call_timeout)
+    started = time.monotonic()
+    for number in range(rounds):
+        began = time.monotonic()
+        acked_before = fleet.acknowledged
+        acked_at_kill = _one_tree(
+            db_path,
+            number * clients,
+            clients,
+            fleet,
+            report,
+            rng,
+            max_acks,
+            max_pause,
+            call_timeout,
+            synchronous,
+        )
+        if acked_at_kill is None:
+            break
+        report.rounds.append(
+            TreeRound(
+                after_acks=acked_at_kill - acked_before,
+                acknowledged=fleet.acknowledged - acked_before,
+                elapsed=time.monotonic() - began,
+                audit=audit(db_path, fleet.logs, in_flight=True),
+            )
+        )
+    report.elapsed = time.monotonic() - started
+    report.errors_by_class = dict(fleet.errors)
+    report.unexpected_errors = fleet.unexpected_errors
+    report.max_call = fleet.max_call
+    report.overruns = fleet.overruns
+    return report
+
+
+def _one_tree(
+    db_path: str | os.PathLike[str],
+    first_client: int,
+    clients: int,
+    fleet: _Fleet,
+    report: TreeKillReport,
+    rng: random.Random,
+    max_acks: int,
+    max_pause: float,
+    call_timeout: float,
+    synchronous: str,
+) -> int | None:
+    """Start a tree, kill it at a random moment; return ``fleet.acknowledged`` at the kill.
+
+    None if the round went wrong (recorded in ``report.failures``).
+    """
+    ctx = multiprocessing.get_context("fork")
+    pipes = [ctx.Pipe(duplex=False) for _ in range(clients)]
+    members_r, members_w = ctx.Pipe(duplex=False)
+    control_r, control_w = ctx.Pipe(duplex=False)
+    owner = ctx.Process(
+        target=_tree_owner,
+        args=(
+            os.fspath(db_path),
+            first_client,
+            [w for _, w in pipes],
+            call_timeout,
+            synchronous,
+            members_w,
+            control_r,
+        ),
+        name="kill-writer tree owner",
+        daemon=False,  # it has children of its own
+    )
+    owner.start()
+    for number, (outcomes_r, outcomes_w) in enumerate(pipes):
+        outcomes_w.close()  # the tree holds the only write ends: EOF once it is all gone
+        fleet.add(first_client + number, outcomes_r)
+    members_w.close()
+    control_r.close()
+    round_clients = set(range(first_client, first_client + clients))
+    pidfds: list[int] = []
+    try:
+        if not members_r.poll(_DEADLINE + call_timeout):
+            report.failures.append("the tree's owner did not report its members in time")
+            return None
+        try:
+            members: TreeMembers = members_r.recv()
+        except EOFError:
+            report.failures.append(f"the tree's owner exited (code {owner.exitcode})")
+            return None
+        # pidfds first: they find each member dead, even once reaped elsewhere.
+        pidfds = [os.pidfd_open(pid) for pid in (members.writer, *members.clients)]
+        target = fleet.acknowledged + rng.randint(1, max_acks)
+        if not fleet.pump(_DEADLINE, until=lambda: fleet.acknowledged >= target):
+            report.failures.append("the tree's clients did not get their writes through")
+            return None
+        fleet.pump(rng.uniform(0.0, max_pause))
+        after_acks = fleet.acknowledged
+        # The owner is this process's child and not reaped yet: its pid, which
+        # names the group, cannot have been reused.
+        group = os.getpgid(members.owner)
+        if group != members.owner or group == os.getpgrp():
+            report.failures.append(f"the tree is not in a process group of its own ({group})")
+            return None
+        os.killpg(group, signal.SIGKILL)  # owner, writer and clients at one instant
+        if not fleet.finish(round_clients, [owner.sentinel, *pidfds], _DEADLINE):
+            report.failures.append(f"a member of the tree outlived the SIGKILL: {members}")
+            return None
+        return after_acks
+    finally:
+        # A tree that was not killed (the round failed) stops by itself on this.
+        with contextlib.suppress(BrokenPipeError):
+            control_w.send(None)
+        control_w.close()
+        members_r.close()
+        fleet.finish(round_clients, [owner.sentinel], call_timeout + _DEADLINE)
+        _reap(owner, call_timeout + _DEADLINE)
+        for pidfd in pidfds:
+            os.close(pidfd)
+
+
+def _tree_owner(
+    db_path: str,
+    first_client: int,
+    outcome_pipes: list[Connection],
+    call_timeout: float,
+    synchronous: str,
+    members: Connection,
+    control: Connection,
+) -> None:
+    """Child process body: own a writer and the clients, in a new process group.
+
+    Meant to be SIGKILLed with its group. If a message comes on ``control``
+    first (the parent gave up), it stops the clients and closes the writer.
+    """
+    os.setpgid(0, 0)  # before any child: the writer and the clients join this group
+    ctx = multiprocessing.get_context("fork")
+    writer = mpwriter.start(
+        db_path, init=SCHEMA, context=ctx, timeout=call_timeout, synchronous=synchronous
+    )
+    until = time.monotonic() + _LIFETIME
+    processes: list[Any] = []
+    stops: list[Connection] = []
+    for number, pipe in enumerate(outcome_pipes):
+        stop_r, stop_w = ctx.Pipe(duplex=False)
+        process = ctx.Process(
+            target=client_loop,
+            args=(writer, first_client + number, pipe, stop_r, until),
+            name=f"kill-writer tree client {first_client + number}",
+            daemon=True,
+        )
+        process.start()
+        pipe.close()
+        stop_r.close()
+        processes.append(process)
+        stops.append(stop_w)
+    members.send(
+        TreeMembers(os.getpid(), writer._state.writer_pid, tuple(p.pid for p in processes))
+    )
+    control.poll(_LIFETIME)  # killed long before, normally
+    for stop in stops:
+        with contextlib.suppress(BrokenPipeError):
+            stop.send(None)
+    for process in processes:
+        _reap(process, call_timeout + _DEADLINE)
+    writer.close()
+
+
+# -- command line -------------------------------------------------------------------
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--kills", type=int, default=25, help="writer kills (25)")
+    parser.add_argument(
+        "--client-kills", type=int, default=0, help="client kills shuffled in among them (0)"
+    )
+    parser.add_argument("--tree", action="store_true", help="kill whole process trees instead")
+    parser.add_argument("--rounds", type=int, default=5, help="tree kills with --tree (5)")
+    parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--max-pause", type=float, default=0.03, help="seconds before a kill, max")
+    parser.add_argument("--timeout", type=float, default=5.0, help="per-call timeout (5 s)")
+    parser.add_argument("--synchronous", default="NORMAL", choices=["NORMAL", "FULL", "EXTRA"])
+    parser.add_argument(
+        "--backoff-max",
+        type=float,
+        default=None,
+        help="cap the writer's restart backoff (default: mpwriter's own, up to 2 s)",
+    )
+    parser.add_argument("--dir", default=None, help="where the database goes (default: a temp dir)")
+    args = parser.parse_args()
+
+    print(
+        f"machine: {platform.platform()}, {os.cpu_count()} CPUs;"
+        f" Python {platform.python_version()}, SQLite {sqlite3.sqlite_version};"
+        f" synchronous={args.synchronous}, timeout {args.timeout} s"
+    )
+    with tempfile.TemporaryDirectory(dir=args.dir) as directory:
+        path = os.path.join(directory, "kill_writer.db")
+        if args.tree:
+            tree = run_tree(
+                path,
+                args.rounds,
+                args.clients,
+                seed=args.seed,
+                max_pause=args.max_pause,
+                call_timeout=args.timeout,
+                synchronous=args.synchronous,
+            )
+            problems = _print_tree(tree)
+        else:
+            report = run(
+                path,
+                args.kills,
+                args.clients,
+                client_kills=args.client_kills,
+                seed=args.seed,
+                max_pause=args.max_pause,
+                call_timeout=args.timeout,
+                synchronous=args.synchronous,
+                backoff_max=args.backoff_max,
+            )
+            problems = _print_kills(report)
+    for name, what in problems.items():
+        print(f"FAIL {name}: {what}")
+    print("FAIL" if problems else "OK")
+    return 1 if problems else 0
+
+
+def _print_kills(report: WriterKillReport) -> dict[str, Any]:
+    assert report.audit is not None
+    stats = report.writer_stats
+    print(f"seed:                         {report.seed}")
+    print(f"writer kills:                 {report.kills}  ({report.clients} clients)")
+    print(f"client kills:                 {report.client_kills}")
+    print(f"restarts:                     {report.restarts}")
+    print(f"calls:                        {report.calls}")
+    print(f"acknowledged:                 {report.acknowledged}")
+    print(f"rows:                         {report.audit.rows}")
+    print(
+        f"unacknowledged but present:   {report.audit.unacknowledged}"
+        "  (outcome unknown, or in flight in a killed client)"
+    )
+    print(f"errors by class:              {report.errors_by_class or 'none'}")
+    print(f"max call duration:            {report.max_call:.3f} s")
+    print(f"max kill-to-fresh-ack:        {report.max_restart:.3f} s")
+    print(
+        f"WriterCrashed with no death:  {len(report.crashes_without_a_death)}"
+        "  (calls told 'the writer died' while no writer died)"
+    )
+    for what in report.crashes_without_a_death[:5]:
+        print(f"    {what}")
+    print(f"integrity_check:              {report.audit.integrity}")
+    print(
+        f"last writer: lost requests    {stats.get('lost_requests')},"
+        f" errors {stats.get('errors_by_class') or 'none'}"
+    )
+    print(f"elapsed:                      {report.elapsed:.2f} s")
+    return report.problems()
+
+
+def _print_tree(report: TreeKillReport) -> dict[str, Any]:
+    print(f"seed:                         {report.seed}")
+    print(f"tree kills:                   {len(report.rounds)}  ({report.clients} clients each)")
+    for number, one in enumerate(report.rounds):
+        print(
+            f"  round {number}: killed after {one.after_acks} acks"
+            f" ({one.acknowledged} in all this round); database: {one.audit.rows} rows,"
+            f" {one.audit.unacknowledged} unacknowledged but present,"
+            f" integrity {one.audit.integrity}, {one.elapsed:.2f} s"
+        )
+    print(f"errors by class:              {report.errors_by_class or 'none'}")
+    print(f"max call duration:            {report.max_call:.3f} s")
+    print(f"elapsed:                      {report.elapsed:.2f} s")
+    return report.problems()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
