@@ -240,7 +240,7 @@ class Writer:
         except BaseException:
             self._retire(slot)
             raise
-        self._collector().add(slot, request_id, future, deadline)
+        self._collector().add(_Pending(slot, request_id, future, deadline))
         return future
 
     def post(self, sql: str, params: Any = (), *, max_block: float = 0.05) -> bool:
@@ -648,15 +648,9 @@ class _Collector:
         thread = threading.Thread(target=self._run, name="mpwriter-replies", daemon=True)
         thread.start()
 
-    def add(
-        self,
-        slot: _Slot,
-        request_id: int,
-        future: concurrent.futures.Future[Result],
-        deadline: float,
-    ) -> None:
+    def add(self, pending: _Pending) -> None:
         with self._lock:
-            self._added.append(_Pending(slot, request_id, future, deadline))
+            self._added.append(pending)
         with contextlib.suppress(BlockingIOError):
             os.write(self._wake_w, b"\0")
 

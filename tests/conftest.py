@@ -6,14 +6,17 @@ import multiprocessing
 import os
 import select
 import signal
+import sys
 from collections.abc import Iterator
-from multiprocessing.connection import wait
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 import mpwriter
+
+# tools/ holds routines the tests share with the command-line fault tools.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
 
 START_METHODS = [
     m for m in ("fork", "spawn", "forkserver") if m in multiprocessing.get_all_start_methods()
@@ -53,19 +56,6 @@ def writer(db_path: Path) -> Iterator[mpwriter.Writer]:
 def count_rows(db_path: Path, table: str = "items") -> int:
     with mpwriter.reader(db_path) as conn:
         return int(conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
-
-
-def reap(process: Any, timeout: float = 10.0) -> None:
-    """Join a child with escalation: wait, terminate, kill; never hang."""
-    for stop in (None, process.terminate, process.kill):
-        if stop is not None:
-            stop()
-        if wait([process.sentinel], timeout):
-            # The sentinel fires as the child's files close, a moment before
-            # its exit status can be collected: join waits for that.
-            process.join(timeout)
-            return
-    raise AssertionError(f"process {process.pid} would not die")
 
 
 def reap_pid(pid: int, timeout: float = 10.0) -> None:

@@ -22,13 +22,9 @@ each wait with a deadline, and reaps every child with escalation.
 from __future__ import annotations
 
 import multiprocessing
-import sys
 from pathlib import Path
 
-# tools/ is not a package; kill_writer.py holds the routines so that they can
-# also run on their own with bigger figures.
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
-import kill_writer
+import kill_writer  # in tools/, put on sys.path by conftest
 
 WRITER_KILLS = 20
 CALL_TIMEOUT = 5.0

@@ -22,7 +22,6 @@ import select
 import signal
 import sqlite3
 import struct
-import sys
 import termios
 import threading
 import time
@@ -35,13 +34,10 @@ from typing import Any
 
 import pytest
 
+import kill_clients  # in tools/, put on sys.path by conftest
 import mpwriter
-from conftest import SCHEMA, Gate, count_rows, reap
-
-# tools/ is not a package; kill_clients.py holds the client-kill routine so
-# that it can also run on its own with bigger figures.
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
-import kill_clients
+from _proc import reap  # tools/, on sys.path through conftest
+from conftest import SCHEMA, Gate, count_rows
 
 INSERT = "INSERT INTO items(client, seq) VALUES (?, ?)"
 DEADLINE = 10.0  # the most any single wait in this file may take before the test fails
@@ -81,19 +77,8 @@ class Children:
         for child in self.started:
             child.control.close()  # EOF: a child still waiting for orders returns
         for child in self.started:
-            reap_fully(child.process)
+            reap(child.process)
             child.report.close()
-
-
-def reap_fully(process: Any) -> None:
-    """`reap`, then a blocking waitpid with a deadline.
-
-    The sentinel fires when the child's files are closed, which can be
-    milliseconds before it is reapable; `reap` ends with join(0) and may leave
-    a zombie, which the writer would count as a live sender.
-    """
-    reap(process, timeout=5.0)
-    process.join(DEADLINE)
 
 
 @pytest.fixture
@@ -431,7 +416,7 @@ def test_large_request_from_killed_client_does_not_wedge(
             # The sender must not finish meanwhile: it cannot, the writer is held.
             assert not wait([sender.process.sentinel], kill_after), receive(sender.report)
             sender.process.kill()  # SIGKILL
-            reap_fully(sender.process)  # dead for the writer's sweep, not a zombie
+            reap(sender.process)  # dead for the writer's sweep, not a zombie
             assert sender.process.exitcode == -signal.SIGKILL
             queued = queued_bytes(writer) - before
             # Frames are written whole even by a process killed while writing.

@@ -16,7 +16,8 @@ from typing import Any
 import pytest
 
 import mpwriter
-from conftest import SCHEMA, Gate, count_rows, hold_writer, reap
+from _proc import reap  # tools/, on sys.path through conftest
+from conftest import SCHEMA, Gate, count_rows, hold_writer
 
 
 def test_queued_requests_survive_a_writer_kill_and_the_taken_one_is_reported_lost(

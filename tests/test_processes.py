@@ -18,7 +18,8 @@ from typing import Any
 import pytest
 
 import mpwriter
-from conftest import SCHEMA, count_rows, reap, reap_pid
+from _proc import reap  # tools/, on sys.path through conftest
+from conftest import SCHEMA, count_rows, reap_pid
 
 
 def tag_row(conn: sqlite3.Connection, client: int, seq: int) -> int:

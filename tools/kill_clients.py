@@ -40,6 +40,7 @@ from multiprocessing.connection import Connection, wait
 from typing import Any
 
 import mpwriter
+from _proc import reap
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS items (
@@ -171,7 +172,7 @@ def run_client_kills(
                 break
         else:
             report.errors.append(f"client {entry.client}: its pipe did not close in time")
-        _reap(entry.process)
+        reap(entry.process)
         entry.acks.close()
         entry.control.close()
         report.acked[entry.client] = entry.last_ack
@@ -259,20 +260,6 @@ def audit(db_path: str | os.PathLike[str], acked: dict[int, int]) -> Audit:
             unexpected.append(f"client {client}: seqs {seqs} with last ack {last}")
     unexpected += [f"unknown client {client}: seqs {seqs}" for client, seqs in found.items()]
     return Audit(rows, integrity, lost, unexpected)
-
-
-def _reap(process: Any, timeout: float = _DEADLINE) -> None:
-    """Join a child with escalation: wait, terminate, kill; never hang."""
-    for stop in (None, process.terminate, process.kill):
-        if stop is not None:
-            stop()
-        if wait([process.sentinel], timeout):
-            # Not join(0): that is waitpid(WNOHANG), which can run in the instant
-            # between the child closing its descriptors (the sentinel fires) and
-            # becoming a zombie, and leave exitcode None.
-            process.join(timeout)
-            return
-    raise RuntimeError(f"process {process.pid} would not die")
 
 
 def main() -> int:

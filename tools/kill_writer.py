@@ -65,6 +65,7 @@ from typing import Any, NamedTuple
 
 import mpwriter
 import mpwriter._owner
+from _proc import reap
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS items (
@@ -405,7 +406,7 @@ class _Clients:
         process, control = self.live.pop(client)
         process.kill()
         self._fleet.finish({client}, [process.sentinel], _DEADLINE)
-        _reap(process)
+        reap(process)
         control.close()
         self._fleet.logs[client].killed = True
         self._report.client_kills += 1
@@ -424,7 +425,7 @@ class _Clients:
         if not self._fleet.finish(set(self.live), sentinels, timeout):
             self._report.failures.append(f"clients still running {timeout} s after 'stop'")
         for client, (process, control) in self.live.items():
-            _reap(process)
+            reap(process)
             control.close()
             if process.exitcode != 0:
                 self._report.failures.append(f"client {client}: exit code {process.exitcode}")
@@ -584,19 +585,6 @@ def _sigkill(pid: int, timeout: float) -> bool:
         return bool(select.select([pidfd], [], [], timeout)[0])
     finally:
         os.close(pidfd)
-
-
-def _reap(process: Any, timeout: float = _DEADLINE) -> None:
-    """Join a child with escalation: wait, terminate, kill; never hang."""
-    for stop in (None, process.terminate, process.kill):
-        if stop is not None:
-            stop()
-        if wait([process.sentinel], timeout):
-            # Not join(0): the sentinel fires as the child closes its
-            # descriptors, a moment before its exit status can be collected.
-            process.join(timeout)
-            return
-    raise RuntimeError(f"process {process.pid} would not die")
 
 
 # -- tree kills -------------------------------------------------------------------
@@ -775,7 +763,7 @@ def _one_tree(
         control_w.close()
         members_r.close()
         fleet.finish(round_clients, [owner.sentinel], call_timeout + _DEADLINE)
-        _reap(owner, call_timeout + _DEADLINE)
+        reap(owner, call_timeout + _DEADLINE)
         for pidfd in pidfds:
             os.close(pidfd)
 
@@ -823,7 +811,7 @@ def _tree_owner(
         with contextlib.suppress(BrokenPipeError):
             stop.send(None)
     for process in processes:
-        _reap(process, call_timeout + _DEADLINE)
+        reap(process, call_timeout + _DEADLINE)
     writer.close()
 
 
