@@ -268,3 +268,13 @@ def test_a_request_served_by_the_successor_is_never_reported_lost(
         assert writer.stats()["lost_requests"] == 0
     gate.close()
     assert count_rows(db_path) == 2
+
+
+def test_the_writer_ignores_sigint_and_sighup(writer: mpwriter.Writer) -> None:
+    # Ctrl-C and a closed terminal reach the whole process group: the owner decides.
+    pid = writer.stats()["pid"]
+    os.kill(pid, signal.SIGINT)
+    os.kill(pid, signal.SIGHUP)
+    assert writer.execute("INSERT INTO items(payload) VALUES ('still here')").rowcount == 1
+    stats = writer.stats()
+    assert (stats["pid"], stats["restarts"]) == (pid, 0)
