@@ -7,7 +7,7 @@ See README.md for the guarantees and the limits.
 """
 
 from ._attached import attach, get_writer
-from ._client import Result, Transaction, Writer
+from ._client import Transaction, Writer
 from ._errors import (
     Error,
     Interrupted,
@@ -25,6 +25,7 @@ from ._errors import (
 from ._metrics import prometheus_text
 from ._owner import start
 from ._reader import ReadConnection, reader
+from ._reply import Result
 
 __all__ = [
     "Error",

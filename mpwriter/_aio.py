@@ -12,6 +12,7 @@ import asyncio
 import time
 from typing import TYPE_CHECKING, Any
 
+from ._reply import Incoming, no_reply, queue_full, unpack_reply
 from ._wire import Kind
 
 if TYPE_CHECKING:
@@ -20,8 +21,6 @@ if TYPE_CHECKING:
 
 async def request(writer: Writer, kind: Kind, body: tuple[Any, ...], timeout: float | None) -> Any:
     """Send one request and await its reply; the async twin of `Writer._call`."""
-    from ._client import _Incoming, _no_reply, _queue_full, _unpack_reply
-
     deadline, payload = writer._prepare(kind, body, timeout)
     slot = writer._borrow_slot(deadline)
     loop = asyncio.get_running_loop()
@@ -29,11 +28,11 @@ async def request(writer: Writer, kind: Kind, body: tuple[Any, ...], timeout: fl
         outgoing = writer._outgoing(kind, payload, slot.number)
         while not outgoing.pump():
             if not await _ready(loop, writer._request_fd, deadline, writable=True):
-                raise _queue_full()
-        incoming = _Incoming()
+                raise queue_full()
+        incoming = Incoming()
         while True:
             if not await _ready(loop, slot.fd, deadline, writable=False):
-                raise _no_reply()
+                raise no_reply()
             reply = writer._receive(slot, incoming, outgoing.request_id, deadline)
             if reply is not None:
                 break
@@ -42,7 +41,7 @@ async def request(writer: Writer, kind: Kind, body: tuple[Any, ...], timeout: fl
         writer._retire(slot)
         raise
     writer._local.free.append(slot)
-    return _unpack_reply(reply, outgoing.request_id)
+    return unpack_reply(reply, outgoing.request_id)
 
 
 async def _ready(

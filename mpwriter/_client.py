@@ -36,26 +36,24 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator
 from multiprocessing import context as mp_context
 from multiprocessing import reduction
-from typing import Any, NamedTuple, Protocol
+from typing import Any, Protocol
 
 from . import _aio
 from ._errors import (
-    Error,
     NotPicklable,
     QueueFull,
-    RemoteTraceback,
     Timeout,
     WriterClosed,
     WriterCrashed,
     WriterUnavailable,
 )
+from ._futures import Collector, Pending
+from ._reply import Incoming, Result, millis, no_reply, queue_full, unpack_reply
 from ._shared import CLOSED, DEAD, RUNNING, describe_exit
 from ._wire import (
     PICKLE_PROTOCOL,
     REPLY_HEADER_SIZE,
     Kind,
-    Status,
-    decode_reply_header,
     encode_frames,
     make_sender_token,
     reply_size,
@@ -63,18 +61,6 @@ from ._wire import (
 from ._writer import NO_REPLY, REGISTRATION
 
 _READ_SIZE = 1 << 16
-
-
-class Result(NamedTuple):
-    """What a write returned.
-
-    ``rows`` holds the rows a statement produced (``RETURNING``, or a query);
-    ``rowcount`` and ``lastrowid`` are those of `sqlite3.Cursor`.
-    """
-
-    rowcount: int
-    lastrowid: int | None
-    rows: list[tuple[Any, ...]]
 
 
 class _Owner(Protocol):
@@ -110,7 +96,7 @@ class _ProcessState:
         self.free: list[_Slot] = []
         self.slot_numbers = itertools.count()
         self.request_ids = itertools.count()
-        self.collector: _Collector | None = None
+        self.collector: Collector | None = None
         self.posts_dropped = 0  # not yet reported to the writer
         # Every descriptor this state opened: a forked child closes them all,
         # including those of requests in flight in another thread at the fork.
@@ -240,7 +226,7 @@ class Writer:
         except BaseException:
             self._retire(slot)
             raise
-        self._collector().add(_Pending(slot, request_id, future, deadline))
+        self._collector().add(Pending(slot, request_id, future, deadline))
         return future
 
     def post(self, sql: str, params: Any = (), *, max_block: float = 0.05) -> bool:
@@ -364,7 +350,7 @@ class Writer:
             raise
         # A whole reply was read: the pipe is clean, even if the reply is an error.
         self._local.free.append(slot)
-        return _unpack_reply(reply, request_id)
+        return unpack_reply(reply, request_id)
 
     def _prepare(
         self, kind: Kind, body: tuple[Any, ...], timeout: float | None
@@ -401,34 +387,34 @@ class Writer:
                 poller.register(self._request_fd, select.POLLOUT)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise _queue_full()
-            poller.poll(_millis(remaining))
+                raise queue_full()
+            poller.poll(millis(remaining))
         return outgoing.request_id
 
     def _await_reply(self, slot: _Slot, request_id: int, deadline: float) -> bytes:
         """The whole reply to ``request_id``; raises on timeout or a lost writer."""
         # The common case, cheaply: the whole reply in the first read.
-        if slot.poller.poll(_millis(max(deadline - time.monotonic(), 0.0))):
+        if slot.poller.poll(millis(max(deadline - time.monotonic(), 0.0))):
             chunk = os.read(slot.fd, _READ_SIZE)
             if len(chunk) >= REPLY_HEADER_SIZE and len(chunk) == reply_size(chunk):
                 return chunk
-            incoming = _Incoming()
+            incoming = Incoming()
             if chunk:
                 incoming.take(chunk)
             else:
                 self._after_eof(slot, incoming, request_id, deadline)
         else:
-            raise _no_reply()
+            raise no_reply()
         while True:
             remaining = deadline - time.monotonic()
-            if not slot.poller.poll(_millis(max(remaining, 0.0))):
-                raise _no_reply()
+            if not slot.poller.poll(millis(max(remaining, 0.0))):
+                raise no_reply()
             reply = self._receive(slot, incoming, request_id, deadline)
             if reply is not None:
                 return reply
 
     def _receive(
-        self, slot: _Slot, incoming: _Incoming, request_id: int, deadline: float
+        self, slot: _Slot, incoming: Incoming, request_id: int, deadline: float
     ) -> bytes | None:
         """Read what ``slot`` holds; return the whole reply once it is complete."""
         chunk = os.read(slot.fd, _READ_SIZE)
@@ -437,9 +423,7 @@ class Writer:
         self._after_eof(slot, incoming, request_id, deadline)
         return None
 
-    def _after_eof(
-        self, slot: _Slot, incoming: _Incoming, request_id: int, deadline: float
-    ) -> None:
+    def _after_eof(self, slot: _Slot, incoming: Incoming, request_id: int, deadline: float) -> None:
         """The writer that held this pipe is gone, possibly part-way through
         the reply: wait for its successor, if one may come."""
         if incoming.started or self._state.status != RUNNING:
@@ -527,11 +511,11 @@ class Writer:
     def _retire(self, slot: _Slot) -> None:
         self._close_fd(slot.fd)
 
-    def _collector(self) -> _Collector:
+    def _collector(self) -> Collector:
         local = self._local
         with local.lock:
             if local.collector is None:
-                local.collector = _Collector(self)
+                local.collector = Collector(self)
             return local.collector
 
     def _forget_parent_state(self) -> None:
@@ -582,138 +566,6 @@ class _Outgoing:
                 raise self._writer._unavailable(sent=False) from None
             self._next = next(self._frames, None)
         return True
-
-
-class _Incoming:
-    """Collects one reply from the chunks read off its pipe."""
-
-    __slots__ = ("_buffer", "_needed")
-
-    def __init__(self) -> None:
-        self._buffer = b""
-        self._needed = REPLY_HEADER_SIZE
-
-    @property
-    def started(self) -> bool:
-        return bool(self._buffer)
-
-    def take(self, chunk: bytes) -> bytes | None:
-        buffer = self._buffer = self._buffer + chunk
-        if self._needed == REPLY_HEADER_SIZE and len(buffer) >= REPLY_HEADER_SIZE:
-            self._needed += decode_reply_header(buffer[:REPLY_HEADER_SIZE])[0]
-        return buffer if len(buffer) >= self._needed else None
-
-
-def _queue_full() -> QueueFull:
-    return QueueFull("the request queue stayed full for the whole timeout; not sent")
-
-
-def _no_reply() -> Timeout:
-    return Timeout("no reply from the writer within the timeout; the outcome is unknown")
-
-
-class _Pending:
-    """A submitted request whose reply the collector awaits."""
-
-    __slots__ = ("deadline", "future", "incoming", "request_id", "slot")
-
-    def __init__(
-        self,
-        slot: _Slot,
-        request_id: int,
-        future: concurrent.futures.Future[Result],
-        deadline: float,
-    ) -> None:
-        self.slot = slot
-        self.request_id = request_id
-        self.future = future
-        self.deadline = deadline
-        self.incoming = _Incoming()
-
-
-class _Collector:
-    """One thread per process that resolves the futures of `Writer.submit`.
-
-    It never blocks on one reply: each ready pipe is read once, without
-    waiting, so a slow or lost writer delays no other future past its deadline.
-    """
-
-    def __init__(self, writer: Writer) -> None:
-        self._writer = writer
-        self._lock = threading.Lock()
-        self._added: list[_Pending] = []
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        os.set_blocking(self._wake_w, False)
-        thread = threading.Thread(target=self._run, name="mpwriter-replies", daemon=True)
-        thread.start()
-
-    def add(self, pending: _Pending) -> None:
-        with self._lock:
-            self._added.append(pending)
-        with contextlib.suppress(BlockingIOError):
-            os.write(self._wake_w, b"\0")
-
-    def _run(self) -> None:
-        pending: dict[int, _Pending] = {}  # by the fd of its reply pipe
-        while True:
-            with self._lock:
-                added, self._added = self._added, []
-            pending.update((entry.slot.fd, entry) for entry in added)
-            poller = select.poll()
-            poller.register(self._wake_r, select.POLLIN)
-            for fd in pending:
-                poller.register(fd, select.POLLIN)
-            now = time.monotonic()
-            soonest = min((entry.deadline for entry in pending.values()), default=now + 60.0)
-            ready = {fd for fd, _ in poller.poll(_millis(max(0.0, soonest - now)))}
-            if self._wake_r in ready:
-                with contextlib.suppress(BlockingIOError):
-                    os.read(self._wake_r, 4096)
-            now = time.monotonic()
-            for fd, entry in list(pending.items()):
-                if fd in ready:
-                    del pending[fd]
-                    if not self._step(entry):
-                        pending[entry.slot.fd] = entry  # maybe a new pipe, after a restart
-                elif entry.deadline <= now:
-                    del pending[fd]
-                    self._writer._retire(entry.slot)
-                    entry.future.set_exception(_no_reply())
-
-    def _step(self, entry: _Pending) -> bool:
-        """Read what is ready for ``entry``; True once its future is resolved."""
-        writer = self._writer
-        try:
-            reply = writer._receive(entry.slot, entry.incoming, entry.request_id, entry.deadline)
-        except BaseException as exc:
-            writer._retire(entry.slot)
-            entry.future.set_exception(exc)
-            return True
-        if reply is None:
-            return False
-        writer._local.free.append(entry.slot)
-        try:
-            entry.future.set_result(Result(*_unpack_reply(reply, entry.request_id)))
-        except BaseException as exc:
-            entry.future.set_exception(exc)
-        return True
-
-
-def _unpack_reply(payload: bytes, request_id: int) -> Any:
-    length, replied_to = decode_reply_header(payload[:REPLY_HEADER_SIZE])
-    if replied_to != request_id:
-        raise Error(f"reply to request {replied_to} arrived for request {request_id}")
-    status, value = pickle.loads(payload[REPLY_HEADER_SIZE : REPLY_HEADER_SIZE + length])
-    if status == Status.OK:
-        return value
-    exc, tb = value
-    exc.__cause__ = RemoteTraceback(tb)
-    raise exc
-
-
-def _millis(seconds: float) -> int:
-    return max(0, int(seconds * 1000) + 1)
 
 
 def _rebuild(
