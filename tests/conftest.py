@@ -17,20 +17,11 @@ import mpwriter
 
 # tools/ holds routines the tests share with the command-line fault tools.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+from _faults import SCHEMA as SCHEMA
 
 START_METHODS = [
     m for m in ("fork", "spawn", "forkserver") if m in multiprocessing.get_all_start_methods()
 ]
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS items (
-    id INTEGER PRIMARY KEY,
-    client INTEGER,
-    seq INTEGER,
-    payload TEXT,
-    UNIQUE (client, seq)
-);
-"""
 
 
 @pytest.fixture

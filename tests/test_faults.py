@@ -36,10 +36,9 @@ import pytest
 
 import kill_clients  # in tools/, put on sys.path by conftest
 import mpwriter
-from _proc import reap  # tools/, on sys.path through conftest
+from _faults import INSERT, reap  # tools/, on sys.path through conftest
 from conftest import SCHEMA, Gate, count_rows
 
-INSERT = "INSERT INTO items(client, seq) VALUES (?, ?)"
 DEADLINE = 10.0  # the most any single wait in this file may take before the test fails
 OUTCOME_UNKNOWN = re.compile(r"outcome (is )?unknown")
 _FORK = multiprocessing.get_context("fork")

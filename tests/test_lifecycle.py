@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 import mpwriter
-from _proc import reap  # tools/, on sys.path through conftest
+from _faults import reap  # tools/, on sys.path through conftest
 from conftest import SCHEMA, Gate, count_rows, hold_writer
 
 

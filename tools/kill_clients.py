@@ -40,18 +40,7 @@ from multiprocessing.connection import Connection, wait
 from typing import Any
 
 import mpwriter
-from _proc import reap
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS items (
-    id INTEGER PRIMARY KEY,
-    client INTEGER,
-    seq INTEGER,
-    payload TEXT,
-    UNIQUE (client, seq)
-);
-"""
-INSERT = "INSERT INTO items(client, seq) VALUES (?, ?)"
+from _faults import INSERT, SCHEMA, reap
 
 STALL = 0.5  # seconds without any acknowledgement from any client counts as a stall
 _DEADLINE = 10.0  # for every wait on a child: its pipe to EOF, its exit

@@ -65,18 +65,7 @@ from typing import Any, NamedTuple
 
 import mpwriter
 import mpwriter._owner
-from _proc import reap
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS items (
-    id INTEGER PRIMARY KEY,
-    client INTEGER,
-    seq INTEGER,
-    payload TEXT,
-    UNIQUE (client, seq)
-);
-"""
-INSERT = "INSERT INTO items(client, seq) VALUES (?, ?)"
+from _faults import INSERT, SCHEMA, reap
 
 # Errors a writer kill may cause: the call that the dead writer had taken
 # ("outcome unknown"), or a call that outwaited a restart. Anything else is a bug.

@@ -1,9 +1,20 @@
-"""Process helpers shared by the fault tools and the test suite."""
+"""What the fault tools and the test suite share: the table they write, and reaping."""
 
 from __future__ import annotations
 
 from multiprocessing.connection import wait
 from typing import Any
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS items (
+    id INTEGER PRIMARY KEY,
+    client INTEGER,
+    seq INTEGER,
+    payload TEXT,
+    UNIQUE (client, seq)
+);
+"""
+INSERT = "INSERT INTO items(client, seq) VALUES (?, ?)"
 
 
 def reap(process: Any, timeout: float = 10.0) -> None:
