@@ -260,3 +260,27 @@ def test_a_reaped_writer_is_still_restarted(db_path: Path) -> None:
         stats = writer.stats()
         assert stats["restarts"] == 1
         assert stats["pid"] != writer_pid
+
+
+def write_then_report(writer: mpwriter.Writer, report: Connection) -> None:
+    writer.execute("INSERT INTO items(payload) VALUES ('from the child')")
+    report.send("written")
+
+
+def test_a_write_returned_in_one_process_is_seen_by_a_reader_in_another(
+    writer: mpwriter.Writer, db_path: Path
+) -> None:
+    with mpwriter.reader(db_path) as conn:  # opened before the write
+        assert conn.execute("SELECT count(*) FROM items").fetchone() == (0,)
+        receive, send = multiprocessing.Pipe(duplex=False)
+        child = multiprocessing.get_context("fork").Process(
+            target=write_then_report, args=(writer, send)
+        )
+        child.start()
+        send.close()
+        try:
+            assert wait([receive], 30), "the child did not report"
+            assert receive.recv() == "written"
+        finally:
+            reap(child)
+        assert conn.execute("SELECT payload FROM items").fetchall() == [("from the child",)]
