@@ -198,6 +198,8 @@ class WriterLoop:
     ) -> None:
         self._conn = conn
         self._config = config
+        # The Connection objects are kept, unused, because collecting one
+        # closes its descriptor; the loop works on the raw descriptors.
         self._requests = requests
         self._request_fd = requests.fileno()
         os.set_blocking(self._request_fd, False)
