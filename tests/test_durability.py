@@ -2,9 +2,9 @@
 
 A call returns only after the COMMIT that made its write durable; with
 ``synchronous=NORMAL`` in WAL mode that commit survives a crash of any process
-(FULL adds power loss, which a test cannot stage). Both tests run a routine of
-tools/kill_writer.py, where the faults, the clients and the audit live, and
-assert what the issue asks:
+(FULL adds power loss, which a test cannot stage). The tests run the routines
+of tools/kill_writer.py and tools/kill_tree.py, where the faults, the clients
+and the audit live, and assert what the issue asks:
 
 - every row whose call returned is in the database, and ``PRAGMA
   integrity_check`` is ok;
@@ -24,7 +24,8 @@ from __future__ import annotations
 import multiprocessing
 from pathlib import Path
 
-import kill_writer  # in tools/, put on sys.path by conftest
+import kill_tree  # in tools/, put on sys.path by conftest
+import kill_writer
 
 WRITER_KILLS = 20
 CALL_TIMEOUT = 5.0
@@ -66,7 +67,7 @@ def test_writer_sigkills_under_load_lose_no_acknowledged_row(db_path: Path) -> N
 
 
 def test_killing_the_whole_tree_loses_no_acknowledged_row(db_path: Path) -> None:
-    report = kill_writer.run_tree(db_path, rounds=TREE_ROUNDS, clients=4, call_timeout=CALL_TIMEOUT)
+    report = kill_tree.run_tree(db_path, rounds=TREE_ROUNDS, clients=4, call_timeout=CALL_TIMEOUT)
     seed = f"(seed {report.seed})"
     assert report.failures == [], seed
     assert len(report.rounds) == TREE_ROUNDS
