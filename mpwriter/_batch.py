@@ -334,6 +334,11 @@ class BatchRunner:
             )
         return error_reply(work.request.request_id, exc)
 
+    def abandon_transaction(self) -> None:
+        """Roll back whatever transaction is open, with the writer's own statement text."""
+        if self._conn.in_transaction:
+            self._conn.execute(_ROLLBACK)
+
     # -- the batch ------------------------------------------------------------
 
     def run(self, batch: list[Work]) -> list[tuple[Request, bytes]]:
@@ -352,8 +357,7 @@ class BatchRunner:
                 outcome = self._run_in_transaction(pending, solo)
             except _TransactionLost as lost:
                 self._counters.replayed_batches += 1
-                if self._conn.in_transaction:
-                    self._conn.execute(_ROLLBACK)
+                self.abandon_transaction()
                 culprit = pending[lost.index]
                 replies[id(culprit)] = lost.reply
                 pending = pending[: lost.index] + pending[lost.index + 1 :]
@@ -439,8 +443,7 @@ class BatchRunner:
         try:
             conn.execute(_COMMIT)
         except sqlite3.Error as exc:
-            if conn.in_transaction:
-                conn.execute(_ROLLBACK)
+            self.abandon_transaction()
             for work in succeeded:
                 replies[id(work)] = self._fail(work, exc)
         else:

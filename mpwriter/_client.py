@@ -52,11 +52,9 @@ from ._reply import Incoming, Result, millis, no_reply, queue_full, unpack_reply
 from ._shared import CLOSED, DEAD, RUNNING, describe_exit
 from ._wire import (
     PICKLE_PROTOCOL,
-    REPLY_HEADER_SIZE,
     Kind,
     encode_frames,
     make_sender_token,
-    reply_size,
 )
 from ._writer import NO_REPLY, REGISTRATION
 
@@ -393,21 +391,9 @@ class Writer:
 
     def _await_reply(self, slot: _Slot, request_id: int, deadline: float) -> bytes:
         """The whole reply to ``request_id``; raises on timeout or a lost writer."""
-        # The common case, cheaply: the whole reply in the first read.
-        if slot.poller.poll(millis(max(deadline - time.monotonic(), 0.0))):
-            chunk = os.read(slot.fd, _READ_SIZE)
-            if len(chunk) >= REPLY_HEADER_SIZE and len(chunk) == reply_size(chunk):
-                return chunk
-            incoming = Incoming()
-            if chunk:
-                incoming.take(chunk)
-            else:
-                self._after_eof(slot, incoming, request_id, deadline)
-        else:
-            raise no_reply()
+        incoming = Incoming()
         while True:
-            remaining = deadline - time.monotonic()
-            if not slot.poller.poll(millis(max(remaining, 0.0))):
+            if not slot.poller.poll(millis(max(deadline - time.monotonic(), 0.0))):
                 raise no_reply()
             reply = self._receive(slot, incoming, request_id, deadline)
             if reply is not None:

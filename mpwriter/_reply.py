@@ -10,7 +10,7 @@ import pickle
 from typing import Any, NamedTuple
 
 from ._errors import Error, QueueFull, RemoteTraceback, Timeout
-from ._wire import REPLY_HEADER_SIZE, Status, decode_reply_header
+from ._wire import REPLY_HEADER_SIZE, Status, decode_reply_header, reply_size
 
 
 class Result(NamedTuple):
@@ -39,9 +39,10 @@ class Incoming:
         return bool(self._buffer)
 
     def take(self, chunk: bytes) -> bytes | None:
-        buffer = self._buffer = self._buffer + chunk
+        # Usually the whole reply is the first chunk: no copy then.
+        buffer = self._buffer = self._buffer + chunk if self._buffer else chunk
         if self._needed == REPLY_HEADER_SIZE and len(buffer) >= REPLY_HEADER_SIZE:
-            self._needed += decode_reply_header(buffer[:REPLY_HEADER_SIZE])[0]
+            self._needed = reply_size(buffer)
         return buffer if len(buffer) >= self._needed else None
 
 

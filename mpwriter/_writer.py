@@ -353,9 +353,10 @@ class WriterLoop:
                 # Only the writer's own statements can fail here (a ROLLBACK TO
                 # on a broken disk): fail this batch, keep serving.
                 log.exception("mpwriter: batch failed")
-                if self._conn.in_transaction:
-                    with contextlib.suppress(sqlite3.Error):
-                        self._conn.execute("ROLLBACK")
+                try:
+                    self._runner.abandon_transaction()
+                except sqlite3.Error:
+                    log.exception("mpwriter: rolling back the failed batch failed too")
                 replies = [(w.request, error_reply(w.request.request_id, exc)) for w in batch]
         committed = time.monotonic()
         for request, reply in replies + extra:
@@ -519,8 +520,7 @@ class WriterLoop:
             self._state.status = CLOSED  # a crash leaves it RUNNING: the owner restarts
         conn = self._conn
         try:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
+            self._runner.abandon_transaction()
             conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             conn.execute("PRAGMA optimize")
         except sqlite3.Error:

@@ -435,3 +435,22 @@ def test_error_replies_reuse_the_reply_pipe(writer: mpwriter.Writer) -> None:
             writer.execute("INSERT INTO items(client, seq) VALUES (1, 1)")
     # One thread, one call at a time: one pipe served all of them.
     assert writer.stats()["reply_pipes"] == 1
+
+
+def init_in_a_transaction(conn: sqlite3.Connection) -> None:
+    """An `init` that leaves its transaction open: the writer commits it."""
+    conn.execute("BEGIN")
+    conn.execute("CREATE TABLE IF NOT EXISTS items(id INTEGER PRIMARY KEY, payload TEXT)")
+
+
+@pytest.mark.parametrize("statement", ["COMMIT", "ROLLBACK"])
+def test_the_writers_own_statements_never_let_a_callers_through(
+    db_path: Path, statement: str
+) -> None:
+    # sqlite3 caches prepared statements by their text and the authorizer only
+    # sees a statement when it is prepared: whatever the writer itself ran at
+    # start-up must not be found in that cache by a caller's identical text.
+    with mpwriter.start(db_path, init=init_in_a_transaction, context="fork") as writer:
+        with pytest.raises(mpwriter.StatementRefused):
+            writer.execute(statement)
+        assert writer.execute("INSERT INTO items(payload) VALUES ('x')").rowcount == 1
