@@ -138,6 +138,9 @@ class EchoBatchRunner:
             for work in batch
         ]
 
+    def abandon_transaction(self) -> None:
+        """Nothing to roll back: no transaction is ever opened."""
+
 
 @contextlib.contextmanager
 def echo_runner() -> Iterator[None]:
