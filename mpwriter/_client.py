@@ -51,8 +51,11 @@ from ._futures import Collector, Pending
 from ._reply import Incoming, Result, millis, no_reply, queue_full, unpack_reply
 from ._shared import CLOSED, DEAD, RUNNING, describe_exit
 from ._wire import (
+    MAX_PAYLOAD,
     PICKLE_PROTOCOL,
+    WHOLE,
     Kind,
+    encode_frame,
     encode_frames,
     make_sender_token,
 )
@@ -337,8 +340,11 @@ class Writer:
     # -- request path -----------------------------------------------------------
 
     def _call(self, kind: Kind, body: tuple[Any, ...], timeout: float | None) -> Any:
+        # The hot path of every synchronous call, kept flat: a typical request
+        # is one frame, written at once, and one reply, read in one chunk.
         deadline, payload = self._prepare(kind, body, timeout)
-        slot = self._borrow_slot(deadline)
+        free = self._local.free
+        slot = free.pop() if free else self._new_slot(deadline)
         try:
             request_id = self._send(kind, payload, slot.number, deadline)
             reply = self._await_reply(slot, request_id, deadline)
@@ -347,7 +353,7 @@ class Writer:
             self._retire(slot)
             raise
         # A whole reply was read: the pipe is clean, even if the reply is an error.
-        self._local.free.append(slot)
+        free.append(slot)
         return unpack_reply(reply, request_id)
 
     def _prepare(
@@ -369,15 +375,27 @@ class Writer:
 
     def _outgoing(self, kind: Kind, payload: bytes, slot_number: int) -> _Outgoing:
         local = self._local
-        # Never 0: a registration awaiting request 0 is a fresh one.
-        request_id = next(local.request_ids) % 0xFFFFFFFF + 1
+        request_id = self._next_request_id()
         frames = encode_frames(kind, local.sender, request_id, slot_number, payload)
         return _Outgoing(self, request_id, frames)
 
+    def _next_request_id(self) -> int:
+        # Never 0: a registration awaiting request 0 is a fresh one.
+        return next(self._local.request_ids) % 0xFFFFFFFF + 1
+
     def _send(self, kind: Kind, payload: bytes, slot_number: int, deadline: float) -> int:
-        outgoing = self._outgoing(kind, payload, slot_number)
-        if outgoing.pump():
-            return outgoing.request_id
+        if len(payload) <= MAX_PAYLOAD:
+            request_id = self._next_request_id()
+            frame = encode_frame(kind, WHOLE, self._local.sender, request_id, slot_number, payload)
+            try:
+                os.write(self._request_fd, frame)
+                return request_id
+            except BlockingIOError:
+                outgoing = _Outgoing(self, request_id, iter((frame,)))
+            except BrokenPipeError:
+                raise self._unavailable(sent=False) from None
+        else:
+            outgoing = self._outgoing(kind, payload, slot_number)
         poller: select.poll | None = None
         while not outgoing.pump():
             if poller is None:
@@ -447,12 +465,11 @@ class Writer:
     # -- reply pipes --------------------------------------------------------------
 
     def _borrow_slot(self, deadline: float) -> _Slot:
-        local = self._local
-        try:
-            return local.free.pop()
-        except IndexError:
-            pass
-        number = next(local.slot_numbers) % NO_REPLY
+        free = self._local.free
+        return free.pop() if free else self._new_slot(deadline)
+
+    def _new_slot(self, deadline: float) -> _Slot:
+        number = next(self._local.slot_numbers) % NO_REPLY
         read_fd, write_fd = self._new_pipe()
         try:
             self._register(number, write_fd, 0, deadline, sent=False)

@@ -65,6 +65,7 @@ class Status(enum.IntEnum):
 
 FIRST = 0x01
 LAST = 0x02
+WHOLE = FIRST | LAST  # a request that fits in one frame
 
 _MAGIC = b"\xa7W"
 # magic, kind, flags, payload length, sender token, request id, reply slot,
@@ -124,7 +125,7 @@ def encode_frames(
 ) -> Iterator[bytes]:
     """Split a pickled request into frames of at most ``PIPE_BUF`` bytes."""
     if len(payload) <= MAX_PAYLOAD:
-        return iter((encode_frame(kind, FIRST | LAST, sender, request_id, slot, payload),))
+        return iter((encode_frame(kind, WHOLE, sender, request_id, slot, payload),))
     return _split(kind, sender, request_id, slot, payload)
 
 
