@@ -6,7 +6,7 @@ acknowledgements the whole group is SIGKILLed, and the database is opened with
 plain sqlite3, as an application restarted after a crash would. The next
 round starts a new tree on the same file, so rows acknowledged in every
 earlier round are checked again. The clients and the audit are those of
-tools/kill_writer.py.
+tools/kill_writer.py, in tools/_faults.py.
 
   PYTHONPATH=. python3 tools/kill_tree.py                 # 5 tree kills
   PYTHONPATH=. python3 tools/kill_tree.py --rounds 20 --synchronous FULL
@@ -18,10 +18,8 @@ import argparse
 import contextlib
 import multiprocessing
 import os
-import platform
 import random
 import signal
-import sqlite3
 import sys
 import tempfile
 import time
@@ -30,8 +28,19 @@ from multiprocessing.connection import Connection
 from typing import Any, NamedTuple
 
 import mpwriter
-from _faults import SCHEMA, reap
-from kill_writer import _DEADLINE, _LIFETIME, Audit, _Fleet, audit, client_loop
+from _faults import (
+    DEADLINE,
+    LIFETIME,
+    SCHEMA,
+    Audit,
+    Fleet,
+    add_load_arguments,
+    audit,
+    machine_line,
+    print_verdict,
+    reap,
+    start_client,
+)
 
 
 class TreeMembers(NamedTuple):
@@ -103,7 +112,7 @@ def run_tree(
         seed=random.randrange(1 << 32) if seed is None else seed, clients=clients
     )
     rng = random.Random(report.seed)
-    fleet = _Fleet(call_timeout)
+    fleet = Fleet(call_timeout)
     started = time.monotonic()
     for number in range(rounds):
         began = time.monotonic()
@@ -142,7 +151,7 @@ def _one_tree(
     db_path: str | os.PathLike[str],
     first_client: int,
     clients: int,
-    fleet: _Fleet,
+    fleet: Fleet,
     report: TreeKillReport,
     rng: random.Random,
     max_acks: int,
@@ -181,7 +190,7 @@ def _one_tree(
     round_clients = set(range(first_client, first_client + clients))
     pidfds: list[int] = []
     try:
-        if not members_r.poll(_DEADLINE + call_timeout):
+        if not members_r.poll(DEADLINE + call_timeout):
             report.failures.append("the tree's owner did not report its members in time")
             return None
         try:
@@ -192,7 +201,7 @@ def _one_tree(
         # pidfds first: they find each member dead, even once reaped elsewhere.
         pidfds = [os.pidfd_open(pid) for pid in (members.writer, *members.clients)]
         target = fleet.acknowledged + rng.randint(1, max_acks)
-        if not fleet.pump(_DEADLINE, until=lambda: fleet.acknowledged >= target):
+        if not fleet.pump(DEADLINE, until=lambda: fleet.acknowledged >= target):
             report.failures.append("the tree's clients did not get their writes through")
             return None
         fleet.pump(rng.uniform(0.0, max_pause))
@@ -204,7 +213,7 @@ def _one_tree(
             report.failures.append(f"the tree is not in a process group of its own ({group})")
             return None
         os.killpg(group, signal.SIGKILL)  # owner, writer and clients at one instant
-        if not fleet.finish(round_clients, [owner.sentinel, *pidfds], _DEADLINE):
+        if not fleet.finish(round_clients, [owner.sentinel, *pidfds], DEADLINE):
             report.failures.append(f"a member of the tree outlived the SIGKILL: {members}")
             return None
         return after_acks
@@ -214,8 +223,8 @@ def _one_tree(
             control_w.send(None)
         control_w.close()
         members_r.close()
-        fleet.finish(round_clients, [owner.sentinel], call_timeout + _DEADLINE)
-        reap(owner, call_timeout + _DEADLINE)
+        fleet.finish(round_clients, [owner.sentinel], call_timeout + DEADLINE)
+        reap(owner, call_timeout + DEADLINE)
         for pidfd in pidfds:
             os.close(pidfd)
 
@@ -239,49 +248,34 @@ def _tree_owner(
     writer = mpwriter.start(
         db_path, init=SCHEMA, context=ctx, timeout=call_timeout, synchronous=synchronous
     )
-    until = time.monotonic() + _LIFETIME
+    until = time.monotonic() + LIFETIME
     processes: list[Any] = []
     stops: list[Connection] = []
     for number, pipe in enumerate(outcome_pipes):
-        stop_r, stop_w = ctx.Pipe(duplex=False)
-        process = ctx.Process(
-            target=client_loop,
-            args=(writer, first_client + number, pipe, stop_r, until),
-            name=f"kill-writer tree client {first_client + number}",
-            daemon=True,
-        )
-        process.start()
-        pipe.close()
-        stop_r.close()
+        client = first_client + number
+        name = f"kill-writer tree client {client}"
+        process, stop = start_client(writer, client, pipe, until, name)
         processes.append(process)
-        stops.append(stop_w)
+        stops.append(stop)
     members.send(
         TreeMembers(os.getpid(), writer._state.writer_pid, tuple(p.pid for p in processes))
     )
-    control.poll(_LIFETIME)  # killed long before, normally
+    control.poll(LIFETIME)  # killed long before, normally
     for stop in stops:
         with contextlib.suppress(BrokenPipeError):
             stop.send(None)
     for process in processes:
-        reap(process, call_timeout + _DEADLINE)
+        reap(process, call_timeout + DEADLINE)
     writer.close()
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=5, help="tree kills (5)")
-    parser.add_argument("--clients", type=int, default=4)
-    parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--max-pause", type=float, default=0.03, help="seconds before a kill, max")
-    parser.add_argument("--timeout", type=float, default=5.0, help="per-call timeout (5 s)")
-    parser.add_argument("--synchronous", default="NORMAL", choices=["NORMAL", "FULL", "EXTRA"])
+    add_load_arguments(parser)
     parser.add_argument("--dir", default=None, help="where the database goes (default: a temp dir)")
     args = parser.parse_args()
-    print(
-        f"machine: {platform.platform()}, {os.cpu_count()} CPUs;"
-        f" Python {platform.python_version()}, SQLite {sqlite3.sqlite_version};"
-        f" synchronous={args.synchronous}, timeout {args.timeout} s"
-    )
+    print(f"{machine_line()}; synchronous={args.synchronous}, timeout {args.timeout} s")
     with tempfile.TemporaryDirectory(dir=args.dir) as directory:
         report = run_tree(
             os.path.join(directory, "kill_tree.db"),
@@ -293,10 +287,7 @@ def main() -> int:
             synchronous=args.synchronous,
         )
         problems = _print_tree(report)
-    for name, what in problems.items():
-        print(f"FAIL {name}: {what}")
-    print("FAIL" if problems else "OK")
-    return 1 if problems else 0
+    return print_verdict(problems)
 
 
 def _print_tree(report: TreeKillReport) -> dict[str, Any]:

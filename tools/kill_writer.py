@@ -1,13 +1,13 @@
 """SIGKILLs of the writer under load: no acknowledged write may be lost.
 
-Two faults, one bookkeeping. Clients are forked processes sharing one
-`mpwriter.Writer`; each inserts ``(client, seq)`` for seq = 0, 1, 2... one call
-at a time and reports every call on a pipe of its own: the seq, how long the
-call took, and the error it raised if it did not return. A call that returned
-is an *acknowledgement*. Afterwards the database must hold every acknowledged
-row, ``PRAGMA integrity_check`` must say ok, and a row that is there without
-an acknowledgement must belong to a call whose error said "the outcome is
-unknown", or be the call that a killed client had in flight.
+Two faults, one bookkeeping, in tools/_faults.py. Clients are forked
+processes sharing one `mpwriter.Writer`; each inserts ``(client, seq)`` for
+seq = 0, 1, 2... one call at a time and reports every call on a pipe of its
+own. A call that returned is an *acknowledgement*. Afterwards the database
+must hold every acknowledged row, ``PRAGMA integrity_check`` must say ok, and
+a row that is there without an acknowledgement must belong to a call whose
+error said "the outcome is unknown", or be the call that a killed client had
+in flight.
 
 - `run` (writer kills): this process owns the writer. It waits on the
   clients' pipes for a random deadline in ``[0, max_pause]``, SIGKILLs the
@@ -47,240 +47,33 @@ import contextlib
 import itertools
 import multiprocessing
 import os
-import platform
 import random
-import re
 import select
 import signal
-import sqlite3
 import sys
 import tempfile
 import time
-from collections import Counter, defaultdict
-from collections.abc import Callable, Iterator
-from contextlib import closing
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from multiprocessing.connection import Connection, wait
-from typing import Any, NamedTuple
+from multiprocessing.connection import Connection
+from typing import Any
 
 import mpwriter
 import mpwriter._owner
-from _faults import INSERT, SCHEMA, reap
-
-# Errors a writer kill may cause: the call that the dead writer had taken
-# ("outcome unknown"), or a call that outwaited a restart. Anything else is a bug.
-ALLOWED_ERRORS = frozenset({"WriterCrashed", "Timeout"})
-OVERRUN_MARGIN = 1.0  # seconds past its timeout that a call may take to return
-_NOT_SENT = re.compile(r"not sent")
-_OUTCOME = re.compile(r"outcome is unknown|not sent")  # every allowed error says which
-_DEADLINE = 10.0  # for every wait on a child or a restart, beyond the call timeout
-_LIFETIME = 600.0  # a client stops by itself after this long, whatever its parent does
-
-
-class Outcome(NamedTuple):
-    """One call, as its client reports it. ``error`` is None for an acknowledgement.
-
-    Small enough to be one write(2) below PIPE_BUF: a SIGKILL lands before
-    the report or after it, never in the middle.
-    """
-
-    seq: int
-    started: float  # time.monotonic(), which is system-wide: comparable across processes
-    seconds: float
-    error: str | None = None  # the exception's class name
-    message: str = ""
-
-
-def client_loop(
-    writer: mpwriter.Writer,
-    client: int,
-    outcomes: Connection,
-    control: Connection,
-    until: float,
-) -> None:
-    """Child process body: insert seq 0, 1, 2... and report each call's `Outcome`.
-
-    A seq is never retried: a call that failed with "outcome unknown" may have
-    committed, and its row must stay attributable to that call. Any message
-    on ``control`` (or its EOF) means "stop after this call"; ``until`` (a
-    monotonic time, which is system-wide) bounds the loop if nobody says so.
-    """
-    seq = 0
-    while not control.poll() and time.monotonic() < until:
-        began = time.monotonic()
-        try:
-            writer.execute(INSERT, (client, seq))
-        except Exception as exc:
-            ended = time.monotonic()
-            outcome = Outcome(seq, began, ended - began, type(exc).__name__, str(exc)[:300])
-        else:
-            outcome = Outcome(seq, began, time.monotonic() - began)
-        outcomes.send(outcome)
-        seq += 1
-
-
-@dataclass
-class ClientLog:
-    """Everything one client reported."""
-
-    acked: set[int] = field(default_factory=set)
-    failed: dict[int, tuple[str, str]] = field(default_factory=dict)  # seq -> (class, message)
-    last_seq: int = -1  # the last seq reported either way
-    last_ack_start: float = 0.0
-    killed: bool = False  # SIGKILLed: its call in flight went unreported
-
-    def take(self, outcome: Outcome) -> None:
-        if outcome.error is None:
-            self.acked.add(outcome.seq)
-            self.last_ack_start = outcome.started
-        else:
-            self.failed[outcome.seq] = (outcome.error, outcome.message)
-        self.last_seq = outcome.seq
-
-
-@dataclass
-class Audit:
-    """The database checked against what the clients reported."""
-
-    rows: int
-    integrity: str
-    lost: list[tuple[int, int]]  # acknowledged, yet missing
-    unacknowledged: int  # present without an acknowledgement, and explained
-    contradicted: list[str]  # present although the call said "not sent"
-    unexplained: list[tuple[int, int]]  # present, and no call can account for it
-
-
-def audit(db_path: str | os.PathLike[str], logs: dict[int, ClientLog], *, in_flight: bool) -> Audit:
-    """Open the database with plain sqlite3 and check it against ``logs``.
-
-    A row present without an acknowledgement is explained by a call that
-    raised "outcome unknown", or by the call a killed client had in flight
-    (the seq after its last report): ``in_flight`` says every client was killed.
-    """
-    # Plain sqlite3, read-write: what an application restarted after a crash
-    # does, and what lets SQLite recover a WAL left by a killed writer.
-    with closing(sqlite3.connect(os.fspath(db_path), timeout=_DEADLINE)) as conn:
-        integrity = "; ".join(row[0] for row in conn.execute("PRAGMA integrity_check"))
-        found: dict[int, set[int]] = defaultdict(set)
-        for client, seq in conn.execute("SELECT client, seq FROM items"):
-            found[client].add(seq)
-    rows = sum(len(seqs) for seqs in found.values())
-    lost: list[tuple[int, int]] = []
-    contradicted: list[str] = []
-    unexplained: list[tuple[int, int]] = []
-    unacknowledged = 0
-    for client in sorted(set(logs) | set(found)):
-        log = logs.get(client, ClientLog())
-        present = found.get(client, set())
-        lost += [(client, seq) for seq in sorted(log.acked - present)]
-        for seq in sorted(present - log.acked):
-            failure = log.failed.get(seq)
-            if failure is not None and _NOT_SENT.search(failure[1]):
-                contradicted.append(f"({client}, {seq}) is present: {failure[0]}: {failure[1]}")
-            elif failure is not None or ((in_flight or log.killed) and seq == log.last_seq + 1):
-                unacknowledged += 1
-            else:
-                unexplained.append((client, seq))
-    return Audit(rows, integrity, lost, unacknowledged, contradicted, unexplained)
-
-
-class _Fleet:
-    """The clients' report pipes, as seen by the process that reads them."""
-
-    def __init__(self, call_timeout: float) -> None:
-        self.call_timeout = call_timeout
-        self.logs: dict[int, ClientLog] = {}
-        self.pipes: dict[Connection, int] = {}  # open report pipe -> client
-        self.acknowledged = 0
-        self.calls = 0
-        self.errors: Counter[str] = Counter()
-        self.unexpected_errors: list[str] = []
-        self.max_call = 0.0
-        self.overruns: list[str] = []  # calls that outlived their timeout + margin
-        self.eof_expected: set[int] = set()  # clients told to stop, or killed
-        self.exited: list[int] = []  # clients whose pipe closed unexpectedly
-        self.latest_ack_start = 0.0  # when the most recently begun acknowledged call began
-        self.crashes: list[tuple[str, float, float]] = []  # WriterCrashed: (what, start, end)
-
-    def add(self, client: int, pipe: Connection) -> None:
-        self.logs[client] = ClientLog()
-        self.pipes[pipe] = client
-
-    def pump(self, timeout: float, until: Callable[[], bool] | None = None) -> bool:
-        """Take reports for up to ``timeout`` seconds (a wait, not a sleep).
-
-        Returns early, True, once ``until()`` holds; False if it never did.
-        """
-        deadline = time.monotonic() + timeout
-        while True:
-            if until is not None and until():
-                return True
-            remaining = deadline - time.monotonic()
-            for pipe in wait(list(self.pipes), max(0.0, remaining)):
-                assert isinstance(pipe, Connection)
-                self._drain(pipe)
-            if remaining <= 0 or not self.pipes:
-                return until is not None and until()
-
-    def _drain(self, pipe: Connection) -> None:
-        client = self.pipes[pipe]
-        while pipe.poll():
-            try:
-                outcome: Outcome = pipe.recv()
-            except EOFError:
-                del self.pipes[pipe]
-                pipe.close()
-                if client not in self.eof_expected:
-                    self.exited.append(client)
-                return
-            self.calls += 1
-            self.max_call = max(self.max_call, outcome.seconds)
-            if outcome.seconds > self.call_timeout + OVERRUN_MARGIN:
-                self.overruns.append(f"client {client} seq {outcome.seq}: {outcome.seconds:.2f} s")
-            if outcome.error is None:
-                self.acknowledged += 1
-                self.latest_ack_start = max(self.latest_ack_start, outcome.started)
-            else:
-                if outcome.error == "WriterCrashed":
-                    what = f"client {client} seq {outcome.seq}: {outcome.message}"
-                    self.crashes.append((what, outcome.started, outcome.started + outcome.seconds))
-                self.errors[outcome.error] += 1
-                if outcome.error not in ALLOWED_ERRORS or not _OUTCOME.search(outcome.message):
-                    self.unexpected_errors.append(
-                        f"client {client} seq {outcome.seq}: {outcome.error}: {outcome.message}"
-                    )
-            self.logs[client].take(outcome)
-
-    def finish(self, clients: set[int], sentinels: list[int], timeout: float) -> bool:
-        """Read the reports of ``clients`` until every process behind ``sentinels`` has exited.
-
-        Then take what is left in their pipes and close them. Not EOF: a
-        forked process inherits every descriptor open at the fork, so a
-        sibling or a restarted writer may hold a copy of a pipe's write end.
-        A sentinel is a process sentinel or a pidfd; False if one outlives
-        ``timeout``.
-        """
-        self.eof_expected |= clients
-        pending = set(sentinels)
-        deadline = time.monotonic() + timeout
-        while pending:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            mine = [pipe for pipe, client in self.pipes.items() if client in clients]
-            for ready in wait([*mine, *pending], remaining):
-                if isinstance(ready, Connection):
-                    self._drain(ready)
-                else:
-                    pending.discard(ready)  # a sentinel: an int
-        for pipe, client in list(self.pipes.items()):
-            if client in clients:
-                self._drain(pipe)  # everything the dead wrote is there already
-                if pipe in self.pipes:
-                    del self.pipes[pipe]
-                    pipe.close()
-        return not pending
-
+from _faults import (
+    DEADLINE,
+    LIFETIME,
+    SCHEMA,
+    Audit,
+    Fleet,
+    add_load_arguments,
+    audit,
+    machine_line,
+    print_verdict,
+    reap,
+    start_client,
+)
+from _faults import OVERRUN_MARGIN as OVERRUN_MARGIN  # tests/test_durability.py reads it here
 
 # -- writer kills ------------------------------------------------------------------
 
@@ -354,39 +147,29 @@ def restart_backoff(cap: float | None) -> Iterator[None]:
 class _Clients:
     """The clients of `run`, forked by the writer's owner: start, kill and replace, stop."""
 
-    def __init__(self, writer: mpwriter.Writer, fleet: _Fleet, report: WriterKillReport) -> None:
+    def __init__(self, writer: mpwriter.Writer, fleet: Fleet, report: WriterKillReport) -> None:
         self._writer = writer
         self._fleet = fleet
         self._report = report
         self._ctx = multiprocessing.get_context("fork")
         self._ids = itertools.count()
-        self._until = time.monotonic() + _LIFETIME
+        self._until = time.monotonic() + LIFETIME
         self.live: dict[int, tuple[Any, Connection]] = {}  # client -> (process, control)
 
     def start(self) -> None:
         client = next(self._ids)
         outcomes_r, outcomes_w = self._ctx.Pipe(duplex=False)
-        control_r, control_w = self._ctx.Pipe(duplex=False)
-        process = self._ctx.Process(
-            target=client_loop,
-            args=(self._writer, client, outcomes_w, control_r, self._until),
-            name=f"kill-writer client {client}",
-            daemon=True,
-        )
-        process.start()
-        # The client holds the only write end: EOF means it is gone, and so
-        # is everything it sent.
-        outcomes_w.close()
-        control_r.close()
+        name = f"kill-writer client {client}"
+        process, control = start_client(self._writer, client, outcomes_w, self._until, name)
         self._fleet.add(client, outcomes_r)
-        self.live[client] = (process, control_w)
+        self.live[client] = (process, control)
 
     def kill_one(self, rng: random.Random) -> bool:
         """SIGKILL a random client, read its last reports, reap it, start a replacement."""
         client = rng.choice(sorted(self.live))
         process, control = self.live.pop(client)
         process.kill()
-        self._fleet.finish({client}, [process.sentinel], _DEADLINE)
+        self._fleet.finish({client}, [process.sentinel], DEADLINE)
         reap(process)
         control.close()
         self._fleet.logs[client].killed = True
@@ -437,7 +220,7 @@ def run(
         seed=random.randrange(1 << 32) if seed is None else seed, clients=clients
     )
     rng = random.Random(report.seed)
-    fleet = _Fleet(call_timeout)
+    fleet = Fleet(call_timeout)
     started = time.monotonic()
     with restart_backoff(backoff_max):
         writer = mpwriter.start(
@@ -457,7 +240,7 @@ def run(
                 _kill_loop(writer, fleet, pool, report, rng, kills, client_kills, max_pause)
             finally:
                 # A client finishes the call in hand first: up to its timeout.
-                pool.stop(call_timeout + _DEADLINE)
+                pool.stop(call_timeout + DEADLINE)
             report.failures += [f"client {c} exited by itself" for c in fleet.exited]
             report.restarts = writer._state.restarts
             try:
@@ -465,7 +248,7 @@ def run(
             except mpwriter.Error as exc:
                 report.failures.append(f"stats() after the kills: {type(exc).__name__}: {exc}")
         finally:
-            writer.close(timeout=call_timeout + _DEADLINE)
+            writer.close(timeout=call_timeout + DEADLINE)
     report.elapsed = time.monotonic() - started
     report.acknowledged = fleet.acknowledged
     report.calls = fleet.calls
@@ -495,7 +278,7 @@ def _crashes_without_a_death(
 
 def _kill_loop(
     writer: mpwriter.Writer,
-    fleet: _Fleet,
+    fleet: Fleet,
     pool: _Clients,
     report: WriterKillReport,
     rng: random.Random,
@@ -504,7 +287,7 @@ def _kill_loop(
     max_pause: float,
 ) -> None:
     """The kills of `run`, in random order; stops at the first that goes wrong."""
-    if not fleet.pump(_DEADLINE, until=lambda: fleet.acknowledged > 0):
+    if not fleet.pump(DEADLINE, until=lambda: fleet.acknowledged > 0):
         report.failures.append("no acknowledgement before the first kill")
         return
     writer_kills = [True] * kills + [False] * client_kills
@@ -520,18 +303,18 @@ def _kill_loop(
     def idle() -> list[int]:
         return [c for c in pool.live if fleet.logs[c].last_ack_start <= last]
 
-    fleet.pump(writer.timeout + _DEADLINE, until=lambda: not idle())
+    fleet.pump(writer.timeout + DEADLINE, until=lambda: not idle())
     report.failures += [f"client {c}: no acknowledgement after the last kill" for c in idle()]
 
 
-def _kill_writer_once(writer: mpwriter.Writer, fleet: _Fleet, report: WriterKillReport) -> bool:
+def _kill_writer_once(writer: mpwriter.Writer, fleet: Fleet, report: WriterKillReport) -> bool:
     """SIGKILL the current writer and wait until its successor serves the clients."""
     # Only a writer that has served a call is killed (the restart wait below),
     # so writer_pid names a live child of this process, not a pid from the past.
     victim = writer._state.writer_pid
     sent = time.monotonic()
-    if not _sigkill(victim, _DEADLINE):
-        report.failures.append(f"writer {victim} did not die within {_DEADLINE} s")
+    if not _sigkill(victim, DEADLINE):
+        report.failures.append(f"writer {victim} did not die within {DEADLINE} s")
         return False
     dead = time.monotonic()
     report.kill_windows.append((sent, dead))
@@ -543,7 +326,7 @@ def _kill_writer_once(writer: mpwriter.Writer, fleet: _Fleet, report: WriterKill
     # dead writer, and a request that the new writer is already running when
     # the re-registration arrives is answered "lost" (WriterCrashed) although
     # it runs (_writer.py, _await_after_restart looks only in the backlog).
-    deadline = dead + writer.timeout + _DEADLINE
+    deadline = dead + writer.timeout + DEADLINE
     if not fleet.pump(deadline - time.monotonic(), until=lambda: fleet.latest_ack_start > dead):
         report.failures.append(f"no new writer served {deadline - sent:.0f} s after a kill")
         return False
@@ -577,11 +360,7 @@ def main() -> int:
     parser.add_argument(
         "--client-kills", type=int, default=0, help="client kills shuffled in among them (0)"
     )
-    parser.add_argument("--clients", type=int, default=4)
-    parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--max-pause", type=float, default=0.03, help="seconds before a kill, max")
-    parser.add_argument("--timeout", type=float, default=5.0, help="per-call timeout (5 s)")
-    parser.add_argument("--synchronous", default="NORMAL", choices=["NORMAL", "FULL", "EXTRA"])
+    add_load_arguments(parser)
     parser.add_argument(
         "--backoff-max",
         type=float,
@@ -591,11 +370,7 @@ def main() -> int:
     parser.add_argument("--dir", default=None, help="where the database goes (default: a temp dir)")
     args = parser.parse_args()
 
-    print(
-        f"machine: {platform.platform()}, {os.cpu_count()} CPUs;"
-        f" Python {platform.python_version()}, SQLite {sqlite3.sqlite_version};"
-        f" synchronous={args.synchronous}, timeout {args.timeout} s"
-    )
+    print(f"{machine_line()}; synchronous={args.synchronous}, timeout {args.timeout} s")
     with tempfile.TemporaryDirectory(dir=args.dir) as directory:
         path = os.path.join(directory, "kill_writer.db")
         report = run(
@@ -610,10 +385,7 @@ def main() -> int:
             backoff_max=args.backoff_max,
         )
         problems = _print_kills(report)
-    for name, what in problems.items():
-        print(f"FAIL {name}: {what}")
-    print("FAIL" if problems else "OK")
-    return 1 if problems else 0
+    return print_verdict(problems)
 
 
 def _print_kills(report: WriterKillReport) -> dict[str, Any]:
