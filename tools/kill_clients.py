@@ -27,9 +27,7 @@ import contextlib
 import itertools
 import multiprocessing
 import os
-import platform
 import random
-import sqlite3
 import sys
 import tempfile
 import time
@@ -40,7 +38,7 @@ from multiprocessing.connection import Connection, wait
 from typing import Any
 
 import mpwriter
-from _faults import INSERT, SCHEMA, reap
+from _faults import INSERT, SCHEMA, machine_line, print_verdict, reap
 
 STALL = 0.5  # seconds without any acknowledgement from any client counts as a stall
 _DEADLINE = 10.0  # for every wait on a child: its pipe to EOF, its exit
@@ -260,10 +258,7 @@ def main() -> int:
     parser.add_argument("--dir", default=None, help="where the database goes (default: a temp dir)")
     args = parser.parse_args()
 
-    print(
-        f"machine: {platform.platform()}, {os.cpu_count()} CPUs;"
-        f" Python {platform.python_version()}, SQLite {sqlite3.sqlite_version}"
-    )
+    print(machine_line())
     with tempfile.TemporaryDirectory(dir=args.dir) as directory:
         path = os.path.join(directory, "kill_clients.db")
         with mpwriter.start(path, init=SCHEMA, context="fork") as writer:
@@ -291,11 +286,7 @@ def main() -> int:
     }
     if result.integrity != "ok":
         problems["integrity_check"] = [result.integrity]
-    failed = {name: what for name, what in problems.items() if what}
-    for name, what in failed.items():
-        print(f"FAIL {name}: {what}")
-    print("FAIL" if failed else "OK")
-    return 1 if failed else 0
+    return print_verdict({name: what for name, what in problems.items() if what})
 
 
 if __name__ == "__main__":
