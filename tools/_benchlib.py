@@ -308,7 +308,62 @@ def cell(value: Any, spec: str) -> str:
     return "-" if value is None or value != value else format(value, spec)  # None, NaN
 
 
+def run_name(run: dict[str, Any]) -> str:
+    """A run or a table row as the progress lines name it: "mode sync xclients"."""
+    return f"{run['mode']} {run['sync']} x{run['clients']}"
+
+
+def table_row(config: tuple[str, str, int], runs: list[Run], mismatches: int) -> dict[str, Any]:
+    """The first figures of every workload's table row: one configuration over its runs.
+
+    ``config`` is (mode, sync, clients); ``mismatches`` counts the runs whose
+    rows disagree with their acknowledgements, as the workload defines it.
+    The workload adds its own figures after these, then `spread_of`'s.
+    """
+    mode, sync, clients = config
+    return {
+        "mode": mode,
+        "sync": sync,
+        "clients": clients,
+        "runs": len(runs),
+        "errors": merged_errors(runs),
+        "mismatches": mismatches,
+        "problems": sum(len(r["problems"]) for r in runs),
+    }
+
+
+def spread_of(runs: list[Run]) -> dict[str, Any]:
+    """How the runs of one configuration differ: the lowest fairness, the ops/s range."""
+    speeds = [r["ops_per_s"] for r in runs]
+    return {
+        "min_fairness": min(r["fairness"] for r in runs),
+        "range": f"{min(speeds):.0f}-{max(speeds):.0f}",
+    }
+
+
 Column = tuple[str, int, Callable[[dict[str, Any]], str]]  # title, width (<0: left), show
+
+
+def lead_columns(mode_width: int, rate: str, rate_width: int) -> list[Column]:
+    """The columns every workload's table starts with, from "mode" to "batch".
+
+    ``mode_width`` fits the workload's longest mode (negative: left-aligned);
+    ``rate`` titles the ops/s column, which is ``rate_width`` wide.
+    """
+    return [
+        ("mode", mode_width, lambda r: r["mode"]),
+        ("sync", -6, lambda r: r["sync"]),
+        ("clients", 7, lambda r: str(r["clients"])),
+        (rate, rate_width, lambda r: cell(r["ops_per_s"], ".0f")),
+        ("min-max", 11, lambda r: r["range"]),
+        ("p50 ms", 7, lambda r: cell(r["p50_ms"], ".2f")),
+        ("p99 ms", 7, lambda r: cell(r["p99_ms"], ".2f")),
+        ("worst ms", 8, lambda r: cell(r["max_ms"], ".1f")),
+        ("w-worst", 7, lambda r: cell(r["writer_max_ms"], ".1f")),
+        ("fair", 5, lambda r: cell(r["fairness"], ".2f")),
+        ("errors", 6, lambda r: str(sum(r["errors"].values()))),
+        ("batch", 6, lambda r: cell(r["mean_batch_size"], ".2f")),
+    ]
 
 
 def print_table(rows: list[dict[str, Any]], columns: list[Column]) -> None:
@@ -326,7 +381,7 @@ def print_table(rows: list[dict[str, Any]], columns: list[Column]) -> None:
         print((line(show(r) for _, _, show in columns) + flag).rstrip())
     for r in rows:
         for message, n in r["errors"].items():
-            print(f"errors {r['mode']} {r['sync']} x{r['clients']}: {n} x {message}")
+            print(f"errors {run_name(r)}: {n} x {message}")
 
 
 # -- memory ---------------------------------------------------------------------------

@@ -229,7 +229,7 @@ def check(run: lib.Run) -> bool:
 
     Returns True when the run is sound.
     """
-    name = f"{run['mode']} {run['sync']} x{run['clients']}"
+    name = lib.run_name(run)
     errors = sum(run["errors"].values())
     line = f"  {name:24} {run['ops_per_s']:9.0f} w/s  acked={run['acked']} rows={run['rows']}"
     line += f" errors={errors}"
@@ -268,34 +268,19 @@ def table(results: dict[tuple[str, str, int], list[lib.Run]]) -> list[dict[str, 
     }
     rows = []
     for (mode, sync, clients), runs in results.items():
-        row: dict[str, Any] = {"mode": mode, "sync": sync, "clients": clients, "runs": len(runs)}
-        row["errors"] = lib.merged_errors(runs)
-        row["mismatches"] = sum(r["rows"] != r["expected_rows"] for r in runs)
-        row["problems"] = sum(len(r["problems"]) for r in runs)
+        mismatches = sum(r["rows"] != r["expected_rows"] for r in runs)
+        row = lib.table_row((mode, sync, clients), runs, mismatches)
         row |= {key: lib.median_of(runs, key) for key in MEDIAN_KEYS}
         for key in WORST_KEYS:
             row[key] = max((r[key] for r in runs if r.get(key) is not None), default=None)
-        row["min_fairness"] = min(r["fairness"] for r in runs)
-        speeds = [r["ops_per_s"] for r in runs]
-        row["range"] = f"{min(speeds):.0f}-{max(speeds):.0f}"
+        row |= lib.spread_of(runs)
         row["vs_raw"] = row["ops_per_s"] / raw[sync] if raw.get(sync) and mode != "raw" else None
         rows.append(row)
     return rows
 
 
 COLUMNS: list[lib.Column] = [
-    ("mode", -8, lambda r: r["mode"]),
-    ("sync", -6, lambda r: r["sync"]),
-    ("clients", 7, lambda r: str(r["clients"])),
-    ("writes/s", 9, lambda r: lib.cell(r["ops_per_s"], ".0f")),
-    ("min-max", 11, lambda r: r["range"]),
-    ("p50 ms", 7, lambda r: lib.cell(r["p50_ms"], ".2f")),
-    ("p99 ms", 7, lambda r: lib.cell(r["p99_ms"], ".2f")),
-    ("worst ms", 8, lambda r: lib.cell(r["max_ms"], ".1f")),
-    ("w-worst", 7, lambda r: lib.cell(r["writer_max_ms"], ".1f")),
-    ("fair", 5, lambda r: lib.cell(r["fairness"], ".2f")),
-    ("errors", 6, lambda r: str(sum(r["errors"].values()))),
-    ("batch", 6, lambda r: lib.cell(r["mean_batch_size"], ".2f")),
+    *lib.lead_columns(-8, "writes/s", 9),
     ("vs raw", 6, lambda r: lib.cell(r["vs_raw"], ".2f")),
     ("wRSS MB", 7, lambda r: lib.cell(r["writer_rss_peak_mb"], ".1f")),
     ("wUSS MB", 7, lambda r: lib.cell(r["writer_uss_mb"], ".1f")),

@@ -207,7 +207,7 @@ def check(run: lib.Run) -> bool:
 
     naive-default's money violations are expected and do not make it unsound.
     """
-    name = f"{run['mode']} {run['sync']} x{run['clients']}"
+    name = lib.run_name(run)
     errors = sum(run["errors"].values())
     print(
         f"  {name:32} {run['ops_per_s']:7.0f} tx/s  done={run['acked']} moved={run['applied']}"
@@ -237,10 +237,8 @@ def table(results: dict[tuple[str, str, int], list[lib.Run]]) -> list[dict[str, 
     }
     rows = []
     for (mode, sync, clients), runs in results.items():
-        row: dict[str, Any] = {"mode": mode, "sync": sync, "clients": clients, "runs": len(runs)}
-        row["errors"] = lib.merged_errors(runs)
-        row["mismatches"] = sum(r["ledger_rows"] != r["applied"] for r in runs)
-        row["problems"] = sum(len(r["problems"]) for r in runs)
+        mismatches = sum(r["ledger_rows"] != r["applied"] for r in runs)
+        row = lib.table_row((mode, sync, clients), runs, mismatches)
         row["violating_runs"] = sum(bool(r["violations"]) for r in runs)
         row["money_deltas"] = [r["money_delta"] for r in runs]
         for key in ("ops_per_s", "applied", "p50_ms", "p99_ms", "fairness", "mean_batch_size"):
@@ -249,9 +247,7 @@ def table(results: dict[tuple[str, str, int], list[lib.Run]]) -> list[dict[str, 
         row["writer_max_ms"] = max(
             (r["writer_max_ms"] for r in runs if r["writer_max_ms"] is not None), default=None
         )
-        row["min_fairness"] = min(r["fairness"] for r in runs)
-        speeds = [r["ops_per_s"] for r in runs]
-        row["range"] = f"{min(speeds):.0f}-{max(speeds):.0f}"
+        row |= lib.spread_of(runs)
         row["vs_immediate"] = (
             row["ops_per_s"] / immediate[clients] if immediate.get(clients) else None
         )
@@ -264,18 +260,7 @@ def _deltas(row: dict[str, Any]) -> str:
 
 
 COLUMNS: list[lib.Column] = [
-    ("mode", -19, lambda r: r["mode"]),
-    ("sync", -6, lambda r: r["sync"]),
-    ("clients", 7, lambda r: str(r["clients"])),
-    ("tx/s", 7, lambda r: lib.cell(r["ops_per_s"], ".0f")),
-    ("min-max", 11, lambda r: r["range"]),
-    ("p50 ms", 7, lambda r: lib.cell(r["p50_ms"], ".2f")),
-    ("p99 ms", 7, lambda r: lib.cell(r["p99_ms"], ".2f")),
-    ("worst ms", 8, lambda r: lib.cell(r["max_ms"], ".1f")),
-    ("w-worst", 7, lambda r: lib.cell(r["writer_max_ms"], ".1f")),
-    ("fair", 5, lambda r: lib.cell(r["fairness"], ".2f")),
-    ("errors", 6, lambda r: str(sum(r["errors"].values()))),
-    ("batch", 6, lambda r: lib.cell(r["mean_batch_size"], ".2f")),
+    *lib.lead_columns(-19, "tx/s", 7),
     ("vs imm", 6, lambda r: lib.cell(r["vs_immediate"], ".2f")),
     ("bad runs", 8, lambda r: f"{r['violating_runs']}/{r['runs']}"),
     ("money delta/run", -16, _deltas),
