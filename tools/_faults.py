@@ -317,6 +317,17 @@ def add_load_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--synchronous", default="NORMAL", choices=["NORMAL", "FULL", "EXTRA"])
 
 
+def load_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The options of `add_load_arguments`, as keyword arguments of ``run``/``run_tree``."""
+    return {
+        "clients": args.clients,
+        "seed": args.seed,
+        "max_pause": args.max_pause,
+        "call_timeout": args.timeout,
+        "synchronous": args.synchronous,
+    }
+
+
 def machine_line() -> str:
     """The first line a fault tool prints: the machine, Python and SQLite it ran on."""
     return (

@@ -27,20 +27,8 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any, NamedTuple
 
+import _faults as faults
 import mpwriter
-from _faults import (
-    DEADLINE,
-    LIFETIME,
-    SCHEMA,
-    Audit,
-    Fleet,
-    add_load_arguments,
-    audit,
-    machine_line,
-    print_verdict,
-    reap,
-    start_client,
-)
 
 
 class TreeMembers(NamedTuple):
@@ -58,7 +46,7 @@ class TreeRound:
     after_acks: int  # acknowledgements this round before the kill
     acknowledged: int  # ... including those that reached this process after it
     elapsed: float
-    audit: Audit
+    audit: faults.Audit
 
 
 @dataclass
@@ -112,7 +100,7 @@ def run_tree(
         seed=random.randrange(1 << 32) if seed is None else seed, clients=clients
     )
     rng = random.Random(report.seed)
-    fleet = Fleet(call_timeout)
+    fleet = faults.Fleet(call_timeout)
     started = time.monotonic()
     for number in range(rounds):
         began = time.monotonic()
@@ -136,7 +124,7 @@ def run_tree(
                 after_acks=acked_at_kill - acked_before,
                 acknowledged=fleet.acknowledged - acked_before,
                 elapsed=time.monotonic() - began,
-                audit=audit(db_path, fleet.logs, in_flight=True),
+                audit=faults.audit(db_path, fleet.logs, in_flight=True),
             )
         )
     report.elapsed = time.monotonic() - started
@@ -151,7 +139,7 @@ def _one_tree(
     db_path: str | os.PathLike[str],
     first_client: int,
     clients: int,
-    fleet: Fleet,
+    fleet: faults.Fleet,
     report: TreeKillReport,
     rng: random.Random,
     max_acks: int,
@@ -190,7 +178,7 @@ def _one_tree(
     round_clients = set(range(first_client, first_client + clients))
     pidfds: list[int] = []
     try:
-        if not members_r.poll(DEADLINE + call_timeout):
+        if not members_r.poll(faults.DEADLINE + call_timeout):
             report.failures.append("the tree's owner did not report its members in time")
             return None
         try:
@@ -201,7 +189,7 @@ def _one_tree(
         # pidfds first: they find each member dead, even once reaped elsewhere.
         pidfds = [os.pidfd_open(pid) for pid in (members.writer, *members.clients)]
         target = fleet.acknowledged + rng.randint(1, max_acks)
-        if not fleet.pump(DEADLINE, until=lambda: fleet.acknowledged >= target):
+        if not fleet.pump(faults.DEADLINE, until=lambda: fleet.acknowledged >= target):
             report.failures.append("the tree's clients did not get their writes through")
             return None
         fleet.pump(rng.uniform(0.0, max_pause))
@@ -213,7 +201,7 @@ def _one_tree(
             report.failures.append(f"the tree is not in a process group of its own ({group})")
             return None
         os.killpg(group, signal.SIGKILL)  # owner, writer and clients at one instant
-        if not fleet.finish(round_clients, [owner.sentinel, *pidfds], DEADLINE):
+        if not fleet.finish(round_clients, [owner.sentinel, *pidfds], faults.DEADLINE):
             report.failures.append(f"a member of the tree outlived the SIGKILL: {members}")
             return None
         return after_acks
@@ -223,8 +211,8 @@ def _one_tree(
             control_w.send(None)
         control_w.close()
         members_r.close()
-        fleet.finish(round_clients, [owner.sentinel], call_timeout + DEADLINE)
-        reap(owner, call_timeout + DEADLINE)
+        fleet.finish(round_clients, [owner.sentinel], call_timeout + faults.DEADLINE)
+        faults.reap(owner, call_timeout + faults.DEADLINE)
         for pidfd in pidfds:
             os.close(pidfd)
 
@@ -246,48 +234,41 @@ def _tree_owner(
     os.setpgid(0, 0)  # before any child: the writer and the clients join this group
     ctx = multiprocessing.get_context("fork")
     writer = mpwriter.start(
-        db_path, init=SCHEMA, context=ctx, timeout=call_timeout, synchronous=synchronous
+        db_path, init=faults.SCHEMA, context=ctx, timeout=call_timeout, synchronous=synchronous
     )
-    until = time.monotonic() + LIFETIME
+    until = time.monotonic() + faults.LIFETIME
     processes: list[Any] = []
     stops: list[Connection] = []
     for number, pipe in enumerate(outcome_pipes):
         client = first_client + number
         name = f"kill-writer tree client {client}"
-        process, stop = start_client(writer, client, pipe, until, name)
+        process, stop = faults.start_client(writer, client, pipe, until, name)
         processes.append(process)
         stops.append(stop)
     members.send(
         TreeMembers(os.getpid(), writer._state.writer_pid, tuple(p.pid for p in processes))
     )
-    control.poll(LIFETIME)  # killed long before, normally
+    control.poll(faults.LIFETIME)  # killed long before, normally
     for stop in stops:
         with contextlib.suppress(BrokenPipeError):
             stop.send(None)
     for process in processes:
-        reap(process, call_timeout + DEADLINE)
+        faults.reap(process, call_timeout + faults.DEADLINE)
     writer.close()
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=5, help="tree kills (5)")
-    add_load_arguments(parser)
+    faults.add_load_arguments(parser)
     parser.add_argument("--dir", default=None, help="where the database goes (default: a temp dir)")
     args = parser.parse_args()
-    print(f"{machine_line()}; synchronous={args.synchronous}, timeout {args.timeout} s")
+    print(f"{faults.machine_line()}; synchronous={args.synchronous}, timeout {args.timeout} s")
     with tempfile.TemporaryDirectory(dir=args.dir) as directory:
-        report = run_tree(
-            os.path.join(directory, "kill_tree.db"),
-            args.rounds,
-            args.clients,
-            seed=args.seed,
-            max_pause=args.max_pause,
-            call_timeout=args.timeout,
-            synchronous=args.synchronous,
-        )
+        path = os.path.join(directory, "kill_tree.db")
+        report = run_tree(path, args.rounds, **faults.load_options(args))
         problems = _print_tree(report)
-    return print_verdict(problems)
+    return faults.print_verdict(problems)
 
 
 def _print_tree(report: TreeKillReport) -> dict[str, Any]:

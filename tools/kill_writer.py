@@ -58,21 +58,9 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
 
+import _faults as faults
 import mpwriter
 import mpwriter._owner
-from _faults import (
-    DEADLINE,
-    LIFETIME,
-    SCHEMA,
-    Audit,
-    Fleet,
-    add_load_arguments,
-    audit,
-    machine_line,
-    print_verdict,
-    reap,
-    start_client,
-)
 from _faults import OVERRUN_MARGIN as OVERRUN_MARGIN  # tests/test_durability.py reads it here
 
 # -- writer kills ------------------------------------------------------------------
@@ -102,7 +90,7 @@ class WriterKillReport:
     failures: list[str] = field(default_factory=list)  # the run itself went wrong
     writer_stats: dict[str, Any] = field(default_factory=dict)
     elapsed: float = 0.0
-    audit: Audit | None = None
+    audit: faults.Audit | None = None
 
     def problems(self) -> dict[str, Any]:
         """Every property that does not hold, by name; empty when all is well."""
@@ -147,20 +135,22 @@ def restart_backoff(cap: float | None) -> Iterator[None]:
 class _Clients:
     """The clients of `run`, forked by the writer's owner: start, kill and replace, stop."""
 
-    def __init__(self, writer: mpwriter.Writer, fleet: Fleet, report: WriterKillReport) -> None:
+    def __init__(
+        self, writer: mpwriter.Writer, fleet: faults.Fleet, report: WriterKillReport
+    ) -> None:
         self._writer = writer
         self._fleet = fleet
         self._report = report
         self._ctx = multiprocessing.get_context("fork")
         self._ids = itertools.count()
-        self._until = time.monotonic() + LIFETIME
+        self._until = time.monotonic() + faults.LIFETIME
         self.live: dict[int, tuple[Any, Connection]] = {}  # client -> (process, control)
 
     def start(self) -> None:
         client = next(self._ids)
         outcomes_r, outcomes_w = self._ctx.Pipe(duplex=False)
         name = f"kill-writer client {client}"
-        process, control = start_client(self._writer, client, outcomes_w, self._until, name)
+        process, control = faults.start_client(self._writer, client, outcomes_w, self._until, name)
         self._fleet.add(client, outcomes_r)
         self.live[client] = (process, control)
 
@@ -169,8 +159,8 @@ class _Clients:
         client = rng.choice(sorted(self.live))
         process, control = self.live.pop(client)
         process.kill()
-        self._fleet.finish({client}, [process.sentinel], DEADLINE)
-        reap(process)
+        self._fleet.finish({client}, [process.sentinel], faults.DEADLINE)
+        faults.reap(process)
         control.close()
         self._fleet.logs[client].killed = True
         self._report.client_kills += 1
@@ -189,7 +179,7 @@ class _Clients:
         if not self._fleet.finish(set(self.live), sentinels, timeout):
             self._report.failures.append(f"clients still running {timeout} s after 'stop'")
         for client, (process, control) in self.live.items():
-            reap(process)
+            faults.reap(process)
             control.close()
             if process.exitcode != 0:
                 self._report.failures.append(f"client {client}: exit code {process.exitcode}")
@@ -220,12 +210,12 @@ def run(
         seed=random.randrange(1 << 32) if seed is None else seed, clients=clients
     )
     rng = random.Random(report.seed)
-    fleet = Fleet(call_timeout)
+    fleet = faults.Fleet(call_timeout)
     started = time.monotonic()
     with restart_backoff(backoff_max):
         writer = mpwriter.start(
             db_path,
-            init=SCHEMA,
+            init=faults.SCHEMA,
             context="fork",
             restart=True,
             max_restarts=kills + 5,  # the kills must not exhaust the restarts of a minute
@@ -240,7 +230,7 @@ def run(
                 _kill_loop(writer, fleet, pool, report, rng, kills, client_kills, max_pause)
             finally:
                 # A client finishes the call in hand first: up to its timeout.
-                pool.stop(call_timeout + DEADLINE)
+                pool.stop(call_timeout + faults.DEADLINE)
             report.failures += [f"client {c} exited by itself" for c in fleet.exited]
             report.restarts = writer._state.restarts
             try:
@@ -248,7 +238,7 @@ def run(
             except mpwriter.Error as exc:
                 report.failures.append(f"stats() after the kills: {type(exc).__name__}: {exc}")
         finally:
-            writer.close(timeout=call_timeout + DEADLINE)
+            writer.close(timeout=call_timeout + faults.DEADLINE)
     report.elapsed = time.monotonic() - started
     report.acknowledged = fleet.acknowledged
     report.calls = fleet.calls
@@ -257,7 +247,7 @@ def run(
     report.max_call = fleet.max_call
     report.overruns = fleet.overruns
     report.crashes_without_a_death = _crashes_without_a_death(fleet.crashes, report.kill_windows)
-    report.audit = audit(db_path, fleet.logs, in_flight=False)
+    report.audit = faults.audit(db_path, fleet.logs, in_flight=False)
     return report
 
 
@@ -278,7 +268,7 @@ def _crashes_without_a_death(
 
 def _kill_loop(
     writer: mpwriter.Writer,
-    fleet: Fleet,
+    fleet: faults.Fleet,
     pool: _Clients,
     report: WriterKillReport,
     rng: random.Random,
@@ -287,7 +277,7 @@ def _kill_loop(
     max_pause: float,
 ) -> None:
     """The kills of `run`, in random order; stops at the first that goes wrong."""
-    if not fleet.pump(DEADLINE, until=lambda: fleet.acknowledged > 0):
+    if not fleet.pump(faults.DEADLINE, until=lambda: fleet.acknowledged > 0):
         report.failures.append("no acknowledgement before the first kill")
         return
     writer_kills = [True] * kills + [False] * client_kills
@@ -303,18 +293,20 @@ def _kill_loop(
     def idle() -> list[int]:
         return [c for c in pool.live if fleet.logs[c].last_ack_start <= last]
 
-    fleet.pump(writer.timeout + DEADLINE, until=lambda: not idle())
+    fleet.pump(writer.timeout + faults.DEADLINE, until=lambda: not idle())
     report.failures += [f"client {c}: no acknowledgement after the last kill" for c in idle()]
 
 
-def _kill_writer_once(writer: mpwriter.Writer, fleet: Fleet, report: WriterKillReport) -> bool:
+def _kill_writer_once(
+    writer: mpwriter.Writer, fleet: faults.Fleet, report: WriterKillReport
+) -> bool:
     """SIGKILL the current writer and wait until its successor serves the clients."""
     # Only a writer that has served a call is killed (the restart wait below),
     # so writer_pid names a live child of this process, not a pid from the past.
     victim = writer._state.writer_pid
     sent = time.monotonic()
-    if not _sigkill(victim, DEADLINE):
-        report.failures.append(f"writer {victim} did not die within {DEADLINE} s")
+    if not _sigkill(victim, faults.DEADLINE):
+        report.failures.append(f"writer {victim} did not die within {faults.DEADLINE} s")
         return False
     dead = time.monotonic()
     report.kill_windows.append((sent, dead))
@@ -326,7 +318,7 @@ def _kill_writer_once(writer: mpwriter.Writer, fleet: Fleet, report: WriterKillR
     # dead writer, and a request that the new writer is already running when
     # the re-registration arrives is answered "lost" (WriterCrashed) although
     # it runs (_writer.py, _await_after_restart looks only in the backlog).
-    deadline = dead + writer.timeout + DEADLINE
+    deadline = dead + writer.timeout + faults.DEADLINE
     if not fleet.pump(deadline - time.monotonic(), until=lambda: fleet.latest_ack_start > dead):
         report.failures.append(f"no new writer served {deadline - sent:.0f} s after a kill")
         return False
@@ -360,7 +352,7 @@ def main() -> int:
     parser.add_argument(
         "--client-kills", type=int, default=0, help="client kills shuffled in among them (0)"
     )
-    add_load_arguments(parser)
+    faults.add_load_arguments(parser)
     parser.add_argument(
         "--backoff-max",
         type=float,
@@ -370,22 +362,18 @@ def main() -> int:
     parser.add_argument("--dir", default=None, help="where the database goes (default: a temp dir)")
     args = parser.parse_args()
 
-    print(f"{machine_line()}; synchronous={args.synchronous}, timeout {args.timeout} s")
+    print(f"{faults.machine_line()}; synchronous={args.synchronous}, timeout {args.timeout} s")
     with tempfile.TemporaryDirectory(dir=args.dir) as directory:
         path = os.path.join(directory, "kill_writer.db")
         report = run(
             path,
             args.kills,
-            args.clients,
             client_kills=args.client_kills,
-            seed=args.seed,
-            max_pause=args.max_pause,
-            call_timeout=args.timeout,
-            synchronous=args.synchronous,
             backoff_max=args.backoff_max,
+            **faults.load_options(args),
         )
         problems = _print_kills(report)
-    return print_verdict(problems)
+    return faults.print_verdict(problems)
 
 
 def _print_kills(report: WriterKillReport) -> dict[str, Any]:
