@@ -313,6 +313,17 @@ def run_name(run: dict[str, Any]) -> str:
     return f"{run['mode']} {run['sync']} x{run['clients']}"
 
 
+def median_rates(
+    results: dict[tuple[str, str, int], list[Run]], mode: str
+) -> dict[tuple[str, int], float]:
+    """The median ops/s of ``mode``, by (sync, clients): the baseline others are compared with."""
+    return {
+        (sync, clients): median_of(runs, "ops_per_s")
+        for (m, sync, clients), runs in results.items()
+        if m == mode
+    }
+
+
 def table_row(config: tuple[str, str, int], runs: list[Run], mismatches: int) -> dict[str, Any]:
     """The first figures of every workload's table row: one configuration over its runs.
 
@@ -454,6 +465,15 @@ class MemorySampler:
             "writer_hwm_mb": self.final.get("vmhwm"),
             "writer_uss_mb": self.final.get("uss"),
         }
+
+
+def final_stats(writer: mpwriter.Writer, problems: list[str]) -> dict[str, Any] | None:
+    """The writer's stats() at the end of a run; None if it raised, noted in ``problems``."""
+    try:
+        return writer.stats(timeout=OP_TIMEOUT)
+    except Exception as exc:
+        problems.append(f"stats() raised {error_key(exc)}")
+        return None
 
 
 def writer_max_ms(stats: dict[str, Any] | None) -> float | None:

@@ -189,10 +189,7 @@ def run_once(mode: str, sync: str, clients: int, duration: float, base_dir: str)
                         factory, path, sync, groups, duration, writer, sampler
                     )
                     memory = sampler.figures() | {"owner_rss_at_start_mb": owner_rss}
-                    try:
-                        stats = writer.stats(timeout=lib.OP_TIMEOUT)
-                    except Exception as exc:
-                        problems.append(f"stats() raised {lib.error_key(exc)}")
+                    stats = lib.final_stats(writer, problems)
                 finally:
                     writer.close(timeout=30.0)
         rows = count_rows(path)
@@ -261,11 +258,8 @@ WORST_KEYS = ("max_ms", "writer_max_ms")  # the worst over the runs
 
 
 def table(results: dict[tuple[str, str, int], list[lib.Run]]) -> list[dict[str, Any]]:
-    raw = {
-        sync: lib.median_of(runs, "ops_per_s")
-        for (m, sync, _), runs in results.items()
-        if m == "raw"
-    }
+    # raw runs at one client only (see configurations): the baseline of every client count.
+    raw = {sync: rate for (sync, _), rate in lib.median_rates(results, "raw").items()}
     rows = []
     for (mode, sync, clients), runs in results.items():
         mismatches = sum(r["rows"] != r["expected_rows"] for r in runs)

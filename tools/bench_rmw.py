@@ -169,10 +169,7 @@ def run_once(mode: str, sync: str, clients: int, duration: float, base_dir: str)
                 summaries, began, problems = lib.run_clients(
                     factory, path, sync, groups, duration, writer
                 )
-                try:
-                    stats = writer.stats(timeout=lib.OP_TIMEOUT)
-                except Exception as exc:
-                    problems.append(f"stats() raised {lib.error_key(exc)}")
+                stats = lib.final_stats(writer, problems)
             finally:
                 writer.close(timeout=30.0)
         figures = audit(path)
@@ -230,11 +227,7 @@ def configurations(clients: list[int], sync: str) -> list[tuple[str, str, int]]:
 
 
 def table(results: dict[tuple[str, str, int], list[lib.Run]]) -> list[dict[str, Any]]:
-    immediate = {
-        n: lib.median_of(runs, "ops_per_s")
-        for (mode, _, n), runs in results.items()
-        if mode == "rmw-naive-immediate"
-    }
+    immediate = lib.median_rates(results, "rmw-naive-immediate")
     rows = []
     for (mode, sync, clients), runs in results.items():
         mismatches = sum(r["ledger_rows"] != r["applied"] for r in runs)
@@ -248,9 +241,8 @@ def table(results: dict[tuple[str, str, int], list[lib.Run]]) -> list[dict[str, 
             (r["writer_max_ms"] for r in runs if r["writer_max_ms"] is not None), default=None
         )
         row |= lib.spread_of(runs)
-        row["vs_immediate"] = (
-            row["ops_per_s"] / immediate[clients] if immediate.get(clients) else None
-        )
+        baseline = immediate.get((sync, clients))
+        row["vs_immediate"] = row["ops_per_s"] / baseline if baseline else None
         rows.append(row)
     return rows
 
