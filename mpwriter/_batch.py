@@ -24,7 +24,6 @@ journal_mode or foreign_keys) are run alone after the batch commits.
 from __future__ import annotations
 
 import logging
-import pickle
 import random
 import signal
 import sqlite3
@@ -294,7 +293,11 @@ class BatchRunner:
         self._state.busy_until = stop_at
         self._guarded = True
         try:
-            value = self._perform(work.request.kind, work.body)
+            kind = work.request.kind
+            if kind == Kind.EXECUTE:  # the common case, without a call per layer
+                value = _execute(self._cursor, *work.body)
+            else:
+                value = self._perform(kind, work.body)
         except _CallOverrun:
             raise self._interrupted(started) from None
         except sqlite3.DatabaseError as exc:
@@ -482,12 +485,6 @@ def describe(work: Work) -> str:
         head = getattr(work.body[0], "__qualname__", repr(work.body[0]))
     head = " ".join(str(head).split())
     return f"{kind} {head[:80]}{'...' if len(head) > 80 else ''}".strip()
-
-
-def unpickle_work(request: Request) -> Work:
-    """Unpickle a request's payload; raises what unpickling raises."""
-    deadline, sent_at, body = pickle.loads(request.payload)
-    return Work(request, deadline, sent_at, body)
 
 
 def expired_reply(work: Work) -> bytes:

@@ -28,10 +28,14 @@ class Latencies:
         self.execution: deque[float] = deque(maxlen=window)
         self.total: deque[float] = deque(maxlen=window)
 
-    def record(self, queue_wait: float, execution: float, total: float) -> None:
-        self.queue_wait.append(queue_wait)
-        self.execution.append(execution)
-        self.total.append(total)
+    def record_batch(
+        self, sent_at: list[float], taken: float, committed: float, replied: float
+    ) -> None:
+        """Record one batch: its requests' send times; when it was taken,
+        committed, and its replies written."""
+        self.queue_wait.extend([taken - sent for sent in sent_at])
+        self.execution.extend([committed - taken] * len(sent_at))
+        self.total.extend([replied - sent for sent in sent_at])
 
     def summary(self) -> dict[str, dict[str, float]]:
         """Percentiles and maximum of each series, in milliseconds."""

@@ -38,6 +38,7 @@ import errno
 import fcntl
 import logging
 import os
+import pickle
 import select
 import signal
 import socket
@@ -60,7 +61,6 @@ from ._batch import (
     describe,
     error_reply,
     expired_reply,
-    unpickle_work,
 )
 from ._errors import WriterAlreadyRunning, WriterCrashed
 from ._metrics import Latencies, SlowLog
@@ -324,6 +324,7 @@ class WriterLoop:
         extra: list[tuple[Request, bytes]] = []
         now = time.monotonic()
         in_hand = self._in_hand
+        loads = pickle.loads
         while self._backlog and len(batch) < limit:
             request = self._backlog.popleft()
             in_hand.add((request.sender, request.slot))
@@ -332,14 +333,15 @@ class WriterLoop:
                 self._stopping = True
                 continue
             try:
-                work = unpickle_work(request)
+                deadline, sent_at, body = loads(request.payload)
             except Exception as exc:
                 self.counters.count_error(exc)
                 extra.append((request, error_reply(request.request_id, exc)))
                 continue
+            work = Work(request, deadline, sent_at, body)
             if kind == Kind.STATS:
                 extra.append((request, self._stats_reply(work)))
-            elif work.deadline <= now:
+            elif deadline <= now:
                 self.counters.expired += 1
                 extra.append((request, expired_reply(work)))
             else:
@@ -367,13 +369,13 @@ class WriterLoop:
 
     def _record_timings(self, batch: list[Work], taken: float, committed: float) -> None:
         replied = time.monotonic()
-        record, slow = self._latencies.record, self._slow
-        threshold = slow.threshold if slow.threshold is not None else float("inf")
-        for work in batch:
-            total = replied - work.sent_at
-            record(taken - work.sent_at, committed - taken, total)
-            if total >= threshold:
-                slow.warn(total, describe(work))
+        sent_at = [work.sent_at for work in batch]
+        self._latencies.record_batch(sent_at, taken, committed, replied)
+        threshold = self._slow.threshold
+        if threshold is not None and replied - min(sent_at) >= threshold:
+            for work in batch:
+                if replied - work.sent_at >= threshold:
+                    self._slow.warn(replied - work.sent_at, describe(work))
 
     def _stats_reply(self, work: Work) -> bytes:
         figures = self.counters.as_dict()
@@ -458,10 +460,11 @@ class WriterLoop:
                 if len(self._orphans) > _ORPHAN_REPLIES_MAX:
                     self._orphans.popitem(last=False)
                 return
-        unsent = self._unsent.get(fd)
-        if unsent is not None:
-            self._unsent[fd] = (key, unsent[1] + reply)
-            return
+        if self._unsent:
+            unsent = self._unsent.get(fd)
+            if unsent is not None:
+                self._unsent[fd] = (key, unsent[1] + reply)
+                return
         self._write_reply(key, fd, reply)
 
     def _write_reply(self, key: tuple[int, int], fd: int, data: bytes) -> None:
