@@ -227,7 +227,9 @@ class Writer:
         except BaseException:
             self._retire(slot)
             raise
-        self._collector().add(Pending(slot, request_id, future, deadline))
+        pending = Pending(slot, request_id, future, deadline)
+        while not self._collector().add(pending):
+            pass  # that collector broke (and logged why): the next call starts a new one
         return future
 
     def post(self, sql: str, params: Any = (), *, max_block: float = 0.05) -> bool:
@@ -517,7 +519,7 @@ class Writer:
     def _collector(self) -> Collector:
         local = self._local
         with local.lock:
-            if local.collector is None:
+            if local.collector is None or local.collector.broken:
                 local.collector = Collector(self)
             return local.collector
 

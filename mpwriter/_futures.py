@@ -8,16 +8,20 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import logging
 import os
 import select
 import threading
 import time
 from typing import TYPE_CHECKING
 
+from ._errors import Error
 from ._reply import Incoming, Result, millis, no_reply, unpack_reply
 
 if TYPE_CHECKING:
     from ._client import Writer, _Slot
+
+log = logging.getLogger("mpwriter")
 
 
 class Pending:
@@ -44,26 +48,52 @@ class Collector:
 
     It never blocks on one reply: each ready pipe is read once, without
     waiting, so a slow or lost writer delays no other future past its deadline.
+    Should the thread itself ever fail, it fails every future it holds (no
+    future is left unresolved) and marks itself ``broken``; `add` then
+    refuses, and the handle starts a new collector.
     """
 
     def __init__(self, writer: Writer) -> None:
         self._writer = writer
         self._lock = threading.Lock()
         self._added: list[Pending] = []
+        self.broken = False
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         thread = threading.Thread(target=self._run, name="mpwriter-replies", daemon=True)
         thread.start()
 
-    def add(self, pending: Pending) -> None:
+    def add(self, pending: Pending) -> bool:
+        """Hand over a future to resolve; False if this collector is broken."""
         with self._lock:
+            if self.broken:
+                return False
             self._added.append(pending)
-        with contextlib.suppress(BlockingIOError):
-            os.write(self._wake_w, b"\0")
+            # Under the lock: a broken collector closes this pipe under it too.
+            with contextlib.suppress(BlockingIOError):
+                os.write(self._wake_w, b"\0")
+        return True
 
     def _run(self) -> None:
         pending: dict[int, Pending] = {}  # by the fd of its reply pipe
+        try:
+            self._collect(pending)
+        except BaseException as exc:
+            log.exception("mpwriter: the thread resolving submit() futures failed")
+            with self._lock:
+                self.broken = True
+                orphans = list(pending.values()) + self._added
+                self._added = []
+                os.close(self._wake_r)
+                os.close(self._wake_w)
+            for entry in orphans:
+                self._writer._retire(entry.slot)
+                failure = Error(f"the thread collecting replies failed ({exc!r}); outcome unknown")
+                failure.__cause__ = exc
+                entry.future.set_exception(failure)
+
+    def _collect(self, pending: dict[int, Pending]) -> None:
         while True:
             with self._lock:
                 added, self._added = self._added, []
@@ -81,8 +111,9 @@ class Collector:
             now = time.monotonic()
             for fd, entry in list(pending.items()):
                 if fd in ready:
+                    resolved = self._step(entry)  # if this raises, _run fails the entry
                     del pending[fd]
-                    if not self._step(entry):
+                    if not resolved:
                         pending[entry.slot.fd] = entry  # maybe a new pipe, after a restart
                 elif entry.deadline <= now:
                     del pending[fd]

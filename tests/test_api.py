@@ -12,6 +12,7 @@ import pytest
 
 import mpwriter
 from conftest import SCHEMA, Gate, count_rows
+from mpwriter import _futures
 
 EXPECTED_PUBLIC_NAMES = {
     "Error",
@@ -295,6 +296,29 @@ def test_submit_returns_futures_resolved_in_order(writer: mpwriter.Writer, db_pa
     failing = writer.submit("INSERT INTO nowhere VALUES (1)")
     with pytest.raises(sqlite3.OperationalError):
         failing.result(timeout=10)
+
+
+def test_a_failed_reply_collector_fails_its_futures_and_is_replaced(
+    writer: mpwriter.Writer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """If the thread resolving submit() futures ever died, no future may hang.
+
+    Nothing in the collector is known to raise, so the fault is injected: its
+    per-reply step raises, as a bug there would.
+    """
+
+    def broken_step(self: object, entry: object) -> bool:
+        raise RuntimeError("injected collector fault")
+
+    monkeypatch.setattr(_futures.Collector, "_step", broken_step)
+    doomed = writer.submit("INSERT INTO items(client, seq) VALUES (1, 1)")
+    with pytest.raises(mpwriter.Error, match="outcome unknown") as caught:
+        doomed.result(timeout=10)
+    assert isinstance(caught.value.__cause__, RuntimeError)
+    assert "submit() futures failed" in caplog.text
+    monkeypatch.undo()
+    after = writer.submit("INSERT INTO items(client, seq) VALUES (2, 2)")
+    assert after.result(timeout=10).rowcount == 1
 
 
 def test_a_failing_request_inside_a_batch_leaves_the_others_committed(
