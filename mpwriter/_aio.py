@@ -25,7 +25,7 @@ async def request(writer: Writer, kind: Kind, body: tuple[Any, ...], timeout: fl
     slot = writer._borrow_slot(deadline)
     loop = asyncio.get_running_loop()
     try:
-        outgoing = writer._outgoing(kind, payload, slot.number)
+        outgoing = writer._outgoing(kind, payload, slot.number, deadline)
         while not outgoing.pump():
             if not await _ready(loop, writer._request_fd, deadline, writable=True):
                 raise queue_full()

@@ -51,15 +51,22 @@ from ._futures import Collector, Pending
 from ._reply import Incoming, Result, millis, no_reply, queue_full, unpack_reply
 from ._shared import CLOSED, DEAD, RUNNING, describe_exit
 from ._wire import (
+    CAN_HAND_OVER,
+    HAND_OVER_MIN,
+    HANDED_OVER,
     MAX_PAYLOAD,
+    PAYLOAD_HANDOVER,
+    PAYLOAD_TAG,
     PICKLE_PROTOCOL,
+    PIPE_REGISTRATION,
+    PIPE_TAG,
     WHOLE,
     Kind,
     encode_frame,
     encode_frames,
     make_sender_token,
 )
-from ._writer import NO_REPLY, REGISTRATION
+from ._writer import NO_REPLY
 
 _READ_SIZE = 1 << 16
 
@@ -375,11 +382,29 @@ class Writer:
             ) from exc
         return deadline, payload
 
-    def _outgoing(self, kind: Kind, payload: bytes, slot_number: int) -> _Outgoing:
-        local = self._local
+    def _outgoing(self, kind: Kind, payload: bytes, slot_number: int, deadline: float) -> _Outgoing:
+        """The frames of a request, ready to pump; a large payload is handed
+        over on the side socket first (see `_wire`)."""
+        sender = self._local.sender
         request_id = self._next_request_id()
-        frames = encode_frames(kind, local.sender, request_id, slot_number, payload)
+        if len(payload) >= HAND_OVER_MIN and CAN_HAND_OVER:
+            self._hand_over(payload, request_id, deadline)
+            flags = WHOLE | HANDED_OVER
+            frames = iter((encode_frame(kind, flags, sender, request_id, slot_number, b""),))
+        else:
+            frames = encode_frames(kind, sender, request_id, slot_number, payload)
         return _Outgoing(self, request_id, frames)
+
+    def _hand_over(self, payload: bytes, request_id: int, deadline: float) -> None:
+        fd = os.memfd_create("mpwriter-request", os.MFD_CLOEXEC)
+        try:
+            with open(fd, "wb", closefd=False) as file:
+                file.write(payload)
+            sender = self._local.sender
+            message = PAYLOAD_HANDOVER.pack(PAYLOAD_TAG, sender, request_id, len(payload))
+            self._send_side_message(message, fd, deadline, sent=False)
+        finally:
+            os.close(fd)
 
     def _next_request_id(self) -> int:
         # Never 0: a registration awaiting request 0 is a fresh one.
@@ -397,7 +422,7 @@ class Writer:
             except BrokenPipeError:
                 raise self._unavailable(sent=False) from None
         else:
-            outgoing = self._outgoing(kind, payload, slot_number)
+            outgoing = self._outgoing(kind, payload, slot_number, deadline)
         poller: select.poll | None = None
         while not outgoing.pump():
             if poller is None:
@@ -496,10 +521,14 @@ class Writer:
     def _register(
         self, number: int, write_fd: int, awaiting: int, deadline: float, *, sent: bool
     ) -> None:
-        message = [REGISTRATION.pack(self._local.sender, number, awaiting)]
+        message = PIPE_REGISTRATION.pack(PIPE_TAG, self._local.sender, number, awaiting)
+        self._send_side_message(message, write_fd, deadline, sent=sent)
+
+    def _send_side_message(self, message: bytes, fd: int, deadline: float, *, sent: bool) -> None:
+        """Send ``fd`` to the writer with ``message``, waiting up to ``deadline``."""
         while True:
             try:
-                socket.send_fds(self._registration, message, [write_fd])
+                socket.send_fds(self._registration, [message], [fd])
                 return
             except BlockingIOError:
                 pass
@@ -510,7 +539,7 @@ class Writer:
             if remaining <= 0:
                 if sent:
                     raise Timeout("no writer took over within the timeout; the outcome is unknown")
-                raise QueueFull("the writer did not accept a new reply pipe in time; not sent")
+                raise QueueFull("the writer's side socket stayed full past the timeout; not sent")
             select.select([], [self._registration], [], remaining)
 
     def _retire(self, slot: _Slot) -> None:

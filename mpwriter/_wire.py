@@ -11,12 +11,25 @@ held (the flaw that wedges a plain ``multiprocessing.Queue``).
 
 A request larger than one frame is split into frames that share the sender's
 token and the request id; the writer reassembles them (`Assembler`) and drops
-the pieces of a sender that died half-way.
+the pieces of a sender that died half-way. A request of `HAND_OVER_MIN` bytes
+or more (a bulk ``executemany``) is not cut up at all, where the system has
+memfd: its payload is written to an anonymous file whose descriptor goes to
+the writer over the side socket, and a single empty frame flagged
+`HANDED_OVER` keeps its place in the queue. Measured for a 10.7 MB request:
+2,631 frames cost ~47 ms to encode, pass and reassemble; the file, ~8 ms.
+And a bulk load no longer fills the shared pipe ahead of everyone else.
 
 Each frame carries a magic, its length and two CRC-32 check values (header and
 payload), so a reader that starts in the middle of the stream -- a new writer
 after its predecessor died part-way through a read -- can tell a whole frame
 from a torn one and resynchronise on the next real frame (`FrameReader`).
+
+Side socket
+-----------
+File descriptors travel on a Unix datagram socket beside the queue, one per
+message: a reply pipe's write end (`PIPE_REGISTRATION`) or a handed-over
+payload (`PAYLOAD_HANDOVER`). A sender always sends the message before the
+frame that needs it, so the writer finds it queued when the frame arrives.
 
 Replies
 -------
@@ -66,6 +79,19 @@ class Status(enum.IntEnum):
 FIRST = 0x01
 LAST = 0x02
 WHOLE = FIRST | LAST  # a request that fits in one frame
+HANDED_OVER = 0x04  # the payload came on the side socket (PAYLOAD_HANDOVER)
+
+HAND_OVER_MIN = 1 << 16
+CAN_HAND_OVER = hasattr(os, "memfd_create")  # Linux
+
+# Side-socket messages, each with one descriptor; the first byte tells which.
+PIPE_TAG = 1
+PAYLOAD_TAG = 2
+# tag, sender token, slot, the request the sender awaits on it (0: a new pipe)
+PIPE_REGISTRATION = struct.Struct("!BQHI")
+# tag, sender token, request id, payload length
+PAYLOAD_HANDOVER = struct.Struct("!BQIQ")
+SIDE_MESSAGE_MAX = max(PIPE_REGISTRATION.size, PAYLOAD_HANDOVER.size)
 
 _MAGIC = b"\xa7W"
 # magic, kind, flags, payload length, sender token, request id, reply slot,

@@ -15,6 +15,7 @@ Data flow::
   of the requests at its head without limit.
 - Reply pipes reach the writer once per pipe, as file descriptors sent over a
   Unix socket pair (SCM_RIGHTS); a request names its pipe by (sender, slot).
+  A bulk request's payload comes the same way, as an anonymous file.
 - Replies are written without blocking: a caller that stopped reading (it
   timed out, or was killed) can never stall the writer.
 
@@ -65,14 +66,26 @@ from ._batch import (
 from ._errors import WriterAlreadyRunning, WriterCrashed
 from ._metrics import Latencies, SlowLog
 from ._shared import CLOSED
-from ._wire import Assembler, FrameReader, Kind, Request, Status, encode_reply, sender_pid
+from ._wire import (
+    HANDED_OVER,
+    PAYLOAD_HANDOVER,
+    PAYLOAD_TAG,
+    PIPE_REGISTRATION,
+    PIPE_TAG,
+    SIDE_MESSAGE_MAX,
+    Assembler,
+    Frame,
+    FrameReader,
+    Kind,
+    Request,
+    Status,
+    encode_reply,
+    sender_pid,
+)
 
 log = logging.getLogger("mpwriter")
 
 NO_REPLY = 0xFFFF  # slot number of a request that wants no reply (CLOSE)
-# A reply pipe's registration: sender token, slot number, and the request the
-# sender still awaits on it (0 for a fresh pipe; see "Restarts" above).
-REGISTRATION = struct.Struct("!QHI")
 # Replies whose pipe is not registered yet, kept for a sender that will
 # re-register after a restart; bounded, oldest dropped first.
 _ORPHAN_REPLIES_MAX = 4096
@@ -214,6 +227,10 @@ class WriterLoop:
         # (sender, slot) -> (request id awaited, stream offset it must appear by)
         self._awaited: dict[tuple[int, int], tuple[int, int]] = {}
         self._orphans: OrderedDict[tuple[int, int], tuple[int, bytes]] = OrderedDict()
+        # (sender, request id) -> (descriptor, length, arrival) of payloads
+        # handed over on the side socket, until their frame comes
+        self._handed_over: dict[tuple[int, int], tuple[int, int, float]] = {}
+        self._dropped_handovers = 0
         self._consumed = 0  # bytes read from the request pipe so far
         # (sender, slot) of the requests taken from the backlog and not yet replied to
         self._in_hand: set[tuple[int, int]] = set()
@@ -278,7 +295,7 @@ class WriterLoop:
             if role == "requests":
                 self._read_available()
             elif role == "registrations":
-                self._read_registrations()
+                self._read_side_socket()
             elif role == "lifeline":
                 self._unwatch(fd)
                 if not self._stopping:
@@ -306,7 +323,10 @@ class WriterLoop:
             drained = len(data) < _READ_SIZE  # then skip the read that finds nothing
             self._consumed += len(data)
             for frame in self._frames.feed(data):
-                request = self._assembler.add(frame)
+                if frame.flags & HANDED_OVER:
+                    request = self._take_handed_over(frame)
+                else:
+                    request = self._assembler.add(frame)
                 if request is not None:
                     self._backlog.append(request)
                     if self._awaited:
@@ -317,6 +337,32 @@ class WriterLoop:
                 break
         if self._awaited:
             self._report_lost_requests()
+
+    def _take_handed_over(self, frame: Frame) -> Request | None:
+        """The request whose payload was handed over as a file; None if lost."""
+        key = (frame.sender, frame.request_id)
+        entry = self._handed_over.pop(key, None)
+        if entry is None:
+            self._read_side_socket()  # sent before the frame: queued there
+            entry = self._handed_over.pop(key, None)
+        if entry is not None:
+            fd, length, _ = entry
+            try:
+                payload = _read_whole(fd, length)
+            finally:
+                os.close(fd)
+            if len(payload) == length:
+                return Request(frame.kind, frame.sender, frame.request_id, frame.slot, payload)
+        # A writer that died had taken the file (or it was cut short): the
+        # request never ran. Answered here, so nothing else may answer it.
+        self.counters.lost_requests += 1
+        request = Request(frame.kind, frame.sender, frame.request_id, frame.slot, b"")
+        self._awaited.pop((frame.sender, frame.slot), None)
+        lost = WriterCrashed(
+            "the writer process died while receiving this request; it was not applied"
+        )
+        self._send(request, error_reply(frame.request_id, lost))
+        return None
 
     def _serve_batch(self) -> None:
         limit = self._config.max_batch
@@ -387,7 +433,7 @@ class WriterLoop:
         figures["resync_skipped_bytes"] = self._frames.skipped
         figures["restarts"] = self._state.restarts
         figures["latency_ms"] = self._latencies.summary()
-        figures["dropped_partial_requests"] = self._assembler.dropped
+        figures["dropped_partial_requests"] = self._assembler.dropped + self._dropped_handovers
         return encode_reply(work.request.request_id, Status.OK, figures)
 
     def _queued_bytes(self) -> int:
@@ -400,25 +446,32 @@ class WriterLoop:
 
     # -- reply pipes ----------------------------------------------------------
 
-    def _read_registrations(self) -> None:
+    def _read_side_socket(self) -> None:
+        """Take the reply pipes and handed-over payloads waiting on the side socket."""
         while True:
             try:
-                message, fds, _, _ = socket.recv_fds(self._registrations, REGISTRATION.size, 1)
+                message, fds, _, _ = socket.recv_fds(self._registrations, SIDE_MESSAGE_MAX, 1)
             except BlockingIOError:
                 return
-            if len(message) != REGISTRATION.size or len(fds) != 1:
+            tag = message[0] if message and len(fds) == 1 else None
+            if tag == PIPE_TAG and len(message) == PIPE_REGISTRATION.size:
+                _, sender, slot, awaiting = PIPE_REGISTRATION.unpack(message)
+                self._register_pipe((sender, slot), fds[0], awaiting)
+            elif tag == PAYLOAD_TAG and len(message) == PAYLOAD_HANDOVER.size:
+                _, sender, request_id, length = PAYLOAD_HANDOVER.unpack(message)
+                self._handed_over[(sender, request_id)] = (fds[0], length, time.monotonic())
+            else:
                 for fd in fds:
                     os.close(fd)
-                continue
-            sender, slot, awaiting = REGISTRATION.unpack(message)
-            key = (sender, slot)
-            os.set_blocking(fds[0], False)
-            old = self._slots.pop(key, None)
-            if old is not None:
-                self._drop_fd(old)
-            self._slots[key] = fds[0]
-            if awaiting:
-                self._await_after_restart(key, awaiting)
+
+    def _register_pipe(self, key: tuple[int, int], fd: int, awaiting: int) -> None:
+        os.set_blocking(fd, False)
+        old = self._slots.pop(key, None)
+        if old is not None:
+            self._drop_fd(old)
+        self._slots[key] = fd
+        if awaiting:
+            self._await_after_restart(key, awaiting)
 
     def _await_after_restart(self, key: tuple[int, int], request_id: int) -> None:
         orphan = self._orphans.pop(key, None)
@@ -453,7 +506,7 @@ class WriterLoop:
             # The registration is sent before the request, so it is queued
             # on the socket already -- unless the pipe was registered with a
             # writer that has died since, and its sender has not noticed yet.
-            self._read_registrations()
+            self._read_side_socket()
             fd = self._slots.get(key)
             if fd is None:
                 self._orphans[key] = (request.request_id, reply)
@@ -498,7 +551,7 @@ class WriterLoop:
     def _housekeeping(self) -> None:
         """Forget reply pipes and partial requests of callers that are gone."""
         self._next_housekeeping = time.monotonic() + _HOUSEKEEPING_INTERVAL
-        self._read_registrations()
+        self._read_side_socket()
         if self._slots:
             poller = select.poll()
             by_fd = {}
@@ -515,7 +568,13 @@ class WriterLoop:
         }
         if dead:
             self._assembler.drop_senders(dead)
-        self._assembler.drop_stale(time.monotonic() - _PARTIAL_REQUEST_MAX_IDLE)
+        stale = time.monotonic() - _PARTIAL_REQUEST_MAX_IDLE
+        self._assembler.drop_stale(stale)
+        for key, (fd, _, arrived) in list(self._handed_over.items()):
+            if arrived < stale or not _pid_alive(sender_pid(key[0])):
+                del self._handed_over[key]
+                os.close(fd)
+                self._dropped_handovers += 1
 
     def shut_down(self) -> None:
         """Checkpoint and close; called once the loop has returned or failed."""
@@ -533,6 +592,23 @@ class WriterLoop:
         for fd in list(self._slots.values()):
             self._drop_fd(fd)
         self._slots.clear()
+        for fd, _, _ in self._handed_over.values():
+            os.close(fd)
+        self._handed_over.clear()
+
+
+def _read_whole(fd: int, length: int) -> bytes:
+    # pread: the sender's writes moved the file offset, which the two
+    # descriptors share.
+    chunks = []
+    offset = 0
+    while offset < length:
+        chunk = os.pread(fd, length - offset, offset)
+        if not chunk:
+            break  # cut short: the caller sees the length does not match
+        chunks.append(chunk)
+        offset += len(chunk)
+    return b"".join(chunks)
 
 
 def _pid_alive(pid: int) -> bool:

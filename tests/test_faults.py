@@ -38,6 +38,7 @@ import kill_clients  # in tools/, put on sys.path by conftest
 import mpwriter
 from _faults import INSERT, reap  # tools/, on sys.path through conftest
 from conftest import SCHEMA, Gate, count_rows
+from mpwriter import _client
 
 DEADLINE = 10.0  # the most any single wait in this file may take before the test fails
 OUTCOME_UNKNOWN = re.compile(r"outcome (is )?unknown")
@@ -151,7 +152,12 @@ def insert_now(
 def send_large_request(
     writer: mpwriter.Writer, client: int, size: int, control: Connection, report: Connection
 ) -> None:
-    """On "go", say "calling", then execute one insert of a ``size``-byte blob."""
+    """On "go", say "calling", then execute one insert of a ``size``-byte blob.
+
+    As frames: the path of systems without memfd, where a payload this large
+    is not handed over as a file (test_handover.py covers that path).
+    """
+    _client.CAN_HAND_OVER = False  # this child's own module: nothing else sees it
     blob = bytes(size)
     if not await_go(control):
         return
