@@ -3,51 +3,43 @@
 A call pickles its request here, in the caller (so a bad argument fails at
 once, with nothing queued), writes it to the shared request pipe as atomic
 frames, then waits for the reply on a reply pipe that only this request uses.
+A payload too large for one frame goes as several frames or, where memfd
+exists, is handed over as a file on the side socket before its one frame.
 
-Reply pipes are pooled per process: creating one costs a registration (its
-write end travels to the writer over a Unix socket), so a process keeps the
-pipes it made and lends each to one request at a time. A request that ends in
-a timeout or an error whose effect on the pipe is unknown *retires* its pipe
-instead of returning it, so a late reply can never be read by the next request.
+The reply pipes -- their per-process pool, their registration with the writer,
+retiring them, forgetting them after a fork -- are `_pipe_pool.PipePool`, the
+base of `Writer`; this module takes a pipe from the pool for each request and
+gives it back only once the whole reply was read (otherwise it retires it).
 
 A dead writer shows as EOF on the reply pipe (the writer held its only write
 end). If the owner restarts the writer, the caller registers a new pipe for
 the same slot, naming the request it awaits: the new writer answers it if the
 request was still queued, or reports it lost ("outcome unknown") once it has
-read everything that was queued before the new pipe arrived.
+read everything that was queued before the new pipe arrived. A reply that had
+begun when the pipe hit EOF is lost with its writer: "outcome unknown".
 
-After a fork, the child gets fresh per-process state (new sender token, no
-pipes, new locks); it never touches its parent's pipes (`os.register_at_fork`
-covers raw ``os.fork()`` as gunicorn uses it, not only multiprocessing).
+Futures (`submit`) and asyncio share this request path; see `_futures.py`
+and `_aio.py`.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import itertools
 import os
 import pickle
 import select
 import socket
-import threading
 import time
-import weakref
 from collections.abc import Callable, Iterable, Iterator
 from multiprocessing import context as mp_context
 from multiprocessing import reduction
 from typing import Any, Protocol
 
 from . import _aio
-from ._errors import (
-    NotPicklable,
-    QueueFull,
-    Timeout,
-    WriterClosed,
-    WriterCrashed,
-    WriterUnavailable,
-)
+from ._errors import NotPicklable, WriterClosed, WriterCrashed, WriterUnavailable
 from ._futures import Collector, Pending
+from ._pipe_pool import PipePool, Slot
 from ._reply import Incoming, Result, millis, no_reply, queue_full, unpack_reply
 from ._shared import CLOSED, DEAD, RUNNING, describe_exit
 from ._wire import (
@@ -55,16 +47,11 @@ from ._wire import (
     HAND_OVER_MIN,
     HANDED_OVER,
     MAX_PAYLOAD,
-    PAYLOAD_HANDOVER,
-    PAYLOAD_TAG,
     PICKLE_PROTOCOL,
-    PIPE_REGISTRATION,
-    PIPE_TAG,
     WHOLE,
     Kind,
     encode_frame,
     encode_frames,
-    make_sender_token,
 )
 from ._writer import NO_REPLY
 
@@ -77,52 +64,7 @@ class _Owner(Protocol):
     def close(self, timeout: float) -> None: ...
 
 
-class _Slot:
-    """A reply pipe: this process reads ``fd``; the writer holds the write end."""
-
-    __slots__ = ("fd", "number", "poller")
-
-    def __init__(self, number: int, fd: int) -> None:
-        self.number = number
-        self.fd = fd
-        self.poller = select.poll()
-        self.poller.register(fd, select.POLLIN)
-
-    def replace_fd(self, fd: int) -> None:
-        self.poller.unregister(self.fd)
-        os.close(self.fd)
-        self.fd = fd
-        self.poller.register(fd, select.POLLIN)
-
-
-class _ProcessState:
-    """A handle's per-process state; replaced wholesale in a forked child."""
-
-    def __init__(self) -> None:
-        self.sender = make_sender_token(os.getpid())
-        self.lock = threading.Lock()
-        self.free: list[_Slot] = []
-        self.slot_numbers = itertools.count()
-        self.request_ids = itertools.count()
-        self.collector: Collector | None = None
-        self.posts_dropped = 0  # not yet reported to the writer
-        # Every descriptor this state opened: a forked child closes them all,
-        # including those of requests in flight in another thread at the fork.
-        self.fds: set[int] = set()
-
-
-_handles: weakref.WeakSet[Writer] = weakref.WeakSet()
-
-
-def _after_fork_in_child() -> None:
-    for handle in list(_handles):
-        handle._forget_parent_state()
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
-class Writer:
+class Writer(PipePool):
     """A handle on the writer process. Create one with `mpwriter.start()`.
 
     Every method may be called from any thread of any process that has the
@@ -150,12 +92,10 @@ class Writer:
         self.path = path
         self.timeout = timeout
         self._request_fd = request_fd
-        self._registration = registration
         self._state = state
         self._owner = owner
         self._closed_here = False
-        self._local = _ProcessState()
-        _handles.add(self)
+        super().__init__(registration)
 
     def __repr__(self) -> str:
         status = "closed" if self.closed else "open"
@@ -395,17 +335,6 @@ class Writer:
             frames = encode_frames(kind, sender, request_id, slot_number, payload)
         return _Outgoing(self, request_id, frames)
 
-    def _hand_over(self, payload: bytes, request_id: int, deadline: float) -> None:
-        fd = os.memfd_create("mpwriter-request", os.MFD_CLOEXEC)
-        try:
-            with open(fd, "wb", closefd=False) as file:
-                file.write(payload)
-            sender = self._local.sender
-            message = PAYLOAD_HANDOVER.pack(PAYLOAD_TAG, sender, request_id, len(payload))
-            self._send_side_message(message, fd, deadline, sent=False)
-        finally:
-            os.close(fd)
-
     def _next_request_id(self) -> int:
         # Never 0: a registration awaiting request 0 is a fresh one.
         return next(self._local.request_ids) % 0xFFFFFFFF + 1
@@ -434,7 +363,7 @@ class Writer:
             poller.poll(millis(remaining))
         return outgoing.request_id
 
-    def _await_reply(self, slot: _Slot, request_id: int, deadline: float) -> bytes:
+    def _await_reply(self, slot: Slot, request_id: int, deadline: float) -> bytes:
         """The whole reply to ``request_id``; raises on timeout or a lost writer."""
         incoming = Incoming()
         while True:
@@ -445,7 +374,7 @@ class Writer:
                 return reply
 
     def _receive(
-        self, slot: _Slot, incoming: Incoming, request_id: int, deadline: float
+        self, slot: Slot, incoming: Incoming, request_id: int, deadline: float
     ) -> bytes | None:
         """Read what ``slot`` holds; return the whole reply once it is complete."""
         chunk = os.read(slot.fd, _READ_SIZE)
@@ -454,30 +383,12 @@ class Writer:
         self._after_eof(slot, incoming, request_id, deadline)
         return None
 
-    def _after_eof(self, slot: _Slot, incoming: Incoming, request_id: int, deadline: float) -> None:
+    def _after_eof(self, slot: Slot, incoming: Incoming, request_id: int, deadline: float) -> None:
         """The writer that held this pipe is gone, possibly part-way through
         the reply: wait for its successor, if one may come."""
         if incoming.started or self._state.status != RUNNING:
             raise self._unavailable(sent=True)
         self._reregister(slot, request_id, deadline)
-
-    def _reregister(self, slot: _Slot, request_id: int, deadline: float) -> None:
-        """Hand a new pipe for ``slot`` to the next writer, awaiting ``request_id``.
-
-        The registration waits in the socket until a new writer reads it. If
-        the owner gives up instead, it closes the socket, which closes the
-        pipe's write end, and this caller sees EOF again.
-        """
-        read_fd, write_fd = self._new_pipe()
-        try:
-            self._register(slot.number, write_fd, request_id, deadline, sent=True)
-        except BaseException:
-            self._close_fd(read_fd)
-            raise
-        finally:
-            self._close_fd(write_fd)
-        self._local.fds.discard(slot.fd)
-        slot.replace_fd(read_fd)
 
     def _unavailable(self, *, sent: bool) -> WriterUnavailable:
         outcome = "the outcome is unknown" if sent else "the request was not sent"
@@ -489,62 +400,6 @@ class Writer:
         how = describe_exit(state.last_exit) if state.status == DEAD else "died"
         return WriterCrashed(f"the writer process (pid {state.writer_pid}) {how}; {outcome}")
 
-    # -- reply pipes --------------------------------------------------------------
-
-    def _borrow_slot(self, deadline: float) -> _Slot:
-        free = self._local.free
-        return free.pop() if free else self._new_slot(deadline)
-
-    def _new_slot(self, deadline: float) -> _Slot:
-        number = next(self._local.slot_numbers) % NO_REPLY
-        read_fd, write_fd = self._new_pipe()
-        try:
-            self._register(number, write_fd, 0, deadline, sent=False)
-        except BaseException:
-            self._close_fd(read_fd)
-            raise
-        finally:
-            # The writer now holds the only write end: EOF here means it died.
-            self._close_fd(write_fd)
-        return _Slot(number, read_fd)
-
-    def _new_pipe(self) -> tuple[int, int]:
-        read_fd, write_fd = os.pipe()
-        self._local.fds.update((read_fd, write_fd))
-        os.set_blocking(read_fd, False)
-        return read_fd, write_fd
-
-    def _close_fd(self, fd: int) -> None:
-        self._local.fds.discard(fd)
-        os.close(fd)
-
-    def _register(
-        self, number: int, write_fd: int, awaiting: int, deadline: float, *, sent: bool
-    ) -> None:
-        message = PIPE_REGISTRATION.pack(PIPE_TAG, self._local.sender, number, awaiting)
-        self._send_side_message(message, write_fd, deadline, sent=sent)
-
-    def _send_side_message(self, message: bytes, fd: int, deadline: float, *, sent: bool) -> None:
-        """Send ``fd`` to the writer with ``message``, waiting up to ``deadline``."""
-        while True:
-            try:
-                socket.send_fds(self._registration, [message], [fd])
-                return
-            except BlockingIOError:
-                pass
-            except OSError:
-                # EPIPE, ECONNREFUSED, ENOTCONN: nobody will ever read it.
-                raise self._unavailable(sent=sent) from None
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                if sent:
-                    raise Timeout("no writer took over within the timeout; the outcome is unknown")
-                raise QueueFull("the writer's side socket stayed full past the timeout; not sent")
-            select.select([], [self._registration], [], remaining)
-
-    def _retire(self, slot: _Slot) -> None:
-        self._close_fd(slot.fd)
-
     def _collector(self) -> Collector:
         local = self._local
         with local.lock:
@@ -553,11 +408,7 @@ class Writer:
             return local.collector
 
     def _forget_parent_state(self) -> None:
-        """In a forked child: drop the parent's pipes; never read from them."""
-        parent = self._local
-        self._local = _ProcessState()
-        for fd in parent.fds:
-            os.close(fd)
+        super()._forget_parent_state()
         self._owner = None  # only the process that started the writer owns it
 
 

@@ -19,7 +19,8 @@ from ._errors import Error
 from ._reply import Incoming, Result, millis, no_reply, unpack_reply
 
 if TYPE_CHECKING:
-    from ._client import Writer, _Slot
+    from ._client import Writer
+    from ._pipe_pool import Slot
 
 log = logging.getLogger("mpwriter")
 
@@ -31,7 +32,7 @@ class Pending:
 
     def __init__(
         self,
-        slot: _Slot,
+        slot: Slot,
         request_id: int,
         future: concurrent.futures.Future[Result],
         deadline: float,
