@@ -41,6 +41,7 @@ import weakref
 from typing import TYPE_CHECKING
 
 from ._errors import QueueFull, Timeout, WriterUnavailable
+from ._reply import millis
 from ._wire import PAYLOAD_HANDOVER, PAYLOAD_TAG, PIPE_REGISTRATION, PIPE_TAG, make_sender_token
 from ._writer import NO_REPLY
 
@@ -74,6 +75,7 @@ class ProcessState:
         self.lock = threading.Lock()
         self.free: list[Slot] = []
         self.slot_numbers = itertools.count()
+        self.open_slots: set[int] = set()  # numbers of the pipes not retired yet
         self.request_ids = itertools.count()
         self.collector: Collector | None = None
         self.posts_dropped = 0  # not yet reported to the writer
@@ -107,11 +109,17 @@ class PipePool:
 
     def _retire(self, slot: Slot) -> None:
         """Close ``slot`` for good: it may still receive a reply, which no one must read."""
+        self._local.open_slots.discard(slot.number)
         self._close_fd(slot.fd)
 
     def _new_slot(self, deadline: float) -> Slot:
-        # Slot numbers wrap below NO_REPLY (which marks a request without reply).
-        number = next(self._local.slot_numbers) % NO_REPLY
+        local = self._local
+        # Numbers wrap below NO_REPLY (which marks a request without reply).
+        # After a wrap, skip the numbers of pipes still open: the writer would
+        # take a second pipe under the same number for a replacement of the first.
+        number = next(local.slot_numbers) % NO_REPLY
+        while number in local.open_slots:
+            number = next(local.slot_numbers) % NO_REPLY
         read_fd, write_fd = self._new_pipe()
         try:
             self._register(number, write_fd, 0, deadline, sent=False)
@@ -121,6 +129,7 @@ class PipePool:
         finally:
             # The writer now holds the only write end: EOF here means it died.
             self._close_fd(write_fd)
+        local.open_slots.add(number)
         return Slot(number, read_fd)
 
     def _reregister(self, slot: Slot, request_id: int, deadline: float) -> None:
@@ -187,7 +196,11 @@ class PipePool:
                 if sent:
                     raise Timeout("no writer took over within the timeout; the outcome is unknown")
                 raise QueueFull("the writer's side socket stayed full past the timeout; not sent")
-            select.select([], [self._registration], [], remaining)
+            # poll, not select: a spawned child's copy of the socket may be
+            # numbered past select's limit of 1024.
+            poller = select.poll()
+            poller.register(self._registration, select.POLLOUT)
+            poller.poll(millis(remaining))
 
     # -- fork ----------------------------------------------------------------------
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import pickle
 import sqlite3
 import threading
@@ -12,7 +13,7 @@ import pytest
 
 import mpwriter
 from conftest import SCHEMA, Gate, count_rows
-from mpwriter import _futures
+from mpwriter import _futures, _writer
 
 EXPECTED_PUBLIC_NAMES = {
     "Error",
@@ -296,6 +297,24 @@ def test_submit_returns_futures_resolved_in_order(writer: mpwriter.Writer, db_pa
     failing = writer.submit("INSERT INTO nowhere VALUES (1)")
     with pytest.raises(sqlite3.OperationalError):
         failing.result(timeout=10)
+
+
+def test_slot_numbers_that_wrap_around_skip_the_pipes_still_open(
+    writer: mpwriter.Writer, gate: Gate
+) -> None:
+    """Slot numbers are 16 bits: after 65,535 pipes they wrap. A new pipe must
+    not take the number of one still open, or the writer would take it for a
+    replacement of that pipe and drop the old one under its request."""
+    writer.execute("INSERT INTO items(client, seq) VALUES (0, 0)")  # pools pipe 0
+    writer._local.slot_numbers = itertools.count(_writer.NO_REPLY)  # next: 0 again
+    gate.hold(writer)  # borrows pipe 0 and keeps its request in the writer
+    behind = writer.submit("INSERT INTO items(client, seq) VALUES (0, 1)")  # a new pipe
+    gate.release()
+    assert gate.future.result(timeout=10) == "released"
+    assert behind.result(timeout=10).rowcount == 1
+    figures = writer.stats()
+    assert figures["reply_pipes"] == 2, "one pipe displaced the other in the writer"
+    assert figures["errors"] == 0
 
 
 def test_a_failed_reply_collector_fails_its_futures_and_is_replaced(
