@@ -7,6 +7,7 @@ Data flow::
     writer loop            -->  group commit: up to max_batch requests, one
                                 transaction, a savepoint each (_batch.py)
     COMMIT returned        -->  each reply to the reply pipe its request named
+                                (_reply_pipes.py)
 
 - The request pipe is bounded by its kernel capacity (plus at most one batch
   held here): a flood of callers blocks in their own process, with their own
@@ -19,13 +20,18 @@ Data flow::
 - Replies are written without blocking: a caller that stopped reading (it
   timed out, or was killed) can never stall the writer.
 
+This module is the loop: it reads and reassembles requests, serves them in
+batches, answers STATS and shuts down. The side socket, the reply pipes it
+brings, and the bookkeeping of restarts below live in `ReplyPipes`.
+
 Restarts: a caller whose reply pipe hit EOF (its writer died) registers a new
 pipe for the same slot, naming the request it awaits. If that request is
 still queued, this writer serves it and replies on the new pipe. If the reply
 was ready before the new pipe arrived, it is kept and sent on arrival. If this
 writer has read every byte that was queued when the new pipe arrived without
 meeting the request, the dead writer had taken it: the caller is told the
-outcome is unknown.
+outcome is unknown. The loop tells `ReplyPipes` how far it has read the
+request pipe and which slots it holds (`RequestStream`).
 
 The loop stops gracefully on a CLOSE request, on SIGTERM, or when its owner
 process is gone (the lifeline pipe reads EOF): it marks itself closed so that
@@ -35,7 +41,6 @@ callers fail fast, serves what is already queued, checkpoints and exits.
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import logging
 import os
@@ -47,7 +52,7 @@ import sqlite3
 import struct
 import termios
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -63,16 +68,13 @@ from ._batch import (
     error_reply,
     expired_reply,
 )
-from ._errors import WriterAlreadyRunning, WriterCrashed
+from ._errors import WriterAlreadyRunning
 from ._metrics import Latencies, SlowLog
+from ._reply_pipes import NO_REPLY as NO_REPLY  # re-exported: callers import it from here
+from ._reply_pipes import Key, ReplyPipes, pid_alive
 from ._shared import CLOSED
 from ._wire import (
     HANDED_OVER,
-    PAYLOAD_HANDOVER,
-    PAYLOAD_TAG,
-    PIPE_REGISTRATION,
-    PIPE_TAG,
-    SIDE_MESSAGE_MAX,
     Assembler,
     Frame,
     FrameReader,
@@ -84,11 +86,6 @@ from ._wire import (
 )
 
 log = logging.getLogger("mpwriter")
-
-NO_REPLY = 0xFFFF  # slot number of a request that wants no reply (CLOSE)
-# Replies whose pipe is not registered yet, kept for a sender that will
-# re-register after a restart; bounded, oldest dropped first.
-_ORPHAN_REPLIES_MAX = 4096
 
 _READ_SIZE = 1 << 16
 _HOUSEKEEPING_INTERVAL = 1.0
@@ -198,7 +195,10 @@ def _reset_signals() -> None:
 
 
 class WriterLoop:
-    """Reads requests, runs them in batches, writes replies."""
+    """Reads requests, runs them in batches, hands replies to `ReplyPipes`.
+
+    It is the `RequestStream` its `ReplyPipes` consults after a restart.
+    """
 
     def __init__(
         self,
@@ -216,26 +216,14 @@ class WriterLoop:
         self._requests = requests
         self._request_fd = requests.fileno()
         os.set_blocking(self._request_fd, False)
-        self._registrations = registrations
-        registrations.setblocking(False)
         self._lifeline = lifeline
         self._state = state
         self._frames = FrameReader()
         self._assembler = Assembler()
         self._backlog: deque[Request] = deque()
-        self._slots: dict[tuple[int, int], int] = {}
-        # (sender, slot) -> (request id awaited, stream offset it must appear by)
-        self._awaited: dict[tuple[int, int], tuple[int, int]] = {}
-        self._orphans: OrderedDict[tuple[int, int], tuple[int, bytes]] = OrderedDict()
-        # (sender, request id) -> (descriptor, length, arrival) of payloads
-        # handed over on the side socket, until their frame comes
-        self._handed_over: dict[tuple[int, int], tuple[int, int, float]] = {}
-        self._dropped_handovers = 0
-        self._consumed = 0  # bytes read from the request pipe so far
+        self.consumed = 0  # bytes read from the request pipe so far
         # (sender, slot) of the requests taken from the backlog and not yet replied to
-        self._in_hand: set[tuple[int, int]] = set()
-        # fd -> (its slot, the reply bytes the pipe could not take yet)
-        self._unsent: dict[int, tuple[tuple[int, int], bytes]] = {}
+        self._in_hand: set[Key] = set()
         self.counters = Counters()
         self._latencies = Latencies()
         self._slow = SlowLog(config.slow_request)
@@ -248,6 +236,13 @@ class WriterLoop:
         # per wait, on the path every batch takes.
         self._poller = select.poll()
         self._roles: dict[int, str] = {}
+        self._replies = ReplyPipes(
+            registrations,
+            self.counters,
+            self,
+            lambda fd: self._watch(fd, "reply", select.POLLOUT),
+            self._unwatch,
+        )
         self._watch(self._request_fd, "requests")
         self._watch(registrations.fileno(), "registrations")
         self._watch(lifeline.fileno(), "lifeline")
@@ -272,6 +267,19 @@ class WriterLoop:
     def _on_sigterm(self, _signum: int, _frame: object) -> None:
         self._stopping = True
 
+    # -- what ReplyPipes asks of the request stream (RequestStream) -------------
+
+    def queued_bytes(self) -> int:
+        """Bytes in the request pipe, not read yet."""
+        answer = fcntl.ioctl(self._request_fd, termios.FIONREAD, b"\0\0\0\0")
+        return int(struct.unpack("i", answer)[0])
+
+    def holds(self, key: Key) -> bool:
+        """Whether a request from this slot is queued here or being served."""
+        return key in self._in_hand or any(
+            r.sender == key[0] and r.slot == key[1] for r in self._backlog
+        )
+
     # -- main loop ------------------------------------------------------------
 
     def run(self) -> None:
@@ -279,7 +287,7 @@ class WriterLoop:
             if self._stopping:
                 self._state.status = CLOSED
                 self._read_available()
-                if not self._backlog and not self._queued_bytes():
+                if not self._backlog and not self.queued_bytes():
                     return
             elif not self._backlog:
                 self._wait()
@@ -295,7 +303,7 @@ class WriterLoop:
             if role == "requests":
                 self._read_available()
             elif role == "registrations":
-                self._read_side_socket()
+                self._replies.read_side_socket()
             elif role == "lifeline":
                 self._unwatch(fd)
                 if not self._stopping:
@@ -305,11 +313,14 @@ class WriterLoop:
                 with contextlib.suppress(BlockingIOError):
                     os.read(self._wake_r, 512)
             elif role == "reply":
-                self._flush(fd)
+                self._replies.flush(fd)
 
     def _read_available(self) -> None:
         """Take every request already queued, up to one batch in hand."""
         limit = self._config.max_batch
+        # Empty but after a restart. Never rebound, so a pipe registered while
+        # this reads (a handed-over frame reads the side socket) is seen too.
+        awaited = self._replies.awaited
         while len(self._backlog) < limit:
             try:
                 data = os.read(self._request_fd, _READ_SIZE)
@@ -321,7 +332,7 @@ class WriterLoop:
                 self._stopping = True
                 break
             drained = len(data) < _READ_SIZE  # then skip the read that finds nothing
-            self._consumed += len(data)
+            self.consumed += len(data)
             for frame in self._frames.feed(data):
                 if frame.flags & HANDED_OVER:
                     request = self._take_handed_over(frame)
@@ -329,39 +340,23 @@ class WriterLoop:
                     request = self._assembler.add(frame)
                 if request is not None:
                     self._backlog.append(request)
-                    if self._awaited:
-                        awaited = self._awaited.get((request.sender, request.slot))
-                        if awaited is not None and awaited[0] == request.request_id:
-                            del self._awaited[(request.sender, request.slot)]
+                    if awaited:
+                        self._replies.arrived(request)
             if drained:
                 break
-        if self._awaited:
-            self._report_lost_requests()
+        if awaited:
+            self._replies.report_lost()
 
     def _take_handed_over(self, frame: Frame) -> Request | None:
         """The request whose payload was handed over as a file; None if lost."""
-        key = (frame.sender, frame.request_id)
-        entry = self._handed_over.pop(key, None)
-        if entry is None:
-            self._read_side_socket()  # sent before the frame: queued there
-            entry = self._handed_over.pop(key, None)
-        if entry is not None:
-            fd, length, _ = entry
-            try:
-                payload = _read_whole(fd, length)
-            finally:
-                os.close(fd)
-            if len(payload) == length:
-                return Request(frame.kind, frame.sender, frame.request_id, frame.slot, payload)
+        payload = self._replies.take_payload(frame.sender, frame.request_id)
+        if payload is not None:
+            return Request(frame.kind, frame.sender, frame.request_id, frame.slot, payload)
         # A writer that died had taken the file (or it was cut short): the
-        # request never ran. Answered here, so nothing else may answer it.
-        self.counters.lost_requests += 1
-        request = Request(frame.kind, frame.sender, frame.request_id, frame.slot, b"")
-        self._awaited.pop((frame.sender, frame.slot), None)
-        lost = WriterCrashed(
-            "the writer process died while receiving this request; it was not applied"
+        # request never ran.
+        self._replies.answer_lost(
+            Request(frame.kind, frame.sender, frame.request_id, frame.slot, b"")
         )
-        self._send(request, error_reply(frame.request_id, lost))
         return None
 
     def _serve_batch(self) -> None:
@@ -407,8 +402,9 @@ class WriterLoop:
                     log.exception("mpwriter: rolling back the failed batch failed too")
                 replies = [(w.request, error_reply(w.request.request_id, exc)) for w in batch]
         committed = time.monotonic()
+        send = self._replies.send
         for request, reply in replies + extra:
-            self._send(request, reply)
+            send(request, reply)
         in_hand.clear()
         if batch:
             self._record_timings(batch, taken, committed)
@@ -426,155 +422,33 @@ class WriterLoop:
     def _stats_reply(self, work: Work) -> bytes:
         figures = self.counters.as_dict()
         figures["queue_depth"] = len(self._backlog) + self._queued_estimate()
-        figures["queued_bytes"] = self._queued_bytes()
-        figures["reply_pipes"] = len(self._slots)
+        figures["queued_bytes"] = self.queued_bytes()
+        figures["reply_pipes"] = self._replies.pipe_count
         figures["uptime"] = time.monotonic() - self._started
         figures["pid"] = os.getpid()
         figures["resync_skipped_bytes"] = self._frames.skipped
         figures["restarts"] = self._state.restarts
         figures["latency_ms"] = self._latencies.summary()
-        figures["dropped_partial_requests"] = self._assembler.dropped + self._dropped_handovers
+        figures["dropped_partial_requests"] = (
+            self._assembler.dropped + self._replies.dropped_handovers
+        )
         return encode_reply(work.request.request_id, Status.OK, figures)
-
-    def _queued_bytes(self) -> int:
-        answer = fcntl.ioctl(self._request_fd, termios.FIONREAD, b"\0\0\0\0")
-        return int(struct.unpack("i", answer)[0])
 
     def _queued_estimate(self) -> int:
         # Requests are typically one frame; a rough count is what a dashboard needs.
-        return -(-self._queued_bytes() // 256)
-
-    # -- reply pipes ----------------------------------------------------------
-
-    def _read_side_socket(self) -> None:
-        """Take the reply pipes and handed-over payloads waiting on the side socket."""
-        while True:
-            try:
-                message, fds, _, _ = socket.recv_fds(self._registrations, SIDE_MESSAGE_MAX, 1)
-            except BlockingIOError:
-                return
-            tag = message[0] if message and len(fds) == 1 else None
-            if tag == PIPE_TAG and len(message) == PIPE_REGISTRATION.size:
-                _, sender, slot, awaiting = PIPE_REGISTRATION.unpack(message)
-                self._register_pipe((sender, slot), fds[0], awaiting)
-            elif tag == PAYLOAD_TAG and len(message) == PAYLOAD_HANDOVER.size:
-                _, sender, request_id, length = PAYLOAD_HANDOVER.unpack(message)
-                self._handed_over[(sender, request_id)] = (fds[0], length, time.monotonic())
-            else:
-                for fd in fds:
-                    os.close(fd)
-
-    def _register_pipe(self, key: tuple[int, int], fd: int, awaiting: int) -> None:
-        os.set_blocking(fd, False)
-        old = self._slots.pop(key, None)
-        if old is not None:
-            self._drop_fd(old)
-        self._slots[key] = fd
-        if awaiting:
-            self._await_after_restart(key, awaiting)
-
-    def _await_after_restart(self, key: tuple[int, int], request_id: int) -> None:
-        orphan = self._orphans.pop(key, None)
-        if orphan is not None and orphan[0] == request_id:
-            self._write_reply(key, self._slots[key], orphan[1])
-            return
-        if key in self._in_hand or any(
-            r.sender == key[0] and r.slot == key[1] for r in self._backlog
-        ):
-            return  # taken or queued here already: its reply will find the new pipe
-        # Everything the caller sent before it registered this pipe is in the
-        # pipe now, or was taken by the writer that died.
-        self._awaited[key] = (request_id, self._consumed + self._queued_bytes())
-        self._report_lost_requests()
-
-    def _report_lost_requests(self) -> None:
-        for key, (request_id, offset) in list(self._awaited.items()):
-            if self._consumed >= offset:
-                del self._awaited[key]
-                self.counters.lost_requests += 1
-                lost = WriterCrashed(
-                    "the writer process died after taking this request; the outcome is unknown"
-                )
-                self._write_reply(key, self._slots[key], error_reply(request_id, lost))
-
-    def _send(self, request: Request, reply: bytes) -> None:
-        if request.slot == NO_REPLY:
-            return
-        key = (request.sender, request.slot)
-        fd = self._slots.get(key)
-        if fd is None:
-            # The registration is sent before the request, so it is queued
-            # on the socket already -- unless the pipe was registered with a
-            # writer that has died since, and its sender has not noticed yet.
-            self._read_side_socket()
-            fd = self._slots.get(key)
-            if fd is None:
-                self._orphans[key] = (request.request_id, reply)
-                if len(self._orphans) > _ORPHAN_REPLIES_MAX:
-                    self._orphans.popitem(last=False)
-                return
-        if self._unsent:
-            unsent = self._unsent.get(fd)
-            if unsent is not None:
-                self._unsent[fd] = (key, unsent[1] + reply)
-                return
-        self._write_reply(key, fd, reply)
-
-    def _write_reply(self, key: tuple[int, int], fd: int, data: bytes) -> None:
-        try:
-            written = os.write(fd, data)
-        except BlockingIOError:
-            written = 0
-        except OSError as exc:
-            if exc.errno not in (errno.EPIPE, errno.EBADF):
-                log.warning("mpwriter: reply pipe failed: %s", exc)
-            # The caller is gone (killed, or retired the pipe after a timeout).
-            self._slots.pop(key, None)
-            self._drop_fd(fd)
-            return
-        if written < len(data):
-            self._unsent[fd] = (key, data[written:])
-            self._watch(fd, "reply", select.POLLOUT)
-
-    def _flush(self, fd: int) -> None:
-        key, data = self._unsent.pop(fd)
-        self._unwatch(fd)
-        self._write_reply(key, fd, data)
-
-    def _drop_fd(self, fd: int) -> None:
-        if self._unsent.pop(fd, None) is not None:
-            self._unwatch(fd)
-        os.close(fd)
+        return -(-self.queued_bytes() // 256)
 
     # -- housekeeping -----------------------------------------------------------
 
     def _housekeeping(self) -> None:
-        """Forget reply pipes and partial requests of callers that are gone."""
+        """Forget reply pipes, payloads and partial requests of callers that are gone."""
         self._next_housekeeping = time.monotonic() + _HOUSEKEEPING_INTERVAL
-        self._read_side_socket()
-        if self._slots:
-            poller = select.poll()
-            by_fd = {}
-            for key, fd in self._slots.items():
-                poller.register(fd, 0)  # POLLERR is reported whatever the mask
-                by_fd[fd] = key
-            for fd, events in poller.poll(0):
-                if events & (select.POLLERR | select.POLLNVAL):
-                    self._slots.pop(by_fd[fd], None)
-                    self._awaited.pop(by_fd[fd], None)
-                    self._drop_fd(fd)
-        dead = {
-            sender for sender in self._assembler.senders() if not _pid_alive(sender_pid(sender))
-        }
+        stale = time.monotonic() - _PARTIAL_REQUEST_MAX_IDLE
+        self._replies.housekeeping(stale)
+        dead = {sender for sender in self._assembler.senders() if not pid_alive(sender_pid(sender))}
         if dead:
             self._assembler.drop_senders(dead)
-        stale = time.monotonic() - _PARTIAL_REQUEST_MAX_IDLE
         self._assembler.drop_stale(stale)
-        for key, (fd, _, arrived) in list(self._handed_over.items()):
-            if arrived < stale or not _pid_alive(sender_pid(key[0])):
-                del self._handed_over[key]
-                os.close(fd)
-                self._dropped_handovers += 1
 
     def shut_down(self) -> None:
         """Checkpoint and close; called once the loop has returned or failed."""
@@ -589,33 +463,4 @@ class WriterLoop:
             log.exception("mpwriter: checkpoint at shutdown failed")
         finally:
             conn.close()
-        for fd in list(self._slots.values()):
-            self._drop_fd(fd)
-        self._slots.clear()
-        for fd, _, _ in self._handed_over.values():
-            os.close(fd)
-        self._handed_over.clear()
-
-
-def _read_whole(fd: int, length: int) -> bytes:
-    # pread: the sender's writes moved the file offset, which the two
-    # descriptors share.
-    chunks = []
-    offset = 0
-    while offset < length:
-        chunk = os.pread(fd, length - offset, offset)
-        if not chunk:
-            break  # cut short: the caller sees the length does not match
-        chunks.append(chunk)
-        offset += len(chunk)
-    return b"".join(chunks)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        self._replies.close()

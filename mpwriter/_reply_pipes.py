@@ -1,0 +1,327 @@
+"""The writer's end of the reply pipes, and of the side socket that brings them.
+
+Callers (any process)  --SCM_RIGHTS-->  side socket  -->  `ReplyPipes`:
+
+- a reply pipe's write end (`PIPE_REGISTRATION`) is filed under its
+  ``(sender, slot)``; a request names its pipe by that pair;
+- a bulk request's payload, as an anonymous file (`PAYLOAD_HANDOVER`), is kept
+  under ``(sender, request id)`` until the writer loop meets its frame and
+  takes it (`take_payload`).
+
+Every descriptor that arrives on the side socket is owned here, and closed
+here: when replaced, when its caller is gone, when taken, or at shutdown.
+
+Invariants:
+
+- A slot has at most one request in flight: its caller sends the next one
+  only after the reply to the last, or after retiring the pipe. So a reply
+  is routed by its slot alone, and a slot awaits at most one request.
+- A reply is written once per request: by `send` once it has run, or, when
+  the writer cannot serve it, by exactly one of the "lost" paths below, each
+  of which forgets the request it answers. One gap is known, not yet
+  closed: a registration read in the middle of a chunk of frames (a
+  handed-over frame reads the side socket) can report lost a request that
+  comes later in that chunk, which is then served and answered as well.
+- Replies never block the writer: every pipe is non-blocking; what a full
+  pipe cannot take waits in `_unsent` (later replies to it queue behind, in
+  order) and goes out when poll says the pipe is writable (`flush`). A caller
+  that stopped reading costs its own pipe only.
+
+Restarts (see also `_writer.py`): a caller whose pipe hit EOF re-registers
+the slot naming the request it awaits. A reply that was ready before the new
+pipe came is an orphan, kept (bounded) and sent on arrival. Otherwise, if the
+request is not queued or in hand, it is awaited until the loop has read every
+byte that was queued when the pipe came (`RequestStream`); past that offset it
+was taken by the writer that died, and the caller is told the outcome is
+unknown.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import select
+import socket
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Protocol
+
+from ._batch import Counters, error_reply
+from ._errors import WriterCrashed
+from ._wire import (
+    PAYLOAD_HANDOVER,
+    PAYLOAD_TAG,
+    PIPE_REGISTRATION,
+    PIPE_TAG,
+    SIDE_MESSAGE_MAX,
+    Request,
+    sender_pid,
+)
+
+log = logging.getLogger("mpwriter")
+
+NO_REPLY = 0xFFFF  # slot number of a request that wants no reply (CLOSE)
+# Replies whose pipe is not registered yet, kept for a sender that will
+# re-register after a restart; bounded, oldest dropped first.
+_ORPHAN_REPLIES_MAX = 4096
+
+Key = tuple[int, int]  # (sender token, slot)
+
+
+class RequestStream(Protocol):
+    """What `ReplyPipes` must know of the request pipe, implemented by the loop.
+
+    Enough to tell a request that is still coming from one the dead writer took.
+    """
+
+    @property
+    def consumed(self) -> int:
+        """Bytes read from the request pipe so far, by this writer."""
+        ...
+
+    def queued_bytes(self) -> int:
+        """Bytes in the request pipe, not read yet."""
+        ...
+
+    def holds(self, key: Key) -> bool:
+        """Whether a request from this slot is queued here or being served."""
+        ...
+
+
+class ReplyPipes:
+    """Reads the side socket; writes replies to the pipes it brought."""
+
+    def __init__(
+        self,
+        side: socket.socket,
+        counters: Counters,
+        stream: RequestStream,
+        watch: Callable[[int], None],
+        unwatch: Callable[[int], None],
+    ) -> None:
+        """``watch(fd)`` asks the loop to call `flush` once ``fd`` is writable;
+        ``unwatch(fd)`` withdraws that."""
+        self._side = side  # kept: collecting the socket would close its descriptor
+        side.setblocking(False)
+        self._counters = counters
+        self._stream = stream
+        self._watch = watch
+        self._unwatch = unwatch
+        self._slots: dict[Key, int] = {}
+        # (sender, slot) -> (request id awaited, stream offset it must appear by).
+        # Empty but after a restart: the loop tests it before calling `arrived`.
+        self.awaited: dict[Key, tuple[int, int]] = {}
+        self._orphans: OrderedDict[Key, tuple[int, bytes]] = OrderedDict()
+        # (sender, request id) -> (descriptor, length, arrival) of payloads
+        # handed over on the side socket, until their frame comes
+        self._handed_over: dict[tuple[int, int], tuple[int, int, float]] = {}
+        self.dropped_handovers = 0
+        # fd -> (its slot, the reply bytes the pipe could not take yet)
+        self._unsent: dict[int, tuple[Key, bytes]] = {}
+
+    @property
+    def pipe_count(self) -> int:
+        return len(self._slots)
+
+    # -- the side socket --------------------------------------------------------
+
+    def read_side_socket(self) -> None:
+        """Take the reply pipes and handed-over payloads waiting on the side socket."""
+        while True:
+            try:
+                message, fds, _, _ = socket.recv_fds(self._side, SIDE_MESSAGE_MAX, 1)
+            except BlockingIOError:
+                return
+            tag = message[0] if message and len(fds) == 1 else None
+            if tag == PIPE_TAG and len(message) == PIPE_REGISTRATION.size:
+                _, sender, slot, awaiting = PIPE_REGISTRATION.unpack(message)
+                self._register_pipe((sender, slot), fds[0], awaiting)
+            elif tag == PAYLOAD_TAG and len(message) == PAYLOAD_HANDOVER.size:
+                _, sender, request_id, length = PAYLOAD_HANDOVER.unpack(message)
+                self._handed_over[(sender, request_id)] = (fds[0], length, time.monotonic())
+            else:
+                for fd in fds:
+                    os.close(fd)
+
+    def take_payload(self, sender: int, request_id: int) -> bytes | None:
+        """The payload handed over for this request, whole; None if lost or cut short.
+
+        On None the request never ran; the caller answers it with `answer_lost`.
+        """
+        key = (sender, request_id)
+        entry = self._handed_over.pop(key, None)
+        if entry is None:
+            self.read_side_socket()  # sent before the frame: queued there
+            entry = self._handed_over.pop(key, None)
+        if entry is None:
+            return None
+        fd, length, _ = entry
+        try:
+            payload = _read_whole(fd, length)
+        finally:
+            os.close(fd)
+        return payload if len(payload) == length else None
+
+    def _register_pipe(self, key: Key, fd: int, awaiting: int) -> None:
+        os.set_blocking(fd, False)
+        old = self._slots.pop(key, None)
+        if old is not None:
+            self._drop_fd(old)
+        self._slots[key] = fd
+        if awaiting:
+            self._await_after_restart(key, awaiting)
+
+    # -- restarts ---------------------------------------------------------------
+
+    def _await_after_restart(self, key: Key, request_id: int) -> None:
+        orphan = self._orphans.pop(key, None)
+        if orphan is not None and orphan[0] == request_id:
+            self._write_reply(key, self._slots[key], orphan[1])
+            return
+        if self._stream.holds(key):
+            return  # taken or queued here already: its reply will find the new pipe
+        # Everything the caller sent before it registered this pipe is in the
+        # pipe now, or was taken by the writer that died.
+        self.awaited[key] = (request_id, self._stream.consumed + self._stream.queued_bytes())
+        self.report_lost()
+
+    def arrived(self, request: Request) -> None:
+        """A request was read: if its slot awaited it, it is no longer lost."""
+        awaited = self.awaited.get((request.sender, request.slot))
+        if awaited is not None and awaited[0] == request.request_id:
+            del self.awaited[(request.sender, request.slot)]
+
+    def report_lost(self) -> None:
+        """Answer each awaited request the stream has been read past: the dead writer took it."""
+        consumed = self._stream.consumed
+        for key, (request_id, offset) in list(self.awaited.items()):
+            if consumed >= offset:
+                del self.awaited[key]
+                self._counters.lost_requests += 1
+                lost = WriterCrashed(
+                    "the writer process died after taking this request; the outcome is unknown"
+                )
+                self._write_reply(key, self._slots[key], error_reply(request_id, lost))
+
+    def answer_lost(self, request: Request) -> None:
+        """Answer a request whose handed-over payload is gone: it never ran.
+
+        Answered here, so nothing else may answer it: it is no longer awaited.
+        """
+        self._counters.lost_requests += 1
+        self.awaited.pop((request.sender, request.slot), None)
+        lost = WriterCrashed(
+            "the writer process died while receiving this request; it was not applied"
+        )
+        self.send(request, error_reply(request.request_id, lost))
+
+    # -- writing replies --------------------------------------------------------
+
+    def send(self, request: Request, reply: bytes) -> None:
+        """Write (or queue) ``reply`` to the pipe ``request`` named; never blocks."""
+        if request.slot == NO_REPLY:
+            return
+        key = (request.sender, request.slot)
+        fd = self._slots.get(key)
+        if fd is None:
+            # The registration is sent before the request, so it is queued
+            # on the socket already -- unless the pipe was registered with a
+            # writer that has died since, and its sender has not noticed yet.
+            self.read_side_socket()
+            fd = self._slots.get(key)
+            if fd is None:
+                self._orphans[key] = (request.request_id, reply)
+                if len(self._orphans) > _ORPHAN_REPLIES_MAX:
+                    self._orphans.popitem(last=False)
+                return
+        if self._unsent:
+            unsent = self._unsent.get(fd)
+            if unsent is not None:
+                self._unsent[fd] = (key, unsent[1] + reply)
+                return
+        self._write_reply(key, fd, reply)
+
+    def _write_reply(self, key: Key, fd: int, data: bytes) -> None:
+        try:
+            written = os.write(fd, data)
+        except BlockingIOError:
+            written = 0
+        except OSError as exc:
+            if exc.errno not in (errno.EPIPE, errno.EBADF):
+                log.warning("mpwriter: reply pipe failed: %s", exc)
+            # The caller is gone (killed, or retired the pipe after a timeout).
+            self._slots.pop(key, None)
+            self._drop_fd(fd)
+            return
+        if written < len(data):
+            self._unsent[fd] = (key, data[written:])
+            self._watch(fd)
+
+    def flush(self, fd: int) -> None:
+        """Write what ``fd`` could not take before; poll said it is writable."""
+        key, data = self._unsent.pop(fd)
+        self._unwatch(fd)
+        self._write_reply(key, fd, data)
+
+    def _drop_fd(self, fd: int) -> None:
+        if self._unsent.pop(fd, None) is not None:
+            self._unwatch(fd)
+        os.close(fd)
+
+    # -- housekeeping -----------------------------------------------------------
+
+    def housekeeping(self, stale: float) -> None:
+        """Drop the pipes whose reader is gone, and payloads older than ``stale``
+        (a monotonic time) or whose sender is dead."""
+        self.read_side_socket()
+        if self._slots:
+            poller = select.poll()
+            by_fd = {}
+            for key, fd in self._slots.items():
+                poller.register(fd, 0)  # POLLERR is reported whatever the mask
+                by_fd[fd] = key
+            for fd, events in poller.poll(0):
+                if events & (select.POLLERR | select.POLLNVAL):
+                    self._slots.pop(by_fd[fd], None)
+                    self.awaited.pop(by_fd[fd], None)
+                    self._drop_fd(fd)
+        for key, (fd, _, arrived) in list(self._handed_over.items()):
+            if arrived < stale or not pid_alive(sender_pid(key[0])):
+                del self._handed_over[key]
+                os.close(fd)
+                self.dropped_handovers += 1
+
+    def close(self) -> None:
+        """Close every descriptor held; unsent replies are dropped."""
+        for fd in list(self._slots.values()):
+            self._drop_fd(fd)
+        self._slots.clear()
+        for fd, _, _ in self._handed_over.values():
+            os.close(fd)
+        self._handed_over.clear()
+
+
+def _read_whole(fd: int, length: int) -> bytes:
+    # pread: the sender's writes moved the file offset, which the two
+    # descriptors share.
+    chunks = []
+    offset = 0
+    while offset < length:
+        chunk = os.pread(fd, length - offset, offset)
+        if not chunk:
+            break  # cut short: the caller sees the length does not match
+        chunks.append(chunk)
+        offset += len(chunk)
+    return b"".join(chunks)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
