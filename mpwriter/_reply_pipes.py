@@ -18,10 +18,11 @@ Invariants:
   is routed by its slot alone, and a slot awaits at most one request.
 - A reply is written once per request: by `send` once it has run, or, when
   the writer cannot serve it, by exactly one of the "lost" paths below, each
-  of which forgets the request it answers. One gap is known, not yet
-  closed: a registration read in the middle of a chunk of frames (a
-  handed-over frame reads the side socket) can report lost a request that
-  comes later in that chunk, which is then served and answered as well.
+  of which forgets the request it answers. A request is declared lost only
+  by `report_lost`, which the loop calls between chunks of frames, never in
+  the middle of one: a registration read mid-chunk (a handed-over frame
+  reads the side socket) would otherwise count as read a request that comes
+  later in that chunk, which would then be served and answered twice.
 - Replies never block the writer: every pipe is non-blocking; what a full
   pipe cannot take waits in `_unsent` (later replies to it queue behind, in
   order) and goes out when poll says the pipe is writable (`flush`). A caller
@@ -172,6 +173,11 @@ class ReplyPipes:
         self._slots[key] = fd
         if awaiting:
             self._await_after_restart(key, awaiting)
+        else:
+            # A fresh pipe: whatever an older pipe under this number awaited
+            # was given up by its caller, and must not be answered on this one.
+            self.awaited.pop(key, None)
+            self._orphans.pop(key, None)
 
     # -- restarts ---------------------------------------------------------------
 
@@ -184,8 +190,8 @@ class ReplyPipes:
             return  # taken or queued here already: its reply will find the new pipe
         # Everything the caller sent before it registered this pipe is in the
         # pipe now, or was taken by the writer that died.
+        # Declared lost by the loop's next `report_lost`.
         self.awaited[key] = (request_id, self._stream.consumed + self._stream.queued_bytes())
-        self.report_lost()
 
     def arrived(self, request: Request) -> None:
         """A request was read: if its slot awaited it, it is no longer lost."""
@@ -194,16 +200,22 @@ class ReplyPipes:
             del self.awaited[(request.sender, request.slot)]
 
     def report_lost(self) -> None:
-        """Answer each awaited request the stream has been read past: the dead writer took it."""
+        """Answer each awaited request the stream has been read past: the dead writer took it.
+
+        Only between chunks of frames: every request read so far is queued.
+        """
         consumed = self._stream.consumed
         for key, (request_id, offset) in list(self.awaited.items()):
             if consumed >= offset:
                 del self.awaited[key]
                 self._counters.lost_requests += 1
+                fd = self._slots.get(key)
+                if fd is None:
+                    continue  # its caller is gone too (its pipe failed)
                 lost = WriterCrashed(
                     "the writer process died after taking this request; the outcome is unknown"
                 )
-                self._write_reply(key, self._slots[key], error_reply(request_id, lost))
+                self._write_reply(key, fd, error_reply(request_id, lost))
 
     def answer_lost(self, request: Request) -> None:
         """Answer a request whose handed-over payload is gone: it never ran.
@@ -292,6 +304,8 @@ class ReplyPipes:
                 del self._handed_over[key]
                 os.close(fd)
                 self.dropped_handovers += 1
+        if self.awaited:
+            self.report_lost()
 
     def close(self) -> None:
         """Close every descriptor held; unsent replies are dropped."""

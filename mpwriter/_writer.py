@@ -304,6 +304,8 @@ class WriterLoop:
                 self._read_available()
             elif role == "registrations":
                 self._replies.read_side_socket()
+                if self._replies.awaited:
+                    self._replies.report_lost()
             elif role == "lifeline":
                 self._unwatch(fd)
                 if not self._stopping:

@@ -14,16 +14,20 @@ calls never return at.
 from __future__ import annotations
 
 import os
+import pickle
 import select
 import signal
+import socket
 import time
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 import pytest
 
 import mpwriter
 from conftest import SCHEMA, Gate, count_rows, reap_pid
-from mpwriter import _reply, _wire
+from mpwriter import _reply, _wire, _writer
+from mpwriter._shared import SharedState
 
 pytestmark = pytest.mark.skipif(not _wire.CAN_HAND_OVER, reason="needs os.memfd_create")
 
@@ -109,3 +113,74 @@ def test_a_frame_whose_payload_was_lost_is_answered_not_applied_once(
     assert writer.execute(INSERT, (5, 0, "next")).rowcount == 1
     assert writer.stats()["lost_requests"] == 1
     assert count_rows(db_path) == 1
+
+
+def count_replies_after_a_mid_chunk_reregistration(directory: str) -> tuple[int, int]:
+    """Drive a real `WriterLoop` (in this process) through the race; return
+    (replies on the re-registered pipe, rows written)."""
+    config = _writer.WriterConfig(
+        path=os.path.join(directory, "race.db"),
+        synchronous="NORMAL",
+        init="CREATE TABLE t(x)",
+        max_batch=64,
+    )
+    conn = _writer.open_database(config)
+    request_r, request_w = os.pipe()
+    side, side_peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    lifeline_r, _lifeline_w = os.pipe()
+    state = SharedState()
+    loop = _writer.WriterLoop(
+        conn, config, Connection(request_r), side, Connection(lifeline_r), state
+    )
+    bulk_sender = _wire.make_sender_token(os.getpid())
+    caller = _wire.make_sender_token(os.getpid())
+    awaited_id, caller_slot = 7, 1
+    now = time.monotonic()
+    insert = pickle.dumps((now + 60, now, ("INSERT INTO t VALUES (1)", ())))
+    # One chunk: a bulk frame whose payload a dead writer took, then the
+    # caller's request -- which the dead writer never read.
+    os.write(
+        request_w,
+        _wire.encode_frame(
+            _wire.Kind.EXECUTE, _wire.WHOLE | _wire.HANDED_OVER, bulk_sender, 3, 5, b""
+        )
+        + _wire.encode_frame(
+            _wire.Kind.EXECUTE, _wire.WHOLE, caller, awaited_id, caller_slot, insert
+        ),
+    )
+    # The caller saw EOF and re-registered its slot, awaiting that request:
+    # the writer reads this while looking for the bulk payload, mid-chunk.
+    reply_r, reply_w = os.pipe()
+    registration = _wire.PIPE_REGISTRATION.pack(_wire.PIPE_TAG, caller, caller_slot, awaited_id)
+    socket.send_fds(side_peer, [registration], [reply_w])
+    os.close(reply_w)
+    loop._read_available()
+    loop._serve_batch()
+    os.set_blocking(reply_r, False)
+    data = os.read(reply_r, 1 << 16)
+    replies = 0
+    while data:
+        data = data[_wire.reply_size(data) :]
+        replies += 1
+    return replies, int(conn.execute("SELECT count(*) FROM t").fetchone()[0])
+
+
+def test_a_re_registration_read_mid_chunk_gets_one_reply(tmp_path: Path) -> None:
+    """A request must not be reported lost while it sits, read but not yet
+    parsed, later in the chunk of frames being handled -- it would be served
+    as well, and answered twice. Run in a child: the loop installs signal
+    handlers."""
+    result_r, result_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            replies, rows = count_replies_after_a_mid_chunk_reregistration(str(tmp_path))
+            os.write(result_w, f"{replies} {rows}".encode())
+        finally:
+            os._exit(0)
+    os.close(result_w)
+    assert select.select([result_r], [], [], 20.0)[0], "the child did not report"
+    outcome = os.read(result_r, 100).decode()
+    os.close(result_r)
+    reap_pid(pid)
+    assert outcome == "1 1", "expected one reply and one row, got (replies, rows) = " + outcome
