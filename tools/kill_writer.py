@@ -313,11 +313,10 @@ def _kill_writer_once(
     report.kills += 1
 
     # Restarted and serving: a call that began after the victim was dead has
-    # been acknowledged, which only a new writer can have done. Not a stats()
-    # call from here: this process's pooled reply pipe was registered with a
-    # dead writer, and a request that the new writer is already running when
-    # the re-registration arrives is answered "lost" (WriterCrashed) although
-    # it runs (_writer.py, _await_after_restart looks only in the backlog).
+    # been acknowledged, which only a new writer can have done. Judged from
+    # the clients' acknowledgements, not a stats() call from here: that would
+    # first take this process's own pooled pipe through a re-registration, a
+    # restart path of its own beside the one being measured.
     deadline = dead + writer.timeout + faults.DEADLINE
     if not fleet.pump(deadline - time.monotonic(), until=lambda: fleet.latest_ack_start > dead):
         report.failures.append(f"no new writer served {deadline - sent:.0f} s after a kill")
