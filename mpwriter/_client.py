@@ -31,6 +31,7 @@ import pickle
 import select
 import socket
 import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from multiprocessing import context as mp_context
 from multiprocessing import reduction
@@ -255,7 +256,8 @@ class Writer(PipePool):
             free, self._local.free = self._local.free, []
         for slot in free:
             self._retire(slot)
-        os.close(self._request_fd)
+        _disarm(self._request_fd)
+        weakref.finalize(self, os.close, self._request_fd)
         self._registration.close()
 
     def __enter__(self) -> Writer:
@@ -451,6 +453,21 @@ class _Outgoing:
                 raise self._writer._unavailable(sent=False) from None
             self._next = next(self._frames, None)
         return True
+
+
+def _disarm(fd: int) -> None:
+    """Point ``fd`` at a pipe nobody reads, keeping its number.
+
+    Other threads may be sending on it while the handle closes. A closed
+    number is taken by the next open() anywhere in the process, and their
+    frames would land in that file; on a pipe without a reader they fail
+    with EPIPE instead, which they report as `WriterClosed`. The number is
+    released when the handle is collected.
+    """
+    read_fd, write_fd = os.pipe()
+    os.close(read_fd)
+    os.dup2(write_fd, fd, inheritable=False)
+    os.close(write_fd)
 
 
 def _rebuild(

@@ -18,6 +18,7 @@ import pytest
 import mpwriter
 from _faults import reap  # tools/, on sys.path through conftest
 from conftest import SCHEMA, Gate, count_rows, hold_writer
+from mpwriter import _wire
 
 
 def test_queued_requests_survive_a_writer_kill_and_the_taken_one_is_reported_lost(
@@ -278,3 +279,20 @@ def test_the_writer_ignores_sigint_and_sighup(writer: mpwriter.Writer) -> None:
     assert writer.execute("INSERT INTO items(payload) VALUES ('still here')").rowcount == 1
     stats = writer.stats()
     assert (stats["pid"], stats["restarts"]) == (pid, 0)
+
+
+def test_a_send_that_races_close_fails_cleanly_and_writes_nowhere(
+    writer: mpwriter.Writer, tmp_path: Path
+) -> None:
+    """A thread that passed the "closed?" check just before another thread
+    closed the handle still sends. Its frame must not land in whatever file
+    the process opened since, under the descriptor number the queue had."""
+    writer.close()
+    unrelated = tmp_path / "unrelated.bin"
+    fd = os.open(unrelated, os.O_CREAT | os.O_WRONLY)
+    try:
+        with pytest.raises(mpwriter.WriterClosed):
+            writer._send(_wire.Kind.EXECUTE, b"a late request", 0, time.monotonic() + 1.0)
+    finally:
+        os.close(fd)
+    assert unrelated.stat().st_size == 0
