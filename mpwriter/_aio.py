@@ -29,7 +29,7 @@ async def request(writer: Writer, kind: Kind, body: tuple[Any, ...], timeout: fl
         while not outgoing.pump():
             if not await _ready(loop, writer._request_fd, deadline, writable=True):
                 raise queue_full()
-        incoming = Incoming()
+        incoming = Incoming(outgoing.request_id)
         while True:
             if not await _ready(loop, slot.fd, deadline, writable=False):
                 raise no_reply()
@@ -41,7 +41,7 @@ async def request(writer: Writer, kind: Kind, body: tuple[Any, ...], timeout: fl
         writer._retire(slot)
         raise
     writer._local.free.append(slot)
-    return unpack_reply(reply, outgoing.request_id)
+    return unpack_reply(reply)
 
 
 async def _ready(

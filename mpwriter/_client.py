@@ -305,7 +305,7 @@ class Writer(PipePool):
             raise
         # A whole reply was read: the pipe is clean, even if the reply is an error.
         free.append(slot)
-        return unpack_reply(reply, request_id)
+        return unpack_reply(reply)
 
     def _prepare(
         self, kind: Kind, body: tuple[Any, ...], timeout: float | None
@@ -367,7 +367,7 @@ class Writer(PipePool):
 
     def _await_reply(self, slot: Slot, request_id: int, deadline: float) -> bytes:
         """The whole reply to ``request_id``; raises on timeout or a lost writer."""
-        incoming = Incoming()
+        incoming = Incoming(request_id)
         while True:
             if not slot.poller.poll(millis(max(deadline - time.monotonic(), 0.0))):
                 raise no_reply()

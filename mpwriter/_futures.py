@@ -41,7 +41,7 @@ class Pending:
         self.request_id = request_id
         self.future = future
         self.deadline = deadline
-        self.incoming = Incoming()
+        self.incoming = Incoming(request_id)
 
 
 class Collector:
@@ -134,7 +134,7 @@ class Collector:
             return False
         writer._local.free.append(entry.slot)
         try:
-            entry.future.set_result(Result(*unpack_reply(reply, entry.request_id)))
+            entry.future.set_result(Result(*unpack_reply(reply)))
         except BaseException as exc:
             entry.future.set_exception(exc)
         return True

@@ -10,7 +10,7 @@ import pickle
 from typing import Any, NamedTuple
 
 from ._errors import Error, QueueFull, RemoteTraceback, Timeout
-from ._wire import REPLY_HEADER_SIZE, Status, decode_reply_header, reply_size
+from ._wire import REPLY_HEADER_SIZE, Status, decode_reply_header
 
 
 class Result(NamedTuple):
@@ -26,13 +26,19 @@ class Result(NamedTuple):
 
 
 class Incoming:
-    """Collects one reply from the chunks read off its pipe."""
+    """Collects the reply to ``request_id`` from the chunks read off its pipe.
 
-    __slots__ = ("_buffer", "_needed")
+    Raises `Error` as soon as the header shows a reply to another request:
+    the pipe carries something this request cannot account for, and the
+    caller retires it.
+    """
 
-    def __init__(self) -> None:
+    __slots__ = ("_buffer", "_needed", "_request_id")
+
+    def __init__(self, request_id: int) -> None:
         self._buffer = b""
-        self._needed = REPLY_HEADER_SIZE
+        self._needed = 0  # the whole reply's size, once its header is in
+        self._request_id = request_id
 
     @property
     def started(self) -> bool:
@@ -41,9 +47,15 @@ class Incoming:
     def take(self, chunk: bytes) -> bytes | None:
         # Usually the whole reply is the first chunk: no copy then.
         buffer = self._buffer = self._buffer + chunk if self._buffer else chunk
-        if self._needed == REPLY_HEADER_SIZE and len(buffer) >= REPLY_HEADER_SIZE:
-            self._needed = reply_size(buffer)
-        return buffer if len(buffer) >= self._needed else None
+        if not self._needed and len(buffer) >= REPLY_HEADER_SIZE:
+            length, replied_to = decode_reply_header(buffer[:REPLY_HEADER_SIZE])
+            if replied_to != self._request_id:
+                raise Error(
+                    f"a reply to request {replied_to} arrived for request {self._request_id};"
+                    " the outcome is unknown"
+                )
+            self._needed = REPLY_HEADER_SIZE + length
+        return buffer if self._needed and len(buffer) >= self._needed else None
 
 
 def queue_full() -> QueueFull:
@@ -54,11 +66,9 @@ def no_reply() -> Timeout:
     return Timeout("no reply from the writer within the timeout; the outcome is unknown")
 
 
-def unpack_reply(payload: bytes, request_id: int) -> Any:
-    length, replied_to = decode_reply_header(payload[:REPLY_HEADER_SIZE])
-    if replied_to != request_id:
-        raise Error(f"reply to request {replied_to} arrived for request {request_id}")
-    status, value = pickle.loads(payload[REPLY_HEADER_SIZE : REPLY_HEADER_SIZE + length])
+def unpack_reply(reply: bytes) -> Any:
+    """The value of a whole reply (from `Incoming`), or raise the error it carries."""
+    status, value = pickle.loads(memoryview(reply)[REPLY_HEADER_SIZE:])
     if status == Status.OK:
         return value
     exc, tb = value

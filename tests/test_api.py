@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import itertools
+import os
 import pickle
 import sqlite3
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +15,7 @@ import pytest
 
 import mpwriter
 from conftest import SCHEMA, Gate, count_rows
-from mpwriter import _futures, _writer
+from mpwriter import _futures, _wire, _writer
 
 EXPECTED_PUBLIC_NAMES = {
     "Error",
@@ -315,6 +317,29 @@ def test_slot_numbers_that_wrap_around_skip_the_pipes_still_open(
     figures = writer.stats()
     assert figures["reply_pipes"] == 2, "one pipe displaced the other in the writer"
     assert figures["errors"] == 0
+
+
+def test_a_reply_to_another_request_is_an_error_and_retires_the_pipe(
+    writer: mpwriter.Writer,
+) -> None:
+    """Should a pipe ever hold a reply that is not this request's, the call
+    fails and the pipe is not lent again: its own reply may still come."""
+    writer.execute("INSERT INTO items(client, seq) VALUES (0, 0)")  # pools one pipe
+    slot = writer._borrow_slot(time.monotonic() + 10)
+    stray_id = writer._next_request_id()
+    # A frame whose handed-over payload is missing is answered at once
+    # ("not applied"): a way to have the writer put a reply in this pipe.
+    flags = _wire.WHOLE | _wire.HANDED_OVER
+    frame = _wire.encode_frame(
+        _wire.Kind.EXECUTE, flags, writer._local.sender, stray_id, slot.number, b""
+    )
+    os.write(writer._request_fd, frame)
+    assert slot.poller.poll(10_000), "the writer did not answer the stray frame"
+    writer._local.free.append(slot)  # lent again with that reply unread, as a bug would
+    with pytest.raises(mpwriter.Error, match=f"reply to request {stray_id} arrived"):
+        writer.execute("INSERT INTO items(client, seq) VALUES (0, 1)")
+    assert slot not in writer._local.free
+    assert writer.execute("INSERT INTO items(client, seq) VALUES (0, 2)").rowcount == 1
 
 
 def test_a_failed_reply_collector_fails_its_futures_and_is_replaced(

@@ -57,7 +57,7 @@ def test_a_bulk_request_larger_than_the_queue_is_sent_while_the_writer_is_busy(
         gate.release()
         assert gate.future.result(timeout=10) == "released"
         reply = writer._await_reply(slot, request_id, deadline)
-        assert _reply.unpack_reply(reply, request_id)[0] == len(rows)
+        assert _reply.unpack_reply(reply)[0] == len(rows)
         assert behind.result(timeout=10).rowcount == 1
     assert count_rows(db_path) == len(rows) + 1
 
@@ -107,7 +107,7 @@ def test_a_frame_whose_payload_was_lost_is_answered_not_applied_once(
     os.write(writer._request_fd, frame)
     reply = writer._await_reply(slot, request_id, deadline)
     with pytest.raises(mpwriter.WriterCrashed, match="not applied"):
-        _reply.unpack_reply(reply, request_id)
+        _reply.unpack_reply(reply)
     writer._local.free.append(slot)
     # The same pipe serves the next request: no second answer was left in it.
     assert writer.execute(INSERT, (5, 0, "next")).rowcount == 1
