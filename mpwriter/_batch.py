@@ -33,7 +33,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from ._errors import Interrupted, NotPicklable, RemoteError, StatementRefused, Timeout
-from ._wire import Kind, Request, Status, encode_reply
+from ._wire import Kind, Request, Status, encode_reply, encode_wrote
 
 # Pragmas that SQLite ignores or refuses inside a transaction when they set a
 # value; such a request is deferred and run alone, outside the batch.
@@ -52,6 +52,9 @@ SQLITE_BUSY = 5
 log = logging.getLogger("mpwriter")
 
 _SINGLE_STATEMENT = frozenset({Kind.EXECUTE, Kind.POST})
+# Kinds whose result is (rowcount, lastrowid, rows): without rows, it is sent
+# in the compact form (`encode_wrote`).
+_WRITE_RESULTS = frozenset({Kind.EXECUTE, Kind.EXECUTEMANY, Kind.POST})
 
 # The writer's own statements. sqlite3 caches prepared statements by their
 # text, and the authorizer runs only when a statement is prepared: a caller's
@@ -310,6 +313,8 @@ class BatchRunner:
             raise
         finally:
             self._guarded = False
+        if kind in _WRITE_RESULTS and not value[2]:
+            return encode_wrote(work.request.request_id, value[0], value[1])
         try:
             return encode_reply(work.request.request_id, Status.OK, value)
         except Exception as exc:

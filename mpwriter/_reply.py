@@ -10,7 +10,7 @@ import pickle
 from typing import Any, NamedTuple
 
 from ._errors import Error, QueueFull, RemoteTraceback, Timeout
-from ._wire import REPLY_HEADER_SIZE, Status, decode_reply_header
+from ._wire import PICKLED, REPLY_HEADER_SIZE, Status, decode_reply_header, decode_wrote
 
 
 class Result(NamedTuple):
@@ -68,6 +68,8 @@ def no_reply() -> Timeout:
 
 def unpack_reply(reply: bytes) -> Any:
     """The value of a whole reply (from `Incoming`), or raise the error it carries."""
+    if reply[REPLY_HEADER_SIZE] != PICKLED:
+        return decode_wrote(reply)
     status, value = pickle.loads(memoryview(reply)[REPLY_HEADER_SIZE:])
     if status == Status.OK:
         return value

@@ -271,11 +271,35 @@ class _Partial:
 _REPLY_HEADER = struct.Struct("!II")
 REPLY_HEADER_SIZE = _REPLY_HEADER.size
 
+# The usual reply -- a write that returned no rows: (rowcount, lastrowid, []) --
+# goes without pickle: a tag byte that starts no pickle (those start with the
+# PROTO opcode), then two signed 64-bit integers. Measured on this 2-core
+# machine with 8 clients, unpickling a reply and building its tuple cost a
+# client 4-8 us of CPU per request (cold caches: 9 processes share 2 cores).
+_WROTE_REPLY = struct.Struct("!IIcqq")
+_WROTE = b"W"
+_WROTE_NO_ROWID = b"w"  # lastrowid is None
+_WROTE_SIZE = _WROTE_REPLY.size - REPLY_HEADER_SIZE
+PICKLED = pickle.PROTO[0]  # the first byte of every other reply's payload
+
 
 def encode_reply(request_id: int, status: Status, value: Any) -> bytes:
     """Pickle a reply; raises whatever pickle raises for ``value``."""
     payload = pickle.dumps((int(status), value), PICKLE_PROTOCOL)
     return _REPLY_HEADER.pack(len(payload), request_id) + payload
+
+
+def encode_wrote(request_id: int, rowcount: int, lastrowid: int | None) -> bytes:
+    """The OK reply ``(rowcount, lastrowid, [])`` of a write, without pickle."""
+    if lastrowid is None:
+        return _WROTE_REPLY.pack(_WROTE_SIZE, request_id, _WROTE_NO_ROWID, rowcount, 0)
+    return _WROTE_REPLY.pack(_WROTE_SIZE, request_id, _WROTE, rowcount, lastrowid)
+
+
+def decode_wrote(reply: bytes) -> tuple[int, int | None, list[Any]]:
+    """The value of a reply made by `encode_wrote` (header included)."""
+    _, _, tag, rowcount, lastrowid = _WROTE_REPLY.unpack(reply)
+    return (rowcount, None if tag == _WROTE_NO_ROWID else lastrowid, [])
 
 
 def reply_size(reply: bytes) -> int:

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from mpwriter import _wire
+from mpwriter import _reply, _wire
 from mpwriter._wire import FIRST, LAST, Assembler, FrameReader, Kind
 
 
@@ -112,6 +112,25 @@ def test_reply_round_trip() -> None:
     length, request_id = _wire.decode_reply_header(encoded[: _wire.REPLY_HEADER_SIZE])
     assert request_id == 77
     assert length == len(encoded) - _wire.REPLY_HEADER_SIZE
+
+
+@pytest.mark.parametrize(
+    "value", [(1, 42, []), (0, None, []), (-1, 2**63 - 1, []), (100_000, -(2**63), [])]
+)
+def test_a_write_result_travels_without_pickle_and_unpacks_equal(
+    value: tuple[int, int | None, list[object]],
+) -> None:
+    encoded = _wire.encode_wrote(9, value[0], value[1])
+    assert encoded[_wire.REPLY_HEADER_SIZE] != _wire.PICKLED
+    assert _reply.Incoming(9).take(encoded) == encoded  # its header gives its whole size
+    assert _reply.unpack_reply(encoded) == value
+
+
+def test_any_other_result_is_pickled_and_unpacks_equal() -> None:
+    value = (1, 2, [(3, "row")])
+    encoded = _wire.encode_reply(9, _wire.Status.OK, value)
+    assert encoded[_wire.REPLY_HEADER_SIZE] == _wire.PICKLED
+    assert _reply.unpack_reply(encoded) == value
 
 
 def test_pieces_left_untouched_too_long_are_dropped() -> None:

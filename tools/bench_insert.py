@@ -32,7 +32,7 @@ from typing import Any
 import _benchlib as lib
 import mpwriter
 import mpwriter._writer
-from mpwriter._wire import Status, encode_reply
+from mpwriter._wire import encode_wrote
 
 MODES = ("raw", "naive", "thread", "mpwriter", "echo")
 WRITER_MODES = ("mpwriter", "echo")
@@ -133,10 +133,7 @@ class EchoBatchRunner:
     def run(self, batch: list[Any]) -> list[tuple[Any, bytes]]:
         self._counters.batches += 1
         self._counters.requests += len(batch)
-        return [
-            (work.request, encode_reply(work.request.request_id, Status.OK, (1, 1, [])))
-            for work in batch
-        ]
+        return [(work.request, encode_wrote(work.request.request_id, 1, 1)) for work in batch]
 
     def abandon_transaction(self) -> None:
         """Nothing to roll back: no transaction is ever opened."""
