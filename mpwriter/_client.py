@@ -192,18 +192,23 @@ class Writer(PipePool):
         and counted by class (``post_errors_by_class``). Not durable on return.
         """
         local = self._local
+        reported = local.posts_dropped
         try:
             now = time.monotonic()
             if self._closed_here or self._state.status != RUNNING:
                 raise self._unavailable(sent=False)
-            body = (sql, params, local.posts_dropped)
+            body = (sql, params, reported)
             payload = pickle.dumps((now + self.timeout, now, body), PICKLE_PROTOCOL)
             self._send(Kind.POST, payload, NO_REPLY, now + max_block)
         except Exception:
             # Dropped: counted here, reported with the next post that gets through.
-            local.posts_dropped += 1
+            with local.lock:
+                local.posts_dropped += 1
             return False
-        local.posts_dropped = 0
+        if reported:
+            # Only what this post reported: other threads may have dropped more since.
+            with local.lock:
+                local.posts_dropped -= reported
         return True
 
     # -- asyncio ----------------------------------------------------------------

@@ -48,7 +48,7 @@ class Incoming:
         # Usually the whole reply is the first chunk: no copy then.
         buffer = self._buffer = self._buffer + chunk if self._buffer else chunk
         if not self._needed and len(buffer) >= REPLY_HEADER_SIZE:
-            length, replied_to = decode_reply_header(buffer[:REPLY_HEADER_SIZE])
+            length, replied_to = decode_reply_header(buffer)
             if replied_to != self._request_id:
                 raise Error(
                     f"a reply to request {replied_to} arrived for request {self._request_id};"

@@ -307,7 +307,7 @@ def reply_size(reply: bytes) -> int:
     return REPLY_HEADER_SIZE + int(_REPLY_HEADER.unpack_from(reply)[0])
 
 
-def decode_reply_header(header: bytes) -> tuple[int, int]:
-    """Return (payload length, request id)."""
-    length, request_id = _REPLY_HEADER.unpack(header)
+def decode_reply_header(reply: bytes) -> tuple[int, int]:
+    """(payload length, request id) from the header that starts ``reply``."""
+    length, request_id = _REPLY_HEADER.unpack_from(reply)
     return length, request_id
