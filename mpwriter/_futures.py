@@ -60,6 +60,8 @@ class Collector:
         self._added: list[Pending] = []
         self.broken = False
         self._wake_r, self._wake_w = os.pipe()
+        # Closed in a forked child with the rest of this process's descriptors.
+        writer._local.fds.update((self._wake_r, self._wake_w))
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         thread = threading.Thread(target=self._run, name="mpwriter-replies", daemon=True)
@@ -86,8 +88,8 @@ class Collector:
                 self.broken = True
                 orphans = list(pending.values()) + self._added
                 self._added = []
-                os.close(self._wake_r)
-                os.close(self._wake_w)
+                self._writer._close_fd(self._wake_r)
+                self._writer._close_fd(self._wake_w)
             for entry in orphans:
                 self._writer._retire(entry.slot)
                 failure = Error(f"the thread collecting replies failed ({exc!r}); outcome unknown")

@@ -171,6 +171,7 @@ class PipePool:
     def _hand_over(self, payload: bytes, request_id: int, deadline: float) -> None:
         """Send ``payload`` as a memfd, for the frame of ``request_id`` that follows."""
         fd = os.memfd_create("mpwriter-request", os.MFD_CLOEXEC)
+        self._local.fds.add(fd)  # a child forked meanwhile closes its copy
         try:
             with open(fd, "wb", closefd=False) as file:
                 file.write(payload)
@@ -178,7 +179,7 @@ class PipePool:
             message = PAYLOAD_HANDOVER.pack(PAYLOAD_TAG, sender, request_id, len(payload))
             self._send_side_message(message, fd, deadline, sent=False)
         finally:
-            os.close(fd)
+            self._close_fd(fd)
 
     def _send_side_message(self, message: bytes, fd: int, deadline: float, *, sent: bool) -> None:
         """Send ``fd`` to the writer with ``message``, waiting up to ``deadline``."""

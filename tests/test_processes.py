@@ -153,6 +153,39 @@ def test_a_handle_as_a_task_argument_is_a_clear_error_not_a_hang(writer: mpwrite
     assert writer.execute("INSERT INTO items(payload) VALUES ('fine')").rowcount == 1
 
 
+def test_forked_child_closes_every_descriptor_its_parents_handle_opened(
+    writer: mpwriter.Writer,
+) -> None:
+    """Reply pipes, and the pipe that wakes the parent's submit() collector:
+    a child that kept them would hold them open for as long as it lives."""
+    assert writer.submit("INSERT INTO items(client, seq) VALUES (0, 0)").result(timeout=10)
+    collector = writer._local.collector
+    assert collector is not None
+    wake_pipe = {collector._wake_r, collector._wake_w}
+    inherited = sorted(wake_pipe | {slot.fd for slot in writer._local.free})
+    receive, send = multiprocessing.Pipe(duplex=False)
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        try:
+            still_open = []
+            for fd in inherited:
+                try:
+                    os.fstat(fd)
+                    still_open.append(fd)
+                except OSError:
+                    pass
+            send.send(still_open)
+        finally:
+            os._exit(0)
+    send.close()
+    try:
+        assert wait([receive], 30)
+        still_open = receive.recv()
+    finally:
+        reap_pid(pid)
+    assert still_open == []
+
+
 def test_forked_child_never_reads_its_parents_reply_pipes(writer: mpwriter.Writer) -> None:
     # The parent has a pooled reply pipe before the fork...
     assert writer.execute("INSERT INTO items(client, seq) VALUES (0, 0)").rowcount == 1
