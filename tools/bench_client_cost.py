@@ -1,0 +1,138 @@
+"""What a caller pays per request: `Writer.execute()` against the bare transport.
+
+N forked clients run closed loops for --duration seconds against one writer
+(the echo writer by default: no database, so the clients' share shows):
+
+  execute  writer.execute(INSERT, params): pickling, framing, the reply pipe,
+           decoding -- everything mpwriter does in the caller
+  bare     the same request frame written again and again, then poll and
+           read of the reply: the system calls alone, no Python per request
+
+Each client reports its own user and system CPU (getrusage), so the table
+shows how much of a request's cost is mpwriter's Python in the caller. On a
+machine where the clients share the cores with the writer, that CPU is
+throughput. Modes alternate within each round; medians are shown. Usage
+(from the repository root):
+
+  PYTHONPATH=. python3 tools/bench_client_cost.py --clients 8 --runs 5
+  PYTHONPATH=. python3 tools/bench_client_cost.py --database   # a real SQLite writer
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import multiprocessing
+import os
+import pickle
+import resource
+import statistics
+import tempfile
+import time
+from multiprocessing.connection import Connection, wait
+from typing import Any
+
+import _benchlib as lib
+import bench_insert
+import mpwriter
+from mpwriter import _wire
+
+MODES = ("execute", "bare")
+INSERT = bench_insert.INSERT
+PAYLOAD = "x" * 100
+
+
+def client(writer: mpwriter.Writer, mode: str, seconds: float, out: Connection) -> None:
+    """In a forked client: loop for ``seconds``; send (requests, user s, system s)."""
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    stop_at = time.monotonic() + seconds
+    done = 0
+    if mode == "execute":
+        while time.monotonic() < stop_at:
+            writer.execute(INSERT, (0, PAYLOAD))
+            done += 1
+    else:
+        slot = writer._borrow_slot(stop_at + 10)
+        now = time.monotonic()
+        # One request, sent again and again; its deadline is far enough that
+        # the writer never drops it as expired.
+        payload = pickle.dumps((now + 3600, now, (INSERT, (0, PAYLOAD))), _wire.PICKLE_PROTOCOL)
+        frame = _wire.encode_frame(
+            _wire.Kind.EXECUTE, _wire.WHOLE, writer._local.sender, 1, slot.number, payload
+        )
+        request_fd, reply_fd, poll = writer._request_fd, slot.fd, slot.poller.poll
+        while time.monotonic() < stop_at:
+            os.write(request_fd, frame)
+            if not poll(10_000):
+                raise TimeoutError("no reply within 10 s")
+            os.read(reply_fd, 1 << 16)
+            done += 1
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    out.send((done, after.ru_utime - before.ru_utime, after.ru_stime - before.ru_stime))
+
+
+def run_once(
+    mode: str, clients: int, seconds: float, database: bool, base_dir: str
+) -> dict[str, Any]:
+    """One run on a fresh database; returns writes/s and CPU per request in µs."""
+    with tempfile.TemporaryDirectory(dir=base_dir) as directory:
+        path = os.path.join(directory, "cost.db")
+        stub = contextlib.nullcontext() if database else bench_insert.echo_runner()
+        with stub, lib.start_writer(path, "NORMAL", init=bench_insert.SCHEMA) as writer:
+            fork = multiprocessing.get_context("fork")
+            pipes, processes = [], []
+            for _ in range(clients):
+                receive, send = fork.Pipe(duplex=False)
+                process = fork.Process(target=client, args=(writer, mode, seconds, send))
+                process.start()
+                send.close()
+                pipes.append(receive)
+                processes.append(process)
+            results = []
+            for receive in pipes:
+                if not wait([receive], seconds + 30):
+                    raise TimeoutError("a client did not report")
+                results.append(receive.recv())
+            for process in processes:
+                lib.reap(process)
+    done = sum(r[0] for r in results)
+    return {
+        "rate": done / seconds,
+        "user_us": 1e6 * sum(r[1] for r in results) / done,
+        "system_us": 1e6 * sum(r[2] for r in results) / done,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=(__doc__ or "").split("\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--duration", type=float, default=2.0, help="seconds per run")
+    parser.add_argument("--runs", type=int, default=5, help="runs per mode (medians shown)")
+    parser.add_argument("--database", action="store_true", help="a real writer, not echo")
+    parser.add_argument("--dir", default=tempfile.gettempdir(), help="where databases go")
+    args = parser.parse_args()
+    print("machine:", ", ".join(f"{k}={v}" for k, v in lib.machine(args.dir).items()))
+    runs: dict[str, list[dict[str, Any]]] = {mode: [] for mode in MODES}
+    for round_number in range(args.runs):
+        for mode in MODES:
+            run = run_once(mode, args.clients, args.duration, args.database, args.dir)
+            runs[mode].append(run)
+            print(
+                f"  round {round_number + 1} {mode:8} {run['rate']:8.0f} req/s"
+                f"  client user {run['user_us']:5.1f} us  system {run['system_us']:5.1f} us"
+            )
+    writer_kind = "SQLite" if args.database else "echo"
+    print(f"\n{args.clients} clients, {writer_kind} writer, medians of {args.runs} runs:")
+    for mode in MODES:
+        median = {key: statistics.median(r[key] for r in runs[mode]) for key in runs[mode][0]}
+        print(
+            f"  {mode:8} {median['rate']:8.0f} req/s  client CPU per request:"
+            f" user {median['user_us']:5.1f} us, system {median['system_us']:5.1f} us"
+        )
+
+
+if __name__ == "__main__":
+    main()
