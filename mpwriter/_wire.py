@@ -302,11 +302,6 @@ def decode_wrote(reply: bytes) -> tuple[int, int | None, list[Any]]:
     return (rowcount, None if tag == _WROTE_NO_ROWID else lastrowid, [])
 
 
-def reply_size(reply: bytes) -> int:
-    """The full size of the reply whose header starts ``reply``."""
-    return REPLY_HEADER_SIZE + int(_REPLY_HEADER.unpack_from(reply)[0])
-
-
 def decode_reply_header(reply: bytes) -> tuple[int, int]:
     """(payload length, request id) from the header that starts ``reply``."""
     length, request_id = _REPLY_HEADER.unpack_from(reply)

@@ -160,7 +160,7 @@ def count_replies_after_a_mid_chunk_reregistration(directory: str) -> tuple[int,
     data = os.read(reply_r, 1 << 16)
     replies = 0
     while data:
-        data = data[_wire.reply_size(data) :]
+        data = data[_wire.REPLY_HEADER_SIZE + _wire.decode_reply_header(data)[0] :]
         replies += 1
     return replies, int(conn.execute("SELECT count(*) FROM t").fetchone()[0])
 
