@@ -6,8 +6,9 @@
 See README.md for the guarantees and the limits.
 """
 
-from ._attached import attach, get_writer
-from ._client import Transaction, Writer
+from ._caller.attached import attach, get_writer
+from ._caller.handle import Transaction, Writer
+from ._caller.reader import ReadConnection, reader
 from ._errors import (
     Error,
     Interrupted,
@@ -22,10 +23,9 @@ from ._errors import (
     WriterCrashed,
     WriterUnavailable,
 )
-from ._metrics import prometheus_text
-from ._owner import start
-from ._reader import ReadConnection, reader
-from ._reply import Result
+from ._owner.owner import start
+from ._wire.replies import Result
+from ._writer.metrics import prometheus_text
 
 __all__ = [
     "Error",

@@ -53,11 +53,11 @@ from typing import Any, NamedTuple, Protocol
 
 import filelock
 
-from ._attached import attach
-from ._client import Writer
+from ._caller.attached import attach
+from ._caller.handle import Writer
 from ._errors import WriterAlreadyRunning
-from ._owner import start
-from ._writer import WriterConfig
+from ._owner.owner import start
+from ._writer.loop import lock_path as writer_lock_path
 
 __all__ = ["Hooks", "writer_hooks"]
 
@@ -141,9 +141,7 @@ def _await_old_writer(path: str, timeout: float, server: Arbiter) -> None:
     that would have no writer; the old master serves meanwhile, and once it
     exits, new connections wait in the listen backlog this master inherited.
     """
-    # The writer's own lock file (one definition of its name: WriterConfig).
-    config = WriterConfig(path=os.path.abspath(path), synchronous="NORMAL", init=None, max_batch=1)
-    lock_path = config.lock_path
+    lock_path = writer_lock_path(path)
     lock = filelock.FileLock(lock_path)
     try:
         lock.acquire(timeout=0)

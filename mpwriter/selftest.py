@@ -27,10 +27,10 @@ from collections import Counter
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
-from ._attached import attach, get_writer
-from ._client import Writer
-from ._owner import start
-from ._reader import reader
+from ._caller.attached import attach, get_writer
+from ._caller.handle import Writer
+from ._caller.reader import reader
+from ._owner.owner import start
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS task (

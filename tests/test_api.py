@@ -15,7 +15,9 @@ import pytest
 
 import mpwriter
 from conftest import SCHEMA, Gate, count_rows
-from mpwriter import _futures, _wire, _writer
+from mpwriter._caller import futures as _futures
+from mpwriter._wire import frames as _wire
+from mpwriter._writer import loop as _writer
 
 EXPECTED_PUBLIC_NAMES = {
     "Error",
@@ -308,7 +310,7 @@ def test_slot_numbers_that_wrap_around_skip_the_pipes_still_open(
     not take the number of one still open, or the writer would take it for a
     replacement of that pipe and drop the old one under its request."""
     writer.execute("INSERT INTO items(client, seq) VALUES (0, 0)")  # pools pipe 0
-    writer._local.slot_numbers = itertools.count(_writer.NO_REPLY)  # next: 0 again
+    writer._local.slot_numbers = itertools.count(_wire.NO_REPLY)  # next: 0 again
     gate.hold(writer)  # borrows pipe 0 and keeps its request in the writer
     behind = writer.submit("INSERT INTO items(client, seq) VALUES (0, 1)")  # a new pipe
     gate.release()

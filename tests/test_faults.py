@@ -38,7 +38,7 @@ import kill_clients  # in tools/, put on sys.path by conftest
 import mpwriter
 from _faults import INSERT, reap  # tools/, on sys.path through conftest
 from conftest import SCHEMA, Gate, count_rows
-from mpwriter import _client
+from mpwriter._caller import handle as _client
 
 DEADLINE = 10.0  # the most any single wait in this file may take before the test fails
 OUTCOME_UNKNOWN = re.compile(r"outcome (is )?unknown")

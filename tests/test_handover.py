@@ -26,8 +26,10 @@ import pytest
 
 import mpwriter
 from conftest import SCHEMA, Gate, count_rows, reap_pid
-from mpwriter import _reply, _wire, _writer
-from mpwriter._shared import SharedState
+from mpwriter._wire import frames as _wire
+from mpwriter._wire import replies as _reply
+from mpwriter._wire.state import SharedState
+from mpwriter._writer import loop as _writer
 
 pytestmark = pytest.mark.skipif(not _wire.CAN_HAND_OVER, reason="needs os.memfd_create")
 

@@ -18,7 +18,7 @@ import pytest
 import mpwriter
 from _faults import reap  # tools/, on sys.path through conftest
 from conftest import SCHEMA, Gate, count_rows, hold_writer
-from mpwriter import _wire
+from mpwriter._wire import frames as _wire
 
 
 def test_queued_requests_survive_a_writer_kill_and_the_taken_one_is_reported_lost(
@@ -44,7 +44,7 @@ def test_queued_requests_survive_a_writer_kill_and_the_taken_one_is_reported_los
 def test_torn_bytes_in_the_queue_are_skipped_and_the_next_request_served(
     writer: mpwriter.Writer,
 ) -> None:
-    from mpwriter import _wire
+    from mpwriter._wire import frames as _wire
 
     # What a successor finds when its predecessor died part-way through a read:
     # the tail of a frame whose head is gone.

@@ -7,8 +7,9 @@ import random
 
 import pytest
 
-from mpwriter import _reply, _wire
-from mpwriter._wire import FIRST, LAST, Assembler, FrameReader, Kind
+from mpwriter._wire import frames as _wire
+from mpwriter._wire import replies as _reply
+from mpwriter._wire.frames import FIRST, LAST, Assembler, FrameReader, Kind
 
 
 def frames_of(payload: bytes, sender: int = 7, request_id: int = 1, slot: int = 3) -> list[bytes]:

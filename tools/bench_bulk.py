@@ -24,7 +24,7 @@ from typing import Any
 import _benchlib as lib
 import mpwriter
 from bench_insert import INSERT, SCHEMA, count_rows
-from mpwriter._wire import PICKLE_PROTOCOL
+from mpwriter._wire.frames import PICKLE_PROTOCOL
 
 MODES = ("bulk-mpwriter", "bulk-inprocess")
 BULK_TIMEOUT = 300.0

@@ -35,7 +35,7 @@ from typing import Any
 import _benchlib as lib
 import bench_insert
 import mpwriter
-from mpwriter import _wire
+from mpwriter._wire import frames as _wire
 
 MODES = ("execute", "bare")
 INSERT = bench_insert.INSERT

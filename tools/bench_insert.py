@@ -31,8 +31,8 @@ from typing import Any
 
 import _benchlib as lib
 import mpwriter
-import mpwriter._writer
-from mpwriter._wire import encode_wrote
+import mpwriter._writer.loop
+from mpwriter._wire.frames import encode_wrote
 
 MODES = ("raw", "naive", "thread", "mpwriter", "echo")
 WRITER_MODES = ("mpwriter", "echo")
@@ -111,7 +111,7 @@ def make_ops(
 
 
 class EchoBatchRunner:
-    """BENCH-ONLY stand-in for `mpwriter._batch.BatchRunner` (same constructor).
+    """BENCH-ONLY stand-in for `mpwriter._writer.batch.BatchRunner` (same constructor).
 
     It answers every request of a batch OK -- as an insert would, ``(rowcount 1,
     lastrowid 1, no rows)`` -- without running it: no SQL, no transaction, no
@@ -144,16 +144,16 @@ def echo_runner() -> Iterator[None]:
     """While open, writers started with context="fork" run `EchoBatchRunner`.
 
     A bench-only substitution, undone on exit: `WriterLoop` looks the runner up
-    in `mpwriter._writer` when a writer process starts, and a forked writer
+    in `mpwriter._writer.loop` when a writer process starts, and a forked writer
     inherits this process's (patched) module. It stays patched until the writer
     is closed, so that a restarted writer would be an echo writer too.
     """
-    original = mpwriter._writer.BatchRunner
-    mpwriter._writer.BatchRunner = EchoBatchRunner
+    original = mpwriter._writer.loop.BatchRunner
+    mpwriter._writer.loop.BatchRunner = EchoBatchRunner
     try:
         yield
     finally:
-        mpwriter._writer.BatchRunner = original
+        mpwriter._writer.loop.BatchRunner = original
 
 
 # -- one run ----------------------------------------------------------------------------

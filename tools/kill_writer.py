@@ -60,7 +60,7 @@ from typing import Any
 
 import _faults as faults
 import mpwriter
-import mpwriter._owner
+import mpwriter._owner.owner
 from _faults import OVERRUN_MARGIN as OVERRUN_MARGIN  # tests/test_durability.py reads it here
 
 # -- writer kills ------------------------------------------------------------------
@@ -118,18 +118,18 @@ def restart_backoff(cap: float | None) -> Iterator[None]:
     that for each further one, up to 2 s: 20 kills in a minute would spend
     over 30 s in backoff alone. Durability does not depend on that wait,
     so a test may shorten it; None leaves mpwriter's own figures. This sets
-    a private constant of ``mpwriter._owner``, read by the supervisor thread
+    a private constant of ``mpwriter._owner.owner``, read by the supervisor thread
     of a writer owned by this process.
     """
     if cap is None:
         yield
         return
-    saved = mpwriter._owner._BACKOFF_MAX  # fails loudly if the constant is renamed
-    mpwriter._owner._BACKOFF_MAX = cap
+    saved = mpwriter._owner.owner._BACKOFF_MAX  # fails loudly if the constant is renamed
+    mpwriter._owner.owner._BACKOFF_MAX = cap
     try:
         yield
     finally:
-        mpwriter._owner._BACKOFF_MAX = saved
+        mpwriter._owner.owner._BACKOFF_MAX = saved
 
 
 class _Clients:

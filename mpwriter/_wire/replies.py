@@ -9,8 +9,8 @@ from __future__ import annotations
 import pickle
 from typing import Any, NamedTuple
 
-from ._errors import Error, QueueFull, RemoteTraceback, Timeout
-from ._wire import PICKLED, REPLY_HEADER_SIZE, Status, decode_reply_header, decode_wrote
+from .._errors import Error, QueueFull, RemoteTraceback, Timeout
+from .frames import PICKLED, REPLY_HEADER_SIZE, Status, decode_reply_header, decode_wrote
 
 
 class Result(NamedTuple):

@@ -85,6 +85,8 @@ HAND_OVER_MIN = 1 << 16
 CAN_HAND_OVER = hasattr(os, "memfd_create")  # Linux
 
 # Side-socket messages, each with one descriptor; the first byte tells which.
+NO_REPLY = 0xFFFF  # slot number of a request that wants no reply (CLOSE, POST)
+
 PIPE_TAG = 1
 PAYLOAD_TAG = 2
 # tag, sender token, slot, the request the sender awaits on it (0: a new pipe)

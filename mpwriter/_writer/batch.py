@@ -32,8 +32,8 @@ import traceback
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-from ._errors import Interrupted, NotPicklable, RemoteError, StatementRefused, Timeout
-from ._wire import Kind, Request, Status, encode_reply, encode_wrote
+from .._errors import Interrupted, NotPicklable, RemoteError, StatementRefused, Timeout
+from .._wire.frames import Kind, Request, Status, encode_reply, encode_wrote
 
 # Pragmas that SQLite ignores or refuses inside a transaction when they set a
 # value; such a request is deferred and run alone, outside the batch.

@@ -12,11 +12,11 @@ import asyncio
 import time
 from typing import TYPE_CHECKING, Any
 
-from ._reply import Incoming, no_reply, queue_full, unpack_reply
-from ._wire import Kind
+from .._wire.frames import Kind
+from .._wire.replies import Incoming, no_reply, queue_full, unpack_reply
 
 if TYPE_CHECKING:
-    from ._client import Writer
+    from .handle import Writer
 
 
 async def request(writer: Writer, kind: Kind, body: tuple[Any, ...], timeout: float | None) -> Any:

@@ -49,9 +49,9 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Protocol
 
-from ._batch import Counters, error_reply
-from ._errors import WriterCrashed
-from ._wire import (
+from .._errors import WriterCrashed
+from .._wire.frames import (
+    NO_REPLY,
     PAYLOAD_HANDOVER,
     PAYLOAD_TAG,
     PIPE_REGISTRATION,
@@ -60,10 +60,10 @@ from ._wire import (
     Request,
     sender_pid,
 )
+from .batch import Counters, error_reply
 
 log = logging.getLogger("mpwriter")
 
-NO_REPLY = 0xFFFF  # slot number of a request that wants no reply (CLOSE)
 # Replies whose pipe is not registered yet, kept for a sender that will
 # re-register after a restart; bounded, oldest dropped first.
 _ORPHAN_REPLIES_MAX = 4096

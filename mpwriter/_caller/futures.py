@@ -15,12 +15,12 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
-from ._errors import Error
-from ._reply import Incoming, Result, millis, no_reply, unpack_reply
+from .._errors import Error
+from .._wire.replies import Incoming, Result, millis, no_reply, unpack_reply
 
 if TYPE_CHECKING:
-    from ._client import Writer
-    from ._pipe_pool import Slot
+    from .handle import Writer
+    from .pipe_pool import Slot
 
 log = logging.getLogger("mpwriter")
 

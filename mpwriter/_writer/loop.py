@@ -60,20 +60,8 @@ from typing import Any
 
 import filelock
 
-from ._batch import (
-    BatchRunner,
-    Counters,
-    Work,
-    describe,
-    error_reply,
-    expired_reply,
-)
-from ._errors import WriterAlreadyRunning
-from ._metrics import Latencies, SlowLog
-from ._reply_pipes import NO_REPLY as NO_REPLY  # re-exported: callers import it from here
-from ._reply_pipes import Key, ReplyPipes, pid_alive
-from ._shared import CLOSED
-from ._wire import (
+from .._errors import WriterAlreadyRunning
+from .._wire.frames import (
     HANDED_OVER,
     Assembler,
     Frame,
@@ -84,6 +72,17 @@ from ._wire import (
     encode_reply,
     sender_pid,
 )
+from .._wire.state import CLOSED
+from .batch import (
+    BatchRunner,
+    Counters,
+    Work,
+    describe,
+    error_reply,
+    expired_reply,
+)
+from .metrics import Latencies, SlowLog
+from .reply_pipes import Key, ReplyPipes, pid_alive
 
 log = logging.getLogger("mpwriter")
 
@@ -107,7 +106,12 @@ class WriterConfig:
 
     @property
     def lock_path(self) -> str:
-        return self.path + ".mpwriter.lock"
+        return lock_path(self.path)
+
+
+def lock_path(database: str) -> str:
+    """The lock file that admits one writer per database file (the one rule)."""
+    return os.path.abspath(database) + ".mpwriter.lock"
 
 
 def open_database(config: WriterConfig) -> sqlite3.Connection:

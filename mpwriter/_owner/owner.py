@@ -47,11 +47,11 @@ from multiprocessing.connection import Connection, wait
 from multiprocessing.context import BaseContext
 from typing import Any
 
-from ._client import Writer
-from ._errors import WriterCrashed
-from ._shared import CLOSED, DEAD, EXIT_UNKNOWN, RUNNING, describe_exit, new_shared_state
-from ._wire import Kind, encode_frames, make_sender_token
-from ._writer import NO_REPLY, WriterConfig, serve
+from .._caller.handle import Writer
+from .._errors import WriterCrashed
+from .._wire.frames import NO_REPLY, Kind, encode_frames, make_sender_token
+from .._wire.state import CLOSED, DEAD, EXIT_UNKNOWN, RUNNING, describe_exit, new_shared_state
+from .._writer.loop import WriterConfig, serve
 
 log = logging.getLogger("mpwriter")
 

@@ -37,24 +37,24 @@ from multiprocessing import context as mp_context
 from multiprocessing import reduction
 from typing import Any, Protocol
 
-from . import _aio
-from ._errors import NotPicklable, WriterClosed, WriterCrashed, WriterUnavailable
-from ._futures import Collector, Pending
-from ._pipe_pool import PipePool, Slot
-from ._reply import Incoming, Result, millis, no_reply, queue_full, unpack_reply
-from ._shared import CLOSED, DEAD, RUNNING, describe_exit
-from ._wire import (
+from .._errors import NotPicklable, WriterClosed, WriterCrashed, WriterUnavailable
+from .._wire.frames import (
     CAN_HAND_OVER,
     HAND_OVER_MIN,
     HANDED_OVER,
     MAX_PAYLOAD,
+    NO_REPLY,
     PICKLE_PROTOCOL,
     WHOLE,
     Kind,
     encode_frame,
     encode_frames,
 )
-from ._writer import NO_REPLY
+from .._wire.replies import Incoming, Result, millis, no_reply, queue_full, unpack_reply
+from .._wire.state import CLOSED, DEAD, RUNNING, describe_exit
+from . import aio as _aio
+from .futures import Collector, Pending
+from .pipe_pool import PipePool, Slot
 
 _READ_SIZE = 1 << 16
 

@@ -7,8 +7,8 @@ arguments and tasks fetch it with `get_writer()`.
 
 from __future__ import annotations
 
-from ._client import Writer
-from ._errors import Error
+from .._errors import Error
+from .handle import Writer
 
 # One slot per process; a forked child inherits it, which is what a
 # fork-started pool worker wants.

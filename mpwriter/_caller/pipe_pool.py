@@ -40,13 +40,19 @@ import time
 import weakref
 from typing import TYPE_CHECKING
 
-from ._errors import QueueFull, Timeout, WriterUnavailable
-from ._reply import millis
-from ._wire import PAYLOAD_HANDOVER, PAYLOAD_TAG, PIPE_REGISTRATION, PIPE_TAG, make_sender_token
-from ._writer import NO_REPLY
+from .._errors import QueueFull, Timeout, WriterUnavailable
+from .._wire.frames import (
+    NO_REPLY,
+    PAYLOAD_HANDOVER,
+    PAYLOAD_TAG,
+    PIPE_REGISTRATION,
+    PIPE_TAG,
+    make_sender_token,
+)
+from .._wire.replies import millis
 
 if TYPE_CHECKING:
-    from ._futures import Collector
+    from .futures import Collector
 
 
 class Slot:
