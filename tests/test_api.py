@@ -17,7 +17,6 @@ import mpwriter
 from conftest import SCHEMA, Gate, count_rows
 from mpwriter._caller import futures as _futures
 from mpwriter._wire import frames as _wire
-from mpwriter._writer import loop as _writer
 
 EXPECTED_PUBLIC_NAMES = {
     "Error",

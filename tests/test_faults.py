@@ -38,7 +38,7 @@ import kill_clients  # in tools/, put on sys.path by conftest
 import mpwriter
 from _faults import INSERT, reap  # tools/, on sys.path through conftest
 from conftest import SCHEMA, Gate, count_rows
-from mpwriter._caller import handle as _client
+from mpwriter import testing
 
 DEADLINE = 10.0  # the most any single wait in this file may take before the test fails
 OUTCOME_UNKNOWN = re.compile(r"outcome (is )?unknown")
@@ -157,7 +157,7 @@ def send_large_request(
     As frames: the path of systems without memfd, where a payload this large
     is not handed over as a file (test_handover.py covers that path).
     """
-    _client.CAN_HAND_OVER = False  # this child's own module: nothing else sees it
+    testing.faults.hand_over = False  # this child's own process: nothing else sees it
     blob = bytes(size)
     if not await_go(control):
         return

@@ -37,6 +37,7 @@ from multiprocessing import context as mp_context
 from multiprocessing import reduction
 from typing import Any, Protocol
 
+from .. import testing
 from .._errors import NotPicklable, WriterClosed, WriterCrashed, WriterUnavailable
 from .._wire.frames import (
     CAN_HAND_OVER,
@@ -334,7 +335,7 @@ class Writer(PipePool):
         over on the side socket first (see `_wire`)."""
         sender = self._local.sender
         request_id = self._next_request_id()
-        if len(payload) >= HAND_OVER_MIN and CAN_HAND_OVER:
+        if len(payload) >= HAND_OVER_MIN and CAN_HAND_OVER and testing.faults.hand_over:
             self._hand_over(payload, request_id, deadline)
             flags = WHOLE | HANDED_OVER
             frames = iter((encode_frame(kind, flags, sender, request_id, slot_number, b""),))

@@ -1,0 +1,62 @@
+"""The one fault-injection seam of mpwriter, for its tests and tools.
+
+Tests must not patch private names: where a test needs a fault that the
+public API cannot cause (a collector that dies, a side socket that stays
+full, a writer that may not hand payloads over), production code consults
+`faults` at one documented point, and the test switches that point on with
+`inject`::
+
+    from mpwriter import testing
+
+    with testing.inject(hand_over=False):
+        ...  # this process sends bulk requests as frames
+
+Every field of `Faults` is off by default. The hooks are plain attributes of
+one module-level object: reading one costs an attribute lookup, so a hook is
+consulted only where a rare event happens (a slot is created, a payload is
+handed over), never per frame. They are process-local: a process forked while
+a hook is on inherits it; a spawned or forkserver child starts with defaults.
+
+This module imports nothing from mpwriter, so both sides may consult it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Iterator
+from typing import Any
+
+
+@dataclasses.dataclass
+class Faults:
+    """The injectable faults; each field says where it is consulted."""
+
+    # Caller side (mpwriter._caller.handle): whether a bulk request may be
+    # handed over as a file; False sends it as frames, as on a system
+    # without memfd.
+    hand_over: bool = True
+
+
+faults = Faults()
+
+
+@contextlib.contextmanager
+def inject(**changes: Any) -> Iterator[Faults]:
+    """Set the named fields of `faults` for the duration of the block.
+
+    Raises `TypeError` for a name that is not a field, so a renamed hook
+    fails loudly instead of silently injecting nothing.
+    """
+    known = {field.name for field in dataclasses.fields(Faults)}
+    unknown = set(changes) - known
+    if unknown:
+        raise TypeError(f"no such fault: {', '.join(sorted(unknown))}")
+    saved = {name: getattr(faults, name) for name in changes}
+    for name, value in changes.items():
+        setattr(faults, name, value)
+    try:
+        yield faults
+    finally:
+        for name, value in saved.items():
+            setattr(faults, name, value)
