@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 
@@ -36,6 +36,18 @@ class Faults:
     # handed over as a file; False sends it as frames, as on a system
     # without memfd.
     hand_over: bool = True
+
+    # Caller side (mpwriter._caller.futures): the thread that resolves
+    # submit() futures raises at its next step, as a bug there would; its
+    # futures must then fail, not hang, and the next submit() starts a new one.
+    collector_fails: bool = False
+
+    # Caller side (mpwriter._caller.calls.reregister): called in the caller
+    # just before it registers a new pipe after its writer died, and just
+    # after the registration was sent; a test forces an interleaving with
+    # the successor writer here.
+    before_reregister: Callable[[], None] | None = None
+    after_reregister: Callable[[], None] | None = None
 
 
 faults = Faults()

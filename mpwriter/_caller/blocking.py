@@ -1,0 +1,70 @@
+"""The blocking driver: runs a protocol generator (`calls`) in the calling thread.
+
+Each wait is one ``poll`` on the descriptor, bounded by the wait's deadline.
+A dead writer needs no second descriptor: it held the only write end of the
+reply pipe, so its death shows as EOF (readable) there, and as an error
+(writable) on the request pipe once no writer is left to read it.
+
+gevent: ``select.poll`` is looked up at each wait, not bound at import. Under
+gevent's monkey-patching (``gevent.monkey.patch_all()``, as gunicorn's gevent
+worker does) it is ``gevent.select.poll``, which parks the greenlet and lets
+the hub run the others until the descriptor is ready. Every wait of a
+blocking call relies on that -- full request queue, full side socket,
+reply, re-registration after a restart -- since they are all this one poll;
+tests/test_drivers.py checks that each of them lets other greenlets run.
+Without gevent nothing changes: it is the ``select.poll`` of the standard
+library.
+"""
+
+from __future__ import annotations
+
+import select
+import time
+from typing import TypeVar
+
+from .._wire.replies import millis
+from .calls import READ, Step, Wait
+
+T = TypeVar("T")
+
+
+def run(step: Step[T]) -> T:
+    """Run ``step`` to its end in this thread; return its result or raise its error.
+
+    If this thread is interrupted while waiting (KeyboardInterrupt, a
+    signal handler that raises), the generator is closed, so it retires
+    its slot, and the interruption propagates.
+    """
+    try:
+        wait = next(step)
+        while True:
+            wait = step.send(_ready(wait))
+    except StopIteration as done:
+        result: T = done.value
+        return result
+    except BaseException:
+        step.close()  # a no-op if the generator itself raised
+        raise
+
+
+def run_until_sent(step: Step[T]) -> Wait:
+    """Run ``step`` until its request is sent in full; return its first
+    readable wait, from where another driver may resume it (`calls` contract)."""
+    try:
+        wait = next(step)
+        while wait.events != READ:
+            wait = step.send(_ready(wait))
+    except BaseException:
+        step.close()
+        raise
+    return wait
+
+
+def _ready(wait: Wait) -> bool:
+    remaining = wait.deadline - time.monotonic()
+    if remaining <= 0:
+        return False
+    # Looked up now, not at import: gevent's poll once monkey-patched (see above).
+    poller = select.poll()
+    poller.register(wait.fd, wait.events)
+    return bool(poller.poll(millis(remaining)))
