@@ -49,13 +49,13 @@ class _Waiters:
         self._writers: dict[int, list[asyncio.Future[bool]]] = {}
 
     async def wait(self, wait: Wait) -> bool:
-        """True once ``wait.fd`` is ready, False at ``wait.deadline``."""
-        remaining = wait.deadline - time.monotonic()
+        """True once the descriptor is ready, False at the deadline."""
+        fd, events, deadline = wait
+        remaining = deadline - time.monotonic()
         if remaining <= 0:
             return False
         loop = self._loop
-        fd = wait.fd
-        reading = wait.events == READ
+        reading = events == READ
         table = self._readers if reading else self._writers
         ready: asyncio.Future[bool] = loop.create_future()
         waiting = table.get(fd)

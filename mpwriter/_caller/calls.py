@@ -1,7 +1,7 @@
 """The caller's request protocol, written once, as generators that do no waiting.
 
-Each step that would wait yields a `Wait` -- "resume me when ``fd`` is ready
-for ``events``, or at ``deadline``" -- and the driver running the generator
+Each step that would wait yields a `Wait` -- ``(fd, events, deadline)``: "resume
+me when ``fd`` is ready for ``events``, or at ``deadline``" -- and the driver running the generator
 sends back True (ready) or False (the deadline passed). The drivers are thin
 and know nothing of the protocol:
 
@@ -40,7 +40,7 @@ import os
 import select
 import socket
 from collections.abc import Generator, Iterable
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, TypeVar
 
 from .. import testing
 from .._errors import QueueFull, Timeout
@@ -67,13 +67,11 @@ WRITE = select.POLLOUT
 T = TypeVar("T")
 
 
-class Wait(NamedTuple):
-    """Resume the generator once ``fd`` is ready for ``events`` (`READ` or
-    `WRITE`), sending True; or at ``deadline`` (`time.monotonic`), sending False."""
-
-    fd: int
-    events: int
-    deadline: float
+# What a step waits for: ``(fd, events, deadline)``. Resume the generator
+# once ``fd`` is ready for ``events`` (`READ` or `WRITE`), sending True; or at
+# ``deadline`` (`time.monotonic`), sending False. A plain tuple, not a
+# NamedTuple: building one of those cost 0.8 us per wait on the hot path.
+Wait = tuple[int, int, float]
 
 
 # A protocol step: yields waits, is sent readiness, returns its result.
@@ -90,12 +88,13 @@ def request(
     """
     # The hot path of every call, kept flat: a typical request is one frame,
     # written at once, and one reply, read in one chunk.
-    free = pool.local.free
+    local = pool.local
+    free = local.free
     slot = free.pop() if free else (yield from new_slot(pool, deadline))
     try:
         if len(payload) <= MAX_PAYLOAD:
-            request_id = pool.next_request_id()
-            frame = encode_frame(kind, WHOLE, pool.local.sender, request_id, slot.number, payload)
+            request_id = next(local.request_ids) % 0xFFFFFFFF + 1  # pool.next_request_id()
+            frame = encode_frame(kind, WHOLE, local.sender, request_id, slot.number, payload)
             try:
                 os.write(request_fd, frame)
             except BlockingIOError:
@@ -104,7 +103,18 @@ def request(
                 raise pool.unavailable(sent=False) from None
         else:
             request_id = yield from send_bulk(pool, request_fd, kind, payload, slot, deadline)
-        reply = yield from receive(pool, slot, request_id, deadline)
+        # `receive`, inlined: a generator fewer per call (0.4 us on the hot path).
+        incoming = Incoming(request_id)
+        while True:
+            if not (yield (slot.fd, READ, deadline)):
+                raise no_reply()
+            try:
+                reply = incoming.read(slot.fd)
+            except EOFError:
+                yield from after_eof(pool, slot, incoming, request_id, deadline)
+                continue
+            if reply is not None:
+                break
     except BaseException:
         # Whatever went wrong, the pipe may still receive a reply.
         pool.retire(slot)
@@ -169,7 +179,7 @@ def write_frames(
             except BrokenPipeError:
                 # No reader is left: the writer is gone for good.
                 raise pool.unavailable(sent=False) from None
-            if not (yield Wait(request_fd, WRITE, deadline)):
+            if not (yield (request_fd, WRITE, deadline)):
                 raise queue_full()
 
 
@@ -179,19 +189,25 @@ def receive(
     """The whole reply to ``request_id``; raises on timeout or a lost writer."""
     incoming = Incoming(request_id)
     while True:
-        if not (yield Wait(slot.fd, READ, deadline)):
+        if not (yield (slot.fd, READ, deadline)):
             raise no_reply()
         try:
             reply = incoming.read(slot.fd)
         except EOFError:
-            # The writer that held this pipe is gone, possibly part-way
-            # through the reply; wait for its successor, if one may come.
-            if incoming.started or not pool.writer_running():
-                raise pool.unavailable(sent=True) from None
-            yield from reregister(pool, slot, request_id, deadline)
+            yield from after_eof(pool, slot, incoming, request_id, deadline)
             continue
         if reply is not None:
             return reply
+
+
+def after_eof(
+    pool: PipePool, slot: Slot, incoming: Incoming, request_id: int, deadline: float
+) -> Step[None]:
+    """The writer that held ``slot``'s pipe is gone, possibly part-way through
+    the reply: wait for its successor, if one may come, on a new pipe."""
+    if incoming.started or not pool.writer_running():
+        raise pool.unavailable(sent=True) from None
+    yield from reregister(pool, slot, request_id, deadline)
 
 
 def reregister(pool: PipePool, slot: Slot, request_id: int, deadline: float) -> Step[None]:
@@ -251,7 +267,7 @@ def send_side_message(
         except OSError:
             # EPIPE, ECONNREFUSED, ENOTCONN, EBADF (closed): nobody will read it.
             raise pool.unavailable(sent=sent) from None
-        if not (yield Wait(sock.fileno(), WRITE, deadline)):
+        if not (yield (sock.fileno(), WRITE, deadline)):
             if sent:
                 raise Timeout("no writer took over within the timeout; the outcome is unknown")
             raise QueueFull("the writer's side socket stayed full past the timeout; not sent")

@@ -133,12 +133,13 @@ class Collector:
                 return
             events: dict[int, int] = {self._wake_r: select.POLLIN}
             for entry in pending:
-                events[entry.wait.fd] = events.get(entry.wait.fd, 0) | entry.wait.events
+                fd, mask, _ = entry.wait
+                events[fd] = events.get(fd, 0) | mask
             poller = select.poll()
             for fd, mask in events.items():
                 poller.register(fd, mask)
             now = time.monotonic()
-            soonest = min((entry.wait.deadline for entry in pending), default=now + _IDLE_WAIT)
+            soonest = min((entry.wait[2] for entry in pending), default=now + _IDLE_WAIT)
             ready = dict(poller.poll(millis(max(0.0, soonest - now))))
             if self._wake_r in ready:
                 with contextlib.suppress(BlockingIOError):
@@ -146,11 +147,11 @@ class Collector:
             now = time.monotonic()
             still: list[Pending] = []
             for entry in pending:
-                wait = entry.wait
+                fd, mask, deadline = entry.wait
                 # POLLHUP and POLLERR come whatever was asked: the step finds out what.
-                if ready.get(wait.fd, 0) & (wait.events | select.POLLHUP | select.POLLERR):
+                if ready.get(fd, 0) & (mask | select.POLLHUP | select.POLLERR):
                     resumed = self._resume(entry, True)
-                elif wait.deadline <= now:
+                elif deadline <= now:
                     resumed = self._resume(entry, False)
                 else:
                     resumed = True

@@ -61,7 +61,11 @@ class Incoming:
         buffer = self._buffer
         if buffer is None:
             chunk = os.read(fd, READ_SIZE)
-            if not chunk:
+            if len(chunk) >= REPLY_HEADER_SIZE:
+                length, replied_to = decode_reply_header(chunk)
+                if replied_to == self._request_id and len(chunk) >= REPLY_HEADER_SIZE + length:
+                    return chunk  # the usual case, kept short: the whole reply at once
+            elif not chunk:
                 raise EOFError
             return self.take(chunk)
         if not self._needed:  # a torn header: take just the rest of it
