@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 
 import mpwriter
@@ -10,10 +11,9 @@ import mpwriter
 def test_description_names_returning_columns_as_sqlite3_does(writer: mpwriter.Writer) -> None:
     sql = "INSERT INTO items(seq, payload) VALUES (?, ?) RETURNING id, seq AS position, payload"
     result = writer.execute(sql, (7, "x"))
-    reference = sqlite3.connect(":memory:")
-    reference.execute("CREATE TABLE items(id INTEGER PRIMARY KEY, seq INTEGER, payload TEXT)")
-    cursor = reference.execute(sql, (7, "x"))
-    assert result.description == cursor.description
+    with contextlib.closing(sqlite3.connect(":memory:")) as reference:
+        reference.execute("CREATE TABLE items(id INTEGER PRIMARY KEY, seq INTEGER, payload TEXT)")
+        assert result.description == reference.execute(sql, (7, "x")).description
     assert result.description == (
         ("id", None, None, None, None, None, None),
         ("position", None, None, None, None, None, None),
