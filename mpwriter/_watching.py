@@ -98,7 +98,12 @@ def read(database: str) -> Reading:
         if snapshot is not None:
             left = f" (figures left by writer pid {snapshot['pid']}, which is gone)"
         raise NotWatchable(f"mpwriter: no writer serves {shown}{left}", NO_WRITER)
-    if snapshot is None or (holders and snapshot["pid"] not in holders):
+    # A holder other than the snapshot's pid is a successor still starting
+    # (running ``init``) after its predecessor died -- unless that pid lives
+    # on and only looks different (the lock table shows another pid namespace).
+    if snapshot is None or (
+        holders and snapshot["pid"] not in holders and not _alive(snapshot["pid"])
+    ):
         holder = f" (pid {min(holders)})" if holders else ""
         raise NotWatchable(
             f"mpwriter: the writer of {shown}{holder} has published no figures yet:"

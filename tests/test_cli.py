@@ -183,6 +183,19 @@ def test_figures_left_by_a_killed_writer_are_not_shown_as_live(db_path: Path) ->
     )
 
 
+def test_a_restarted_writer_publishes_its_own_figures(db_path: Path) -> None:
+    with mpwriter.start(db_path, init=SCHEMA, context="fork") as writer:
+        first = writer.stats()["pid"]
+        os.kill(first, signal.SIGKILL)
+        second = writer.stats()  # served by the successor, after its first snapshot
+        assert second["pid"] != first
+        result = run_stats(db_path, "--json")
+    assert result.returncode == 0, result.stderr
+    seen = json.loads(result.stdout)
+    assert seen["pid"] == second["pid"]
+    assert seen["stats"]["restarts"] == 1
+
+
 def test_a_stuck_writer_is_still_reported_with_a_growing_age(
     writer: mpwriter.Writer, db_path: Path, gate: Gate, watches: list[Watch]
 ) -> None:
@@ -224,6 +237,17 @@ def test_the_snapshot_takes_the_databases_permissions_and_follows_no_symlink(
         assert json.loads(snapshot.read_text())["pid"] == writer.stats()["pid"]
     assert elsewhere.read_text() == "untouched"
     assert elsewhere.stat().st_mode & 0o777 == 0o600
+    assert not [name for name in os.listdir(tmp_path) if name.endswith(".tmp")]
+
+
+def test_a_writer_that_cannot_publish_serves_on(db_path: Path, tmp_path: Path) -> None:
+    # A directory where the snapshot goes: every publish fails.
+    os.mkdir(f"{db_path}{SNAPSHOT_SUFFIX}")
+    with mpwriter.start(db_path, init=SCHEMA, context="fork") as writer:
+        assert writer.execute("INSERT INTO items(seq) VALUES (1)").rowcount == 1
+        result = run_stats(db_path)
+        assert result.returncode == 3
+        assert result.stderr == f"mpwriter: {db_path}{SNAPSHOT_SUFFIX} is not a writer's snapshot\n"
     assert not [name for name in os.listdir(tmp_path) if name.endswith(".tmp")]
 
 
