@@ -43,7 +43,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     stats.add_argument("path", metavar="PATH", help="the database file, as the app names it")
     form = stats.add_mutually_exclusive_group()
-    form.add_argument("--json", action="store_true", help="print JSON (one object a line)")
+    form.add_argument(
+        "--json", action="store_true", help="print JSON (with --watch, one object a line)"
+    )
     form.add_argument(
         "--prometheus", action="store_true", help="print Prometheus' text exposition format"
     )

@@ -63,7 +63,7 @@ class Reading:
 
     @property
     def state(self) -> str:
-        """ "serving", "closing", or "busy" when the snapshot has gone stale."""
+        """The writer's state: serving, closing, or busy when its snapshot has gone stale."""
         return "busy" if self.stale else self.snapshot["state"]
 
     def as_json(self) -> dict[str, Any]:
