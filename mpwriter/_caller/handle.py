@@ -34,6 +34,7 @@ from .._errors import NotPicklable, WriterClosed
 from .._wire.frames import MAX_PAYLOAD, NO_REPLY, PICKLE_PROTOCOL, WHOLE, Kind, encode_frame
 from .._wire.replies import Result
 from .._wire.state import CLOSED, RUNNING
+from .._wire.stats import Stats
 from . import aio, blocking, calls
 from .futures import Collector, Pending
 from .pipe_pool import PipePool, Slot
@@ -192,9 +193,9 @@ class Writer:
                 local.posts_dropped -= reported
         return True
 
-    def stats(self, *, timeout: float | None = None) -> dict[str, Any]:
+    def stats(self, *, timeout: float | None = None) -> Stats:
         """The writer's figures: requests, batches, commits, errors, queue depth..."""
-        figures: dict[str, Any] = blocking.run(self._request(Kind.STATS, (), timeout))
+        figures: Stats = blocking.run(self._request(Kind.STATS, (), timeout))
         return figures
 
     # -- futures ----------------------------------------------------------------
