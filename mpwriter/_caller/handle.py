@@ -181,7 +181,11 @@ class Writer:
             frame = encode_frame(
                 Kind.POST, WHOLE, local.sender, pool.next_request_id(), NO_REPLY, payload
             )
-            blocking.run(calls.write_frames(pool, self._request_fd, (frame,), now + max_block))
+            try:
+                os.write(self._request_fd, frame)
+            except BlockingIOError:  # a full queue: wait up to max_block for room
+                frames = (frame,)
+                blocking.run(calls.write_frames(pool, self._request_fd, frames, now + max_block))
         except Exception:
             # Dropped: counted here, reported with the next post that gets through.
             with local.lock:
