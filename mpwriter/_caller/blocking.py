@@ -42,7 +42,8 @@ def run(step: Step[T]) -> T:
             if events == READ and _pollers_made_by[0] is select.poll:
                 poller = _reply_pollers.get(fd) or _reply_poller(fd)
                 remaining = deadline - time.monotonic()
-                ready = remaining > 0 and bool(poller.poll(millis(remaining)))
+                # millis(remaining), inlined: rounded up, so poll never returns early.
+                ready = remaining > 0 and bool(poller.poll(int(remaining * 1000) + 1))
             else:
                 ready = _ready(fd, events, deadline)
             fd, events, deadline = step.send(ready)
