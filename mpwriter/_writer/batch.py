@@ -11,11 +11,12 @@ becomes a reply, and how a request is described in a log line.
 from __future__ import annotations
 
 import logging
+import pickle
 import traceback
 from typing import Any, NamedTuple
 
 from .._errors import RemoteError, Timeout
-from .._wire.frames import Kind, Request, Status, encode_reply
+from .._wire.frames import REPLY_HEADER_SIZE, Kind, Request, Status, encode_reply
 
 log = logging.getLogger("mpwriter")
 
@@ -60,12 +61,26 @@ class Counters:
 
 
 def error_reply(request_id: int, exc: BaseException) -> bytes:
-    """Encode an exception with its traceback text; never raises."""
+    """Encode an exception with its traceback text; never raises.
+
+    An exception the caller could not rebuild -- it does not pickle, or it
+    pickles but its class cannot be unpickled (an ``__init__`` that takes
+    other arguments than it passes to ``Exception``) -- is replaced by a
+    `RemoteError` that keeps its class name and message: the caller gets the
+    error, never a ``TypeError`` from unpickling it. Only errors pay for the
+    round trip.
+    """
     tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     try:
-        return encode_reply(request_id, Status.ERROR, (exc, tb))
-    except Exception:
-        substitute = RemoteError(f"{type(exc).__qualname__}: {exc}")
+        reply = encode_reply(request_id, Status.ERROR, (exc, tb))
+        pickle.loads(memoryview(reply)[REPLY_HEADER_SIZE:])
+        return reply
+    except BaseException as failure:
+        substitute = RemoteError(
+            f"{type(exc).__module__}.{type(exc).__qualname__}: {exc}"
+            f" (sent as RemoteError: it could not be rebuilt in the caller:"
+            f" {type(failure).__qualname__}: {failure})"
+        )
         return encode_reply(request_id, Status.ERROR, (substitute, tb))
 
 

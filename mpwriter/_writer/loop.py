@@ -85,6 +85,9 @@ _HOUSEKEEPING_INTERVAL = 1.0
 # A request whose next frame has not come for this long was abandoned by a
 # live sender (its queue stayed full past its timeout): its pieces are dropped.
 _PARTIAL_REQUEST_MAX_IDLE = 300.0
+# At shutdown, a reply whose reader takes nothing for this long is dropped
+# (its caller stopped reading): the writer still exits in bounded time.
+_DRAIN_REPLY_TIMEOUT = 5.0
 
 
 def serve(
@@ -160,7 +163,7 @@ class WriterLoop:
         os.set_blocking(self._request_fd, False)
         self._lifeline = lifeline
         self._state = state
-        self._frames = FrameReader()
+        self._frames = FrameReader(config.frame_key)
         self._assembler = Assembler()
         self._backlog: deque[Request] = deque()
         self.consumed = 0  # bytes read from the request pipe so far
@@ -348,6 +351,19 @@ class WriterLoop:
         send = self._replies.send
         for request, reply in replies + extra:
             send(request, reply)
+        if batch and len(replies) < len(batch):
+            # Statements that must run alone (VACUUM) come after the batch's
+            # replies went out, each a unit with its own deadline.
+            answered = {id(request) for request, _ in replies}
+            try:
+                for request, reply in self._engine.run_alone():
+                    answered.add(id(request))
+                    send(request, reply)
+            except Exception as exc:
+                log.exception("mpwriter: a statement run alone failed")
+                for work in batch:
+                    if id(work.request) not in answered:
+                        send(work.request, error_reply(work.request.request_id, exc))
         in_hand.clear()
         if batch:
             self._record_timings(batch, taken, committed)
@@ -375,6 +391,11 @@ class WriterLoop:
         figures["dropped_partial_requests"] = (
             self._assembler.dropped + self._replies.dropped_handovers
         )
+        figures["dropped_partial_request_bytes"] = (
+            self._assembler.dropped_bytes + self._replies.dropped_handover_bytes
+        )
+        figures["dropped_orphan_replies"] = self._replies.dropped_orphans
+        figures["dropped_orphan_reply_bytes"] = self._replies.dropped_orphan_bytes
         return encode_reply(work.request.request_id, Status.OK, figures)
 
     def _queued_estimate(self) -> int:
@@ -398,6 +419,9 @@ class WriterLoop:
         if self._stopping:
             self._state.status = CLOSED  # a crash leaves it RUNNING: the owner restarts
         try:
+            # Every reply of what was committed goes out before the writer
+            # exits, however large: its caller is reading it now.
+            self._replies.drain(_DRAIN_REPLY_TIMEOUT)
             self._engine.close()
         finally:
             self._replies.close()
