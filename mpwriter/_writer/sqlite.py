@@ -518,34 +518,32 @@ class SqliteEngine:
             locking, query_only, busy_timeout, synchronous = conn.execute(_PINNED_NOW).fetchone()
         finally:
             self._guarded = guarded
+        repairs: list[str] = []
         if str(locking).lower() != "normal":
             changed.append(f"locking_mode={locking}")
+            repairs.append("PRAGMA locking_mode=NORMAL /* mpwriter */")
         if query_only:
             changed.append("query_only=1")
+            repairs.append("PRAGMA query_only=0 /* mpwriter */")
         if busy_timeout != 0:
             changed.append(f"busy_timeout={busy_timeout}")
-        if synchronous != self._synchronous:
+            repairs.append("PRAGMA busy_timeout=0 /* mpwriter */")
+        if synchronous != self._synchronous:  # SQLite refuses this in a transaction
             changed.append(f"synchronous={synchronous}")
         if changed:
-            self._repair_pinned()
+            guarded, self._guarded = self._guarded, False
+            try:
+                for repair in repairs:
+                    conn.execute(repair).fetchall()
+            finally:
+                self._guarded = guarded
+            # Switching these back would COMMIT on some Pythons: done between batches.
+            self._repair_transaction_control = True
             raise _Refused(
                 f"the call() function changed {', '.join(changed)} on the writer's connection,"
                 " which every later request depends on; it was rolled back and the setting"
                 " restored"
             )
-
-    def _repair_pinned(self) -> None:
-        conn = self._conn
-        guarded, self._guarded = self._guarded, False
-        try:
-            conn.execute("PRAGMA locking_mode=NORMAL /* mpwriter */").fetchall()
-            conn.execute("PRAGMA query_only=0 /* mpwriter */").fetchall()
-            conn.execute("PRAGMA busy_timeout=0 /* mpwriter */").fetchall()
-            conn.execute(f"PRAGMA synchronous={self._synchronous} /* mpwriter */").fetchall()
-        finally:
-            self._guarded = guarded
-        # Switching these back would COMMIT on some Pythons: done between batches.
-        self._repair_transaction_control = True
 
     def _run_guarded(self, work: Work) -> bytes:
         """Run one request with caller statements vetted; return its OK reply.
