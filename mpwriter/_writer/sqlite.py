@@ -749,6 +749,9 @@ class SqliteEngine:
         """
         if work.request.kind not in _SINGLE_STATEMENT:
             return self._fail(work, cause)
+        if testing.faults.solo_delay:
+            self._state.busy_until = work.deadline
+            time.sleep(testing.faults.solo_delay)  # sleep-ok: a fault: a long VACUUM
         started = time.monotonic()
         if work.deadline <= started:
             self._counters.expired += 1
@@ -760,8 +763,6 @@ class SqliteEngine:
             stop_at = min(stop_at, started + self._execution_limit)
         self._stop_at = stop_at
         self._state.busy_until = stop_at
-        if testing.faults.solo_delay:
-            time.sleep(testing.faults.solo_delay)  # sleep-ok: a fault: a long VACUUM
         sql, params = work.body[0], work.body[1]
         self._alone = True
         try:
