@@ -491,3 +491,16 @@ def test_handed_over_payloads_are_bounded_in_bytes_and_drops_counted() -> None:
         assert pipes.take_payload(9, 3) == b"p" * 600  # the newest is kept
     finally:
         _close(pipes, side)
+
+
+def block_the_kick_signal(conn: sqlite3.Connection) -> None:
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGURG})
+
+
+def test_a_signal_mask_a_call_leaves_does_not_disable_the_next_limit(
+    limited: mpwriter.Writer, db_path: Path
+) -> None:
+    limited.call(block_the_kick_signal)
+    with pytest.raises(mpwriter.Interrupted):
+        limited.call_with_timeout(5.0, cancel_timers_and_sleep)  # blocked in sleep()
+    assert count_rows(db_path) == 0

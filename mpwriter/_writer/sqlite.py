@@ -354,6 +354,7 @@ class SqliteEngine:
         # Ignored otherwise, so that a timer a function left behind is harmless.
         signal.signal(signal.SIGALRM, signal.SIG_IGN)
         signal.signal(_KICK_SIGNAL, _ignore_kick)
+        self._signal_mask = signal.pthread_sigmask(signal.SIG_BLOCK, ())
         self._limiter: _CallLimiter | None = None
         # What a call() function may change and the writer puts back after it.
         self._row_factory = conn.row_factory
@@ -499,6 +500,7 @@ class SqliteEngine:
         signal.setitimer(signal.ITIMER_REAL, 0)
         if signal.getsignal(_KICK_SIGNAL) is not _ignore_kick:
             signal.signal(_KICK_SIGNAL, _ignore_kick)
+        signal.pthread_sigmask(signal.SIG_SETMASK, self._signal_mask)
 
     def _check_pinned(self) -> None:
         """Refuse a call() that changed what cannot be put back mid-transaction.
