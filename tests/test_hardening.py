@@ -504,3 +504,26 @@ def test_a_signal_mask_a_call_leaves_does_not_disable_the_next_limit(
     with pytest.raises(mpwriter.Interrupted):
         limited.call_with_timeout(5.0, cancel_timers_and_sleep)  # blocked in sleep()
     assert count_rows(db_path) == 0
+
+
+def catch_interruptions_then_return(conn: sqlite3.Connection, times: int) -> str:
+    """Catches the interruption (even as BaseException) and runs on, twice."""
+    conn.execute("INSERT INTO items(payload) VALUES ('stubborn')")
+    caught = 0
+    while caught < times:
+        try:
+            while True:
+                time.sleep(0.01)  # sleep-ok: the runaway the limit must stop
+        except BaseException:
+            caught += 1
+    return "done"
+
+
+def test_a_call_that_catches_the_interruption_is_interrupted_again_and_rolled_back(
+    limited: mpwriter.Writer, db_path: Path
+) -> None:
+    pid = limited.stats()["pid"]
+    with pytest.raises(mpwriter.Interrupted):
+        limited.call_with_timeout(5.0, catch_interruptions_then_return, 2)
+    assert count_rows(db_path) == 0
+    assert_same_writer_serves(limited, pid)

@@ -3,9 +3,11 @@
 The writer loop hands an engine (`engine.Engine`) every request it has in
 hand as `Work`; the engine returns one encoded reply per request, and the loop
 sends none of them before the engine returns -- that is, after the COMMIT that
-made them durable. This module holds what that exchange is made of, for any
-engine: the unpickled request, the counters `stats()` reports, how an error
-becomes a reply, and how a request is described in a log line.
+made them durable. (A request the engine must run alone, outside the batch's
+transaction, is answered later, by `Engine.run_alone`.) This module holds
+what that exchange is made of, for any engine: the unpickled request, the
+counters `stats()` reports, how an error becomes a reply, and how a request
+is described in a log line.
 """
 
 from __future__ import annotations

@@ -8,6 +8,9 @@ Data flow::
                                 transaction, a savepoint each (_batch.py)
     COMMIT returned        -->  each reply to the reply pipe its request named
                                 (_reply_pipes.py)
+    replies sent           -->  statements that must run alone (VACUUM), each
+                                a unit with its own deadline, each reply sent
+                                as it comes (`Engine.run_alone`)
 
 - The request pipe is bounded by its kernel capacity (plus at most one batch
   held here): a flood of callers blocks in their own process, with their own
@@ -35,7 +38,9 @@ request pipe and which slots it holds (`RequestStream`).
 
 The loop stops gracefully on a CLOSE request, on SIGTERM, or when its owner
 process is gone (the lifeline pipe reads EOF): it marks itself closed so that
-callers fail fast, serves what is already queued, checkpoints and exits.
+callers fail fast, serves what is already queued, writes out every reply it
+owes (however large; a reader that takes nothing for 5 s is given up),
+checkpoints and exits.
 """
 
 from __future__ import annotations
