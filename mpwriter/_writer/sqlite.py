@@ -493,7 +493,6 @@ class SqliteEngine:
         conn.set_progress_handler(self._progress, 1000)
         conn.row_factory = self._row_factory
         conn.text_factory = self._text_factory
-        self._cursor.row_factory = None
         if signal.getsignal(signal.SIGALRM) is not signal.SIG_IGN:
             signal.signal(signal.SIGALRM, signal.SIG_IGN)
         # A timer the function left must not fire in a later request.
