@@ -11,7 +11,7 @@ worker does) it is ``gevent.select.poll``, which parks the greenlet and lets
 the hub run the others until the descriptor is ready. Every wait of a
 blocking call relies on that -- full request queue, full side socket,
 reply, re-registration after a restart -- since they are all this one poll;
-tests/test_drivers.py checks that each of them lets other greenlets run.
+tests/test_gevent.py checks that each of them lets other greenlets run.
 Without gevent nothing changes: it is the ``select.poll`` of the standard
 library.
 """
