@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import gc
 import multiprocessing
 import os
 import select
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
@@ -511,3 +513,41 @@ def test_tasks_waiting_on_one_descriptor_all_wake(small_queue: mpwriter.Writer, 
         return [seq_of(result) for result in await asyncio.gather(*waiting)]
 
     assert asyncio.run(main()) == list(range(5))
+
+
+# -- futures: the collector never blocks in one wait ---------------------------------
+
+
+def init_slow_successor(marker: str, delay: float, conn: Any) -> None:
+    """The writers' init: the schema, then, once ``marker`` exists, a slow start."""
+    conn.executescript(SCHEMA)
+    if os.path.exists(marker):
+        select.select([], [], [], delay)  # sleep-ok: the slow restart under test
+
+
+def test_a_future_re_registering_on_a_full_side_socket_holds_up_no_other(
+    tmp_path: Path, gate: Gate
+) -> None:
+    """Two futures' pipes hit EOF (writer killed) and both re-registrations
+    wait on a full side socket until the successor, 4 s slow to start, reads
+    it. The one whose deadline passes first is resolved then (Timeout), not
+    when the socket drains: the collector waits on all of them at once. The
+    other is served by the successor."""
+    marker = str(tmp_path / "slow-successor")
+    init = functools.partial(init_slow_successor, marker, 4.0)
+    with mpwriter.start(tmp_path / "app.db", init=init, context="fork", timeout=30.0) as writer:
+        victim = writer.stats()["pid"]
+        # Three pipes registered with the first writer: each task borrows one
+        # before any reply can come back.
+        pooled = Asyncio().run(writer, [insert(16, n) for n in range(3)])
+        assert [seq_of(outcome) for outcome in pooled] == [0, 1, 2]
+        gate.hold(writer)  # takes one of them
+        patient = writer.submit(*insert(17, 0)[1], timeout=30.0)
+        short = writer.submit(*insert(17, 1)[1], timeout=1.5)
+        fill_side_socket(writer)
+        open(marker, "w").close()
+        os.kill(victim, signal.SIGKILL)
+        killed_at = time.monotonic()
+        assert isinstance(short.exception(timeout=DEADLINE), mpwriter.Timeout)
+        assert time.monotonic() - killed_at < 3.0, "resolved only once the socket drained"
+        assert seq_of(patient.result(timeout=DEADLINE)) == 0
