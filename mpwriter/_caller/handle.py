@@ -391,9 +391,12 @@ class Writer:
     def _collector(self) -> Collector:
         local = self._pool.local
         with local.lock:
-            if local.collector is None or local.collector.broken:
-                local.collector = Collector(local.fds)
-            return local.collector
+            current = local.collector
+            if isinstance(current, Collector) and not current.broken:
+                return current
+            fresh = Collector(local.fds)
+            local.collector = fresh
+            return fresh
 
     # Steps of the protocol, one at a time, for tests that must stop between them.
 

@@ -39,14 +39,23 @@ import os
 import socket
 import threading
 import weakref
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from .._errors import WriterClosed, WriterCrashed, WriterUnavailable
 from .._wire.frames import NO_REPLY, make_sender_token
 from .._wire.state import CLOSED, DEAD, RUNNING, describe_exit
 
-if TYPE_CHECKING:
-    from .futures import Collector
+
+class CollectorHandle(Protocol):
+    """What the pool needs of a handle's futures collector (`futures.Collector`).
+
+    A protocol rather than an import: the collector runs the call protocol,
+    which borrows slots from this pool, so importing it here would be a circle.
+    """
+
+    broken: bool
+
+    def stop(self) -> None: ...
 
 
 class Slot:
@@ -69,7 +78,7 @@ class ProcessState:
         self.slot_numbers = itertools.count()
         self.open_slots: set[int] = set()  # numbers of the pipes not retired yet
         self.request_ids = itertools.count()
-        self.collector: Collector | None = None
+        self.collector: CollectorHandle | None = None
         self.posts_dropped = 0  # not yet reported to the writer
         # Every descriptor this state opened: a forked child closes them all,
         # including those of requests in flight in another thread at the fork.
