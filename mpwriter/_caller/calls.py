@@ -18,7 +18,9 @@ The protocol of one request (`request`):
    *wait writable*);
 2. send the request's frames on the shared request pipe (full queue: *wait
    writable*); a bulk payload is first handed over as a memfd on the side
-   socket (*wait writable*);
+   socket (*wait writable*), and so is a streamed ``executemany``
+   (`request_streamed`: its rows were written into the memfd a chunk at a
+   time, by `write_rows`, before the protocol starts);
 3. wait for the reply on the slot's pipe (*wait readable*), reading it as it
    comes; at EOF, if the writer was restarted (the shared state still says
    it runs), register a new pipe for the same slot, naming the request it
@@ -36,14 +38,16 @@ that point, so that requests one thread sends stay in order.
 
 from __future__ import annotations
 
+import itertools
 import os
+import pickle
 import select
 import socket
-from collections.abc import Generator, Iterable
+from collections.abc import Generator, Iterable, Iterator
 from typing import Any, TypeVar
 
 from .. import testing
-from .._errors import QueueFull, Timeout
+from .._errors import NotPicklable, QueueFull, Timeout
 from .._wire.frames import (
     CAN_HAND_OVER,
     HAND_OVER_MIN,
@@ -51,8 +55,11 @@ from .._wire.frames import (
     MAX_PAYLOAD,
     PAYLOAD_HANDOVER,
     PAYLOAD_TAG,
+    PICKLE_PROTOCOL,
     PIPE_REGISTRATION,
     PIPE_TAG,
+    STREAM_RECORD,
+    STREAMED,
     WHOLE,
     Kind,
     encode_frame,
@@ -65,6 +72,15 @@ READ = select.POLLIN
 WRITE = select.POLLOUT
 
 T = TypeVar("T")
+
+# A streamed executemany (`write_rows`): the first chunk is read with this many
+# rows; an iterable that ends within it goes as an ordinary request. Later
+# chunks aim at `STREAM_CHUNK_BYTES` of pickle each, going by the size of
+# the rows pickled so far, and hold at most `STREAM_CHUNK_ROWS_MAX` rows: what
+# the caller holds at once, and the writer too.
+STREAM_FIRST_ROWS = 1_000
+STREAM_CHUNK_BYTES = 1 << 20
+STREAM_CHUNK_ROWS_MAX = 10_000
 
 
 # What a step waits for: ``(fd, events, deadline)``. Resume the generator
@@ -241,8 +257,7 @@ def reregister(pool: PipePool, slot: Slot, request_id: int, deadline: float) -> 
 
 def hand_over(pool: PipePool, payload: bytes, request_id: int, deadline: float) -> Step[None]:
     """Send ``payload`` as a memfd, for the frame of ``request_id`` that follows."""
-    fd = os.memfd_create("mpwriter-request", os.MFD_CLOEXEC)
-    pool.local.fds.add(fd)  # a child forked meanwhile closes its copy
+    fd = new_request_file(pool)
     try:
         with open(fd, "wb", closefd=False) as file:
             file.write(payload)  # memory, not a disk: this never waits on a device
@@ -275,3 +290,97 @@ def send_side_message(
             if sent:
                 raise Timeout("no writer took over within the timeout; the outcome is unknown")
             raise QueueFull("the writer's side socket stayed full past the timeout; not sent")
+
+
+# -- streamed executemany ------------------------------------------------------
+
+
+def new_request_file(pool: PipePool) -> int:
+    """An anonymous file for a payload to hand over, known to the pool's fork hygiene."""
+    fd = os.memfd_create("mpwriter-request", os.MFD_CLOEXEC)
+    pool.local.fds.add(fd)  # a child forked meanwhile closes its copy
+    return fd
+
+
+def write_rows(fd: int, chunks: list[list[Any]], rows: Iterator[Any]) -> int:
+    """Write the rows of a streamed executemany into ``fd``; return the bytes written.
+
+    ``chunks`` holds the chunk already read (taken out of it here, so that no
+    caller's frame keeps it alive), then ``rows`` is read to its end, one
+    chunk at a time: only one chunk and its pickle are held at once. Raises
+    whatever reading ``rows`` or pickling a chunk raises; the file is then
+    the caller's to discard.
+    """
+    written = 0
+    chunk = chunks.pop()
+    rows_per_chunk = STREAM_FIRST_ROWS
+    while chunk:
+        try:
+            data = pickle.dumps(chunk, PICKLE_PROTOCOL)
+        except Exception as exc:
+            raise NotPicklable(f"cannot send this executemany's rows to the writer: {exc}") from exc
+        # Next chunk: about STREAM_CHUNK_BYTES, judged by this one's rows.
+        rows_per_chunk = max(
+            1, min(STREAM_CHUNK_ROWS_MAX, STREAM_CHUNK_BYTES * len(chunk) // max(1, len(data)))
+        )
+        del chunk
+        written += _write_record(fd, data, written)
+        del data
+        chunk = list(itertools.islice(rows, rows_per_chunk))
+    return written
+
+
+def finish_rows(fd: int, written: int, payload: bytes) -> int:
+    """End a streamed file with the request's ``payload`` and its length; return its length."""
+    written += _write_record(fd, payload, written)
+    _write_all(fd, STREAM_RECORD.pack(len(payload)), written)
+    return written + STREAM_RECORD.size
+
+
+def _write_record(fd: int, data: bytes, offset: int) -> int:
+    _write_all(fd, STREAM_RECORD.pack(len(data)), offset)
+    _write_all(fd, data, offset + STREAM_RECORD.size)
+    return STREAM_RECORD.size + len(data)
+
+
+def _write_all(fd: int, data: bytes, offset: int) -> None:
+    # Memory, not a disk: this never waits on a device.
+    view = memoryview(data)
+    while view:
+        done = os.pwrite(fd, view, offset)
+        view = view[done:]
+        offset += done
+
+
+def request_streamed(
+    pool: PipePool, request_fd: int, kind: Kind, fd: int, length: int, deadline: float
+) -> Step[Any]:
+    """A request whose rows were streamed into ``fd`` (`write_rows`, `finish_rows`).
+
+    Hands the file over (this step owns ``fd`` from here and closes it), then
+    one empty frame flagged `HANDED_OVER` and `STREAMED`, then waits for the
+    reply, as `request` does.
+    """
+    local = pool.local
+    try:
+        slot = local.free.pop() if local.free else (yield from new_slot(pool, deadline))
+        try:
+            request_id = pool.next_request_id()
+            message = PAYLOAD_HANDOVER.pack(PAYLOAD_TAG, local.sender, request_id, length)
+            yield from send_side_message(pool, message, fd, deadline, sent=False)
+            pool.close_fd(fd)
+            fd = -1
+            flags = WHOLE | HANDED_OVER | STREAMED
+            frame = encode_frame(
+                kind, flags, local.sender, request_id, slot.number, b"", pool.frame_key
+            )
+            yield from write_frames(pool, request_fd, (frame,), deadline)
+            reply = yield from receive(pool, slot, request_id, deadline)
+        except BaseException:
+            pool.retire(slot)  # a reply may still come into it
+            raise
+    finally:
+        if fd >= 0:
+            pool.close_fd(fd)
+    local.free.append(slot)
+    return unpack_reply(reply)

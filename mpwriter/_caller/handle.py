@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import itertools
 import os
 import pickle
 import socket
@@ -30,8 +31,17 @@ from multiprocessing import context as mp_context
 from multiprocessing import reduction
 from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar
 
+from .. import testing
 from .._errors import NotPicklable, WriterClosed
-from .._wire.frames import MAX_PAYLOAD, NO_REPLY, PICKLE_PROTOCOL, WHOLE, Kind, encode_frame
+from .._wire.frames import (
+    CAN_HAND_OVER,
+    MAX_PAYLOAD,
+    NO_REPLY,
+    PICKLE_PROTOCOL,
+    WHOLE,
+    Kind,
+    encode_frame,
+)
 from .._wire.replies import Result
 from .._wire.state import CLOSED, RUNNING
 from .._wire.stats import Stats
@@ -109,9 +119,18 @@ class Writer:
     def executemany(
         self, sql: str, seq_of_params: Iterable[Any], *, timeout: float | None = None
     ) -> Result:
-        """Run one statement for each parameter set, atomically; ``rows`` is empty."""
-        body = (sql, list(seq_of_params))
-        return Result(*blocking.run(self._request(Kind.EXECUTEMANY, body, timeout)))
+        """Run one statement for each parameter set, atomically; ``rows`` is empty.
+
+        ``seq_of_params`` may be any iterable, a generator included. Past the
+        first thousand rows it is streamed (where memfd exists: Linux): read
+        and pickled a chunk at a time into a file handed to the writer, which
+        reads it back a chunk at a time, so neither side holds all the rows.
+        All rows apply or none: if reading the iterable raises, nothing is
+        sent and the error propagates; a failing row rolls back every row.
+        Elsewhere the rows are gathered in a list first. ``timeout`` counts
+        from when the iterable has been read to its end.
+        """
+        return Result(*blocking.run(self._many(sql, seq_of_params, timeout)))
 
     def executescript(self, script: str, *, timeout: float | None = None) -> None:
         """Run a script atomically: all of its statements apply, or none.
@@ -229,8 +248,8 @@ class Writer:
     def submit_many(
         self, sql: str, seq_of_params: Iterable[Any], *, timeout: float | None = None
     ) -> concurrent.futures.Future[Result]:
-        """`executemany`, as a future (see `submit`)."""
-        return self._submit(Kind.EXECUTEMANY, (sql, list(seq_of_params)), timeout, _to_result)
+        """`executemany`, as a future (see `submit`); the iterable is read here, first."""
+        return self._submit_step(self._many(sql, seq_of_params, timeout), _to_result)
 
     def submit_script(
         self, script: str, *, timeout: float | None = None
@@ -267,9 +286,8 @@ class Writer:
     async def aexecutemany(
         self, sql: str, seq_of_params: Iterable[Any], *, timeout: float | None = None
     ) -> Result:
-        """`executemany` for asyncio."""
-        body = (sql, list(seq_of_params))
-        return Result(*await aio.run(self._request(Kind.EXECUTEMANY, body, timeout)))
+        """`executemany` for asyncio; the iterable is read (synchronously) first."""
+        return Result(*await aio.run(self._many(sql, seq_of_params, timeout)))
 
     async def aexecutescript(self, script: str, *, timeout: float | None = None) -> None:
         """`executescript` for asyncio."""
@@ -375,6 +393,43 @@ class Writer:
             ) from exc
         return calls.request(pool, self._request_fd, kind, payload, deadline)
 
+    def _many(
+        self, sql: str, seq_of_params: Iterable[Any], timeout: float | None
+    ) -> calls.Step[Any]:
+        """The protocol generator of an executemany: streamed past its first chunk.
+
+        Where no file can be handed over, the rows are gathered in a list and
+        sent as one request, as any other.
+        """
+        if not (CAN_HAND_OVER and testing.faults.hand_over):
+            return self._request(Kind.EXECUTEMANY, (sql, list(seq_of_params)), timeout)
+        rows = iter(seq_of_params)
+        first = list(itertools.islice(rows, calls.STREAM_FIRST_ROWS))
+        if len(first) < calls.STREAM_FIRST_ROWS:
+            return self._request(Kind.EXECUTEMANY, (sql, first), timeout)
+        pool = self._pool
+        if pool.closed:
+            raise WriterClosed("this Writer handle was closed; the request was not sent")
+        if self._state.status != RUNNING:
+            raise pool.unavailable(sent=False)
+        chunks = [first]
+        del first  # `write_rows` takes it out of `chunks`: held nowhere else
+        fd = calls.new_request_file(pool)
+        try:
+            written = calls.write_rows(fd, chunks, rows)
+            now = time.monotonic()
+            deadline = now + (self.timeout if timeout is None else timeout)
+            try:
+                payload = pickle.dumps((deadline, now, (sql, None)), PICKLE_PROTOCOL)
+            except Exception as exc:
+                raise NotPicklable(f"cannot send this executemany request: {exc}") from exc
+            length = calls.finish_rows(fd, written, payload)
+        except BaseException:
+            pool.close_fd(fd)
+            raise
+        many = Kind.EXECUTEMANY
+        return calls.request_streamed(pool, self._request_fd, many, fd, length, deadline)
+
     def _submit(
         self,
         kind: Kind,
@@ -382,7 +437,11 @@ class Writer:
         timeout: float | None,
         convert: Callable[[Any], Any],
     ) -> concurrent.futures.Future[Any]:
-        step = self._request(kind, body, timeout)
+        return self._submit_step(self._request(kind, body, timeout), convert)
+
+    def _submit_step(
+        self, step: calls.Step[Any], convert: Callable[[Any], Any]
+    ) -> concurrent.futures.Future[Any]:
         # Sent here, in the caller's thread: its requests stay in order.
         wait = blocking.run_until_sent(step)
         future: concurrent.futures.Future[Any] = concurrent.futures.Future()

@@ -62,6 +62,7 @@ from typing import Any
 
 from .._wire.frames import (
     HANDED_OVER,
+    STREAMED,
     Assembler,
     Frame,
     FrameReader,
@@ -83,7 +84,7 @@ from .batch import (
 from .engine import Engine, WriterConfig, open_engine
 from .metrics import Latencies, SlowLog
 from .published import Publisher
-from .reply_pipes import Key, ReplyPipes, pid_alive
+from .reply_pipes import Key, ReplyPipes, StreamedRows, pid_alive
 
 log = logging.getLogger("mpwriter")
 
@@ -173,6 +174,8 @@ class WriterLoop:
         self._frames = FrameReader(config.frame_key)
         self._assembler = Assembler()
         self._backlog: deque[Request] = deque()
+        # (sender, request id) -> the rows of a streamed request, until served
+        self._streams: dict[tuple[int, int], StreamedRows] = {}
         self.consumed = 0  # bytes read from the request pipe so far
         # (sender, slot) of the requests taken from the backlog and not yet replied to
         self._in_hand: set[Key] = set()
@@ -303,8 +306,20 @@ class WriterLoop:
             self._replies.report_lost()
 
     def _take_handed_over(self, frame: Frame) -> Request | None:
-        """The request whose payload was handed over as a file; None if lost."""
-        payload = self._replies.take_payload(frame.sender, frame.request_id)
+        """The request whose payload was handed over as a file; None if lost.
+
+        A streamed executemany's rows stay in their file: the request carries
+        its head (deadline, sql), and its `StreamedRows` wait in `_streams`
+        until the request is served (`_attach_streams`).
+        """
+        if frame.flags & STREAMED:
+            rows = self._replies.take_streamed(frame.sender, frame.request_id)
+            if rows is not None:
+                self._streams[(frame.sender, frame.request_id)] = rows
+                return Request(frame.kind, frame.sender, frame.request_id, frame.slot, rows.head)
+            payload = None
+        else:
+            payload = self._replies.take_payload(frame.sender, frame.request_id)
         if payload is not None:
             return Request(frame.kind, frame.sender, frame.request_id, frame.slot, payload)
         # A writer that died had taken the file (or it was cut short): the
@@ -342,6 +357,7 @@ class WriterLoop:
                 extra.append((request, expired_reply(work)))
             else:
                 batch.append(work)
+        streams = self._attach_streams(batch, extra) if self._streams else None
         replies: list[tuple[Request, bytes]] = []
         taken = time.monotonic()
         if batch:
@@ -374,8 +390,34 @@ class WriterLoop:
                     if id(work.request) not in answered:
                         send(work.request, error_reply(work.request.request_id, exc))
         in_hand.clear()
+        if streams:
+            for rows in streams:
+                self._replies.release_streamed(rows)
         if batch:
             self._record_timings(batch, taken, committed)
+
+    def _attach_streams(
+        self, batch: list[Work], extra: list[tuple[Request, bytes]]
+    ) -> list[StreamedRows]:
+        """Give the streamed requests taken for this batch their rows; return
+        the files to release once they are answered.
+
+        Only called while some request is streamed: an ordinary batch pays
+        one test per batch, none per request.
+        """
+        streams = self._streams
+        taken: list[StreamedRows] = []
+        for index, work in enumerate(batch):
+            request = work.request
+            rows = streams.pop((request.sender, request.request_id), None)
+            if rows is not None:
+                batch[index] = work._replace(body=(work.body[0], rows))
+                taken.append(rows)
+        for request, _ in extra:  # expired, or a head that did not unpickle
+            rows = streams.pop((request.sender, request.request_id), None)
+            if rows is not None:
+                taken.append(rows)
+        return taken
 
     def _record_timings(self, batch: list[Work], taken: float, committed: float) -> None:
         replied = time.monotonic()

@@ -6,7 +6,9 @@ Callers (any process)  --SCM_RIGHTS-->  side socket  -->  `ReplyPipes`:
   ``(sender, slot)``; a request names its pipe by that pair;
 - a bulk request's payload, as an anonymous file (`PAYLOAD_HANDOVER`), is kept
   under ``(sender, request id)`` until the writer loop meets its frame and
-  takes it (`take_payload`).
+  takes it: read whole (`take_payload`), or, for a streamed executemany,
+  kept open as `StreamedRows` that the engine reads a chunk at a time
+  (`take_streamed`) until the loop has answered it (`release_streamed`).
 
 Every descriptor that arrives on the side socket is owned here, and closed
 here: when replaced, when its caller is gone, when taken, or at shutdown.
@@ -40,14 +42,16 @@ unknown.
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
 import os
+import pickle
 import select
 import socket
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable
-from typing import Protocol
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
 
 from .._errors import WriterCrashed
 from .._wire.frames import (
@@ -57,6 +61,7 @@ from .._wire.frames import (
     PIPE_REGISTRATION,
     PIPE_TAG,
     SIDE_MESSAGE_MAX,
+    STREAM_RECORD,
     Request,
     sender_pid,
 )
@@ -72,6 +77,9 @@ _ORPHAN_BYTES_MAX = 64 << 20
 # Handed-over payloads waiting for their frame, in bytes (memfd pages): past
 # this, the oldest are dropped (their requests answered "not applied") --
 # but never the newest, so that one bulk request of any size still passes.
+# Streamed files taken and not yet answered count too (they cannot be
+# dropped: their requests are queued), so what is held in files stays
+# bounded by this, plus the newest file and those queued here.
 _HANDED_OVER_BYTES_MAX = 256 << 20
 
 Key = tuple[int, int]  # (sender token, slot)
@@ -135,6 +143,9 @@ class ReplyPipes:
         self._handed_over_bytes_max = handed_over_bytes_max
         self.dropped_handovers = 0
         self.dropped_handover_bytes = 0
+        # descriptor -> length of the streamed files taken and not yet
+        # released: still counted in `_handed_over_bytes`
+        self._streamed: dict[int, int] = {}
         # fd -> (its slot, the reply bytes the pipe could not take yet, as
         # views: a large reply is written on from an offset, never re-copied)
         self._unsent: dict[int, tuple[Key, deque[memoryview]]] = {}
@@ -199,6 +210,36 @@ class ReplyPipes:
         finally:
             self._forget_payload(entry, dropped=False)
         return payload if len(payload) == length else None
+
+    def take_streamed(self, sender: int, request_id: int) -> StreamedRows | None:
+        """The rows streamed into the file handed over for this request; None if
+        lost, cut short or malformed (the request never ran: `answer_lost`).
+
+        The file stays open, and counted against the bound of what is held,
+        until `release_streamed`.
+        """
+        key = (sender, request_id)
+        entry = self._handed_over.pop(key, None)
+        if entry is None:
+            self.read_side_socket()  # sent before the frame: queued there
+            entry = self._handed_over.pop(key, None)
+        if entry is None:
+            return None
+        fd, length, _ = entry
+        try:
+            rows = StreamedRows(fd, length)
+        except (OSError, ValueError):
+            self._forget_payload(entry, dropped=False)
+            return None
+        self._streamed[fd] = length
+        return rows
+
+    def release_streamed(self, rows: StreamedRows) -> None:
+        """Close a file `take_streamed` gave out; its request was answered."""
+        length = self._streamed.pop(rows.fd, None)
+        if length is not None:
+            os.close(rows.fd)
+            self._handed_over_bytes -= length
 
     def _register_pipe(self, key: Key, fd: int, awaiting: int) -> None:
         os.set_blocking(fd, False)
@@ -412,20 +453,75 @@ class ReplyPipes:
         for entry in self._handed_over.values():
             self._forget_payload(entry, dropped=False)
         self._handed_over.clear()
+        for fd in self._streamed:
+            os.close(fd)
+        self._streamed.clear()
 
 
-def _read_whole(fd: int, length: int) -> bytes:
+def _read_whole(fd: int, length: int, start: int = 0) -> bytes:
     # pread: the sender's writes moved the file offset, which the two
     # descriptors share.
     chunks = []
-    offset = 0
-    while offset < length:
-        chunk = os.pread(fd, length - offset, offset)
+    done = 0
+    while done < length:
+        chunk = os.pread(fd, length - done, start + done)
         if not chunk:
             break  # cut short: the caller sees the length does not match
         chunks.append(chunk)
-        offset += len(chunk)
-    return b"".join(chunks)
+        done += len(chunk)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+class StreamedRows:
+    """The rows of a streamed executemany, read from its file one chunk at a time.
+
+    The file's layout is described in `_wire.frames` (`STREAMED`): chunk
+    records, then the request's own payload (`head`), then that payload's
+    length. Iterating yields the parameter tuples, unpickling one chunk at a
+    time, so only that chunk is held. Each ``iter()`` starts again from the
+    first row (the file is read with ``pread``, never consumed): an engine
+    that replays a batch runs all the rows again. A record that is cut short
+    or does not unpickle raises `ValueError` (or unpickling's error) from the
+    iteration, which fails the request: its savepoint rolls back every row.
+    """
+
+    __slots__ = ("_rows_end", "fd", "head")
+
+    def __init__(self, fd: int, length: int) -> None:
+        """Read the head; raises `ValueError` if the file does not hold that layout."""
+        self.fd = fd
+        size = STREAM_RECORD.size
+        if length < 2 * size or os.fstat(fd).st_size < length:
+            raise ValueError("a streamed file cut short")
+        (head_length,) = STREAM_RECORD.unpack(_read_exactly(fd, size, length - size))
+        head_start = length - size - head_length
+        if head_start < size:
+            raise ValueError("a streamed file whose last record overruns it")
+        self.head = _read_exactly(fd, head_length, head_start)
+        self._rows_end = head_start - size
+
+    def __iter__(self) -> Iterator[Any]:
+        return itertools.chain.from_iterable(self._chunks())
+
+    def _chunks(self) -> Iterator[list[Any]]:
+        fd, size, end = self.fd, STREAM_RECORD.size, self._rows_end
+        offset = 0
+        while offset < end:
+            (length,) = STREAM_RECORD.unpack(_read_exactly(fd, size, offset))
+            offset += size
+            if offset + length > end:
+                raise ValueError("a streamed executemany's rows overrun their file")
+            chunk = pickle.loads(_read_exactly(fd, length, offset))
+            offset += length
+            yield chunk
+            del chunk  # held by the chain meanwhile: let it go before the next read
+
+
+def _read_exactly(fd: int, length: int, offset: int) -> bytes:
+    data = _read_whole(fd, length, offset)
+    if len(data) != length:
+        raise ValueError("a streamed executemany's file was cut short")
+    return data
 
 
 def pid_alive(pid: int) -> bool:
