@@ -13,6 +13,7 @@ calls never return at.
 
 from __future__ import annotations
 
+import itertools
 import os
 import pickle
 import select
@@ -28,12 +29,14 @@ import pytest
 
 import mpwriter
 from conftest import SCHEMA, Gate, count_rows, reap_pid
+from mpwriter._caller import calls as _calls
 from mpwriter._wire import frames as _wire
 from mpwriter._wire import replies as _reply
 from mpwriter._wire.state import SharedState
 from mpwriter._writer import loop as _writer
 from mpwriter._writer.batch import Counters
 from mpwriter._writer.engine import WriterConfig, open_engine
+from mpwriter._writer.reply_pipes import ReplyPipes
 
 pytestmark = pytest.mark.skipif(not _wire.CAN_HAND_OVER, reason="needs os.memfd_create")
 
@@ -194,3 +197,68 @@ def test_a_re_registration_read_mid_chunk_gets_one_reply(tmp_path: Path) -> None
     os.close(result_r)
     reap_pid(pid)
     assert outcome == "1 1", "expected one reply and one row, got (replies, rows) = " + outcome
+
+
+class _NoStream:
+    """A `RequestStream` with nothing queued: enough for `ReplyPipes` alone."""
+
+    consumed = 0
+
+    def queued_bytes(self) -> int:
+        return 0
+
+    def holds(self, key: tuple[int, int]) -> bool:
+        return False
+
+
+def streamed_file(client: int, count: int) -> tuple[int, int]:
+    """A request file as a caller streams it: (descriptor, length)."""
+    fd = os.memfd_create("mpwriter-test", os.MFD_CLOEXEC)
+    now = time.monotonic()
+    rows = iter(bulk_rows(client, count))
+    written = _calls.write_rows(fd, [list(itertools.islice(rows, 1_000))], rows)
+    head = pickle.dumps((now + 60, now, (INSERT, None)))
+    return fd, _calls.finish_rows(fd, written, head)
+
+
+def test_streamed_files_in_use_count_against_the_bound_of_held_hand_overs() -> None:
+    """Taken streamed files cannot be dropped (their requests are queued), so
+    they count: past the bound, the oldest files still waiting are dropped,
+    never the newest; released ones stop counting."""
+    side, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sender = _wire.make_sender_token(os.getpid())
+    probe, one_file = streamed_file(1, 10_000)
+    os.close(probe)
+    pipes = ReplyPipes(
+        side, Counters(), _NoStream(), lambda fd: None, lambda fd: None,
+        handed_over_bytes_max=int(2.5 * one_file),
+    )  # fmt: skip
+
+    def hand_over(request_id: int) -> None:
+        fd, length = streamed_file(request_id, 10_000)
+        message = _wire.PAYLOAD_HANDOVER.pack(_wire.PAYLOAD_TAG, sender, request_id, length)
+        socket.send_fds(peer, [message], [fd])
+        os.close(fd)
+        pipes.read_side_socket()
+
+    try:
+        hand_over(1)
+        in_use = pipes.take_streamed(sender, 1)
+        assert in_use is not None
+        assert list(in_use) == list(in_use) == bulk_rows(1, 10_000)  # read again, whole
+        hand_over(2)
+        hand_over(3)  # 3 files > 2.5: file 2 goes, not the newest, not the one in use
+        assert pipes.dropped_handovers == 1
+        assert pipes.take_streamed(sender, 2) is None
+        newest = pipes.take_streamed(sender, 3)
+        assert newest is not None
+        assert sum(1 for _ in newest) == 10_000
+        pipes.release_streamed(in_use)
+        pipes.release_streamed(newest)
+        hand_over(4)
+        hand_over(5)  # two files: within the bound once the others were released
+        assert pipes.dropped_handovers == 1
+    finally:
+        pipes.close()
+        side.close()
+        peer.close()
