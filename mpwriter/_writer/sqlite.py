@@ -418,6 +418,9 @@ class SqliteEngine:
             self._counters.posts_dropped += body[2]
             return _execute(self._cursor, body[0], body[1])
         if kind == Kind.EXECUTEMANY:
+            # body[1] is a list, or a streamed request's `StreamedRows`: an
+            # iterable that sqlite3 reads as it goes, one unpickled chunk held
+            # at a time; iterating again (a replayed batch) starts over.
             cursor = conn.executemany(body[0], body[1])
             return (cursor.rowcount, cursor.lastrowid, [])
         if kind == Kind.SCRIPT:
