@@ -59,7 +59,7 @@ def test_a_generator_is_streamed_and_applied_whole(writer: mpwriter.Writer, db_p
     result = writer.executemany(INSERT, rows(1, MANY))
     assert result.rowcount == MANY
     assert count_rows(db_path) == MANY
-    with sqlite3.connect(db_path) as reader:
+    with contextlib.closing(sqlite3.connect(db_path)) as reader:
         last = reader.execute("SELECT max(seq), count(DISTINCT seq) FROM items").fetchone()
     assert last == (MANY - 1, MANY)
 
