@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
+import pickle
 import select
 import sqlite3
+import time
 import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +27,7 @@ import pytest
 import mpwriter
 from conftest import SCHEMA, Gate, count_rows, reap_pid
 from mpwriter import testing
-from mpwriter._caller import calls
+from mpwriter._caller import blocking, calls
 from mpwriter._wire import frames as _wire
 
 pytestmark = pytest.mark.skipif(not _wire.CAN_HAND_OVER, reason="needs os.memfd_create")
@@ -198,3 +201,29 @@ def test_a_300000_row_generator_costs_the_caller_one_chunk_of_memory(
 
 def test_schema_is_what_these_tests_insert_into() -> None:
     assert "UNIQUE (client, seq)" in SCHEMA
+
+
+def test_a_chunk_the_writer_cannot_read_applies_no_row(
+    writer: mpwriter.Writer, db_path: Path
+) -> None:
+    """The writer fails the request if any chunk of the file is unreadable,
+    however many rows it ran before: the savepoint takes them all back."""
+    pool = writer._pool
+    fd = calls.new_request_file(pool)
+    source = rows(1, MANY)
+    written = calls.write_rows(fd, [list(itertools.islice(source, 1_000))], source)
+    offset = last_chunk = 0
+    while offset < written:  # walk the records to the last chunk's
+        last_chunk = offset + _wire.STREAM_RECORD.size
+        offset = last_chunk + _wire.STREAM_RECORD.unpack(os.pread(fd, 8, offset))[0]
+    os.pwrite(fd, b"\x00" * 16, last_chunk)  # its first bytes: no pickle any more
+    now = time.monotonic()
+    head = pickle.dumps((now + 30, now, (INSERT, None)))
+    length = calls.finish_rows(fd, written, head)
+    step = calls.request_streamed(
+        pool, writer._request_fd, _wire.Kind.EXECUTEMANY, fd, length, now + 30
+    )
+    with pytest.raises(pickle.UnpicklingError):
+        blocking.run(step)
+    assert count_rows(db_path) == 0
+    assert writer.executemany(INSERT, rows(2, MANY)).rowcount == MANY
