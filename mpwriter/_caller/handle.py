@@ -52,7 +52,7 @@ from .._wire.frames import (
     encode_frames,
 )
 from .._wire.replies import Incoming, Result, millis, no_reply, queue_full, unpack_reply
-from .._wire.state import CLOSED, DEAD, RUNNING, describe_exit
+from .._wire.state import CLOSED, RUNNING, describe_outage, describe_state
 from . import aio as _aio
 from .futures import Collector, Pending
 from .pipe_pool import PipePool, Slot
@@ -236,6 +236,7 @@ class Writer(PipePool):
     def stats(self, *, timeout: float | None = None) -> dict[str, Any]:
         """The writer's figures: requests, batches, commits, errors, queue depth..."""
         figures: dict[str, Any] = self._call(Kind.STATS, (), timeout)
+        figures["state"] = describe_state(self._state)
         return figures
 
     @property
@@ -405,7 +406,7 @@ class Writer(PipePool):
             return WriterClosed(f"this Writer handle was closed; {outcome}")
         if state.status == CLOSED:
             return WriterClosed(f"the writer was closed; {outcome}")
-        how = describe_exit(state.last_exit) if state.status == DEAD else "died"
+        how = describe_outage(state)
         return WriterCrashed(f"the writer process (pid {state.writer_pid}) {how}; {outcome}")
 
     def _collector(self) -> Collector:
