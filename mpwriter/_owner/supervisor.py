@@ -45,6 +45,7 @@ supervisor reaps them and always learns their exit status.
 
 from __future__ import annotations
 
+import array
 import contextlib
 import logging
 import multiprocessing
@@ -82,6 +83,7 @@ _BACKOFF_FIRST = 0.05
 # batch (an idle service whose writer the OOM killer picked).
 _HEALTHY_UPTIME = 10.0
 _SIDE_MESSAGE_MAX = 4096
+_MAX_FDS = 4  # a side message carries one descriptor
 
 # Commands on the control pipe (owner -> supervisor).
 CLOSE = b"C"  # the owner closes: start no more writers, exit once the writer has
@@ -489,13 +491,19 @@ class Supervisor:
             return
         sock = self._registrations
         assert sock is not None
+        room = socket.CMSG_SPACE(_MAX_FDS * array.array("i").itemsize)
         while True:
+            # Not socket.recv_fds: before Python 3.12 it ignores its flags.
             try:
-                _, fds, _, _ = socket.recv_fds(sock, _SIDE_MESSAGE_MAX, 4, socket.MSG_DONTWAIT)
+                _, ancillary, _, _ = sock.recvmsg(_SIDE_MESSAGE_MAX, room, socket.MSG_DONTWAIT)
             except (BlockingIOError, InterruptedError):
                 return
-            for fd in fds:
-                os.close(fd)
+            for level, kind, data in ancillary:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    fds = array.array("i")
+                    fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
+                    for fd in fds:
+                        os.close(fd)
 
     # -- watchdog and kills -------------------------------------------------------------------
 
