@@ -245,6 +245,68 @@ def test_past_the_burst_limit_calls_fail_fast_until_a_writer_serves_again(
     assert "a writer serves again" in log
 
 
+def test_close_while_backing_off_returns_at_once_and_leaves_nothing_running(
+    db_path: Path, starts: Starts
+) -> None:
+    crash = Path(f"{db_path}.crash")
+    writer = mpwriter.start(
+        db_path,
+        init=announce_and_maybe_die,
+        context="fork",
+        timeout=30.0,
+        max_restarts=0,
+        restart_backoff_max=30.0,
+    )
+    first = starts.next()
+    supervisor = parent_of(first)
+    pidfd = os.pidfd_open(supervisor)
+    try:
+        writer.execute("INSERT INTO items(payload) VALUES ('served')")
+        crash.touch()
+        sigkill_and_wait(first)
+        # Every successor dies young (max_restarts=0: backing off from the first);
+        # after 7 the next try is 3.2 s away.
+        for _ in range(7):
+            starts.next()
+        with pytest.raises(mpwriter.WriterCrashed, match="backing off"):
+            writer.execute("INSERT INTO items(payload) VALUES ('refused')")
+        began = time.monotonic()
+        writer.close(timeout=DEADLINE)
+        assert time.monotonic() - began < 2.0, "close() waited for the next try"
+        assert select.select([pidfd], [], [], 0)[0], "the supervisor outlived close()"
+    finally:
+        os.close(pidfd)
+    assert writer.closed
+    with pytest.raises(mpwriter.WriterClosed):
+        writer.execute("INSERT INTO items(payload) VALUES ('closed')")
+    assert count_rows(db_path) == 1
+
+
+def test_sigterm_to_the_supervisor_closes_the_writer_gracefully(
+    db_path: Path, starts: Starts
+) -> None:
+    """What systemd's default KillMode sends to every process of the service."""
+    with mpwriter.start(
+        db_path, init=announce_and_maybe_die, context="fork", timeout=DEADLINE
+    ) as writer:
+        writer_pid = starts.next()
+        writer.execute("INSERT INTO items(payload) VALUES ('before')")
+        supervisor = parent_of(writer_pid)
+        pidfds = [os.pidfd_open(writer_pid), os.pidfd_open(supervisor)]
+        try:
+            os.kill(supervisor, signal.SIGTERM)
+            for pidfd in pidfds:
+                assert select.select([pidfd], [], [], DEADLINE)[0], "still running after SIGTERM"
+        finally:
+            for pidfd in pidfds:
+                os.close(pidfd)
+        with pytest.raises(mpwriter.WriterClosed, match="closed"):
+            writer.execute("INSERT INTO items(payload) VALUES ('after')")
+    wal = Path(f"{db_path}-wal")
+    assert not wal.exists() or wal.stat().st_size == 0  # checkpointed on the way out
+    assert count_rows(db_path) == 1
+
+
 # -- the owner stays single-threaded ---------------------------------------------------------
 
 FORKS_AFTER_START = """
