@@ -166,10 +166,6 @@ def supervise(
     Supervisor(config, requests, registrations, control, report, state, policy).run()
 
 
-class _Sigterm:
-    received = False
-
-
 def _own_signals() -> None:
     """Own this process's signal handling, whatever the owner had installed.
 
@@ -227,6 +223,7 @@ class Supervisor:
         self._retry_at: float | None = None  # monotonic; when to start the next writer
         self._stopping = False
         self._first = True
+        self._sigterm = False  # set by the handler; acted on in the loop
 
         wake_r, wake_w = os.pipe()
         os.set_blocking(wake_r, False)
@@ -237,7 +234,7 @@ class Supervisor:
         _supervisor_only.extend((wake_r, wake_w))
 
     def _on_sigterm(self, _signum: int, _frame: object) -> None:
-        _Sigterm.received = True
+        self._sigterm = True
 
     # -- the loop -----------------------------------------------------------------
 
@@ -282,7 +279,7 @@ class Supervisor:
         if self._wake_r in ready:
             with contextlib.suppress(BlockingIOError):
                 os.read(self._wake_r, 512)
-        if _Sigterm.received and not self._stopping:
+        if self._sigterm and not self._stopping:
             log.warning("mpwriter: the writer's supervisor got SIGTERM; closing the writer")
             self._stop_restarting()
             if self._writer is not None:
