@@ -63,6 +63,7 @@ from .._wire.state import (
     BACKING_OFF,
     CLOSED,
     DEAD,
+    EXIT_UNKNOWN,
     NEVER_BUSY,
     RESTARTING,
     RUNNING,
@@ -431,9 +432,9 @@ class Supervisor:
             self._ready.close()
             self._ready = None
         if code is None:
-            # Only this process reaps it; keep the record straight anyway.
+            # Only this process reaps it, so this is not expected; keep the record straight.
             multiprocessing.process._children.discard(process)  # type: ignore[attr-defined]
-            code = -signal.SIGKILL
+            code = EXIT_UNKNOWN
         state.last_exit = code
         if self._first:
             # The first writer never got ready: start() raises; no restart.
