@@ -25,6 +25,7 @@ from ._errors import (
 )
 from ._owner.owner import start
 from ._wire.replies import Result
+from ._wire.stats import Stats
 from ._writer.metrics import prometheus_text
 
 __all__ = [
@@ -37,6 +38,7 @@ __all__ = [
     "RemoteTraceback",
     "Result",
     "StatementRefused",
+    "Stats",
     "Timeout",
     "Transaction",
     "Writer",

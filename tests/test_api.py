@@ -28,6 +28,7 @@ EXPECTED_PUBLIC_NAMES = {
     "RemoteTraceback",
     "Result",
     "StatementRefused",
+    "Stats",
     "Timeout",
     "Transaction",
     "Writer",

@@ -52,7 +52,8 @@ from .._wire.frames import (
     encode_frames,
 )
 from .._wire.replies import Incoming, Result, millis, no_reply, queue_full, unpack_reply
-from .._wire.state import CLOSED, RUNNING, describe_outage, describe_state
+from .._wire.state import CLOSED, RUNNING, describe_outage
+from .._wire.stats import Stats
 from . import aio as _aio
 from .futures import Collector, Pending
 from .pipe_pool import PipePool, Slot
@@ -233,10 +234,9 @@ class Writer(PipePool):
         """`call` for asyncio (the handle's default timeout applies)."""
         return await _aio.request(self, Kind.CALL, (fn, args, kwargs), None)
 
-    def stats(self, *, timeout: float | None = None) -> dict[str, Any]:
+    def stats(self, *, timeout: float | None = None) -> Stats:
         """The writer's figures: requests, batches, commits, errors, queue depth..."""
-        figures: dict[str, Any] = self._call(Kind.STATS, (), timeout)
-        figures["state"] = describe_state(self._state)
+        figures: Stats = self._call(Kind.STATS, (), timeout)
         return figures
 
     @property

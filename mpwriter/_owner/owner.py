@@ -52,7 +52,7 @@ from .._caller.handle import Writer
 from .._errors import WriterCrashed
 from .._wire.frames import NO_REPLY, Kind, encode_frames, make_sender_token
 from .._wire.state import BACKING_OFF, CLOSED, RUNNING, new_shared_state
-from .._writer.loop import WriterConfig
+from .._writer.engine import WriterConfig
 from .supervisor import CLOSE, KILL, KILL_GRACE, STOP, RestartPolicy, supervise
 
 log = logging.getLogger("mpwriter")

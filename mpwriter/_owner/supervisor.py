@@ -73,7 +73,8 @@ from .._wire.state import (
     WAITING,
     describe_exit,
 )
-from .._writer.loop import WriterConfig, serve
+from .._writer.engine import WriterConfig
+from .._writer.loop import serve
 
 log = logging.getLogger("mpwriter")
 

@@ -8,6 +8,9 @@ Data flow::
                                 transaction, a savepoint each (_batch.py)
     COMMIT returned        -->  each reply to the reply pipe its request named
                                 (_reply_pipes.py)
+    replies sent           -->  statements that must run alone (VACUUM), each
+                                a unit with its own deadline, each reply sent
+                                as it comes (`Engine.run_alone`)
 
 - The request pipe is bounded by its kernel capacity (plus at most one batch
   held here): a flood of callers blocks in their own process, with their own
@@ -35,7 +38,9 @@ request pipe and which slots it holds (`RequestStream`).
 
 The loop stops gracefully on a CLOSE request, on SIGTERM, or when its owner
 process is gone (the lifeline pipe reads EOF): it marks itself closed so that
-callers fail fast, serves what is already queued, checkpoints and exits.
+callers fail fast, serves what is already queued, writes out every reply it
+owes (however large; a reader that takes nothing for 5 s is given up),
+checkpoints and exits.
 """
 
 from __future__ import annotations
@@ -48,19 +53,13 @@ import pickle
 import select
 import signal
 import socket
-import sqlite3
 import struct
 import termios
 import time
 from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
-import filelock
-
-from .._errors import WriterAlreadyRunning
 from .._wire.frames import (
     HANDED_OVER,
     Assembler,
@@ -73,15 +72,17 @@ from .._wire.frames import (
     sender_pid,
 )
 from .._wire.state import CLOSED
+from .._wire.stats import Stats
 from .batch import (
-    BatchRunner,
     Counters,
     Work,
     describe,
     error_reply,
     expired_reply,
 )
+from .engine import Engine, WriterConfig, open_engine
 from .metrics import Latencies, SlowLog
+from .published import Publisher
 from .reply_pipes import Key, ReplyPipes, pid_alive
 
 log = logging.getLogger("mpwriter")
@@ -91,47 +92,9 @@ _HOUSEKEEPING_INTERVAL = 1.0
 # A request whose next frame has not come for this long was abandoned by a
 # live sender (its queue stayed full past its timeout): its pieces are dropped.
 _PARTIAL_REQUEST_MAX_IDLE = 300.0
-
-
-@dataclass(frozen=True)
-class WriterConfig:
-    """Everything the writer needs to open the database; picklable."""
-
-    path: str
-    synchronous: str
-    init: str | Callable[[sqlite3.Connection], object] | None
-    max_batch: int
-    execution_limit: float | None = None
-    slow_request: float | None = 1.0
-
-    @property
-    def lock_path(self) -> str:
-        return lock_path(self.path)
-
-
-def lock_path(database: str) -> str:
-    """The lock file that admits one writer per database file (the one rule)."""
-    return os.path.abspath(database) + ".mpwriter.lock"
-
-
-def open_database(config: WriterConfig) -> sqlite3.Connection:
-    """Open the write connection: WAL, the chosen durability, foreign keys on."""
-    conn = sqlite3.connect(config.path, isolation_level=None, check_same_thread=False)
-    mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-    if str(mode).lower() != "wal":
-        raise sqlite3.OperationalError(f"could not switch {config.path!r} to WAL (got {mode!r})")
-    conn.execute(f"PRAGMA synchronous={config.synchronous}")
-    conn.execute("PRAGMA foreign_keys=ON")
-    # Lock waits are retried by the batch runner with backoff and a deadline
-    # per request; SQLite's own busy handler would sleep past those deadlines.
-    conn.execute("PRAGMA busy_timeout=0")
-    if isinstance(config.init, str):
-        conn.executescript(config.init)
-    elif config.init is not None:
-        config.init(conn)
-    if conn.in_transaction:
-        conn.execute("COMMIT")
-    return conn
+# At shutdown, a reply whose reader takes nothing for this long is dropped
+# (its caller stopped reading): the writer still exits in bounded time.
+_DRAIN_REPLY_TIMEOUT = 5.0
 
 
 def serve(
@@ -144,36 +107,20 @@ def serve(
 ) -> None:
     """Entry point of the writer process (a `multiprocessing.Process` target)."""
     _reset_signals()
-    lock = filelock.FileLock(config.lock_path, timeout=0)
+    counters = Counters()
     try:
-        lock.acquire()
-    except filelock.Timeout:
-        ready.send(
-            (
-                "error",
-                WriterAlreadyRunning(
-                    f"another mpwriter writer already serves {config.path!r}"
-                    f" (it holds {config.lock_path!r})"
-                ),
-            )
-        )
+        engine = open_engine(config, counters, state)
+    except BaseException as exc:
+        ready.send(("error", exc))
         return
+    loop = WriterLoop(engine, counters, config, requests, registrations, lifeline, state)
+    state.writer_pid = os.getpid()
+    ready.send(("ready", os.getpid()))
+    ready.close()
     try:
-        try:
-            conn = open_database(config)
-        except BaseException as exc:
-            ready.send(("error", exc))
-            return
-        loop = WriterLoop(conn, config, requests, registrations, lifeline, state)
-        state.writer_pid = os.getpid()
-        ready.send(("ready", os.getpid()))
-        ready.close()
-        try:
-            loop.run()
-        finally:
-            loop.shut_down()
+        loop.run()
     finally:
-        lock.release()
+        loop.shut_down()
 
 
 def _reset_signals() -> None:
@@ -206,14 +153,15 @@ class WriterLoop:
 
     def __init__(
         self,
-        conn: sqlite3.Connection,
+        engine: Engine,
+        counters: Counters,
         config: WriterConfig,
         requests: Connection,
         registrations: socket.socket,
         lifeline: Connection,
         state: Any,
     ) -> None:
-        self._conn = conn
+        self._engine = engine
         self._config = config
         # The Connection objects are kept, unused, because collecting one
         # closes its descriptor; the loop works on the raw descriptors.
@@ -222,19 +170,19 @@ class WriterLoop:
         os.set_blocking(self._request_fd, False)
         self._lifeline = lifeline
         self._state = state
-        self._frames = FrameReader()
+        self._frames = FrameReader(config.frame_key)
         self._assembler = Assembler()
         self._backlog: deque[Request] = deque()
         self.consumed = 0  # bytes read from the request pipe so far
         # (sender, slot) of the requests taken from the backlog and not yet replied to
         self._in_hand: set[Key] = set()
-        self.counters = Counters()
+        self.counters = counters
         self._latencies = Latencies()
         self._slow = SlowLog(config.slow_request)
-        self._runner = BatchRunner(conn, self.counters, state, config.execution_limit)
         self._started = time.monotonic()
         self._stopping = False
         self._next_housekeeping = self._started + _HOUSEKEEPING_INTERVAL
+        self._published = Publisher(config.path)  # for `python -m mpwriter stats`
 
         # A plain poll object: the selectors wrapper costs several microseconds
         # per wait, on the path every batch takes.
@@ -287,6 +235,7 @@ class WriterLoop:
     # -- main loop ------------------------------------------------------------
 
     def run(self) -> None:
+        self._published.publish(self.figures(), self._stopping)
         while True:
             if self._stopping:
                 self._state.status = CLOSED
@@ -397,20 +346,33 @@ class WriterLoop:
         taken = time.monotonic()
         if batch:
             try:
-                replies = self._runner.run(batch)
+                replies = self._engine.run(batch)
             except Exception as exc:
                 # Only the writer's own statements can fail here (a ROLLBACK TO
                 # on a broken disk): fail this batch, keep serving.
                 log.exception("mpwriter: batch failed")
                 try:
-                    self._runner.abandon_transaction()
-                except sqlite3.Error:
+                    self._engine.abandon_transaction()
+                except Exception:
                     log.exception("mpwriter: rolling back the failed batch failed too")
                 replies = [(w.request, error_reply(w.request.request_id, exc)) for w in batch]
         committed = time.monotonic()
         send = self._replies.send
         for request, reply in replies + extra:
             send(request, reply)
+        if batch and len(replies) < len(batch):
+            # Statements that must run alone (VACUUM) come after the batch's
+            # replies went out, each a unit with its own deadline.
+            answered = {id(request) for request, _ in replies}
+            try:
+                for request, reply in self._engine.run_alone():
+                    answered.add(id(request))
+                    send(request, reply)
+            except Exception as exc:
+                log.exception("mpwriter: a statement run alone failed")
+                for work in batch:
+                    if id(work.request) not in answered:
+                        send(work.request, error_reply(work.request.request_id, exc))
         in_hand.clear()
         if batch:
             self._record_timings(batch, taken, committed)
@@ -426,7 +388,11 @@ class WriterLoop:
                     self._slow.warn(replied - work.sent_at, describe(work))
 
     def _stats_reply(self, work: Work) -> bytes:
-        figures = self.counters.as_dict()
+        return encode_reply(work.request.request_id, Status.OK, self.figures())
+
+    def figures(self) -> Stats:
+        """What STATS answers and the published snapshot holds."""
+        figures: Any = self.counters.as_dict()
         figures["queue_depth"] = len(self._backlog) + self._queued_estimate()
         figures["queued_bytes"] = self.queued_bytes()
         figures["reply_pipes"] = self._replies.pipe_count
@@ -435,10 +401,18 @@ class WriterLoop:
         figures["resync_skipped_bytes"] = self._frames.skipped
         figures["restarts"] = self._state.restarts
         figures["latency_ms"] = self._latencies.summary()
+        figures["latency_count"] = self._latencies.count
+        figures["latency_sum_seconds"] = self._latencies.sums_seconds()
         figures["dropped_partial_requests"] = (
             self._assembler.dropped + self._replies.dropped_handovers
         )
-        return encode_reply(work.request.request_id, Status.OK, figures)
+        figures["dropped_partial_request_bytes"] = (
+            self._assembler.dropped_bytes + self._replies.dropped_handover_bytes
+        )
+        figures["dropped_orphan_replies"] = self._replies.dropped_orphans
+        figures["dropped_orphan_reply_bytes"] = self._replies.dropped_orphan_bytes
+        stats: Stats = figures
+        return stats
 
     def _queued_estimate(self) -> int:
         # Requests are typically one frame; a rough count is what a dashboard needs.
@@ -449,6 +423,8 @@ class WriterLoop:
     def _housekeeping(self) -> None:
         """Forget reply pipes, payloads and partial requests of callers that are gone."""
         self._next_housekeeping = time.monotonic() + _HOUSEKEEPING_INTERVAL
+        if self._published.due():
+            self._published.publish(self.figures(), self._stopping)
         stale = time.monotonic() - _PARTIAL_REQUEST_MAX_IDLE
         self._replies.housekeeping(stale)
         dead = {sender for sender in self._assembler.senders() if not pid_alive(sender_pid(sender))}
@@ -460,13 +436,11 @@ class WriterLoop:
         """Checkpoint and close; called once the loop has returned or failed."""
         if self._stopping:
             self._state.status = CLOSED  # a crash leaves it RUNNING: the owner restarts
-        conn = self._conn
+        self._published.remove()  # before the engine releases the lock
         try:
-            self._runner.abandon_transaction()
-            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            conn.execute("PRAGMA optimize")
-        except sqlite3.Error:
-            log.exception("mpwriter: checkpoint at shutdown failed")
+            # Every reply of what was committed goes out before the writer
+            # exits, however large: its caller is reading it now.
+            self._replies.drain(_DRAIN_REPLY_TIMEOUT)
+            self._engine.close()
         finally:
-            conn.close()
-        self._replies.close()
+            self._replies.close()
