@@ -604,6 +604,32 @@ def test_usr2_successor_gives_up_while_the_old_master_runs(
     server.assert_writer_released()
 
 
+def test_the_master_forks_single_threaded(
+    gunicorn_server: Callable[..., Gunicorn], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """mpwriter adds no thread to the master: a replacement worker and a
+    restarted writer are forks of single-threaded processes. Python 3.12+
+    warns about multi-threaded forks; the warning is turned on to be seen."""
+    monkeypatch.setenv("PYTHONWARNINGS", "always::DeprecationWarning")
+    server = gunicorn_server()
+    assert server.write(0, 0)[0] == 200
+    writer_pid = server.writer_pid()
+    supervisor = server.supervisor_pid(writer_pid)
+    _kill_a_worker(server, spare={supervisor})
+    # The master forks a replacement; a real request is each look's pause.
+    deadline = time.monotonic() + DEADLINE
+    seq = 1
+    while len(_children(server.pid) - {supervisor}) < WORKERS:
+        assert server.write(0, seq)[0] == 200
+        seq += 1
+        assert time.monotonic() < deadline, "the master did not replace the worker"
+    assert _kill_and_wait(writer_pid, supervisor)  # the supervisor forks a successor
+    assert server.write(0, seq)[0] == 200
+    assert server.writer_pid() != writer_pid
+    assert server.stop() == 0, server.log_text()
+    assert "multi-threaded" not in server.log_text()
+
+
 def test_writer_killed_under_load_is_restarted_by_the_master(
     gunicorn_server: Callable[..., Gunicorn],
 ) -> None:
