@@ -89,7 +89,9 @@ def start(
     before it serves -- again after a restart, so make it idempotent (a
     function must be importable by the writer under spawn/forkserver).
     ``timeout`` is the default per-call timeout in seconds. ``context`` is a
-    multiprocessing context or its name ("fork", "spawn", "forkserver").
+    multiprocessing context or its name ("fork", "spawn", "forkserver"): it
+    starts the writer's supervisor process, which has no thread and forks
+    the writers itself, so that no mpwriter thread ever runs in this process.
 
     ``max_batch`` caps how many requests one group commit takes;
     ``queue_size`` is the request pipe's capacity in bytes (Linux; capped by
@@ -102,13 +104,15 @@ def start(
     Past ``max_restarts`` young deaths in a row, calls fail at once with
     `WriterCrashed` ("backing off until ...") while the supervisor keeps
     trying every ``restart_backoff_max`` seconds at most; the service comes
-    back by itself when a writer starts and serves. ``execution_limit``: seconds a single
-    request may run before it is interrupted (`Interrupted`); by default a
-    request may run until its caller's timeout. ``watchdog_grace``: how long
-    past that the writer may stay stuck (in C code that ignores interrupts)
-    before its supervisor kills and replaces it. ``slow_request``: log a warning
-    (logger "mpwriter") for requests slower than this many seconds, end to
-    end; None turns it off.
+    back by itself when a writer starts and serves.
+
+    ``execution_limit``: seconds a single request may run before it is
+    interrupted (`Interrupted`); by default a request may run until its
+    caller's timeout. ``watchdog_grace``: how long past that the writer may
+    stay stuck (in C code that ignores interrupts) before its supervisor
+    kills and replaces it. ``slow_request``: log a warning (logger
+    "mpwriter") for requests slower than this many seconds, end to end;
+    None turns it off.
 
     Raises `WriterAlreadyRunning` if another writer serves this file, the
     sqlite3 error if the database cannot be opened or ``init`` fails, and
