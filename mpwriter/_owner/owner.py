@@ -312,16 +312,6 @@ class _Owner:
                 multiprocessing.process._children.discard(process)  # type: ignore[attr-defined]
         self._release_far_ends()
 
-    def kill(self) -> None:
-        """Kill the writer and its supervisor now, reaping both with deadlines."""
-        with self._lock:
-            if self.state.status in (RUNNING, BACKING_OFF):
-                self.state.status = CLOSED
-            self._tell(KILL + STOP)
-            self._stop_by_force()
-            self._forget_supervisor()
-        _owners.discard(self)
-
     def abandon(self) -> None:
         """Clean up after a failed first launch."""
         if self.supervisor is not None:
