@@ -94,7 +94,9 @@ def request(
     try:
         if len(payload) <= MAX_PAYLOAD:
             request_id = next(local.request_ids) % 0xFFFFFFFF + 1  # pool.next_request_id()
-            frame = encode_frame(kind, WHOLE, local.sender, request_id, slot.number, payload)
+            frame = encode_frame(
+                kind, WHOLE, local.sender, request_id, slot.number, payload, pool.frame_key
+            )
             try:
                 os.write(request_fd, frame)
             except BlockingIOError:
@@ -149,13 +151,15 @@ def send_bulk(
     never waits on the request queue's room), else as several frames.
     """
     sender = pool.local.sender
+    key = pool.frame_key
     request_id = pool.next_request_id()
     frames: Iterable[bytes]
     if len(payload) >= HAND_OVER_MIN and CAN_HAND_OVER and testing.faults.hand_over:
         yield from hand_over(pool, payload, request_id, deadline)
-        frames = (encode_frame(kind, WHOLE | HANDED_OVER, sender, request_id, slot.number, b""),)
+        flags = WHOLE | HANDED_OVER
+        frames = (encode_frame(kind, flags, sender, request_id, slot.number, b"", key),)
     else:
-        frames = encode_frames(kind, sender, request_id, slot.number, payload)
+        frames = encode_frames(kind, sender, request_id, slot.number, payload, key)
     yield from write_frames(pool, request_fd, frames, deadline)
     return request_id
 

@@ -77,12 +77,13 @@ class Writer:
         registration: socket.socket,
         state: Any,
         owner: _Owner | None = None,
+        frame_key: int = 0,
     ) -> None:
         self.path = path
         self.timeout = timeout
         self._request_fd = request_fd
         self._state = state
-        self._pool = PipePool(registration, state)
+        self._pool = PipePool(registration, state, frame_key)
         self._owner_here = owner
         self._owner_pid = os.getpid()
         # A collected handle stops its collector thread (which never refers
@@ -179,7 +180,13 @@ class Writer:
             body = (sql, params, reported)
             payload = pickle.dumps((now + self.timeout, now, body), PICKLE_PROTOCOL)
             frame = encode_frame(
-                Kind.POST, WHOLE, local.sender, pool.next_request_id(), NO_REPLY, payload
+                Kind.POST,
+                WHOLE,
+                local.sender,
+                pool.next_request_id(),
+                NO_REPLY,
+                payload,
+                pool.frame_key,
             )
             try:
                 os.write(self._request_fd, frame)
@@ -340,6 +347,7 @@ class Writer:
                 reduction.DupFd(self._request_fd),
                 reduction.DupFd(self._pool.registration.fileno()),
                 self._state,
+                self._pool.frame_key,
             ),
         )
 
@@ -425,7 +433,8 @@ class Writer:
             return blocking.run(bulk)
         request_id = self._pool.next_request_id()
         sender = self._pool.local.sender
-        frame = encode_frame(kind, WHOLE, sender, request_id, slot_number, payload)
+        key = self._pool.frame_key
+        frame = encode_frame(kind, WHOLE, sender, request_id, slot_number, payload, key)
         blocking.run(calls.write_frames(self._pool, self._request_fd, (frame,), deadline))
         return request_id
 
@@ -497,6 +506,7 @@ def _rebuild(
     request_fd: Any,
     registration_fd: Any,
     state: Any,
+    frame_key: int,
 ) -> Writer:
     registration = socket.socket(fileno=registration_fd.detach())
-    return Writer(path, timeout, request_fd.detach(), registration, state)
+    return Writer(path, timeout, request_fd.detach(), registration, state, frame_key=frame_key)

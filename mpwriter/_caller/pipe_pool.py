@@ -93,9 +93,12 @@ class PipePool:
     directly (one attribute lookup on the hot path).
     """
 
-    def __init__(self, registration: socket.socket, state: Any) -> None:
+    def __init__(self, registration: socket.socket, state: Any, frame_key: int = 0) -> None:
         self.registration = registration
         self.state = state  # the shared state word (`_wire.state`)
+        # The request stream's key (`_wire.frames.new_frame_key`): every frame
+        # this pool's requests send is keyed with it.
+        self.frame_key = frame_key
         self.closed = False  # closed through this handle, in this process
         self.creator_pid = os.getpid()
         self.local = ProcessState()
