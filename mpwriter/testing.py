@@ -95,3 +95,14 @@ def shared_state(writer: Any) -> Any:
     meaning: mpwriter/_wire/state.py).
     """
     return writer._state
+
+
+def frame_key(writer: Any) -> int:
+    """The key of ``writer``'s request stream (`mpwriter._wire.frames`).
+
+    For tests and tools that write hand-made frames to the request pipe: the
+    writer skips a frame whose header was not keyed with it, as it skips the
+    bytes of a caller's payload that happen to look like a frame.
+    """
+    key: int = writer._pool.frame_key
+    return key

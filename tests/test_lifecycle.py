@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import pickle
 import select
 import signal
 import sqlite3
@@ -39,6 +40,23 @@ def test_queued_requests_survive_a_writer_kill_and_the_taken_one_is_reported_los
         assert stats["pid"] != first_pid
         assert stats["lost_requests"] == 1
     assert count_rows(db_path) == 20
+
+
+def test_a_frame_inside_a_torn_payload_is_not_taken_for_a_request(
+    writer: mpwriter.Writer, db_path: Path
+) -> None:
+    """What a successor finds after its predecessor died part-way through a
+    read, when the payload it lands in holds the bytes of a whole frame (a
+    caller's blob may): the stream's key tells that frame from a real one."""
+    now = time.monotonic()
+    insert = pickle.dumps((now + 60, now, ("INSERT INTO items(client, seq) VALUES (99, 99)", ())))
+    hidden = _wire.encode_frame(_wire.Kind.EXECUTE, _wire.WHOLE, 1, 1, _wire.NO_REPLY, insert)
+    carrier = next(_wire.encode_frames(_wire.Kind.EXECUTE, 1, 2, 1, b"x" * 64 + hidden))
+    torn = carrier[40:]  # its head is gone; the hidden frame is whole
+    os.write(writer._request_fd, torn)
+    assert writer.execute("INSERT INTO items(client, seq) VALUES (1, 1)").rowcount == 1
+    assert writer.stats()["resync_skipped_bytes"] == len(torn)
+    assert count_rows(db_path) == 1
 
 
 def test_torn_bytes_in_the_queue_are_skipped_and_the_next_request_served(

@@ -50,7 +50,7 @@ from typing import Any
 
 from .._caller.handle import Writer
 from .._errors import WriterCrashed
-from .._wire.frames import NO_REPLY, Kind, encode_frames, make_sender_token
+from .._wire.frames import NO_REPLY, Kind, encode_frames, make_sender_token, new_frame_key
 from .._wire.state import BACKING_OFF, CLOSED, RUNNING, new_shared_state
 from .._writer.engine import WriterConfig
 from .supervisor import CLOSE, KILL, KILL_GRACE, STOP, RestartPolicy, supervise
@@ -136,7 +136,13 @@ def start(
     # Any: typeshed's BaseContext lacks Process(), which every concrete context has.
     ctx: Any = context if isinstance(context, BaseContext) else multiprocessing.get_context(context)
     config = WriterConfig(
-        os.path.abspath(path), synchronous, init, max_batch, execution_limit, slow_request
+        os.path.abspath(path),
+        synchronous,
+        init,
+        max_batch,
+        execution_limit,
+        slow_request,
+        frame_key=new_frame_key(),
     )
 
     policy = RestartPolicy(
@@ -150,7 +156,13 @@ def start(
         owner.abandon()
         raise
     writer = Writer(
-        config.path, timeout, owner.request_w, owner.registration_client, owner.state, owner
+        config.path,
+        timeout,
+        owner.request_w,
+        owner.registration_client,
+        owner.state,
+        owner,
+        frame_key=config.frame_key,
     )
     atexit.register(_close_at_exit, weakref.ref(writer))
     return writer
@@ -260,7 +272,8 @@ class _Owner:
         _owners.discard(self)
 
     def _send_close(self) -> bool:
-        (frame,) = encode_frames(Kind.CLOSE, self.sender, 0, NO_REPLY, b"")
+        key = self.config.frame_key
+        (frame,) = encode_frames(Kind.CLOSE, self.sender, 0, NO_REPLY, b"", key)
         try:
             os.write(self.request_w, frame)
         except OSError:
