@@ -41,6 +41,16 @@ class Engine(Protocol):
         """Roll back whatever transaction is open (after a failed `run`)."""
         ...
 
+    def tidy(self, idle: bool) -> None:
+        """Do deferred upkeep (SQLite: a WAL checkpoint) between batches.
+
+        The loop calls it after each batch's replies were sent (``idle``
+        False) and whenever nothing is in hand or queued (``idle`` True), so
+        that no commit, and no reply, waits on upkeep; an engine that needs
+        none does nothing. Never raises: failures are logged.
+        """
+        ...
+
     def close(self) -> None:
         """Roll back, tidy up (checkpoint), close the connection, release any claim.
 

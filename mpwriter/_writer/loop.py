@@ -235,6 +235,8 @@ class WriterLoop:
                 if not self._backlog and not self.queued_bytes():
                     return
             elif not self._backlog:
+                if not self.queued_bytes():
+                    self._engine.tidy(idle=True)
                 self._wait()
             if self._backlog:
                 self._serve_batch()
@@ -355,6 +357,7 @@ class WriterLoop:
         in_hand.clear()
         if batch:
             self._record_timings(batch, taken, committed)
+            self._engine.tidy(idle=False)
 
     def _record_timings(self, batch: list[Work], taken: float, committed: float) -> None:
         replied = time.monotonic()

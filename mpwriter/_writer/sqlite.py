@@ -32,6 +32,7 @@ import os
 import random
 import signal
 import sqlite3
+import struct
 import time
 from collections.abc import Callable
 from typing import Any
@@ -60,6 +61,18 @@ _BACKOFF_FIRST = 0.001
 _BACKOFF_MAX = 0.1
 
 SQLITE_BUSY = 5
+
+# Checkpoints run off the commit path (SQLite's own autocheckpoint is off on
+# the writer's connection): when the loop is idle and the WAL holds at least
+# this many frames not yet copied back (SQLite's default autocheckpoint
+# threshold); or, if no idle moment comes, after a batch's replies were sent
+# once it holds the backstop's number.
+IDLE_CHECKPOINT_FRAMES = 1000
+BACKSTOP_CHECKPOINT_FRAMES = 4000
+# The wal-index header (https://www.sqlite.org/walformat.html, 2.2): mxFrame,
+# the last valid frame, at byte 16; nBackfill, the last frame copied back into
+# the database, at byte 96; both 32-bit in the host's byte order.
+_WAL_INDEX = struct.Struct("=16xI76xI")
 
 log = logging.getLogger("mpwriter")
 
@@ -209,6 +222,13 @@ class SqliteEngine:
         self._denied: str | None = None
         self._wants_solo = False
         conn.set_authorizer(self._authorize)
+        # SQLite's autocheckpoint would run inside the COMMIT that crosses its
+        # threshold, before that batch's replies are sent; `tidy` runs it
+        # between batches instead, when it can tell how full the WAL is. Set
+        # after the user's init, which could otherwise turn it back on.
+        self._wal_index = _open_wal_index(conn)
+        if self._wal_index is not None:
+            conn.execute("PRAGMA wal_autocheckpoint=0")
 
     # -- authorizer ---------------------------------------------------------
 
@@ -479,9 +499,49 @@ class SqliteEngine:
         except Exception as exc:
             return self._fail(work, exc)
 
+    # -- checkpoints -------------------------------------------------------------
+
+    def unchecked_frames(self) -> int:
+        """WAL frames not yet copied back into the database (a hint, not a promise).
+
+        Read from the wal-index header in the -shm file: one pread, no lock,
+        so a value torn by a concurrent update is possible and harmless here.
+        """
+        if self._wal_index is None:
+            return 0  # no -shm to read: SQLite's autocheckpoint stays on
+        header = os.pread(self._wal_index, _WAL_INDEX.size, 0)
+        if len(header) < _WAL_INDEX.size:
+            return 0  # not initialised yet: nothing written
+        last_frame, backfilled = _WAL_INDEX.unpack(header)
+        return max(0, int(last_frame) - int(backfilled))
+
+    def tidy(self, idle: bool) -> None:
+        """Checkpoint the WAL if it is due, between batches.
+
+        ``idle``: nothing is in hand or queued, so no caller waits on this;
+        the WAL is checkpointed once it holds `IDLE_CHECKPOINT_FRAMES`. Under
+        sustained load (never idle) it is checkpointed once it holds
+        `BACKSTOP_CHECKPOINT_FRAMES`, after the batch's replies were sent.
+        Either way nothing commits between the checkpoint and the next batch,
+        so a complete checkpoint lets that batch rewind the WAL to its start
+        (a checkpoint from another thread never could). PASSIVE: it never
+        waits for readers; a reader's open snapshot just leaves frames for
+        the next time. Failures are logged: the next commit stays correct.
+        """
+        due = IDLE_CHECKPOINT_FRAMES if idle else BACKSTOP_CHECKPOINT_FRAMES
+        if self._conn.in_transaction or self.unchecked_frames() < due:
+            return
+        try:
+            self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        except sqlite3.Error:
+            log.exception("mpwriter: checkpoint failed")
+
     def close(self) -> None:
         """Roll back what is open, checkpoint, close, release the lock; logs failures."""
         conn = self._conn
+        if self._wal_index is not None:
+            os.close(self._wal_index)
+            self._wal_index = None
         try:
             self.abandon_transaction()
             conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -506,6 +566,18 @@ def _execute(cursor: sqlite3.Cursor, sql: str, params: Any) -> tuple[Any, ...]:
     if not rows:
         return (cursor.rowcount, cursor.lastrowid, rows)
     return (cursor.rowcount, cursor.lastrowid, rows, tuple(column[0] for column in description))
+
+
+def _open_wal_index(conn: sqlite3.Connection) -> int | None:
+    """A read-only descriptor of the database's -shm file, or None if it has none
+    (an in-memory database, or ``locking_mode=EXCLUSIVE``, keeps it in memory)."""
+    row = conn.execute("PRAGMA database_list").fetchone()
+    if not row or not row[2]:
+        return None
+    try:
+        return os.open(row[2] + "-shm", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
 
 
 def open_sqlite_engine(
