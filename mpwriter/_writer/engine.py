@@ -44,10 +44,11 @@ class Engine(Protocol):
     def tidy(self, idle: bool) -> None:
         """Do deferred upkeep (SQLite: a WAL checkpoint) between batches.
 
-        The loop calls it after each batch's replies were sent (``idle``
-        False) and whenever nothing is in hand or queued (``idle`` True), so
-        that no commit, and no reply, waits on upkeep; an engine that needs
-        none does nothing. Never raises: failures are logged.
+        The loop calls it once after each batch's replies were sent, so that
+        no commit and no reply waits on upkeep; ``idle`` is True when no
+        request is left in hand or queued (nobody waits on it at all). An
+        engine that needs no upkeep does nothing. Never raises: failures are
+        logged.
         """
         ...
 

@@ -235,11 +235,13 @@ class WriterLoop:
                 if not self._backlog and not self.queued_bytes():
                     return
             elif not self._backlog:
-                if not self.queued_bytes():
-                    self._engine.tidy(idle=True)
                 self._wait()
             if self._backlog:
                 self._serve_batch()
+                # Once per batch, after its replies were sent. The last batch
+                # before a quiet spell always finds the queue empty, so an idle
+                # writer has had its idle tidy before it waits.
+                self._engine.tidy(idle=not self._backlog and not self.queued_bytes())
             if time.monotonic() >= self._next_housekeeping:
                 self._housekeeping()
 
@@ -357,7 +359,6 @@ class WriterLoop:
         in_hand.clear()
         if batch:
             self._record_timings(batch, taken, committed)
-            self._engine.tidy(idle=False)
 
     def _record_timings(self, batch: list[Work], taken: float, committed: float) -> None:
         replied = time.monotonic()

@@ -528,8 +528,14 @@ class SqliteEngine:
         waits for readers; a reader's open snapshot just leaves frames for
         the next time. Failures are logged: the next commit stays correct.
         """
+        if self._wal_index is None or self._conn.in_transaction:
+            return  # SQLite's autocheckpoint stays on without a -shm to read
+        header = os.pread(self._wal_index, _WAL_INDEX.size, 0)  # as unchecked_frames()
+        if len(header) < _WAL_INDEX.size:
+            return
+        last_frame, backfilled = _WAL_INDEX.unpack(header)
         due = IDLE_CHECKPOINT_FRAMES if idle else BACKSTOP_CHECKPOINT_FRAMES
-        if self._conn.in_transaction or self.unchecked_frames() < due:
+        if last_frame - backfilled < due:
             return
         try:
             self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
