@@ -103,3 +103,27 @@ def test_the_wal_stays_bounded_under_a_stream_of_writes(
         assert (
             conn.execute("SELECT count(*) FROM items").fetchone()[0] == 6 * IDLE_CHECKPOINT_FRAMES
         )
+
+
+def test_a_long_read_does_not_make_every_batch_checkpoint(
+    engine: SqliteEngine, tmp_path: Path
+) -> None:
+    write_pages(engine, 10)
+    with sqlite3.connect(tmp_path / "c.db", isolation_level=None) as reader:
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM pages").fetchone()  # holds its snapshot
+        write_pages(engine, IDLE_CHECKPOINT_FRAMES + 10)
+        engine.tidy(idle=True)
+        assert engine.checkpoints == 1
+        assert engine.unchecked_frames() > IDLE_CHECKPOINT_FRAMES  # the reader needs them
+        for _ in range(5):
+            write_pages(engine, 10)
+            engine.tidy(idle=True)
+        assert engine.checkpoints == 1  # not again for every batch
+        write_pages(engine, IDLE_CHECKPOINT_FRAMES)
+        engine.tidy(idle=True)
+        assert engine.checkpoints == 2  # as many new frames again: due
+        reader.execute("COMMIT")
+    write_pages(engine, IDLE_CHECKPOINT_FRAMES)
+    engine.tidy(idle=True)
+    assert engine.unchecked_frames() == 0  # the reader is gone: all copied back

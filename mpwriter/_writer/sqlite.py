@@ -392,6 +392,10 @@ class SqliteEngine:
         self._wal_index = _open_wal_index(conn)
         if self._wal_index is not None:
             conn.execute("PRAGMA wal_autocheckpoint=0")
+        self.checkpoints = 0  # attempted by `tidy`
+        # Frames the last checkpoint could not copy back (a reader's snapshot
+        # needed them); not counted as due again.
+        self._left_behind = 0
 
     # -- authorizer ---------------------------------------------------------
 
@@ -826,7 +830,9 @@ class SqliteEngine:
         so a complete checkpoint lets that batch rewind the WAL to its start
         (a checkpoint from another thread never could). PASSIVE: it never
         waits for readers; a reader's open snapshot just leaves frames for
-        the next time. Failures are logged: the next commit stays correct.
+        the next time -- and the next attempt waits until as many new frames
+        again have come, so that a long read does not cost every batch a
+        checkpoint. Failures are logged: the next commit stays correct.
         """
         if self._wal_index is None or self._conn.in_transaction:
             return  # SQLite's autocheckpoint stays on without a -shm to read
@@ -835,12 +841,16 @@ class SqliteEngine:
             return
         last_frame, backfilled = _WAL_INDEX.unpack(header)
         due = IDLE_CHECKPOINT_FRAMES if idle else BACKSTOP_CHECKPOINT_FRAMES
-        if last_frame - backfilled < due:
+        if last_frame - backfilled - self._left_behind < due:
             return
+        self.checkpoints += 1
         try:
-            self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            row = self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
         except sqlite3.Error:
             log.exception("mpwriter: checkpoint failed")
+            return
+        # (busy, frames in the WAL, frames copied back): what a reader kept.
+        self._left_behind = max(0, row[1] - row[2]) if row else 0
 
     def close(self) -> None:
         """Roll back what is open, checkpoint, close, release the lock; logs failures."""
