@@ -110,13 +110,16 @@ _BACKOFF_MAX = 0.1
 
 SQLITE_BUSY = 5
 
-# Checkpoints run off the commit path (SQLite's own autocheckpoint is off on
-# the writer's connection): when the loop is idle and the WAL holds at least
+# Checkpoints run off the commit path (SQLite's own autocheckpoint is moved
+# out of the way on the writer's connection): when the loop is idle and the WAL holds at least
 # this many frames not yet copied back (SQLite's default autocheckpoint
 # threshold); or, if no idle moment comes, after a batch's replies were sent
 # once it holds the backstop's number.
 IDLE_CHECKPOINT_FRAMES = 1000
 BACKSTOP_CHECKPOINT_FRAMES = 4000
+# SQLite's own autocheckpoint stays on far above those, as a safety net: if
+# reading the wal-index ever went wrong, the WAL still could not grow unbounded.
+SAFETY_NET_CHECKPOINT_FRAMES = 10 * BACKSTOP_CHECKPOINT_FRAMES
 # The wal-index header (https://www.sqlite.org/walformat.html, 2.2): mxFrame,
 # the last valid frame, at byte 16; nBackfill, the last frame copied back into
 # the database, at byte 96; both 32-bit in the host's byte order.
@@ -388,10 +391,10 @@ class SqliteEngine:
         # SQLite's autocheckpoint would run inside the COMMIT that crosses its
         # threshold, before that batch's replies are sent; `tidy` runs it
         # between batches instead, when it can tell how full the WAL is. Set
-        # after the user's init, which could otherwise turn it back on.
+        # after the user's init, which could otherwise lower it again.
         self._wal_index = _open_wal_index(conn)
         if self._wal_index is not None:
-            conn.execute("PRAGMA wal_autocheckpoint=0")
+            conn.execute(f"PRAGMA wal_autocheckpoint={SAFETY_NET_CHECKPOINT_FRAMES}")
         self.checkpoints = 0  # attempted by `tidy`
         # Frames the last checkpoint could not copy back (a reader's snapshot
         # needed them); not counted as due again.
