@@ -5,10 +5,11 @@ STATS and shuts down; it knows nothing of SQL. An engine owns everything that
 is its database's: claiming the right to write (SQLite's lock file), opening
 the one connection after the writer process has started, running a batch as
 one transaction with each request isolated from the others, the busy/retry
-signal, interrupting a request at its deadline, and closing (SQLite's
-checkpoint). Engines differ most in how a batch runs -- SQLite executes one
-statement at a time in-process, a network server wants the whole batch
-pipelined -- so the unit of the interface is the batch, not the statement.
+signal, interrupting a request at its deadline, upkeep between batches
+(SQLite's WAL checkpoint) and closing. Engines differ most in how a batch
+runs -- SQLite executes one statement at a time in-process, a network server
+wants the whole batch pipelined -- so the unit of the interface is the batch,
+not the statement.
 """
 
 from __future__ import annotations

@@ -3,8 +3,9 @@
 It owns what is SQLite's: the single-writer lock file, opening the database
 (WAL, the chosen durability, foreign keys), the authorizer that vets callers'
 statements, the progress handler and alarm that enforce execution limits,
-waiting out outside lock holders (busy backoff), and the checkpoint at close.
-The loop (`loop.py`) sees it only through `engine.Engine`.
+waiting out outside lock holders (busy backoff), WAL checkpoints between
+batches (`SqliteEngine.tidy`, never inside a COMMIT), and the checkpoint at
+close. The loop (`loop.py`) sees it only through `engine.Engine`.
 
 A batch runs in one transaction, a request in its own SAVEPOINT.
 
