@@ -246,6 +246,10 @@ class WriterLoop:
                 self._wait()
             if self._backlog:
                 self._serve_batch()
+                # Once per batch, after its replies were sent. The last batch
+                # before a quiet spell always finds the queue empty, so an idle
+                # writer has had its idle tidy before it waits.
+                self._engine.tidy(idle=not self._backlog and not self.queued_bytes())
             if time.monotonic() >= self._next_housekeeping:
                 self._housekeeping()
 

@@ -3,8 +3,9 @@
 It owns what is SQLite's: the single-writer lock file, opening the database
 (WAL, the chosen durability, foreign keys), the authorizer that vets callers'
 statements, the progress handler and alarm that enforce execution limits,
-waiting out outside lock holders (busy backoff), and the checkpoint at close.
-The loop (`loop.py`) sees it only through `engine.Engine`.
+waiting out outside lock holders (busy backoff), WAL checkpoints between
+batches (`SqliteEngine.tidy`, never inside a COMMIT), and the checkpoint at
+close. The loop (`loop.py`) sees it only through `engine.Engine`.
 
 A batch runs in one transaction, a request in its own SAVEPOINT.
 
@@ -47,6 +48,7 @@ import pickle
 import random
 import signal
 import sqlite3
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -108,6 +110,21 @@ _BACKOFF_FIRST = 0.001
 _BACKOFF_MAX = 0.1
 
 SQLITE_BUSY = 5
+
+# Checkpoints run off the commit path (SQLite's own autocheckpoint is moved
+# out of the way on the writer's connection): when the loop is idle and the WAL holds at least
+# this many frames not yet copied back (SQLite's default autocheckpoint
+# threshold); or, if no idle moment comes, after a batch's replies were sent
+# once it holds the backstop's number.
+IDLE_CHECKPOINT_FRAMES = 1000
+BACKSTOP_CHECKPOINT_FRAMES = 4000
+# SQLite's own autocheckpoint stays on far above those, as a safety net: if
+# reading the wal-index ever went wrong, the WAL still could not grow unbounded.
+SAFETY_NET_CHECKPOINT_FRAMES = 10 * BACKSTOP_CHECKPOINT_FRAMES
+# The wal-index header (https://www.sqlite.org/walformat.html, 2.2): mxFrame,
+# the last valid frame, at byte 16; nBackfill, the last frame copied back into
+# the database, at byte 96; both 32-bit in the host's byte order.
+_WAL_INDEX = struct.Struct("=16xI76xI")
 
 log = logging.getLogger("mpwriter")
 
@@ -372,6 +389,17 @@ class SqliteEngine:
         # Requests deferred by the last `run`, each to run alone (`run_alone`).
         self._deferred: list[tuple[Work, BaseException]] = []
         conn.set_authorizer(self._authorize)
+        # SQLite's autocheckpoint would run inside the COMMIT that crosses its
+        # threshold, before that batch's replies are sent; `tidy` runs it
+        # between batches instead, when it can tell how full the WAL is. Set
+        # after the user's init, which could otherwise lower it again.
+        self._wal_index = _open_wal_index(conn)
+        if self._wal_index is not None:
+            conn.execute(f"PRAGMA wal_autocheckpoint={SAFETY_NET_CHECKPOINT_FRAMES}")
+        self.checkpoints = 0  # attempted by `tidy`
+        # Frames the last checkpoint could not copy back (a reader's snapshot
+        # needed them); not counted as due again.
+        self._left_behind = 0
 
     # -- authorizer ---------------------------------------------------------
 
@@ -779,9 +807,61 @@ class SqliteEngine:
             self._alone = False
             self._state.busy_until = 0.0
 
+    # -- checkpoints -------------------------------------------------------------
+
+    def unchecked_frames(self) -> int:
+        """WAL frames not yet copied back into the database (a hint, not a promise).
+
+        Read from the wal-index header in the -shm file: one pread, no lock,
+        so a value torn by a concurrent update is possible and harmless here.
+        """
+        if self._wal_index is None:
+            return 0  # no -shm to read: SQLite's autocheckpoint stays on
+        header = os.pread(self._wal_index, _WAL_INDEX.size, 0)
+        if len(header) < _WAL_INDEX.size:
+            return 0  # not initialised yet: nothing written
+        last_frame, backfilled = _WAL_INDEX.unpack(header)
+        return max(0, int(last_frame) - int(backfilled))
+
+    def tidy(self, idle: bool) -> None:
+        """Checkpoint the WAL if it is due, between batches.
+
+        ``idle``: nothing is in hand or queued, so no caller waits on this;
+        the WAL is checkpointed once it holds `IDLE_CHECKPOINT_FRAMES`. Under
+        sustained load (never idle) it is checkpointed once it holds
+        `BACKSTOP_CHECKPOINT_FRAMES`, after the batch's replies were sent.
+        Either way nothing commits between the checkpoint and the next batch,
+        so a complete checkpoint lets that batch rewind the WAL to its start
+        (a checkpoint from another thread never could). PASSIVE: it never
+        waits for readers; a reader's open snapshot just leaves frames for
+        the next time -- and the next attempt waits until as many new frames
+        again have come, so that a long read does not cost every batch a
+        checkpoint. Failures are logged: the next commit stays correct.
+        """
+        if self._wal_index is None or self._conn.in_transaction:
+            return  # SQLite's autocheckpoint stays on without a -shm to read
+        header = os.pread(self._wal_index, _WAL_INDEX.size, 0)  # as unchecked_frames()
+        if len(header) < _WAL_INDEX.size:
+            return
+        last_frame, backfilled = _WAL_INDEX.unpack(header)
+        due = IDLE_CHECKPOINT_FRAMES if idle else BACKSTOP_CHECKPOINT_FRAMES
+        if last_frame - backfilled - self._left_behind < due:
+            return
+        self.checkpoints += 1
+        try:
+            row = self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        except sqlite3.Error:
+            log.exception("mpwriter: checkpoint failed")
+            return
+        # (busy, frames in the WAL, frames copied back): what a reader kept.
+        self._left_behind = max(0, row[1] - row[2]) if row else 0
+
     def close(self) -> None:
         """Roll back what is open, checkpoint, close, release the lock; logs failures."""
         conn = self._conn
+        if self._wal_index is not None:
+            os.close(self._wal_index)
+            self._wal_index = None
         try:
             self.abandon_transaction()
             conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -806,6 +886,18 @@ def _execute(cursor: sqlite3.Cursor, sql: str, params: Any) -> tuple[Any, ...]:
     if not rows:
         return (cursor.rowcount, cursor.lastrowid, rows)
     return (cursor.rowcount, cursor.lastrowid, rows, tuple(column[0] for column in description))
+
+
+def _open_wal_index(conn: sqlite3.Connection) -> int | None:
+    """A read-only descriptor of the database's -shm file, or None if it has none
+    (an in-memory database, or ``locking_mode=EXCLUSIVE``, keeps it in memory)."""
+    row = conn.execute("PRAGMA database_list").fetchone()
+    if not row or not row[2]:
+        return None
+    try:
+        return os.open(row[2] + "-shm", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
 
 
 def open_sqlite_engine(
