@@ -178,13 +178,42 @@ def claim(database: str) -> filelock.BaseFileLock:
     return lock
 
 
+class WriterConnection(sqlite3.Connection):
+    """The writer's connection: it notes when anyone replaces one of its callbacks.
+
+    Installing an authorizer makes SQLite expire every prepared statement, so
+    the writer cannot put its own back after every call() just in case: doing
+    so cut read-modify-write throughput 3.5x (each statement prepared again,
+    the authorizer run ~12 times per call). A call() function that replaces the
+    authorizer, the progress handler or the trace callback -- through ``conn``
+    or a cursor's ``.connection``, the same object -- is noted here, and only
+    then does the writer restore its own and re-check the pinned settings.
+    """
+
+    callbacks_changed = False
+
+    def set_authorizer(self, *args: Any, **kwargs: Any) -> None:
+        self.callbacks_changed = True
+        super().set_authorizer(*args, **kwargs)
+
+    def set_progress_handler(self, *args: Any, **kwargs: Any) -> None:
+        self.callbacks_changed = True
+        super().set_progress_handler(*args, **kwargs)
+
+    def set_trace_callback(self, *args: Any, **kwargs: Any) -> None:
+        self.callbacks_changed = True
+        super().set_trace_callback(*args, **kwargs)
+
+
 def open_database(
     path: str, synchronous: str, init: str | Callable[[Any], object] | None
-) -> sqlite3.Connection:
+) -> WriterConnection:
     """Open the write connection: WAL, the chosen durability, foreign keys on."""
     # check_same_thread: a call() function that hands ``conn`` to a thread of
     # its own cannot use it outside its savepoint, nor after it returned.
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=True)
+    conn = sqlite3.connect(
+        path, isolation_level=None, check_same_thread=True, factory=WriterConnection
+    )
     mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
     if str(mode).lower() != "wal":
         raise sqlite3.OperationalError(f"could not switch {path!r} to WAL (got {mode!r})")
@@ -351,7 +380,7 @@ class SqliteEngine:
 
     def __init__(
         self,
-        conn: sqlite3.Connection,
+        conn: WriterConnection,
         counters: Counters,
         state: Any,
         execution_limit: float | None = None,
@@ -389,6 +418,7 @@ class SqliteEngine:
         # Requests deferred by the last `run`, each to run alone (`run_alone`).
         self._deferred: list[tuple[Work, BaseException]] = []
         conn.set_authorizer(self._authorize)
+        conn.callbacks_changed = False  # the writer's own: nothing to restore yet
         # SQLite's autocheckpoint would run inside the COMMIT that crosses its
         # threshold, before that batch's replies are sent; `tidy` runs it
         # between batches instead, when it can tell how full the WAL is. Set
@@ -501,10 +531,13 @@ class SqliteEngine:
                     " rolled back, not applied (the writer serves on)"
                 ) from exc
             raise
+        # Pragmas change through statements, which the authorizer vets: only a
+        # function that replaced the authorizer can have changed a pinned one.
+        authorizer_replaced = self._conn.callbacks_changed
         self._restore_connection()
         if fired:
             raise _CallOverrun  # it caught the interruption and returned late
-        self._check_pinned()
+        self._check_pinned(authorizer_replaced)
         try:
             pickle.loads(memoryview(reply)[REPLY_HEADER_SIZE:])
         except BaseException as exc:
@@ -517,8 +550,11 @@ class SqliteEngine:
     def _restore_connection(self) -> None:
         """Put back what a call() function may have changed; cheap, runs after each."""
         conn = self._conn
-        conn.set_authorizer(self._authorize)
-        conn.set_progress_handler(self._progress, 1000)
+        if conn.callbacks_changed:
+            conn.set_authorizer(self._authorize)
+            conn.set_progress_handler(self._progress, 1000)
+            conn.set_trace_callback(None)
+            conn.callbacks_changed = False
         conn.row_factory = self._row_factory
         conn.text_factory = self._text_factory
         if signal.getsignal(signal.SIGALRM) is not signal.SIG_IGN:
@@ -529,12 +565,13 @@ class SqliteEngine:
             signal.signal(_KICK_SIGNAL, _ignore_kick)
         signal.pthread_sigmask(signal.SIG_SETMASK, self._signal_mask)
 
-    def _check_pinned(self) -> None:
+    def _check_pinned(self, authorizer_replaced: bool) -> None:
         """Refuse a call() that changed what cannot be put back mid-transaction.
 
         A function may remove the authorizer and then set any pragma, or
         switch sqlite3's own transaction handling: the request is then
-        refused and rolled back, and the writer restores the setting.
+        refused and rolled back, and the writer restores the setting. The
+        pragmas are read back (~10 us) only if the authorizer was replaced.
         """
         conn = self._conn
         changed: list[str] = []
@@ -542,6 +579,8 @@ class SqliteEngine:
             changed.append(f"isolation_level={conn.isolation_level!r}")
         if getattr(conn, "autocommit", -1) != -1:  # sqlite3.LEGACY_TRANSACTION_CONTROL
             changed.append(f"autocommit={getattr(conn, 'autocommit', None)!r}")
+        if not authorizer_replaced and not changed:
+            return
         guarded, self._guarded = self._guarded, False
         try:
             locking, query_only, busy_timeout, synchronous = conn.execute(_PINNED_NOW).fetchone()
