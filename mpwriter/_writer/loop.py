@@ -404,6 +404,10 @@ class WriterLoop:
         figures["pid"] = os.getpid()
         figures["resync_skipped_bytes"] = self._frames.skipped
         figures["restarts"] = self._state.restarts
+        # A writer that answers is serving, whatever phase its supervisor has
+        # recorded yet; while none serves, stats() raises `WriterCrashed`,
+        # whose message says "restarting" or "backing off until ...".
+        figures["state"] = "closing" if self._stopping else "running"
         figures["latency_ms"] = self._latencies.summary()
         figures["latency_count"] = self._latencies.count
         figures["latency_sum_seconds"] = self._latencies.sums_seconds()
