@@ -172,10 +172,28 @@ STREAMED_ROWS = 300_000
 PEAK_PYTHON_BYTES_MAX = 16 << 20
 
 
-def test_a_300000_row_generator_costs_the_caller_one_chunk_of_memory(
+# The writer's resident set may grow by SQLite's page cache (2 MB by default)
+# and one chunk; holding the rows would add ~100 MB.
+WRITER_GROWTH_MAX_KB = 24 << 10
+
+
+def memory_kb(pid: int, field: str) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise AssertionError(f"no {field} in /proc/{pid}/status")
+
+
+def test_a_300000_row_generator_costs_each_side_one_chunk_of_memory(
     writer: mpwriter.Writer, db_path: Path
 ) -> None:
-    """Python's own allocations, traced in a forked child from the call's start."""
+    """The caller's Python allocations, traced in a forked child from the
+    call's start; the writer's peak resident set (VmHWM, reset first)."""
+    writer_pid = writer.stats()["pid"]
+    with open(f"/proc/{writer_pid}/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")  # VmHWM := VmRSS
+    writer_before = memory_kb(writer_pid, "VmRSS")
     result_r, result_w = os.pipe()
     pid = os.fork()
     if pid == 0:
@@ -196,6 +214,8 @@ def test_a_300000_row_generator_costs_the_caller_one_chunk_of_memory(
     rowcount, peak = (int(part) for part in report.split())
     assert rowcount == STREAMED_ROWS
     assert peak < PEAK_PYTHON_BYTES_MAX, f"the caller's Python peak was {peak / 2**20:.1f} MiB"
+    growth = memory_kb(writer_pid, "VmHWM") - writer_before
+    assert growth < WRITER_GROWTH_MAX_KB, f"the writer grew by {growth / 1024:.1f} MiB"
     assert count_rows(db_path) == STREAMED_ROWS
 
 
