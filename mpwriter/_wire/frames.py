@@ -24,7 +24,9 @@ A large ``executemany`` is *streamed* (frame flag `STREAMED`, with
 while it reads them, so it never holds them all, and the writer unpickles
 them a chunk at a time while the engine runs them. The file is a sequence of
 records, each a `STREAM_RECORD` length then that many bytes: every record
-but the last is one pickled list of rows; the last is the request's ordinary
+but the last is one list of rows, marshalled, or pickled where marshal
+cannot (such a record starts with `PICKLED`, which no marshalled list
+does); the last is the request's ordinary
 payload, ``(deadline, sent_at, (sql, None))`` -- written last because the
 deadline counts from when the rows have all been read -- and the file ends
 with that record's length again (`STREAM_RECORD`), so the writer finds it

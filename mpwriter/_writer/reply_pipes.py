@@ -44,6 +44,7 @@ from __future__ import annotations
 import errno
 import itertools
 import logging
+import marshal
 import os
 import pickle
 import select
@@ -58,6 +59,7 @@ from .._wire.frames import (
     NO_REPLY,
     PAYLOAD_HANDOVER,
     PAYLOAD_TAG,
+    PICKLED,
     PIPE_REGISTRATION,
     PIPE_TAG,
     SIDE_MESSAGE_MAX,
@@ -477,12 +479,14 @@ class StreamedRows:
 
     The file's layout is described in `_wire.frames` (`STREAMED`): chunk
     records, then the request's own payload (`head`), then that payload's
-    length. Iterating yields the parameter tuples, unpickling one chunk at a
-    time, so only that chunk is held. Each ``iter()`` starts again from the
-    first row (the file is read with ``pread``, never consumed): an engine
-    that replays a batch runs all the rows again. A record that is cut short
-    or does not unpickle raises `ValueError` (or unpickling's error) from the
-    iteration, which fails the request: its savepoint rolls back every row.
+    length. Iterating yields the parameter tuples, decoding one chunk at a
+    time (marshal, or pickle where the record starts with pickle's PROTO
+    opcode, which no marshalled list does), so only that chunk is held.
+    Each ``iter()`` starts again from the first row (the file is read with
+    ``pread``, never consumed): an engine that replays a batch runs all the
+    rows again. A record that is cut short or does not decode raises
+    `ValueError` from the iteration, which fails the request: its savepoint
+    rolls back every row.
     """
 
     __slots__ = ("_rows_end", "fd", "head")
@@ -511,7 +515,14 @@ class StreamedRows:
             offset += size
             if offset + length > end:
                 raise ValueError("a streamed executemany's rows overrun their file")
-            chunk = pickle.loads(_read_exactly(fd, length, offset))
+            data = _read_exactly(fd, length, offset)
+            try:
+                chunk = pickle.loads(data) if data[0] == PICKLED else marshal.loads(data)
+            except Exception as exc:
+                raise ValueError(
+                    f"a chunk of a streamed executemany could not be decoded: {exc!r}"
+                ) from exc
+            del data
             offset += length
             yield chunk
             del chunk  # held by the chain meanwhile: let it go before the next read
