@@ -75,10 +75,10 @@ WRITE = select.POLLOUT
 T = TypeVar("T")
 
 # A streamed executemany (`write_rows`): the first chunk is read with this many
-# rows; an iterable that ends within it goes as an ordinary request. Later
-# chunks aim at `STREAM_CHUNK_BYTES` of pickle each, going by the size of
-# the rows pickled so far, and hold at most `STREAM_CHUNK_ROWS_MAX` rows: what
-# the caller holds at once, and the writer too.
+# rows, whatever their size; an iterable that ends within it goes as an
+# ordinary request. Later chunks aim at `STREAM_CHUNK_BYTES` encoded, going by
+# the size of the chunk before, and hold at most `STREAM_CHUNK_ROWS_MAX` rows:
+# what the caller holds at once, and the writer too.
 STREAM_FIRST_ROWS = 1_000
 STREAM_CHUNK_BYTES = 1 << 20
 STREAM_CHUNK_ROWS_MAX = 10_000
