@@ -10,12 +10,18 @@ from ._caller.attached import attach, get_writer
 from ._caller.handle import Transaction, Writer
 from ._caller.reader import ReadConnection, reader
 from ._errors import (
+    DatabaseError,
     Error,
+    IntegrityError,
     Interrupted,
     NotPicklable,
+    OperationalError,
+    OutcomeUnknown,
+    ProgrammingError,
     QueueFull,
     RemoteError,
     RemoteTraceback,
+    ServerUnavailable,
     StatementRefused,
     Timeout,
     WriterAlreadyRunning,
@@ -26,16 +32,23 @@ from ._errors import (
 from ._owner.owner import start
 from ._wire.replies import Result
 from ._writer.metrics import prometheus_text
+from ._writer.pg_sql import native
 
 __all__ = [
+    "DatabaseError",
     "Error",
+    "IntegrityError",
     "Interrupted",
     "NotPicklable",
+    "OperationalError",
+    "OutcomeUnknown",
+    "ProgrammingError",
     "QueueFull",
     "ReadConnection",
     "RemoteError",
     "RemoteTraceback",
     "Result",
+    "ServerUnavailable",
     "StatementRefused",
     "Timeout",
     "Transaction",
@@ -46,6 +59,7 @@ __all__ = [
     "WriterUnavailable",
     "attach",
     "get_writer",
+    "native",
     "prometheus_text",
     "reader",
     "start",

@@ -19,14 +19,20 @@ from mpwriter._caller import futures as _futures
 from mpwriter._wire import frames as _wire
 
 EXPECTED_PUBLIC_NAMES = {
+    "DatabaseError",
     "Error",
+    "IntegrityError",
     "Interrupted",
     "NotPicklable",
+    "OperationalError",
+    "OutcomeUnknown",
+    "ProgrammingError",
     "QueueFull",
     "ReadConnection",
     "RemoteError",
     "RemoteTraceback",
     "Result",
+    "ServerUnavailable",
     "StatementRefused",
     "Timeout",
     "Transaction",
@@ -37,6 +43,7 @@ EXPECTED_PUBLIC_NAMES = {
     "WriterUnavailable",
     "attach",
     "get_writer",
+    "native",
     "prometheus_text",
     "reader",
     "start",

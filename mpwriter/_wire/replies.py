@@ -9,7 +9,7 @@ from __future__ import annotations
 import pickle
 from typing import Any, NamedTuple
 
-from .._errors import Error, QueueFull, RemoteTraceback, Timeout
+from .._errors import Error, QueueFull, RemoteTraceback, Timeout, portable
 from .frames import PICKLED, REPLY_HEADER_SIZE, Status, decode_reply_header, decode_wrote
 
 
@@ -74,6 +74,8 @@ def unpack_reply(reply: bytes) -> Any:
     if status == Status.OK:
         return value
     exc, tb = value
+    # A driver's SQL error also becomes an mpwriter.DatabaseError (see _errors).
+    exc = portable(exc)
     exc.__cause__ = RemoteTraceback(tb)
     raise exc
 
