@@ -57,7 +57,7 @@ from ._caller.attached import attach
 from ._caller.handle import Writer
 from ._errors import WriterAlreadyRunning
 from ._owner.owner import start
-from ._writer.loop import lock_path as writer_lock_path
+from ._writer.sqlite import lock_path as writer_lock_path
 
 __all__ = ["Hooks", "writer_hooks"]
 

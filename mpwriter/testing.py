@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 
@@ -36,6 +36,13 @@ class Faults:
     # handed over as a file; False sends it as frames, as on a system
     # without memfd.
     hand_over: bool = True
+    # Writer side (mpwriter._writer.engine.open_engine): when set, the writer
+    # process serves with the engine this returns instead of opening the
+    # database -- ``engine(counters)``, where ``counters`` is the writer's
+    # stats counters object. A forked writer inherits it (start with
+    # context="fork"); tools/bench_insert.py's echo engine uses it to measure
+    # the transport alone.
+    engine: Callable[[Any], Any] | None = None
 
 
 faults = Faults()

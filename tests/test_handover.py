@@ -18,7 +18,9 @@ import pickle
 import select
 import signal
 import socket
+import sqlite3
 import time
+from contextlib import closing
 from multiprocessing.connection import Connection
 from pathlib import Path
 
@@ -30,6 +32,8 @@ from mpwriter._wire import frames as _wire
 from mpwriter._wire import replies as _reply
 from mpwriter._wire.state import SharedState
 from mpwriter._writer import loop as _writer
+from mpwriter._writer.batch import Counters
+from mpwriter._writer.engine import WriterConfig, open_engine
 
 pytestmark = pytest.mark.skipif(not _wire.CAN_HAND_OVER, reason="needs os.memfd_create")
 
@@ -120,19 +124,20 @@ def test_a_frame_whose_payload_was_lost_is_answered_not_applied_once(
 def count_replies_after_a_mid_chunk_reregistration(directory: str) -> tuple[int, int]:
     """Drive a real `WriterLoop` (in this process) through the race; return
     (replies on the re-registered pipe, rows written)."""
-    config = _writer.WriterConfig(
+    config = WriterConfig(
         path=os.path.join(directory, "race.db"),
         synchronous="NORMAL",
         init="CREATE TABLE t(x)",
         max_batch=64,
     )
-    conn = _writer.open_database(config)
+    counters = Counters()
+    engine = open_engine(config, counters, SharedState())
     request_r, request_w = os.pipe()
     side, side_peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
     lifeline_r, _lifeline_w = os.pipe()
     state = SharedState()
     loop = _writer.WriterLoop(
-        conn, config, Connection(request_r), side, Connection(lifeline_r), state
+        engine, counters, config, Connection(request_r), side, Connection(lifeline_r), state
     )
     bulk_sender = _wire.make_sender_token(os.getpid())
     caller = _wire.make_sender_token(os.getpid())
@@ -164,7 +169,9 @@ def count_replies_after_a_mid_chunk_reregistration(directory: str) -> tuple[int,
     while data:
         data = data[_wire.REPLY_HEADER_SIZE + _wire.decode_reply_header(data)[0] :]
         replies += 1
-    return replies, int(conn.execute("SELECT count(*) FROM t").fetchone()[0])
+    with closing(sqlite3.connect(config.path)) as reader:
+        rows = int(reader.execute("SELECT count(*) FROM t").fetchone()[0])
+    return replies, rows
 
 
 def test_a_re_registration_read_mid_chunk_gets_one_reply(tmp_path: Path) -> None:

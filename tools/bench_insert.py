@@ -31,7 +31,7 @@ from typing import Any
 
 import _benchlib as lib
 import mpwriter
-import mpwriter._writer.loop
+from mpwriter import testing
 from mpwriter._wire.frames import encode_wrote
 
 MODES = ("raw", "naive", "thread", "mpwriter", "echo")
@@ -110,8 +110,8 @@ def make_ops(
 # -- echo: mpwriter's request-and-reply path with no database behind it ------------------
 
 
-class EchoBatchRunner:
-    """BENCH-ONLY stand-in for `mpwriter._writer.batch.BatchRunner` (same constructor).
+class EchoEngine:
+    """BENCH-ONLY stand-in for the writer's database engine (`mpwriter.testing`'s seam).
 
     It answers every request of a batch OK -- as an insert would, ``(rowcount 1,
     lastrowid 1, no rows)`` -- without running it: no SQL, no transaction, no
@@ -121,13 +121,7 @@ class EchoBatchRunner:
     so stats()' mean batch size stays meaningful.
     """
 
-    def __init__(
-        self,
-        conn: sqlite3.Connection,
-        counters: Any,
-        state: Any,
-        execution_limit: float | None = None,
-    ) -> None:
+    def __init__(self, counters: Any) -> None:
         self._counters = counters
 
     def run(self, batch: list[Any]) -> list[tuple[Any, bytes]]:
@@ -138,22 +132,20 @@ class EchoBatchRunner:
     def abandon_transaction(self) -> None:
         """Nothing to roll back: no transaction is ever opened."""
 
+    def close(self) -> None:
+        """Nothing to close: no database is ever opened."""
+
 
 @contextlib.contextmanager
 def echo_runner() -> Iterator[None]:
-    """While open, writers started with context="fork" run `EchoBatchRunner`.
+    """While open, writers started with context="fork" serve with `EchoEngine`.
 
-    A bench-only substitution, undone on exit: `WriterLoop` looks the runner up
-    in `mpwriter._writer.loop` when a writer process starts, and a forked writer
-    inherits this process's (patched) module. It stays patched until the writer
-    is closed, so that a restarted writer would be an echo writer too.
+    Through `mpwriter.testing`, the one fault-injection seam: a forked writer
+    inherits this process's hook. It stays on until the writer is closed, so
+    that a restarted writer would be an echo writer too.
     """
-    original = mpwriter._writer.loop.BatchRunner
-    mpwriter._writer.loop.BatchRunner = EchoBatchRunner
-    try:
+    with testing.inject(engine=EchoEngine):
         yield
-    finally:
-        mpwriter._writer.loop.BatchRunner = original
 
 
 # -- one run ----------------------------------------------------------------------------

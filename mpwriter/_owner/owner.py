@@ -51,7 +51,8 @@ from .._caller.handle import Writer
 from .._errors import WriterCrashed
 from .._wire.frames import NO_REPLY, Kind, encode_frames, make_sender_token
 from .._wire.state import CLOSED, DEAD, EXIT_UNKNOWN, RUNNING, describe_exit, new_shared_state
-from .._writer.loop import WriterConfig, serve
+from .._writer.engine import WriterConfig
+from .._writer.loop import serve
 
 log = logging.getLogger("mpwriter")
 

@@ -48,19 +48,13 @@ import pickle
 import select
 import signal
 import socket
-import sqlite3
 import struct
 import termios
 import time
 from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
-import filelock
-
-from .._errors import WriterAlreadyRunning
 from .._wire.frames import (
     HANDED_OVER,
     Assembler,
@@ -74,13 +68,13 @@ from .._wire.frames import (
 )
 from .._wire.state import CLOSED
 from .batch import (
-    BatchRunner,
     Counters,
     Work,
     describe,
     error_reply,
     expired_reply,
 )
+from .engine import Engine, WriterConfig, open_engine
 from .metrics import Latencies, SlowLog
 from .reply_pipes import Key, ReplyPipes, pid_alive
 
@@ -93,47 +87,6 @@ _HOUSEKEEPING_INTERVAL = 1.0
 _PARTIAL_REQUEST_MAX_IDLE = 300.0
 
 
-@dataclass(frozen=True)
-class WriterConfig:
-    """Everything the writer needs to open the database; picklable."""
-
-    path: str
-    synchronous: str
-    init: str | Callable[[sqlite3.Connection], object] | None
-    max_batch: int
-    execution_limit: float | None = None
-    slow_request: float | None = 1.0
-
-    @property
-    def lock_path(self) -> str:
-        return lock_path(self.path)
-
-
-def lock_path(database: str) -> str:
-    """The lock file that admits one writer per database file (the one rule)."""
-    return os.path.abspath(database) + ".mpwriter.lock"
-
-
-def open_database(config: WriterConfig) -> sqlite3.Connection:
-    """Open the write connection: WAL, the chosen durability, foreign keys on."""
-    conn = sqlite3.connect(config.path, isolation_level=None, check_same_thread=False)
-    mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-    if str(mode).lower() != "wal":
-        raise sqlite3.OperationalError(f"could not switch {config.path!r} to WAL (got {mode!r})")
-    conn.execute(f"PRAGMA synchronous={config.synchronous}")
-    conn.execute("PRAGMA foreign_keys=ON")
-    # Lock waits are retried by the batch runner with backoff and a deadline
-    # per request; SQLite's own busy handler would sleep past those deadlines.
-    conn.execute("PRAGMA busy_timeout=0")
-    if isinstance(config.init, str):
-        conn.executescript(config.init)
-    elif config.init is not None:
-        config.init(conn)
-    if conn.in_transaction:
-        conn.execute("COMMIT")
-    return conn
-
-
 def serve(
     config: WriterConfig,
     requests: Connection,
@@ -144,36 +97,20 @@ def serve(
 ) -> None:
     """Entry point of the writer process (a `multiprocessing.Process` target)."""
     _reset_signals()
-    lock = filelock.FileLock(config.lock_path, timeout=0)
+    counters = Counters()
     try:
-        lock.acquire()
-    except filelock.Timeout:
-        ready.send(
-            (
-                "error",
-                WriterAlreadyRunning(
-                    f"another mpwriter writer already serves {config.path!r}"
-                    f" (it holds {config.lock_path!r})"
-                ),
-            )
-        )
+        engine = open_engine(config, counters, state)
+    except BaseException as exc:
+        ready.send(("error", exc))
         return
+    loop = WriterLoop(engine, counters, config, requests, registrations, lifeline, state)
+    state.writer_pid = os.getpid()
+    ready.send(("ready", os.getpid()))
+    ready.close()
     try:
-        try:
-            conn = open_database(config)
-        except BaseException as exc:
-            ready.send(("error", exc))
-            return
-        loop = WriterLoop(conn, config, requests, registrations, lifeline, state)
-        state.writer_pid = os.getpid()
-        ready.send(("ready", os.getpid()))
-        ready.close()
-        try:
-            loop.run()
-        finally:
-            loop.shut_down()
+        loop.run()
     finally:
-        lock.release()
+        loop.shut_down()
 
 
 def _reset_signals() -> None:
@@ -206,14 +143,15 @@ class WriterLoop:
 
     def __init__(
         self,
-        conn: sqlite3.Connection,
+        engine: Engine,
+        counters: Counters,
         config: WriterConfig,
         requests: Connection,
         registrations: socket.socket,
         lifeline: Connection,
         state: Any,
     ) -> None:
-        self._conn = conn
+        self._engine = engine
         self._config = config
         # The Connection objects are kept, unused, because collecting one
         # closes its descriptor; the loop works on the raw descriptors.
@@ -228,10 +166,9 @@ class WriterLoop:
         self.consumed = 0  # bytes read from the request pipe so far
         # (sender, slot) of the requests taken from the backlog and not yet replied to
         self._in_hand: set[Key] = set()
-        self.counters = Counters()
+        self.counters = counters
         self._latencies = Latencies()
         self._slow = SlowLog(config.slow_request)
-        self._runner = BatchRunner(conn, self.counters, state, config.execution_limit)
         self._started = time.monotonic()
         self._stopping = False
         self._next_housekeeping = self._started + _HOUSEKEEPING_INTERVAL
@@ -397,14 +334,14 @@ class WriterLoop:
         taken = time.monotonic()
         if batch:
             try:
-                replies = self._runner.run(batch)
+                replies = self._engine.run(batch)
             except Exception as exc:
                 # Only the writer's own statements can fail here (a ROLLBACK TO
                 # on a broken disk): fail this batch, keep serving.
                 log.exception("mpwriter: batch failed")
                 try:
-                    self._runner.abandon_transaction()
-                except sqlite3.Error:
+                    self._engine.abandon_transaction()
+                except Exception:
                     log.exception("mpwriter: rolling back the failed batch failed too")
                 replies = [(w.request, error_reply(w.request.request_id, exc)) for w in batch]
         committed = time.monotonic()
@@ -460,13 +397,7 @@ class WriterLoop:
         """Checkpoint and close; called once the loop has returned or failed."""
         if self._stopping:
             self._state.status = CLOSED  # a crash leaves it RUNNING: the owner restarts
-        conn = self._conn
         try:
-            self._runner.abandon_transaction()
-            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            conn.execute("PRAGMA optimize")
-        except sqlite3.Error:
-            log.exception("mpwriter: checkpoint at shutdown failed")
+            self._engine.close()
         finally:
-            conn.close()
-        self._replies.close()
+            self._replies.close()

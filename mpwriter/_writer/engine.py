@@ -1,0 +1,80 @@
+"""The seam between the group-commit loop and a database engine.
+
+The loop (`loop.py`) reads requests, forms batches, sends replies, answers
+STATS and shuts down; it knows nothing of SQL. An engine owns everything that
+is its database's: claiming the right to write (SQLite's lock file), opening
+the one connection after the writer process has started, running a batch as
+one transaction with each request isolated from the others, the busy/retry
+signal, interrupting a request at its deadline, and closing (SQLite's
+checkpoint). Engines differ most in how a batch runs -- SQLite executes one
+statement at a time in-process, a network server wants the whole batch
+pipelined -- so the unit of the interface is the batch, not the statement.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from .. import testing
+from .._wire.frames import Request
+from .batch import Counters, Work
+from .sqlite import open_sqlite_engine
+
+
+class Engine(Protocol):
+    """What the loop needs of a database."""
+
+    def run(self, batch: list[Work]) -> list[tuple[Request, bytes]]:
+        """Run ``batch`` as one transaction; return each request's encoded reply.
+
+        Returns only once the transaction has committed (or failed): every OK
+        reply it returns is durable. One request's failure is answered with
+        its own error and never touches another request's reply. Raises only
+        when the engine's own statements fail; the loop then fails the whole
+        batch and calls `abandon_transaction`.
+        """
+        ...
+
+    def abandon_transaction(self) -> None:
+        """Roll back whatever transaction is open (after a failed `run`)."""
+        ...
+
+    def close(self) -> None:
+        """Roll back, tidy up (checkpoint), close the connection, release any claim.
+
+        Called once, when the loop has returned or failed; logs its own failures.
+        """
+        ...
+
+
+@dataclass(frozen=True)
+class WriterConfig:
+    """Everything the writer process needs to open its engine; picklable."""
+
+    path: str
+    synchronous: str
+    init: str | Callable[[Any], object] | None
+    max_batch: int
+    execution_limit: float | None = None
+    slow_request: float | None = 1.0
+
+
+def open_engine(config: WriterConfig, counters: Counters, state: Any) -> Engine:
+    """Open the engine that serves ``config.path``, in the writer process.
+
+    Raises `WriterAlreadyRunning` if another writer holds the database, or
+    the error that opening the database raised.
+    """
+    if testing.faults.engine is not None:
+        engine: Engine = testing.faults.engine(counters)
+        return engine
+    return open_sqlite_engine(
+        config.path,
+        config.synchronous,
+        config.init,
+        counters,
+        state,
+        config.execution_limit,
+    )
