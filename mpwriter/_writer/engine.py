@@ -59,6 +59,7 @@ class WriterConfig:
     max_batch: int
     execution_limit: float | None = None
     slow_request: float | None = 1.0
+    isolation: str = "read committed"  # PostgreSQL only
 
 
 def open_engine(config: WriterConfig, counters: Counters, state: Any) -> Engine:
@@ -70,6 +71,11 @@ def open_engine(config: WriterConfig, counters: Counters, state: Any) -> Engine:
     if testing.faults.engine is not None:
         engine: Engine = testing.faults.engine(counters)
         return engine
+    if config.path.startswith(("postgresql://", "postgres://")):
+        # Imported here: psycopg is an optional dependency (mpwriter[postgres]).
+        from .postgres import open_postgres_engine
+
+        return open_postgres_engine(config.path, config.init, counters, state, config.isolation)
     return open_sqlite_engine(
         config.path,
         config.synchronous,

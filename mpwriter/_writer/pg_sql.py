@@ -188,3 +188,88 @@ def _skip_dollar(sql: str, i: int) -> int:
     tag = sql[i : end + 1]
     close = sql.find(tag, end + 1)
     return n if close < 0 else close + len(tag)
+
+
+def _skip_opaque(sql: str, i: int) -> int:
+    """Past the literal, identifier, comment or dollar body at ``i``; ``i`` if none."""
+    c = sql[i]
+    if c == "'":
+        return _skip_quoted(sql, i + 1, "'", escapes=_is_escape_string(sql, i))
+    if c == '"':
+        return _skip_quoted(sql, i + 1, '"', escapes=False)
+    if c == "-" and sql.startswith("--", i):
+        end = sql.find("\n", i)
+        return len(sql) if end < 0 else end + 1
+    if c == "/" and sql.startswith("/*", i):
+        return _skip_block_comment(sql, i)
+    if c == "$":
+        after = _skip_dollar(sql, i)
+        return after if after > i + 1 else i
+    return i
+
+
+def split_statements(script: str) -> list[str]:
+    """Cut a script into statements at the ``;`` outside literals, comments and bodies.
+
+    Empty statements (only blanks or comments) are left out.
+    """
+    statements: list[str] = []
+    n = len(script)
+    i = start = 0
+    while i < n:
+        c = script[i]
+        if c == ";":
+            statements.append(script[start:i])
+            i = start = i + 1
+        elif c in _IDENT_START:  # a whole word: "$" inside it opens no body
+            i += 1
+            while i < n and script[i] in _IDENT_CHARS:
+                i += 1
+        else:
+            after = _skip_opaque(script, i)
+            i = after if after > i else i + 1
+    statements.append(script[start:])
+    return [s for s in statements if leading_words(s, 1)]
+
+
+def leading_words(sql: str, count: int = 2) -> list[str]:
+    """The first ``count`` words of ``sql`` in upper case, comments and blanks skipped."""
+    words: list[str] = []
+    n = len(sql)
+    i = 0
+    while i < n and len(words) < count:
+        c = sql[i]
+        if c in _IDENT_START:
+            end = i + 1
+            while end < n and sql[end] in _IDENT_CHARS:
+                end += 1
+            words.append(sql[i:end].upper())
+            i = end
+        elif c.isspace():
+            i += 1
+        else:
+            after = _skip_opaque(sql, i)
+            if after == i or sql[i] in "'\"$":
+                break  # a statement that does not start with a keyword
+            i = after
+    return words
+
+
+_TRANSACTION_CONTROL = frozenset(
+    {"BEGIN", "START", "COMMIT", "END", "ROLLBACK", "ABORT", "SAVEPOINT", "RELEASE"}
+)
+
+
+def controls_transaction(sql: str) -> bool:
+    """Whether ``sql`` begins, ends or splits a transaction (BEGIN, COMMIT, SAVEPOINT, ...).
+
+    PostgreSQL would run such a statement inside the writer's transaction and
+    end or split it; the writer refuses it before it is sent. A function body
+    (DO, CALL) cannot end the writer's transaction: the server refuses that.
+    """
+    words = leading_words(sql)
+    if not words:
+        return False
+    if words[0] in _TRANSACTION_CONTROL:
+        return True
+    return words == ["PREPARE", "TRANSACTION"]
