@@ -68,6 +68,7 @@ MAX_CHUNK = 64
 # Kinds whose result is (rowcount, lastrowid, rows), sent compact without rows.
 _WRITE_RESULTS = frozenset({Kind.EXECUTE, Kind.EXECUTEMANY, Kind.POST})
 _RETRYABLE = frozenset({"40001", "40P01"})  # serialization failure, deadlock detected
+_SHUTDOWN = frozenset({"57P01", "57P02", "57P03"})  # admin/crash shutdown, starting up
 _MAX_RETRIES = 4
 _BACKOFF_FIRST = 0.005
 _BACKOFF_MAX = 0.5
@@ -269,38 +270,41 @@ class PostgresEngine:
             raise
         self._conn = conn
 
-    def _ensure_connected(self, chunk: list[Work], replies: dict[int, bytes]) -> bool:
-        """Reconnect with backoff until the chunk's earliest deadline; False if it failed.
+    def _ensure_connected(self, chunk: list[Work], replies: dict[int, bytes]) -> list[Work]:
+        """Reconnect with backoff if needed; return the requests still to run.
 
-        On failure every request of the chunk is answered `ServerUnavailable`.
+        A request whose deadline comes while the server cannot be reached is
+        answered `ServerUnavailable` (not applied); the others wait on.
         """
         if self._conn is not None and not self._conn.broken:
-            return True
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
-        deadline = min(work.deadline for work in chunk) - _DEADLINE_MARGIN
+            return chunk
+        self._drop_connection()
         delay = _BACKOFF_FIRST
-        while True:
-            remaining = deadline - time.monotonic()
+        while chunk:
+            remaining = min(work.deadline for work in chunk) - _DEADLINE_MARGIN - time.monotonic()
             try:
                 self._connect(connect_timeout=int(max(1.0, remaining)))
-                log.warning("mpwriter: reconnected to PostgreSQL")
-                return True
+                log.warning("mpwriter: connected to PostgreSQL again")
+                return chunk
             except psycopg.Error as exc:
                 error = exc
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            self._counters.retries += 1
-            time.sleep(min(remaining, delay * random.uniform(0.5, 1.5)))
-            delay = min(delay * 2, _CONNECT_BACKOFF_MAX)
-        failure = ServerUnavailable(
-            f"the PostgreSQL server could not be reached: {error}; not applied"
-        )
-        for work in chunk:
-            replies[id(work)] = self._fail(work, failure)
-        return False
+            now = time.monotonic()
+            failure = ServerUnavailable(
+                f"the PostgreSQL server could not be reached: {error}; not applied"
+            )
+            still = []
+            for work in chunk:
+                if work.deadline - _DEADLINE_MARGIN <= now:
+                    replies[id(work)] = self._fail(work, failure)
+                else:
+                    still.append(work)
+            chunk = still
+            if chunk:
+                self._counters.retries += 1
+                earliest = min(work.deadline for work in chunk) - _DEADLINE_MARGIN
+                time.sleep(max(0.0, min(earliest - now, delay * random.uniform(0.5, 1.5))))
+                delay = min(delay * 2, _CONNECT_BACKOFF_MAX)
+        return chunk
 
     # -- the Engine protocol ------------------------------------------------------
 
@@ -343,8 +347,8 @@ class PostgresEngine:
         pipelined = not any(work.request.kind == Kind.CALL for work in chunk)
         attempts = 0
         while True:
-            chunk = self._drop_expired(chunk, replies)
-            if not chunk or not self._ensure_connected(chunk, replies):
+            chunk = self._ensure_connected(self._drop_expired(chunk, replies), replies)
+            if not chunk:
                 return
             try:
                 if pipelined:
@@ -353,8 +357,13 @@ class PostgresEngine:
                     self._run_isolated(chunk, replies)
                 return
             except _Lost as lost:
-                self._answer_lost(chunk, replies, lost)
-                return
+                self._drop_connection()
+                attempts += 1
+                if lost.commit_sent or attempts > _MAX_RETRIES:
+                    self._answer_lost(chunk, replies, lost)
+                    return
+                # Nothing was applied: reconnect (within the deadlines) and replay.
+                log.warning("mpwriter: lost the PostgreSQL connection before COMMIT: %s", lost)
             except _Retryable as retry:
                 self._rollback()
                 attempts += 1
@@ -410,6 +419,11 @@ class PostgresEngine:
                 raise
             log.warning("mpwriter: connection lost during ROLLBACK: %s", exc)
 
+    def _drop_connection(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+
     def _answer_lost(self, chunk: list[Work], replies: dict[int, bytes], lost: _Lost) -> None:
         log.warning("mpwriter: lost the PostgreSQL connection: %s", lost.error)
         for work in chunk:
@@ -430,9 +444,12 @@ class PostgresEngine:
     def _classify(self, exc: psycopg.Error, commit_sent: bool) -> Exception:
         """The control-flow exception for an error of the engine's transaction."""
         conn = self._conn
-        if conn is None or conn.broken:
+        state = exc.sqlstate or ""
+        # Class 08 (connection exception) and the server shutting down (57P01-3)
+        # end the session even when libpq has not noticed the socket closing yet.
+        if conn is None or conn.broken or state.startswith("08") or state in _SHUTDOWN:
             return _Lost(exc, commit_sent)
-        if exc.sqlstate in _RETRYABLE:
+        if state in _RETRYABLE:
             return _Retryable(exc)
         return _CommitFailed(exc) if commit_sent else _StatementFailed()
 
@@ -487,10 +504,8 @@ class PostgresEngine:
                 except Exception as exc:  # refused, unpicklable result, the function's own
                     failed[id(work)] = self._fail(work, exc)
         except psycopg.Error as exc:
-            if conn.broken:
-                # A request rolled back to its savepoint keeps its own error;
-                # the others were not applied (COMMIT was never sent).
-                replies.update(failed)
+            # Nothing of this attempt was committed: the replay (or the
+            # "not applied" answer) replaces every reply computed here.
             raise self._classify(exc, commit_sent=False) from exc
         self._commit(conn)
         replies.update(failed)
