@@ -276,3 +276,11 @@ def test_init_runs_and_a_failing_init_fails_start(pg_fresh: str) -> None:
         pg_fresh, init="CREATE TABLE IF NOT EXISTS extra (x int);", context="fork"
     ) as writer:
         assert writer.execute("INSERT INTO extra VALUES (?)", (1,)).rowcount == 1
+
+
+def test_execution_limit_interrupts_long_sql(pg_fresh: str) -> None:
+    with mpwriter.start(pg_fresh, init=PG_SCHEMA, context="fork", execution_limit=0.2) as writer:
+        with pytest.raises(mpwriter.Interrupted, match="not applied"):
+            writer.execute("SELECT pg_sleep(5)")
+        assert writer.execute(INSERT, (14, 1)).rowcount == 1  # and it serves on
+    assert pg_count(pg_fresh) == 1

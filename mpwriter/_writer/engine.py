@@ -75,7 +75,9 @@ def open_engine(config: WriterConfig, counters: Counters, state: Any) -> Engine:
         # Imported here: psycopg is an optional dependency (mpwriter[postgres]).
         from .postgres import open_postgres_engine
 
-        return open_postgres_engine(config.path, config.init, counters, state, config.isolation)
+        return open_postgres_engine(
+            config.path, config.init, counters, state, config.isolation, config.execution_limit
+        )
     return open_sqlite_engine(
         config.path,
         config.synchronous,

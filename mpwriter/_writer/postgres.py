@@ -47,9 +47,11 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import psycopg
+from psycopg import sql as psql
 from psycopg.pq import TransactionStatus
 
 from .._errors import (
+    Interrupted,
     NotPicklable,
     OutcomeUnknown,
     ServerUnavailable,
@@ -68,6 +70,7 @@ MAX_CHUNK = 64
 # Kinds whose result is (rowcount, lastrowid, rows), sent compact without rows.
 _WRITE_RESULTS = frozenset({Kind.EXECUTE, Kind.EXECUTEMANY, Kind.POST})
 _RETRYABLE = frozenset({"40001", "40P01"})  # serialization failure, deadlock detected
+_QUERY_CANCELED = "57014"  # statement_timeout
 _SHUTDOWN = frozenset({"57P01", "57P02", "57P03"})  # admin/crash shutdown, starting up
 _MAX_RETRIES = 4
 _BACKOFF_FIRST = 0.005
@@ -239,8 +242,10 @@ class PostgresEngine:
         counters: Counters,
         state: Any,
         isolation: str = "read committed",
+        execution_limit: float | None = None,
     ) -> None:
         self._dsn = dsn
+        self._execution_limit = execution_limit
         self._init = init
         self._counters = counters
         self._state = state
@@ -468,6 +473,7 @@ class PostgresEngine:
         try:
             with conn.pipeline():
                 conn.execute(self._begin)
+                conn.execute(self._time_limit(max(work.deadline for work in chunk)))
                 for work in chunk:
                     finishers.append(self._queue(conn, work))
         except psycopg.Error as exc:
@@ -494,13 +500,20 @@ class PostgresEngine:
             conn.execute(self._begin)
             for work in chunk:
                 self._state.busy_until = work.deadline
+                conn.execute(self._time_limit(work.deadline))
                 try:
                     with conn.transaction(savepoint_name="mpwriter_request"):
                         succeeded[id(work)] = self._ok(work, self._queue(conn, work)())
                 except psycopg.Error as exc:
                     if conn.broken or exc.sqlstate in _RETRYABLE:
                         raise
-                    failed[id(work)] = self._fail(work, exc)
+                    error: BaseException = exc
+                    if exc.sqlstate == _QUERY_CANCELED:
+                        error = Interrupted(
+                            f"interrupted at its deadline or execution limit ({exc});"
+                            " rolled back, not applied"
+                        )
+                    failed[id(work)] = self._fail(work, error)
                 except Exception as exc:  # refused, unpicklable result, the function's own
                     failed[id(work)] = self._fail(work, exc)
         except psycopg.Error as exc:
@@ -510,6 +523,19 @@ class PostgresEngine:
         self._commit(conn)
         replies.update(failed)
         replies.update(succeeded)
+
+    def _time_limit(self, deadline: float) -> psql.Composed:
+        """SET LOCAL statement_timeout: the server stops SQL that outlives its caller.
+
+        The owner's watchdog would otherwise kill the writer stuck past the
+        deadline; the limit is the execution limit when that comes first.
+        """
+        now = time.monotonic()
+        stop_at = deadline
+        if self._execution_limit is not None:
+            stop_at = min(stop_at, now + self._execution_limit)
+        millis = max(1, int((stop_at - now) * 1000))
+        return psql.SQL("SET LOCAL statement_timeout = {}").format(psql.Literal(millis))
 
     # -- one request ------------------------------------------------------------------
 
@@ -579,6 +605,7 @@ def open_postgres_engine(
     counters: Counters,
     state: Any,
     isolation: str = "read committed",
+    execution_limit: float | None = None,
 ) -> PostgresEngine:
     """Connect (in the writer process) and run ``init``; raises psycopg's error if it fails."""
-    return PostgresEngine(dsn, init, counters, state, isolation)
+    return PostgresEngine(dsn, init, counters, state, isolation, execution_limit)
