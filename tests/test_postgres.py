@@ -16,9 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import mpwriter
 from conftest import PG_SCHEMA, Gate, pg_count
+from mpwriter._writer.pg_sql import translate
 
 psycopg = pytest.importorskip("psycopg", reason="PostgreSQL tests: psycopg is not installed")
 
@@ -284,3 +287,26 @@ def test_execution_limit_interrupts_long_sql(pg_fresh: str) -> None:
             writer.execute("SELECT pg_sleep(5)")
         assert writer.execute(INSERT, (14, 1)).rowcount == 1  # and it serves on
     assert pg_count(pg_fresh) == 1
+
+
+# -- the lexer, checked by the server ---------------------------------------------
+
+
+LITERAL_TEXT = st.text(
+    alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"),
+    max_size=20,
+)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@given(LITERAL_TEXT, LITERAL_TEXT)
+def test_server_reads_literals_as_written_next_to_placeholders(
+    pg_url: str, text: str, value: str
+) -> None:
+    quoted = "'" + text.replace("'", "''") + "'"
+    dollar = "$q$" + text.replace("$", "") + "$q$"
+    query, style = translate(f"SELECT {quoted}, ?, {dollar}, ?::text /* ? :x */ -- ?\n")
+    assert style == "qmark"
+    with psycopg.connect(pg_url) as conn:
+        row = conn.execute(query, (value, value)).fetchone()  # type: ignore[call-overload]
+    assert row == (text, value, text.replace("$", ""), value)
