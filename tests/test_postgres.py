@@ -310,3 +310,29 @@ def test_server_reads_literals_as_written_next_to_placeholders(
     with psycopg.connect(pg_url) as conn:
         row = conn.execute(query, (value, value)).fetchone()  # type: ignore[call-overload]
     assert row == (text, value, text.replace("$", ""), value)
+
+
+def test_a_failed_commit_blames_only_its_culprit(pg_writer: mpwriter.Writer, gate: Gate) -> None:
+    # A deferred foreign key is checked at COMMIT: the batch's COMMIT fails,
+    # and the replay one request per transaction finds the culprit.
+    pg_writer.executescript(
+        """
+        CREATE TABLE parent (id INT PRIMARY KEY);
+        CREATE TABLE child (parent_id INT REFERENCES parent(id) DEFERRABLE INITIALLY DEFERRED);
+        INSERT INTO parent VALUES (1);
+        """
+    )
+    gate.hold(pg_writer)
+    futures = [
+        pg_writer.submit("INSERT INTO child VALUES (?)", (parent,)) for parent in (1, 2, 1, 1)
+    ]
+    gate.release()
+    assert gate.future.result(timeout=30) == "released"
+    outcomes: list[object] = []
+    for future in futures:
+        try:
+            outcomes.append(future.result(timeout=30).rowcount)
+        except mpwriter.IntegrityError as exc:
+            outcomes.append(exc.sqlstate)
+    assert outcomes == [1, "23503", 1, 1]
+    assert pg_writer.execute("SELECT count(*) FROM child").rows == [(3,)]

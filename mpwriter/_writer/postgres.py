@@ -324,27 +324,19 @@ class PostgresEngine:
         return [(work.request, replies[id(work)]) for work in batch]
 
     def abandon_transaction(self) -> None:
-        conn = self._conn
-        if conn is None or conn.broken:
-            return
-        if conn.info.transaction_status != TransactionStatus.IDLE:
-            conn.execute("ROLLBACK")
+        if self._conn is not None:
+            _roll_back_open_transaction(self._conn)
 
     def close(self) -> None:
         conn, self._conn = self._conn, None
         if conn is None:
             return
         try:
-            self.abandon_transaction_of(conn)
+            _roll_back_open_transaction(conn)
         except psycopg.Error:
             log.exception("mpwriter: rolling back at close failed")
         finally:
             conn.close()
-
-    @staticmethod
-    def abandon_transaction_of(conn: psycopg.Connection[Any]) -> None:
-        if not conn.broken and conn.info.transaction_status != TransactionStatus.IDLE:
-            conn.execute("ROLLBACK")
 
     # -- one chunk ------------------------------------------------------------------
 
@@ -446,8 +438,14 @@ class PostgresEngine:
                 )
             replies[id(work)] = self._fail(work, error)
 
-    def _classify(self, exc: psycopg.Error, commit_sent: bool) -> Exception:
-        """The control-flow exception for an error of the engine's transaction."""
+    def _classify(
+        self, exc: psycopg.Error, commit_sent: bool, *, replayable: bool = True
+    ) -> Exception:
+        """The control-flow exception for an error of the engine's transaction.
+
+        ``replayable``: whether a statement's failure may send the chunk to
+        the isolated path; on that path it cannot help, so the chunk is split.
+        """
         conn = self._conn
         state = exc.sqlstate or ""
         # Class 08 (connection exception) and the server shutting down (57P01-3)
@@ -456,7 +454,7 @@ class PostgresEngine:
             return _Lost(exc, commit_sent)
         if state in _RETRYABLE:
             return _Retryable(exc)
-        return _CommitFailed(exc) if commit_sent else _StatementFailed()
+        return _StatementFailed() if replayable and not commit_sent else _CommitFailed(exc)
 
     def _commit(self, conn: psycopg.Connection[Any]) -> None:
         try:
@@ -519,7 +517,7 @@ class PostgresEngine:
         except psycopg.Error as exc:
             # Nothing of this attempt was committed: the replay (or the
             # "not applied" answer) replaces every reply computed here.
-            raise self._classify(exc, commit_sent=False) from exc
+            raise self._classify(exc, commit_sent=False, replayable=False) from exc
         self._commit(conn)
         replies.update(failed)
         replies.update(succeeded)
@@ -597,6 +595,11 @@ class PostgresEngine:
                 "mpwriter: fire-and-forget write failed: %s: %s [%s]", name, exc, describe(work)
             )
         return error_reply(work.request.request_id, sendable(exc))
+
+
+def _roll_back_open_transaction(conn: psycopg.Connection[Any]) -> None:
+    if not conn.broken and conn.info.transaction_status != TransactionStatus.IDLE:
+        conn.execute("ROLLBACK")
 
 
 def open_postgres_engine(
