@@ -215,7 +215,7 @@ def run(
     with restart_backoff(backoff_max):
         writer = mpwriter.start(
             db_path,
-            init=faults.SCHEMA,
+            init=faults.schema_for(db_path),
             context="fork",
             restart=True,
             max_restarts=kills + 5,  # the kills must not exhaust the restarts of a minute
@@ -359,11 +359,16 @@ def main() -> int:
         help="cap the writer's restart backoff (default: mpwriter's own, up to 2 s)",
     )
     parser.add_argument("--dir", default=None, help="where the database goes (default: a temp dir)")
+    parser.add_argument(
+        "--database", default=None, help="a postgresql:// URL instead (its items table is replaced)"
+    )
     args = parser.parse_args()
 
     print(f"{faults.machine_line()}; synchronous={args.synchronous}, timeout {args.timeout} s")
     with tempfile.TemporaryDirectory(dir=args.dir) as directory:
-        path = os.path.join(directory, "kill_writer.db")
+        path = args.database or os.path.join(directory, "kill_writer.db")
+        if args.database:
+            faults.reset_postgres(args.database)
         report = run(
             path,
             args.kills,
