@@ -45,13 +45,14 @@ NATIVE_INSERT = "INSERT INTO items(client, seq, payload) VALUES (%s, %s, %s)"
 PAYLOAD = "x" * 64
 
 
-def _client(mode: str, target: Any, number: int, go: Any, until: float, out: Connection) -> None:
+def _client(mode: str, target: Any, number: int, go: Any, duration: float, out: Connection) -> None:
     latencies: list[float] = []
     errors = 0
     conn: psycopg.Connection[Any] | None = None
     if not go.wait(60):
         out.send((latencies, 1))
         return
+    until = time.monotonic() + duration  # from the common start, however long forking took
     seq = 0
     while time.monotonic() < until:
         seq += 1
@@ -92,13 +93,12 @@ def run_once(mode: str, url: str, clients: int, duration: float) -> dict[str, An
     writer = mpwriter.start(url, context=ctx, timeout=30) if mode == "mpwriter" else None
     target: Any = writer if writer is not None else url
     go = ctx.Event()
-    until = time.monotonic() + 2.0 + duration  # the clients start within 2 s (fork)
     pipes, processes = [], []
     try:
         for number in range(clients):
             receive, send = ctx.Pipe(duplex=False)
             process = ctx.Process(
-                target=_client, args=(mode, target, number, go, until, send), daemon=True
+                target=_client, args=(mode, target, number, go, duration, send), daemon=True
             )
             process.start()
             send.close()
@@ -108,7 +108,7 @@ def run_once(mode: str, url: str, clients: int, duration: float) -> dict[str, An
         with psycopg.connect(url, autocommit=True) as monitor:
             began = time.monotonic()
             go.set()
-            while time.monotonic() < until:
+            while time.monotonic() < began + duration:
                 peak = max(peak, _connections(monitor, dbname))
                 time.sleep(0.05)  # sleep-ok: the sampling interval of pg_stat_activity
         latencies: list[float] = []
@@ -123,7 +123,8 @@ def run_once(mode: str, url: str, clients: int, duration: float) -> dict[str, An
                 errors += failed
                 waiting.discard(ready)
         errors += len(waiting)  # a client that never reported
-        elapsed = time.monotonic() - began
+        # Every client ran for ``duration`` from the common start (plus its last call).
+        elapsed = duration
     finally:
         for process in processes:
             process.join(10)
