@@ -336,3 +336,21 @@ def test_a_failed_commit_blames_only_its_culprit(pg_writer: mpwriter.Writer, gat
             outcomes.append(exc.sqlstate)
     assert outcomes == [1, "23503", 1, 1]
     assert pg_writer.execute("SELECT count(*) FROM child").rows == [(3,)]
+
+
+def commit_through_native(conn: Any) -> None:
+    conn.execute(INSERT, (15, 1))
+    conn.native.execute("COMMIT")
+
+
+def test_a_commit_through_native_is_reported_as_outcome_unknown(
+    pg_writer: mpwriter.Writer,
+) -> None:
+    with pytest.raises(mpwriter.OutcomeUnknown, match="ended the writer's transaction"):
+        pg_writer.call(commit_through_native)
+    # The writer reconnected and serves on, in transactions of its own.
+    assert pg_writer.execute(INSERT, (15, 2)).rowcount == 1
+    with pytest.raises(mpwriter.IntegrityError), pg_writer.transaction() as tx:  # noqa: PT012
+        tx.execute(INSERT, (15, 3))
+        tx.execute(INSERT, (15, 2))
+    assert pg_writer.execute("SELECT count(*) FROM items WHERE seq = 3").rows == [(0,)]

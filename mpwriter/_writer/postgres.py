@@ -497,6 +497,7 @@ class PostgresEngine:
         try:
             conn.execute(self._begin)
             for work in chunk:
+                _check_transaction_open(conn)
                 self._state.busy_until = work.deadline
                 conn.execute(self._time_limit(work.deadline))
                 try:
@@ -518,6 +519,7 @@ class PostgresEngine:
             # Nothing of this attempt was committed: the replay (or the
             # "not applied" answer) replaces every reply computed here.
             raise self._classify(exc, commit_sent=False, replayable=False) from exc
+        _check_transaction_open(conn)
         self._commit(conn)
         replies.update(failed)
         replies.update(succeeded)
@@ -595,6 +597,21 @@ class PostgresEngine:
                 "mpwriter: fire-and-forget write failed: %s: %s [%s]", name, exc, describe(work)
             )
         return error_reply(work.request.request_id, sendable(exc))
+
+
+def _check_transaction_open(conn: psycopg.Connection[Any]) -> None:
+    """Raise `_Lost` if a `call()` function ended the writer's transaction.
+
+    The wrapper refuses transaction control, but ``conn.native`` can send a
+    COMMIT or ROLLBACK: what ran before it may or may not be committed, and
+    the requests after it would autocommit one by one.
+    """
+    if not conn.broken and conn.info.transaction_status == TransactionStatus.IDLE:
+        refused = StatementRefused(
+            "a call() function ended the writer's transaction (a COMMIT or ROLLBACK"
+            " through conn.native); this batch's outcome is unknown"
+        )
+        raise _Lost(refused, commit_sent=True)
 
 
 def _roll_back_open_transaction(conn: psycopg.Connection[Any]) -> None:
