@@ -31,6 +31,7 @@ from ._errors import (
 )
 from ._owner.owner import start
 from ._wire.replies import Result
+from ._wire.stats import Stats
 from ._writer.metrics import prometheus_text
 from ._writer.pg_sql import native
 
@@ -50,6 +51,7 @@ __all__ = [
     "Result",
     "ServerUnavailable",
     "StatementRefused",
+    "Stats",
     "Timeout",
     "Transaction",
     "Writer",

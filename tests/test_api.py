@@ -34,6 +34,7 @@ EXPECTED_PUBLIC_NAMES = {
     "Result",
     "ServerUnavailable",
     "StatementRefused",
+    "Stats",
     "Timeout",
     "Transaction",
     "Writer",

@@ -53,6 +53,7 @@ from .._wire.frames import (
 )
 from .._wire.replies import Incoming, Result, millis, no_reply, queue_full, unpack_reply
 from .._wire.state import CLOSED, DEAD, RUNNING, describe_exit
+from .._wire.stats import Stats
 from . import aio as _aio
 from .futures import Collector, Pending
 from .pipe_pool import PipePool, Slot
@@ -233,9 +234,9 @@ class Writer(PipePool):
         """`call` for asyncio (the handle's default timeout applies)."""
         return await _aio.request(self, Kind.CALL, (fn, args, kwargs), None)
 
-    def stats(self, *, timeout: float | None = None) -> dict[str, Any]:
+    def stats(self, *, timeout: float | None = None) -> Stats:
         """The writer's figures: requests, batches, commits, errors, queue depth..."""
-        figures: dict[str, Any] = self._call(Kind.STATS, (), timeout)
+        figures: Stats = self._call(Kind.STATS, (), timeout)
         return figures
 
     @property

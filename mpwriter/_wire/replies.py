@@ -17,12 +17,28 @@ class Result(NamedTuple):
     """What a write returned.
 
     ``rows`` holds the rows a statement produced (``RETURNING``, or a query);
-    ``rowcount`` and ``lastrowid`` are those of `sqlite3.Cursor`.
+    ``rowcount`` and ``lastrowid`` are those of `sqlite3.Cursor`. ``columns``
+    names the columns of ``rows``, and is None when no rows came back.
     """
 
     rowcount: int
     lastrowid: int | None
     rows: list[tuple[Any, ...]]
+    # Last and defaulted: a reply without rows is a 3-tuple, Result(*value).
+    columns: tuple[str, ...] | None = None
+
+    @property
+    def description(self) -> tuple[tuple[str, None, None, None, None, None, None], ...] | None:
+        """The columns as `sqlite3.Cursor.description` gives them: 7-tuples,
+        the name first and the rest None; None when no rows came back."""
+        if self.columns is None:
+            return None
+        return tuple((name, None, None, None, None, None, None) for name in self.columns)
+
+    def dicts(self) -> list[dict[str, Any]]:
+        """The rows as dicts keyed by column name (a repeated name keeps its last value)."""
+        columns = self.columns or ()
+        return [dict(zip(columns, row, strict=True)) for row in self.rows]
 
 
 class Incoming:

@@ -67,6 +67,7 @@ from .._wire.frames import (
     sender_pid,
 )
 from .._wire.state import CLOSED
+from .._wire.stats import Stats
 from .batch import (
     Counters,
     Work,
@@ -76,6 +77,7 @@ from .batch import (
 )
 from .engine import Engine, WriterConfig, open_engine
 from .metrics import Latencies, SlowLog
+from .published import Publisher
 from .reply_pipes import Key, ReplyPipes, pid_alive
 
 log = logging.getLogger("mpwriter")
@@ -172,6 +174,7 @@ class WriterLoop:
         self._started = time.monotonic()
         self._stopping = False
         self._next_housekeeping = self._started + _HOUSEKEEPING_INTERVAL
+        self._published = Publisher(config.path)  # for `python -m mpwriter stats`
 
         # A plain poll object: the selectors wrapper costs several microseconds
         # per wait, on the path every batch takes.
@@ -224,6 +227,7 @@ class WriterLoop:
     # -- main loop ------------------------------------------------------------
 
     def run(self) -> None:
+        self._published.publish(self.figures(), self._stopping)
         while True:
             if self._stopping:
                 self._state.status = CLOSED
@@ -363,7 +367,11 @@ class WriterLoop:
                     self._slow.warn(replied - work.sent_at, describe(work))
 
     def _stats_reply(self, work: Work) -> bytes:
-        figures = self.counters.as_dict()
+        return encode_reply(work.request.request_id, Status.OK, self.figures())
+
+    def figures(self) -> Stats:
+        """What STATS answers and the published snapshot holds."""
+        figures: Any = self.counters.as_dict()
         figures["queue_depth"] = len(self._backlog) + self._queued_estimate()
         figures["queued_bytes"] = self.queued_bytes()
         figures["reply_pipes"] = self._replies.pipe_count
@@ -372,10 +380,13 @@ class WriterLoop:
         figures["resync_skipped_bytes"] = self._frames.skipped
         figures["restarts"] = self._state.restarts
         figures["latency_ms"] = self._latencies.summary()
+        figures["latency_count"] = self._latencies.count
+        figures["latency_sum_seconds"] = self._latencies.sums_seconds()
         figures["dropped_partial_requests"] = (
             self._assembler.dropped + self._replies.dropped_handovers
         )
-        return encode_reply(work.request.request_id, Status.OK, figures)
+        stats: Stats = figures
+        return stats
 
     def _queued_estimate(self) -> int:
         # Requests are typically one frame; a rough count is what a dashboard needs.
@@ -386,6 +397,8 @@ class WriterLoop:
     def _housekeeping(self) -> None:
         """Forget reply pipes, payloads and partial requests of callers that are gone."""
         self._next_housekeeping = time.monotonic() + _HOUSEKEEPING_INTERVAL
+        if self._published.due():
+            self._published.publish(self.figures(), self._stopping)
         stale = time.monotonic() - _PARTIAL_REQUEST_MAX_IDLE
         self._replies.housekeeping(stale)
         dead = {sender for sender in self._assembler.senders() if not pid_alive(sender_pid(sender))}
@@ -397,6 +410,7 @@ class WriterLoop:
         """Checkpoint and close; called once the loop has returned or failed."""
         if self._stopping:
             self._state.status = CLOSED  # a crash leaves it RUNNING: the owner restarts
+        self._published.remove()  # before the engine releases the lock
         try:
             self._engine.close()
         finally:

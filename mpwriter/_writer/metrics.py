@@ -10,23 +10,33 @@ system-wide clock, so the difference is meaningful across processes.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import deque
+from collections.abc import Mapping
 from typing import Any
+
+from .._wire.stats import LatencyFigures, LatencySeries, LatencySums
 
 log = logging.getLogger("mpwriter")
 
 _WINDOW = 10_000
-_PERCENTILES = (("p50", 0.50), ("p90", 0.90), ("p99", 0.99))
 
 
 class Latencies:
-    """The last few thousand requests' timings, in seconds."""
+    """The last few thousand requests' timings, in seconds, and running totals."""
 
     def __init__(self, window: int = _WINDOW) -> None:
         self.queue_wait: deque[float] = deque(maxlen=window)
         self.execution: deque[float] = deque(maxlen=window)
         self.total: deque[float] = deque(maxlen=window)
+        # Since the writer started, for a Prometheus summary's _count and _sum.
+        self.count = 0
+        self.sums = {"queue_wait": 0.0, "execution": 0.0, "total": 0.0}
+        # The percentiles sort the whole window (about 1 ms a series): they are
+        # reused until a request is recorded, so an idle writer publishing its
+        # figures every second does not sort anything.
+        self._summary: LatencySeries | None = None
 
     def record_batch(
         self, sent_at: list[float], taken: float, committed: float, replied: float
@@ -36,29 +46,43 @@ class Latencies:
         self.queue_wait.extend([taken - sent for sent in sent_at])
         self.execution.extend([committed - taken] * len(sent_at))
         self.total.extend([replied - sent for sent in sent_at])
+        n = len(sent_at)
+        sent_sum = sum(sent_at)
+        self.count += n
+        sums = self.sums
+        sums["queue_wait"] += n * taken - sent_sum
+        sums["execution"] += n * (committed - taken)
+        sums["total"] += n * replied - sent_sum
+        self._summary = None
 
-    def summary(self) -> dict[str, dict[str, float]]:
+    def summary(self) -> LatencySeries:
         """Percentiles and maximum of each series, in milliseconds."""
+        if self._summary is None:
+            self._summary = {
+                "queue_wait": _percentiles(self.queue_wait),
+                "execution": _percentiles(self.execution),
+                "total": _percentiles(self.total),
+            }
+        return self._summary  # shared until the next batch: read it, do not change it
+
+    def sums_seconds(self) -> LatencySums:
+        """Seconds spent by all requests timed so far, per series."""
         return {
-            name: _percentiles(series)
-            for name, series in (
-                ("queue_wait", self.queue_wait),
-                ("execution", self.execution),
-                ("total", self.total),
-            )
+            "queue_wait": self.sums["queue_wait"],
+            "execution": self.sums["execution"],
+            "total": self.sums["total"],
         }
 
 
-def _percentiles(series: deque[float]) -> dict[str, float]:
+def _percentiles(series: deque[float]) -> LatencyFigures:
     ordered = sorted(series)
     if not ordered:
-        return {name: 0.0 for name, _ in _PERCENTILES} | {"max": 0.0}
-    figures = {
-        name: 1000 * ordered[min(len(ordered) - 1, int(share * len(ordered)))]
-        for name, share in _PERCENTILES
-    }
-    figures["max"] = 1000 * ordered[-1]
-    return figures
+        return {"p50": 0.0, "p90": 0.0, "p99": 0.0, "max": 0.0}
+
+    def at(share: float) -> float:
+        return 1000 * ordered[min(len(ordered) - 1, int(share * len(ordered)))]
+
+    return {"p50": at(0.50), "p90": at(0.90), "p99": at(0.99), "max": 1000 * ordered[-1]}
 
 
 class SlowLog:
@@ -81,47 +105,95 @@ class SlowLog:
         log.warning("mpwriter: slow request, %.3f s: %s%s", seconds, description, more)
 
 
-def prometheus_text(stats: dict[str, Any], prefix: str = "mpwriter") -> str:
-    """Render `Writer.stats()` in the Prometheus text exposition format.
+# The counters of `Stats`, each exposed as <prefix>_<name>_total.
+_COUNTERS = (
+    ("requests", "Requests served in batches."),
+    ("batches", "Group commits attempted."),
+    ("commits", "Group commits that succeeded."),
+    ("errors", "Requests answered with an error."),
+    ("retries", "Waits for a database lock held outside mpwriter."),
+    ("refused", "Statements refused (transaction control, ATTACH)."),
+    ("expired", "Requests dropped unapplied because their caller had given up."),
+    ("replayed_batches", "Batches replayed without a request that spoiled the transaction."),
+    ("lost_requests", "Requests taken by a writer process that died (outcome unknown)."),
+    ("posts_dropped", "Fire-and-forget writes dropped by callers (queue full)."),
+    ("dropped_partial_requests", "Requests dropped half-received (their sender died)."),
+    ("resync_skipped_bytes", "Request-pipe bytes skipped to find the next whole frame."),
+    ("restarts", "Writer processes restarted after dying."),
+)
+_GAUGES = (
+    ("queue_depth", "queue_depth", "Requests waiting (estimated from the queued bytes)."),
+    ("queued_bytes", "queued_bytes", "Bytes waiting in the request pipe."),
+    ("reply_pipes", "reply_pipes", "Callers' reply pipes the writer holds."),
+    ("mean_batch_size", "mean_batch_size", "Mean requests per group commit since the start."),
+    ("uptime", "uptime_seconds", "Seconds since this writer process started."),
+)
+_BY_CLASS = (
+    ("errors_by_class", "Requests answered with an error, by exception class."),
+    ("post_errors_by_class", "Fire-and-forget writes that failed, by exception class."),
+)
+_SERIES = (
+    ("queue_wait", "Time from a caller sending a request to the writer taking it"),
+    ("execution", "Time from the writer taking a request's batch to its commit"),
+    ("total", "Time from a caller sending a request to its reply being written"),
+)
+_QUANTILES = (("0.5", "p50"), ("0.9", "p90"), ("0.99", "p99"), ("1", "max"))
 
-    Serve it from your own metrics endpoint; mpwriter opens no socket.
+
+def prometheus_text(stats: Mapping[str, Any], prefix: str = "mpwriter") -> str:
+    """Render `Writer.stats()` in Prometheus' text exposition format (version 0.0.4).
+
+    Names follow Prometheus' conventions: counters end in ``_total``, times
+    are in seconds, latencies are summaries whose ``quantile`` labels are
+    numbers (``0.5``, ``0.9``, ``0.99``, and ``1`` for the maximum) over the
+    last 10,000 requests, with ``_sum`` and ``_count`` since the writer
+    started. Counts restart from zero with each writer process, as a
+    restarted exporter's would. Serve it from your own metrics endpoint;
+    mpwriter opens no socket.
     """
     lines: list[str] = []
 
-    def metric(name: str, kind: str, help_text: str, samples: list[tuple[str, float]]) -> None:
-        lines.append(f"# HELP {prefix}_{name} {help_text}")
-        lines.append(f"# TYPE {prefix}_{name} {kind}")
-        lines.extend(f"{prefix}_{name}{labels} {value:g}" for labels, value in samples)
+    def family(name: str, kind: str, help_text: str) -> str:
+        full = f"{prefix}_{name}"
+        lines.append(f"# HELP {full} {help_text}")
+        lines.append(f"# TYPE {full} {kind}")
+        return full
 
-    for key, help_text in (
-        ("requests", "Requests served in batches."),
-        ("batches", "Group commits attempted."),
-        ("commits", "Group commits that succeeded."),
-        ("errors", "Requests that failed."),
-        ("retries", "Waits for a lock held outside mpwriter."),
-        ("expired", "Requests dropped unapplied because their caller had given up."),
-        ("lost_requests", "Requests lost with a writer process that died."),
-        ("posts_dropped", "Fire-and-forget writes dropped by callers (queue full)."),
-        ("restarts", "Writer processes restarted after dying."),
-    ):
-        metric(f"{key}_total", "counter", help_text, [("", float(stats.get(key, 0)))])
-    metric(
-        "errors_by_class_total",
-        "counter",
-        "Failed requests by exception class.",
-        [(f'{{class="{name}"}}', float(n)) for name, n in sorted(stats["errors_by_class"].items())],
-    )
-    for key, help_text in (
-        ("queue_depth", "Requests waiting for the writer (estimated from queued bytes)."),
-        ("mean_batch_size", "Mean requests per group commit."),
-        ("uptime", "Seconds since this writer process started."),
-    ):
-        metric(key, "gauge", help_text, [("", float(stats.get(key, 0)))])
-    for series, figures in sorted(stats.get("latency_ms", {}).items()):
-        metric(
-            f"latency_{series}_ms",
-            "gauge",
-            f"Recent requests' {series.replace('_', ' ')} in milliseconds.",
-            [(f'{{quantile="{name}"}}', value) for name, value in figures.items()],
+    for key, help_text in _COUNTERS:
+        full = family(f"{key}_total", "counter", help_text)
+        lines.append(f"{full} {_number(stats[key])}")
+    for key, help_text in _BY_CLASS:
+        full = family(f"{key}_total", "counter", help_text)
+        for name, count in sorted(stats[key].items()):
+            lines.append(f'{full}{{class="{_label_value(name)}"}} {_number(count)}')
+    for key, name, help_text in _GAUGES:
+        full = family(name, "gauge", help_text)
+        lines.append(f"{full} {_number(stats[key])}")
+    for series, help_text in _SERIES:
+        full = family(
+            f"latency_{series}_seconds",
+            "summary",
+            f"{help_text}, in seconds; quantiles over the last 10,000 requests.",
         )
+        figures = stats["latency_ms"][series]
+        for quantile, key in _QUANTILES:
+            lines.append(f'{full}{{quantile="{quantile}"}} {_number(figures[key] / 1000)}')
+        lines.append(f"{full}_sum {_number(stats['latency_sum_seconds'][series])}")
+        lines.append(f"{full}_count {_number(stats['latency_count'])}")
     return "\n".join(lines) + "\n"
+
+
+def _number(value: float) -> str:
+    # repr keeps every digit of a float; "g" formatting would print a counter
+    # past a million as 1.23457e+06 and lose its last digits.
+    if isinstance(value, int):
+        return str(value)
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    return repr(float(value))
+
+
+def _label_value(text: str) -> str:
+    return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")

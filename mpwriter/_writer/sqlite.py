@@ -494,11 +494,18 @@ class SqliteEngine:
                 self._lock.release()
 
 
-def _execute(cursor: sqlite3.Cursor, sql: str, params: Any) -> tuple[int, int | None, list[Any]]:
+def _execute(cursor: sqlite3.Cursor, sql: str, params: Any) -> tuple[Any, ...]:
+    """``Result``'s fields: (rowcount, lastrowid, rows), and the column names
+    only with rows, so that a write's reply stays the compact 3-tuple."""
     cursor.execute(sql, params)
+    description = cursor.description
+    if description is None:
+        return (cursor.rowcount, cursor.lastrowid, [])
     # RETURNING rows must be fetched before rowcount is final.
-    rows = cursor.fetchall() if cursor.description is not None else []
-    return (cursor.rowcount, cursor.lastrowid, rows)
+    rows = cursor.fetchall()
+    if not rows:
+        return (cursor.rowcount, cursor.lastrowid, rows)
+    return (cursor.rowcount, cursor.lastrowid, rows, tuple(column[0] for column in description))
 
 
 def open_sqlite_engine(

@@ -1,0 +1,242 @@
+"""What ``python -m mpwriter stats`` reads and shows: a writer's published figures.
+
+The command line never talks to the writer. It reads the snapshot the writer
+publishes beside the database (`_writer.published`), and checks that a writer
+really holds the database's lock, so that a snapshot left behind by a writer
+that died is not shown as live figures. Reading needs nothing but read access
+to the database's directory and the snapshot; it changes nothing, takes no
+lock and sends nothing, so it works on a flooded or stuck writer and gives
+nobody a way to act on it.
+
+Who holds the lock is read from ``/proc/locks`` (Linux), which lists every
+flock with its holder's pid and the file's inode: unlike trying the lock
+ourselves, that cannot make a writer that is starting at the same instant
+fail with "already running". Where ``/proc/locks`` does not exist (macOS),
+the snapshot's writer pid must still be alive.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from ._wire.stats import SNAPSHOT_FORMAT, Snapshot, Stats, snapshot_path
+from ._writer.sqlite import lock_path
+
+# The writer publishes about once a second, between batches; a snapshot older
+# than this means its loop has not come back from a batch.
+STALE_AFTER = 3.0
+_MAX_SNAPSHOT_BYTES = 1 << 20
+
+# Exit statuses of the command line.
+NO_WRITER = 1
+UNSUPPORTED = 2
+NO_FIGURES = 3
+
+
+class NotWatchable(Exception):
+    """The figures cannot be shown; ``str()`` is the one line to print."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class Reading:
+    """One look at a writer: its snapshot and how old it is."""
+
+    snapshot: Snapshot
+    age: float  # seconds since the writer published it
+
+    @property
+    def stats(self) -> Stats:
+        return self.snapshot["stats"]
+
+    @property
+    def stale(self) -> bool:
+        return self.age > STALE_AFTER
+
+    @property
+    def state(self) -> str:
+        """The writer's state: serving, closing, or busy when its snapshot has gone stale."""
+        return "busy" if self.stale else self.snapshot["state"]
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "database": self.snapshot["database"],
+            "pid": self.snapshot["pid"],
+            "state": self.state,
+            "published_at": self.snapshot["published_at"],
+            "age_seconds": self.age,
+            "stale": self.stale,
+            "stats": self.stats,
+        }
+
+
+def read(database: str) -> Reading:
+    """The figures of the writer serving ``database``; raises `NotWatchable`."""
+    snapshot_file = snapshot_path(database)
+    if snapshot_file is None:
+        raise NotWatchable(
+            f"mpwriter: {database}: only SQLite files can be watched so far, not URLs",
+            UNSUPPORTED,
+        )
+    shown = os.path.abspath(database)
+    holders = _lock_holders(lock_path(database))
+    snapshot = _load(snapshot_file)
+    if holders is not None:
+        serving = bool(holders)
+    else:  # no /proc/locks: trust a live pid
+        serving = snapshot is not None and _alive(snapshot["pid"])
+    if not serving:
+        left = ""
+        if snapshot is not None:
+            left = f" (figures left by writer pid {snapshot['pid']}, which is gone)"
+        raise NotWatchable(f"mpwriter: no writer serves {shown}{left}", NO_WRITER)
+    # A holder other than the snapshot's pid is a successor still starting
+    # (running ``init``) after its predecessor died -- unless that pid lives
+    # on and only looks different (the lock table shows another pid namespace).
+    if snapshot is None or (
+        holders and snapshot["pid"] not in holders and not _alive(snapshot["pid"])
+    ):
+        holder = f" (pid {min(holders)})" if holders else ""
+        raise NotWatchable(
+            f"mpwriter: the writer of {shown}{holder} has published no figures yet:"
+            " it is starting or closing, or it is an mpwriter without `stats` support",
+            NO_FIGURES,
+        )
+    return Reading(snapshot, max(0.0, time.monotonic() - snapshot["monotonic"]))
+
+
+def _load(path: str) -> Snapshot | None:
+    """The snapshot at ``path``, None if there is none; raises `NotWatchable`."""
+    try:
+        # O_NOFOLLOW: a symlink planted there is not a writer's snapshot.
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise NotWatchable(
+            f"mpwriter: cannot read {path}: {exc.strerror} (it has the database's permissions)",
+            NO_FIGURES,
+        ) from exc
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise NotWatchable(f"mpwriter: {path} is not a writer's snapshot", NO_FIGURES)
+        with os.fdopen(fd, "rb", closefd=False) as file:
+            data = file.read(_MAX_SNAPSHOT_BYTES + 1)
+    finally:
+        os.close(fd)
+    try:
+        snapshot = json.loads(data)
+        if len(data) > _MAX_SNAPSHOT_BYTES or snapshot.get("format") != SNAPSHOT_FORMAT:
+            raise ValueError("unknown format")
+        for key in ("pid", "monotonic", "stats", "state", "database"):
+            snapshot[key]
+    except (ValueError, AttributeError, KeyError) as exc:
+        raise NotWatchable(
+            f"mpwriter: {path} is not a snapshot this mpwriter can read", NO_FIGURES
+        ) from exc
+    result: Snapshot = snapshot
+    return result
+
+
+def _lock_holders(lock_file: str) -> set[int] | None:
+    """Pids holding an exclusive flock on ``lock_file``; None where that is unknowable."""
+    try:
+        inode = os.stat(lock_file).st_ino
+    except FileNotFoundError:
+        return set()  # no writer ever ran here, or it was removed with its lock
+    try:
+        with open("/proc/locks", encoding="ascii", errors="replace") as file:
+            table = file.read()
+    except OSError:
+        return None
+    holders: set[int] = set()
+    for line in table.splitlines():
+        # "1: FLOCK  ADVISORY  WRITE 1234 fe:00:2147866 0 EOF"; a waiter's
+        # line has "->" after the number and holds nothing.
+        fields = line.split()
+        if len(fields) < 6 or fields[1] == "->":
+            continue
+        kind, access, pid, where = fields[1], fields[3], fields[4], fields[5]
+        # The inode alone: the device numbers /proc/locks shows differ from
+        # st_dev on some filesystems (overlayfs, btrfs).
+        if kind == "FLOCK" and access == "WRITE" and where.rsplit(":", 1)[-1] == str(inode):
+            holders.add(int(pid))
+    return holders
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
+# -- showing it ------------------------------------------------------------------
+
+
+def describe(reading: Reading) -> str:
+    """The figures, for people: a few lines."""
+    snapshot, stats = reading.snapshot, reading.stats
+    freshness = f"figures {reading.age:.1f} s old"
+    if reading.stale:
+        freshness += (
+            f" -- STALE: the writer has not come back from a batch for {reading.age:.0f} s"
+            " (a long request, or stuck)"
+        )
+    by_class = ", ".join(f"{name} {n}" for name, n in sorted(stats["errors_by_class"].items()))
+    lines = [
+        f"mpwriter writer of {snapshot['database']}: pid {snapshot['pid']},"
+        f" {snapshot['state']}; {freshness}",
+        f"  uptime     {stats['uptime']:.1f} s, {stats['restarts']} restarts",
+        f"  queue      {stats['queue_depth']} requests waiting ({stats['queued_bytes']} bytes),"
+        f" {stats['reply_pipes']} reply pipes",
+        f"  requests   {stats['requests']} in {stats['batches']} batches"
+        f" (mean {stats['mean_batch_size']:.2f}), {stats['commits']} commits",
+        f"  errors     {stats['errors']}{f' ({by_class})' if by_class else ''},"
+        f" {stats['refused']} refused, {stats['expired']} expired,"
+        f" {stats['lost_requests']} lost with a dead writer",
+        f"  retries    {stats['retries']} waits for a lock held outside mpwriter",
+        f"  posts      {stats['posts_dropped']} dropped,"
+        f" {sum(stats['post_errors_by_class'].values())} failed",
+        "  latency ms (last 10,000 requests)   p50       p90       p99       max",
+    ]
+    for series in ("queue_wait", "execution", "total"):
+        figures = stats["latency_ms"][series]
+        values = "".join(f"{figures[key]:10.2f}" for key in ("p50", "p90", "p99", "max"))
+        lines.append(f"    {series.replace('_', ' '):<30}{values}")
+    return "\n".join(lines)
+
+
+WATCH_HEADER = "time      state      queue    req/s  batch   p50 ms   p99 ms  restarts   age s"
+
+
+def watch_line(reading: Reading | None, previous: Reading | None, problem: str = "") -> str:
+    """One line of the live view; rates come from the ``previous`` reading."""
+    now = time.strftime("%H:%M:%S")
+    if reading is None:
+        return f"{now}  {problem}"
+    stats = reading.stats
+    rate = batch = "-"
+    if previous is not None and previous.snapshot["pid"] == reading.snapshot["pid"]:
+        elapsed = reading.snapshot["monotonic"] - previous.snapshot["monotonic"]
+        requests = stats["requests"] - previous.stats["requests"]
+        batches = stats["batches"] - previous.stats["batches"]
+        if elapsed > 0:
+            rate = f"{requests / elapsed:.0f}"
+            batch = f"{requests / batches:.1f}" if batches else "-"
+    total = stats["latency_ms"]["total"]
+    return (
+        f"{now}  {reading.state:<9}{stats['queue_depth']:>7}{rate:>9}{batch:>7}"
+        f"{total['p50']:>9.2f}{total['p99']:>9.2f}{stats['restarts']:>10}{reading.age:>8.1f}"
+    )

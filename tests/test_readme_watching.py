@@ -1,0 +1,92 @@
+"""The README's examples of the command line, typed stats, Prometheus text and
+DB-API shapes run as written."""
+
+from __future__ import annotations
+
+import re
+import select
+import shlex
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
+
+import mpwriter
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def block(language: str, containing: str) -> str:
+    blocks = re.findall(rf"```{language}\n(.*?)```", README.read_text(), re.S)
+    (found,) = [b for b in blocks if containing in b]
+    return str(found)
+
+
+def run_python(code: str, cwd: Path) -> str:
+    script = cwd / "example.py"
+    script.write_text(code)
+    result = subprocess.run(
+        [sys.executable, str(script)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_the_returning_example_prints_dicts_and_column_names(tmp_path: Path) -> None:
+    example = block("python", "result.dicts()")
+    assert run_python(example, tmp_path).splitlines() == [
+        "[{'id': 1, 'name': 'ada'}]",
+        "['id', 'name']",
+    ]
+
+
+def test_the_stats_example_prints_typed_stats_and_parsable_prometheus_text(
+    tmp_path: Path,
+) -> None:
+    example = block("python", "prometheus_text(stats)")
+    first, text = run_python(example, tmp_path).split("\n", 1)
+    requests, p99 = first.split()
+    assert requests == "1"
+    assert float(p99) > 0
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    assert families["mpwriter_requests"].samples[0].value == 1
+    assert families["mpwriter_latency_total_seconds"].type == "summary"
+
+
+def test_the_command_line_examples_run_against_a_running_writer(tmp_path: Path) -> None:
+    commands = [
+        line.split("#")[0].strip()
+        for line in block("sh", "python -m mpwriter stats").splitlines()
+        if line.strip()
+    ]
+    assert len(commands) == 4
+    with mpwriter.start(tmp_path / "app.db", context="fork") as writer:
+        writer.stats()  # served after the writer's first snapshot
+        for command in commands:
+            argv = [sys.executable if word == "python" else word for word in shlex.split(command)]
+            if "--watch" not in argv:
+                result = subprocess.run(
+                    argv, cwd=tmp_path, capture_output=True, text=True, timeout=30, check=False
+                )
+                assert result.returncode == 0, (command, result.stderr)
+                assert result.stdout, command
+                continue
+            with subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.PIPE, text=True) as watch:
+                assert watch.stdout is not None
+                try:
+                    for _ in range(2):  # the header, then a reading
+                        assert select.select([watch.stdout], [], [], 10)[0], command
+                        line = watch.stdout.readline()
+                    assert line.split()[1] == "serving"
+                    watch.send_signal(signal.SIGINT)  # Ctrl-C
+                    assert watch.wait(timeout=10) == 0
+                finally:
+                    if watch.poll() is None:
+                        watch.kill()
