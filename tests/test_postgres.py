@@ -42,6 +42,8 @@ def test_execute_takes_qmark_and_named_placeholders_and_literal_percent(
     assert result.rowcount == 1
     assert result.lastrowid is None  # PostgreSQL: use RETURNING
     assert result.rows[0][1] == "100%"
+    assert result.columns == ("id", "payload")
+    assert result.dicts()[0]["payload"] == "100%"
     rows = pg_writer.execute(
         "SELECT seq FROM items WHERE payload LIKE '10%' AND client = ?", (1,)
     ).rows

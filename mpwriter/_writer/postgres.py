@@ -227,9 +227,15 @@ def _rowcount(cursor: psycopg.Cursor[Any]) -> tuple[int, None, list[Any]]:
     return (cursor.rowcount, None, [])
 
 
-def _written(cursor: psycopg.Cursor[Any]) -> tuple[int, None, list[Any]]:
-    rows = cursor.fetchall() if cursor.description is not None else []
-    return (cursor.rowcount, None, rows)
+def _written(cursor: psycopg.Cursor[Any]) -> tuple[Any, ...]:
+    """``Result``'s fields: (rowcount, None, rows), plus the column names with rows."""
+    description = cursor.description
+    if description is None:
+        return (cursor.rowcount, None, [])
+    rows = cursor.fetchall()
+    if not rows:
+        return (cursor.rowcount, None, rows)
+    return (cursor.rowcount, None, rows, tuple(column.name for column in description))
 
 
 class PostgresEngine:
