@@ -55,6 +55,9 @@ def test_native_sql_reaches_psycopg_untouched(pg_writer: mpwriter.Writer) -> Non
     # jsonb's ? operator would read as a placeholder; native SQL takes psycopg's %s.
     rows = pg_writer.execute(mpwriter.native("SELECT %s::jsonb ? 'k'"), ('{"k": 1}',)).rows
     assert rows == [(True,)]
+    # Without parameters psycopg reads no placeholder: a lone % is just a character.
+    assert pg_writer.execute(mpwriter.native("SELECT '100%'")).rows == [("100%",)]
+    assert pg_writer.execute("SELECT '100%'", None).rows == [("100%",)]
 
 
 def test_executemany_and_executescript(pg_writer: mpwriter.Writer, pg_fresh: str) -> None:

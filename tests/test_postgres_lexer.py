@@ -55,7 +55,7 @@ def test_mixed_styles_are_refused() -> None:
 
 def test_native_sql_is_left_alone() -> None:
     text = "SELECT %s::jsonb ? 'k', :x"
-    assert translate(native(text)) == (text, "none")
+    assert translate(native(text)) == (text, "native")
 
 
 # -- properties -----------------------------------------------------------------

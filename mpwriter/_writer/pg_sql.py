@@ -30,7 +30,7 @@ from __future__ import annotations
 import functools
 from typing import Literal
 
-Style = Literal["none", "qmark", "named"]
+Style = Literal["none", "qmark", "named", "native"]
 
 _IDENT_START = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ_")
 _IDENT_CHARS = _IDENT_START | frozenset("0123456789$")
@@ -61,11 +61,12 @@ def translate(sql: str) -> tuple[str, Style]:
 
     The style is "qmark" when the text has ``?`` placeholders (params are a
     sequence), "named" for ``:name`` (params are a mapping), "none" without
-    placeholders. Raises `PlaceholderError` when both styles appear.
+    placeholders, "native" for `native` text (returned unchanged). Raises
+    `PlaceholderError` when both styles appear.
     Results are cached: applications send the same few texts again and again.
     """
     if isinstance(sql, native):
-        return str(sql), "none"
+        return str(sql), "native"
     return _translate(sql)
 
 

@@ -208,9 +208,11 @@ def _prepare(sql: str, params: Any) -> tuple[str, Any]:
         text, style = translate(sql)
     except PlaceholderError as exc:
         raise psycopg.ProgrammingError(str(exc)) from None
-    if style == "none" and text is sql and not params:
-        return text, None  # native SQL without parameters: psycopg leaves % alone
-    return text, params
+    if style == "native":
+        # psycopg reads % only when there are parameters: without, the text is as written.
+        return text, params if params else None
+    # With parameters (even none), psycopg turns the doubled %% back into %.
+    return text, () if params is None else params
 
 
 def _execute(cursor: psycopg.Cursor[Any], sql: str, params: Any) -> None:
