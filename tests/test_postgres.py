@@ -359,3 +359,12 @@ def test_a_commit_through_native_is_reported_as_outcome_unknown(
         tx.execute(INSERT, (15, 3))
         tx.execute(INSERT, (15, 2))
     assert pg_writer.execute("SELECT count(*) FROM items WHERE seq = 3").rows == [(0,)]
+
+
+def test_the_handle_shows_no_password(pg_fresh: str) -> None:
+    # Trust authentication ignores the password; the handle must not show it.
+    url = pg_fresh.replace("postgres@", "postgres:s3cret@", 1)
+    with mpwriter.start(url, init=PG_SCHEMA, context="fork") as writer:
+        assert "s3cret" not in repr(writer)
+        assert "postgres:***@" in writer.path
+        assert writer.execute(INSERT, (16, 1)).rowcount == 1

@@ -40,6 +40,7 @@ import socket
 import sqlite3
 import threading
 import time
+import urllib.parse
 import weakref
 from collections import deque
 from collections.abc import Callable
@@ -155,12 +156,21 @@ def start(
     except BaseException:
         owner.abandon()
         raise
-    writer = Writer(
-        config.path, timeout, owner.request_w, owner.registration_client, owner.state, owner
-    )
+    # The handle's path is for display (repr, logs): a URL's password stays out.
+    shown = _without_password(config.path) if postgres else config.path
+    writer = Writer(shown, timeout, owner.request_w, owner.registration_client, owner.state, owner)
     owner.start_supervising(start_timeout)
     atexit.register(_close_at_exit, weakref.ref(writer))
     return writer
+
+
+def _without_password(url: str) -> str:
+    """``url`` with the password of its user part replaced by ``***``."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
 
 
 def _resize_pipe(fd: int, size: int) -> None:
