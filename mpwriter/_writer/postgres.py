@@ -325,6 +325,10 @@ class PostgresEngine:
         counters = self._counters
         counters.batches += 1
         counters.requests += len(batch)
+        for work in batch:
+            if work.request.kind == Kind.POST:
+                # Counted here, once: a replayed batch queues its posts again.
+                counters.posts_dropped += work.body[2]
         replies: dict[int, bytes] = {}
         for start in range(0, len(batch), MAX_CHUNK):
             self._run_chunk(batch[start : start + MAX_CHUNK], replies)
@@ -552,8 +556,6 @@ class PostgresEngine:
         kind = work.request.kind
         body = work.body
         if kind == Kind.EXECUTE or kind == Kind.POST:
-            if kind == Kind.POST:
-                self._counters.posts_dropped += body[2]
             cursor = conn.cursor()
             _execute(cursor, body[0], body[1])
             return lambda: _written(cursor)
