@@ -21,9 +21,10 @@ What is not a placeholder, and is copied as is (except for ``%``):
 
 PostgreSQL's jsonb operators ``?``, ``?|`` and ``?&`` would read as
 placeholders, and so would an array slice's bound written ``a[1:n]`` (write
-``a[1 : n]``, or the bound as a number). Native SQL skips the lexer: wrap the text in `native` (exported
-as ``mpwriter.native``), and it reaches psycopg untouched, with psycopg's own
-``%s`` / ``%(name)s`` placeholders. This module imports nothing from psycopg.
+``a[1 : n]``, or the bound as a number). Native SQL skips the lexer: wrap the
+text in `native` (exported as ``mpwriter.native``), and it reaches psycopg
+untouched, with psycopg's own ``%s`` / ``%(name)s`` placeholders. This module
+imports nothing from psycopg.
 """
 
 from __future__ import annotations

@@ -64,7 +64,6 @@ from .pg_sql import PlaceholderError, controls_transaction, split_statements, tr
 
 log = logging.getLogger("mpwriter")
 
-URL_SCHEMES = ("postgresql://", "postgres://")
 # PostgreSQL keeps 64 subtransactions per transaction in its cache (PGPROC_MAX_CACHED_SUBXIDS).
 MAX_CHUNK = 64
 # Kinds whose result is (rowcount, lastrowid, rows), sent compact without rows.
@@ -88,11 +87,6 @@ _REFUSED = (
 
 Value = Any
 Finish = Callable[[], Value]
-
-
-def is_postgres_url(database: str) -> bool:
-    """Whether the database argument names a PostgreSQL server (a URL), not a file."""
-    return database.startswith(URL_SCHEMES)
 
 
 class _Retryable(Exception):
@@ -125,20 +119,23 @@ def sendable(exc: BaseException) -> BaseException:
 
     psycopg's errors pickle (they drop the connection); one carrying an
     unpicklable attribute is rebuilt from its class and message, keeping
-    the server's diagnostics that are plain bytes.
+    the server's diagnostics that are plain bytes. Anything else that does
+    not pickle is left to `error_reply`'s `RemoteError`.
     """
     try:
         pickle.dumps(exc)
-        return exc
     except Exception:
-        pass  # rebuilt below, keeping what matters to the caller
-    if isinstance(exc, psycopg.Error):
-        copy = type(exc)(*[str(arg) for arg in exc.args])
-        info = getattr(exc, "_info", None)
-        if isinstance(info, dict):
-            copy._info = {k: v for k, v in info.items() if isinstance(v, bytes | None)}
-        return copy
+        if isinstance(exc, psycopg.Error):
+            return _rebuilt(exc)
     return exc
+
+
+def _rebuilt(exc: psycopg.Error) -> psycopg.Error:
+    copy = type(exc)(*[str(arg) for arg in exc.args])
+    info = getattr(exc, "_info", None)
+    if isinstance(info, dict):
+        copy._info = {k: v for k, v in info.items() if isinstance(v, bytes | None)}
+    return copy
 
 
 class Cursor:
