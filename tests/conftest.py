@@ -162,7 +162,8 @@ def pg_url() -> Iterator[str]:
     try:
         admin = psycopg.connect(admin_url, autocommit=True, connect_timeout=3)
     except psycopg.OperationalError as exc:
-        message = f"PostgreSQL tests: no server at {admin_url} ({str(exc).strip()[:120]})"
+        reason = (str(exc).strip().splitlines() or ["?"])[0][:160]
+        message = f"PostgreSQL tests: no server at {admin_url} ({reason})"
         if os.environ.get("CI") == "true":
             pytest.fail(message)
         pytest.skip(message + "; set MPWRITER_TEST_POSTGRES")
