@@ -162,3 +162,19 @@ def test_server_restart_under_load(cluster: Cluster) -> None:
     # Every error says whether the outcome is known.
     assert all("not applied" in m or "outcome is unknown" in m for m in messages), messages
     assert stats["retries"] >= 1  # the writer reconnected
+
+
+def test_writer_sigkills_under_load_lose_no_acknowledged_row(pg_url: str) -> None:
+    """tools/kill_writer.py's run, on PostgreSQL: the server rolls back a dead writer's batch."""
+    import _faults
+    import kill_writer  # in tools/, put on sys.path by conftest
+
+    _faults.reset_postgres(pg_url)
+    report = kill_writer.run(pg_url, kills=8, clients=4, call_timeout=5.0, backoff_max=0.1)
+    seed = f"(seed {report.seed})"
+    assert report.problems() == {}, seed
+    assert report.acknowledged > 8, seed  # writes went through after every kill
+    audit = report.audit
+    assert audit is not None
+    assert audit.rows == report.acknowledged + audit.unacknowledged
+    assert set(report.errors_by_class) <= {"WriterCrashed", "Timeout"}, report.errors_by_class
