@@ -368,3 +368,32 @@ def test_the_handle_shows_no_password(pg_fresh: str) -> None:
         assert "s3cret" not in repr(writer)
         assert "postgres:***@" in writer.path
         assert writer.execute(INSERT, (16, 1)).rowcount == 1
+
+
+def increment_locked(conn: Any, key: str) -> int:
+    """Read-modify-write under a row lock: safe with any number of writers."""
+    (value,) = conn.execute(
+        "SELECT value FROM counters WHERE key = ? FOR UPDATE", (key,)
+    ).fetchone()
+    conn.execute("UPDATE counters SET value = ? WHERE key = ?", (value + 1, key))
+    return int(value) + 1
+
+
+def test_two_writers_on_one_database_lose_no_update(pg_fresh: str) -> None:
+    # Two owners (as on two machines) serve the same database at once.
+    schema = PG_SCHEMA + "CREATE TABLE IF NOT EXISTS counters (key TEXT PRIMARY KEY, value INT);"
+    with (
+        mpwriter.start(pg_fresh, init=schema, context="fork") as first,
+        mpwriter.start(pg_fresh, init=schema, context="fork") as second,
+    ):
+        first.execute("INSERT INTO counters VALUES ('locked', 0), ('atomic', 0)")
+
+        def work(writer: mpwriter.Writer) -> None:
+            for _ in range(50):
+                writer.call(increment_locked, "locked")
+                writer.execute("UPDATE counters SET value = value + 1 WHERE key = 'atomic'")
+
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            list(pool.map(work, [first, second, first, second]))
+        rows = dict(first.execute("SELECT key, value FROM counters").rows)
+    assert rows == {"locked": 200, "atomic": 200}
