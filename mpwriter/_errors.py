@@ -1,8 +1,10 @@
 """The exception tree: everything mpwriter raises of its own derives from `Error`.
 
 SQL errors are not wrapped: they reach the caller as the original `sqlite3`
-class, with the writer-side traceback attached as ``__cause__`` (a
+or psycopg class, with the writer-side traceback attached as ``__cause__`` (a
 `RemoteTraceback`), the way `concurrent.futures` reports a worker's error.
+Their class also derives from `DatabaseError` and its kin below (see
+`portable`), so one ``except mpwriter.IntegrityError`` serves both engines.
 
 Every class here is picklable with its message intact: they cross process
 boundaries (a pool task may re-raise one in its parent).
