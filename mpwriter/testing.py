@@ -43,6 +43,10 @@ class Faults:
     # context="fork"); tools/bench_insert.py's echo engine uses it to measure
     # the transport alone.
     engine: Callable[[Any], Any] | None = None
+    # Writer side (mpwriter._writer.sqlite, before a statement that runs
+    # alone, such as VACUUM): seconds the writer sleeps first, standing in for
+    # a long VACUUM. A forked writer inherits it (start with context="fork").
+    solo_delay: float = 0.0
 
 
 faults = Faults()

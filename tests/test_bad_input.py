@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import importlib
 import os
+import select
+import shutil
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
 import pytest
 
 import mpwriter
-from conftest import SCHEMA, count_rows
+from conftest import SCHEMA, count_rows, reap_pid
 
 CHECKED_SCHEMA = """
 CREATE TABLE parent(id INTEGER PRIMARY KEY);
@@ -132,16 +136,52 @@ def test_a_call_the_writer_cannot_import_is_a_clear_error(tmp_path: Path) -> Non
     assert second == "[(1,)]"
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
-def test_a_directory_that_is_not_writable_is_a_clear_error(tmp_path: Path) -> None:
-    locked = tmp_path / "locked"
-    locked.mkdir()
-    locked.chmod(0o500)
+def _start_in(directory: str, report: int) -> None:
+    """In a forked child: try to start a writer in ``directory``; report the outcome."""
+    if os.geteuid() == 0:
+        # Root writes into any directory: drop to "nobody" so that the mode
+        # bits apply, as they do for every other user. Modules start() loads
+        # lazily are loaded first: nobody may not read root's interpreter.
+        for module in ("multiprocessing.sharedctypes", "multiprocessing.popen_fork"):
+            importlib.import_module(module)
+        os.setgid(65534)
+        os.setuid(65534)
     try:
-        with pytest.raises((sqlite3.OperationalError, PermissionError)):
-            mpwriter.start(locked / "app.db", context="fork")
+        mpwriter.start(os.path.join(directory, "app.db"), context="fork").close()
+        outcome = "started"
+    except (sqlite3.OperationalError, PermissionError) as exc:
+        outcome = f"{type(exc).__name__}: {exc}"
+    except BaseException as exc:
+        outcome = f"unexpected {type(exc).__name__}: {exc}"
+    os.write(report, outcome.encode())
+
+
+def test_a_directory_that_is_not_writable_is_a_clear_error() -> None:
+    # Not under tmp_path: pytest makes that 0700, which "nobody" cannot enter.
+    locked = tempfile.mkdtemp(prefix="mpwriter-locked-")
+    os.chmod(locked, 0o555)  # nobody may write here (root excepted: see _start_in)
+    read_end, write_end = os.pipe()
+    try:
+        pid = os.fork()
+        if pid == 0:  # the child
+            try:
+                os.close(read_end)
+                _start_in(locked, write_end)
+            finally:
+                os._exit(0)
+        os.close(write_end)
+        write_end = -1
+        assert select.select([read_end], [], [], 30)[0], "the child did not report"
+        outcome = os.read(read_end, 4096).decode()
+        reap_pid(pid)
+        assert outcome.startswith(("OperationalError", "PermissionError")), outcome
+        assert os.listdir(locked) == []
     finally:
-        locked.chmod(0o700)
+        os.close(read_end)
+        if write_end >= 0:
+            os.close(write_end)
+        os.chmod(locked, 0o700)
+        shutil.rmtree(locked)
 
 
 ATEXIT_SCRIPT = textwrap.dedent(

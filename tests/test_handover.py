@@ -109,6 +109,7 @@ def test_a_frame_whose_payload_was_lost_is_answered_not_applied_once(
         request_id,
         slot.number,
         b"",
+        getattr(writer, "_frame_key", 0),  # the stream's key, once handles carry one
     )
     os.write(writer._request_fd, frame)
     reply = writer._await_reply(slot, request_id, deadline)

@@ -77,8 +77,9 @@ def insert_until_refused(writer: mpwriter.Writer) -> None:
 
 
 def block_alarms_and_hang(conn: sqlite3.Connection, seconds: float) -> None:
-    """A `call()` target stuck where no interrupt reaches it."""
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
+    """A `call()` target stuck where no interrupt reaches it: every signal blocked,
+    so the writer's limiter cannot break the system call."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
     conn.execute("INSERT INTO items(payload) VALUES ('never committed')")
     select.select([], [], [], seconds)
 

@@ -146,3 +146,50 @@ def test_pieces_left_untouched_too_long_are_dropped() -> None:
     assembler.drop_stale(time.monotonic() + 1)
     assert assembler.senders() == set()
     assert assembler.dropped == 1
+
+
+def test_after_a_torn_frame_a_frame_inside_a_payload_is_not_taken_for_a_real_one() -> None:
+    key = _wire.new_frame_key()
+    # A caller's blob that holds an encoded frame, as stored bytes may.
+    counterfeit = _wire.encode_frame(Kind.CLOSE, _wire.WHOLE, 99, 12345, 0, b"")
+    blob = os.urandom(100) + counterfeit + os.urandom(100)
+    real = _wire.encode_frame(Kind.EXECUTE, _wire.WHOLE, 7, 1, 3, blob, key)
+    after = _wire.encode_frame(Kind.EXECUTE, _wire.WHOLE, 7, 2, 3, b"next", key)
+    # The reader starts inside the real frame's header (its predecessor died
+    # there): it must skip the whole payload, counterfeit included.
+    frames = FrameReader(key).feed(real[5:] + after)
+    assert [frame.request_id for frame in frames] == [2]
+
+
+def test_a_keyed_stream_reads_whole_and_refuses_other_keys() -> None:
+    key = _wire.new_frame_key()
+    payload = os.urandom(9000)
+    stream = b"".join(_wire.encode_frames(Kind.EXECUTE, 7, 1, 3, payload, key))
+    assembler = Assembler()
+    requests = [assembler.add(f) for f in FrameReader(key).feed(stream)]
+    assert [r.payload for r in requests if r is not None] == [payload]
+    other = FrameReader(key ^ 1)
+    assert other.feed(stream) == []
+    assert other.skipped > 0
+
+
+def test_partial_requests_are_bounded_in_bytes_and_drops_counted() -> None:
+    assembler = Assembler(max_bytes=10_000)
+    payload = os.urandom(9_000)
+    first = frames_of(payload, sender=1)  # three frames
+    second = frames_of(payload, sender=2)
+    reader = FrameReader()
+    for frame in reader.feed(first[0] + first[1]):
+        assert assembler.add(frame) is None
+    # The second sender's pieces push the held bytes past the bound: the
+    # oldest unfinished request goes, the growing one stays.
+    for frame in reader.feed(second[0] + second[1]):
+        assert assembler.add(frame) is None
+    assert assembler.dropped == 1
+    assert assembler.dropped_bytes == 2 * _wire.MAX_PAYLOAD
+    (last,) = reader.feed(second[2])
+    request = assembler.add(last)
+    assert request is not None
+    assert request.payload == payload
+    (late,) = reader.feed(first[2])
+    assert assembler.add(late) is None  # its head was dropped: never whole

@@ -146,7 +146,7 @@ def start(
         max_batch,
         execution_limit,
         slow_request,
-        isolation,
+        isolation=isolation,
     )
 
     owner = _Owner(ctx, config, queue_size, restart, max_restarts, watchdog_grace)

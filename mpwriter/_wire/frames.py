@@ -24,6 +24,13 @@ payload), so a reader that starts in the middle of the stream -- a new writer
 after its predecessor died part-way through a read -- can tell a whole frame
 from a torn one and resynchronise on the next real frame (`FrameReader`).
 
+Resynchronising scans payload bytes, and a payload may hold anything -- a
+caller's blob may even hold an encoded frame. So the header check value is
+keyed: it covers a per-stream key (`new_frame_key`) that the owner makes for
+each writer and gives only to the writer and the handles, and that never
+appears in a payload. A frame counterfeited by payload bytes would need the
+key; by chance, one in 2**32 positions.
+
 Side socket
 -----------
 File descriptors travel on a Unix datagram socket beside the queue, one per
@@ -138,32 +145,49 @@ def make_sender_token(pid: int) -> int:
     return (pid << 32) | int.from_bytes(os.urandom(4), "big")
 
 
+def new_frame_key() -> int:
+    """A fresh stream key: 32 random bits, never 0 (the unkeyed stream)."""
+    return int.from_bytes(os.urandom(4), "big") or 1
+
+
 def encode_frame(
-    kind: int, flags: int, sender: int, request_id: int, slot: int, chunk: bytes | memoryview
+    kind: int,
+    flags: int,
+    sender: int,
+    request_id: int,
+    slot: int,
+    chunk: bytes | memoryview,
+    key: int = 0,
 ) -> bytes:
-    """One frame: header, header CRC, payload (at most `MAX_PAYLOAD` bytes)."""
+    """One frame: header, header CRC, payload (at most `MAX_PAYLOAD` bytes).
+
+    ``key`` is the stream's key (`new_frame_key`): the header CRC starts from
+    it, so only a reader that knows it accepts the frame.
+    """
     head = _CHECKED.pack(
         _MAGIC, kind, flags, len(chunk), sender, request_id, slot, zlib.crc32(chunk)
     )
-    return b"".join((head, zlib.crc32(head).to_bytes(4, "big"), chunk))
+    return b"".join((head, zlib.crc32(head, key).to_bytes(4, "big"), chunk))
 
 
 def encode_frames(
-    kind: int, sender: int, request_id: int, slot: int, payload: bytes
+    kind: int, sender: int, request_id: int, slot: int, payload: bytes, key: int = 0
 ) -> Iterator[bytes]:
     """Split a pickled request into frames of at most ``PIPE_BUF`` bytes."""
     if len(payload) <= MAX_PAYLOAD:
-        return iter((encode_frame(kind, WHOLE, sender, request_id, slot, payload),))
-    return _split(kind, sender, request_id, slot, payload)
+        return iter((encode_frame(kind, WHOLE, sender, request_id, slot, payload, key),))
+    return _split(kind, sender, request_id, slot, payload, key)
 
 
-def _split(kind: int, sender: int, request_id: int, slot: int, payload: bytes) -> Iterator[bytes]:
+def _split(
+    kind: int, sender: int, request_id: int, slot: int, payload: bytes, key: int
+) -> Iterator[bytes]:
     view = memoryview(payload)
     total = len(view)
     for offset in range(0, total, MAX_PAYLOAD):
         flags = (FIRST if offset == 0 else 0) | (LAST if offset + MAX_PAYLOAD >= total else 0)
         chunk = view[offset : offset + MAX_PAYLOAD]
-        yield encode_frame(kind, flags, sender, request_id, slot, chunk)
+        yield encode_frame(kind, flags, sender, request_id, slot, chunk, key)
 
 
 class FrameReader:
@@ -171,11 +195,13 @@ class FrameReader:
 
     Bytes that do not form a valid frame (the tail of a frame whose head a dead
     predecessor consumed) are skipped one at a time until a frame's magic,
-    header CRC and payload CRC all agree; `skipped` counts them.
+    header CRC (keyed with the stream's ``key``) and payload CRC all agree;
+    `skipped` counts them.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, key: int = 0) -> None:
         self._rest = b""  # the start of a frame not yet read whole
+        self._key = key
         self.skipped = 0
 
     def feed(self, data: bytes) -> list[Frame]:
@@ -183,13 +209,18 @@ class FrameReader:
         frames: list[Frame] = []
         position = 0
         end = len(stream)
-        unpack_from, crc32, header_size = _HEADER.unpack_from, zlib.crc32, HEADER_SIZE
+        unpack_from, crc32, header_size, key = (
+            _HEADER.unpack_from,
+            zlib.crc32,
+            HEADER_SIZE,
+            self._key,
+        )
         while end - position >= header_size:
             magic, kind, flags, length, sender, request_id, slot, payload_crc, header_crc = (
                 unpack_from(stream, position)
             )
             start = position + header_size
-            if magic != _MAGIC or crc32(stream[position : start - 4]) != header_crc:
+            if magic != _MAGIC or crc32(stream[position : start - 4], key) != header_crc:
                 position = self._resync(stream, position + 1)
                 continue
             if end - start < length:
@@ -217,12 +248,18 @@ class Assembler:
     Pieces are kept per (sender, request id). A sender that dies between its
     first and last frame leaves pieces behind, and so does one that gave up
     half-way (its queue stayed full): `drop_senders` and `drop_stale` discard
-    them. `dropped` counts requests dropped unfinished.
+    them. What is held is bounded by ``max_bytes``: past it, the oldest
+    unfinished requests are dropped (never the one being added to, so one
+    request of any size still passes). `dropped` and `dropped_bytes` count
+    requests dropped unfinished.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, max_bytes: int = 64 << 20) -> None:
         self._partial: dict[tuple[int, int], _Partial] = {}
+        self._bytes = 0
+        self._max_bytes = max_bytes
         self.dropped = 0
+        self.dropped_bytes = 0
 
     def add(self, frame: Frame) -> Request | None:
         flags = frame.flags
@@ -230,43 +267,62 @@ class Assembler:
             return Request(frame.kind, frame.sender, frame.request_id, frame.slot, frame.payload)
         key = (frame.sender, frame.request_id)
         if flags & FIRST:
+            if key in self._partial:
+                self._drop(key)
             self._partial[key] = _Partial(frame)
+            self._grew(key, len(frame.payload))
             return None
         entry = self._partial.get(key)
         if entry is None:
-            # The head of this request was lost (read by a writer that died):
-            # the request can never be whole, so its pieces are dropped.
+            # The head of this request was lost (read by a writer that died),
+            # or it was dropped: it can never be whole, so its pieces are dropped.
             if flags & LAST:
                 self.dropped += 1
             return None
         entry.chunks.append(frame.payload)
         entry.touched = time.monotonic()
         if not flags & LAST:
+            self._grew(key, len(frame.payload))
             return None
         del self._partial[key]
+        self._bytes -= entry.size
         head = entry.head
         return Request(head.kind, head.sender, head.request_id, head.slot, b"".join(entry.chunks))
+
+    def _grew(self, key: tuple[int, int], size: int) -> None:
+        self._partial[key].size += size
+        self._bytes += size
+        if self._bytes > self._max_bytes:
+            for oldest in [k for k in self._partial if k != key]:
+                self._drop(oldest)
+                if self._bytes <= self._max_bytes:
+                    break
+
+    def _drop(self, key: tuple[int, int]) -> None:
+        entry = self._partial.pop(key)
+        self._bytes -= entry.size
+        self.dropped += 1
+        self.dropped_bytes += entry.size
 
     def senders(self) -> set[int]:
         return {sender for sender, _ in self._partial}
 
     def drop_senders(self, senders: set[int]) -> None:
         for key in [key for key in self._partial if key[0] in senders]:
-            del self._partial[key]
-            self.dropped += 1
+            self._drop(key)
 
     def drop_stale(self, untouched_since: float) -> None:
         for key in [key for key, p in self._partial.items() if p.touched < untouched_since]:
-            del self._partial[key]
-            self.dropped += 1
+            self._drop(key)
 
 
 class _Partial:
-    __slots__ = ("chunks", "head", "touched")
+    __slots__ = ("chunks", "head", "size", "touched")
 
     def __init__(self, head: Frame) -> None:
         self.head = head
         self.chunks = [head.payload]
+        self.size = 0  # bytes held, counted by `Assembler._grew`
         self.touched = time.monotonic()
 
 

@@ -77,6 +77,10 @@ class Stats(TypedDict):
     restarts: int  # writer processes restarted after dying
     resync_skipped_bytes: int  # request-pipe bytes skipped to find a frame again
     dropped_partial_requests: int  # requests whose sender died mid-way
+    # ... their bytes, with hand-overs dropped past the writer's byte bound
+    dropped_partial_request_bytes: int
+    dropped_orphan_replies: int  # replies kept for a restarted caller, dropped past the bound
+    dropped_orphan_reply_bytes: int  # ... their bytes
     latency_ms: LatencySeries  # recent percentiles
     latency_count: int  # requests timed since the writer started
     latency_sum_seconds: LatencySums  # their total time, for rates and means

@@ -3,19 +3,22 @@
 The writer loop hands an engine (`engine.Engine`) every request it has in
 hand as `Work`; the engine returns one encoded reply per request, and the loop
 sends none of them before the engine returns -- that is, after the COMMIT that
-made them durable. This module holds what that exchange is made of, for any
-engine: the unpickled request, the counters `stats()` reports, how an error
-becomes a reply, and how a request is described in a log line.
+made them durable. (A request the engine must run alone, outside the batch's
+transaction, is answered later, by `Engine.run_alone`.) This module holds
+what that exchange is made of, for any engine: the unpickled request, the
+counters `stats()` reports, how an error becomes a reply, and how a request
+is described in a log line.
 """
 
 from __future__ import annotations
 
 import logging
+import pickle
 import traceback
 from typing import Any, NamedTuple
 
 from .._errors import RemoteError, Timeout
-from .._wire.frames import Kind, Request, Status, encode_reply
+from .._wire.frames import REPLY_HEADER_SIZE, Kind, Request, Status, encode_reply
 
 log = logging.getLogger("mpwriter")
 
@@ -60,12 +63,26 @@ class Counters:
 
 
 def error_reply(request_id: int, exc: BaseException) -> bytes:
-    """Encode an exception with its traceback text; never raises."""
+    """Encode an exception with its traceback text; never raises.
+
+    An exception the caller could not rebuild -- it does not pickle, or it
+    pickles but its class cannot be unpickled (an ``__init__`` that takes
+    other arguments than it passes to ``Exception``) -- is replaced by a
+    `RemoteError` that keeps its class name and message: the caller gets the
+    error, never a ``TypeError`` from unpickling it. Only errors pay for the
+    round trip.
+    """
     tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     try:
-        return encode_reply(request_id, Status.ERROR, (exc, tb))
-    except Exception:
-        substitute = RemoteError(f"{type(exc).__qualname__}: {exc}")
+        reply = encode_reply(request_id, Status.ERROR, (exc, tb))
+        pickle.loads(memoryview(reply)[REPLY_HEADER_SIZE:])
+        return reply
+    except BaseException as failure:
+        substitute = RemoteError(
+            f"{type(exc).__module__}.{type(exc).__qualname__}: {exc}"
+            f" (sent as RemoteError: it could not be rebuilt in the caller:"
+            f" {type(failure).__qualname__}: {failure})"
+        )
         return encode_reply(request_id, Status.ERROR, (substitute, tb))
 
 

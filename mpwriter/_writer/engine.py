@@ -13,7 +13,7 @@ pipelined -- so the unit of the interface is the batch, not the statement.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -34,6 +34,18 @@ class Engine(Protocol):
         its own error and never touches another request's reply. Raises only
         when the engine's own statements fail; the loop then fails the whole
         batch and calls `abandon_transaction`.
+
+        A request that cannot run inside a transaction (SQLite's VACUUM) may
+        be left out of the replies: it is deferred to `run_alone`.
+        """
+        ...
+
+    def run_alone(self) -> Iterable[tuple[Request, bytes]]:
+        """Run the requests the last `run` deferred, each alone; yield each reply.
+
+        The loop sends the batch's replies first and each of these as it comes,
+        so that no statement run alone holds back another request's reply. An
+        engine that defers nothing returns an empty iterable.
         """
         ...
 
@@ -59,6 +71,9 @@ class WriterConfig:
     max_batch: int
     execution_limit: float | None = None
     slow_request: float | None = 1.0
+    # The request stream's frame key (`mpwriter._wire.frames.new_frame_key`),
+    # made by the owner and known to its callers; 0 is the unkeyed stream.
+    frame_key: int = 0
     isolation: str = "read committed"  # PostgreSQL only
 
 

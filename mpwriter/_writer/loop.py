@@ -8,6 +8,9 @@ Data flow::
                                 transaction, a savepoint each (_batch.py)
     COMMIT returned        -->  each reply to the reply pipe its request named
                                 (_reply_pipes.py)
+    replies sent           -->  statements that must run alone (VACUUM), each
+                                a unit with its own deadline, each reply sent
+                                as it comes (`Engine.run_alone`)
 
 - The request pipe is bounded by its kernel capacity (plus at most one batch
   held here): a flood of callers blocks in their own process, with their own
@@ -35,7 +38,9 @@ request pipe and which slots it holds (`RequestStream`).
 
 The loop stops gracefully on a CLOSE request, on SIGTERM, or when its owner
 process is gone (the lifeline pipe reads EOF): it marks itself closed so that
-callers fail fast, serves what is already queued, checkpoints and exits.
+callers fail fast, serves what is already queued, writes out every reply it
+owes (however large; a reader that takes nothing for 5 s is given up),
+checkpoints and exits.
 """
 
 from __future__ import annotations
@@ -87,6 +92,9 @@ _HOUSEKEEPING_INTERVAL = 1.0
 # A request whose next frame has not come for this long was abandoned by a
 # live sender (its queue stayed full past its timeout): its pieces are dropped.
 _PARTIAL_REQUEST_MAX_IDLE = 300.0
+# At shutdown, a reply whose reader takes nothing for this long is dropped
+# (its caller stopped reading): the writer still exits in bounded time.
+_DRAIN_REPLY_TIMEOUT = 5.0
 
 
 def serve(
@@ -162,7 +170,7 @@ class WriterLoop:
         os.set_blocking(self._request_fd, False)
         self._lifeline = lifeline
         self._state = state
-        self._frames = FrameReader()
+        self._frames = FrameReader(config.frame_key)
         self._assembler = Assembler()
         self._backlog: deque[Request] = deque()
         self.consumed = 0  # bytes read from the request pipe so far
@@ -352,6 +360,19 @@ class WriterLoop:
         send = self._replies.send
         for request, reply in replies + extra:
             send(request, reply)
+        if batch and len(replies) < len(batch):
+            # Statements that must run alone (VACUUM) come after the batch's
+            # replies went out, each a unit with its own deadline.
+            answered = {id(request) for request, _ in replies}
+            try:
+                for request, reply in self._engine.run_alone():
+                    answered.add(id(request))
+                    send(request, reply)
+            except Exception as exc:
+                log.exception("mpwriter: a statement run alone failed")
+                for work in batch:
+                    if id(work.request) not in answered:
+                        send(work.request, error_reply(work.request.request_id, exc))
         in_hand.clear()
         if batch:
             self._record_timings(batch, taken, committed)
@@ -385,6 +406,11 @@ class WriterLoop:
         figures["dropped_partial_requests"] = (
             self._assembler.dropped + self._replies.dropped_handovers
         )
+        figures["dropped_partial_request_bytes"] = (
+            self._assembler.dropped_bytes + self._replies.dropped_handover_bytes
+        )
+        figures["dropped_orphan_replies"] = self._replies.dropped_orphans
+        figures["dropped_orphan_reply_bytes"] = self._replies.dropped_orphan_bytes
         stats: Stats = figures
         return stats
 
@@ -412,6 +438,9 @@ class WriterLoop:
             self._state.status = CLOSED  # a crash leaves it RUNNING: the owner restarts
         self._published.remove()  # before the engine releases the lock
         try:
+            # Every reply of what was committed goes out before the writer
+            # exits, however large: its caller is reading it now.
+            self._replies.drain(_DRAIN_REPLY_TIMEOUT)
             self._engine.close()
         finally:
             self._replies.close()

@@ -45,7 +45,7 @@ import os
 import select
 import socket
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import Protocol
 
@@ -65,8 +65,14 @@ from .batch import Counters, error_reply
 log = logging.getLogger("mpwriter")
 
 # Replies whose pipe is not registered yet, kept for a sender that will
-# re-register after a restart; bounded, oldest dropped first.
+# re-register after a restart; bounded in count and in bytes, oldest dropped
+# first (counted in stats()).
 _ORPHAN_REPLIES_MAX = 4096
+_ORPHAN_BYTES_MAX = 64 << 20
+# Handed-over payloads waiting for their frame, in bytes (memfd pages): past
+# this, the oldest are dropped (their requests answered "not applied") --
+# but never the newest, so that one bulk request of any size still passes.
+_HANDED_OVER_BYTES_MAX = 256 << 20
 
 Key = tuple[int, int]  # (sender token, slot)
 
@@ -101,9 +107,12 @@ class ReplyPipes:
         stream: RequestStream,
         watch: Callable[[int], None],
         unwatch: Callable[[int], None],
+        orphan_bytes_max: int = _ORPHAN_BYTES_MAX,
+        handed_over_bytes_max: int = _HANDED_OVER_BYTES_MAX,
     ) -> None:
         """``watch(fd)`` asks the loop to call `flush` once ``fd`` is writable;
-        ``unwatch(fd)`` withdraws that."""
+        ``unwatch(fd)`` withdraws that. The two maxima bound what is held, in
+        bytes."""
         self._side = side  # kept: collecting the socket would close its descriptor
         side.setblocking(False)
         self._counters = counters
@@ -115,12 +124,20 @@ class ReplyPipes:
         # Empty but after a restart: the loop tests it before calling `arrived`.
         self.awaited: dict[Key, tuple[int, int]] = {}
         self._orphans: OrderedDict[Key, tuple[int, bytes]] = OrderedDict()
+        self._orphan_bytes = 0
+        self._orphan_bytes_max = orphan_bytes_max
+        self.dropped_orphans = 0
+        self.dropped_orphan_bytes = 0
         # (sender, request id) -> (descriptor, length, arrival) of payloads
-        # handed over on the side socket, until their frame comes
+        # handed over on the side socket, until their frame comes; oldest first
         self._handed_over: dict[tuple[int, int], tuple[int, int, float]] = {}
+        self._handed_over_bytes = 0
+        self._handed_over_bytes_max = handed_over_bytes_max
         self.dropped_handovers = 0
-        # fd -> (its slot, the reply bytes the pipe could not take yet)
-        self._unsent: dict[int, tuple[Key, bytes]] = {}
+        self.dropped_handover_bytes = 0
+        # fd -> (its slot, the reply bytes the pipe could not take yet, as
+        # views: a large reply is written on from an offset, never re-copied)
+        self._unsent: dict[int, tuple[Key, deque[memoryview]]] = {}
 
     @property
     def pipe_count(self) -> int:
@@ -141,10 +158,28 @@ class ReplyPipes:
                 self._register_pipe((sender, slot), fds[0], awaiting)
             elif tag == PAYLOAD_TAG and len(message) == PAYLOAD_HANDOVER.size:
                 _, sender, request_id, length = PAYLOAD_HANDOVER.unpack(message)
-                self._handed_over[(sender, request_id)] = (fds[0], length, time.monotonic())
+                self._hold_payload((sender, request_id), fds[0], length)
             else:
                 for fd in fds:
                     os.close(fd)
+
+    def _hold_payload(self, key: tuple[int, int], fd: int, length: int) -> None:
+        old = self._handed_over.pop(key, None)
+        if old is not None:
+            self._forget_payload(old, dropped=True)
+        self._handed_over[key] = (fd, length, time.monotonic())
+        self._handed_over_bytes += length
+        while self._handed_over_bytes > self._handed_over_bytes_max and len(self._handed_over) > 1:
+            oldest = next(iter(self._handed_over))
+            self._forget_payload(self._handed_over.pop(oldest), dropped=True)
+
+    def _forget_payload(self, entry: tuple[int, int, float], *, dropped: bool) -> None:
+        fd, length, _ = entry
+        os.close(fd)
+        self._handed_over_bytes -= length
+        if dropped:
+            self.dropped_handovers += 1
+            self.dropped_handover_bytes += length
 
     def take_payload(self, sender: int, request_id: int) -> bytes | None:
         """The payload handed over for this request, whole; None if lost or cut short.
@@ -162,7 +197,7 @@ class ReplyPipes:
         try:
             payload = _read_whole(fd, length)
         finally:
-            os.close(fd)
+            self._forget_payload(entry, dropped=False)
         return payload if len(payload) == length else None
 
     def _register_pipe(self, key: Key, fd: int, awaiting: int) -> None:
@@ -177,12 +212,30 @@ class ReplyPipes:
             # A fresh pipe: whatever an older pipe under this number awaited
             # was given up by its caller, and must not be answered on this one.
             self.awaited.pop(key, None)
-            self._orphans.pop(key, None)
+            self._pop_orphan(key)
 
     # -- restarts ---------------------------------------------------------------
 
-    def _await_after_restart(self, key: Key, request_id: int) -> None:
+    def _pop_orphan(self, key: Key) -> tuple[int, bytes] | None:
         orphan = self._orphans.pop(key, None)
+        if orphan is not None:
+            self._orphan_bytes -= len(orphan[1])
+        return orphan
+
+    def _keep_orphan(self, key: Key, request_id: int, reply: bytes) -> None:
+        self._pop_orphan(key)
+        self._orphans[key] = (request_id, reply)
+        self._orphan_bytes += len(reply)
+        while self._orphans and (
+            len(self._orphans) > _ORPHAN_REPLIES_MAX or self._orphan_bytes > self._orphan_bytes_max
+        ):
+            _, (_, dropped) = self._orphans.popitem(last=False)
+            self._orphan_bytes -= len(dropped)
+            self.dropped_orphans += 1
+            self.dropped_orphan_bytes += len(dropped)
+
+    def _await_after_restart(self, key: Key, request_id: int) -> None:
+        orphan = self._pop_orphan(key)
         if orphan is not None and orphan[0] == request_id:
             self._write_reply(key, self._slots[key], orphan[1])
             return
@@ -244,14 +297,12 @@ class ReplyPipes:
             self.read_side_socket()
             fd = self._slots.get(key)
             if fd is None:
-                self._orphans[key] = (request.request_id, reply)
-                if len(self._orphans) > _ORPHAN_REPLIES_MAX:
-                    self._orphans.popitem(last=False)
+                self._keep_orphan(key, request.request_id, reply)
                 return
         if self._unsent:
             unsent = self._unsent.get(fd)
             if unsent is not None:
-                self._unsent[fd] = (key, unsent[1] + reply)
+                unsent[1].append(memoryview(reply))
                 return
         self._write_reply(key, fd, reply)
 
@@ -261,21 +312,69 @@ class ReplyPipes:
         except BlockingIOError:
             written = 0
         except OSError as exc:
-            if exc.errno not in (errno.EPIPE, errno.EBADF):
-                log.warning("mpwriter: reply pipe failed: %s", exc)
-            # The caller is gone (killed, or retired the pipe after a timeout).
-            self._slots.pop(key, None)
-            self._drop_fd(fd)
+            self._pipe_failed(key, fd, exc)
             return
         if written < len(data):
-            self._unsent[fd] = (key, data[written:])
+            self._unsent[fd] = (key, deque((memoryview(data)[written:],)))
             self._watch(fd)
 
-    def flush(self, fd: int) -> None:
-        """Write what ``fd`` could not take before; poll said it is writable."""
-        key, data = self._unsent.pop(fd)
+    def _pipe_failed(self, key: Key, fd: int, exc: OSError) -> None:
+        if exc.errno not in (errno.EPIPE, errno.EBADF):
+            log.warning("mpwriter: reply pipe failed: %s", exc)
+        # The caller is gone (killed, or retired the pipe after a timeout).
+        self._slots.pop(key, None)
+        self._drop_fd(fd)
+
+    def flush(self, fd: int) -> bool:
+        """Write what ``fd`` could not take before; poll said it is writable.
+
+        Returns True if anything was written (or the pipe was found broken).
+        """
+        key, chunks = self._unsent[fd]
+        progress = False
+        while chunks:
+            head = chunks[0]
+            try:
+                written = os.write(fd, head)
+            except BlockingIOError:
+                return progress
+            except OSError as exc:
+                self._pipe_failed(key, fd, exc)
+                return True
+            progress = True
+            if written < len(head):
+                chunks[0] = head[written:]  # a view: no copy
+                return True
+            chunks.popleft()
+        del self._unsent[fd]
         self._unwatch(fd)
-        self._write_reply(key, fd, data)
+        return True
+
+    def drain(self, reply_timeout: float) -> None:
+        """Write every unsent reply before the writer exits.
+
+        Blocks, but a pipe that takes nothing for ``reply_timeout`` seconds
+        (its caller stopped reading) is given up, with a warning.
+        """
+        deadlines = {fd: time.monotonic() + reply_timeout for fd in self._unsent}
+        while self._unsent:
+            poller = select.poll()
+            for fd in self._unsent:
+                poller.register(fd, select.POLLOUT)
+            now = time.monotonic()
+            wait = max(0.0, min(deadlines[fd] for fd in self._unsent) - now)
+            for fd, _ in poller.poll(int(wait * 1000) + 1):
+                if fd in self._unsent and self.flush(fd):
+                    deadlines[fd] = time.monotonic() + reply_timeout
+            now = time.monotonic()
+            for fd in [fd for fd in self._unsent if deadlines[fd] <= now]:
+                key, chunks = self._unsent[fd]
+                log.warning(
+                    "mpwriter: at shutdown, dropped a %d-byte reply its caller did not read",
+                    sum(len(chunk) for chunk in chunks),
+                )
+                self._slots.pop(key, None)
+                self._drop_fd(fd)
 
     def _drop_fd(self, fd: int) -> None:
         if self._unsent.pop(fd, None) is not None:
@@ -299,11 +398,9 @@ class ReplyPipes:
                     self._slots.pop(by_fd[fd], None)
                     self.awaited.pop(by_fd[fd], None)
                     self._drop_fd(fd)
-        for key, (fd, _, arrived) in list(self._handed_over.items()):
+        for key, (_, _, arrived) in list(self._handed_over.items()):
             if arrived < stale or not pid_alive(sender_pid(key[0])):
-                del self._handed_over[key]
-                os.close(fd)
-                self.dropped_handovers += 1
+                self._forget_payload(self._handed_over.pop(key), dropped=True)
         if self.awaited:
             self.report_lost()
 
@@ -312,8 +409,8 @@ class ReplyPipes:
         for fd in list(self._slots.values()):
             self._drop_fd(fd)
         self._slots.clear()
-        for fd, _, _ in self._handed_over.values():
-            os.close(fd)
+        for entry in self._handed_over.values():
+            self._forget_payload(entry, dropped=False)
         self._handed_over.clear()
 
 

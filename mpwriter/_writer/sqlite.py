@@ -22,34 +22,82 @@ The writer's own transaction statements are the only ones allowed: an
 authorizer refuses BEGIN, COMMIT, END, ROLLBACK, SAVEPOINT and RELEASE from
 callers (SQLite tells us what a statement does; we do not guess from its text).
 Statements that SQLite will not run inside a transaction (VACUUM, changing
-journal_mode or foreign_keys) are run alone after the batch commits.
+foreign_keys) are deferred: the batch commits and its replies go out, then
+each runs alone (`run_alone`), with its own deadline published for the
+watchdog. Settings the writer depends on (WAL, normal locking, its
+durability, its own lock waits) are refused with `StatementRefused`.
+
+`call()` functions run real Python in the writer, so they get more guards
+than plain statements (which pay for none of them): a thread (`_CallLimiter`)
+interrupts a function past its stop time without the process timer or
+SIGALRM, which the function may use itself; the connection refuses use from
+any other thread (``check_same_thread``); after the function, the writer puts
+back what it may have changed on the connection (authorizer, progress
+handler, row and text factories, SIGALRM), refuses it if it changed what
+cannot be put back mid-transaction, and checks that its result and its
+exception can be rebuilt by the caller -- all before the COMMIT.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
+import pickle
 import random
 import signal
 import sqlite3
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import filelock
 
+from .. import testing
 from .._errors import (
     Interrupted,
     NotPicklable,
+    RemoteError,
     StatementRefused,
+    Timeout,
     WriterAlreadyRunning,
 )
-from .._wire.frames import Kind, Request, Status, encode_reply, encode_wrote
+from .._wire.frames import REPLY_HEADER_SIZE, Kind, Request, Status, encode_reply, encode_wrote
 from .batch import Counters, Work, describe, error_reply
 
 # Pragmas that SQLite ignores or refuses inside a transaction when they set a
 # value; such a request is deferred and run alone, outside the batch.
 _SOLO_PRAGMAS = frozenset({"foreign_keys", "journal_mode", "page_size", "auto_vacuum"})
+
+# Settings of the writer's connection that everything else relies on. Setting
+# one to anything but the allowed values is refused, for a plain statement by
+# the authorizer and for a call() by `_check_pinned` after the function.
+# pragma -> (values allowed, why the others are refused)
+_PINNED_PRAGMAS: dict[str, tuple[frozenset[str], str]] = {
+    "journal_mode": (
+        frozenset({"wal"}),
+        "the writer's database stays in WAL mode: readers (mpwriter.reader()) and"
+        " the writer's crash safety depend on it",
+    ),
+    "locking_mode": (
+        frozenset({"normal"}),
+        "EXCLUSIVE locking would keep every reader (mpwriter.reader()) locked out",
+    ),
+    "synchronous": (
+        frozenset(),
+        "durability is chosen once for every caller: mpwriter.start(synchronous=...)",
+    ),
+    "busy_timeout": (
+        frozenset(),
+        "the writer waits out outside lock holders itself, within each request's"
+        " deadline; SQLite's busy handler would sleep past those deadlines",
+    ),
+    "query_only": (
+        frozenset({"0", "false", "off", "no"}),
+        "a read-only writer would fail every later request",
+    ),
+}
 _SOLO_MESSAGE = "within a transaction"  # "cannot VACUUM from within a transaction"
 
 # A request stops waiting for an outside lock holder this long before its
@@ -81,6 +129,18 @@ _ROLLBACK = "ROLLBACK /* mpwriter */"
 # Appended to a statement run alone, for the same reason: its unvetted cached
 # form must not be found by the same text sent later inside a batch.
 _SOLO_SUFFIX = "\n/* mpwriter solo */"
+# What `_check_pinned` reads after a call() function (one statement, cached).
+_PINNED_NOW = (
+    "SELECT * FROM pragma_locking_mode, pragma_query_only, pragma_busy_timeout,"
+    " pragma_synchronous /* mpwriter */"
+)
+# The signal `_CallLimiter` sends the writer's thread to break a blocking
+# system call (sleep, select, read): one whose default action is to do
+# nothing, so that a function that resets it cannot get the writer killed.
+_KICK_SIGNAL = signal.SIGURG
+# How often `_CallLimiter` interrupts again a function that caught the
+# interruption and kept running.
+_REFIRE_INTERVAL = 0.05
 
 
 def lock_path(database: str) -> str:
@@ -105,7 +165,9 @@ def open_database(
     path: str, synchronous: str, init: str | Callable[[Any], object] | None
 ) -> sqlite3.Connection:
     """Open the write connection: WAL, the chosen durability, foreign keys on."""
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    # check_same_thread: a call() function that hands ``conn`` to a thread of
+    # its own cannot use it outside its savepoint, nor after it returned.
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=True)
     mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
     if str(mode).lower() != "wal":
         raise sqlite3.OperationalError(f"could not switch {path!r} to WAL (got {mode!r})")
@@ -153,10 +215,11 @@ def split_script(script: str) -> list[str]:
 
 
 class _CallOverrun(BaseException):
-    """Raised by the alarm inside a `call()` function that ran past its limit.
+    """Raised inside a `call()` function that ran past its stop time.
 
-    A BaseException, so that the function's own ``except Exception`` cannot
-    swallow it.
+    A BaseException, so that the function's own ``except Exception`` does not
+    swallow it; a function that swallows it anyway is still answered
+    `Interrupted` (see `_CallLimiter.fired`).
     """
 
 
@@ -181,6 +244,91 @@ class _TransactionLost(Exception):
         self.reply = reply
 
 
+# PyThreadState_SetAsyncExc: raise an exception in another thread at its next
+# bytecode. Two prototypes: one to set an exception class, one to pass NULL,
+# which clears a pending one.
+_set_async_exc = ctypes.PYFUNCTYPE(ctypes.c_int, ctypes.c_ulong, ctypes.py_object)(
+    ("PyThreadState_SetAsyncExc", ctypes.pythonapi)
+)
+_clear_async_exc = ctypes.PYFUNCTYPE(ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p)(
+    ("PyThreadState_SetAsyncExc", ctypes.pythonapi)
+)
+
+
+class _CallLimiter:
+    """Stops a `call()` function at its stop time, whatever the function does.
+
+    The old mechanism -- SIGALRM and the process timer -- belonged to the
+    function as much as to the writer: a function that installed its own
+    SIGALRM handler, or called ``alarm()``, switched the limit off for the
+    writer's lifetime. This thread needs neither. Past the stop time it
+    interrupts SQLite (`sqlite3.Connection.interrupt`), raises `_CallOverrun`
+    in the writer's thread at its next bytecode, and sends it `_KICK_SIGNAL`
+    to break a blocking system call; and again every `_REFIRE_INTERVAL` while
+    the function runs on (it caught the exception, or sqlite3 swallowed it in
+    a callback). Code that never returns to the interpreter (a C extension)
+    is left to the owner's watchdog.
+
+    Started at the first call() only: a writer that serves plain statements
+    stays single-threaded.
+    """
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+        self._target = threading.get_ident()
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._stop_at: float | None = None  # None: no call is running
+        self.fired = False
+        thread = threading.Thread(target=self._watch, name="mpwriter-call-limit", daemon=True)
+        thread.start()
+
+    def arm(self, stop_at: float) -> None:
+        with self._wake:
+            self._stop_at = stop_at
+            self.fired = False
+            self._wake.notify()
+
+    def disarm(self) -> bool:
+        """Stop watching; True if the function was interrupted (it overran).
+
+        Once this returns, no `_CallOverrun` is pending for the writer's
+        thread: one raised while this runs is absorbed here, and one set
+        but not yet raised is cleared.
+        """
+        while True:
+            try:
+                with self._lock:
+                    self._stop_at = None
+                    fired = self.fired
+                if fired:
+                    _clear_async_exc(self._target, None)
+                return fired
+            except _CallOverrun:
+                continue  # it landed here: the watch is over all the same
+
+    def _watch(self) -> None:
+        with self._wake:
+            while True:
+                stop_at = self._stop_at
+                if stop_at is None:
+                    self._wake.wait()
+                    continue
+                remaining = stop_at - time.monotonic()
+                if remaining > 0:
+                    self._wake.wait(remaining)
+                    continue
+                self.fired = True
+                self._conn.interrupt()
+                _set_async_exc(self._target, _CallOverrun)
+                signal.pthread_kill(self._target, _KICK_SIGNAL)
+                self._wake.wait(_REFIRE_INTERVAL)
+
+
+def _ignore_kick(_signum: int, _frame: object) -> None:
+    """`_KICK_SIGNAL`'s handler: its only job is to make a system call return."""
+
+
 class SqliteEngine:
     """Runs batches on the writer's SQLite connection; see the module docstring."""
 
@@ -201,13 +349,28 @@ class SqliteEngine:
         # When the running request must stop (its deadline, or its execution
         # limit if that comes first); published for the owner's watchdog.
         self._stop_at = 0.0
-        self._in_call = False
         conn.set_progress_handler(self._progress, 1000)
-        signal.signal(signal.SIGALRM, self._on_alarm)
+        # The writer itself uses no SIGALRM: a call() may, within the call.
+        # Ignored otherwise, so that a timer a function left behind is harmless.
+        signal.signal(signal.SIGALRM, signal.SIG_IGN)
+        signal.signal(_KICK_SIGNAL, _ignore_kick)
+        self._signal_mask = signal.pthread_sigmask(signal.SIG_BLOCK, ())
+        self._limiter: _CallLimiter | None = None
+        # What a call() function may change and the writer puts back after it.
+        self._row_factory = conn.row_factory
+        self._text_factory = conn.text_factory
+        self._synchronous = conn.execute("PRAGMA synchronous /* mpwriter */").fetchone()[0]
+        # Set when a call() changed sqlite3's transaction handling: put back
+        # between batches, where that cannot commit anything.
+        self._repair_transaction_control = False
         # While True, statements come from callers and are vetted.
         self._guarded = False
+        # While True, a statement running alone is held to its stop time.
+        self._alone = False
         self._denied: str | None = None
         self._wants_solo = False
+        # Requests deferred by the last `run`, each to run alone (`run_alone`).
+        self._deferred: list[tuple[Work, BaseException]] = []
         conn.set_authorizer(self._authorize)
 
     # -- authorizer ---------------------------------------------------------
@@ -230,23 +393,20 @@ class SqliteEngine:
             # this the only writer; and the attachment would outlive the request.
             self._denied = "ATTACH and DETACH are refused: a writer serves one database file"
             return sqlite3.SQLITE_DENY
-        if (
-            action == sqlite3.SQLITE_PRAGMA
-            and arg2 is not None
-            and (arg1 or "").lower() in _SOLO_PRAGMAS
-        ):
-            self._wants_solo = True
-            return sqlite3.SQLITE_DENY
+        if action == sqlite3.SQLITE_PRAGMA and arg2 is not None:
+            name = (arg1 or "").lower()
+            pinned = _PINNED_PRAGMAS.get(name)
+            if pinned is not None and arg2.strip().lower() not in pinned[0]:
+                self._denied = f"PRAGMA {name}={arg2} is refused: {pinned[1]}"
+                return sqlite3.SQLITE_DENY
+            if name in _SOLO_PRAGMAS:
+                self._wants_solo = True
+                return sqlite3.SQLITE_DENY
         return sqlite3.SQLITE_OK
 
     def _progress(self) -> int:
         """SQLite's progress handler: a non-zero answer interrupts the statement."""
-        return 1 if self._guarded and time.monotonic() > self._stop_at else 0
-
-    def _on_alarm(self, _signum: int, _frame: object) -> None:
-        if self._in_call:
-            self._in_call = False
-            raise _CallOverrun
+        return 1 if (self._guarded or self._alone) and time.monotonic() > self._stop_at else 0
 
     # -- one request ----------------------------------------------------------
 
@@ -273,18 +433,118 @@ class SqliteEngine:
                 else:
                     results.append(_execute(self._cursor, sql, params))
             return results
-        if kind == Kind.CALL:
-            function: Callable[..., Any] = body[0]
-            # Python code is not reached by the progress handler: an alarm
-            # interrupts a function that runs past its limit.
-            signal.setitimer(signal.ITIMER_REAL, max(0.001, self._stop_at - time.monotonic()))
-            self._in_call = True
-            try:
-                return function(conn, *body[1], **body[2])
-            finally:
-                self._in_call = False
-                signal.setitimer(signal.ITIMER_REAL, 0)
         raise ValueError(f"unknown request kind {kind}")
+
+    def _run_call(self, request_id: int, body: tuple[Any, ...]) -> bytes:
+        """Run a call() function under `_CallLimiter`; return its checked OK reply.
+
+        Raises `_CallOverrun` if it ran past its stop time (even if it caught
+        that), `_Refused` if it changed what the writer depends on, the
+        function's exception (a BaseException that is not an Exception comes
+        as `RemoteError`), or `NotPicklable` if its result cannot be rebuilt
+        by the caller. Whatever happens, the connection is put back as it was.
+        """
+        function: Callable[..., Any] = body[0]
+        limiter = self._limiter
+        if limiter is None:
+            limiter = self._limiter = _CallLimiter(self._conn)
+        fired = False
+        try:
+            try:
+                limiter.arm(self._stop_at)
+                value = function(self._conn, *body[1], **body[2])
+                # Pickled under the limit too: a result's __reduce__ is the
+                # function's code as well.
+                try:
+                    reply = encode_reply(request_id, Status.OK, value)
+                except Exception as exc:
+                    raise NotPicklable(f"the result could not be pickled: {exc}") from exc
+            finally:
+                fired = limiter.disarm()
+        except BaseException as exc:
+            # Again: an interruption may land in the finally before its disarm.
+            fired = limiter.disarm() or fired
+            self._restore_connection()
+            if fired or isinstance(exc, _CallOverrun):
+                raise _CallOverrun from exc
+            if not isinstance(exc, Exception):
+                raise RemoteError(
+                    f"the call() function raised {type(exc).__qualname__}: {exc};"
+                    " rolled back, not applied (the writer serves on)"
+                ) from exc
+            raise
+        self._restore_connection()
+        if fired:
+            raise _CallOverrun  # it caught the interruption and returned late
+        self._check_pinned()
+        try:
+            pickle.loads(memoryview(reply)[REPLY_HEADER_SIZE:])
+        except BaseException as exc:
+            raise NotPicklable(
+                f"the result pickles but cannot be unpickled ({type(exc).__qualname__}:"
+                f" {exc}); rolled back, not applied"
+            ) from exc
+        return reply
+
+    def _restore_connection(self) -> None:
+        """Put back what a call() function may have changed; cheap, runs after each."""
+        conn = self._conn
+        conn.set_authorizer(self._authorize)
+        conn.set_progress_handler(self._progress, 1000)
+        conn.row_factory = self._row_factory
+        conn.text_factory = self._text_factory
+        if signal.getsignal(signal.SIGALRM) is not signal.SIG_IGN:
+            signal.signal(signal.SIGALRM, signal.SIG_IGN)
+        # A timer the function left must not fire in a later request.
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        if signal.getsignal(_KICK_SIGNAL) is not _ignore_kick:
+            signal.signal(_KICK_SIGNAL, _ignore_kick)
+        signal.pthread_sigmask(signal.SIG_SETMASK, self._signal_mask)
+
+    def _check_pinned(self) -> None:
+        """Refuse a call() that changed what cannot be put back mid-transaction.
+
+        A function may remove the authorizer and then set any pragma, or
+        switch sqlite3's own transaction handling: the request is then
+        refused and rolled back, and the writer restores the setting.
+        """
+        conn = self._conn
+        changed: list[str] = []
+        if conn.isolation_level is not None:
+            changed.append(f"isolation_level={conn.isolation_level!r}")
+        if getattr(conn, "autocommit", -1) != -1:  # sqlite3.LEGACY_TRANSACTION_CONTROL
+            changed.append(f"autocommit={getattr(conn, 'autocommit', None)!r}")
+        guarded, self._guarded = self._guarded, False
+        try:
+            locking, query_only, busy_timeout, synchronous = conn.execute(_PINNED_NOW).fetchone()
+        finally:
+            self._guarded = guarded
+        repairs: list[str] = []
+        if str(locking).lower() != "normal":
+            changed.append(f"locking_mode={locking}")
+            repairs.append("PRAGMA locking_mode=NORMAL /* mpwriter */")
+        if query_only:
+            changed.append("query_only=1")
+            repairs.append("PRAGMA query_only=0 /* mpwriter */")
+        if busy_timeout != 0:
+            changed.append(f"busy_timeout={busy_timeout}")
+            repairs.append("PRAGMA busy_timeout=0 /* mpwriter */")
+        if synchronous != self._synchronous:  # SQLite refuses this in a transaction
+            changed.append(f"synchronous={synchronous}")
+        if changed:
+            guarded, self._guarded = self._guarded, False
+            try:
+                for repair in repairs:
+                    conn.execute(repair).fetchall()
+            finally:
+                self._guarded = guarded
+            # Switching these back would COMMIT on some Pythons: done between batches.
+            self._repair_transaction_control = True
+            raise _Refused(
+                f"the call() function changed {', '.join(changed)} on the writer's connection,"
+                " which every later request depends on; it was rolled back and the setting"
+                " restored"
+            )
 
     def _run_guarded(self, work: Work) -> bytes:
         """Run one request with caller statements vetted; return its OK reply.
@@ -304,6 +564,8 @@ class SqliteEngine:
             kind = work.request.kind
             if kind == Kind.EXECUTE:  # the common case, without a call per layer
                 value = _execute(self._cursor, *work.body)
+            elif kind == Kind.CALL:
+                return self._run_call(work.request.request_id, work.body)
             else:
                 value = self._perform(kind, work.body)
         except _CallOverrun:
@@ -355,10 +617,11 @@ class SqliteEngine:
     # -- the batch ------------------------------------------------------------
 
     def run(self, batch: list[Work]) -> list[tuple[Request, bytes]]:
-        """Run ``batch`` in one transaction; return each request's reply.
+        """Run ``batch`` in one transaction; return the replies it has now.
 
         Replies are returned only once the transaction has committed (or
-        failed); the caller sends them after this returns.
+        failed); the caller sends them after this returns. A request that
+        must run alone is left out and deferred to `run_alone`.
         """
         self._counters.batches += 1
         self._counters.requests += len(batch)
@@ -379,10 +642,25 @@ class SqliteEngine:
                 continue
             replies.update(outcome)
             break
-        for work, cause in solo:
-            replies[id(work)] = self._run_solo(work, cause)
         self._state.busy_until = 0.0
-        return [(work.request, replies[id(work)]) for work in batch]
+        if self._repair_transaction_control:
+            self._repair_transaction_control = False
+            self._conn.isolation_level = None  # no transaction is open: commits nothing
+            if hasattr(self._conn, "autocommit"):
+                self._conn.autocommit = -1  # type: ignore[assignment,unused-ignore]
+        self._deferred = solo
+        return [(work.request, replies[id(work)]) for work in batch if id(work) in replies]
+
+    def run_alone(self) -> Iterator[tuple[Request, bytes]]:
+        """Run the requests the last `run` deferred, one at a time; yield each reply.
+
+        Each is a unit of its own, after the batch's replies were sent: its
+        own deadline (or execution limit) stops it and is published for the
+        watchdog, and a long VACUUM holds back no other reply.
+        """
+        deferred, self._deferred = self._deferred, []
+        for work, cause in deferred:
+            yield work.request, self._run_solo(work, cause)
 
     def _begin(self, batch: list[Work], replies: dict[int, bytes]) -> list[Work]:
         """BEGIN IMMEDIATE, waiting out outside lock holders with backoff.
@@ -468,16 +746,38 @@ class SqliteEngine:
 
         Only a single statement qualifies (``execute``); it was vetted when it
         was first prepared inside the batch, so it runs unguarded here -- VACUUM
-        issues its own BEGIN internally.
+        issues its own BEGIN internally -- but held to its own stop time.
         """
         if work.request.kind not in _SINGLE_STATEMENT:
             return self._fail(work, cause)
+        if testing.faults.solo_delay:
+            self._state.busy_until = work.deadline
+            time.sleep(testing.faults.solo_delay)  # sleep-ok: a fault: a long VACUUM
+        started = time.monotonic()
+        if work.deadline <= started:
+            self._counters.expired += 1
+            return self._fail(
+                work, Timeout("the deadline passed while earlier requests ran; not applied")
+            )
+        stop_at = work.deadline
+        if self._execution_limit is not None:
+            stop_at = min(stop_at, started + self._execution_limit)
+        self._stop_at = stop_at
+        self._state.busy_until = stop_at
         sql, params = work.body[0], work.body[1]
+        self._alone = True
         try:
             value = _execute(self._cursor, sql + _SOLO_SUFFIX, params)
             return encode_reply(work.request.request_id, Status.OK, value)
+        except sqlite3.OperationalError as exc:
+            if time.monotonic() > stop_at and "interrupted" in str(exc):
+                return self._fail(work, self._interrupted(started))
+            return self._fail(work, exc)
         except Exception as exc:
             return self._fail(work, exc)
+        finally:
+            self._alone = False
+            self._state.busy_until = 0.0
 
     def close(self) -> None:
         """Roll back what is open, checkpoint, close, release the lock; logs failures."""
