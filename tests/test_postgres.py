@@ -397,3 +397,17 @@ def test_two_writers_on_one_database_lose_no_update(pg_fresh: str) -> None:
             list(pool.map(work, [first, second, first, second]))
         rows = dict(first.execute("SELECT key, value FROM counters").rows)
     assert rows == {"locked": 200, "atomic": 200}
+
+
+def test_vacuum_runs_alone_after_its_batch(pg_writer: mpwriter.Writer, gate: Gate) -> None:
+    gate.hold(pg_writer)
+    futures = [
+        pg_writer.submit(INSERT, (17, 1)),
+        pg_writer.submit("VACUUM items"),  # PostgreSQL refuses it inside a transaction
+        pg_writer.submit(INSERT, (17, 2)),
+    ]
+    gate.release()
+    assert gate.future.result(timeout=30) == "released"
+    assert [f.result(timeout=30).rowcount for f in futures] == [1, -1, 1]
+    with pytest.raises(psycopg.errors.ActiveSqlTransaction):
+        pg_writer.executescript("VACUUM items;")

@@ -70,6 +70,10 @@ MAX_CHUNK = 64
 _WRITE_RESULTS = frozenset({Kind.EXECUTE, Kind.EXECUTEMANY, Kind.POST})
 _RETRYABLE = frozenset({"40001", "40P01"})  # serialization failure, deadlock detected
 _QUERY_CANCELED = "57014"  # statement_timeout
+# "cannot run inside a transaction block" (VACUUM, CREATE INDEX CONCURRENTLY...):
+# a single statement so refused runs alone after the batch (`run_alone`).
+_NOT_IN_TRANSACTION = "25001"
+_ALONE = frozenset({Kind.EXECUTE, Kind.POST})
 _SHUTDOWN = frozenset({"57P01", "57P02", "57P03"})  # admin/crash shutdown, starting up
 _MAX_RETRIES = 4
 _BACKOFF_FIRST = 0.005
@@ -256,6 +260,8 @@ class PostgresEngine:
         self._state = state
         self._begin = f"BEGIN ISOLATION LEVEL {ISOLATION_LEVELS[isolation]}"
         self._conn: psycopg.Connection[Any] | None = None
+        # Requests the last `run` deferred: they cannot run in a transaction.
+        self._deferred: list[Work] = []
         self._connect(connect_timeout=10)
 
     # -- the connection -----------------------------------------------------------
@@ -330,7 +336,39 @@ class PostgresEngine:
         for start in range(0, len(batch), MAX_CHUNK):
             self._run_chunk(batch[start : start + MAX_CHUNK], replies)
         self._state.busy_until = 0.0
-        return [(work.request, replies[id(work)]) for work in batch]
+        # A request deferred to `run_alone` has no reply yet.
+        return [(work.request, replies[id(work)]) for work in batch if id(work) in replies]
+
+    def run_alone(self) -> Iterator[tuple[Request, bytes]]:
+        """Run the statements PostgreSQL refused inside a transaction (VACUUM, ...).
+
+        Each runs alone, outside any transaction, after the batch's replies
+        went out, stopped at its own deadline by statement_timeout.
+        """
+        deferred, self._deferred = self._deferred, []
+        for work in deferred:
+            replies: dict[int, bytes] = {}
+            pending = self._ensure_connected(self._drop_expired([work], replies), replies)
+            if pending:
+                replies[id(work)] = self._run_one_alone(work)
+            yield work.request, replies[id(work)]
+        self._state.busy_until = 0.0
+
+    def _run_one_alone(self, work: Work) -> bytes:
+        conn = self._conn
+        assert conn is not None
+        self._state.busy_until = work.deadline
+        try:
+            conn.execute(self._time_limit(work.deadline, local=False))
+            try:
+                cursor = conn.cursor()
+                _execute(cursor, work.body[0], work.body[1])
+                return self._ok(work, _written(cursor))
+            finally:
+                if not conn.broken:
+                    conn.execute("RESET statement_timeout")
+        except Exception as exc:
+            return self._fail(work, exc)
 
     def abandon_transaction(self) -> None:
         if self._conn is not None:
@@ -503,6 +541,7 @@ class PostgresEngine:
         assert conn is not None
         succeeded: dict[int, bytes] = {}
         failed: dict[int, bytes] = {}
+        alone: list[Work] = []
         try:
             conn.execute(self._begin)
             for work in chunk:
@@ -515,6 +554,9 @@ class PostgresEngine:
                 except psycopg.Error as exc:
                     if conn.broken or exc.sqlstate in _RETRYABLE:
                         raise
+                    if exc.sqlstate == _NOT_IN_TRANSACTION and work.request.kind in _ALONE:
+                        alone.append(work)  # VACUUM and the like: after the batch
+                        continue
                     error: BaseException = exc
                     if exc.sqlstate == _QUERY_CANCELED:
                         error = Interrupted(
@@ -532,8 +574,9 @@ class PostgresEngine:
         self._commit(conn)
         replies.update(failed)
         replies.update(succeeded)
+        self._deferred.extend(alone)
 
-    def _time_limit(self, deadline: float) -> psql.Composed:
+    def _time_limit(self, deadline: float, *, local: bool = True) -> psql.Composed:
         """SET LOCAL statement_timeout: the server stops SQL that outlives its caller.
 
         The owner's watchdog would otherwise kill the writer stuck past the
@@ -544,7 +587,8 @@ class PostgresEngine:
         if self._execution_limit is not None:
             stop_at = min(stop_at, now + self._execution_limit)
         millis = max(1, int((stop_at - now) * 1000))
-        return psql.SQL("SET LOCAL statement_timeout = {}").format(psql.Literal(millis))
+        scope = psql.SQL("SET LOCAL" if local else "SET")
+        return psql.SQL("{} statement_timeout = {}").format(scope, psql.Literal(millis))
 
     # -- one request ------------------------------------------------------------------
 
