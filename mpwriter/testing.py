@@ -48,6 +48,18 @@ class Faults:
     # a long VACUUM. A forked writer inherits it (start with context="fork").
     solo_delay: float = 0.0
 
+    # Caller side (mpwriter._caller.futures): the thread that resolves
+    # submit() futures raises at its next step, as a bug there would; its
+    # futures must then fail, not hang, and the next submit() starts a new one.
+    collector_fails: bool = False
+
+    # Caller side (mpwriter._caller.calls.reregister): called in the caller
+    # just before it registers a new pipe after its writer died, and just
+    # after the registration was sent; a test forces an interleaving with
+    # the successor writer here.
+    before_reregister: Callable[[], None] | None = None
+    after_reregister: Callable[[], None] | None = None
+
 
 faults = Faults()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import os
 import pickle
+import select
 import sqlite3
 import threading
 import time
@@ -15,7 +16,7 @@ import pytest
 
 import mpwriter
 from conftest import SCHEMA, Gate, count_rows
-from mpwriter._caller import futures as _futures
+from mpwriter import testing
 from mpwriter._wire import frames as _wire
 
 EXPECTED_PUBLIC_NAMES = {
@@ -343,7 +344,7 @@ def test_a_reply_to_another_request_is_an_error_and_retires_the_pipe(
         _wire.Kind.EXECUTE, flags, writer._local.sender, stray_id, slot.number, b""
     )
     os.write(writer._request_fd, frame)
-    assert slot.poller.poll(10_000), "the writer did not answer the stray frame"
+    assert select.select([slot.fd], [], [], 10.0)[0], "the writer did not answer the stray frame"
     writer._local.free.append(slot)  # lent again with that reply unread, as a bug would
     with pytest.raises(mpwriter.Error, match=f"reply to request {stray_id} arrived"):
         writer.execute("INSERT INTO items(client, seq) VALUES (0, 1)")
@@ -352,24 +353,19 @@ def test_a_reply_to_another_request_is_an_error_and_retires_the_pipe(
 
 
 def test_a_failed_reply_collector_fails_its_futures_and_is_replaced(
-    writer: mpwriter.Writer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    writer: mpwriter.Writer, caplog: pytest.LogCaptureFixture
 ) -> None:
     """If the thread resolving submit() futures ever died, no future may hang.
 
-    Nothing in the collector is known to raise, so the fault is injected: its
-    per-reply step raises, as a bug there would.
+    Nothing in the collector is known to raise, so the fault is injected
+    through `mpwriter.testing`: its next step raises, as a bug there would.
     """
-
-    def broken_step(self: object, entry: object) -> bool:
-        raise RuntimeError("injected collector fault")
-
-    monkeypatch.setattr(_futures.Collector, "_step", broken_step)
-    doomed = writer.submit("INSERT INTO items(client, seq) VALUES (1, 1)")
-    with pytest.raises(mpwriter.Error, match="outcome unknown") as caught:
-        doomed.result(timeout=10)
+    with testing.inject(collector_fails=True):
+        doomed = writer.submit("INSERT INTO items(client, seq) VALUES (1, 1)")
+        with pytest.raises(mpwriter.Error, match="outcome unknown") as caught:
+            doomed.result(timeout=10)
     assert isinstance(caught.value.__cause__, RuntimeError)
     assert "submit() futures failed" in caplog.text
-    monkeypatch.undo()
     after = writer.submit("INSERT INTO items(client, seq) VALUES (2, 2)")
     assert after.result(timeout=10).rowcount == 1
 

@@ -11,13 +11,13 @@ import threading
 import time
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 import mpwriter
 from _faults import reap  # tools/, on sys.path through conftest
 from conftest import SCHEMA, Gate, count_rows, hold_writer
+from mpwriter import testing
 from mpwriter._wire import frames as _wire
 
 
@@ -250,14 +250,6 @@ def test_a_request_served_by_the_successor_is_never_reported_lost(
 
         # Force the interleaving: re-register only once the successor runs the call.
         running = threading.Event()
-        reregister = writer._reregister
-
-        def late_reregister(slot: Any, request_id: int, deadline: float) -> None:
-            running.wait(10)
-            reregister(slot, request_id, deadline)
-            gate.release()
-
-        writer._reregister = late_reregister  # type: ignore[method-assign]
 
         def watch() -> None:
             select.select([gate._entered], [], [], 10)
@@ -265,7 +257,10 @@ def test_a_request_served_by_the_successor_is_never_reported_lost(
             running.set()
 
         threading.Thread(target=watch, daemon=True).start()
-        result = writer.call(insert_and_hold, gate._entered_path, gate._release_path)
+        with testing.inject(
+            before_reregister=lambda: running.wait(10), after_reregister=gate.release
+        ):
+            result = writer.call(insert_and_hold, gate._entered_path, gate._release_path)
         assert result == "released"
         assert writer.stats()["lost_requests"] == 0
     gate.close()

@@ -26,6 +26,7 @@ import multiprocessing
 import os
 import pickle
 import resource
+import select
 import statistics
 import tempfile
 import time
@@ -60,7 +61,10 @@ def client(writer: mpwriter.Writer, mode: str, seconds: float, out: Connection) 
         frame = _wire.encode_frame(
             _wire.Kind.EXECUTE, _wire.WHOLE, writer._local.sender, 1, slot.number, payload
         )
-        request_fd, reply_fd, poll = writer._request_fd, slot.fd, slot.poller.poll
+        request_fd, reply_fd = writer._request_fd, slot.fd
+        poller = select.poll()
+        poller.register(reply_fd, select.POLLIN)
+        poll = poller.poll
         while time.monotonic() < stop_at:
             os.write(request_fd, frame)
             if not poll(10_000):

@@ -1,15 +1,12 @@
 """The handle callers use: `Writer`, usable from any process that has it.
 
 A call pickles its request here, in the caller (so a bad argument fails at
-once, with nothing queued), writes it to the shared request pipe as atomic
-frames, then waits for the reply on a reply pipe that only this request uses.
-A payload too large for one frame goes as several frames or, where memfd
-exists, is handed over as a file on the side socket before its one frame.
-
-The reply pipes -- their per-process pool, their registration with the writer,
-retiring them, forgetting them after a fork -- are `_pipe_pool.PipePool`, the
-base of `Writer`; this module takes a pipe from the pool for each request and
-gives it back only once the whole reply was read (otherwise it retires it).
+once, with nothing queued), then runs the request protocol of `calls.py` --
+written once, as generators that say when they must wait -- with one of
+three drivers: `blocking` (``execute`` and friends), `futures` (``submit``
+and friends: one collector thread per handle) and `aio` (``aexecute`` and
+friends: the event loop's readiness callbacks). The reply pipes and the side
+socket are the handle's `pipe_pool.PipePool`.
 
 A dead writer shows as EOF on the reply pipe (the writer held its only write
 end). If the owner restarts the writer, the caller registers a new pipe for
@@ -17,9 +14,6 @@ the same slot, naming the request it awaits: the new writer answers it if the
 request was still queued, or reports it lost ("outcome unknown") once it has
 read everything that was queued before the new pipe arrived. A reply that had
 begun when the pipe hit EOF is lost with its writer: "outcome unknown".
-
-Futures (`submit`) and asyncio share this request path; see `_futures.py`
-and `_aio.py`.
 """
 
 from __future__ import annotations
@@ -28,37 +22,25 @@ import concurrent.futures
 import contextlib
 import os
 import pickle
-import select
 import socket
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from multiprocessing import context as mp_context
 from multiprocessing import reduction
-from typing import Any, Protocol
+from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar
 
-from .. import testing
-from .._errors import NotPicklable, WriterClosed, WriterCrashed, WriterUnavailable
-from .._wire.frames import (
-    CAN_HAND_OVER,
-    HAND_OVER_MIN,
-    HANDED_OVER,
-    MAX_PAYLOAD,
-    NO_REPLY,
-    PICKLE_PROTOCOL,
-    WHOLE,
-    Kind,
-    encode_frame,
-    encode_frames,
-)
-from .._wire.replies import Incoming, Result, millis, no_reply, queue_full, unpack_reply
-from .._wire.state import CLOSED, DEAD, RUNNING, describe_exit
+from .._errors import NotPicklable, WriterClosed
+from .._wire.frames import MAX_PAYLOAD, NO_REPLY, PICKLE_PROTOCOL, WHOLE, Kind, encode_frame
+from .._wire.replies import Result
+from .._wire.state import CLOSED, RUNNING
 from .._wire.stats import Stats
-from . import aio as _aio
+from . import aio, blocking, calls
 from .futures import Collector, Pending
 from .pipe_pool import PipePool, Slot
 
-_READ_SIZE = 1 << 16
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 class _Owner(Protocol):
@@ -67,7 +49,7 @@ class _Owner(Protocol):
     def close(self, timeout: float) -> None: ...
 
 
-class Writer(PipePool):
+class Writer:
     """A handle on the writer process. Create one with `mpwriter.start()`.
 
     Every method may be called from any thread of any process that has the
@@ -78,9 +60,13 @@ class Writer(PipePool):
 
     Guarantees: a call returns only after the COMMIT that made its write
     durable; a call's failure affects no other call; calls made one after the
-    other by one thread are applied in that order. Every call ends within its
-    timeout, raising `Timeout` (outcome unknown), `QueueFull` (not sent) or
-    `WriterUnavailable` when it cannot succeed.
+    other by one thread are applied in that order (``submit`` and friends
+    included: they return once the request is sent). Every call ends within
+    its timeout, raising `Timeout` (outcome unknown), `QueueFull` (not sent)
+    or `WriterUnavailable` when it cannot succeed.
+
+    Each blocking method has a future counterpart (``submit*``) and an
+    awaitable one (``a*``) that take the same arguments and ``timeout``.
     """
 
     def __init__(
@@ -91,20 +77,26 @@ class Writer(PipePool):
         registration: socket.socket,
         state: Any,
         owner: _Owner | None = None,
+        frame_key: int = 0,
     ) -> None:
         self.path = path
         self.timeout = timeout
         self._request_fd = request_fd
         self._state = state
-        self._owner = owner
-        self._closed_here = False
-        super().__init__(registration)
+        self._pool = PipePool(registration, state, frame_key)
+        self._owner_here = owner
+        self._owner_pid = os.getpid()
+        # A collected handle stops its collector thread (which never refers
+        # to the handle) and releases its descriptors. Not at interpreter
+        # exit: the owner's own exit hook closes the writer through the handle.
+        release = weakref.finalize(self, _release, self._pool, request_fd, owner is not None)
+        release.atexit = False
 
     def __repr__(self) -> str:
         status = "closed" if self.closed else "open"
         return f"<mpwriter.Writer {self.path!r} {status}>"
 
-    # -- public API -----------------------------------------------------------
+    # -- blocking -------------------------------------------------------------
 
     def execute(self, sql: str, params: Any = (), *, timeout: float | None = None) -> Result:
         """Run one statement, atomically; return once it is committed.
@@ -112,20 +104,21 @@ class Writer(PipePool):
         SQL errors are raised as their `sqlite3` class, and nothing of the
         failed statement is applied.
         """
-        return Result(*self._call(Kind.EXECUTE, (sql, params), timeout))
+        return Result(*blocking.run(self._request(Kind.EXECUTE, (sql, params), timeout)))
 
     def executemany(
         self, sql: str, seq_of_params: Iterable[Any], *, timeout: float | None = None
     ) -> Result:
         """Run one statement for each parameter set, atomically; ``rows`` is empty."""
-        return Result(*self._call(Kind.EXECUTEMANY, (sql, list(seq_of_params)), timeout))
+        body = (sql, list(seq_of_params))
+        return Result(*blocking.run(self._request(Kind.EXECUTEMANY, body, timeout)))
 
     def executescript(self, script: str, *, timeout: float | None = None) -> None:
         """Run a script atomically: all of its statements apply, or none.
 
         Transaction control inside the script is refused (`StatementRefused`).
         """
-        self._call(Kind.SCRIPT, (script,), timeout)
+        blocking.run(self._request(Kind.SCRIPT, (script,), timeout))
 
     @contextlib.contextmanager
     def transaction(self, *, timeout: float | None = None) -> Iterator[Transaction]:
@@ -137,12 +130,12 @@ class Writer(PipePool):
         tx = Transaction()
         yield tx
         if tx._statements:
-            raw = self._call(Kind.TRANSACTION, (tx._statements,), timeout)
+            raw = blocking.run(self._request(Kind.TRANSACTION, (tx._statements,), timeout))
             tx.results = [Result(*item) for item in raw]
         else:
             tx.results = []
 
-    def call(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+    def call(self, fn: Callable[Concatenate[Any, P], R], /, *args: P.args, **kwargs: P.kwargs) -> R:
         """Run ``fn(conn, *args, **kwargs)`` in the writer, atomically; return its result.
 
         ``fn`` must be importable by the writer (a module-level function) and
@@ -151,36 +144,20 @@ class Writer(PipePool):
         is re-raised here. It must not commit, roll back or close ``conn``.
         Uses the handle's default timeout; see `call_with_timeout`.
         """
-        return self._call(Kind.CALL, (fn, args, kwargs), None)
+        result: R = blocking.run(self._request(Kind.CALL, (fn, args, kwargs), None))
+        return result
 
     def call_with_timeout(
-        self, timeout: float, fn: Callable[..., Any], /, *args: Any, **kwargs: Any
-    ) -> Any:
+        self,
+        timeout: float,
+        fn: Callable[Concatenate[Any, P], R],
+        /,
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> R:
         """`call` with an explicit timeout in seconds."""
-        return self._call(Kind.CALL, (fn, args, kwargs), timeout)
-
-    def submit(
-        self, sql: str, params: Any = (), *, timeout: float | None = None
-    ) -> concurrent.futures.Future[Result]:
-        """Send a statement now; the future resolves when it is committed.
-
-        No thread per request: one background thread per process collects the
-        replies of every pending future. Errors are set on the future; the
-        request is already sent, so the future cannot be cancelled.
-        """
-        future: concurrent.futures.Future[Result] = concurrent.futures.Future()
-        future.set_running_or_notify_cancel()
-        deadline, payload = self._prepare(Kind.EXECUTE, (sql, params), timeout)
-        slot = self._borrow_slot(deadline)
-        try:
-            request_id = self._send(Kind.EXECUTE, payload, slot.number, deadline)
-        except BaseException:
-            self._retire(slot)
-            raise
-        pending = Pending(slot, request_id, future, deadline)
-        while not self._collector().add(pending):
-            pass  # that collector broke (and logged why): the next call starts a new one
-        return future
+        result: R = blocking.run(self._request(Kind.CALL, (fn, args, kwargs), timeout))
+        return result
 
     def post(self, sql: str, params: Any = (), *, max_block: float = 0.05) -> bool:
         """Fire and forget: queue a write and return at once, without a reply.
@@ -193,15 +170,29 @@ class Writer(PipePool):
         failures inside the writer are logged there with the statement's head
         and counted by class (``post_errors_by_class``). Not durable on return.
         """
-        local = self._local
+        pool = self._pool
+        local = pool.local
         reported = local.posts_dropped
         try:
             now = time.monotonic()
-            if self._closed_here or self._state.status != RUNNING:
-                raise self._unavailable(sent=False)
+            if not pool.writer_running():
+                raise pool.unavailable(sent=False)
             body = (sql, params, reported)
             payload = pickle.dumps((now + self.timeout, now, body), PICKLE_PROTOCOL)
-            self._send(Kind.POST, payload, NO_REPLY, now + max_block)
+            frame = encode_frame(
+                Kind.POST,
+                WHOLE,
+                local.sender,
+                pool.next_request_id(),
+                NO_REPLY,
+                payload,
+                pool.frame_key,
+            )
+            try:
+                os.write(self._request_fd, frame)
+            except BlockingIOError:  # a full queue: wait up to max_block for room
+                frames = (frame,)
+                blocking.run(calls.write_frames(pool, self._request_fd, frames, now + max_block))
         except Exception:
             # Dropped: counted here, reported with the next post that gets through.
             with local.lock:
@@ -213,36 +204,102 @@ class Writer(PipePool):
                 local.posts_dropped -= reported
         return True
 
+    def stats(self, *, timeout: float | None = None) -> Stats:
+        """The writer's figures: requests, batches, commits, errors, queue depth..."""
+        figures: Stats = blocking.run(self._request(Kind.STATS, (), timeout))
+        return figures
+
+    # -- futures ----------------------------------------------------------------
+
+    def submit(
+        self, sql: str, params: Any = (), *, timeout: float | None = None
+    ) -> concurrent.futures.Future[Result]:
+        """`execute`, as a future that resolves once the statement is committed.
+
+        Returns once the request is sent (waiting, up to ``timeout``, while
+        the queue is full: so the requests of one thread stay in order), and
+        raises what prevented sending it (`QueueFull`, `WriterUnavailable`,
+        `NotPicklable`): nothing was sent then. Errors after that are set on
+        the future; the request is sent, so the future cannot be cancelled.
+        No thread per request: one background thread per handle collects the
+        replies of every pending future.
+        """
+        return self._submit(Kind.EXECUTE, (sql, params), timeout, _to_result)
+
+    def submit_many(
+        self, sql: str, seq_of_params: Iterable[Any], *, timeout: float | None = None
+    ) -> concurrent.futures.Future[Result]:
+        """`executemany`, as a future (see `submit`)."""
+        return self._submit(Kind.EXECUTEMANY, (sql, list(seq_of_params)), timeout, _to_result)
+
+    def submit_script(
+        self, script: str, *, timeout: float | None = None
+    ) -> concurrent.futures.Future[None]:
+        """`executescript`, as a future (see `submit`)."""
+        return self._submit(Kind.SCRIPT, (script,), timeout, _to_none)
+
+    def submit_call(
+        self, fn: Callable[Concatenate[Any, P], R], /, *args: P.args, **kwargs: P.kwargs
+    ) -> concurrent.futures.Future[R]:
+        """`call`, as a future (see `submit`); the handle's default timeout."""
+        return self._submit(Kind.CALL, (fn, args, kwargs), None, _same)
+
+    def submit_call_with_timeout(
+        self,
+        timeout: float,
+        fn: Callable[Concatenate[Any, P], R],
+        /,
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> concurrent.futures.Future[R]:
+        """`call_with_timeout`, as a future (see `submit`)."""
+        return self._submit(Kind.CALL, (fn, args, kwargs), timeout, _same)
+
     # -- asyncio ----------------------------------------------------------------
 
     async def aexecute(self, sql: str, params: Any = (), *, timeout: float | None = None) -> Result:
-        """`execute` for asyncio: awaits the commit without blocking the event loop."""
-        return Result(*await _aio.request(self, Kind.EXECUTE, (sql, params), timeout))
+        """`execute` for asyncio: awaits the commit without blocking the event loop.
+
+        Cancelling the task retires its reply pipe; the outcome is then unknown.
+        """
+        return Result(*await aio.run(self._request(Kind.EXECUTE, (sql, params), timeout)))
 
     async def aexecutemany(
         self, sql: str, seq_of_params: Iterable[Any], *, timeout: float | None = None
     ) -> Result:
         """`executemany` for asyncio."""
         body = (sql, list(seq_of_params))
-        return Result(*await _aio.request(self, Kind.EXECUTEMANY, body, timeout))
+        return Result(*await aio.run(self._request(Kind.EXECUTEMANY, body, timeout)))
 
     async def aexecutescript(self, script: str, *, timeout: float | None = None) -> None:
         """`executescript` for asyncio."""
-        await _aio.request(self, Kind.SCRIPT, (script,), timeout)
+        await aio.run(self._request(Kind.SCRIPT, (script,), timeout))
 
-    async def acall(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
-        """`call` for asyncio (the handle's default timeout applies)."""
-        return await _aio.request(self, Kind.CALL, (fn, args, kwargs), None)
+    async def acall(
+        self, fn: Callable[Concatenate[Any, P], R], /, *args: P.args, **kwargs: P.kwargs
+    ) -> R:
+        """`call` for asyncio (the handle's default timeout; see `acall_with_timeout`)."""
+        result: R = await aio.run(self._request(Kind.CALL, (fn, args, kwargs), None))
+        return result
 
-    def stats(self, *, timeout: float | None = None) -> Stats:
-        """The writer's figures: requests, batches, commits, errors, queue depth..."""
-        figures: Stats = self._call(Kind.STATS, (), timeout)
-        return figures
+    async def acall_with_timeout(
+        self,
+        timeout: float,
+        fn: Callable[Concatenate[Any, P], R],
+        /,
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> R:
+        """`call_with_timeout` for asyncio."""
+        result: R = await aio.run(self._request(Kind.CALL, (fn, args, kwargs), timeout))
+        return result
+
+    # -- lifetime ---------------------------------------------------------------
 
     @property
     def closed(self) -> bool:
         """True once this handle, or the writer itself, was closed."""
-        return self._closed_here or self._state.status == CLOSED
+        return self._pool.closed or self._state.status == CLOSED
 
     def close(self, timeout: float | None = None) -> None:
         """Release this handle; in the owner process, stop the writer.
@@ -251,21 +308,19 @@ class Writer(PipePool):
         queued is served and committed, the WAL is checkpointed, and the
         writer exits and releases its lock file. Waits up to ``timeout``
         seconds (the handle's default) before terminating the writer.
-        Elsewhere this only releases the handle's reply pipes. Idempotent.
+        Elsewhere this only releases the handle's reply pipes. Either way,
+        the handle's collector thread (``submit``) stops, failing futures
+        still pending with `WriterClosed`. Idempotent.
         """
-        if self._closed_here:
+        pool = self._pool
+        if pool.closed:
             return
-        self._closed_here = True
         owner = self._owner
         if owner is not None:
+            pool.closed = True  # refuse new calls while the writer drains
             owner.close(self.timeout if timeout is None else timeout)
-        with self._local.lock:
-            free, self._local.free = self._local.free, []
-        for slot in free:
-            self._retire(slot)
+        pool.close()
         _disarm(self._request_fd)
-        weakref.finalize(self, os.close, self._request_fd)
-        self._registration.close()
 
     def __enter__(self) -> Writer:
         return self
@@ -290,37 +345,26 @@ class Writer(PipePool):
                 self.path,
                 self.timeout,
                 reduction.DupFd(self._request_fd),
-                reduction.DupFd(self._registration.fileno()),
+                reduction.DupFd(self._pool.registration.fileno()),
                 self._state,
+                self._pool.frame_key,
             ),
         )
 
+    @property
+    def _owner(self) -> _Owner | None:
+        """The owner, in the process that started the writer only (not a forked child)."""
+        return self._owner_here if os.getpid() == self._owner_pid else None
+
     # -- request path -----------------------------------------------------------
 
-    def _call(self, kind: Kind, body: tuple[Any, ...], timeout: float | None) -> Any:
-        # The hot path of every synchronous call, kept flat: a typical request
-        # is one frame, written at once, and one reply, read in one chunk.
-        deadline, payload = self._prepare(kind, body, timeout)
-        free = self._local.free
-        slot = free.pop() if free else self._new_slot(deadline)
-        try:
-            request_id = self._send(kind, payload, slot.number, deadline)
-            reply = self._await_reply(slot, request_id, deadline)
-        except BaseException:
-            # Whatever went wrong, the pipe may still receive a reply.
-            self._retire(slot)
-            raise
-        # A whole reply was read: the pipe is clean, even if the reply is an error.
-        free.append(slot)
-        return unpack_reply(reply)
-
-    def _prepare(
-        self, kind: Kind, body: tuple[Any, ...], timeout: float | None
-    ) -> tuple[float, bytes]:
-        if self._closed_here:
+    def _request(self, kind: Kind, body: tuple[Any, ...], timeout: float | None) -> calls.Step[Any]:
+        """The protocol generator of one request, for any driver to run."""
+        pool = self._pool
+        if pool.closed:
             raise WriterClosed("this Writer handle was closed; the request was not sent")
         if self._state.status != RUNNING:
-            raise self._unavailable(sent=False)
+            raise pool.unavailable(sent=False)
         now = time.monotonic()
         deadline = now + (self.timeout if timeout is None else timeout)
         try:
@@ -329,96 +373,76 @@ class Writer(PipePool):
             raise NotPicklable(
                 f"cannot send this {kind.name.lower()} request to the writer: {exc}"
             ) from exc
-        return deadline, payload
+        return calls.request(pool, self._request_fd, kind, payload, deadline)
 
-    def _outgoing(self, kind: Kind, payload: bytes, slot_number: int, deadline: float) -> _Outgoing:
-        """The frames of a request, ready to pump; a large payload is handed
-        over on the side socket first (see `_wire`)."""
-        sender = self._local.sender
-        request_id = self._next_request_id()
-        if len(payload) >= HAND_OVER_MIN and CAN_HAND_OVER and testing.faults.hand_over:
-            self._hand_over(payload, request_id, deadline)
-            flags = WHOLE | HANDED_OVER
-            frames = iter((encode_frame(kind, flags, sender, request_id, slot_number, b""),))
-        else:
-            frames = encode_frames(kind, sender, request_id, slot_number, payload)
-        return _Outgoing(self, request_id, frames)
-
-    def _next_request_id(self) -> int:
-        # Never 0: a registration awaiting request 0 is a fresh one.
-        return next(self._local.request_ids) % 0xFFFFFFFF + 1
-
-    def _send(self, kind: Kind, payload: bytes, slot_number: int, deadline: float) -> int:
-        if len(payload) <= MAX_PAYLOAD:
-            request_id = self._next_request_id()
-            frame = encode_frame(kind, WHOLE, self._local.sender, request_id, slot_number, payload)
-            try:
-                os.write(self._request_fd, frame)
-                return request_id
-            except BlockingIOError:
-                outgoing = _Outgoing(self, request_id, iter((frame,)))
-            except BrokenPipeError:
-                raise self._unavailable(sent=False) from None
-        else:
-            outgoing = self._outgoing(kind, payload, slot_number, deadline)
-        poller: select.poll | None = None
-        while not outgoing.pump():
-            if poller is None:
-                poller = select.poll()
-                poller.register(self._request_fd, select.POLLOUT)
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise queue_full()
-            poller.poll(millis(remaining))
-        return outgoing.request_id
-
-    def _await_reply(self, slot: Slot, request_id: int, deadline: float) -> bytes:
-        """The whole reply to ``request_id``; raises on timeout or a lost writer."""
-        incoming = Incoming(request_id)
-        while True:
-            if not slot.poller.poll(millis(max(deadline - time.monotonic(), 0.0))):
-                raise no_reply()
-            reply = self._receive(slot, incoming, request_id, deadline)
-            if reply is not None:
-                return reply
-
-    def _receive(
-        self, slot: Slot, incoming: Incoming, request_id: int, deadline: float
-    ) -> bytes | None:
-        """Read what ``slot`` holds; return the whole reply once it is complete."""
-        chunk = os.read(slot.fd, _READ_SIZE)
-        if chunk:
-            return incoming.take(chunk)
-        self._after_eof(slot, incoming, request_id, deadline)
-        return None
-
-    def _after_eof(self, slot: Slot, incoming: Incoming, request_id: int, deadline: float) -> None:
-        """The writer that held this pipe is gone, possibly part-way through
-        the reply: wait for its successor, if one may come."""
-        if incoming.started or self._state.status != RUNNING:
-            raise self._unavailable(sent=True)
-        self._reregister(slot, request_id, deadline)
-
-    def _unavailable(self, *, sent: bool) -> WriterUnavailable:
-        outcome = "the outcome is unknown" if sent else "the request was not sent"
-        state = self._state
-        if self._closed_here:
-            return WriterClosed(f"this Writer handle was closed; {outcome}")
-        if state.status == CLOSED:
-            return WriterClosed(f"the writer was closed; {outcome}")
-        how = describe_exit(state.last_exit) if state.status == DEAD else "died"
-        return WriterCrashed(f"the writer process (pid {state.writer_pid}) {how}; {outcome}")
+    def _submit(
+        self,
+        kind: Kind,
+        body: tuple[Any, ...],
+        timeout: float | None,
+        convert: Callable[[Any], Any],
+    ) -> concurrent.futures.Future[Any]:
+        step = self._request(kind, body, timeout)
+        # Sent here, in the caller's thread: its requests stay in order.
+        wait = blocking.run_until_sent(step)
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        future.set_running_or_notify_cancel()
+        pending = Pending(step, wait, future, convert)
+        while not self._collector().add(pending):
+            if self._pool.closed:
+                step.close()
+                future.set_exception(self._pool.unavailable(sent=True))
+                break
+            # That collector broke (and logged why): the next turn starts a new one.
+        return future
 
     def _collector(self) -> Collector:
-        local = self._local
+        local = self._pool.local
         with local.lock:
-            if local.collector is None or local.collector.broken:
-                local.collector = Collector(self)
-            return local.collector
+            current = local.collector
+            if isinstance(current, Collector) and not current.broken:
+                return current
+            fresh = Collector(local.fds)
+            local.collector = fresh
+            return fresh
 
-    def _forget_parent_state(self) -> None:
-        super()._forget_parent_state()
-        self._owner = None  # only the process that started the writer owns it
+    # Steps of the protocol, one at a time, for tests that must stop between them.
+
+    @property
+    def _local(self) -> Any:
+        return self._pool.local
+
+    def _borrow_slot(self, deadline: float) -> Slot:
+        free = self._pool.local.free
+        return free.pop() if free else blocking.run(calls.new_slot(self._pool, deadline))
+
+    def _next_request_id(self) -> int:
+        return self._pool.next_request_id()
+
+    def _prepare(
+        self, kind: Kind, body: tuple[Any, ...], timeout: float | None
+    ) -> tuple[float, bytes]:
+        now = time.monotonic()
+        deadline = now + (self.timeout if timeout is None else timeout)
+        return deadline, pickle.dumps((deadline, now, body), PICKLE_PROTOCOL)
+
+    def _send(self, kind: Kind, payload: bytes, slot_number: int, deadline: float) -> int:
+        slot = Slot(slot_number, -1)
+        if len(payload) > MAX_PAYLOAD:
+            bulk = calls.send_bulk(self._pool, self._request_fd, kind, payload, slot, deadline)
+            return blocking.run(bulk)
+        request_id = self._pool.next_request_id()
+        sender = self._pool.local.sender
+        key = self._pool.frame_key
+        frame = encode_frame(kind, WHOLE, sender, request_id, slot_number, payload, key)
+        blocking.run(calls.write_frames(self._pool, self._request_fd, (frame,), deadline))
+        return request_id
+
+    def _hand_over(self, payload: bytes, request_id: int, deadline: float) -> None:
+        blocking.run(calls.hand_over(self._pool, payload, request_id, deadline))
+
+    def _await_reply(self, slot: Slot, request_id: int, deadline: float) -> bytes | bytearray:
+        return blocking.run(calls.receive(self._pool, slot, request_id, deadline))
 
 
 class Transaction:
@@ -435,31 +459,30 @@ class Transaction:
         self._statements.append((True, sql, list(seq_of_params)))
 
 
-class _Outgoing:
-    """A request's frames, written as far as the queue takes them without blocking."""
+def _to_result(value: Any) -> Result:
+    return Result(*value)
 
-    __slots__ = ("_frames", "_next", "_writer", "request_id")
 
-    def __init__(self, writer: Writer, request_id: int, frames: Iterator[bytes]) -> None:
-        self._writer = writer
-        self.request_id = request_id
-        self._frames = frames
-        self._next: bytes | None = next(frames)
+def _to_none(value: Any) -> None:
+    return None
 
-    def pump(self) -> bool:
-        """Write frames until done (True) or the queue is full (False)."""
-        fd = self._writer._request_fd
-        while self._next is not None:
-            try:
-                os.write(fd, self._next)
-            except BlockingIOError:
-                return False
-            except BrokenPipeError:
-                # No reader is left: the writer is gone for good. A request
-                # cut short here is incomplete and will never be run.
-                raise self._writer._unavailable(sent=False) from None
-            self._next = next(self._frames, None)
-        return True
+
+def _same(value: Any) -> Any:
+    return value
+
+
+def _release(pool: PipePool, request_fd: int, owned: bool) -> None:
+    """When a handle is collected: what `close` releases, and the request pipe.
+
+    The owner's handle keeps the side socket and the request pipe, as it
+    always did: they outlive it with the writer, which the owner stops at exit.
+    """
+    if owned and pool.state.status != CLOSED and os.getpid() == pool.creator_pid:
+        pool.release_pipes()
+        return
+    if not pool.closed:
+        pool.close()
+    os.close(request_fd)
 
 
 def _disarm(fd: int) -> None:
@@ -483,6 +506,7 @@ def _rebuild(
     request_fd: Any,
     registration_fd: Any,
     state: Any,
+    frame_key: int,
 ) -> Writer:
     registration = socket.socket(fileno=registration_fd.detach())
-    return Writer(path, timeout, request_fd.detach(), registration, state)
+    return Writer(path, timeout, request_fd.detach(), registration, state, frame_key=frame_key)

@@ -20,61 +20,56 @@ pipes it made, pooled per handle, and these invariants hold:
 - The writer holds the only write end: this side closes its copy once it is
   sent, so EOF on a read end means the writer that held it is gone. If the
   owner restarts the writer, the caller registers a new pipe for the same
-  slot, naming the request it awaits (`PipePool._reregister`).
+  slot, naming the request it awaits (`calls.reregister`).
 - A forked child never touches its parent's pipes. `os.register_at_fork`
   (which covers raw ``os.fork()`` as gunicorn uses it, not only
-  multiprocessing) gives each handle fresh per-process state in the child --
-  new sender token, no pipes, new locks -- and closes every descriptor the
-  parent's state had open, including those of requests in flight in another
-  thread at the fork.
+  multiprocessing) gives each pool fresh per-process state in the child --
+  new sender token, no pipes, no collector thread, new locks -- and closes
+  every descriptor the parent's state had open, including those of requests
+  in flight in another thread at the fork.
+
+This module does no waiting: sending on the side socket and waiting for it
+are steps of the protocol in `calls.py`.
 """
 
 from __future__ import annotations
 
 import itertools
 import os
-import select
 import socket
 import threading
-import time
 import weakref
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
-from .._errors import QueueFull, Timeout, WriterUnavailable
-from .._wire.frames import (
-    NO_REPLY,
-    PAYLOAD_HANDOVER,
-    PAYLOAD_TAG,
-    PIPE_REGISTRATION,
-    PIPE_TAG,
-    make_sender_token,
-)
-from .._wire.replies import millis
+from .._errors import WriterClosed, WriterCrashed, WriterUnavailable
+from .._wire.frames import NO_REPLY, make_sender_token
+from .._wire.state import CLOSED, DEAD, RUNNING, describe_exit
 
-if TYPE_CHECKING:
-    from .futures import Collector
+
+class CollectorHandle(Protocol):
+    """What the pool needs of a handle's futures collector (`futures.Collector`).
+
+    A protocol rather than an import: the collector runs the call protocol,
+    which borrows slots from this pool, so importing it here would be a circle.
+    """
+
+    broken: bool
+
+    def stop(self) -> None: ...
 
 
 class Slot:
     """A reply pipe: this process reads ``fd``; the writer holds the write end."""
 
-    __slots__ = ("fd", "number", "poller")
+    __slots__ = ("fd", "number")
 
     def __init__(self, number: int, fd: int) -> None:
         self.number = number
         self.fd = fd
-        self.poller = select.poll()
-        self.poller.register(fd, select.POLLIN)
-
-    def replace_fd(self, fd: int) -> None:
-        self.poller.unregister(self.fd)
-        os.close(self.fd)
-        self.fd = fd
-        self.poller.register(fd, select.POLLIN)
 
 
 class ProcessState:
-    """A handle's per-process state; replaced wholesale in a forked child."""
+    """A pool's per-process state; replaced wholesale in a forked child."""
 
     def __init__(self) -> None:
         self.sender = make_sender_token(os.getpid())
@@ -83,7 +78,7 @@ class ProcessState:
         self.slot_numbers = itertools.count()
         self.open_slots: set[int] = set()  # numbers of the pipes not retired yet
         self.request_ids = itertools.count()
-        self.collector: Collector | None = None
+        self.collector: CollectorHandle | None = None
         self.posts_dropped = 0  # not yet reported to the writer
         # Every descriptor this state opened: a forked child closes them all,
         # including those of requests in flight in another thread at the fork.
@@ -91,140 +86,118 @@ class ProcessState:
 
 
 class PipePool:
-    """The reply-pipe half of a `Writer` handle: its pool and its side socket.
+    """A handle's reply pipes, its side socket, and what the protocol needs to
+    know about the writer: whether it runs, and which error says it does not.
 
-    A base class rather than a member, so that the request path reaches the
-    pool (``self._local.free``) with no call or lookup in between. The
-    handle supplies `_unavailable`: only it knows whether it was closed or
-    its writer died, which decides the error a failed send raises.
+    ``local`` is the per-process state; the request path reads ``local.free``
+    directly (one attribute lookup on the hot path).
     """
 
-    def __init__(self, registration: socket.socket) -> None:
-        self._registration = registration
-        self._local = ProcessState()
-        _handles.add(self)
+    def __init__(self, registration: socket.socket, state: Any, frame_key: int = 0) -> None:
+        self.registration = registration
+        self.state = state  # the shared state word (`_wire.state`)
+        # The request stream's key (`_wire.frames.new_frame_key`): every frame
+        # this pool's requests send is keyed with it.
+        self.frame_key = frame_key
+        self.closed = False  # closed through this handle, in this process
+        self.creator_pid = os.getpid()
+        self.local = ProcessState()
+        _pools.add(self)
 
-    def _unavailable(self, *, sent: bool) -> WriterUnavailable:
-        """The error to raise when the writer cannot be reached."""
-        raise NotImplementedError
+    # -- what the protocol asks ------------------------------------------------------
 
-    def _borrow_slot(self, deadline: float) -> Slot:
-        """A pipe for one request: a pooled one, or a new one registered by ``deadline``."""
-        free = self._local.free
-        return free.pop() if free else self._new_slot(deadline)
+    def writer_running(self) -> bool:
+        """Whether a writer serves, or will again after a restart."""
+        return not self.closed and self.state.status == RUNNING
 
-    def _retire(self, slot: Slot) -> None:
-        """Close ``slot`` for good: it may still receive a reply, which no one must read."""
-        self._local.open_slots.discard(slot.number)
-        self._close_fd(slot.fd)
+    def unavailable(self, *, sent: bool) -> WriterUnavailable:
+        """The error that says why the writer cannot be reached right now."""
+        outcome = "the outcome is unknown" if sent else "the request was not sent"
+        state = self.state
+        if self.closed:
+            return WriterClosed(f"this Writer handle was closed; {outcome}")
+        if state.status == CLOSED:
+            return WriterClosed(f"the writer was closed; {outcome}")
+        how = describe_exit(state.last_exit) if state.status == DEAD else "died"
+        return WriterCrashed(f"the writer process (pid {state.writer_pid}) {how}; {outcome}")
 
-    def _new_slot(self, deadline: float) -> Slot:
-        local = self._local
+    def next_request_id(self) -> int:
+        # Never 0: a registration awaiting request 0 is a fresh one.
+        return next(self.local.request_ids) % 0xFFFFFFFF + 1
+
+    def next_slot_number(self) -> int:
+        local = self.local
         # Numbers wrap below NO_REPLY (which marks a request without reply).
         # After a wrap, skip the numbers of pipes still open: the writer would
         # take a second pipe under the same number for a replacement of the first.
         number = next(local.slot_numbers) % NO_REPLY
         while number in local.open_slots:
             number = next(local.slot_numbers) % NO_REPLY
-        read_fd, write_fd = self._new_pipe()
-        try:
-            self._register(number, write_fd, 0, deadline, sent=False)
-        except BaseException:
-            self._close_fd(read_fd)
-            raise
-        finally:
-            # The writer now holds the only write end: EOF here means it died.
-            self._close_fd(write_fd)
-        local.open_slots.add(number)
-        return Slot(number, read_fd)
+        return number
 
-    def _reregister(self, slot: Slot, request_id: int, deadline: float) -> None:
-        """Hand a new pipe for ``slot`` to the next writer, awaiting ``request_id``.
+    # -- descriptors ------------------------------------------------------------------
 
-        The registration waits in the socket until a new writer reads it. If
-        the owner gives up instead, it closes the socket, which closes the
-        pipe's write end, and this caller sees EOF again.
-        """
-        read_fd, write_fd = self._new_pipe()
-        try:
-            self._register(slot.number, write_fd, request_id, deadline, sent=True)
-        except BaseException:
-            self._close_fd(read_fd)
-            raise
-        finally:
-            self._close_fd(write_fd)
-        self._local.fds.discard(slot.fd)
-        slot.replace_fd(read_fd)
-
-    def _new_pipe(self) -> tuple[int, int]:
+    def new_pipe(self) -> tuple[int, int]:
         read_fd, write_fd = os.pipe()
-        self._local.fds.update((read_fd, write_fd))
+        self.local.fds.update((read_fd, write_fd))
         os.set_blocking(read_fd, False)
         return read_fd, write_fd
 
-    def _close_fd(self, fd: int) -> None:
-        self._local.fds.discard(fd)
+    def open_slot(self, number: int, read_fd: int) -> Slot:
+        """A slot for a pipe whose write end the writer now holds."""
+        self.local.open_slots.add(number)
+        return Slot(number, read_fd)
+
+    def replace_fd(self, slot: Slot, read_fd: int) -> None:
+        """After a re-registration: ``slot`` reads from a new pipe."""
+        self.close_fd(slot.fd)
+        slot.fd = read_fd
+
+    def retire(self, slot: Slot) -> None:
+        """Close ``slot`` for good: it may still receive a reply, which no one must read."""
+        self.local.open_slots.discard(slot.number)
+        self.close_fd(slot.fd)
+
+    def close_fd(self, fd: int) -> None:
+        self.local.fds.discard(fd)
         os.close(fd)
 
-    # -- side socket ---------------------------------------------------------------
+    def release_pipes(self) -> None:
+        """Stop the collector thread (failing its futures) and retire the pooled pipes."""
+        local = self.local
+        with local.lock:
+            free, local.free = local.free, []
+            collector, local.collector = local.collector, None
+        if collector is not None:
+            collector.stop()
+        for slot in free:
+            self.retire(slot)
 
-    def _register(
-        self, number: int, write_fd: int, awaiting: int, deadline: float, *, sent: bool
-    ) -> None:
-        message = PIPE_REGISTRATION.pack(PIPE_TAG, self._local.sender, number, awaiting)
-        self._send_side_message(message, write_fd, deadline, sent=sent)
+    def close(self) -> None:
+        """`release_pipes`, and close the side socket: for good.
 
-    def _hand_over(self, payload: bytes, request_id: int, deadline: float) -> None:
-        """Send ``payload`` as a memfd, for the frame of ``request_id`` that follows."""
-        fd = os.memfd_create("mpwriter-request", os.MFD_CLOEXEC)
-        self._local.fds.add(fd)  # a child forked meanwhile closes its copy
-        try:
-            with open(fd, "wb", closefd=False) as file:
-                file.write(payload)
-            sender = self._local.sender
-            message = PAYLOAD_HANDOVER.pack(PAYLOAD_TAG, sender, request_id, len(payload))
-            self._send_side_message(message, fd, deadline, sent=False)
-        finally:
-            self._close_fd(fd)
-
-    def _send_side_message(self, message: bytes, fd: int, deadline: float, *, sent: bool) -> None:
-        """Send ``fd`` to the writer with ``message``, waiting up to ``deadline``."""
-        while True:
-            try:
-                socket.send_fds(self._registration, [message], [fd])
-                return
-            except BlockingIOError:
-                pass
-            except OSError:
-                # EPIPE, ECONNREFUSED, ENOTCONN: nobody will ever read it.
-                raise self._unavailable(sent=sent) from None
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                if sent:
-                    raise Timeout("no writer took over within the timeout; the outcome is unknown")
-                raise QueueFull("the writer's side socket stayed full past the timeout; not sent")
-            # poll, not select: a spawned child's copy of the socket may be
-            # numbered past select's limit of 1024.
-            poller = select.poll()
-            poller.register(self._registration, select.POLLOUT)
-            poller.poll(millis(remaining))
+        Requests in flight in other threads fail with `WriterClosed`.
+        """
+        self.closed = True
+        self.release_pipes()
+        self.registration.close()
 
     # -- fork ----------------------------------------------------------------------
 
-    def _forget_parent_state(self) -> None:
+    def forget_parent_state(self) -> None:
         """In a forked child: drop the parent's pipes; never read from them."""
-        parent = self._local
-        self._local = ProcessState()
+        parent = self.local
+        self.local = ProcessState()
         for fd in parent.fds:
             os.close(fd)
 
 
-_handles: weakref.WeakSet[PipePool] = weakref.WeakSet()
+_pools: weakref.WeakSet[PipePool] = weakref.WeakSet()
 
 
 def _after_fork_in_child() -> None:
-    for handle in list(_handles):
-        handle._forget_parent_state()
+    for pool in list(_pools):
+        pool.forget_parent_state()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -1,16 +1,19 @@
 """Replies as callers receive them: reassembly, decoding, and the errors of waiting.
 
-Shared by the synchronous path (`_client.py`), futures (`_futures.py`) and
-asyncio (`_aio.py`).
+Used by the caller's request protocol (`mpwriter._caller.calls`), whichever
+driver runs it.
 """
 
 from __future__ import annotations
 
+import os
 import pickle
 from typing import Any, NamedTuple
 
 from .._errors import Error, QueueFull, RemoteTraceback, Timeout, portable
 from .frames import PICKLED, REPLY_HEADER_SIZE, Status, decode_reply_header, decode_wrote
+
+READ_SIZE = 1 << 16  # a reply pipe holds 64 KiB by default
 
 
 class Result(NamedTuple):
@@ -42,36 +45,81 @@ class Result(NamedTuple):
 
 
 class Incoming:
-    """Collects the reply to ``request_id`` from the chunks read off its pipe.
+    """Collects the reply to ``request_id`` off its pipe, in linear time.
 
-    Raises `Error` as soon as the header shows a reply to another request:
-    the pipe carries something this request cannot account for, and the
-    caller retires it.
+    The usual reply is whole in the first read and is returned as read, with
+    no copy. A longer one goes into a buffer of the size its header gives,
+    filled in place (`os.readv` into the buffer's free part): each byte is
+    copied once, however many reads it takes, where growing ``buffer +
+    chunk`` copied it once per read. Raises `Error` as soon as the header
+    shows a reply to another request: the pipe carries something this
+    request cannot account for, and the caller retires it.
     """
 
-    __slots__ = ("_buffer", "_needed", "_request_id")
+    __slots__ = ("_buffer", "_filled", "_needed", "_request_id")
 
     def __init__(self, request_id: int) -> None:
-        self._buffer = b""
+        self._buffer: bytearray | None = None
+        self._filled = 0
         self._needed = 0  # the whole reply's size, once its header is in
         self._request_id = request_id
 
     @property
     def started(self) -> bool:
-        return bool(self._buffer)
+        """Whether part of the reply was read (it cannot be resumed elsewhere)."""
+        return self._buffer is not None
 
-    def take(self, chunk: bytes) -> bytes | None:
-        # Usually the whole reply is the first chunk: no copy then.
-        buffer = self._buffer = self._buffer + chunk if self._buffer else chunk
-        if not self._needed and len(buffer) >= REPLY_HEADER_SIZE:
-            length, replied_to = decode_reply_header(buffer)
-            if replied_to != self._request_id:
-                raise Error(
-                    f"a reply to request {replied_to} arrived for request {self._request_id};"
-                    " the outcome is unknown"
-                )
-            self._needed = REPLY_HEADER_SIZE + length
-        return buffer if self._needed and len(buffer) >= self._needed else None
+    def read(self, fd: int) -> bytes | bytearray | None:
+        """Read once from the non-blocking ``fd``; the whole reply once complete.
+
+        Raises `EOFError` when the pipe's write end is gone.
+        """
+        buffer = self._buffer
+        if buffer is None:
+            chunk = os.read(fd, READ_SIZE)
+            if len(chunk) >= REPLY_HEADER_SIZE:
+                length, replied_to = decode_reply_header(chunk)
+                if replied_to == self._request_id and len(chunk) >= REPLY_HEADER_SIZE + length:
+                    return chunk  # the usual case, kept short: the whole reply at once
+            elif not chunk:
+                raise EOFError
+            return self.take(chunk)
+        if not self._needed:  # a torn header: take just the rest of it
+            chunk = os.read(fd, REPLY_HEADER_SIZE - self._filled)
+            if not chunk:
+                raise EOFError
+            return self.take(chunk)
+        count = os.readv(fd, [memoryview(buffer)[self._filled :]])
+        if not count:
+            raise EOFError
+        self._filled += count
+        return buffer if self._filled == self._needed else None
+
+    def take(self, chunk: bytes) -> bytes | bytearray | None:
+        """Add ``chunk`` (read by the caller); the whole reply once complete."""
+        buffer = self._buffer
+        if buffer is None:
+            if len(chunk) >= REPLY_HEADER_SIZE and len(chunk) >= self._check_header(chunk):
+                return chunk  # the usual case: the whole reply in one read
+            buffer = self._buffer = bytearray(max(self._needed, REPLY_HEADER_SIZE))
+        end = self._filled + len(chunk)
+        buffer[self._filled : end] = chunk
+        self._filled = end
+        if not self._needed and end >= REPLY_HEADER_SIZE:
+            needed = self._check_header(buffer)
+            buffer.extend(bytes(needed - len(buffer)))
+        return buffer if self._needed and self._filled >= self._needed else None
+
+    def _check_header(self, data: bytes | bytearray) -> int:
+        head = data if isinstance(data, bytes) else bytes(data[:REPLY_HEADER_SIZE])
+        length, replied_to = decode_reply_header(head)
+        if replied_to != self._request_id:
+            raise Error(
+                f"a reply to request {replied_to} arrived for request {self._request_id};"
+                " the outcome is unknown"
+            )
+        self._needed = REPLY_HEADER_SIZE + length
+        return self._needed
 
 
 def queue_full() -> QueueFull:
@@ -82,10 +130,10 @@ def no_reply() -> Timeout:
     return Timeout("no reply from the writer within the timeout; the outcome is unknown")
 
 
-def unpack_reply(reply: bytes) -> Any:
+def unpack_reply(reply: bytes | bytearray) -> Any:
     """The value of a whole reply (from `Incoming`), or raise the error it carries."""
     if reply[REPLY_HEADER_SIZE] != PICKLED:
-        return decode_wrote(reply)
+        return decode_wrote(bytes(reply))
     status, value = pickle.loads(memoryview(reply)[REPLY_HEADER_SIZE:])
     if status == Status.OK:
         return value

@@ -1,0 +1,103 @@
+"""The blocking driver: runs a protocol generator (`calls`) in the calling thread.
+
+Each wait is one ``poll`` on the descriptor, bounded by the wait's deadline.
+A dead writer needs no second descriptor: it held the only write end of the
+reply pipe, so its death shows as EOF (readable) there, and as an error
+(writable) on the request pipe once no writer is left to read it.
+
+gevent: ``select.poll`` is looked up at each wait, not bound at import. Under
+gevent's monkey-patching (``gevent.monkey.patch_all()``, as gunicorn's gevent
+worker does) it is ``gevent.select.poll``, which parks the greenlet and lets
+the hub run the others until the descriptor is ready. Every wait of a
+blocking call relies on that -- full request queue, full side socket,
+reply, re-registration after a restart -- since they are all this one poll;
+tests/test_gevent.py checks that each of them lets other greenlets run.
+Without gevent nothing changes: it is the ``select.poll`` of the standard
+library.
+"""
+
+from __future__ import annotations
+
+import select
+import time
+from typing import Any, TypeVar
+
+from .._wire.replies import millis
+from .calls import READ, Step, Wait
+
+T = TypeVar("T")
+
+
+def run(step: Step[T]) -> T:
+    """Run ``step`` to its end in this thread; return its result or raise its error.
+
+    If this thread is interrupted while waiting (KeyboardInterrupt, a
+    signal handler that raises), the generator is closed, so it retires
+    its slot, and the interruption propagates.
+    """
+    try:
+        fd, events, deadline = next(step)
+        while True:
+            # The usual wait, for a reply, inlined: no call per wait but poll's.
+            if events == READ and _pollers_made_by[0] is select.poll:
+                poller = _reply_pollers.get(fd) or _reply_poller(fd)
+                remaining = deadline - time.monotonic()
+                # millis(remaining), inlined: rounded up, so poll never returns early.
+                ready = remaining > 0 and bool(poller.poll(int(remaining * 1000) + 1))
+            else:
+                ready = _ready(fd, events, deadline)
+            fd, events, deadline = step.send(ready)
+    except StopIteration as done:
+        result: T = done.value
+        return result
+    except BaseException:
+        step.close()  # a no-op if the generator itself raised
+        raise
+
+
+def run_until_sent(step: Step[T]) -> Wait:
+    """Run ``step`` until its request is sent in full; return its first
+    readable wait, from where another driver may resume it (`calls` contract)."""
+    try:
+        wait = next(step)
+        while wait[1] != READ:
+            wait = step.send(_ready(*wait))
+    except BaseException:
+        step.close()
+        raise
+    return wait
+
+
+def _ready(fd: int, events: int, deadline: float) -> bool:
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        return False
+    if events == READ:
+        poller = _reply_poller(fd)
+    else:
+        # Looked up now, not at import: gevent's poll once monkey-patched (see above).
+        poller = select.poll()
+        poller.register(fd, events)
+    return bool(poller.poll(millis(remaining)))
+
+
+# A poll object per reply-pipe descriptor number, kept: making and filling one
+# cost ~0.9 us per call on the hot path. Safe to share by number: a poll
+# object holds only numbers and passes them to poll(2) on each call, and a
+# reply pipe (the only thing waited on for reading) is lent to one request,
+# so no two threads poll the same number at once. Dropped whenever
+# ``select.poll`` changes, that is once gevent has monkey-patched it.
+_reply_pollers: dict[int, Any] = {}
+_pollers_made_by: list[Any] = [select.poll]
+
+
+def _reply_poller(fd: int) -> Any:
+    make = select.poll
+    if make is not _pollers_made_by[0]:
+        _reply_pollers.clear()
+        _pollers_made_by[0] = make
+    poller = _reply_pollers.get(fd)
+    if poller is None:
+        poller = _reply_pollers[fd] = make()
+        poller.register(fd, READ)
+    return poller
