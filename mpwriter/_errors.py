@@ -58,7 +58,7 @@ class Interrupted(Error):
     """The writer interrupted this request at its execution limit.
 
     Long SQL is stopped by SQLite's progress handler and a long `call()`
-    function by an alarm in the writer; either way the request's changes are
+    function by the writer's limiter thread; either way the request's changes are
     rolled back (nothing of it was applied) and the writer serves on.
     """
 

@@ -24,10 +24,11 @@ What the rest of gunicorn's life does to the writer:
   forked child owns nothing, and mpwriter's fork hooks make it drop the
   writer from its multiprocessing records. A request in flight when its
   worker dies may still be committed: its client saw no response.
-- The master reaps children with ``waitpid(-1)``, the writer included if it
-  dies; mpwriter judges the writer's liveness from its process sentinel, so
-  the master's supervisor thread still sees the death and restarts the writer
-  (see `mpwriter.start`'s ``restart``), only without its exit status.
+- The master reaps its children with ``waitpid(-1)``. The writer is not one
+  of them: it is the child of mpwriter's supervisor process (the master's
+  child), which reaps it, restarts it (see `mpwriter.start`'s ``restart``)
+  and runs the watchdog. The master gets no thread from mpwriter, so its
+  forks of workers are forks of a single-threaded process.
 - mpwriter's log records (a writer that died, a restart) go to gunicorn's
   error log unless logging was configured for them.
 - HUP re-reads this configuration and replaces the workers; the writer keeps

@@ -83,3 +83,26 @@ def inject(**changes: Any) -> Iterator[Faults]:
     finally:
         for name, value in saved.items():
             setattr(faults, name, value)
+
+
+def shared_state(writer: Any) -> Any:
+    """The state ``writer`` shares with its supervisor and its writer process.
+
+    For tools that must know the current writer's pid (``writer_pid``) or
+    the restart count (``restarts``) without sending a request: a `stats()`
+    call from a process whose pooled reply pipe belonged to a dead writer
+    takes a restart path of its own. Read its fields; never set them (their
+    meaning: mpwriter/_wire/state.py).
+    """
+    return writer._state
+
+
+def frame_key(writer: Any) -> int:
+    """The key of ``writer``'s request stream (`mpwriter._wire.frames`).
+
+    For tests and tools that write hand-made frames to the request pipe: the
+    writer skips a frame whose header was not keyed with it, as it skips the
+    bytes of a caller's payload that happen to look like a frame.
+    """
+    key: int = writer._pool.frame_key
+    return key

@@ -340,8 +340,9 @@ def test_a_reply_to_another_request_is_an_error_and_retires_the_pipe(
     # A frame whose handed-over payload is missing is answered at once
     # ("not applied"): a way to have the writer put a reply in this pipe.
     flags = _wire.WHOLE | _wire.HANDED_OVER
+    key = testing.frame_key(writer)
     frame = _wire.encode_frame(
-        _wire.Kind.EXECUTE, flags, writer._local.sender, stray_id, slot.number, b""
+        _wire.Kind.EXECUTE, flags, writer._local.sender, stray_id, slot.number, b"", key
     )
     os.write(writer._request_fd, frame)
     assert select.select([slot.fd], [], [], 10.0)[0], "the writer did not answer the stray frame"

@@ -12,8 +12,9 @@ audit live in tools/_faults.py, and assert what the issue asks:
   unknown" (or, after a tree kill, to the call in flight), never to one told
   "not sent";
 - under writer kills, every call ends within its timeout plus a second, with
-  `mpwriter.WriterCrashed` or `mpwriter.Timeout` if it does not return, and
-  the writer is restarted after every kill.
+  `mpwriter.WriterCrashed` if it does not return (never `Timeout`: a writer
+  that had served is replaced at once), and the writer is restarted after
+  every kill, with mpwriter's default restart settings.
 
 Nothing here sleeps: the routine waits on the clients' pipes and on pidfds,
 each wait with a deadline, and reaps every child with escalation.
@@ -27,12 +28,8 @@ from pathlib import Path
 import kill_tree  # in tools/, put on sys.path by conftest
 import kill_writer
 
-WRITER_KILLS = 20
+WRITER_KILLS = 20  # with mpwriter's default restart settings: each writer killed had served
 CALL_TIMEOUT = 5.0
-# The owner's restart backoff doubles with each restart in a minute, up to
-# 2 s: 20 kills would spend over 30 s waiting. Durability does not depend on
-# that wait, so the test caps it; tools/kill_writer.py runs with the real one.
-BACKOFF_MAX = 0.1
 TREE_ROUNDS = 5
 
 
@@ -42,7 +39,6 @@ def test_writer_sigkills_under_load_lose_no_acknowledged_row(db_path: Path) -> N
         kills=WRITER_KILLS,
         clients=4,
         call_timeout=CALL_TIMEOUT,
-        backoff_max=BACKOFF_MAX,
     )
     seed = f"(seed {report.seed})"
     assert report.failures == [], seed
@@ -60,7 +56,8 @@ def test_writer_sigkills_under_load_lose_no_acknowledged_row(db_path: Path) -> N
 
     # A kill may cost a call its answer, never its bounded wait.
     assert report.unexpected_errors == [], seed
-    assert set(report.errors_by_class) <= {"WriterCrashed", "Timeout"}, report.errors_by_class
+    # A writer that served is replaced at once: no call waits out its timeout.
+    assert set(report.errors_by_class) <= {"WriterCrashed"}, report.errors_by_class
     assert report.overruns == [], seed
     assert report.max_call <= CALL_TIMEOUT + kill_writer.OVERRUN_MARGIN
     assert multiprocessing.active_children() == []

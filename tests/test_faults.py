@@ -454,7 +454,8 @@ def test_large_request_from_killed_client_does_not_wedge(
 def test_writer_exits_cleanly_on_sigterm(
     writer: mpwriter.Writer, db_path: Path, gate: Gate, children: Children
 ) -> None:
-    process = writer._owner.process  # type: ignore[union-attr]  # for its exit status
+    writer_pid = writer.stats()["pid"]
+    pidfd = os.pidfd_open(writer_pid)  # to see it exit (its supervisor reaps it)
     callers = [children.start(insert_when_told, writer, client) for client in range(3)]
     gate.hold(writer)
     for caller in callers:
@@ -462,7 +463,7 @@ def test_writer_exits_cleanly_on_sigterm(
     for caller in callers:
         assert receive(caller.report)[0] == "sent"
 
-    os.kill(process.pid, signal.SIGTERM)
+    os.kill(writer_pid, signal.SIGTERM)
     gate.release()
 
     # Everything queued before the signal is served and committed.
@@ -471,11 +472,14 @@ def test_writer_exits_cleanly_on_sigterm(
         status, value, _ = receive(caller.report)
         assert status == "ok", repr(value)
         assert value.rowcount == 1
-    assert wait([process.sentinel], DEADLINE), "the writer did not exit on SIGTERM"
-    # The owner's supervisor reaps it too: read the exit status once it is done.
-    writer._owner._supervisor.join(DEADLINE)  # type: ignore[union-attr]
-    process.join(DEADLINE)
-    assert process.exitcode == 0
+    exited = select.select([pidfd], [], [], DEADLINE)[0]
+    os.close(pidfd)
+    assert exited, "the writer did not exit on SIGTERM"
+    # Its supervisor reaps it, records its exit status, and exits too.
+    supervisor = writer._owner.supervisor  # type: ignore[union-attr]
+    supervisor.join(DEADLINE)
+    assert supervisor.exitcode == 0
+    assert testing.shared_state(writer).last_exit == 0
     wal = Path(f"{db_path}-wal")
     assert not wal.exists() or wal.stat().st_size == 0  # checkpointed on the way out
 

@@ -225,6 +225,16 @@ class Gunicorn:
         assert reply[0] == 200, reply
         return int(reply[1])
 
+    def supervisor_pid(self, writer_pid: int) -> int:
+        """The writer's parent: mpwriter's supervisor, a child of the master."""
+        fields = _state_and_parent(writer_pid)
+        assert fields is not None, f"no writer {writer_pid}"
+        supervisor = fields[1]
+        parent = _state_and_parent(supervisor)
+        assert parent is not None, f"no supervisor {supervisor}"
+        assert parent[1] == self.pid, "the supervisor is not the master's child"
+        return supervisor
+
     def write(self, client: int, seq: int) -> tuple[int, str]:
         reply = self.request("POST", f"/write?client={client}&seq={seq}")
         assert reply is not None
@@ -450,6 +460,7 @@ def test_workers_killed_aborted_and_reloaded_under_load(
     """SIGKILLs, a HUP, and a SIGABRT after --timeout, all while 8 clients write."""
     server = gunicorn_server()
     writer_pid = server.writer_pid()
+    supervisor_pid = server.supervisor_pid(writer_pid)
     hang: list[tuple[int, str] | None] = []
     hanging = threading.Thread(
         target=lambda: hang.append(server.request("GET", "/hang", timeout=DEADLINE)), daemon=True
@@ -462,7 +473,7 @@ def test_workers_killed_aborted_and_reloaded_under_load(
     for writes, action in [(80, "kill"), (160, "kill"), (240, "hup"), (320, "kill"), (400, "kill")]:
         load.reach(writes)
         if action == "kill":
-            killed.append(_kill_a_worker(server, spare={writer_pid, hang_pid}))
+            killed.append(_kill_a_worker(server, spare={supervisor_pid, hang_pid}))
         else:
             server.signal(signal.SIGHUP)
     # Writing on until gunicorn's timeout has aborted the stuck worker, and after.
@@ -593,15 +604,42 @@ def test_usr2_successor_gives_up_while_the_old_master_runs(
     server.assert_writer_released()
 
 
+def test_the_master_forks_single_threaded(
+    gunicorn_server: Callable[..., Gunicorn], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """mpwriter adds no thread to the master: a replacement worker and a
+    restarted writer are forks of single-threaded processes. Python 3.12+
+    warns about multi-threaded forks; the warning is turned on to be seen."""
+    monkeypatch.setenv("PYTHONWARNINGS", "always::DeprecationWarning")
+    server = gunicorn_server()
+    assert server.write(0, 0)[0] == 200
+    writer_pid = server.writer_pid()
+    supervisor = server.supervisor_pid(writer_pid)
+    _kill_a_worker(server, spare={supervisor})
+    # The master forks a replacement; a real request is each look's pause.
+    deadline = time.monotonic() + DEADLINE
+    seq = 1
+    while len(_children(server.pid) - {supervisor}) < WORKERS:
+        assert server.write(0, seq)[0] == 200
+        seq += 1
+        assert time.monotonic() < deadline, "the master did not replace the worker"
+    assert _kill_and_wait(writer_pid, supervisor)  # the supervisor forks a successor
+    assert server.write(0, seq)[0] == 200
+    assert server.writer_pid() != writer_pid
+    assert server.stop() == 0, server.log_text()
+    assert "multi-threaded" not in server.log_text()
+
+
 def test_writer_killed_under_load_is_restarted_by_the_master(
     gunicorn_server: Callable[..., Gunicorn],
 ) -> None:
-    """The master's supervisor sees the death though gunicorn may reap the writer."""
+    """The writer's supervisor, a child of the master, sees the death and restarts it;
+    gunicorn's waitpid(-1) cannot take the writer's exit status (not its child)."""
     server = gunicorn_server()
     old_writer = server.writer_pid()
     load = Load(server, clients=8, retry_crashed=True)
     load.reach(100)
-    assert _kill_and_wait(old_writer, server.pid)
+    assert _kill_and_wait(old_writer, server.supervisor_pid(old_writer))
     load.go_on(200)
     record = load.finish()
     new_writer = server.writer_pid()
@@ -626,18 +664,19 @@ def test_writer_killed_under_load_is_restarted_by_the_master(
 def test_dead_writer_is_reported_at_once_before_and_after_it_is_reaped(
     gunicorn_server: Callable[..., Gunicorn],
 ) -> None:
-    """With restarts off, workers see the writer's death at once, whoever reaps it
-    (gunicorn's waitpid(-1) or mpwriter's supervisor, both in the master)."""
+    """With restarts off, workers see the writer's death at once, before and after
+    its supervisor (a child of the master) has reaped it."""
     server = gunicorn_server(restart=False)
     assert server.write(0, 0)[0] == 200
     writer_pid = server.writer_pid()
-    assert _kill_and_wait(writer_pid, server.pid)
+    supervisor_pid = server.supervisor_pid(writer_pid)
+    assert _kill_and_wait(writer_pid, supervisor_pid)
 
     replies = []
     deadline = time.monotonic() + DEADLINE
     # Until the writer was reaped (it is no zombie of the master's now), and once after.
     while True:
-        reaped = _state_and_parent(writer_pid) != (b"Z", server.pid)
+        reaped = _state_and_parent(writer_pid) != (b"Z", supervisor_pid)
         began = time.monotonic()
         replies.append(server.write(0, len(replies) + 1))
         assert time.monotonic() - began < REQUEST_TIMEOUT / 2, "noticed by timeout, not at once"

@@ -28,6 +28,7 @@ import pytest
 
 import mpwriter
 from conftest import SCHEMA, Gate, count_rows, reap_pid
+from mpwriter import testing
 from mpwriter._wire import frames as _wire
 from mpwriter._wire import replies as _reply
 from mpwriter._wire.state import SharedState
@@ -109,7 +110,7 @@ def test_a_frame_whose_payload_was_lost_is_answered_not_applied_once(
         request_id,
         slot.number,
         b"",
-        getattr(writer, "_frame_key", 0),  # the stream's key, once handles carry one
+        testing.frame_key(writer),
     )
     os.write(writer._request_fd, frame)
     reply = writer._await_reply(slot, request_id, deadline)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -174,3 +176,17 @@ def test_prometheus_text_escapes_label_values_and_keeps_big_counts_exact(
         f for f in text_string_to_metric_families(text) if f.name == "mpwriter_errors_by_class"
     ]
     assert [(s.labels["class"], s.value) for s in family.samples] == [('Odd"Name\\\nError', 2)]
+
+
+def test_stats_says_in_words_which_state_the_service_is_in(db_path: Path) -> None:
+    writer = mpwriter.start(db_path, init=SCHEMA, context="fork")
+    try:
+        assert writer.stats()["state"] == "running"
+        # SIGKILL the writer: the next stats() comes from its replacement,
+        # which says the service runs again (the restart is counted).
+        pid = writer.stats()["pid"]
+        os.kill(pid, signal.SIGKILL)
+        stats = writer.stats()
+        assert (stats["state"], stats["restarts"]) == ("running", 1)
+    finally:
+        writer.close()

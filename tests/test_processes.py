@@ -6,6 +6,7 @@ import concurrent.futures
 import contextlib
 import multiprocessing
 import os
+import select
 import signal
 import sqlite3
 import subprocess
@@ -259,11 +260,18 @@ def test_raw_forked_worker_exit_never_disturbs_the_writer(db_path: Path, context
 
 
 def steal_exit_status(pid: int) -> None:
-    """Reap ``pid`` behind multiprocessing's back, as gunicorn's master does.
+    """Try to reap ``pid`` behind mpwriter's back, as gunicorn's master does
+    with ``waitpid(-1)``; return once it is dead.
 
-    mpwriter's supervisor thread may reap it first: both orders happen, and
-    the assertions that follow must hold either way.
+    The writer is the child of mpwriter's supervisor process, not of this
+    one: the waitpid fails, and the pidfd waits for the death instead.
     """
+    with contextlib.suppress(ProcessLookupError):  # already dead and reaped
+        pidfd = os.pidfd_open(pid)
+        try:
+            assert select.select([pidfd], [], [], 10)[0], f"process {pid} survived SIGKILL"
+        finally:
+            os.close(pidfd)
     with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, 0)
 

@@ -7,7 +7,9 @@ Workloads (each run on a fresh WAL database; details in each module):
   bench_rmw.py     "bank" transfers (read two balances, write both and a
                    ledger row, in one transaction), modes rmw-mpwriter,
                    rmw-naive-default, rmw-naive-immediate; invariants checked
-  bench_bulk.py    one executemany of --bulk-rows rows: mpwriter vs in-process
+  bench_bulk.py    one executemany of --bulk-rows rows: mpwriter vs in-process;
+                   "stream": one executemany of a generator of --stream-rows
+                   rows, the caller's peak memory growth
   bench_memory.py  a client's added memory after --memory-calls calls
   (the writer's resident memory is sampled during every mpwriter insert run)
 
@@ -47,9 +49,15 @@ import bench_memory
 import bench_report
 import bench_rmw
 
-EXTRA_MODES = ("bulk", "memory")
+EXTRA_MODES = ("bulk", "stream", "memory")
 MODES = bench_insert.MODES + bench_rmw.MODES + EXTRA_MODES
-QUICK = {"clients": "1,8,16", "rmw_clients": "8,16", "duration": 1.0, "runs": 1}
+QUICK = {
+    "clients": "1,8,16",
+    "rmw_clients": "8,16",
+    "duration": 1.0,
+    "runs": 1,
+    "stream_rows": 200_000,
+}
 LEGEND = """\
   worst ms: the worst latency of all the runs, as the clients timed it; w-worst: the
   writer's own worst (caller's send to reply written) over its last 10,000 requests.
@@ -67,11 +75,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add = parser.add_argument
     add("--clients", default="1,2,4,8,16,32", help="client counts of the insert modes")
     add("--rmw-clients", default="8,16", help="client counts of the rmw modes")
-    add("--sync", default="NORMAL,FULL", help="PRAGMA synchronous values (rmw, bulk: the first)")
+    add("--sync", default="NORMAL,FULL", help="PRAGMA synchronous values (bulk: the first)")
     add("--modes", default=",".join(MODES), help="comma-separated subset of the modes")
     add("--duration", type=float, default=3.0, help="seconds per timed run")
     add("--runs", type=int, default=3, help="runs per configuration (medians are shown)")
-    add("--bulk-rows", type=int, default=100_000, help="rows of the bulk executemany")
+    add("--bulk-rows", type=int, default=200_000, help="rows of the bulk executemany")
+    add("--stream-rows", type=int, default=2_000_000, help="rows of the streamed executemany")
     add("--memory-calls", type=int, default=bench_memory.CALLS, help="calls of the memory probe")
     add("--quick", action="store_true", help="smoke run: " + json.dumps(QUICK))
     add("--dir", default=tempfile.gettempdir(), help="where the databases go")
@@ -91,18 +100,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def run_rounds(args: argparse.Namespace) -> tuple[Results, Results, list[lib.Run], list[lib.Run]]:
+Rounds = tuple[Results, Results, list[lib.Run], list[lib.Run], list[lib.Run]]
+
+
+def run_rounds(args: argparse.Namespace) -> Rounds:
     """Every round runs every configuration once; returns all runs, by workload."""
     insert_modes = [m for m in bench_insert.MODES if m in args.modes]
     rmw_modes = [m for m in bench_rmw.MODES if m in args.modes]
     insert_configs = bench_insert.configurations(insert_modes, args.sync, args.clients)
     rmw_configs = [
-        c for c in bench_rmw.configurations(args.rmw_clients, args.sync[0]) if c[0] in rmw_modes
+        c
+        for sync in args.sync
+        for c in bench_rmw.configurations(args.rmw_clients, sync)
+        if c[0] in rmw_modes
     ]
     inserts: Results = {c: [] for c in insert_configs}
     rmw: Results = {c: [] for c in rmw_configs}
     bulk: list[lib.Run] = []
     memory: list[lib.Run] = []
+    streams: list[lib.Run] = []
     sound = True
     for round_no in range(1, args.runs + 1):
         print(f"round {round_no}/{args.runs}", flush=True)
@@ -121,12 +137,16 @@ def run_rounds(args: argparse.Namespace) -> tuple[Results, Results, list[lib.Run
                 run = bench_bulk.run_once(mode, args.sync[0], args.bulk_rows, args.dir)
                 sound &= bench_bulk.check(run)
                 bulk.append(run)
+        if "stream" in args.modes:
+            run = bench_bulk.run_stream(args.sync[0], args.stream_rows, args.dir)
+            sound &= bench_bulk.check_stream(run)
+            streams.append(run)
         if "memory" in args.modes:
             run = bench_memory.run_once(args.sync[0], args.dir, args.memory_calls)
             sound &= bench_memory.check(run)
             memory.append(run)
     args.sound = sound
-    return inserts, rmw, bulk, memory
+    return inserts, rmw, bulk, streams, memory
 
 
 def print_key_figures(figures: dict[str, Any]) -> None:
@@ -163,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     info = lib.machine(args.dir)
     print("machine: " + ", ".join(f"{k}={v}" for k, v in info.items()), flush=True)
-    inserts, rmw, bulk_runs, memory_runs = run_rounds(args)
+    inserts, rmw, bulk_runs, stream_runs, memory_runs = run_rounds(args)
     header = f"medians of {args.runs} run(s) of {args.duration:g} s each"
 
     insert_rows = bench_insert.table(inserts)
@@ -189,6 +209,14 @@ def main(argv: list[str] | None = None) -> int:
             f" writer), execution {lib.cell(bulk['execution_s'], '.3f')} s; writer peak RSS"
             f" {lib.cell(bulk['writer_rss_peak_mb'], '.1f')} MB"
         )
+    streamed = bench_bulk.stream_summary(stream_runs) if stream_runs else None
+    if streamed:
+        print(
+            f"\nstreamed executemany of a {streamed['rows']}-row generator, median of"
+            f" {streamed['runs']}: {lib.cell(streamed['seconds'], '.2f')} s, the caller's peak"
+            f" memory +{lib.cell(streamed['caller_peak_added_mb'], '.1f')} MB, the writer's peak"
+            f" RSS {lib.cell(streamed['writer_rss_peak_mb'], '.1f')} MB"
+        )
     memory = bench_memory.summary(memory_runs) if memory_runs else None
     if memory:
         print(
@@ -200,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
 
     insert_runs = [r for runs in inserts.values() for r in runs]
     figures = bench_report.key_figures(
-        insert_rows, insert_runs, rmw_rows, bulk, memory, args.clients
+        insert_rows, insert_runs, rmw_rows, bulk, streamed, memory, args.clients
     )
     print("\nkey figures:")
     print_key_figures(figures)
@@ -218,12 +246,14 @@ def main(argv: list[str] | None = None) -> int:
             "inserts": insert_rows,
             "rmw": rmw_rows,
             "bulk": bulk,
+            "stream": streamed,
             "memory": memory,
             "key_figures": figures,
             "targets": [t._asdict() for t in found],
             "runs": insert_runs
             + [r for runs in rmw.values() for r in runs]
             + bulk_runs
+            + stream_runs
             + memory_runs,
         }
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

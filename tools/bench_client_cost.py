@@ -36,6 +36,7 @@ from typing import Any
 import _benchlib as lib
 import bench_insert
 import mpwriter
+from mpwriter import testing
 from mpwriter._wire import frames as _wire
 
 MODES = ("execute", "bare")
@@ -58,8 +59,9 @@ def client(writer: mpwriter.Writer, mode: str, seconds: float, out: Connection) 
         # One request, sent again and again; its deadline is far enough that
         # the writer never drops it as expired.
         payload = pickle.dumps((now + 3600, now, (INSERT, (0, PAYLOAD))), _wire.PICKLE_PROTOCOL)
+        key = testing.frame_key(writer)
         frame = _wire.encode_frame(
-            _wire.Kind.EXECUTE, _wire.WHOLE, writer._local.sender, 1, slot.number, payload
+            _wire.Kind.EXECUTE, _wire.WHOLE, writer._local.sender, 1, slot.number, payload, key
         )
         request_fd, reply_fd = writer._request_fd, slot.fd
         poller = select.poll()

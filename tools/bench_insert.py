@@ -132,6 +132,9 @@ class EchoEngine:
     def abandon_transaction(self) -> None:
         """Nothing to roll back: no transaction is ever opened."""
 
+    def tidy(self, idle: bool) -> None:
+        """No upkeep: nothing is ever written."""
+
     def close(self) -> None:
         """Nothing to close: no database is ever opened."""
 

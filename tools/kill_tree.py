@@ -200,7 +200,8 @@ def _one_tree(
         if group != members.owner or group == os.getpgrp():
             report.failures.append(f"the tree is not in a process group of its own ({group})")
             return None
-        os.killpg(group, signal.SIGKILL)  # owner, writer and clients at one instant
+        # Owner, its writer's supervisor, the writer and clients at one instant.
+        os.killpg(group, signal.SIGKILL)
         if not fleet.finish(round_clients, [owner.sentinel, *pidfds], faults.DEADLINE):
             report.failures.append(f"a member of the tree outlived the SIGKILL: {members}")
             return None
@@ -249,9 +250,7 @@ def _tree_owner(
         process, stop = faults.start_client(writer, client, pipe, until, name)
         processes.append(process)
         stops.append(stop)
-    members.send(
-        TreeMembers(os.getpid(), writer._state.writer_pid, tuple(p.pid for p in processes))
-    )
+    members.send(TreeMembers(os.getpid(), writer.stats()["pid"], tuple(p.pid for p in processes)))
     control.poll(faults.LIFETIME)  # killed long before, normally
     for stop in stops:
         with contextlib.suppress(BrokenPipeError):

@@ -43,7 +43,7 @@ from typing import Any, Protocol
 
 from .._errors import WriterClosed, WriterCrashed, WriterUnavailable
 from .._wire.frames import NO_REPLY, make_sender_token
-from .._wire.state import CLOSED, DEAD, RUNNING, describe_exit
+from .._wire.state import CLOSED, RUNNING, describe_outage
 
 
 class CollectorHandle(Protocol):
@@ -118,7 +118,7 @@ class PipePool:
             return WriterClosed(f"this Writer handle was closed; {outcome}")
         if state.status == CLOSED:
             return WriterClosed(f"the writer was closed; {outcome}")
-        how = describe_exit(state.last_exit) if state.status == DEAD else "died"
+        how = describe_outage(state)
         return WriterCrashed(f"the writer process (pid {state.writer_pid}) {how}; {outcome}")
 
     def next_request_id(self) -> int:

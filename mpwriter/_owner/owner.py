@@ -1,48 +1,49 @@
-"""Starting, supervising and stopping the writer process: the owner's side.
+"""Starting and stopping the writer: the owner's side.
 
-The process that calls `start()` owns the writer. It keeps the far ends of
-the request pipe and of the registration socket, so that a writer that died
-can be replaced without any caller noticing more than a pause; and a
-supervisor thread waits on the writer's process sentinel:
+The process that calls `start()` owns the writer, through a supervisor
+process that `start()` starts with the chosen multiprocessing context (see
+`supervisor.py`): the supervisor forks the writers, waits on them, restarts
+them and runs the watchdog. The owner keeps no thread -- so that its later
+forks (gunicorn workers, ``fork`` pools) are forks of a single-threaded
+process -- and learns what happens from the shared state the supervisor and
+the writer publish: whether a writer serves, restarts, calls failing fast
+while writers keep dying young, a writer that was closed.
 
-- an unexpected death starts a new writer after a backoff, at most
-  ``max_restarts`` times in any 60 s; past that the writer is declared dead,
-  the far ends are closed, and every caller gets `WriterCrashed` at once;
-- a writer busy past a request's stop time plus ``watchdog_grace`` (a C
-  extension that ignores signals, a blocked system call) is killed and
-  replaced: the requests it held end with "outcome unknown".
+The owner keeps the write end of the supervisor's *control* pipe: its bytes
+are commands (close, kill), and its EOF -- however the owner died -- makes the
+supervisor stop the writer, which serves what is queued and exits, releasing
+the lock file, before the supervisor exits too. The supervisor holds the only
+write end of the *report* pipe: EOF there tells the owner it is gone, whoever
+reaped it (gunicorn's master calls ``waitpid(-1)``, so the exit status cannot
+be relied on).
 
 Forked children (gunicorn workers, fork-started pool workers) inherit a
 handle but never ownership:
 
-- multiprocessing records the writer among the owner's children, and a forked
-  child inherits that record. At the child's exit, multiprocessing would
-  SIGTERM "its" daemonic children -- the writer -- or fail joining a process
-  that is not its own. So the child drops the writer from that record.
-- The writer watches a *lifeline* pipe whose write end only the owner keeps
-  (children close their inherited copy after fork): when the owner is gone,
-  however it died, the writer reads EOF, serves what is queued and exits,
-  releasing the lock file instead of lingering as an orphan.
-- Liveness is judged from the process sentinel, never `is_alive()`: a parent
-  that reaps children itself (gunicorn's master calls ``waitpid(-1)``) steals
-  the exit status, and `is_alive()` then stays True forever.
+- multiprocessing records the supervisor among the owner's children, and a
+  forked child inherits that record. At the child's exit, multiprocessing
+  would join "its" child -- the supervisor -- or fail joining a process that
+  is not its own. So the child drops it from that record.
+- The child closes its copy of the control pipe's write end (or the
+  supervisor would outlive the owner) and of every far end.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import fcntl
 import logging
 import multiprocessing
 import multiprocessing.process
 import os
+import pickle
 import socket
 import sqlite3
 import threading
 import time
 import urllib.parse
 import weakref
-from collections import deque
 from collections.abc import Callable
 from multiprocessing.connection import Connection, wait
 from multiprocessing.context import BaseContext
@@ -50,19 +51,14 @@ from typing import Any
 
 from .._caller.handle import Writer
 from .._errors import WriterCrashed
-from .._wire.frames import NO_REPLY, Kind, encode_frames, make_sender_token
-from .._wire.state import CLOSED, DEAD, EXIT_UNKNOWN, RUNNING, describe_exit, new_shared_state
+from .._wire.frames import NO_REPLY, Kind, encode_frames, make_sender_token, new_frame_key
+from .._wire.state import BACKING_OFF, CLOSED, RUNNING, new_shared_state
 from .._writer.engine import WriterConfig
-from .._writer.loop import serve
+from .supervisor import CLOSE, KILL, KILL_GRACE, STOP, RestartPolicy, supervise
 
 log = logging.getLogger("mpwriter")
 
 _SYNCHRONOUS = ("NORMAL", "FULL", "EXTRA")
-_KILL_GRACE = 2.0
-_WATCH_INTERVAL = 0.25
-_RESTART_WINDOW = 60.0
-_BACKOFF_FIRST = 0.05
-_BACKOFF_MAX = 2.0
 
 # Strong references: a forked child must still find every owner here after its
 # handles have dropped theirs (the order of after-fork hooks is not ours).
@@ -80,6 +76,7 @@ def start(
     queue_size: int = 1 << 20,
     restart: bool = True,
     max_restarts: int = 5,
+    restart_backoff_max: float = 30.0,
     execution_limit: float | None = None,
     watchdog_grace: float = 5.0,
     slow_request: float | None = 1.0,
@@ -94,20 +91,30 @@ def start(
     before it serves -- again after a restart, so make it idempotent (a
     function must be importable by the writer under spawn/forkserver).
     ``timeout`` is the default per-call timeout in seconds. ``context`` is a
-    multiprocessing context or its name ("fork", "spawn", "forkserver").
+    multiprocessing context or its name ("fork", "spawn", "forkserver"): it
+    starts the writer's supervisor process, which has no thread and forks
+    the writers itself, so that no mpwriter thread ever runs in this process.
 
     ``max_batch`` caps how many requests one group commit takes;
     ``queue_size`` is the request pipe's capacity in bytes (Linux; capped by
     the system; a typical request takes 100-300 bytes).
 
-    ``restart``: replace a writer that died unexpectedly, at most
-    ``max_restarts`` times in any minute. ``execution_limit``: seconds a single
-    request may run before it is interrupted (`Interrupted`); by default a
-    request may run until its caller's timeout. ``watchdog_grace``: how long
-    past that the writer may stay stuck (in C code that ignores interrupts)
-    before the owner kills and replaces it. ``slow_request``: log a warning
-    (logger "mpwriter") for requests slower than this many seconds, end to
-    end; None turns it off.
+    ``restart``: replace a writer that died unexpectedly. A writer that had
+    served is replaced at once. One that died young (in start-up, or before
+    serving a batch) is replaced after a backoff that doubles from 0.05 s up
+    to ``restart_backoff_max`` seconds (30) and resets once a writer serves.
+    Past ``max_restarts`` young deaths in a row, calls fail at once with
+    `WriterCrashed` ("backing off until ...") while the supervisor keeps
+    trying every ``restart_backoff_max`` seconds at most; the service comes
+    back by itself when a writer starts and serves.
+
+    ``execution_limit``: seconds a single request may run before it is
+    interrupted (`Interrupted`); by default a request may run until its
+    caller's timeout. ``watchdog_grace``: how long past that the writer may
+    stay stuck (in C code that ignores interrupts) before its supervisor
+    kills and replaces it. ``slow_request``: log a warning (logger
+    "mpwriter") for requests slower than this many seconds, end to end;
+    None turns it off.
 
     ``path`` may also be a PostgreSQL URL (``postgresql://user@host:port/db``
     or ``postgres://``; needs ``mpwriter[postgres]``): the writer then holds
@@ -137,6 +144,10 @@ def start(
         raise ValueError(f"synchronous must be one of {_SYNCHRONOUS}, not {synchronous!r}")
     if max_batch < 1:
         raise ValueError("max_batch must be at least 1")
+    if max_restarts < 0:
+        raise ValueError("max_restarts must not be negative")
+    if restart_backoff_max <= 0:
+        raise ValueError("restart_backoff_max must be positive")
     # Any: typeshed's BaseContext lacks Process(), which every concrete context has.
     ctx: Any = context if isinstance(context, BaseContext) else multiprocessing.get_context(context)
     config = WriterConfig(
@@ -146,11 +157,15 @@ def start(
         max_batch,
         execution_limit,
         slow_request,
+        frame_key=new_frame_key(),
         isolation=isolation,
     )
 
-    owner = _Owner(ctx, config, queue_size, restart, max_restarts, watchdog_grace)
-    _owners.add(owner)  # before the first fork, so that the writer drops the lifeline
+    policy = RestartPolicy(
+        restart, max_restarts, restart_backoff_max, watchdog_grace, start_timeout
+    )
+    owner = _Owner(ctx, config, queue_size, policy)
+    _owners.add(owner)  # before the first fork, so that the supervisor drops the lifeline
     try:
         owner.launch(start_timeout)
     except BaseException:
@@ -158,8 +173,15 @@ def start(
         raise
     # The handle's path is for display (repr, logs): a URL's password stays out.
     shown = _without_password(config.path) if postgres else config.path
-    writer = Writer(shown, timeout, owner.request_w, owner.registration_client, owner.state, owner)
-    owner.start_supervising(start_timeout)
+    writer = Writer(
+        shown,
+        timeout,
+        owner.request_w,
+        owner.registration_client,
+        owner.state,
+        owner,
+        frame_key=config.frame_key,
+    )
     atexit.register(_close_at_exit, weakref.ref(writer))
     return writer
 
@@ -186,30 +208,25 @@ def _resize_pipe(fd: int, size: int) -> None:
 
 
 class _Owner:
-    """The owner's grip on the writer: launch, supervise, close, kill."""
+    """The owner's grip on the writer, through its supervisor process: start, close, kill.
 
-    def __init__(
-        self,
-        ctx: Any,
-        config: WriterConfig,
-        queue_size: int,
-        restart: bool,
-        max_restarts: int,
-        watchdog_grace: float,
-    ) -> None:
+    No thread: the supervisor waits on the writer and restarts it, and
+    publishes what happens in the shared state, which the handle reads.
+    """
+
+    def __init__(self, ctx: Any, config: WriterConfig, queue_size: int, policy: RestartPolicy):
         self.ctx = ctx
         self.config = config
-        self.restart = restart
-        self.max_restarts = max_restarts
-        self.watchdog_grace = watchdog_grace
+        self.policy = policy
         self.sender = make_sender_token(os.getpid())
         self.state = new_shared_state(ctx)
-        self.process: Any = None
+        self.supervisor: Any = None  # its multiprocessing.Process
+        # Callers may close from several threads; no thread of mpwriter's takes it.
         self._lock = threading.Lock()
-        self._closing = threading.Event()
-        self._supervisor: threading.Thread | None = None
-        self._restart_times: deque[float] = deque()
 
+        # The far ends (the request pipe's read end, the writer's end of the
+        # registration socket) go to the supervisor, which hands them to each
+        # writer: the queue outlives a dead writer.
         self.request_r: int | None
         self.request_r, self.request_w = os.pipe()
         _resize_pipe(self.request_w, queue_size)
@@ -219,233 +236,180 @@ class _Owner:
         )
         self.registration_writer: socket.socket | None = registration_writer
         self.registration_client.setblocking(False)
-        self.lifeline_r: int | None
-        self.lifeline_r, lifeline_w = os.pipe()
-        self.lifeline_w: int | None = lifeline_w
+        # The supervisor's lifeline: only this process holds the write end.
+        self.control_r: int | None
+        self.control_r, control_w = os.pipe()
+        self.control_w: int | None = control_w
+        # The supervisor holds the only write end: EOF here means it is gone.
+        self.report: Connection | None = None
 
-    # -- the writer process -------------------------------------------------------
+    # -- starting ----------------------------------------------------------------------
 
     def launch(self, start_timeout: float) -> None:
-        """Start a writer process and wait until it serves (or fails to)."""
+        """Start the supervisor, which starts the writer; wait until it serves (or fails to)."""
         assert self.request_r is not None, "far ends already released"
-        assert self.lifeline_r is not None, "far ends already released"
+        assert self.control_r is not None, "far ends already released"
         assert self.registration_writer is not None, "far ends already released"
-        ready_r, ready_w = self.ctx.Pipe(duplex=False)
-        # Duplicates: the copies handed over are closed here once the writer
-        # has its own, and a forked writer closes the owner's originals.
-        writer_ends = (
+        report_r, report_w = self.ctx.Pipe(duplex=False)
+        self.report = report_r
+        # Duplicates: the copies handed over are closed here once the
+        # supervisor has its own, and a forked supervisor closes the owner's
+        # originals (see forget_in_child).
+        supervisor_ends = (
             Connection(os.dup(self.request_r), writable=False),
             self.registration_writer.dup(),
-            Connection(os.dup(self.lifeline_r), writable=False),
-            ready_w,
+            Connection(os.dup(self.control_r), writable=False),
+            report_w,
         )
         process = self.ctx.Process(
-            target=serve,
-            name=f"mpwriter {os.path.basename(self.config.path)}",
-            args=(self.config, *writer_ends, self.state),
-            daemon=True,
+            target=supervise,
+            name=f"mpwriter supervisor {os.path.basename(self.config.path)}",
+            args=(self.config, *supervisor_ends, self.state, self.policy),
+            # Not a daemon: multiprocessing forbids daemons to have children.
+            # close() and the lifeline end it; at exit, _close_at_exit runs
+            # before multiprocessing joins its children.
+            daemon=False,
         )
-        self.state.generation += 1
         try:
             process.start()
         finally:
-            for end in writer_ends:
+            for end in supervisor_ends:
                 end.close()
-        self.process = process
-        try:
-            _await_ready(ready_r, process, start_timeout)
-        except BaseException:
-            self.kill()
-            raise
-        finally:
-            ready_r.close()
-        if not self.restart:
-            # Nothing to hand to a successor: let the writer hold the only
-            # far ends, so that its death shows at once as EPIPE and EOF.
-            self._release_far_ends()
+        self.supervisor = process
+        # The supervisor holds its own copies now; a writer death must show
+        # to callers as EPIPE/EOF when no supervisor is left to replace it.
+        self._release_far_ends()
+        _await_ready(report_r, start_timeout + 2 * KILL_GRACE)
 
-    def start_supervising(self, start_timeout: float) -> None:
-        self._supervisor = threading.Thread(
-            target=self._supervise,
-            args=(start_timeout,),
-            name=f"mpwriter-supervisor {os.path.basename(self.config.path)}",
-            daemon=True,
-        )
-        self._supervisor.start()
-
-    def _supervise(self, start_timeout: float) -> None:
-        while not self._closing.is_set():
-            process = self.process
-            if not wait([process.sentinel], _WATCH_INTERVAL):
-                self._watchdog(process)
-                continue
-            # The sentinel can fire a moment before the exit status is ready:
-            # join() waits for it, unless someone else reaped the process.
-            process.join(_KILL_GRACE)
-            code = process.exitcode
-            if code is None:
-                # Reaped by someone else: multiprocessing never learns it
-                # ended, and would SIGTERM its (maybe reused) pid at our exit.
-                multiprocessing.process._children.discard(process)  # type: ignore[attr-defined]
-            self.state.last_exit = code if code is not None else EXIT_UNKNOWN
-            if self._closing.is_set() or self.state.status == CLOSED:
-                return  # asked to stop (close(), SIGTERM, or the lifeline)
-            log.error(
-                "mpwriter: the writer process (pid %s) %s",
-                process.pid,
-                describe_exit(self.state.last_exit),
-            )
-            if not self._may_restart():
-                self._give_up()
-                return
-            try:
-                self._relaunch(start_timeout)
-            except Exception:
-                # It died (or failed) before it was ready: that counts as a
-                # restart, and the next turn of this loop tries again while
-                # the cap allows.
-                log.exception("mpwriter: could not restart the writer")
-
-    def _watchdog(self, process: Any) -> None:
-        busy_until = self.state.busy_until
-        if busy_until and time.monotonic() > busy_until + self.watchdog_grace:
-            log.error(
-                "mpwriter: the writer (pid %s) is stuck %.1f s past a request's limit; killing it",
-                process.pid,
-                time.monotonic() - busy_until,
-            )
-            self.state.busy_until = 0.0
-            process.kill()
-
-    def _may_restart(self) -> bool:
-        if not self.restart:
-            return False
-        now = time.monotonic()
-        while self._restart_times and now - self._restart_times[0] > _RESTART_WINDOW:
-            self._restart_times.popleft()
-        return len(self._restart_times) < self.max_restarts
-
-    def _relaunch(self, start_timeout: float) -> None:
-        delay = min(_BACKOFF_MAX, _BACKOFF_FIRST * 2 ** len(self._restart_times))
-        self._restart_times.append(time.monotonic())
-        if self._closing.wait(delay):
-            return
-        with self._lock:
-            if self._closing.is_set():
-                return
-            # Counted first: the new writer may answer stats() before launch returns.
-            self.state.restarts += 1
-            self.launch(start_timeout)
-        log.warning("mpwriter: writer restarted (pid %s)", self.process.pid)
-
-    def _give_up(self) -> None:
-        """No writer will come back: make every caller fail now, not at its timeout."""
-        with self._lock:
-            if self.state.status == RUNNING:
-                self.state.status = DEAD
-            self._release_far_ends()
-
-    def _release_far_ends(self) -> None:
-        # Callers hold self._lock (or run single-threaded, after a fork): a
-        # descriptor closed twice could close an unrelated one reusing its number.
-        # Closing the socket also closes the reply pipes queued in it, so that
-        # callers awaiting a successor see EOF.
-        if self.registration_writer is not None:
-            self.registration_writer.close()
-            self.registration_writer = None
-        for name in ("request_r", "lifeline_r"):
-            fd = getattr(self, name)
-            if fd is not None:
-                os.close(fd)
-                setattr(self, name, None)
-
-    # -- stopping ---------------------------------------------------------------------
+    # -- stopping ----------------------------------------------------------------------
 
     def close(self, timeout: float) -> None:
         """Ask the writer to drain and stop; escalate if it does not in time."""
         with self._lock:
-            self._closing.set()
-            asked = False
-            if self.state.status == RUNNING:
-                self.state.status = CLOSED
-                asked = self._send_close()
-            if not asked:
-                # The queue is full or the writer is gone: the lifeline still works.
-                self._close_lifeline()
-            if not wait([self.process.sentinel], timeout):
-                self.kill()
-            self._close_lifeline()
-            self.process.join(_KILL_GRACE)
-            self._release_far_ends()
-        if self._supervisor is not None and self._supervisor is not threading.current_thread():
-            self._supervisor.join(_WATCH_INTERVAL * 4)
+            state = self.state
+            if state.status in (RUNNING, BACKING_OFF):
+                state.status = CLOSED
+                stop = CLOSE if self._send_close() else STOP  # a full queue: the lifeline
+            else:
+                stop = CLOSE
+            self._tell(stop)
+            if not self._await_supervisor(timeout):
+                self._stop_by_force()
+            self._forget_supervisor()
         _owners.discard(self)
 
     def _send_close(self) -> bool:
-        (frame,) = encode_frames(Kind.CLOSE, self.sender, 0, NO_REPLY, b"")
+        key = self.config.frame_key
+        (frame,) = encode_frames(Kind.CLOSE, self.sender, 0, NO_REPLY, b"", key)
         try:
             os.write(self.request_w, frame)
         except OSError:
             return False
         return True
 
-    def kill(self) -> None:
-        """Terminate, then kill, the current writer process, reaping with deadlines."""
-        for stop in (self.process.terminate, self.process.kill):
-            if _sentinel_ready(self.process):
-                break
-            stop()
-            wait([self.process.sentinel], _KILL_GRACE)
-        self.process.join(_KILL_GRACE)
+    def _tell(self, command: bytes) -> None:
+        if self.control_w is None:
+            return
+        # BrokenPipeError: the supervisor is gone already, nothing to tell.
+        with contextlib.suppress(BrokenPipeError):
+            os.write(self.control_w, command)
+
+    def _await_supervisor(self, timeout: float) -> bool:
+        """Wait until the supervisor has exited (its report pipe reads EOF)."""
+        report = self.report
+        if report is None:
+            return True
+        deadline = time.monotonic() + timeout
+        while True:
+            if not wait([report], max(deadline - time.monotonic(), 0.0)):
+                return False
+            try:
+                report.recv_bytes()  # a late start-up report: nobody awaits it now
+            except (EOFError, OSError):
+                return True
+
+    def _stop_by_force(self) -> None:
+        """The writer did not stop in time: have it killed; kill the supervisor if need be."""
+        self._tell(KILL)
+        if not self._await_supervisor(4 * KILL_GRACE):
+            log.error("mpwriter: the writer's supervisor did not exit; killing it")
+            self.supervisor.kill()
+            self._await_supervisor(KILL_GRACE)
+
+    def _forget_supervisor(self) -> None:
+        if self.control_w is not None:
+            os.close(self.control_w)
+            self.control_w = None
+        if self.report is not None:
+            self.report.close()
+            self.report = None
+        process = self.supervisor
+        if process is not None:
+            process.join(KILL_GRACE)
+            if process.exitcode is None:
+                # Reaped by someone else (gunicorn's master calls waitpid(-1)):
+                # multiprocessing would join or SIGTERM its pid at our exit.
+                multiprocessing.process._children.discard(process)  # type: ignore[attr-defined]
+        self._release_far_ends()
 
     def abandon(self) -> None:
         """Clean up after a failed first launch."""
-        if self.process is not None:
-            self.kill()
-        self._close_lifeline()
-        self._release_far_ends()
+        if self.supervisor is not None:
+            self._tell(KILL + STOP)
+            if not self._await_supervisor(4 * KILL_GRACE):
+                self.supervisor.kill()
+        self._forget_supervisor()
         os.close(self.request_w)
         self.registration_client.close()
         _owners.discard(self)
 
-    def _close_lifeline(self) -> None:
-        if self.lifeline_w is not None:
-            os.close(self.lifeline_w)
-            self.lifeline_w = None
+    def _release_far_ends(self) -> None:
+        # Callers hold self._lock (or run single-threaded, after a fork): a
+        # descriptor closed twice could close an unrelated one reusing its number.
+        if self.registration_writer is not None:
+            self.registration_writer.close()
+            self.registration_writer = None
+        for name in ("request_r", "control_r"):
+            fd = getattr(self, name)
+            if fd is not None:
+                os.close(fd)
+                setattr(self, name, None)
 
     def forget_in_child(self) -> None:
         """In a forked child: this process owns nothing, and keeps no far end.
 
-        Only the owner may hold the far ends: a child holding the request
-        pipe's read end would keep a dead writer's callers from seeing EPIPE.
-        (A forked writer uses its own duplicates, passed as its arguments.)
+        A child holding the control pipe's write end would keep the
+        supervisor alive after the owner's death; one holding a far end
+        would keep a dead writer's callers from seeing EPIPE. (A forked
+        supervisor uses its own duplicates, passed as its arguments.)
         """
-        self._close_lifeline()
+        if self.control_w is not None:
+            os.close(self.control_w)
+            self.control_w = None
+        if self.report is not None:
+            self.report.close()
+            self.report = None
         self._release_far_ends()
-        if self.process is not None:
-            multiprocessing.process._children.discard(self.process)  # type: ignore[attr-defined]
+        if self.supervisor is not None:
+            multiprocessing.process._children.discard(self.supervisor)  # type: ignore[attr-defined]
 
 
-def _await_ready(ready: Connection, process: Any, start_timeout: float) -> None:
-    if not wait([ready, process.sentinel], start_timeout):
-        raise WriterCrashed(f"the writer did not become ready within {start_timeout} s")
+def _await_ready(report: Connection, timeout: float) -> None:
+    """Raise unless the supervisor reports, within ``timeout``, that the writer is ready."""
+    if not wait([report], timeout):
+        raise WriterCrashed(f"the writer did not become ready within {timeout} s")
     try:
-        status, value = ready.recv() if ready.poll() else ("exit", None)
+        status, value = pickle.loads(report.recv_bytes())
     except EOFError:
         status, value = "exit", None
-    if status == "exit":
-        process.join(1.0)
-        raise WriterCrashed(
-            f"the writer process exited before it was ready (exit code {process.exitcode})"
-        )
+    if status == "ready":
+        return
     if status == "error":
-        process.join(5.0)
         assert isinstance(value, BaseException)
         raise value
-
-
-def _sentinel_ready(process: Any) -> bool:
-    return bool(wait([process.sentinel], 0))
+    if status == "timeout":
+        raise WriterCrashed(f"the writer did not become ready: {value}")
+    raise WriterCrashed(f"the writer process exited before it was ready (exit code {value})")
 
 
 def _close_at_exit(ref: weakref.ref[Writer]) -> None:

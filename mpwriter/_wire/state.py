@@ -1,20 +1,39 @@
-"""State shared by the owner, the writer and every caller, in shared memory.
+"""State shared by the supervisor, the writer and every caller, in shared memory.
 
 One small ctypes structure (no lock: each field has a single writer, and a
 reader only needs a recent value). Callers read it to word their errors
-("closed" or "died"), the writer publishes what it is busy with so that the
-owner's watchdog can tell a hang, and the owner publishes restarts.
+("closed", "died", "backing off") and to fail fast when no writer can serve;
+the writer publishes what it is busy with so that the supervisor's watchdog
+can tell a hang, and whether it ever served a batch; the supervisor publishes
+restarts and what it is doing.
 """
 
 from __future__ import annotations
 
 import ctypes
+import time
 from typing import Any
 
-# Values of SharedState.status
-RUNNING = 0
+# Values of SharedState.status: what a caller may do.
+RUNNING = 0  # send: a writer serves, or a successor is starting and will serve it
 CLOSED = 1  # closed on purpose: close(), SIGTERM, or the owner is gone
-DEAD = 2  # died, and the owner will not (or may no longer) restart it
+DEAD = 2  # died with restart=False: no writer will come back
+# Writers keep dying before they serve anything: calls fail fast with
+# WriterCrashed, while the supervisor keeps retrying; RUNNING again once a
+# writer is ready.
+BACKING_OFF = 3
+
+# Values of SharedState.phase: what the supervisor is doing (for messages and stats).
+STARTING = 0  # a writer process is starting up
+SERVING = 1  # the writer is ready and serving
+RESTARTING = 2  # a writer died; its successor starts after a short backoff
+WAITING = 3  # past the burst limit: the next try is at retry_at
+STOPPED = 4  # closed, or dead with restarts off
+
+# SharedState.busy_until of a writer that has not begun a batch yet: the
+# supervisor sets it before each writer starts, the writer overwrites it with
+# its first batch. A writer that dies with it still set died "young".
+NEVER_BUSY = -1.0
 
 
 class SharedState(ctypes.Structure):
@@ -26,7 +45,10 @@ class SharedState(ctypes.Structure):
         ("restarts", ctypes.c_int),
         ("writer_pid", ctypes.c_int),
         ("last_exit", ctypes.c_int),  # exit code of the last writer that died
-        ("busy_until", ctypes.c_double),  # monotonic; 0.0 while idle
+        ("busy_until", ctypes.c_double),  # monotonic; 0.0 while idle; NEVER_BUSY
+        ("phase", ctypes.c_int),
+        ("young_deaths", ctypes.c_int),  # writers in a row that died before serving
+        ("retry_at", ctypes.c_double),  # wall clock (time.time()) of the next try
     )
 
 
@@ -35,8 +57,7 @@ def new_shared_state(ctx: Any) -> Any:
     return ctx.RawValue(SharedState)
 
 
-# last_exit when the exit status was taken by someone else (a parent that
-# reaps every child itself, as gunicorn's master does).
+# last_exit when the exit status was taken by someone else.
 EXIT_UNKNOWN = -1000
 
 
@@ -46,3 +67,31 @@ def describe_exit(code: int) -> str:
     if code < 0:
         return f"was killed by signal {-code}"
     return f"exited with status {code}"
+
+
+def describe_state(state: Any) -> str:
+    """What the service is doing, in words: "running", "restarting",
+    "backing off until 12:00:30 (...)", "closed" or "dead"."""
+    status = state.status
+    if status == CLOSED:
+        return "closed"
+    if status == DEAD:
+        return "dead"
+    phase = state.phase
+    if status == BACKING_OFF or phase == WAITING:
+        until = time.strftime("%H:%M:%S", time.localtime(state.retry_at))
+        return (
+            f"backing off until {until} ({state.young_deaths} writers in a row died before serving)"
+        )
+    if phase in (STARTING, RESTARTING):
+        return "restarting"
+    return "running"
+
+
+def describe_outage(state: Any) -> str:
+    """Why a caller cannot be served now, for a `WriterCrashed` message."""
+    if state.status == DEAD:
+        return describe_exit(state.last_exit)
+    if state.status == BACKING_OFF:
+        return f"{describe_exit(state.last_exit)}; {describe_state(state)}"
+    return "died"

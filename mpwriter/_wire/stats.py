@@ -75,6 +75,7 @@ class Stats(TypedDict):
     uptime: float  # seconds since this writer process started
     pid: int  # this writer process
     restarts: int  # writer processes restarted after dying
+    state: str  # "running", or "closing" once close() or SIGTERM began
     resync_skipped_bytes: int  # request-pipe bytes skipped to find a frame again
     dropped_partial_requests: int  # requests whose sender died mid-way
     # ... their bytes, with hand-overs dropped past the writer's byte bound

@@ -5,10 +5,11 @@ STATS and shuts down; it knows nothing of SQL. An engine owns everything that
 is its database's: claiming the right to write (SQLite's lock file), opening
 the one connection after the writer process has started, running a batch as
 one transaction with each request isolated from the others, the busy/retry
-signal, interrupting a request at its deadline, and closing (SQLite's
-checkpoint). Engines differ most in how a batch runs -- SQLite executes one
-statement at a time in-process, a network server wants the whole batch
-pipelined -- so the unit of the interface is the batch, not the statement.
+signal, interrupting a request at its deadline, upkeep between batches
+(SQLite's WAL checkpoint) and closing. Engines differ most in how a batch
+runs -- SQLite executes one statement at a time in-process, a network server
+wants the whole batch pipelined -- so the unit of the interface is the batch,
+not the statement.
 """
 
 from __future__ import annotations
@@ -51,6 +52,17 @@ class Engine(Protocol):
 
     def abandon_transaction(self) -> None:
         """Roll back whatever transaction is open (after a failed `run`)."""
+        ...
+
+    def tidy(self, idle: bool) -> None:
+        """Do deferred upkeep (SQLite: a WAL checkpoint) between batches.
+
+        The loop calls it once after each batch's replies were sent, so that
+        no commit and no reply waits on upkeep; ``idle`` is True when no
+        request is left in hand or queued (nobody waits on it at all). An
+        engine that needs no upkeep does nothing. Never raises: failures are
+        logged.
+        """
         ...
 
     def close(self) -> None:

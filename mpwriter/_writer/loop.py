@@ -246,6 +246,10 @@ class WriterLoop:
                 self._wait()
             if self._backlog:
                 self._serve_batch()
+                # Once per batch, after its replies were sent. The last batch
+                # before a quiet spell always finds the queue empty, so an idle
+                # writer has had its idle tidy before it waits.
+                self._engine.tidy(idle=not self._backlog and not self.queued_bytes())
             if time.monotonic() >= self._next_housekeeping:
                 self._housekeeping()
 
@@ -400,6 +404,10 @@ class WriterLoop:
         figures["pid"] = os.getpid()
         figures["resync_skipped_bytes"] = self._frames.skipped
         figures["restarts"] = self._state.restarts
+        # A writer that answers is serving, whatever phase its supervisor has
+        # recorded yet; while none serves, stats() raises `WriterCrashed`,
+        # whose message says "restarting" or "backing off until ...".
+        figures["state"] = "closing" if self._stopping else "running"
         figures["latency_ms"] = self._latencies.summary()
         figures["latency_count"] = self._latencies.count
         figures["latency_sum_seconds"] = self._latencies.sums_seconds()
