@@ -170,7 +170,7 @@ def test_writer_sigkills_under_load_lose_no_acknowledged_row(pg_url: str) -> Non
     import kill_writer  # in tools/, put on sys.path by conftest
 
     _faults.reset_postgres(pg_url)
-    report = kill_writer.run(pg_url, kills=8, clients=4, call_timeout=5.0, backoff_max=0.1)
+    report = kill_writer.run(pg_url, kills=8, clients=4, call_timeout=5.0)
     seed = f"(seed {report.seed})"
     assert report.problems() == {}, seed
     assert report.acknowledged > 8, seed  # writes went through after every kill

@@ -370,6 +370,9 @@ class PostgresEngine:
         except Exception as exc:
             return self._fail(work, exc)
 
+    def tidy(self, idle: bool) -> None:
+        """No upkeep between batches: the server checkpoints and vacuums by itself."""
+
     def abandon_transaction(self) -> None:
         if self._conn is not None:
             _roll_back_open_transaction(self._conn)
