@@ -10,12 +10,18 @@ from ._caller.attached import attach, get_writer
 from ._caller.handle import Transaction, Writer
 from ._caller.reader import ReadConnection, reader
 from ._errors import (
+    DatabaseError,
     Error,
+    IntegrityError,
     Interrupted,
     NotPicklable,
+    OperationalError,
+    OutcomeUnknown,
+    ProgrammingError,
     QueueFull,
     RemoteError,
     RemoteTraceback,
+    ServerUnavailable,
     StatementRefused,
     Timeout,
     WriterAlreadyRunning,
@@ -27,16 +33,23 @@ from ._owner.owner import start
 from ._wire.replies import Result
 from ._wire.stats import Stats
 from ._writer.metrics import prometheus_text
+from ._writer.pg_sql import native
 
 __all__ = [
+    "DatabaseError",
     "Error",
+    "IntegrityError",
     "Interrupted",
     "NotPicklable",
+    "OperationalError",
+    "OutcomeUnknown",
+    "ProgrammingError",
     "QueueFull",
     "ReadConnection",
     "RemoteError",
     "RemoteTraceback",
     "Result",
+    "ServerUnavailable",
     "StatementRefused",
     "Stats",
     "Timeout",
@@ -48,6 +61,7 @@ __all__ = [
     "WriterUnavailable",
     "attach",
     "get_writer",
+    "native",
     "prometheus_text",
     "reader",
     "start",

@@ -1,14 +1,18 @@
 """The exception tree: everything mpwriter raises of its own derives from `Error`.
 
 SQL errors are not wrapped: they reach the caller as the original `sqlite3`
-class, with the writer-side traceback attached as ``__cause__`` (a
+or psycopg class, with the writer-side traceback attached as ``__cause__`` (a
 `RemoteTraceback`), the way `concurrent.futures` reports a worker's error.
+Their class also derives from `DatabaseError` and its kin below (see
+`portable`), so one ``except mpwriter.IntegrityError`` serves both engines.
 
 Every class here is picklable with its message intact: they cross process
 boundaries (a pool task may re-raise one in its parent).
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 
 class Error(Exception):
@@ -92,3 +96,116 @@ class RemoteTraceback(Exception):
 
     def __str__(self) -> str:
         return self.tb
+
+
+class ServerUnavailable(Error):
+    """The writer could not reach the database server (PostgreSQL) for this request.
+
+    The request was certainly not applied: it was rolled back, or never sent.
+    The writer reconnects with backoff; a later call may succeed.
+    """
+
+
+class OutcomeUnknown(ServerUnavailable):
+    """The connection to the server was lost after COMMIT was sent, before its answer.
+
+    The transaction may or may not have committed: treat the write as "maybe
+    done", as after a `Timeout`.
+    """
+
+
+# -- one except clause for both engines ----------------------------------------
+#
+# ``except mpwriter.IntegrityError`` must catch SQLite's and PostgreSQL's
+# constraint violations alike. An ``except`` clause checks real subclassing
+# only (a class registered with an ABC is not caught), so an SQL error that
+# reaches the caller is given a class that derives from both: its own
+# (``sqlite3.IntegrityError``, ``psycopg.errors.UniqueViolation``) first, then
+# the mpwriter class below. ``except sqlite3.IntegrityError``, ``.sqlstate``
+# and the message keep working; the class keeps its original name.
+
+
+class DatabaseError(Error):
+    """An SQL error from either engine (sqlite3.DatabaseError, psycopg.DatabaseError)."""
+
+
+class IntegrityError(DatabaseError):
+    """A constraint violation on either engine (UNIQUE, FOREIGN KEY, NOT NULL, CHECK)."""
+
+
+class OperationalError(DatabaseError):
+    """An operational SQL error on either engine (a lock, a missing table on SQLite, ...)."""
+
+
+class ProgrammingError(DatabaseError):
+    """A programming error on either engine (wrong number of parameters, ...)."""
+
+
+# The DB-API class names that map onto the classes above, looked up along the
+# error's MRO so that the most specific one wins (DataError -> DatabaseError).
+_PORTABLE_NAMES: dict[str, type[DatabaseError]] = {
+    "IntegrityError": IntegrityError,
+    "OperationalError": OperationalError,
+    "ProgrammingError": ProgrammingError,
+    "DatabaseError": DatabaseError,
+}
+_DRIVER_MODULES = frozenset({"sqlite3", "psycopg"})
+_dual_classes: dict[type[BaseException], type[BaseException]] = {}
+
+
+def portable(exc: BaseException) -> BaseException:
+    """``exc`` as an instance of a class that is also an mpwriter `DatabaseError`.
+
+    Returns ``exc`` itself when it is no driver error (or already portable).
+    The copy has the same args and attributes (``sqlite_errorcode``,
+    psycopg's diagnostics) and pickles as itself.
+    """
+    if isinstance(exc, DatabaseError):
+        return exc
+    dual = _dual_class(type(exc))
+    if dual is None:
+        return exc
+    return _rebuild_portable(type(exc), exc.args, vars(exc))
+
+
+def _dual_class(base: type[BaseException]) -> type[BaseException] | None:
+    dual = _dual_classes.get(base)
+    if dual is not None:
+        return dual
+    ours = next(
+        (
+            _PORTABLE_NAMES[cls.__name__]
+            for cls in base.__mro__
+            if cls.__module__ in _DRIVER_MODULES and cls.__name__ in _PORTABLE_NAMES
+        ),
+        None,
+    )
+    if ours is None:
+        return None
+    namespace = {
+        "__module__": base.__module__,
+        "__qualname__": base.__qualname__,
+        "__doc__": base.__doc__,
+        "__reduce__": _reduce_portable,
+    }
+    dual = type(base.__name__, (base, ours), namespace)
+    _dual_classes[base] = dual
+    return dual
+
+
+def _reduce_portable(self: BaseException) -> tuple[Any, ...]:
+    # Pickled by its driver class: the dual class is rebuilt on arrival.
+    base = type(self).__mro__[1]
+    return (_rebuild_portable, (base, self.args, dict(vars(self))))
+
+
+def _rebuild_portable(
+    base: type[BaseException], args: tuple[Any, ...], state: dict[str, Any]
+) -> BaseException:
+    dual = _dual_class(base)
+    cls = base if dual is None else dual
+    # BaseException.__new__ stores args; the driver's own __init__ (psycopg's
+    # takes keyword-only diagnostics) is bypassed and its state copied instead.
+    copy = cls.__new__(cls, *args)
+    copy.__dict__.update(state)
+    return copy

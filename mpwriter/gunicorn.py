@@ -40,7 +40,9 @@ What the rest of gunicorn's life does to the writer:
   writer or worker, for the old writer to release the lock -- it does once the
   old master exits (TERM it after the USR2). If the old writer still holds it
   then, the new master exits with `mpwriter.WriterAlreadyRunning` and the old
-  one keeps serving. Two writers never run at once.
+  one keeps serving. Two writers never run at once. On PostgreSQL (a
+  ``postgresql://`` URL) there is no lock: the new master starts its writer
+  at once, beside the old one.
 """
 
 from __future__ import annotations
@@ -116,7 +118,9 @@ def writer_hooks(
     def on_starting(server: Arbiter) -> None:
         _route_records_to_gunicorn()
         try:
-            if server.master_pid:
+            # PostgreSQL admits writers side by side: a USR2 successor need not wait.
+            postgres = os.fspath(path).startswith(("postgresql://", "postgres://"))
+            if server.master_pid and not postgres:
                 _await_old_writer(os.fspath(path), takeover_timeout, server)
             writer = start(path, **start_kwargs)
         except WriterAlreadyRunning as exc:

@@ -131,3 +131,103 @@ def gate(tmp_path: Path) -> Iterator[Gate]:
     finally:
         g.release()
         g.close()
+
+
+# -- PostgreSQL ---------------------------------------------------------------------
+
+PG_SCHEMA = """
+CREATE TABLE IF NOT EXISTS items (
+    id SERIAL PRIMARY KEY,
+    client INTEGER,
+    seq INTEGER,
+    payload TEXT,
+    UNIQUE (client, seq)
+);
+"""
+DEFAULT_POSTGRES = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+def _postgres_problem() -> str | None:
+    """Why the PostgreSQL tests cannot run here, or None if a server answers."""
+    try:
+        import psycopg
+    except ImportError:
+        return "PostgreSQL tests: psycopg is not installed"
+    admin_url = os.environ.get("MPWRITER_TEST_POSTGRES", DEFAULT_POSTGRES)
+    try:
+        psycopg.connect(admin_url, connect_timeout=3).close()
+    except psycopg.OperationalError as exc:
+        reason = (str(exc).strip().splitlines() or ["?"])[0][:160]
+        return f"PostgreSQL tests: no server at {admin_url} ({reason}); set MPWRITER_TEST_POSTGRES"
+    return None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Without a server, mark the PostgreSQL tests skipped once, with one reason.
+
+    (Marked at collection, the skips fold into a line per file in the
+    summary.) In CI (CI=true) they are left to fail in the `pg_url` fixture.
+    """
+    needing = [item for item in items if "pg_url" in getattr(item, "fixturenames", ())]
+    if not needing or os.environ.get("CI") == "true":
+        return
+    problem = _postgres_problem()
+    if problem is not None:
+        for item in needing:
+            item.add_marker(pytest.mark.skip(reason=problem))
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    """The URL of a fresh database, created for this test run and dropped after it.
+
+    The server is $MPWRITER_TEST_POSTGRES (default: 127.0.0.1:5432, user
+    postgres). Without a server the PostgreSQL tests skip, except in CI
+    (CI=true), where a missing server fails them.
+    """
+    import secrets
+
+    psycopg = pytest.importorskip("psycopg", reason="PostgreSQL tests: psycopg is not installed")
+    admin_url = os.environ.get("MPWRITER_TEST_POSTGRES", DEFAULT_POSTGRES)
+    try:
+        admin = psycopg.connect(admin_url, autocommit=True, connect_timeout=3)
+    except psycopg.OperationalError as exc:
+        reason = (str(exc).strip().splitlines() or ["?"])[0][:160]
+        message = f"PostgreSQL tests: no server at {admin_url} ({reason})"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message + "; set MPWRITER_TEST_POSTGRES")
+    name = f"mpwriter_test_{secrets.token_hex(4)}"
+    with admin:
+        admin.execute(f"CREATE DATABASE {name}")
+        try:
+            yield admin_url.rsplit("/", 1)[0] + "/" + name
+        finally:
+            admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture
+def pg_fresh(pg_url: str) -> str:
+    """``pg_url`` with a fresh, empty ``items`` table (and no other tables of the tests)."""
+    import psycopg
+
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("DROP SCHEMA public CASCADE")
+        conn.execute("CREATE SCHEMA public")
+        conn.execute(PG_SCHEMA)
+    return pg_url
+
+
+@pytest.fixture
+def pg_writer(pg_fresh: str) -> Iterator[mpwriter.Writer]:
+    """A writer on the test database with a fresh ``items`` table, started with fork."""
+    handle = mpwriter.start(pg_fresh, init=PG_SCHEMA, timeout=10.0, context="fork")
+    try:
+        yield handle
+    finally:
+        handle.close(timeout=10.0)
+
+
+def pg_count(url: str, table: str = "items") -> int:
+    with mpwriter.reader(url) as conn:
+        return int(conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0])

@@ -20,14 +20,20 @@ from mpwriter import testing
 from mpwriter._wire import frames as _wire
 
 EXPECTED_PUBLIC_NAMES = {
+    "DatabaseError",
     "Error",
+    "IntegrityError",
     "Interrupted",
     "NotPicklable",
+    "OperationalError",
+    "OutcomeUnknown",
+    "ProgrammingError",
     "QueueFull",
     "ReadConnection",
     "RemoteError",
     "RemoteTraceback",
     "Result",
+    "ServerUnavailable",
     "StatementRefused",
     "Stats",
     "Timeout",
@@ -39,6 +45,7 @@ EXPECTED_PUBLIC_NAMES = {
     "WriterUnavailable",
     "attach",
     "get_writer",
+    "native",
     "prometheus_text",
     "reader",
     "start",

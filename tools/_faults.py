@@ -42,6 +42,24 @@ CREATE TABLE IF NOT EXISTS items (
 );
 """
 INSERT = "INSERT INTO items(client, seq) VALUES (?, ?)"
+# The same table on PostgreSQL (--database postgresql://...).
+PG_SCHEMA = SCHEMA.replace("id INTEGER PRIMARY KEY", "id SERIAL PRIMARY KEY")
+PG_SCHEMES = ("postgresql://", "postgres://")
+
+
+def schema_for(database: str | os.PathLike[str]) -> str:
+    """The `items` table's schema for the database's engine."""
+    return PG_SCHEMA if os.fspath(database).startswith(PG_SCHEMES) else SCHEMA
+
+
+def reset_postgres(url: str) -> None:
+    """Drop and recreate `items` on a PostgreSQL database: each run audits its own rows."""
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("DROP TABLE IF EXISTS items")
+        conn.execute(PG_SCHEMA.encode())
+
 
 # Errors a writer kill may cause: the call that the dead writer had taken
 # ("outcome unknown"), or a call that outwaited a restart. Anything else is a bug.
@@ -176,13 +194,20 @@ def audit(db_path: str | os.PathLike[str], logs: dict[int, ClientLog], *, in_fli
     raised "outcome unknown", or by the call a killed client had in flight
     (the seq after its last report): ``in_flight`` says every client was killed.
     """
-    # Plain sqlite3, read-write: what an application restarted after a crash
-    # does, and what lets SQLite recover a WAL left by a killed writer.
-    with closing(sqlite3.connect(os.fspath(db_path), timeout=DEADLINE)) as conn:
-        integrity = "; ".join(row[0] for row in conn.execute("PRAGMA integrity_check"))
-        found: dict[int, set[int]] = defaultdict(set)
-        for client, seq in conn.execute("SELECT client, seq FROM items"):
-            found[client].add(seq)
+    found: dict[int, set[int]] = defaultdict(set)
+    if os.fspath(db_path).startswith(PG_SCHEMES):
+        # The server's own recovery already ran; its constraints hold at COMMIT.
+        with mpwriter.reader(os.fspath(db_path)) as pg:
+            for client, seq in pg.execute("SELECT client, seq FROM items"):
+                found[client].add(seq)
+        integrity = "ok"
+    else:
+        # Plain sqlite3, read-write: what an application restarted after a crash
+        # does, and what lets SQLite recover a WAL left by a killed writer.
+        with closing(sqlite3.connect(os.fspath(db_path), timeout=DEADLINE)) as conn:
+            integrity = "; ".join(row[0] for row in conn.execute("PRAGMA integrity_check"))
+            for client, seq in conn.execute("SELECT client, seq FROM items"):
+                found[client].add(seq)
     rows = sum(len(seqs) for seqs in found.values())
     lost: list[tuple[int, int]] = []
     contradicted: list[str] = []

@@ -24,6 +24,8 @@ show medians. The machine comes first, the project's targets last. Usage
   PYTHONPATH=. python3 tools/bench.py --modes raw,mpwriter,echo --clients 8 --sync NORMAL
   PYTHONPATH=. python3 tools/bench.py --plot tools/results/bench.png   # needs matplotlib
   PYTHONPATH=. python3 tools/bench.py --dir /mnt/ssd/tmp      # where the databases go
+  PYTHONPATH=. python3 tools/bench.py --database postgresql://postgres@127.0.0.1/postgres
+      # PostgreSQL: mpwriter vs a connection per process (tools/bench_pg.py; takes its options)
 
 Exit status 1 if any run had a problem: a hung or dead client, a row count
 that does not match the acknowledged writes, or a broken invariant in a mode
@@ -172,6 +174,12 @@ def strict_json(value: Any) -> Any:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a == "--database" or a.startswith("--database=") for a in argv):
+        # PostgreSQL has its own workload and table (tools/bench_pg.py).
+        import bench_pg
+
+        return bench_pg.main(argv)
     args = parse_args(argv)
     info = lib.machine(args.dir)
     print("machine: " + ", ".join(f"{k}={v}" for k, v in info.items()), flush=True)

@@ -38,7 +38,15 @@ from multiprocessing.connection import Connection, wait
 from typing import Any
 
 import mpwriter
-from _faults import INSERT, SCHEMA, machine_line, print_verdict, reap
+from _faults import (
+    INSERT,
+    PG_SCHEMES,
+    machine_line,
+    print_verdict,
+    reap,
+    reset_postgres,
+    schema_for,
+)
 
 STALL = 0.5  # seconds without any acknowledgement from any client counts as a stall
 _DEADLINE = 10.0  # for every wait on a child: its pipe to EOF, its exit
@@ -230,8 +238,14 @@ class Audit:
 
 def audit(db_path: str | os.PathLike[str], acked: dict[int, int]) -> Audit:
     """Check that every acknowledged row is present and nothing else is."""
+    postgres = os.fspath(db_path).startswith(PG_SCHEMES)
     with closing(mpwriter.reader(db_path)) as conn:
-        integrity = "; ".join(row[0] for row in conn.execute("PRAGMA integrity_check"))
+        # PostgreSQL has no integrity_check: its constraints held at each COMMIT.
+        integrity = (
+            "ok"
+            if postgres
+            else "; ".join(row[0] for row in conn.execute("PRAGMA integrity_check"))
+        )
         found: dict[int, list[int]] = defaultdict(list)
         for client, seq in conn.execute("SELECT client, seq FROM items ORDER BY client, seq"):
             found[client].append(seq)
@@ -256,12 +270,17 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--max-pause", type=float, default=0.02, help="seconds between kills, max")
     parser.add_argument("--dir", default=None, help="where the database goes (default: a temp dir)")
+    parser.add_argument(
+        "--database", default=None, help="a postgresql:// URL instead (its items table is replaced)"
+    )
     args = parser.parse_args()
 
     print(machine_line())
     with tempfile.TemporaryDirectory(dir=args.dir) as directory:
-        path = os.path.join(directory, "kill_clients.db")
-        with mpwriter.start(path, init=SCHEMA, context="fork") as writer:
+        path = args.database or os.path.join(directory, "kill_clients.db")
+        if args.database:
+            reset_postgres(args.database)
+        with mpwriter.start(path, init=schema_for(path), context="fork") as writer:
             report = run_client_kills(
                 writer, args.kills, clients=args.clients, seed=args.seed, max_pause=args.max_pause
             )

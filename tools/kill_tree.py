@@ -235,7 +235,11 @@ def _tree_owner(
     os.setpgid(0, 0)  # before any child: the writer and the clients join this group
     ctx = multiprocessing.get_context("fork")
     writer = mpwriter.start(
-        db_path, init=faults.SCHEMA, context=ctx, timeout=call_timeout, synchronous=synchronous
+        db_path,
+        init=faults.schema_for(db_path),
+        context=ctx,
+        timeout=call_timeout,
+        synchronous=synchronous,
     )
     until = time.monotonic() + faults.LIFETIME
     processes: list[Any] = []
@@ -261,10 +265,15 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5, help="tree kills (5)")
     faults.add_load_arguments(parser)
     parser.add_argument("--dir", default=None, help="where the database goes (default: a temp dir)")
+    parser.add_argument(
+        "--database", default=None, help="a postgresql:// URL instead (its items table is replaced)"
+    )
     args = parser.parse_args()
     print(f"{faults.machine_line()}; synchronous={args.synchronous}, timeout {args.timeout} s")
     with tempfile.TemporaryDirectory(dir=args.dir) as directory:
-        path = os.path.join(directory, "kill_tree.db")
+        path = args.database or os.path.join(directory, "kill_tree.db")
+        if args.database:
+            faults.reset_postgres(args.database)
         report = run_tree(path, args.rounds, **faults.load_options(args))
         problems = _print_tree(report)
     return faults.print_verdict(problems)

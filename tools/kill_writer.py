@@ -206,7 +206,7 @@ def run(
     options = {} if restart_backoff_max is None else {"restart_backoff_max": restart_backoff_max}
     writer = mpwriter.start(
         db_path,
-        init=faults.SCHEMA,
+        init=faults.schema_for(db_path),
         context="fork",
         timeout=call_timeout,
         synchronous=synchronous,
@@ -351,11 +351,16 @@ def main() -> int:
         help="start()'s restart_backoff_max (default: mpwriter's own, 30 s)",
     )
     parser.add_argument("--dir", default=None, help="where the database goes (default: a temp dir)")
+    parser.add_argument(
+        "--database", default=None, help="a postgresql:// URL instead (its items table is replaced)"
+    )
     args = parser.parse_args()
 
     print(f"{faults.machine_line()}; synchronous={args.synchronous}, timeout {args.timeout} s")
     with tempfile.TemporaryDirectory(dir=args.dir) as directory:
-        path = os.path.join(directory, "kill_writer.db")
+        path = args.database or os.path.join(directory, "kill_writer.db")
+        if args.database:
+            faults.reset_postgres(args.database)
         report = run(
             path,
             args.kills,

@@ -12,7 +12,7 @@ import os
 import pathlib
 import sqlite3
 from types import TracebackType
-from typing import Literal
+from typing import Any, Literal
 
 
 class ReadConnection(sqlite3.Connection):
@@ -33,13 +33,22 @@ class ReadConnection(sqlite3.Connection):
         return False
 
 
-def reader(path: str | os.PathLike[str], *, busy_timeout: float = 5.0) -> ReadConnection:
+def reader(path: str | os.PathLike[str], *, busy_timeout: float = 5.0) -> Any:
     """Open a read-only connection to ``path`` (``mode=ro`` and ``query_only``).
+
+    For a PostgreSQL URL (``postgresql://`` or ``postgres://``) it returns a
+    psycopg connection whose transactions are read-only
+    (``default_transaction_read_only``); its ``with`` block also closes it.
 
     Writes through it fail with `sqlite3.OperationalError`. Each call opens a
     new connection: use it in a ``with`` block, which closes it, or close it
     yourself. Use one connection per thread.
     """
+    if isinstance(path, str) and path.startswith(("postgresql://", "postgres://")):
+        # Imported here: psycopg is an optional dependency (mpwriter[postgres]).
+        import psycopg
+
+        return psycopg.connect(path, options="-c default_transaction_read_only=on")
     uri = pathlib.Path(os.fspath(path)).resolve().as_uri() + "?mode=ro"
     conn = sqlite3.connect(uri, uri=True, timeout=busy_timeout, factory=ReadConnection)
     conn.execute("PRAGMA query_only=ON")

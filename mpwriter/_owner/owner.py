@@ -42,6 +42,7 @@ import socket
 import sqlite3
 import threading
 import time
+import urllib.parse
 import weakref
 from collections.abc import Callable
 from multiprocessing.connection import Connection, wait
@@ -80,6 +81,7 @@ def start(
     watchdog_grace: float = 5.0,
     slow_request: float | None = 1.0,
     start_timeout: float = 30.0,
+    isolation: str = "read committed",
 ) -> Writer:
     """Start the writer process for the database at ``path``; return its handle.
 
@@ -114,16 +116,29 @@ def start(
     "mpwriter") for requests slower than this many seconds, end to end;
     None turns it off.
 
+    ``path`` may also be a PostgreSQL URL (``postgresql://user@host:port/db``
+    or ``postgres://``; needs ``mpwriter[postgres]``): the writer then holds
+    one connection to that server, and ``isolation`` ("read committed", the
+    default, or "serializable", "repeatable read") sets its transactions'
+    level; ``synchronous`` applies to SQLite only. See the README's
+    PostgreSQL section for the differences.
+
     Raises `WriterAlreadyRunning` if another writer serves this file, the
     sqlite3 error if the database cannot be opened or ``init`` fails, and
     `WriterCrashed` if the writer dies before it is ready.
     """
     path = os.fspath(path)
-    if path == ":memory:" or path.startswith("file:"):
+    postgres = path.startswith(("postgresql://", "postgres://"))
+    if isolation not in ("read committed", "repeatable read", "serializable"):
+        raise ValueError(f"unknown isolation level {isolation!r}")
+    if postgres:
+        pass  # a server URL: no file, no directory to check
+    elif path == ":memory:" or path.startswith("file:"):
         raise ValueError("mpwriter needs a database file path (not ':memory:' or a URI)")
-    directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(f"the directory of {path!r} does not exist: {directory!r}")
+    else:
+        directory = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(directory):
+            raise FileNotFoundError(f"the directory of {path!r} does not exist: {directory!r}")
     synchronous = synchronous.upper()
     if synchronous not in _SYNCHRONOUS:
         raise ValueError(f"synchronous must be one of {_SYNCHRONOUS}, not {synchronous!r}")
@@ -136,13 +151,14 @@ def start(
     # Any: typeshed's BaseContext lacks Process(), which every concrete context has.
     ctx: Any = context if isinstance(context, BaseContext) else multiprocessing.get_context(context)
     config = WriterConfig(
-        os.path.abspath(path),
+        path if postgres else os.path.abspath(path),
         synchronous,
         init,
         max_batch,
         execution_limit,
         slow_request,
         frame_key=new_frame_key(),
+        isolation=isolation,
     )
 
     policy = RestartPolicy(
@@ -155,8 +171,10 @@ def start(
     except BaseException:
         owner.abandon()
         raise
+    # The handle's path is for display (repr, logs): a URL's password stays out.
+    shown = _without_password(config.path) if postgres else config.path
     writer = Writer(
-        config.path,
+        shown,
         timeout,
         owner.request_w,
         owner.registration_client,
@@ -166,6 +184,15 @@ def start(
     )
     atexit.register(_close_at_exit, weakref.ref(writer))
     return writer
+
+
+def _without_password(url: str) -> str:
+    """``url`` with the password of its user part replaced by ``***``."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
 
 
 def _resize_pipe(fd: int, size: int) -> None:

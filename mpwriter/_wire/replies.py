@@ -10,7 +10,7 @@ import os
 import pickle
 from typing import Any, NamedTuple
 
-from .._errors import Error, QueueFull, RemoteTraceback, Timeout
+from .._errors import Error, QueueFull, RemoteTraceback, Timeout, portable
 from .frames import PICKLED, REPLY_HEADER_SIZE, Status, decode_reply_header, decode_wrote
 
 READ_SIZE = 1 << 16  # a reply pipe holds 64 KiB by default
@@ -138,6 +138,8 @@ def unpack_reply(reply: bytes | bytearray) -> Any:
     if status == Status.OK:
         return value
     exc, tb = value
+    # A driver's SQL error also becomes an mpwriter.DatabaseError (see _errors).
+    exc = portable(exc)
     exc.__cause__ = RemoteTraceback(tb)
     raise exc
 

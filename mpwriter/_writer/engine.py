@@ -86,6 +86,7 @@ class WriterConfig:
     # The request stream's frame key (`mpwriter._wire.frames.new_frame_key`),
     # made by the owner and known to its callers; 0 is the unkeyed stream.
     frame_key: int = 0
+    isolation: str = "read committed"  # PostgreSQL only
 
 
 def open_engine(config: WriterConfig, counters: Counters, state: Any) -> Engine:
@@ -97,6 +98,13 @@ def open_engine(config: WriterConfig, counters: Counters, state: Any) -> Engine:
     if testing.faults.engine is not None:
         engine: Engine = testing.faults.engine(counters)
         return engine
+    if config.path.startswith(("postgresql://", "postgres://")):
+        # Imported here: psycopg is an optional dependency (mpwriter[postgres]).
+        from .postgres import open_postgres_engine
+
+        return open_postgres_engine(
+            config.path, config.init, counters, state, config.isolation, config.execution_limit
+        )
     return open_sqlite_engine(
         config.path,
         config.synchronous,

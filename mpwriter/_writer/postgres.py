@@ -1,0 +1,685 @@
+"""The PostgreSQL engine: group commit on the writer's one psycopg connection.
+
+One connection per writer process, opened after the process started (never
+inherited across a fork) and reopened with backoff when it is lost. Several
+writers (one per machine) may serve the same database: nothing here assumes
+it is the only one, so there is no lock file.
+
+A batch is cut into chunks of at most 64 requests, each chunk one
+transaction: PostgreSQL caches 64 subtransactions per transaction, and more
+savepoints than that slow the whole server and its replicas.
+
+The error-free case (fast path), one chunk::
+
+    pipeline: BEGIN; every request's statements    -> one round trip
+    results read and encoded; COMMIT                -> one round trip
+
+No savepoints: they would double the statements (measured in issue 11:
+16,325 rows/s without, 8,206 with, batches of 16). When a statement fails,
+PostgreSQL abandons the transaction; the chunk is rolled back and replayed
+on the isolated path: one request at a time, each in its own SAVEPOINT, so a
+failed request is rolled back to its savepoint and answered with its own
+error while the others commit. A chunk with a `call()` takes the isolated
+path directly (the function reads results as it goes).
+
+Serialization failures and deadlocks (SQLSTATE 40001, 40P01) roll the chunk
+back and replay it after a jittered backoff, then one request per
+transaction. A COMMIT that fails otherwise (a deferred constraint) is
+replayed one request per transaction, so only the culprit gets the error.
+
+Replies are encoded before COMMIT and returned after it. If the connection is
+lost before COMMIT was sent, nothing was applied (`ServerUnavailable`); if it
+is lost after, the outcome is unknown (`OutcomeUnknown`).
+
+Callers' transaction control (BEGIN, COMMIT, ROLLBACK, SAVEPOINT, RELEASE,
+...) is refused before it is sent (`StatementRefused`); the SQL text is
+vetted by `pg_sql.controls_transaction`, since PostgreSQL would just run it.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import pickle
+import random
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import psycopg
+from psycopg import sql as psql
+from psycopg.pq import TransactionStatus
+
+from .._errors import (
+    Interrupted,
+    NotPicklable,
+    OutcomeUnknown,
+    ServerUnavailable,
+    StatementRefused,
+    Timeout,
+)
+from .._wire.frames import Kind, Request, Status, encode_reply, encode_wrote
+from .batch import Counters, Work, describe, error_reply
+from .pg_sql import PlaceholderError, controls_transaction, split_statements, translate
+
+log = logging.getLogger("mpwriter")
+
+# PostgreSQL keeps 64 subtransactions per transaction in its cache (PGPROC_MAX_CACHED_SUBXIDS).
+MAX_CHUNK = 64
+# Kinds whose result is (rowcount, lastrowid, rows), sent compact without rows.
+_WRITE_RESULTS = frozenset({Kind.EXECUTE, Kind.EXECUTEMANY, Kind.POST})
+_RETRYABLE = frozenset({"40001", "40P01"})  # serialization failure, deadlock detected
+_QUERY_CANCELED = "57014"  # statement_timeout
+# "cannot run inside a transaction block" (VACUUM, CREATE INDEX CONCURRENTLY...):
+# a single statement so refused runs alone after the batch (`run_alone`).
+_NOT_IN_TRANSACTION = "25001"
+_ALONE = frozenset({Kind.EXECUTE, Kind.POST})
+_SHUTDOWN = frozenset({"57P01", "57P02", "57P03"})  # admin/crash shutdown, starting up
+_MAX_RETRIES = 4
+_BACKOFF_FIRST = 0.005
+_BACKOFF_MAX = 0.5
+_CONNECT_BACKOFF_MAX = 1.0
+_DEADLINE_MARGIN = 0.02
+ISOLATION_LEVELS = {"read committed": "READ COMMITTED", "serializable": "SERIALIZABLE",
+                    "repeatable read": "REPEATABLE READ"}  # fmt: skip
+
+_REFUSED = (
+    "transaction control is refused: every mpwriter request already runs atomically"
+    " in the writer's transaction; send the statements without it (use"
+    " Writer.transaction() to group several)"
+)
+
+Value = Any
+Finish = Callable[[], Value]
+
+
+class _Retryable(Exception):
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+class _StatementFailed(Exception):
+    """A statement failed on the fast path: replay on the isolated path."""
+
+
+class _CommitFailed(Exception):
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+class _Lost(Exception):
+    """The connection broke; ``commit_sent`` says whether COMMIT may have run."""
+
+    def __init__(self, error: BaseException, commit_sent: bool) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.commit_sent = commit_sent
+
+
+def sendable(exc: BaseException) -> BaseException:
+    """``exc``, or a copy that pickles with its class, sqlstate and message.
+
+    psycopg's errors pickle (they drop the connection); one carrying an
+    unpicklable attribute is rebuilt from its class and message, keeping
+    the server's diagnostics that are plain bytes. Anything else that does
+    not pickle is left to `error_reply`'s `RemoteError`.
+    """
+    try:
+        pickle.dumps(exc)
+    except Exception:
+        if isinstance(exc, psycopg.Error):
+            return _rebuilt(exc)
+    return exc
+
+
+def _rebuilt(exc: psycopg.Error) -> psycopg.Error:
+    copy = type(exc)(*[str(arg) for arg in exc.args])
+    info = getattr(exc, "_info", None)
+    if isinstance(info, dict):
+        copy._info = {k: v for k, v in info.items() if isinstance(v, bytes | None)}
+    return copy
+
+
+class Cursor:
+    """What `call()` functions get back from `Connection.execute`: a psycopg cursor, thin."""
+
+    def __init__(self, cursor: psycopg.Cursor[Any]) -> None:
+        self._cursor = cursor
+
+    @property
+    def rowcount(self) -> int:
+        return self._cursor.rowcount
+
+    lastrowid = None  # PostgreSQL has no rowid: use RETURNING
+
+    @property
+    def description(self) -> Any:
+        return self._cursor.description
+
+    def fetchone(self) -> tuple[Any, ...] | None:
+        return self._cursor.fetchone()
+
+    def fetchall(self) -> list[tuple[Any, ...]]:
+        return self._cursor.fetchall()
+
+    def __iter__(self) -> Iterator[tuple[Any, ...]]:
+        return iter(self._cursor)
+
+
+class Connection:
+    """The connection a `call()` function receives on PostgreSQL.
+
+    ``execute`` and ``executemany`` take the same SQL and placeholders as the
+    Writer's methods (``?``, ``:name``, or `mpwriter.native`). Transaction
+    control is refused: the function runs inside the writer's transaction,
+    in its own savepoint. ``native`` is the psycopg connection itself, for
+    what this wrapper lacks; do not commit, roll back or close it.
+    """
+
+    def __init__(self, conn: psycopg.Connection[Any]) -> None:
+        self.native = conn
+
+    def execute(self, sql: str, params: Any = ()) -> Cursor:
+        cursor = self.native.cursor()
+        _execute(cursor, sql, params)
+        return Cursor(cursor)
+
+    def executemany(self, sql: str, seq_of_params: Iterable[Any]) -> Cursor:
+        cursor = self.native.cursor()
+        _executemany(cursor, sql, seq_of_params)
+        return Cursor(cursor)
+
+    def commit(self) -> None:
+        raise StatementRefused(_REFUSED)
+
+    def rollback(self) -> None:
+        raise StatementRefused(_REFUSED)
+
+    def transaction(self) -> None:
+        raise StatementRefused(_REFUSED)
+
+
+def _prepare(sql: str, params: Any) -> tuple[str, Any]:
+    """The psycopg text and parameters for caller SQL; refuses transaction control."""
+    if controls_transaction(sql):
+        raise StatementRefused(_REFUSED)
+    try:
+        text, style = translate(sql)
+    except PlaceholderError as exc:
+        raise psycopg.ProgrammingError(str(exc)) from None
+    if style == "native":
+        # psycopg reads % only when there are parameters: without, the text is as written.
+        return text, params if params else None
+    # With parameters (even none), psycopg turns the doubled %% back into %.
+    return text, () if params is None else params
+
+
+def _execute(cursor: psycopg.Cursor[Any], sql: str, params: Any) -> None:
+    text, values = _prepare(sql, params)
+    cursor.execute(text, values)
+
+
+def _executemany(cursor: psycopg.Cursor[Any], sql: str, seq_of_params: Iterable[Any]) -> None:
+    text, _ = _prepare(sql, ())
+    cursor.executemany(text, seq_of_params)
+
+
+def _rowcount(cursor: psycopg.Cursor[Any]) -> tuple[int, None, list[Any]]:
+    return (cursor.rowcount, None, [])
+
+
+def _written(cursor: psycopg.Cursor[Any]) -> tuple[Any, ...]:
+    """``Result``'s fields: (rowcount, None, rows), plus the column names with rows."""
+    description = cursor.description
+    if description is None:
+        return (cursor.rowcount, None, [])
+    rows = cursor.fetchall()
+    if not rows:
+        return (cursor.rowcount, None, rows)
+    return (cursor.rowcount, None, rows, tuple(column.name for column in description))
+
+
+class PostgresEngine:
+    """Runs batches on the writer's one PostgreSQL connection; see the module docstring."""
+
+    def __init__(
+        self,
+        dsn: str,
+        init: str | Callable[[Any], object] | None,
+        counters: Counters,
+        state: Any,
+        isolation: str = "read committed",
+        execution_limit: float | None = None,
+    ) -> None:
+        self._dsn = dsn
+        self._execution_limit = execution_limit
+        self._init = init
+        self._counters = counters
+        self._state = state
+        self._begin = f"BEGIN ISOLATION LEVEL {ISOLATION_LEVELS[isolation]}"
+        self._conn: psycopg.Connection[Any] | None = None
+        # Requests the last `run` deferred: they cannot run in a transaction.
+        self._deferred: list[Work] = []
+        self._connect(connect_timeout=10)
+
+    # -- the connection -----------------------------------------------------------
+
+    def _connect(self, connect_timeout: int) -> None:
+        conn = psycopg.connect(
+            self._dsn,
+            autocommit=True,  # the engine sends BEGIN and COMMIT itself
+            connect_timeout=max(2, connect_timeout),
+            application_name="mpwriter",
+        )
+        try:
+            if self._init is not None:
+                with conn.transaction():
+                    if isinstance(self._init, str):
+                        for statement in split_statements(self._init):
+                            conn.execute(statement)
+                    else:
+                        self._init(conn)
+        except BaseException:
+            conn.close()
+            raise
+        self._conn = conn
+
+    def _ensure_connected(self, chunk: list[Work], replies: dict[int, bytes]) -> list[Work]:
+        """Reconnect with backoff if needed; return the requests still to run.
+
+        A request whose deadline comes while the server cannot be reached is
+        answered `ServerUnavailable` (not applied); the others wait on.
+        """
+        if self._conn is not None and not self._conn.broken:
+            return chunk
+        self._drop_connection()
+        delay = _BACKOFF_FIRST
+        while chunk:
+            remaining = min(work.deadline for work in chunk) - _DEADLINE_MARGIN - time.monotonic()
+            try:
+                self._connect(connect_timeout=int(max(1.0, remaining)))
+                log.warning("mpwriter: connected to PostgreSQL again")
+                return chunk
+            except psycopg.Error as exc:
+                error = exc
+            now = time.monotonic()
+            failure = ServerUnavailable(
+                f"the PostgreSQL server could not be reached: {error}; not applied"
+            )
+            still = []
+            for work in chunk:
+                if work.deadline - _DEADLINE_MARGIN <= now:
+                    replies[id(work)] = self._fail(work, failure)
+                else:
+                    still.append(work)
+            chunk = still
+            if chunk:
+                self._counters.retries += 1
+                earliest = min(work.deadline for work in chunk) - _DEADLINE_MARGIN
+                time.sleep(max(0.0, min(earliest - now, delay * random.uniform(0.5, 1.5))))
+                delay = min(delay * 2, _CONNECT_BACKOFF_MAX)
+        return chunk
+
+    # -- the Engine protocol ------------------------------------------------------
+
+    def run(self, batch: list[Work]) -> list[tuple[Request, bytes]]:
+        counters = self._counters
+        counters.batches += 1
+        counters.requests += len(batch)
+        for work in batch:
+            if work.request.kind == Kind.POST:
+                # Counted here, once: a replayed batch queues its posts again.
+                counters.posts_dropped += work.body[2]
+        replies: dict[int, bytes] = {}
+        for start in range(0, len(batch), MAX_CHUNK):
+            self._run_chunk(batch[start : start + MAX_CHUNK], replies)
+        self._state.busy_until = 0.0
+        # A request deferred to `run_alone` has no reply yet.
+        return [(work.request, replies[id(work)]) for work in batch if id(work) in replies]
+
+    def run_alone(self) -> Iterator[tuple[Request, bytes]]:
+        """Run the statements PostgreSQL refused inside a transaction (VACUUM, ...).
+
+        Each runs alone, outside any transaction, after the batch's replies
+        went out, stopped at its own deadline by statement_timeout.
+        """
+        deferred, self._deferred = self._deferred, []
+        for work in deferred:
+            replies: dict[int, bytes] = {}
+            pending = self._ensure_connected(self._drop_expired([work], replies), replies)
+            if pending:
+                replies[id(work)] = self._run_one_alone(work)
+            yield work.request, replies[id(work)]
+        self._state.busy_until = 0.0
+
+    def _run_one_alone(self, work: Work) -> bytes:
+        conn = self._conn
+        assert conn is not None
+        self._state.busy_until = work.deadline
+        try:
+            conn.execute(self._time_limit(work.deadline, local=False))
+            try:
+                cursor = conn.cursor()
+                _execute(cursor, work.body[0], work.body[1])
+                return self._ok(work, _written(cursor))
+            finally:
+                if not conn.broken:
+                    conn.execute("RESET statement_timeout")
+        except Exception as exc:
+            return self._fail(work, exc)
+
+    def tidy(self, idle: bool) -> None:
+        """No upkeep between batches: the server checkpoints and vacuums by itself."""
+
+    def abandon_transaction(self) -> None:
+        if self._conn is not None:
+            _roll_back_open_transaction(self._conn)
+
+    def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        try:
+            _roll_back_open_transaction(conn)
+        except psycopg.Error:
+            log.exception("mpwriter: rolling back at close failed")
+        finally:
+            conn.close()
+
+    # -- one chunk ------------------------------------------------------------------
+
+    def _run_chunk(self, chunk: list[Work], replies: dict[int, bytes]) -> None:
+        pipelined = not any(work.request.kind == Kind.CALL for work in chunk)
+        attempts = 0
+        while True:
+            chunk = self._ensure_connected(self._drop_expired(chunk, replies), replies)
+            if not chunk:
+                return
+            try:
+                if pipelined:
+                    self._run_pipelined(chunk, replies)
+                else:
+                    self._run_isolated(chunk, replies)
+                return
+            except _Lost as lost:
+                self._drop_connection()
+                attempts += 1
+                if lost.commit_sent or attempts > _MAX_RETRIES:
+                    self._answer_lost(chunk, replies, lost)
+                    return
+                # Nothing was applied: reconnect (within the deadlines) and replay.
+                log.warning("mpwriter: lost the PostgreSQL connection before COMMIT: %s", lost)
+            except _Retryable as retry:
+                self._rollback()
+                attempts += 1
+                if attempts > _MAX_RETRIES:
+                    self._one_by_one(chunk, replies, retry.error)
+                    return
+                self._counters.retries += 1
+                self._backoff(attempts, chunk)
+            except _StatementFailed:
+                self._rollback()
+                self._counters.replayed_batches += 1
+                pipelined = False
+            except _CommitFailed as failed:
+                self._rollback()
+                self._one_by_one(chunk, replies, failed.error)
+                return
+
+    def _one_by_one(
+        self, chunk: list[Work], replies: dict[int, bytes], error: BaseException
+    ) -> None:
+        """Smaller batches: each request in its own transaction; alone, its error is its own."""
+        if len(chunk) == 1:
+            replies[id(chunk[0])] = self._fail(chunk[0], error)
+            return
+        self._counters.replayed_batches += 1
+        for work in chunk:
+            self._run_chunk([work], replies)
+
+    def _drop_expired(self, chunk: list[Work], replies: dict[int, bytes]) -> list[Work]:
+        now = time.monotonic()
+        kept = []
+        for work in chunk:
+            if work.deadline <= now:
+                self._counters.expired += 1
+                replies[id(work)] = self._fail(
+                    work,
+                    Timeout("the deadline passed before the writer ran this request; not applied"),
+                )
+            else:
+                kept.append(work)
+        return kept
+
+    def _backoff(self, attempts: int, chunk: list[Work]) -> None:
+        delay = min(_BACKOFF_MAX, _BACKOFF_FIRST * 2**attempts) * random.uniform(0.5, 1.5)
+        earliest = min(work.deadline for work in chunk) - _DEADLINE_MARGIN
+        time.sleep(max(0.0, min(delay, earliest - time.monotonic())))
+
+    def _rollback(self) -> None:
+        try:
+            self.abandon_transaction()
+        except psycopg.Error as exc:
+            if self._conn is None or not self._conn.broken:
+                raise
+            log.warning("mpwriter: connection lost during ROLLBACK: %s", exc)
+
+    def _drop_connection(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+
+    def _answer_lost(self, chunk: list[Work], replies: dict[int, bytes], lost: _Lost) -> None:
+        log.warning("mpwriter: lost the PostgreSQL connection: %s", lost.error)
+        for work in chunk:
+            if id(work) in replies:
+                continue  # already answered with its own error, rolled back
+            if lost.commit_sent:
+                error: BaseException = OutcomeUnknown(
+                    f"the connection to PostgreSQL was lost after COMMIT was sent ({lost.error});"
+                    " the outcome is unknown"
+                )
+            else:
+                error = ServerUnavailable(
+                    f"the connection to PostgreSQL was lost before COMMIT ({lost.error});"
+                    " not applied"
+                )
+            replies[id(work)] = self._fail(work, error)
+
+    def _classify(
+        self, exc: psycopg.Error, commit_sent: bool, *, replayable: bool = True
+    ) -> Exception:
+        """The control-flow exception for an error of the engine's transaction.
+
+        ``replayable``: whether a statement's failure may send the chunk to
+        the isolated path; on that path it cannot help, so the chunk is split.
+        """
+        conn = self._conn
+        state = exc.sqlstate or ""
+        # Class 08 (connection exception) and the server shutting down (57P01-3)
+        # end the session even when libpq has not noticed the socket closing yet.
+        if conn is None or conn.broken or state.startswith("08") or state in _SHUTDOWN:
+            return _Lost(exc, commit_sent)
+        if state in _RETRYABLE:
+            return _Retryable(exc)
+        return _StatementFailed() if replayable and not commit_sent else _CommitFailed(exc)
+
+    def _commit(self, conn: psycopg.Connection[Any]) -> None:
+        try:
+            conn.execute("COMMIT")
+        except psycopg.Error as exc:
+            raise self._classify(exc, commit_sent=True) from exc
+        self._counters.commits += 1
+
+    def _run_pipelined(self, chunk: list[Work], replies: dict[int, bytes]) -> None:
+        conn = self._conn
+        assert conn is not None
+        self._state.busy_until = max(work.deadline for work in chunk)
+        finishers: list[Finish] = []
+        try:
+            with conn.pipeline():
+                conn.execute(self._begin)
+                conn.execute(self._time_limit(max(work.deadline for work in chunk)))
+                for work in chunk:
+                    finishers.append(self._queue(conn, work))
+        except psycopg.Error as exc:
+            raise self._classify(exc, commit_sent=False) from exc
+        except Exception as exc:  # refused statement, unpicklable params...
+            raise _StatementFailed from exc
+        encoded: list[bytes] = []
+        try:
+            for work, finish in zip(chunk, finishers, strict=True):
+                encoded.append(self._ok(work, finish()))
+        except Exception as exc:
+            raise _StatementFailed from exc
+        self._commit(conn)
+        for work, reply in zip(chunk, encoded, strict=True):
+            replies[id(work)] = reply
+
+    def _run_isolated(self, chunk: list[Work], replies: dict[int, bytes]) -> None:
+        """Each request in its own savepoint; its failure is its own."""
+        conn = self._conn
+        assert conn is not None
+        succeeded: dict[int, bytes] = {}
+        failed: dict[int, bytes] = {}
+        alone: list[Work] = []
+        try:
+            conn.execute(self._begin)
+            for work in chunk:
+                _check_transaction_open(conn)
+                self._state.busy_until = work.deadline
+                conn.execute(self._time_limit(work.deadline))
+                try:
+                    with conn.transaction(savepoint_name="mpwriter_request"):
+                        succeeded[id(work)] = self._ok(work, self._queue(conn, work)())
+                except psycopg.Error as exc:
+                    if conn.broken or exc.sqlstate in _RETRYABLE:
+                        raise
+                    if exc.sqlstate == _NOT_IN_TRANSACTION and work.request.kind in _ALONE:
+                        alone.append(work)  # VACUUM and the like: after the batch
+                        continue
+                    error: BaseException = exc
+                    if exc.sqlstate == _QUERY_CANCELED:
+                        error = Interrupted(
+                            f"interrupted at its deadline or execution limit ({exc});"
+                            " rolled back, not applied"
+                        )
+                    failed[id(work)] = self._fail(work, error)
+                except Exception as exc:  # refused, unpicklable result, the function's own
+                    failed[id(work)] = self._fail(work, exc)
+        except psycopg.Error as exc:
+            # Nothing of this attempt was committed: the replay (or the
+            # "not applied" answer) replaces every reply computed here.
+            raise self._classify(exc, commit_sent=False, replayable=False) from exc
+        _check_transaction_open(conn)
+        self._commit(conn)
+        replies.update(failed)
+        replies.update(succeeded)
+        self._deferred.extend(alone)
+
+    def _time_limit(self, deadline: float, *, local: bool = True) -> psql.Composed:
+        """SET LOCAL statement_timeout: the server stops SQL that outlives its caller.
+
+        The owner's watchdog would otherwise kill the writer stuck past the
+        deadline; the limit is the execution limit when that comes first.
+        """
+        now = time.monotonic()
+        stop_at = deadline
+        if self._execution_limit is not None:
+            stop_at = min(stop_at, now + self._execution_limit)
+        millis = max(1, int((stop_at - now) * 1000))
+        scope = psql.SQL("SET LOCAL" if local else "SET")
+        return psql.SQL("{} statement_timeout = {}").format(scope, psql.Literal(millis))
+
+    # -- one request ------------------------------------------------------------------
+
+    def _queue(self, conn: psycopg.Connection[Any], work: Work) -> Finish:
+        """Send ``work``'s statements; return what computes its value once results are in."""
+        kind = work.request.kind
+        body = work.body
+        if kind == Kind.EXECUTE or kind == Kind.POST:
+            cursor = conn.cursor()
+            _execute(cursor, body[0], body[1])
+            return lambda: _written(cursor)
+        if kind == Kind.EXECUTEMANY:
+            cursor = conn.cursor()
+            _executemany(cursor, body[0], body[1])
+            return lambda: (cursor.rowcount, None, [])
+        if kind == Kind.SCRIPT:
+            for statement in split_statements(body[0]):
+                if controls_transaction(statement):
+                    raise StatementRefused(_REFUSED)
+                conn.cursor().execute(statement)
+            return lambda: None
+        if kind == Kind.TRANSACTION:
+            parts: list[Finish] = []
+            for many, sql, params in body[0]:
+                cursor = conn.cursor()
+                if many:
+                    _executemany(cursor, sql, params)
+                    parts.append(functools.partial(_rowcount, cursor))
+                else:
+                    _execute(cursor, sql, params)
+                    parts.append(functools.partial(_written, cursor))
+            return lambda: [part() for part in parts]
+        if kind == Kind.CALL:
+            function: Callable[..., Any] = body[0]
+            value = function(Connection(conn), *body[1], **body[2])
+            return lambda: value
+        raise ValueError(f"unknown request kind {kind}")
+
+    def _ok(self, work: Work, value: Value) -> bytes:
+        request_id = work.request.request_id
+        if work.request.kind in _WRITE_RESULTS and not value[2]:
+            return encode_wrote(request_id, value[0], value[1])
+        try:
+            return encode_reply(request_id, Status.OK, value)
+        except Exception as exc:
+            raise NotPicklable(f"the result could not be pickled: {exc}") from exc
+
+    def _fail(self, work: Work, exc: BaseException) -> bytes:
+        counters = self._counters
+        counters.count_error(exc)
+        if isinstance(exc, StatementRefused):
+            counters.refused += 1
+        if work.request.kind == Kind.POST:
+            name = type(exc).__qualname__
+            counters.post_errors_by_class[name] = counters.post_errors_by_class.get(name, 0) + 1
+            log.warning(
+                "mpwriter: fire-and-forget write failed: %s: %s [%s]", name, exc, describe(work)
+            )
+        return error_reply(work.request.request_id, sendable(exc))
+
+
+def _check_transaction_open(conn: psycopg.Connection[Any]) -> None:
+    """Raise `_Lost` if a `call()` function ended the writer's transaction.
+
+    The wrapper refuses transaction control, but ``conn.native`` can send a
+    COMMIT or ROLLBACK: what ran before it may or may not be committed, and
+    the requests after it would autocommit one by one.
+    """
+    if not conn.broken and conn.info.transaction_status == TransactionStatus.IDLE:
+        refused = StatementRefused(
+            "a call() function ended the writer's transaction (a COMMIT or ROLLBACK"
+            " through conn.native); this batch's outcome is unknown"
+        )
+        raise _Lost(refused, commit_sent=True)
+
+
+def _roll_back_open_transaction(conn: psycopg.Connection[Any]) -> None:
+    if not conn.broken and conn.info.transaction_status != TransactionStatus.IDLE:
+        conn.execute("ROLLBACK")
+
+
+def open_postgres_engine(
+    dsn: str,
+    init: str | Callable[[Any], object] | None,
+    counters: Counters,
+    state: Any,
+    isolation: str = "read committed",
+    execution_limit: float | None = None,
+) -> PostgresEngine:
+    """Connect (in the writer process) and run ``init``; raises psycopg's error if it fails."""
+    return PostgresEngine(dsn, init, counters, state, isolation, execution_limit)
