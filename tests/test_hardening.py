@@ -137,6 +137,15 @@ def deny_everything(conn: sqlite3.Connection) -> None:
     conn.set_authorizer(lambda *_args: sqlite3.SQLITE_DENY)
 
 
+def trace_into(conn: sqlite3.Connection, path: str) -> None:
+    def trace(statement: str) -> None:
+        with open(path, "a") as log:
+            log.write(statement + "\n")
+
+    conn.set_trace_callback(trace)
+    conn.execute("INSERT INTO items(payload) VALUES ('traced')")
+
+
 def switch_transaction_handling(conn: sqlite3.Connection) -> None:
     conn.isolation_level = "DEFERRED"
 
@@ -362,6 +371,17 @@ def test_connection_settings_a_call_changes_do_not_leak(writer: mpwriter.Writer)
     assert writer.call(read_rows) == [("text", 1)]  # plain tuples of str again
     writer.call(deny_everything)
     assert writer.execute("INSERT INTO items(payload) VALUES ('x')").rowcount == 1
+
+
+def test_a_trace_callback_a_call_sets_ends_with_the_call(
+    writer: mpwriter.Writer, tmp_path: Path
+) -> None:
+    traced = tmp_path / "trace.log"
+    writer.call(trace_into, str(traced))
+    writer.execute("INSERT INTO items(payload) VALUES ('after the call')")
+    lines = traced.read_text()
+    assert "traced" in lines  # the callback ran during the call
+    assert "after the call" not in lines
 
 
 def test_a_call_that_takes_an_exclusive_lock_is_refused_and_undone(
