@@ -29,7 +29,7 @@ watchdog. Settings the writer depends on (WAL, normal locking, its
 durability, its own lock waits) are refused with `StatementRefused`.
 
 `call()` functions run real Python in the writer, so they get more guards
-than plain statements (which pay for none of them): a thread (`_CallLimiter`)
+than plain statements (which pay for none of them): a thread (`CallLimiter`)
 interrupts a function past its stop time without the process timer or
 SIGALRM, which the function may use itself; the connection refuses use from
 any other thread (``check_same_thread``); after the function, the writer puts
@@ -41,16 +41,13 @@ exception can be rebuilt by the caller -- all before the COMMIT.
 
 from __future__ import annotations
 
-import ctypes
 import logging
-import math
 import os
 import pickle
 import random
 import signal
 import sqlite3
 import struct
-import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -68,6 +65,7 @@ from .._errors import (
 )
 from .._wire.frames import REPLY_HEADER_SIZE, Kind, Request, Status, encode_reply, encode_wrote
 from .batch import Counters, Work, describe, error_reply
+from .call_limit import KICK_SIGNAL, CallLimiter, CallOverrun, ignore_kick
 
 # Pragmas that SQLite ignores or refuses inside a transaction when they set a
 # value; such a request is deferred and run alone, outside the batch.
@@ -152,13 +150,6 @@ _PINNED_NOW = (
     "SELECT * FROM pragma_locking_mode, pragma_query_only, pragma_busy_timeout,"
     " pragma_synchronous /* mpwriter */"
 )
-# The signal `_CallLimiter` sends the writer's thread to break a blocking
-# system call (sleep, select, read): one whose default action is to do
-# nothing, so that a function that resets it cannot get the writer killed.
-_KICK_SIGNAL = signal.SIGURG
-# How often `_CallLimiter` interrupts again a function that caught the
-# interruption and kept running.
-_REFIRE_INTERVAL = 0.05
 
 
 def lock_path(database: str) -> str:
@@ -261,15 +252,6 @@ def split_script(script: str) -> list[str]:
     return statements
 
 
-class _CallOverrun(BaseException):
-    """Raised inside a `call()` function that ran past its stop time.
-
-    A BaseException, so that the function's own ``except Exception`` does not
-    swallow it; a function that swallows it anyway is still answered
-    `Interrupted` (see `_CallLimiter.fired`).
-    """
-
-
 class _Refused(Exception):
     """Raised inside the runner to turn an authorizer denial into a reply."""
 
@@ -289,100 +271,6 @@ class _TransactionLost(Exception):
         super().__init__(index)
         self.index = index
         self.reply = reply
-
-
-# PyThreadState_SetAsyncExc: raise an exception in another thread at its next
-# bytecode. Two prototypes: one to set an exception class, one to pass NULL,
-# which clears a pending one.
-_set_async_exc = ctypes.PYFUNCTYPE(ctypes.c_int, ctypes.c_ulong, ctypes.py_object)(
-    ("PyThreadState_SetAsyncExc", ctypes.pythonapi)
-)
-_clear_async_exc = ctypes.PYFUNCTYPE(ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p)(
-    ("PyThreadState_SetAsyncExc", ctypes.pythonapi)
-)
-
-
-class _CallLimiter:
-    """Stops a `call()` function at its stop time, whatever the function does.
-
-    The old mechanism -- SIGALRM and the process timer -- belonged to the
-    function as much as to the writer: a function that installed its own
-    SIGALRM handler, or called ``alarm()``, switched the limit off for the
-    writer's lifetime. This thread needs neither. Past the stop time it
-    interrupts SQLite (`sqlite3.Connection.interrupt`), raises `_CallOverrun`
-    in the writer's thread at its next bytecode, and sends it `_KICK_SIGNAL`
-    to break a blocking system call; and again every `_REFIRE_INTERVAL` while
-    the function runs on (it caught the exception, or sqlite3 swallowed it in
-    a callback). Code that never returns to the interpreter (a C extension)
-    is left to the owner's watchdog.
-
-    Started at the first call() only: a writer that serves plain statements
-    stays single-threaded.
-    """
-
-    def __init__(self, conn: sqlite3.Connection) -> None:
-        self._conn = conn
-        self._target = threading.get_ident()
-        self._lock = threading.Lock()
-        self._wake = threading.Condition(self._lock)
-        self._stop_at: float | None = None  # None: no call is running
-        # When the watching thread's wait ends by itself (inf: only a notify
-        # ends it). A call whose stop time comes later needs no wake-up: the
-        # thread re-reads the stop time when its wait ends. Waking it for every
-        # call cost a thread switch per call() on a busy 2-core machine.
-        self._sleeping_until = math.inf
-        self.fired = False
-        thread = threading.Thread(target=self._watch, name="mpwriter-call-limit", daemon=True)
-        thread.start()
-
-    def arm(self, stop_at: float) -> None:
-        with self._wake:
-            self._stop_at = stop_at
-            self.fired = False
-            if stop_at < self._sleeping_until:
-                self._wake.notify()
-
-    def disarm(self) -> bool:
-        """Stop watching; True if the function was interrupted (it overran).
-
-        Once this returns, no `_CallOverrun` is pending for the writer's
-        thread: one raised while this runs is absorbed here, and one set
-        but not yet raised is cleared.
-        """
-        while True:
-            try:
-                with self._lock:
-                    self._stop_at = None
-                    fired = self.fired
-                if fired:
-                    _clear_async_exc(self._target, None)
-                return fired
-            except _CallOverrun:
-                continue  # it landed here: the watch is over all the same
-
-    def _watch(self) -> None:
-        with self._wake:
-            while True:
-                stop_at = self._stop_at
-                if stop_at is None:
-                    self._sleeping_until = math.inf
-                    self._wake.wait()
-                    continue
-                remaining = stop_at - time.monotonic()
-                if remaining > 0:
-                    self._sleeping_until = stop_at
-                    self._wake.wait(remaining)
-                    continue
-                self.fired = True
-                self._conn.interrupt()
-                _set_async_exc(self._target, _CallOverrun)
-                signal.pthread_kill(self._target, _KICK_SIGNAL)
-                self._sleeping_until = time.monotonic() + _REFIRE_INTERVAL
-                self._wake.wait(_REFIRE_INTERVAL)
-
-
-def _ignore_kick(_signum: int, _frame: object) -> None:
-    """`_KICK_SIGNAL`'s handler: its only job is to make a system call return."""
 
 
 class SqliteEngine:
@@ -409,9 +297,9 @@ class SqliteEngine:
         # The writer itself uses no SIGALRM: a call() may, within the call.
         # Ignored otherwise, so that a timer a function left behind is harmless.
         signal.signal(signal.SIGALRM, signal.SIG_IGN)
-        signal.signal(_KICK_SIGNAL, _ignore_kick)
+        signal.signal(KICK_SIGNAL, ignore_kick)
         self._signal_mask = signal.pthread_sigmask(signal.SIG_BLOCK, ())
-        self._limiter: _CallLimiter | None = None
+        self._limiter: CallLimiter | None = None
         # What a call() function may change and the writer puts back after it.
         self._row_factory = conn.row_factory
         self._text_factory = conn.text_factory
@@ -507,9 +395,9 @@ class SqliteEngine:
         raise ValueError(f"unknown request kind {kind}")
 
     def _run_call(self, request_id: int, body: tuple[Any, ...]) -> bytes:
-        """Run a call() function under `_CallLimiter`; return its checked OK reply.
+        """Run a call() function under `CallLimiter`; return its checked OK reply.
 
-        Raises `_CallOverrun` if it ran past its stop time (even if it caught
+        Raises `CallOverrun` if it ran past its stop time (even if it caught
         that), `_Refused` if it changed what the writer depends on, the
         function's exception (a BaseException that is not an Exception comes
         as `RemoteError`), or `NotPicklable` if its result cannot be rebuilt
@@ -518,7 +406,7 @@ class SqliteEngine:
         function: Callable[..., Any] = body[0]
         limiter = self._limiter
         if limiter is None:
-            limiter = self._limiter = _CallLimiter(self._conn)
+            limiter = self._limiter = CallLimiter(self._conn)
         fired = False
         try:
             try:
@@ -536,8 +424,8 @@ class SqliteEngine:
             # Again: an interruption may land in the finally before its disarm.
             fired = limiter.disarm() or fired
             self._restore_connection()
-            if fired or isinstance(exc, _CallOverrun):
-                raise _CallOverrun from exc
+            if fired or isinstance(exc, CallOverrun):
+                raise CallOverrun from exc
             if not isinstance(exc, Exception):
                 raise RemoteError(
                     f"the call() function raised {type(exc).__qualname__}: {exc};"
@@ -549,7 +437,7 @@ class SqliteEngine:
         authorizer_replaced = self._conn.callbacks_changed
         self._restore_connection()
         if fired:
-            raise _CallOverrun  # it caught the interruption and returned late
+            raise CallOverrun  # it caught the interruption and returned late
         self._check_pinned(authorizer_replaced)
         try:
             pickle.loads(memoryview(reply)[REPLY_HEADER_SIZE:])
@@ -574,8 +462,8 @@ class SqliteEngine:
             signal.signal(signal.SIGALRM, signal.SIG_IGN)
         # A timer the function left must not fire in a later request.
         signal.setitimer(signal.ITIMER_REAL, 0)
-        if signal.getsignal(_KICK_SIGNAL) is not _ignore_kick:
-            signal.signal(_KICK_SIGNAL, _ignore_kick)
+        if signal.getsignal(KICK_SIGNAL) is not ignore_kick:
+            signal.signal(KICK_SIGNAL, ignore_kick)
         signal.pthread_sigmask(signal.SIG_SETMASK, self._signal_mask)
 
     def _check_pinned(self, authorizer_replaced: bool) -> None:
@@ -648,7 +536,7 @@ class SqliteEngine:
                 return self._run_call(work.request.request_id, work.body)
             else:
                 value = self._perform(kind, work.body)
-        except _CallOverrun:
+        except CallOverrun:
             raise self._interrupted(started) from None
         except sqlite3.DatabaseError as exc:
             if self._denied is not None:

@@ -1,0 +1,129 @@
+"""Stopping a `call()` function at its stop time, whatever the function does.
+
+The writer runs a caller's Python function inside its transaction; the
+function's deadline (or the writer's ``execution_limit``) must hold even if
+the function installs its own signal handlers, cancels timers, catches the
+exception meant to stop it, or blocks in a system call. `CallLimiter` is a
+thread of the writer that enforces it from outside the function; code that
+never returns to the interpreter is left to the supervisor's watchdog.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import signal
+import sqlite3
+import threading
+import time
+
+# The signal `CallLimiter` sends the writer's thread to break a blocking
+# system call (sleep, select, read): one whose default action is to do
+# nothing, so that a function that resets it cannot get the writer killed.
+KICK_SIGNAL = signal.SIGURG
+# How often `CallLimiter` interrupts again a function that caught the
+# interruption and kept running.
+REFIRE_INTERVAL = 0.05
+
+
+class CallOverrun(BaseException):
+    """Raised inside a `call()` function that ran past its stop time.
+
+    A BaseException, so that the function's own ``except Exception`` does not
+    swallow it; a function that swallows it anyway is still answered
+    `Interrupted` (see `CallLimiter.fired`).
+    """
+
+
+# PyThreadState_SetAsyncExc: raise an exception in another thread at its next
+# bytecode. Two prototypes: one to set an exception class, one to pass NULL,
+# which clears a pending one.
+_set_async_exc = ctypes.PYFUNCTYPE(ctypes.c_int, ctypes.c_ulong, ctypes.py_object)(
+    ("PyThreadState_SetAsyncExc", ctypes.pythonapi)
+)
+_clear_async_exc = ctypes.PYFUNCTYPE(ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p)(
+    ("PyThreadState_SetAsyncExc", ctypes.pythonapi)
+)
+
+
+class CallLimiter:
+    """Stops a `call()` function at its stop time, whatever the function does.
+
+    The old mechanism -- SIGALRM and the process timer -- belonged to the
+    function as much as to the writer: a function that installed its own
+    SIGALRM handler, or called ``alarm()``, switched the limit off for the
+    writer's lifetime. This thread needs neither. Past the stop time it
+    interrupts SQLite (`sqlite3.Connection.interrupt`), raises `CallOverrun`
+    in the writer's thread at its next bytecode, and sends it `KICK_SIGNAL`
+    to break a blocking system call; and again every `REFIRE_INTERVAL` while
+    the function runs on (it caught the exception, or sqlite3 swallowed it in
+    a callback). Code that never returns to the interpreter (a C extension)
+    is left to the owner's watchdog.
+
+    Started at the first call() only: a writer that serves plain statements
+    stays single-threaded.
+    """
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+        self._target = threading.get_ident()
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._stop_at: float | None = None  # None: no call is running
+        # When the watching thread's wait ends by itself (inf: only a notify
+        # ends it). A call whose stop time comes later needs no wake-up: the
+        # thread re-reads the stop time when its wait ends. Waking it for every
+        # call cost a thread switch per call() on a busy 2-core machine.
+        self._sleeping_until = math.inf
+        self.fired = False
+        thread = threading.Thread(target=self._watch, name="mpwriter-call-limit", daemon=True)
+        thread.start()
+
+    def arm(self, stop_at: float) -> None:
+        with self._wake:
+            self._stop_at = stop_at
+            self.fired = False
+            if stop_at < self._sleeping_until:
+                self._wake.notify()
+
+    def disarm(self) -> bool:
+        """Stop watching; True if the function was interrupted (it overran).
+
+        Once this returns, no `CallOverrun` is pending for the writer's
+        thread: one raised while this runs is absorbed here, and one set
+        but not yet raised is cleared.
+        """
+        while True:
+            try:
+                with self._lock:
+                    self._stop_at = None
+                    fired = self.fired
+                if fired:
+                    _clear_async_exc(self._target, None)
+                return fired
+            except CallOverrun:
+                continue  # it landed here: the watch is over all the same
+
+    def _watch(self) -> None:
+        with self._wake:
+            while True:
+                stop_at = self._stop_at
+                if stop_at is None:
+                    self._sleeping_until = math.inf
+                    self._wake.wait()
+                    continue
+                remaining = stop_at - time.monotonic()
+                if remaining > 0:
+                    self._sleeping_until = stop_at
+                    self._wake.wait(remaining)
+                    continue
+                self.fired = True
+                self._conn.interrupt()
+                _set_async_exc(self._target, CallOverrun)
+                signal.pthread_kill(self._target, KICK_SIGNAL)
+                self._sleeping_until = time.monotonic() + REFIRE_INTERVAL
+                self._wake.wait(REFIRE_INTERVAL)
+
+
+def ignore_kick(_signum: int, _frame: object) -> None:
+    """`KICK_SIGNAL`'s handler: its only job is to make a system call return."""
