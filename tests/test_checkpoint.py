@@ -11,6 +11,7 @@ import signal
 import sqlite3
 import time
 from collections.abc import Iterator
+from contextlib import closing
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -99,7 +100,7 @@ def test_the_wal_stays_bounded_under_a_stream_of_writes(
     # Never checkpointed, 6,000 commits of a new page each would exceed 6,000 frames.
     frames = wal.stat().st_size // 4096
     assert frames < 2 * BACKSTOP_CHECKPOINT_FRAMES
-    with sqlite3.connect(db_path) as conn:
+    with closing(sqlite3.connect(db_path)) as conn:
         assert (
             conn.execute("SELECT count(*) FROM items").fetchone()[0] == 6 * IDLE_CHECKPOINT_FRAMES
         )
@@ -109,7 +110,7 @@ def test_a_long_read_does_not_make_every_batch_checkpoint(
     engine: SqliteEngine, tmp_path: Path
 ) -> None:
     write_pages(engine, 10)
-    with sqlite3.connect(tmp_path / "c.db", isolation_level=None) as reader:
+    with closing(sqlite3.connect(tmp_path / "c.db", isolation_level=None)) as reader:
         reader.execute("BEGIN")
         reader.execute("SELECT count(*) FROM pages").fetchone()  # holds its snapshot
         write_pages(engine, IDLE_CHECKPOINT_FRAMES + 10)
