@@ -74,7 +74,7 @@ from .._wire.state import (
     describe_exit,
 )
 from .._writer.engine import WriterConfig
-from .._writer.loop import serve
+from .._writer.loop import reset_signals, serve
 
 log = logging.getLogger("mpwriter")
 
@@ -169,26 +169,14 @@ def supervise(
 
 
 def _own_signals() -> None:
-    """Own this process's signal handling, whatever the owner had installed.
+    """The writer's own reset (`reset_signals`), and SIGCHLD back to default.
 
-    A supervisor forked from a gunicorn master must not run the master's
-    handlers. Ctrl-C (SIGINT) and a closed terminal (SIGHUP) reach the whole
-    process group: the owner decides what they mean. SIGTERM means "close".
+    An owner may ignore SIGCHLD (children then reap themselves): the
+    supervisor must reap its writers to learn how they ended. SIGTERM gets
+    the supervisor's own handler later: it means "close".
     """
-    for signum in signal.valid_signals():
-        if signum in (signal.SIGKILL, signal.SIGSTOP):
-            continue
-        try:
-            if callable(signal.getsignal(signum)):
-                signal.signal(signum, signal.SIG_DFL)
-        except (OSError, ValueError):
-            pass  # not settable here
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    # An owner may ignore SIGCHLD (children then reap themselves): the
-    # supervisor must reap its writers to learn how they ended.
+    reset_signals()
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    signal.set_wakeup_fd(-1)
 
 
 class Supervisor:

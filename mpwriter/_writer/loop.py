@@ -107,7 +107,7 @@ def serve(
     state: Any,
 ) -> None:
     """Entry point of the writer process (a `multiprocessing.Process` target)."""
-    _reset_signals()
+    reset_signals()
     counters = Counters()
     try:
         engine = open_engine(config, counters, state)
@@ -124,12 +124,13 @@ def serve(
         loop.shut_down()
 
 
-def _reset_signals() -> None:
+def reset_signals() -> None:
     """Own this process's signal handling, whatever the owner had installed.
 
-    A writer forked from a gunicorn master would otherwise run the master's
-    handlers -- which write to the master's wake-up pipe, so a signal sent to
-    the writer would act on the master. Ctrl-C (SIGINT) and a closed terminal
+    Run first by the supervisor and by the writer (both may be forked from
+    an app's process). Forked from a gunicorn master, they would otherwise
+    run the master's handlers -- which write to the master's wake-up pipe, so
+    a signal sent to them would act on the master. Ctrl-C (SIGINT) and a closed terminal
     (SIGHUP) reach the whole process group: the owner decides what they mean.
     SIGTERM and SIGALRM get the writer's own handlers later.
     """
