@@ -194,16 +194,21 @@ class ReplyPipes:
             self.dropped_handovers += 1
             self.dropped_handover_bytes += length
 
-    def take_payload(self, sender: int, request_id: int) -> bytes | None:
-        """The payload handed over for this request, whole; None if lost or cut short.
-
-        On None the request never ran; the caller answers it with `answer_lost`.
-        """
+    def _take_entry(self, sender: int, request_id: int) -> tuple[int, int, float] | None:
+        """The held hand-over of this request, no longer held; None if none came."""
         key = (sender, request_id)
         entry = self._handed_over.pop(key, None)
         if entry is None:
             self.read_side_socket()  # sent before the frame: queued there
             entry = self._handed_over.pop(key, None)
+        return entry
+
+    def take_payload(self, sender: int, request_id: int) -> bytes | None:
+        """The payload handed over for this request, whole; None if lost or cut short.
+
+        On None the request never ran; the caller answers it with `answer_lost`.
+        """
+        entry = self._take_entry(sender, request_id)
         if entry is None:
             return None
         fd, length, _ = entry
@@ -220,11 +225,7 @@ class ReplyPipes:
         The file stays open, and counted against the bound of what is held,
         until `release_streamed`.
         """
-        key = (sender, request_id)
-        entry = self._handed_over.pop(key, None)
-        if entry is None:
-            self.read_side_socket()  # sent before the frame: queued there
-            entry = self._handed_over.pop(key, None)
+        entry = self._take_entry(sender, request_id)
         if entry is None:
             return None
         fd, length, _ = entry
