@@ -51,11 +51,11 @@ def _green_call_in_a_child(writer: mpwriter.Writer) -> tuple[str, int]:
             def tick() -> None:
                 nonlocal ticks
                 while True:
-                    gevent.sleep(TICK)
+                    gevent.sleep(TICK)  # sleep-ok: the ticker measures that the hub runs
                     ticks += 1
 
             ticker = gevent.spawn(tick)
-            gevent.sleep(0)  # let it start
+            gevent.sleep(0)  # sleep-ok: a yield to the hub, so the ticker starts
             outcome: Any
             try:
                 outcome = writer.execute("INSERT INTO items(seq) VALUES (1)", timeout=WAIT)
@@ -159,7 +159,7 @@ def test_re_registering_after_a_restart_yields_to_the_hub(tmp_path: Path, gate: 
                 def tick() -> None:
                     nonlocal ticks
                     while True:
-                        gevent.sleep(TICK)
+                        gevent.sleep(TICK)  # sleep-ok: the ticker measures that the hub runs
                         ticks += 1
 
                 ticker = gevent.spawn(tick)

@@ -289,7 +289,7 @@ def test_init_runs_and_a_failing_init_fails_start(pg_fresh: str) -> None:
 def test_execution_limit_interrupts_long_sql(pg_fresh: str) -> None:
     with mpwriter.start(pg_fresh, init=PG_SCHEMA, context="fork", execution_limit=0.2) as writer:
         with pytest.raises(mpwriter.Interrupted, match="not applied"):
-            writer.execute("SELECT pg_sleep(5)")
+            writer.execute("SELECT pg_sleep(5)")  # sleep-ok: the long SQL the limit stops
         assert writer.execute(INSERT, (14, 1)).rowcount == 1  # and it serves on
     assert pg_count(pg_fresh) == 1
 
