@@ -77,7 +77,7 @@ def spin_with_own_alarm_handler(conn: sqlite3.Connection) -> None:
         pass
 
 
-def cancel_timers_and_sleep(conn: sqlite3.Connection) -> None:
+def cancel_timers_and_block(conn: sqlite3.Connection) -> None:
     """Code that cancels the process timer (alarm(0)), then blocks."""
     signal.alarm(0)
     signal.setitimer(signal.ITIMER_REAL, 0)
@@ -313,7 +313,7 @@ def test_a_call_that_cancels_the_timer_is_still_interrupted(
 ) -> None:
     pid = limited.stats()["pid"]
     with pytest.raises(mpwriter.Interrupted):
-        limited.call_with_timeout(5.0, cancel_timers_and_sleep)
+        limited.call_with_timeout(5.0, cancel_timers_and_block)
     assert count_rows(db_path) == 0
     assert_same_writer_serves(limited, pid)
 
@@ -522,7 +522,7 @@ def test_a_signal_mask_a_call_leaves_does_not_disable_the_next_limit(
 ) -> None:
     limited.call(block_the_kick_signal)
     with pytest.raises(mpwriter.Interrupted):
-        limited.call_with_timeout(5.0, cancel_timers_and_sleep)  # blocked in sleep()
+        limited.call_with_timeout(5.0, cancel_timers_and_block)  # blocked in sleep()
     assert count_rows(db_path) == 0
 
 

@@ -5,9 +5,9 @@ Data flow::
     callers (any process)  --frames-->  request pipe (one, shared by all)
     request pipe           -->  writer loop: read every frame at hand, reassemble
     writer loop            -->  group commit: up to max_batch requests, one
-                                transaction, a savepoint each (_batch.py)
+                                transaction, a savepoint each (engine.py)
     COMMIT returned        -->  each reply to the reply pipe its request named
-                                (_reply_pipes.py)
+                                (reply_pipes.py)
     replies sent           -->  statements that must run alone (VACUUM), each
                                 a unit with its own deadline, each reply sent
                                 as it comes (`Engine.run_alone`)
@@ -130,8 +130,9 @@ def reset_signals() -> None:
     Run first by the supervisor and by the writer (both may be forked from
     an app's process). Forked from a gunicorn master, they would otherwise
     run the master's handlers -- which write to the master's wake-up pipe, so
-    a signal sent to them would act on the master. Ctrl-C (SIGINT) and a closed terminal
-    (SIGHUP) reach the whole process group: the owner decides what they mean.
+    a signal sent to them would act on the master. Ctrl-C (SIGINT) and a
+    closed terminal (SIGHUP) reach the whole process group: the owner
+    decides what they mean.
     SIGTERM and SIGALRM get the writer's own handlers later.
     """
     for signum in signal.valid_signals():
