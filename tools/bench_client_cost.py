@@ -8,8 +8,10 @@ N forked clients run closed loops for --duration seconds against one writer
   bare     the same request frame written again and again, then poll and
            read of the reply: the system calls alone, no Python per request
 
-Each client reports its own user and system CPU (getrusage), so the table
-shows how much of a request's cost is mpwriter's Python in the caller. On a
+Each client reports its own user and system CPU (getrusage), and the writer's
+CPU is read from /proc before and after (Linux), so the table shows what a
+request costs on each side, and how much of the caller's share is
+mpwriter's Python. On a
 machine where the clients share the cores with the writer, that CPU is
 throughput. Modes alternate within each round; medians are shown. Usage
 (from the repository root):
@@ -94,19 +96,31 @@ def run_once(
                 send.close()
                 pipes.append(receive)
                 processes.append(process)
+            writer_pid = writer.stats()["pid"]
+            writer_before = process_cpu(writer_pid)
             results = []
             for receive in pipes:
                 if not wait([receive], seconds + 30):
                     raise TimeoutError("a client did not report")
                 results.append(receive.recv())
+            writer_cpu = process_cpu(writer_pid) - writer_before
             for process in processes:
                 lib.reap(process)
     done = sum(r[0] for r in results)
     return {
         "rate": done / seconds,
+        "writer_us": 1e6 * writer_cpu / done,
         "user_us": 1e6 * sum(r[1] for r in results) / done,
         "system_us": 1e6 * sum(r[2] for r in results) / done,
     }
+
+
+def process_cpu(pid: int) -> float:
+    """User plus system CPU seconds of ``pid`` so far (/proc/PID/stat; Linux)."""
+    with open(f"/proc/{pid}/stat") as stat:
+        # The command name may hold spaces: the fields after it start past ")".
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def main() -> None:
@@ -129,14 +143,16 @@ def main() -> None:
             print(
                 f"  round {round_number + 1} {mode:8} {run['rate']:8.0f} req/s"
                 f"  client user {run['user_us']:5.1f} us  system {run['system_us']:5.1f} us"
+                f"  writer {run['writer_us']:5.1f} us"
             )
     writer_kind = "SQLite" if args.database else "echo"
     print(f"\n{args.clients} clients, {writer_kind} writer, medians of {args.runs} runs:")
     for mode in MODES:
         median = {key: statistics.median(r[key] for r in runs[mode]) for key in runs[mode][0]}
         print(
-            f"  {mode:8} {median['rate']:8.0f} req/s  client CPU per request:"
-            f" user {median['user_us']:5.1f} us, system {median['system_us']:5.1f} us"
+            f"  {mode:8} {median['rate']:8.0f} req/s  CPU per request: client"
+            f" user {median['user_us']:5.1f} us, system {median['system_us']:5.1f} us;"
+            f" writer {median['writer_us']:5.1f} us"
         )
 
 
