@@ -121,6 +121,8 @@ class EchoEngine:
     so stats()' mean batch size stays meaningful.
     """
 
+    commit_seconds = 0.0  # no commit: the writer never waits for late callers
+
     def __init__(self, counters: Any) -> None:
         self._counters = counters
 

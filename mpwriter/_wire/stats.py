@@ -67,6 +67,8 @@ class Stats(TypedDict):
     expired: int  # requests dropped unapplied: their caller had given up
     replayed_batches: int  # batches replayed without a request that spoiled them
     lost_requests: int  # requests taken by a writer that died
+    gather_waits: int  # batches that waited for callers just answered (a costly commit)
+    gathered: int  # requests that came during those waits and shared the commit
     posts_dropped: int  # fire-and-forget writes dropped by callers
     post_errors_by_class: dict[str, int]  # fire-and-forget writes that failed
     queue_depth: int  # requests waiting (estimated from the queued bytes)

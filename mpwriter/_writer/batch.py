@@ -45,6 +45,8 @@ class Counters:
         self.expired = 0
         self.replayed_batches = 0
         self.lost_requests = 0
+        self.gather_waits = 0
+        self.gathered = 0
         self.posts_dropped = 0  # reported by callers with their next post
         self.post_errors_by_class: dict[str, int] = {}
         self.errors_by_class: dict[str, int] = {}
@@ -60,6 +62,16 @@ class Counters:
         figures["post_errors_by_class"] = dict(self.post_errors_by_class)
         figures["mean_batch_size"] = self.requests / self.batches if self.batches else 0.0
         return figures
+
+
+def commit_cost(average: float, started: float, ended: float) -> float:
+    """A moving average of what a COMMIT costs (seconds), with one more sample.
+
+    Engines keep it as `Engine.commit_seconds`; the loop decides from it how
+    long a batch may wait for callers about to send (`loop.WriterLoop._gather`).
+    Weighted to follow a change (the disk got busy) within a few commits.
+    """
+    return average + (ended - started - average) * 0.25
 
 
 def error_reply(request_id: int, exc: BaseException) -> bytes:

@@ -27,6 +27,11 @@ from .sqlite import open_sqlite_engine
 class Engine(Protocol):
     """What the loop needs of a database."""
 
+    # What a COMMIT has cost lately, in seconds (`batch.commit_cost`): the
+    # loop lets a batch wait up to that long for callers about to send, so
+    # that they share its commit. 0 for an engine whose commits cost nothing.
+    commit_seconds: float
+
     def run(self, batch: list[Work]) -> list[tuple[Request, bytes]]:
         """Run ``batch`` as one transaction; return each request's encoded reply.
 

@@ -116,6 +116,8 @@ _COUNTERS = (
     ("expired", "Requests dropped unapplied because their caller had given up."),
     ("replayed_batches", "Batches replayed without a request that spoiled the transaction."),
     ("lost_requests", "Requests taken by a writer process that died (outcome unknown)."),
+    ("gather_waits", "Batches that waited for callers just answered, to share a costly commit."),
+    ("gathered", "Requests that came during those waits and shared the commit."),
     ("posts_dropped", "Fire-and-forget writes dropped by callers (queue full)."),
     ("dropped_partial_requests", "Requests dropped half-received (their sender died)."),
     ("resync_skipped_bytes", "Request-pipe bytes skipped to find the next whole frame."),

@@ -59,7 +59,7 @@ from .._errors import (
     Timeout,
 )
 from .._wire.frames import Kind, Request, Status, encode_reply, encode_wrote
-from .batch import Counters, Work, describe, error_reply
+from .batch import Counters, Work, commit_cost, describe, error_reply
 from .pg_sql import PlaceholderError, controls_transaction, split_statements, translate
 
 log = logging.getLogger("mpwriter")
@@ -258,6 +258,7 @@ class PostgresEngine:
         self._init = init
         self._counters = counters
         self._state = state
+        self.commit_seconds = 0.0
         self._begin = f"BEGIN ISOLATION LEVEL {ISOLATION_LEVELS[isolation]}"
         self._conn: psycopg.Connection[Any] | None = None
         # Requests the last `run` deferred: they cannot run in a transaction.
@@ -507,11 +508,13 @@ class PostgresEngine:
         return _StatementFailed() if replayable and not commit_sent else _CommitFailed(exc)
 
     def _commit(self, conn: psycopg.Connection[Any]) -> None:
+        started = time.monotonic()
         try:
             conn.execute("COMMIT")
         except psycopg.Error as exc:
             raise self._classify(exc, commit_sent=True) from exc
         self._counters.commits += 1
+        self.commit_seconds = commit_cost(self.commit_seconds, started, time.monotonic())
 
     def _run_pipelined(self, chunk: list[Work], replies: dict[int, bytes]) -> None:
         conn = self._conn

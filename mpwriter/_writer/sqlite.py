@@ -64,7 +64,7 @@ from .._errors import (
     WriterAlreadyRunning,
 )
 from .._wire.frames import REPLY_HEADER_SIZE, Kind, Request, Status, encode_reply, encode_wrote
-from .batch import Counters, Work, describe, error_reply
+from .batch import Counters, Work, commit_cost, describe, error_reply
 from .call_limit import KICK_SIGNAL, CallLimiter, CallOverrun, ignore_kick
 
 # Pragmas that SQLite ignores or refuses inside a transaction when they set a
@@ -325,6 +325,7 @@ class SqliteEngine:
         if self._wal_index is not None:
             conn.execute(f"PRAGMA wal_autocheckpoint={SAFETY_NET_CHECKPOINT_FRAMES}")
         self.checkpoints = 0  # attempted by `tidy`
+        self.commit_seconds = 0.0
         # Frames the last checkpoint could not copy back (a reader's snapshot
         # needed them); not counted as due again.
         self._left_behind = 0
@@ -699,6 +700,7 @@ class SqliteEngine:
             if not single:
                 conn.execute(_ROLLBACK_TO)
                 conn.execute(_RELEASE)
+        started = time.monotonic()
         try:
             conn.execute(_COMMIT)
         except sqlite3.Error as exc:
@@ -707,6 +709,7 @@ class SqliteEngine:
                 replies[id(work)] = self._fail(work, exc)
         else:
             self._counters.commits += 1
+            self.commit_seconds = commit_cost(self.commit_seconds, started, time.monotonic())
         return replies
 
     def _run_solo(self, work: Work, cause: BaseException) -> bytes:
