@@ -103,24 +103,26 @@ def run_once(
                 if not wait([receive], seconds + 30):
                     raise TimeoutError("a client did not report")
                 results.append(receive.recv())
-            writer_cpu = process_cpu(writer_pid) - writer_before
+            writer_after = process_cpu(writer_pid)
             for process in processes:
                 lib.reap(process)
     done = sum(r[0] for r in results)
     return {
         "rate": done / seconds,
-        "writer_us": 1e6 * writer_cpu / done,
+        "writer_user_us": 1e6 * (writer_after[0] - writer_before[0]) / done,
+        "writer_system_us": 1e6 * (writer_after[1] - writer_before[1]) / done,
         "user_us": 1e6 * sum(r[1] for r in results) / done,
         "system_us": 1e6 * sum(r[2] for r in results) / done,
     }
 
 
-def process_cpu(pid: int) -> float:
-    """User plus system CPU seconds of ``pid`` so far (/proc/PID/stat; Linux)."""
+def process_cpu(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of ``pid`` so far (/proc/PID/stat; Linux)."""
     with open(f"/proc/{pid}/stat") as stat:
         # The command name may hold spaces: the fields after it start past ")".
         fields = stat.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    ticks = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / ticks, int(fields[12]) / ticks
 
 
 def main() -> None:
@@ -143,7 +145,8 @@ def main() -> None:
             print(
                 f"  round {round_number + 1} {mode:8} {run['rate']:8.0f} req/s"
                 f"  client user {run['user_us']:5.1f} us  system {run['system_us']:5.1f} us"
-                f"  writer {run['writer_us']:5.1f} us"
+                f"  writer user {run['writer_user_us']:5.1f} us"
+                f"  system {run['writer_system_us']:5.1f} us"
             )
     writer_kind = "SQLite" if args.database else "echo"
     print(f"\n{args.clients} clients, {writer_kind} writer, medians of {args.runs} runs:")
@@ -152,7 +155,8 @@ def main() -> None:
         print(
             f"  {mode:8} {median['rate']:8.0f} req/s  CPU per request: client"
             f" user {median['user_us']:5.1f} us, system {median['system_us']:5.1f} us;"
-            f" writer {median['writer_us']:5.1f} us"
+            f" writer user {median['writer_user_us']:5.1f} us,"
+            f" system {median['writer_system_us']:5.1f} us"
         )
 
 
