@@ -193,3 +193,4 @@ def test_partial_requests_are_bounded_in_bytes_and_drops_counted() -> None:
     assert request.payload == payload
     (late,) = reader.feed(first[2])
     assert assembler.add(late) is None  # its head was dropped: never whole
+    assert assembler.dropped == 1  # and it was counted when it was dropped, only then

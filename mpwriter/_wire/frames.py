@@ -273,6 +273,9 @@ class Assembler:
 
     def __init__(self, max_bytes: int = 64 << 20) -> None:
         self._partial: dict[tuple[int, int], _Partial] = {}
+        # Requests dropped unfinished lately, so that their later frames are
+        # not counted as another dropped request (bounded: oldest forgotten).
+        self._dropped_keys: dict[tuple[int, int], None] = {}
         self._bytes = 0
         self._max_bytes = max_bytes
         self.dropped = 0
@@ -294,7 +297,10 @@ class Assembler:
             # The head of this request was lost (read by a writer that died),
             # or it was dropped: it can never be whole, so its pieces are dropped.
             if flags & LAST:
-                self.dropped += 1
+                if key in self._dropped_keys:
+                    del self._dropped_keys[key]  # counted when it was dropped
+                else:
+                    self.dropped += 1
             return None
         entry.chunks.append(frame.payload)
         entry.touched = time.monotonic()
@@ -320,6 +326,9 @@ class Assembler:
         self._bytes -= entry.size
         self.dropped += 1
         self.dropped_bytes += entry.size
+        self._dropped_keys[key] = None
+        if len(self._dropped_keys) > _DROPPED_KEYS_KEPT:
+            del self._dropped_keys[next(iter(self._dropped_keys))]
 
     def senders(self) -> set[int]:
         return {sender for sender, _ in self._partial}
@@ -331,6 +340,9 @@ class Assembler:
     def drop_stale(self, untouched_since: float) -> None:
         for key in [key for key, p in self._partial.items() if p.touched < untouched_since]:
             self._drop(key)
+
+
+_DROPPED_KEYS_KEPT = 4096
 
 
 class _Partial:
