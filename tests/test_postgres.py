@@ -411,3 +411,30 @@ def test_vacuum_runs_alone_after_its_batch(pg_writer: mpwriter.Writer, gate: Gat
     assert [f.result(timeout=30).rowcount for f in futures] == [1, -1, 1]
     with pytest.raises(psycopg.errors.ActiveSqlTransaction):
         pg_writer.executescript("VACUUM items;")
+
+
+# -- streamed executemany ----------------------------------------------------------
+
+STREAMED = 25_000  # several chunks of the streamed file (at most 10,000 rows each)
+
+
+def test_a_streamed_generator_commits_whole(pg_writer: mpwriter.Writer, pg_fresh: str) -> None:
+    rows = ((1, seq) for seq in range(STREAMED))
+    assert pg_writer.executemany(INSERT, rows).rowcount == STREAMED
+    assert pg_count(pg_fresh) == STREAMED
+    with mpwriter.reader(pg_fresh) as conn:
+        assert conn.execute("SELECT max(seq) FROM items").fetchone()[0] == STREAMED - 1
+
+
+def test_a_bad_row_in_a_late_chunk_applies_no_row(
+    pg_writer: mpwriter.Writer, pg_fresh: str
+) -> None:
+    def with_duplicate() -> Any:
+        yield from ((1, seq) for seq in range(STREAMED))
+        yield (1, 20_000)  # UNIQUE (client, seq): the batch's last chunk fails
+
+    with pytest.raises(mpwriter.IntegrityError) as caught:
+        pg_writer.executemany(INSERT, with_duplicate())
+    assert isinstance(caught.value, psycopg.errors.UniqueViolation)
+    assert pg_count(pg_fresh) == 0
+    assert pg_writer.execute(INSERT, (2, 0)).rowcount == 1  # and the writer serves on
