@@ -13,6 +13,8 @@ its choosing, so the test decides whether commits are costly.
 
 from __future__ import annotations
 
+import concurrent.futures
+import multiprocessing
 import os
 import select
 import threading
@@ -101,8 +103,8 @@ def test_cheap_commits_never_wait(db_path: Path, commit_seconds: float) -> None:
     assert (stats["gather_waits"], stats["gathered"]) == (0, 0)
 
 
-def test_a_costly_commit_waits_for_the_caller_just_answered(db_path: Path) -> None:
-    """A is answered alone; B, queued meanwhile, waits for A's next request, C."""
+def test_a_costly_commit_waits_for_the_callers_just_answered(db_path: Path) -> None:
+    """B and C are answered together; D, sent next, waits for E, from the other slot."""
     gate_r, gate_w = os.pipe()
     held_r, held_w = os.pipe()
     try:
@@ -110,24 +112,55 @@ def test_a_costly_commit_waits_for_the_caller_just_answered(db_path: Path) -> No
         with testing.inject(engine=costing(1.0, gate_r, held_w)):
             writer = mpwriter.start(db_path, context="fork")
         try:
-            first = writer.submit("HOLD")  # reply slot 1: its batch blocks on the gate
+            # A holds the writer, so that B and C queue up and form one batch.
+            first = writer.submit("HOLD")
             assert select.select([held_r], [], [], 10)[0], "the writer never served HOLD"
-            second = writer.submit("B")  # slot 2, queued behind it
+            pair = [writer.submit("B"), writer.submit("C")]
             os.write(gate_w, b"x")
-            assert first.result(timeout=10).rowcount == 1
-            # Slot 1 is free again: C takes it, as the caller that A's was.
-            third = writer.execute("C")
-            assert third.rowcount == 1
-            assert second.result(timeout=10).rowcount == 1
+            for future in [first, *pair]:
+                assert future.result(timeout=10).rowcount == 1
+            # The pool lends the slots last given back first: D and E use the
+            # slots of C and B, the callers the last batch answered.
+            later = writer.submit("D")
+            # D's batch waits for the other slot: no reply while E is not sent
+            # (the writer waits up to 50 ms; a reply would take well under 5).
+            with pytest.raises(concurrent.futures.TimeoutError):
+                later.result(timeout=0.005)
+            last = writer.submit("E")
+            assert later.result(timeout=10).rowcount == 1
+            assert last.result(timeout=10).rowcount == 1
             stats = writer.stats()
         finally:
             writer.close()
     finally:
         for fd in (gate_r, gate_w, held_r, held_w):
             os.close(fd)
-    # One batch for A; then B waited for slot 1's next request and shared its
-    # commit. (Without the wait, B is served alone: three batches.)
-    assert (stats["batches"], stats["requests"]) == (2, 3), stats
-    # The wait ended when C came -- or there was none: the writer had not read
-    # B before C was sent (it may be descheduled that long on a busy machine).
-    assert stats["gathered"] == stats["gather_waits"] <= 1, stats
+    # A; B and C; then D waited for the other slot of that batch and shared
+    # its commit with E.
+    assert (stats["batches"], stats["requests"]) == (3, 5), stats
+    # A's batch answered one caller: nothing to wait for after it; the wait
+    # after B and C's ended when E came.
+    assert (stats["gather_waits"], stats["gathered"]) == (1, 1), stats
+
+
+def execute_one(writer: mpwriter.Writer, sql: str) -> None:
+    """In a forked child: one request from another process (another caller)."""
+    assert writer.execute(sql).rowcount == 1
+
+
+def test_callers_taking_turns_one_at_a_time_never_wait(db_path: Path) -> None:
+    """A quiet app: each batch answers one caller, who may not come back soon."""
+    fork = multiprocessing.get_context("fork")
+    with testing.inject(engine=costing(1.0)):
+        writer = mpwriter.start(db_path, context="fork")
+        try:
+            assert writer.execute("A").rowcount == 1
+            other = fork.Process(target=execute_one, args=(writer, "B"))  # another caller
+            other.start()
+            other.join(timeout=30)
+            assert other.exitcode == 0
+            assert writer.execute("C").rowcount == 1
+            stats = writer.stats()
+        finally:
+            writer.close()
+    assert (stats["batches"], stats["gather_waits"]) == (3, 0), stats

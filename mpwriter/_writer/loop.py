@@ -345,11 +345,20 @@ class WriterLoop:
         each. Waiting for them -- at most what a commit costs, and only for
         callers the last batch answered that have not sent again -- gives
         each commit every caller that is coming.
+
+        Only when the last batch answered two callers or more: callers that
+        take turns one at a time (a quiet app, its requests far apart) would
+        each wait for one who is not coming back soon, for nothing.
         """
         window = self._engine.commit_seconds
         backlog = self._backlog
         limit = self._config.max_batch
-        if window < _GATHER_MIN or len(backlog) >= limit or self._request_fd >= _SELECT_FD_LIMIT:
+        if (
+            window < _GATHER_MIN
+            or len(self._answered) < 2
+            or len(backlog) >= limit
+            or self._request_fd >= _SELECT_FD_LIMIT
+        ):
             return
         missing = self._answered.difference([(r.sender, r.slot) for r in backlog])
         if not missing or all(r.kind in _UNCOMMITTED for r in backlog):
