@@ -292,6 +292,27 @@ def test_an_exception_that_cannot_be_unpickled_arrives_as_remote_error(
     assert count_rows(db_path) == 0
 
 
+class UnrebuildableText(str):
+    """A str subclass whose pickle cannot be loaded: not the exact type the
+    writer trusts to rebuild without checking."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Unrebuildable, ())
+
+
+def insert_and_return_unrebuildable_text(conn: sqlite3.Connection) -> str:
+    conn.execute("INSERT INTO items(payload) VALUES ('unrebuildable text')")
+    return UnrebuildableText("looks like text")
+
+
+def test_a_str_subclass_result_is_still_checked_before_commit(
+    writer: mpwriter.Writer, db_path: Path
+) -> None:
+    with pytest.raises(mpwriter.NotPicklable, match="cannot be unpickled"):
+        writer.call(insert_and_return_unrebuildable_text)
+    assert count_rows(db_path) == 0
+
+
 # -- item 5: the execution limit cannot be switched off by the code it limits -------
 
 
@@ -511,6 +532,51 @@ def test_handed_over_payloads_are_bounded_in_bytes_and_drops_counted() -> None:
         assert pipes.take_payload(9, 3) == b"p" * 600  # the newest is kept
     finally:
         _close(pipes, side)
+
+
+class EqualToAnything:
+    """A signal handler that claims to equal every object, SIG_IGN included."""
+
+    def __call__(self, _signum: int, _frame: object) -> None:
+        pass
+
+    def __eq__(self, _other: object) -> bool:
+        return True
+
+    def __ne__(self, _other: object) -> bool:
+        return False
+
+    __hash__ = object.__hash__
+
+
+def leave_signal_state_behind(conn: sqlite3.Connection) -> None:
+    """Leaves a SIGALRM handler, a pending timer, a kick handler and a mask."""
+    signal.signal(signal.SIGALRM, EqualToAnything())
+    signal.setitimer(signal.ITIMER_REAL, 100.0)
+    signal.signal(signal.SIGURG, EqualToAnything())
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+
+
+def report_signal_state(conn: sqlite3.Connection) -> tuple[bool, float, bool, bool]:
+    from mpwriter._writer.call_limit import ignore_kick
+
+    return (
+        signal.getsignal(signal.SIGALRM) is signal.SIG_IGN,
+        signal.getitimer(signal.ITIMER_REAL)[0],
+        signal.getsignal(signal.SIGURG) is ignore_kick,
+        signal.SIGUSR1 in signal.pthread_sigmask(signal.SIG_BLOCK, ()),
+    )
+
+
+def test_signal_state_a_call_leaves_is_put_back_before_the_next(
+    writer: mpwriter.Writer,
+) -> None:
+    writer.call(leave_signal_state_behind)
+    alarm_ignored, timer_left, kick_handler_ours, usr1_blocked = writer.call(report_signal_state)
+    assert alarm_ignored
+    assert timer_left == 0.0
+    assert kick_handler_ours
+    assert not usr1_blocked
 
 
 def block_the_kick_signal(conn: sqlite3.Connection) -> None:
