@@ -113,6 +113,10 @@ _DRAIN_REPLY_TIMEOUT = 5.0
 # that run's noise), fairness 0.85 -> 0.97.
 _GATHER_MIN = 50e-6
 _UNCOMMITTED = frozenset((Kind.STATS, Kind.CLOSE))  # a batch of these alone commits nothing
+# Plain ints for the per-request tests: reading a member off the Kind class
+# costs ~0.3 us on Python 3.11 (an enum class attribute), comparing ints 0.02.
+_CLOSE = int(Kind.CLOSE)
+_STATS = int(Kind.STATS)
 _GATHER_MAX = 50e-3
 # select() takes a timeout in microseconds (poll's is in milliseconds, too
 # coarse for a window of ~100 us), but only descriptors below FD_SETSIZE.
@@ -413,7 +417,7 @@ class WriterLoop:
             request = self._backlog.popleft()
             in_hand.add((request.sender, request.slot))
             kind = request.kind
-            if kind == Kind.CLOSE:
+            if kind == _CLOSE:
                 self._stopping = True
                 continue
             try:
@@ -423,7 +427,7 @@ class WriterLoop:
                 extra.append((request, error_reply(request.request_id, exc)))
                 continue
             work = Work(request, deadline, sent_at, body)
-            if kind == Kind.STATS:
+            if kind == _STATS:
                 extra.append((request, self._stats_reply(work)))
             elif deadline <= now:
                 self.counters.expired += 1

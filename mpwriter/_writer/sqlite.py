@@ -142,6 +142,11 @@ _SINGLE_STATEMENT = frozenset({Kind.EXECUTE, Kind.POST})
 # Kinds whose result is (rowcount, lastrowid, rows): without rows, it is sent
 # in the compact form (`encode_wrote`).
 _WRITE_RESULTS = frozenset({Kind.EXECUTE, Kind.EXECUTEMANY, Kind.POST})
+# Plain ints and a plain status for the per-request path: reading a member
+# off an enum class costs ~0.3 us on Python 3.11, comparing ints 0.02.
+_EXECUTE = int(Kind.EXECUTE)
+_CALL = int(Kind.CALL)
+_OK = Status.OK
 
 # The writer's own statements. sqlite3 caches prepared statements by their
 # text, and the authorizer runs only when a statement is prepared: a caller's
@@ -431,7 +436,7 @@ class SqliteEngine:
                 # Pickled under the limit too: a result's __reduce__ is the
                 # function's code as well.
                 try:
-                    reply = encode_reply(request_id, Status.OK, value)
+                    reply = encode_reply(request_id, _OK, value)
                 except Exception as exc:
                     raise NotPicklable(f"the result could not be pickled: {exc}") from exc
             finally:
@@ -552,9 +557,9 @@ class SqliteEngine:
         self._guarded = True
         try:
             kind = work.request.kind
-            if kind == Kind.EXECUTE:  # the common case, without a call per layer
+            if kind == _EXECUTE:  # the common case, without a call per layer
                 value = _execute(self._cursor, *work.body)
-            elif kind == Kind.CALL:
+            elif kind == _CALL:
                 return self._run_call(work.request.request_id, work.body)
             else:
                 value = self._perform(kind, work.body)
@@ -573,7 +578,7 @@ class SqliteEngine:
         if kind in _WRITE_RESULTS and not value[2]:
             return encode_wrote(work.request.request_id, value[0], value[1])
         try:
-            return encode_reply(work.request.request_id, Status.OK, value)
+            return encode_reply(work.request.request_id, _OK, value)
         except Exception as exc:
             raise NotPicklable(f"the result could not be pickled: {exc}") from exc
 
