@@ -294,6 +294,61 @@ def test_execution_limit_interrupts_long_sql(pg_fresh: str) -> None:
     assert pg_count(pg_fresh) == 1
 
 
+class CustomAbort(BaseException):
+    """A BaseException that is no Exception, as some frameworks define."""
+
+
+def insert_then_raise(conn: Any, kind: str) -> None:
+    conn.execute(INSERT, (15, 1))
+    raise {"SystemExit": SystemExit(3), "KeyboardInterrupt": KeyboardInterrupt()}.get(
+        kind, CustomAbort("custom")
+    )
+
+
+@pytest.mark.parametrize("kind", ["SystemExit", "KeyboardInterrupt", "CustomAbort"])
+def test_a_call_raising_a_base_exception_rolls_back_alone(
+    pg_writer: mpwriter.Writer, pg_fresh: str, kind: str
+) -> None:
+    pid = pg_writer.stats()["pid"]
+    with pytest.raises(mpwriter.RemoteError, match=f"raised {kind}.*the writer serves on"):
+        pg_writer.call(insert_then_raise, kind)
+    assert pg_writer.execute(INSERT, (16, 1)).rowcount == 1
+    assert pg_writer.stats()["pid"] == pid  # the same writer process serves on
+    assert pg_count(pg_fresh) == 1  # the call's insert was rolled back
+
+
+def spin_in_python(conn: Any, catch: bool) -> str:
+    """Insert, then loop in Python, never calling the database again."""
+    conn.execute(INSERT, (17, 1))
+    while True:
+        try:
+            while True:
+                pass
+        except BaseException:
+            if not catch:
+                raise
+            # A hostile function: it swallows the interruption and loops on.
+
+
+@pytest.mark.parametrize("catch", [False, True], ids=["plain", "catches-the-interruption"])
+def test_execution_limit_interrupts_python_in_a_call(pg_fresh: str, catch: bool) -> None:
+    with mpwriter.start(
+        pg_fresh, init=PG_SCHEMA, context="fork", execution_limit=0.3, watchdog_grace=1.0
+    ) as writer:
+        pid = writer.stats()["pid"]
+        if catch:
+            # Swallowing every interruption: it never returns by itself, and
+            # the owner's watchdog ends the writer; the caller is told so.
+            with pytest.raises((mpwriter.Interrupted, mpwriter.WriterCrashed)):
+                writer.call_with_timeout(10, spin_in_python, True)
+        else:
+            with pytest.raises(mpwriter.Interrupted, match="not applied"):
+                writer.call_with_timeout(10, spin_in_python, False)
+            assert writer.stats()["pid"] == pid  # the writer served on
+        assert writer.execute(INSERT, (18, 1)).rowcount == 1
+    assert pg_count(pg_fresh) == 1  # only the insert after it
+
+
 # -- the lexer, checked by the server ---------------------------------------------
 
 

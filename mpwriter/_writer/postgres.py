@@ -54,16 +54,21 @@ from .._errors import (
     Interrupted,
     NotPicklable,
     OutcomeUnknown,
+    RemoteError,
     ServerUnavailable,
     StatementRefused,
     Timeout,
 )
 from .._wire.frames import Kind, Request, Status, encode_reply, encode_wrote
 from .batch import Counters, Work, commit_cost, describe, error_reply
+from .call_limit import CallLimiter, CallOverrun, own_signals, restore_signals
 from .pg_sql import PlaceholderError, controls_transaction, split_statements, translate
 
 log = logging.getLogger("mpwriter")
 
+# A call() function's Python is interrupted this long after its stop time,
+# when the server's statement_timeout has stopped its SQL already.
+_PYTHON_GRACE = 0.1
 # PostgreSQL keeps 64 subtransactions per transaction in its cache (PGPROC_MAX_CACHED_SUBXIDS).
 MAX_CHUNK = 64
 # Kinds whose result is (rowcount, lastrowid, rows), sent compact without rows.
@@ -263,6 +268,9 @@ class PostgresEngine:
         self._conn: psycopg.Connection[Any] | None = None
         # Requests the last `run` deferred: they cannot run in a transaction.
         self._deferred: list[Work] = []
+        # call() functions run under a `CallLimiter`, started at the first.
+        self._signal_mask = own_signals()
+        self._limiter: CallLimiter | None = None
         self._connect(connect_timeout=10)
 
     # -- the connection -----------------------------------------------------------
@@ -628,10 +636,58 @@ class PostgresEngine:
                     parts.append(functools.partial(_written, cursor))
             return lambda: [part() for part in parts]
         if kind == Kind.CALL:
-            function: Callable[..., Any] = body[0]
-            value = function(Connection(conn), *body[1], **body[2])
+            value = self._run_call(conn, work)
             return lambda: value
         raise ValueError(f"unknown request kind {kind}")
+
+    def _run_call(self, conn: psycopg.Connection[Any], work: Work) -> Any:
+        """Run a call() function, stopped if it overruns; return its value.
+
+        Its SQL is stopped by the server (``statement_timeout``, set at the
+        same stop time); its Python by a `CallLimiter` a moment later
+        (`_PYTHON_GRACE`), so that an overrunning statement ends as the
+        server's clean cancellation, not as an exception raised in the middle
+        of psycopg's own code. Raises `Interrupted` if the function ran past
+        its deadline or execution limit (even if it caught the interruption),
+        `RemoteError` for a BaseException that is not an Exception
+        (SystemExit, KeyboardInterrupt, GeneratorExit...), or the function's
+        own exception; the savepoint around it then rolls it back, and the
+        writer serves on. Signal handling it changed is put back.
+        """
+        function: Callable[..., Any] = work.body[0]
+        started = time.monotonic()
+        stop_at = work.deadline
+        if self._execution_limit is not None:
+            stop_at = min(stop_at, started + self._execution_limit)
+        limiter = self._limiter
+        if limiter is None:
+            limiter = self._limiter = CallLimiter(None)
+        # For the owner's watchdog: a function that swallows every
+        # interruption is ended with the writer, its grace after this.
+        self._state.busy_until = stop_at + _PYTHON_GRACE
+        fired = False
+        try:
+            try:
+                limiter.arm(stop_at + _PYTHON_GRACE)
+                value = function(Connection(conn), *work.body[1], **work.body[2])
+            finally:
+                fired = limiter.disarm()
+        except BaseException as exc:
+            # An interruption may land in the finally before its disarm.
+            fired = limiter.disarm() or fired
+            restore_signals(self._signal_mask)
+            if fired or isinstance(exc, CallOverrun):
+                raise _overran(started) from exc
+            if not isinstance(exc, Exception):
+                raise RemoteError(
+                    f"the call() function raised {type(exc).__qualname__}: {exc};"
+                    " rolled back, not applied (the writer serves on)"
+                ) from exc
+            raise
+        restore_signals(self._signal_mask)
+        if fired:
+            raise _overran(started)  # it caught the interruption and returned late
+        return value
 
     def _ok(self, work: Work, value: Value) -> bytes:
         request_id = work.request.request_id
@@ -654,6 +710,14 @@ class PostgresEngine:
                 "mpwriter: fire-and-forget write failed: %s: %s [%s]", name, exc, describe(work)
             )
         return error_reply(work.request.request_id, sendable(exc))
+
+
+def _overran(started: float) -> Interrupted:
+    ran = time.monotonic() - started
+    return Interrupted(
+        f"interrupted after {ran:.3f} s at its deadline or execution limit;"
+        " rolled back, not applied"
+    )
 
 
 def _check_transaction_open(conn: psycopg.Connection[Any]) -> None:

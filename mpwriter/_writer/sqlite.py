@@ -41,16 +41,14 @@ exception can be rebuilt by the caller -- all before the COMMIT.
 
 from __future__ import annotations
 
-import _signal  # type: ignore[import-not-found,unused-ignore]  # no stub
 import logging
 import os
 import pickle
 import random
-import signal
 import sqlite3
 import struct
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import filelock
@@ -66,7 +64,7 @@ from .._errors import (
 )
 from .._wire.frames import REPLY_HEADER_SIZE, Kind, Request, Status, encode_reply, encode_wrote
 from .batch import Counters, Work, commit_cost, describe, error_reply
-from .call_limit import KICK_SIGNAL, CallLimiter, CallOverrun, ignore_kick
+from .call_limit import CallLimiter, CallOverrun, own_signals, restore_signals
 
 # Pragmas that SQLite ignores or refuses inside a transaction when they set a
 # value; such a request is deferred and run alone, outside the batch.
@@ -100,12 +98,6 @@ _PINNED_PRAGMAS: dict[str, tuple[frozenset[str], str]] = {
         "a read-only writer would fail every later request",
     ),
 }
-# signal.getsignal and signal.pthread_sigmask wrap these C functions to turn
-# their ints into enums: for a Python handler getsignal raises and catches a
-# ValueError inside Enum to find out it is not one (measured: 2.2 us a call
-# against 0.06 us here). `_restore_connection` runs them after every call().
-_raw_getsignal: Callable[[int], object] = _signal.getsignal
-_raw_sigmask: Callable[[int, Iterable[int]], set[int]] = _signal.pthread_sigmask
 # Results whose pickle always unpickles (exact types, not subclasses): a
 # call() returning one skips the check that its result can be rebuilt.
 _ALWAYS_REBUILDS = frozenset({type(None), bool, int, float, str, bytes})
@@ -314,11 +306,7 @@ class SqliteEngine:
         # limit if that comes first); published for the owner's watchdog.
         self._stop_at = 0.0
         conn.set_progress_handler(self._progress, 1000)
-        # The writer itself uses no SIGALRM: a call() may, within the call.
-        # Ignored otherwise, so that a timer a function left behind is harmless.
-        signal.signal(signal.SIGALRM, signal.SIG_IGN)
-        signal.signal(KICK_SIGNAL, ignore_kick)
-        self._signal_mask = frozenset(_raw_sigmask(signal.SIG_BLOCK, ()))
+        self._signal_mask = own_signals()
         self._limiter: CallLimiter | None = None
         # What a call() function may change and the writer puts back after it.
         self._row_factory = conn.row_factory
@@ -427,7 +415,7 @@ class SqliteEngine:
         function: Callable[..., Any] = body[0]
         limiter = self._limiter
         if limiter is None:
-            limiter = self._limiter = CallLimiter(self._conn)
+            limiter = self._limiter = CallLimiter(self._conn.interrupt)
         fired = False
         try:
             try:
@@ -481,17 +469,7 @@ class SqliteEngine:
             conn.callbacks_changed = False
         conn.row_factory = self._row_factory
         conn.text_factory = self._text_factory
-        # The raw getsignal gives SIG_IGN as the plain int; an exact int, so
-        # that a handler object with an __eq__ of its own cannot pass for it.
-        alarm_handler = _raw_getsignal(signal.SIGALRM)
-        if type(alarm_handler) is not int or alarm_handler != signal.SIG_IGN:
-            signal.signal(signal.SIGALRM, signal.SIG_IGN)
-        # A timer the function left must not fire in a later request. (No
-        # cheaper test: reading the timer is a system call as well.)
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        if _raw_getsignal(KICK_SIGNAL) is not ignore_kick:
-            signal.signal(KICK_SIGNAL, ignore_kick)
-        _raw_sigmask(signal.SIG_SETMASK, self._signal_mask)
+        restore_signals(self._signal_mask)
 
     def _check_pinned(self, authorizer_replaced: bool) -> None:
         """Refuse a call() that changed what cannot be put back mid-transaction.
