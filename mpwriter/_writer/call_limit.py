@@ -18,6 +18,8 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 
+from .._errors import RemoteError
+
 # The signal `CallLimiter` sends the writer's thread to break a blocking
 # system call (sleep, select, read): one whose default action is to do
 # nothing, so that a function that resets it cannot get the writer killed.
@@ -34,6 +36,16 @@ class CallOverrun(BaseException):
     swallow it; a function that swallows it anyway is still answered
     `Interrupted` (see `CallLimiter.fired`).
     """
+
+
+def not_an_exception(exc: BaseException) -> RemoteError:
+    """What a caller gets for a `BaseException` that is no `Exception`
+    (SystemExit, KeyboardInterrupt, GeneratorExit, a framework's own) raised
+    by its call() function: the request is rolled back; the writer serves on."""
+    return RemoteError(
+        f"the call() function raised {type(exc).__qualname__}: {exc};"
+        " rolled back, not applied (the writer serves on)"
+    )
 
 
 # signal.getsignal and signal.pthread_sigmask wrap these C functions to turn

@@ -54,14 +54,19 @@ from .._errors import (
     Interrupted,
     NotPicklable,
     OutcomeUnknown,
-    RemoteError,
     ServerUnavailable,
     StatementRefused,
     Timeout,
 )
 from .._wire.frames import Kind, Request, Status, encode_reply, encode_wrote
 from .batch import Counters, Work, commit_cost, describe, error_reply
-from .call_limit import CallLimiter, CallOverrun, own_signals, restore_signals
+from .call_limit import (
+    CallLimiter,
+    CallOverrun,
+    not_an_exception,
+    own_signals,
+    restore_signals,
+)
 from .pg_sql import PlaceholderError, controls_transaction, split_statements, translate
 
 log = logging.getLogger("mpwriter")
@@ -679,10 +684,7 @@ class PostgresEngine:
             if fired or isinstance(exc, CallOverrun):
                 raise _overran(started) from exc
             if not isinstance(exc, Exception):
-                raise RemoteError(
-                    f"the call() function raised {type(exc).__qualname__}: {exc};"
-                    " rolled back, not applied (the writer serves on)"
-                ) from exc
+                raise not_an_exception(exc) from exc
             raise
         restore_signals(self._signal_mask)
         if fired:

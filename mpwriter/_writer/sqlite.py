@@ -57,14 +57,19 @@ from .. import testing
 from .._errors import (
     Interrupted,
     NotPicklable,
-    RemoteError,
     StatementRefused,
     Timeout,
     WriterAlreadyRunning,
 )
 from .._wire.frames import REPLY_HEADER_SIZE, Kind, Request, Status, encode_reply, encode_wrote
 from .batch import Counters, Work, commit_cost, describe, error_reply
-from .call_limit import CallLimiter, CallOverrun, own_signals, restore_signals
+from .call_limit import (
+    CallLimiter,
+    CallOverrun,
+    not_an_exception,
+    own_signals,
+    restore_signals,
+)
 
 # Pragmas that SQLite ignores or refuses inside a transaction when they set a
 # value; such a request is deferred and run alone, outside the batch.
@@ -436,10 +441,7 @@ class SqliteEngine:
             if fired or isinstance(exc, CallOverrun):
                 raise CallOverrun from exc
             if not isinstance(exc, Exception):
-                raise RemoteError(
-                    f"the call() function raised {type(exc).__qualname__}: {exc};"
-                    " rolled back, not applied (the writer serves on)"
-                ) from exc
+                raise not_an_exception(exc) from exc
             raise
         # Pragmas change through statements, which the authorizer vets: only a
         # function that replaced the authorizer can have changed a pinned one.
