@@ -213,6 +213,9 @@ class Connection:
 
 def _prepare(sql: str, params: Any) -> tuple[str, Any]:
     """The psycopg text and parameters for caller SQL; refuses transaction control."""
+    if not isinstance(sql, str):
+        # sqlite3 says as much; the lexer would fail somewhere inside instead.
+        raise TypeError(f"the SQL must be a str, not {type(sql).__name__}")
     if controls_transaction(sql):
         raise StatementRefused(_REFUSED)
     try:
