@@ -112,15 +112,16 @@ _DRAIN_REPLY_TIMEOUT = 5.0
 # batches 11 -> 15, fairness 0.88 -> 0.96; 8 clients 10,515 -> 9,600 (within
 # that run's noise), fairness 0.85 -> 0.97.
 _GATHER_MIN = 50e-6
+_GATHER_MAX = 50e-3
 _UNCOMMITTED = frozenset((Kind.STATS, Kind.CLOSE))  # a batch of these alone commits nothing
+# select() takes a timeout in microseconds (poll's is in milliseconds, too
+# coarse for a window of ~100 us), but only descriptors below FD_SETSIZE.
+_SELECT_FD_LIMIT = 1024
+
 # Plain ints for the per-request tests: reading a member off the Kind class
 # costs ~0.3 us on Python 3.11 (an enum class attribute), comparing ints 0.02.
 _CLOSE = int(Kind.CLOSE)
 _STATS = int(Kind.STATS)
-_GATHER_MAX = 50e-3
-# select() takes a timeout in microseconds (poll's is in milliseconds, too
-# coarse for a window of ~100 us), but only descriptors below FD_SETSIZE.
-_SELECT_FD_LIMIT = 1024
 
 
 def serve(
