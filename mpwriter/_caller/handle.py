@@ -534,7 +534,8 @@ def _not_picklable(kind: Kind, exc: Exception) -> NotPicklable:
 
 
 def _to_result(value: Any) -> Result:
-    return Result(*value)
+    # A write without rows comes as a Result already (`unpack_reply`).
+    return value if value.__class__ is Result else Result(*value)
 
 
 def _to_none(value: Any) -> None:

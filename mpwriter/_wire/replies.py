@@ -138,11 +138,12 @@ def read_reply(fd: int, request_id: int) -> bytes | Incoming:
     One Python call on the hot path, where a fresh `Incoming` cost three.
     """
     chunk = os.read(fd, READ_SIZE)
-    if len(chunk) >= REPLY_HEADER_SIZE:
+    size = len(chunk)
+    if size >= REPLY_HEADER_SIZE:
         length, replied_to = REPLY_HEADER.unpack_from(chunk)
-        if replied_to == request_id and len(chunk) >= REPLY_HEADER_SIZE + length:
+        if replied_to == request_id and size >= REPLY_HEADER_SIZE + length:
             return chunk
-    elif not chunk:
+    elif not size:
         raise EOFError
     incoming = Incoming(request_id)
     incoming.take(chunk)  # never whole: the check above would have returned it
