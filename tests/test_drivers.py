@@ -41,6 +41,11 @@ def add_row(conn: Any, client: int, seq: int) -> int:
     return seq
 
 
+def big_value(conn: Any, size: int) -> bytes:
+    """A `call()` target whose reply takes several reads (a pipe holds 64 KiB)."""
+    return b"v" * size
+
+
 class GaveUp(Exception):
     """Raised by a SIGALRM handler into a blocking call: an interruption."""
 
@@ -407,6 +412,28 @@ def test_every_kind_of_call_and_its_timeout(driver: Driver, writer: mpwriter.Wri
     assert outcomes[2:] == [None, 4, 5]
     expired = driver.run(writer, [("call_with_timeout", (0.0, add_row, 13, 6), {})])
     assert isinstance(expired[0], (mpwriter.Timeout, mpwriter.QueueFull)), expired
+
+
+def test_every_form_of_reply_comes_back_whole_and_alike(
+    driver: Driver, writer: mpwriter.Writer
+) -> None:
+    """A write's compact reply, a pickled one with rows, one too long for
+    one read, and a reply after it on the same pooled pipe: each driver
+    returns the same values (a compact reply becomes a full `Result`)."""
+    calls: list[Call] = [
+        ("execute", ("INSERT INTO items(client, seq) VALUES (14, 0)",), {}),
+        insert(14, 1),
+        ("call", (big_value, 300_000), {}),
+    ]
+    wrote, returned, big = driver.run(writer, calls)
+    assert type(wrote) is mpwriter.Result
+    assert (wrote.rowcount, wrote.rows, wrote.columns, wrote.description) == (1, [], None, None)
+    assert isinstance(wrote.lastrowid, int)
+    assert type(returned) is mpwriter.Result
+    assert (returned.rows, returned.columns) == ([(1,)], ("seq",))
+    assert big == b"v" * 300_000
+    after = driver.run(writer, [insert(14, 2)])
+    assert seq_of(after[0]) == 2
 
 
 # -- lifetimes ---------------------------------------------------------------------

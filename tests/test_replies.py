@@ -92,3 +92,38 @@ def test_eof_before_and_inside_a_reply(pipe: tuple[int, int]) -> None:
     assert incoming.started
     with pytest.raises(EOFError):
         incoming.read(read_fd)
+
+
+def test_read_reply_returns_a_whole_reply_as_read(pipe: tuple[int, int]) -> None:
+    read_fd, write_fd = pipe
+    encoded = _wire.encode_wrote(3, 1, 42)
+    os.write(write_fd, encoded)
+    os.close(write_fd)
+    reply = _reply.read_reply(read_fd, 3)
+    assert reply == encoded
+    assert isinstance(reply, bytes)
+    assert _reply.unpack_reply(reply) == mpwriter.Result(1, 42, [], None)
+
+
+def test_read_reply_hands_a_partial_reply_on_as_incoming(pipe: tuple[int, int]) -> None:
+    read_fd, write_fd = pipe
+    encoded = _wire.encode_reply(4, _wire.Status.OK, "y" * 100)
+    os.write(write_fd, encoded[:5])  # not even the header
+    first = _reply.read_reply(read_fd, 4)
+    assert isinstance(first, _reply.Incoming)
+    assert first.started
+    os.write(write_fd, encoded[5:])
+    os.close(write_fd)
+    assert _reply.unpack_reply(read_all(first, read_fd)) == "y" * 100
+
+
+def test_read_reply_refuses_another_requests_reply_and_reports_eof(
+    pipe: tuple[int, int],
+) -> None:
+    read_fd, write_fd = pipe
+    os.write(write_fd, _wire.encode_wrote(8, 1, 1))
+    with pytest.raises(mpwriter.Error, match="reply to request 8 arrived for request 7"):
+        _reply.read_reply(read_fd, 7)
+    os.close(write_fd)
+    with pytest.raises(EOFError):
+        _reply.read_reply(read_fd, 7)

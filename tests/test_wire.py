@@ -124,7 +124,11 @@ def test_a_write_result_travels_without_pickle_and_unpacks_equal(
     encoded = _wire.encode_wrote(9, value[0], value[1])
     assert encoded[_wire.REPLY_HEADER_SIZE] != _wire.PICKLED
     assert _reply.Incoming(9).take(encoded) == encoded  # its header gives its whole size
-    assert _reply.unpack_reply(encoded) == value
+    unpacked = _reply.unpack_reply(encoded)
+    # Decoded straight into the Result that execute() returns, columns None.
+    assert type(unpacked) is _reply.Result
+    assert unpacked == _reply.Result(*value)
+    assert unpacked.columns is None
 
 
 def test_any_other_result_is_pickled_and_unpacks_equal() -> None:

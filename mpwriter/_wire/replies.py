@@ -11,7 +11,15 @@ import pickle
 from typing import Any, NamedTuple
 
 from .._errors import Error, QueueFull, RemoteTraceback, Timeout, portable
-from .frames import PICKLED, REPLY_HEADER_SIZE, Status, decode_reply_header, decode_wrote
+from .frames import (
+    PICKLED,
+    REPLY_HEADER,
+    REPLY_HEADER_SIZE,
+    WROTE_NO_ROWID,
+    WROTE_REPLY,
+    Status,
+    decode_reply_header,
+)
 
 READ_SIZE = 1 << 16  # a reply pipe holds 64 KiB by default
 
@@ -72,16 +80,14 @@ class Incoming:
     def read(self, fd: int) -> bytes | bytearray | None:
         """Read once from the non-blocking ``fd``; the whole reply once complete.
 
-        Raises `EOFError` when the pipe's write end is gone.
+        Raises `EOFError` when the pipe's write end is gone. (A request's
+        first read is usually `read_reply`, which makes an `Incoming` only for
+        a reply that does not come whole in one read.)
         """
         buffer = self._buffer
         if buffer is None:
             chunk = os.read(fd, READ_SIZE)
-            if len(chunk) >= REPLY_HEADER_SIZE:
-                length, replied_to = decode_reply_header(chunk)
-                if replied_to == self._request_id and len(chunk) >= REPLY_HEADER_SIZE + length:
-                    return chunk  # the usual case, kept short: the whole reply at once
-            elif not chunk:
+            if not chunk:
                 raise EOFError
             return self.take(chunk)
         if not self._needed:  # a torn header: take just the rest of it
@@ -122,6 +128,28 @@ class Incoming:
         return self._needed
 
 
+def read_reply(fd: int, request_id: int) -> bytes | Incoming:
+    """Read once from the non-blocking ``fd`` for the reply to ``request_id``.
+
+    Returns the whole reply when it came in this one read (the usual case),
+    else an `Incoming` holding what was read, to go on with. Raises
+    `EOFError` when the pipe's write end is gone and nothing came, and
+    `Error` when the header names another request (as `Incoming` does).
+    One Python call on the hot path, where a fresh `Incoming` cost three.
+    """
+    chunk = os.read(fd, READ_SIZE)
+    size = len(chunk)
+    if size >= REPLY_HEADER_SIZE:
+        length, replied_to = REPLY_HEADER.unpack_from(chunk)
+        if replied_to == request_id and size >= REPLY_HEADER_SIZE + length:
+            return chunk
+    elif not size:
+        raise EOFError
+    incoming = Incoming(request_id)
+    incoming.take(chunk)  # never whole: the check above would have returned it
+    return incoming
+
+
 def queue_full() -> QueueFull:
     return QueueFull("the request queue stayed full for the whole timeout; not sent")
 
@@ -131,9 +159,18 @@ def no_reply() -> Timeout:
 
 
 def unpack_reply(reply: bytes | bytearray) -> Any:
-    """The value of a whole reply (from `Incoming`), or raise the error it carries."""
+    """The value of a whole reply (from `Incoming`), or raise the error it carries.
+
+    A write's compact reply (`frames.encode_wrote`) comes back as a `Result`
+    already, ``(rowcount, lastrowid, [], None)``, so that ``execute`` need
+    not build a second one; any other value is as the writer pickled it.
+    """
     if reply[REPLY_HEADER_SIZE] != PICKLED:
-        return decode_wrote(bytes(reply))
+        _, _, tag, rowcount, lastrowid = WROTE_REPLY.unpack(reply)
+        if tag == WROTE_NO_ROWID:
+            lastrowid = None
+        # tuple.__new__ in C: Result(...) would run the NamedTuple's Python __new__.
+        return _new_tuple(Result, (rowcount, lastrowid, [], None))
     status, value = pickle.loads(memoryview(reply)[REPLY_HEADER_SIZE:])
     if status == Status.OK:
         return value
@@ -142,6 +179,9 @@ def unpack_reply(reply: bytes | bytearray) -> Any:
     exc = portable(exc)
     exc.__cause__ = RemoteTraceback(tb)
     raise exc
+
+
+_new_tuple = tuple.__new__
 
 
 def millis(seconds: float) -> int:
