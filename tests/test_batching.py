@@ -164,3 +164,17 @@ def test_callers_taking_turns_one_at_a_time_never_wait(db_path: Path) -> None:
         finally:
             writer.close()
     assert (stats["batches"], stats["gather_waits"]) == (3, 0), stats
+
+
+def test_one_stalled_commit_barely_moves_the_commit_cost() -> None:
+    from mpwriter._writer.batch import commit_cost
+
+    average = 0.0
+    for _ in range(20):  # commits of 0.3 ms
+        average = commit_cost(average, 0.0, 0.0003)
+    assert average == pytest.approx(0.0003)
+    stalled = commit_cost(average, 0.0, 0.131)  # one fsync that took 131 ms
+    assert stalled <= 1.25 * average
+    for _ in range(20):  # the disk stays slow: the average follows
+        stalled = commit_cost(stalled, 0.0, 0.004)
+    assert stalled == pytest.approx(0.004, rel=0.05)
