@@ -9,9 +9,9 @@ N forked clients run closed loops for --duration seconds against one writer
            read of the reply: the system calls alone, no Python per request
 
 Each client reports its own user and system CPU (getrusage), and the writer's
-CPU is read from /proc before and after (Linux), so the table shows what a
-request costs on each side, and how much of the caller's share is
-mpwriter's Python. On a
+CPU and context switches are read from /proc before and after (Linux), so the
+table shows what a request costs on each side, how much of the caller's share
+is mpwriter's Python, and how often the writer waited or was preempted. On a
 machine where the clients share the cores with the writer, that CPU is
 throughput. Modes alternate within each round; medians are shown. Usage
 (from the repository root):
@@ -98,12 +98,14 @@ def run_once(
                 processes.append(process)
             writer_pid = writer.stats()["pid"]
             writer_before = process_cpu(writer_pid)
+            switches_before = context_switches(writer_pid)
             results = []
             for receive in pipes:
                 if not wait([receive], seconds + 30):
                     raise TimeoutError("a client did not report")
                 results.append(receive.recv())
             writer_after = process_cpu(writer_pid)
+            switches_after = context_switches(writer_pid)
             for process in processes:
                 lib.reap(process)
     done = sum(r[0] for r in results)
@@ -111,6 +113,8 @@ def run_once(
         "rate": done / seconds,
         "writer_user_us": 1e6 * (writer_after[0] - writer_before[0]) / done,
         "writer_system_us": 1e6 * (writer_after[1] - writer_before[1]) / done,
+        "writer_waits": (switches_after[0] - switches_before[0]) / done,
+        "writer_preempted": (switches_after[1] - switches_before[1]) / done,
         "user_us": 1e6 * sum(r[1] for r in results) / done,
         "system_us": 1e6 * sum(r[2] for r in results) / done,
     }
@@ -123,6 +127,21 @@ def process_cpu(pid: int) -> tuple[float, float]:
         fields = stat.read().rsplit(")", 1)[1].split()
     ticks = os.sysconf("SC_CLK_TCK")
     return int(fields[11]) / ticks, int(fields[12]) / ticks
+
+
+def context_switches(pid: int) -> tuple[int, int]:
+    """(voluntary, involuntary) context switches of ``pid`` so far (/proc/PID/status).
+
+    Voluntary: it waited (for a request, a disk); involuntary: it was
+    preempted, on this machine mostly by the clients its replies woke.
+    """
+    counts = {}
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            name, _, value = line.partition(":")
+            if name.endswith("ctxt_switches"):
+                counts[name] = int(value)
+    return counts["voluntary_ctxt_switches"], counts["nonvoluntary_ctxt_switches"]
 
 
 def main() -> None:
@@ -156,7 +175,9 @@ def main() -> None:
             f"  {mode:8} {median['rate']:8.0f} req/s  CPU per request: client"
             f" user {median['user_us']:5.1f} us, system {median['system_us']:5.1f} us;"
             f" writer user {median['writer_user_us']:5.1f} us,"
-            f" system {median['writer_system_us']:5.1f} us"
+            f" system {median['writer_system_us']:5.1f} us; the writer waited"
+            f" {median['writer_waits']:.2f} and was preempted"
+            f" {median['writer_preempted']:.2f} times per request"
         )
 
 
