@@ -17,8 +17,11 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterable
+from typing import TypeVar
 
 from .._errors import RemoteError
+
+T = TypeVar("T")
 
 # The signal `CallLimiter` sends the writer's thread to break a blocking
 # system call (sleep, select, read): one whose default action is to do
@@ -143,6 +146,37 @@ class CallLimiter:
             self.fired = False
             if stop_at < self._sleeping_until:
                 self._wake.notify()
+
+    def run(self, stop_at: float, call: Callable[[], T], restore: Callable[[], object]) -> T:
+        """Run ``call()`` until ``stop_at``; ``restore()`` after it, whatever happened.
+
+        Returns what ``call`` returns. Raises `CallOverrun` if it ran past
+        ``stop_at`` (even if it caught the interruption and returned),
+        `not_an_exception`'s `RemoteError` for a BaseException that is no
+        Exception, or its own exception. ``restore`` puts back what a call()
+        function may change (signal handling, the connection's callbacks);
+        it runs once the watch is over, so nothing interrupts it.
+        """
+        fired = False
+        try:
+            try:
+                self.arm(stop_at)
+                value = call()
+            finally:
+                fired = self.disarm()
+        except BaseException as exc:
+            # An interruption may land in the finally before its disarm.
+            fired = self.disarm() or fired
+            restore()
+            if fired or isinstance(exc, CallOverrun):
+                raise CallOverrun from exc
+            if not isinstance(exc, Exception):
+                raise not_an_exception(exc) from exc
+            raise
+        restore()
+        if fired:
+            raise CallOverrun  # it caught the interruption and returned late
+        return value
 
     def disarm(self) -> bool:
         """Stop watching; True if the function was interrupted (it overran).

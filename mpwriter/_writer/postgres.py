@@ -60,13 +60,7 @@ from .._errors import (
 )
 from .._wire.frames import Kind, Request, Status, encode_reply, encode_wrote
 from .batch import Counters, Work, commit_cost, describe, error_reply
-from .call_limit import (
-    CallLimiter,
-    CallOverrun,
-    not_an_exception,
-    own_signals,
-    restore_signals,
-)
+from .call_limit import CallLimiter, CallOverrun, own_signals, restore_signals
 from .pg_sql import PlaceholderError, controls_transaction, split_statements, translate
 
 log = logging.getLogger("mpwriter")
@@ -673,26 +667,18 @@ class PostgresEngine:
         # For the owner's watchdog: a function that swallows every
         # interruption is ended with the writer, its grace after this.
         self._state.busy_until = stop_at + _PYTHON_GRACE
-        fired = False
         try:
-            try:
-                limiter.arm(stop_at + _PYTHON_GRACE)
-                value = function(Connection(conn), *work.body[1], **work.body[2])
-            finally:
-                fired = limiter.disarm()
-        except BaseException as exc:
-            # An interruption may land in the finally before its disarm.
-            fired = limiter.disarm() or fired
-            restore_signals(self._signal_mask)
-            if fired or isinstance(exc, CallOverrun):
-                raise _overran(started) from exc
-            if not isinstance(exc, Exception):
-                raise not_an_exception(exc) from exc
-            raise
-        restore_signals(self._signal_mask)
-        if fired:
-            raise _overran(started)  # it caught the interruption and returned late
-        return value
+            return limiter.run(
+                stop_at + _PYTHON_GRACE,
+                lambda: function(Connection(conn), *work.body[1], **work.body[2]),
+                lambda: restore_signals(self._signal_mask),
+            )
+        except CallOverrun as overrun:
+            ran = time.monotonic() - started
+            raise Interrupted(
+                f"interrupted after {ran:.3f} s at its deadline or execution limit;"
+                " rolled back, not applied"
+            ) from overrun
 
     def _ok(self, work: Work, value: Value) -> bytes:
         request_id = work.request.request_id
@@ -715,14 +701,6 @@ class PostgresEngine:
                 "mpwriter: fire-and-forget write failed: %s: %s [%s]", name, exc, describe(work)
             )
         return error_reply(work.request.request_id, sendable(exc))
-
-
-def _overran(started: float) -> Interrupted:
-    ran = time.monotonic() - started
-    return Interrupted(
-        f"interrupted after {ran:.3f} s at its deadline or execution limit;"
-        " rolled back, not applied"
-    )
 
 
 def _check_transaction_open(conn: psycopg.Connection[Any]) -> None:

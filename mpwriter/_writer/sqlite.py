@@ -63,13 +63,7 @@ from .._errors import (
 )
 from .._wire.frames import REPLY_HEADER_SIZE, Kind, Request, Status, encode_reply, encode_wrote
 from .batch import Counters, Work, commit_cost, describe, error_reply
-from .call_limit import (
-    CallLimiter,
-    CallOverrun,
-    not_an_exception,
-    own_signals,
-    restore_signals,
-)
+from .call_limit import CallLimiter, CallOverrun, own_signals, restore_signals
 
 # Pragmas that SQLite ignores or refuses inside a transaction when they set a
 # value; such a request is deferred and run alone, outside the batch.
@@ -313,6 +307,7 @@ class SqliteEngine:
         conn.set_progress_handler(self._progress, 1000)
         self._signal_mask = own_signals()
         self._limiter: CallLimiter | None = None
+        self._authorizer_was_replaced = False  # by the last call(): `_restore_connection`
         # What a call() function may change and the writer puts back after it.
         self._row_factory = conn.row_factory
         self._text_factory = conn.text_factory
@@ -421,35 +416,18 @@ class SqliteEngine:
         limiter = self._limiter
         if limiter is None:
             limiter = self._limiter = CallLimiter(self._conn.interrupt)
-        fired = False
-        try:
+
+        def call() -> tuple[Any, bytes]:
+            value = function(self._conn, *body[1], **body[2])
+            # Pickled under the limit too: a result's __reduce__ is the
+            # function's code as well.
             try:
-                limiter.arm(self._stop_at)
-                value = function(self._conn, *body[1], **body[2])
-                # Pickled under the limit too: a result's __reduce__ is the
-                # function's code as well.
-                try:
-                    reply = encode_reply(request_id, _OK, value)
-                except Exception as exc:
-                    raise NotPicklable(f"the result could not be pickled: {exc}") from exc
-            finally:
-                fired = limiter.disarm()
-        except BaseException as exc:
-            # Again: an interruption may land in the finally before its disarm.
-            fired = limiter.disarm() or fired
-            self._restore_connection()
-            if fired or isinstance(exc, CallOverrun):
-                raise CallOverrun from exc
-            if not isinstance(exc, Exception):
-                raise not_an_exception(exc) from exc
-            raise
-        # Pragmas change through statements, which the authorizer vets: only a
-        # function that replaced the authorizer can have changed a pinned one.
-        authorizer_replaced = self._conn.callbacks_changed
-        self._restore_connection()
-        if fired:
-            raise CallOverrun  # it caught the interruption and returned late
-        self._check_pinned(authorizer_replaced)
+                return value, encode_reply(request_id, _OK, value)
+            except Exception as exc:
+                raise NotPicklable(f"the result could not be pickled: {exc}") from exc
+
+        value, reply = limiter.run(self._stop_at, call, self._restore_connection)
+        self._check_pinned(self._authorizer_was_replaced)
         if type(value) in _ALWAYS_REBUILDS:
             return reply
         try:
@@ -462,8 +440,15 @@ class SqliteEngine:
         return reply
 
     def _restore_connection(self) -> None:
-        """Put back what a call() function may have changed; cheap, runs after each."""
+        """Put back what a call() function may have changed; cheap, runs after each.
+
+        Notes in ``_authorizer_was_replaced`` whether the function replaced
+        the authorizer: pragmas change through statements, which the
+        authorizer vets, so only then can a pinned one have changed
+        (`_check_pinned`).
+        """
         conn = self._conn
+        self._authorizer_was_replaced = conn.callbacks_changed
         if conn.callbacks_changed:
             conn.set_authorizer(self._authorize)
             conn.set_progress_handler(self._progress, 1000)
