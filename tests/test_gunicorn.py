@@ -780,14 +780,22 @@ def test_gevent_workers_under_load_and_slow_writes(
 def test_gthread_workers_under_load_and_slow_writes(
     gunicorn_server: Callable[..., Gunicorn],
 ) -> None:
-    """``-k gthread --threads 4``: calls from the threads of one worker share
+    """``-k gthread --threads 8``: calls from the threads of one worker share
     its handle; a thread waiting on a write holds up no other thread.
 
-    ``--worker-connections 3`` keeps one worker from taking all 8 slow
-    requests (a gthread worker runs only --threads of them at once and
-    queues the rest, pings included): 8 of them then spread over three
-    workers or more, and at least one holds some with a thread to spare."""
+    Two workers, each taking at most 5 connections (a gthread worker runs
+    only --threads requests at once and queues the rest, pings included):
+    the 8 slow requests split 5/3 or 4/4, so every worker that can take a
+    ping holds slow writes and has threads to spare. (With four workers of
+    3 connections, one could hold none, and it took every ping.)"""
     server = gunicorn_server(
-        "--worker-class", "gthread", "--threads", "4", "--worker-connections", "3"
+        "--workers",
+        "2",
+        "--worker-class",
+        "gthread",
+        "--threads",
+        "8",
+        "--worker-connections",
+        "5",
     )
-    _load_and_slow_writes(server, capacity=4)
+    _load_and_slow_writes(server, capacity=8)
