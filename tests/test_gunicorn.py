@@ -750,6 +750,11 @@ def _slow_writes_do_not_hold_up_other_requests(server: Gunicorn, capacity: int) 
     assert max(answered) < 0.4, answered
 
 
+# For the slow-writes tests: every worker takes at most 5 connections, so the
+# 8 slow requests cannot all go to one worker while the others take the pings.
+TWO_WORKERS_OF_5 = ("--workers", "2", "--worker-connections", "5")
+
+
 def _load_and_slow_writes(server: Gunicorn, capacity: int) -> None:
     load = Load(server, clients=16)
     load.reach(300)
@@ -772,9 +777,14 @@ def test_gevent_workers_under_load_and_slow_writes(
     gunicorn_server: Callable[..., Gunicorn],
 ) -> None:
     """``-k gevent``: every wait of a call parks its greenlet; the worker's
-    other greenlets go on answering (see mpwriter/_caller/blocking.py)."""
-    server = gunicorn_server("--worker-class", "gevent", "--worker-connections", "200")
-    _load_and_slow_writes(server, capacity=200)
+    other greenlets go on answering (see mpwriter/_caller/blocking.py).
+
+    Two workers of at most 5 connections, as for gthread below: the 8 slow
+    requests split 5/3 or 4/4, so every worker that can take a ping holds
+    slow writes. (With four workers of 200, one took all 8, and the three
+    idle ones took every ping.)"""
+    server = gunicorn_server(*TWO_WORKERS_OF_5, "--worker-class", "gevent")
+    _load_and_slow_writes(server, capacity=5)
 
 
 def test_gthread_workers_under_load_and_slow_writes(
@@ -788,14 +798,5 @@ def test_gthread_workers_under_load_and_slow_writes(
     the 8 slow requests split 5/3 or 4/4, so every worker that can take a
     ping holds slow writes and has threads to spare. (With four workers of
     3 connections, one could hold none, and it took every ping.)"""
-    server = gunicorn_server(
-        "--workers",
-        "2",
-        "--worker-class",
-        "gthread",
-        "--threads",
-        "8",
-        "--worker-connections",
-        "5",
-    )
+    server = gunicorn_server(*TWO_WORKERS_OF_5, "--worker-class", "gthread", "--threads", "8")
     _load_and_slow_writes(server, capacity=8)
