@@ -588,7 +588,7 @@ def test_a_signal_mask_a_call_leaves_does_not_disable_the_next_limit(
 ) -> None:
     limited.call(block_the_kick_signal)
     with pytest.raises(mpwriter.Interrupted):
-        limited.call_with_timeout(5.0, cancel_timers_and_block)  # blocked in sleep()
+        limited.call_with_timeout(5.0, cancel_timers_and_block)  # blocked, sleeping in the writer
     assert count_rows(db_path) == 0
 
 
