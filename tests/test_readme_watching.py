@@ -1,5 +1,5 @@
-"""The README's examples of the command line, typed stats, Prometheus text and
-DB-API shapes run as written."""
+"""The docs' examples of the command line, typed stats, Prometheus
+text and DB-API shapes run as written."""
 
 from __future__ import annotations
 
@@ -15,11 +15,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import mpwriter
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+DOCS = Path(__file__).resolve().parent.parent / "docs"
 
 
 def block(language: str, containing: str) -> str:
-    blocks = re.findall(rf"```{language}\n(.*?)```", README.read_text(), re.S)
+    blocks = re.findall(rf"```{language}\n(.*?)```", "".join(page.read_text() for page in sorted(DOCS.glob("*.md"))), re.S)
     (found,) = [b for b in blocks if containing in b]
     return str(found)
 
