@@ -32,8 +32,8 @@ from ._errors import (
 from ._owner.owner import start
 from ._wire.replies import Result
 from ._wire.stats import Stats
-from ._writer.metrics import prometheus_text
 from ._writer.pg_sql import native
+from .prometheus import prometheus_text
 
 __all__ = [
     "DatabaseError",
