@@ -204,6 +204,11 @@ _LINES = (
         "{errors}{errors_by_class}, {refused} refused, {expired} expired,"
         " {lost_requests} lost with a dead writer",
     ),
+    (
+        "load",
+        "busy {busy_share:.0%} of the last 10 s, {requests_per_second:.0f} requests/s;"
+        " {busy_seconds:.1f} s busy in all",
+    ),
     ("retries", "{retries} waits for a lock held outside mpwriter"),
     ("posts", "{posts_dropped} dropped, {post_errors_by_class} failed"),
     (
@@ -272,7 +277,9 @@ def _plain(value: object) -> str:
     return str(value)
 
 
-WATCH_HEADER = "time      state      queue    req/s  batch   p50 ms   p99 ms  restarts   age s"
+WATCH_HEADER = (
+    "time      state      queue    req/s  batch   p50 ms   p99 ms  restarts   age s  busy %"
+)
 
 
 def watch_line(reading: Reading | None, previous: Reading | None, problem: str = "") -> str:
@@ -281,7 +288,7 @@ def watch_line(reading: Reading | None, previous: Reading | None, problem: str =
     if reading is None:
         return f"{now}  {problem}"
     stats = reading.stats
-    rate = batch = "-"
+    rate = batch = busy = "-"
     if previous is not None and previous.snapshot["pid"] == reading.snapshot["pid"]:
         elapsed = reading.snapshot["monotonic"] - previous.snapshot["monotonic"]
         requests = stats["requests"] - previous.stats["requests"]
@@ -289,8 +296,11 @@ def watch_line(reading: Reading | None, previous: Reading | None, problem: str =
         if elapsed > 0:
             rate = f"{requests / elapsed:.0f}"
             batch = f"{requests / batches:.1f}" if batches else "-"
+            busy_seconds = stats["busy_seconds"] - previous.stats["busy_seconds"]
+            # A batch counts when it ends: one longer than the interval would pass 100.
+            busy = f"{min(100.0, 100 * busy_seconds / elapsed):.0f}"
     total = stats["latency_ms"]["total"]
     return (
         f"{now}  {reading.state:<9}{stats['queue_depth']:>7}{rate:>9}{batch:>7}"
-        f"{total['p50']:>9.2f}{total['p99']:>9.2f}{stats['restarts']:>10}{reading.age:>8.1f}"
+        f"{total['p50']:>9.2f}{total['p99']:>9.2f}{stats['restarts']:>10}{reading.age:>8.1f}{busy:>8}"
     )

@@ -17,6 +17,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import select
 import subprocess
 import sys
 import time
@@ -28,6 +29,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import mpwriter
+from conftest import Gate
 
 SNAPSHOT_FORMAT = 1
 
@@ -161,3 +163,66 @@ def test_every_figure_is_in_the_command_lines_text(
             assert str(int(leaf) if isinstance(leaf, float) else leaf) in text, (name, leaf, text)
     assert run_stats(db_path, "--prometheus") == mpwriter.prometheus_text(fabricated)
     assert json.loads(run_stats(db_path, "--json"))["stats"] == fabricated
+
+
+# -- the writer's load -------------------------------------------------------------
+
+
+def test_a_writer_that_served_nothing_was_never_busy(db_path: Path) -> None:
+    with mpwriter.start(db_path, context="fork") as writer:
+        stats = writer.stats()  # computed before this request's own batch ends
+    assert stats["busy_seconds"] == 0.0
+    assert stats["busy_share"] == 0.0
+    assert stats["requests_per_second"] == 0.0
+
+
+def test_the_busy_share_rises_while_the_writer_serves_a_long_batch(
+    writer: mpwriter.Writer, gate: Gate
+) -> None:
+    for n in range(10):
+        writer.execute("INSERT INTO items(seq) VALUES (?)", (n,))
+    before = writer.stats()
+    assert 0 < before["busy_seconds"] <= before["uptime"]
+    assert 0 < before["busy_share"] <= 1
+    assert before["requests_per_second"] > 0
+
+    gate.hold(writer)  # returns once the writer is inside a batch
+    entered = time.monotonic()
+    time.sleep(0.3)  # sleep-ok: the writer must be busy for a while; nothing waits on this
+    held = time.monotonic() - entered
+    gate.release()
+    assert gate.future.result(timeout=10) == "released"
+    after = writer.stats()
+    # The held batch ended within the recent window (at most the uptime):
+    # at least `held` of it was busy.
+    assert after["busy_seconds"] - before["busy_seconds"] >= held
+    assert after["busy_share"] >= min(1.0, 0.99 * held / after["uptime"])
+    assert after["busy_seconds"] <= after["uptime"]
+
+
+def test_the_watch_view_shows_the_busy_share_between_two_refreshes(
+    writer: mpwriter.Writer, db_path: Path
+) -> None:
+    writer.stats()  # served after the writer's first snapshot
+    with subprocess.Popen(
+        [sys.executable, "-m", "mpwriter", "stats", str(db_path), "--watch"],
+        stdout=subprocess.PIPE,
+        text=True,
+    ) as watch:
+        assert watch.stdout is not None
+        try:
+            lines = []
+            deadline = time.monotonic() + 15
+            # The header, a reading, then readings until one has a previous
+            # snapshot to measure against (the writer publishes about once a second).
+            while len(lines) < 2 or lines[-1].split()[-1] == "-":
+                assert select.select([watch.stdout], [], [], max(0.0, deadline - time.monotonic()))[
+                    0
+                ], lines
+                lines.append(watch.stdout.readline())
+                writer.execute("INSERT INTO items(seq) VALUES (1)")
+        finally:
+            watch.kill()
+    assert lines[0].split()[-2:] == ["busy", "%"]
+    assert lines[1].split()[-1] == "-"  # no previous reading to measure against
+    assert 0 <= int(lines[-1].split()[-1]) <= 100

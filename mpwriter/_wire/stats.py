@@ -149,6 +149,23 @@ class Stats(TypedDict):
     queued_bytes: Annotated[int, gauge("Bytes in the request pipe, not read yet.", unit="bytes")]
     reply_pipes: Annotated[int, gauge("Callers' reply pipes the writer holds.")]
     uptime: Annotated[float, gauge("Seconds since this writer process started.", unit="seconds")]
+    busy_seconds: Annotated[
+        float,
+        counter(
+            "Seconds the writer spent serving batches (gathering, running, committing, replying).",
+            unit="seconds",
+        ),
+    ]
+    busy_share: Annotated[
+        float,
+        gauge(
+            "Share of the last 10 seconds the writer spent serving batches, 0 to 1;"
+            " near 1, callers queue for the one writer."
+        ),
+    ]
+    requests_per_second: Annotated[
+        float, gauge("Requests served per second over the last 10 seconds.")
+    ]
     pid: Annotated[int, info("The writer process.")]
     restarts: Annotated[int, counter("Writer processes restarted after dying.")]
     # "running", or "closing" once close() or SIGTERM began

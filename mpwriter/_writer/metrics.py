@@ -100,3 +100,55 @@ class SlowLog:
         more = f" (and {self._suppressed} more since the last warning)" if self._suppressed else ""
         self._suppressed = 0
         log.warning("mpwriter: slow request, %.3f s: %s%s", seconds, description, more)
+
+
+class Load:
+    """How much of the wall time the writer spends serving batches, and at what rate.
+
+    A batch is served from the moment the loop turns to it (gathering late
+    callers, running, committing, sending the replies, tidying) until it
+    turns back to waiting: the writer can do nothing else then, so a share
+    of the wall time near 1 means callers are queueing for the one writer.
+    Recent figures cover the last `WINDOW` seconds (fewer after a start),
+    in one-second buckets, so a reading follows a change within seconds.
+    """
+
+    WINDOW = 10
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+        self.seconds = 0.0  # busy since the start
+        # [whole second, busy seconds, requests] per second served in, oldest first
+        self._buckets: deque[list[float]] = deque()
+
+    def served(self, began: float, requests: int) -> None:
+        """Count one batch: it began at ``began`` and served ``requests`` requests."""
+        now = time.monotonic()
+        busy = now - began
+        self.seconds += busy
+        second = float(int(now))
+        buckets = self._buckets
+        if buckets and buckets[-1][0] == second:
+            bucket = buckets[-1]
+            bucket[1] += busy
+            bucket[2] += requests
+        else:
+            buckets.append([second, busy, requests])
+            while buckets[0][0] < second - self.WINDOW:
+                buckets.popleft()
+
+    def recent(self) -> tuple[float, float]:
+        """The busy share (0 to 1) and the requests per second of the recent window."""
+        now = time.monotonic()
+        since = int(now) - self.WINDOW
+        span = now - max(self.started, since)
+        busy = requests = 0.0
+        for second, seconds, count in self._buckets:
+            if second >= since:
+                busy += seconds
+                requests += count
+        if span <= 0:
+            return 0.0, 0.0
+        # A batch is counted in the second it ended: one that began before
+        # the window could make the share pass 1.
+        return min(1.0, busy / span), requests / span
