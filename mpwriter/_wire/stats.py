@@ -214,8 +214,12 @@ def _declared(typed_dict: type) -> dict[str, tuple[object, ...]]:
 def _figures() -> tuple[Figure, ...]:
     figures = []
     for name, metadata in _declared(Stats).items():
-        (figure,) = (m for m in metadata if isinstance(m, Figure))
-        figures.append(replace(figure, name=name))
+        declared = [m for m in metadata if isinstance(m, Figure)]
+        if len(declared) != 1:
+            # Every view is derived from the declaration: a figure without
+            # one would be missing from them all.
+            raise TypeError(f"Stats[{name!r}] must be Annotated with one Figure (kind, help)")
+        figures.append(replace(declared[0], name=name))
     return tuple(figures)
 
 

@@ -57,7 +57,7 @@ class Counters:
 
     def __init__(self) -> None:
         for name, hint in get_type_hints(Counters).items():
-            setattr(self, name, {} if get_origin(hint) is dict else 0)
+            setattr(self, name, (get_origin(hint) or hint)())  # 0, 0.0 or {}
 
     def count_error(self, exc: BaseException) -> None:
         self.errors += 1
