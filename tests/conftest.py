@@ -6,7 +6,6 @@ import multiprocessing
 import os
 import select
 import signal
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,8 +15,8 @@ import pytest
 
 import mpwriter
 
-# tools/ holds routines the tests share with the command-line fault tools.
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+# The fault tools (kill_writer.py, kill_tree.py, kill_clients.py) live here
+# with the tests, which run their routines; _faults.py is what they share.
 from _faults import SCHEMA as SCHEMA
 
 START_METHODS = [

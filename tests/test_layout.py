@@ -15,6 +15,7 @@ from __future__ import annotations
 import ast
 import json
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -184,3 +185,24 @@ def test_public_names_defined_outside_the_sides_live_in_public_modules() -> None
     assert mpwriter.prometheus_text.__module__ == "mpwriter.prometheus"
     assert mpwriter.native.__module__ == "mpwriter.sql"
     assert set(dir(mpwriter)) >= set(mpwriter.__all__)
+
+
+def test_no_test_imports_from_tools() -> None:
+    """Benchmarks and tools may change freely: no test depends on them."""
+    tests = pathlib.Path(__file__).resolve().parent
+    tools = {path.stem for path in (tests.parent / "tools").glob("*.py")}
+    offenders = []
+    for path in sorted(tests.glob("*.py")):
+        text = path.read_text()
+        if re.search(r"sys\.path\.(insert|append)\(.*tools", text):
+            offenders.append((path.name, "puts tools/ on the import path"))
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                names = [node.module or ""]
+            else:
+                continue
+            offenders += [(path.name, n) for n in names if n.split(".")[0] in tools]
+    assert tools  # the test sees the tools at all
+    assert offenders == []
