@@ -6,9 +6,13 @@
 See README.md for the guarantees and the limits.
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from ._caller.attached import attach, get_writer
 from ._caller.handle import Transaction, Writer
-from ._caller.reader import ReadConnection, reader
 from ._errors import (
     DatabaseError,
     Error,
@@ -29,11 +33,14 @@ from ._errors import (
     WriterCrashed,
     WriterUnavailable,
 )
-from ._owner.owner import start
 from ._wire.replies import Result
 from ._wire.stats import Stats
-from ._writer.metrics import prometheus_text
-from ._writer.pg_sql import native
+from .prometheus import prometheus_text
+from .sql import native
+
+if TYPE_CHECKING:
+    from ._caller.reader import ReadConnection, reader
+    from ._owner.owner import start
 
 __all__ = [
     "DatabaseError",
@@ -68,3 +75,26 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
+
+# Loaded on first use, so that importing mpwriter loads the caller side only:
+# `start` brings the owner and the writer side (the SQLite engine, filelock),
+# `reader` brings sqlite3, which a process that only calls a writer -- or
+# only uses PostgreSQL -- does not need.
+_LAZY = {
+    "start": "._owner.owner",
+    "reader": "._caller.reader",
+    "ReadConnection": "._caller.reader",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value  # the next lookup finds it without this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

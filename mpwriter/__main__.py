@@ -23,7 +23,7 @@ import time
 from collections.abc import Sequence
 
 from ._watching import WATCH_HEADER, NotWatchable, Reading, describe, read, watch_line
-from ._writer.metrics import prometheus_text
+from .prometheus import prometheus_text
 
 _WATCH_INTERVAL = 1.0
 _HEADER_EVERY = 20  # lines, as vmstat repeats its header

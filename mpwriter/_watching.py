@@ -22,9 +22,10 @@ import os
 import stat
 import time
 from dataclasses import dataclass
+from string import Formatter
 from typing import Any
 
-from ._wire.stats import SNAPSHOT_FORMAT, Snapshot, Stats, snapshot_path
+from ._wire.stats import FIGURES, LATENCY_SERIES, SNAPSHOT_FORMAT, Snapshot, Stats, snapshot_path
 from ._writer.sqlite import lock_path
 
 # The writer publishes about once a second, between batches; a snapshot older
@@ -185,6 +186,50 @@ def _alive(pid: int) -> bool:
 # -- showing it ------------------------------------------------------------------
 
 
+# The human summary, a line a topic. Each template names the `Stats` figures
+# it shows; `describe` lists every figure no line names after them, so a new
+# figure is shown before anyone writes a line for it.
+_LINES = (
+    ("uptime", "{uptime:.1f} s, {restarts} restarts"),
+    (
+        "queue",
+        "{queue_depth} requests waiting ({queued_bytes} bytes), {reply_pipes} reply pipes",
+    ),
+    (
+        "requests",
+        "{requests} in {batches} batches (mean {mean_batch_size:.2f}), {commits} commits",
+    ),
+    (
+        "errors",
+        "{errors}{errors_by_class}, {refused} refused, {expired} expired,"
+        " {lost_requests} lost with a dead writer",
+    ),
+    (
+        "load",
+        "busy {busy_share:.0%} of the last 10 s, {requests_per_second:.0f} requests/s;"
+        " {busy_seconds:.1f} s busy in all",
+    ),
+    ("retries", "{retries} waits for a lock held outside mpwriter"),
+    ("posts", "{posts_dropped} dropped, {post_errors_by_class} failed"),
+    (
+        "batching",
+        "{gather_waits} waits for late callers, who brought {gathered};"
+        " {replayed_batches} batches replayed",
+    ),
+    (
+        "dropped",
+        "{dropped_partial_requests} half-received requests"
+        " ({dropped_partial_request_bytes} bytes), {dropped_orphan_replies} orphan replies"
+        " ({dropped_orphan_reply_bytes} bytes), {resync_skipped_bytes} bytes skipped to resync",
+    ),
+)
+# Shown by the first line (from the snapshot) and the latency table.
+_SHOWN_APART = {"pid", "state", "latency_ms", "latency_count", "latency_sum_seconds"}
+_SHOWN = _SHOWN_APART | {
+    field for _, template in _LINES for _, field, _, _ in Formatter().parse(template) if field
+}
+
+
 def describe(reading: Reading) -> str:
     """The figures, for people: a few lines."""
     snapshot, stats = reading.snapshot, reading.stats
@@ -194,31 +239,47 @@ def describe(reading: Reading) -> str:
             f" -- STALE: the writer has not come back from a batch for {reading.age:.0f} s"
             " (a long request, or stuck)"
         )
+    every: dict[str, Any] = dict(stats)  # looked up by names held in tables
+    values = dict(every)
     by_class = ", ".join(f"{name} {n}" for name, n in sorted(stats["errors_by_class"].items()))
+    values["errors_by_class"] = f" ({by_class})" if by_class else ""
+    values["post_errors_by_class"] = sum(stats["post_errors_by_class"].values())
     lines = [
         f"mpwriter writer of {snapshot['database']}: pid {snapshot['pid']},"
-        f" {snapshot['state']}; {freshness}",
-        f"  uptime     {stats['uptime']:.1f} s, {stats['restarts']} restarts",
-        f"  queue      {stats['queue_depth']} requests waiting ({stats['queued_bytes']} bytes),"
-        f" {stats['reply_pipes']} reply pipes",
-        f"  requests   {stats['requests']} in {stats['batches']} batches"
-        f" (mean {stats['mean_batch_size']:.2f}), {stats['commits']} commits",
-        f"  errors     {stats['errors']}{f' ({by_class})' if by_class else ''},"
-        f" {stats['refused']} refused, {stats['expired']} expired,"
-        f" {stats['lost_requests']} lost with a dead writer",
-        f"  retries    {stats['retries']} waits for a lock held outside mpwriter",
-        f"  posts      {stats['posts_dropped']} dropped,"
-        f" {sum(stats['post_errors_by_class'].values())} failed",
-        "  latency ms (last 10,000 requests)   p50       p90       p99       max",
+        f" {snapshot['state']}; {freshness}"
     ]
-    for series in ("queue_wait", "execution", "total"):
-        figures = stats["latency_ms"][series]
-        values = "".join(f"{figures[key]:10.2f}" for key in ("p50", "p90", "p99", "max"))
-        lines.append(f"    {series.replace('_', ' '):<30}{values}")
+    lines += [f"  {topic:<11}{template.format_map(values)}" for topic, template in _LINES]
+    rest = [
+        f"{figure.name} {_plain(every[figure.name])}{f' {figure.unit}' if figure.unit else ''}"
+        for figure in FIGURES
+        if figure.name not in _SHOWN
+    ]
+    if rest:
+        lines.append(f"  {'more':<11}{', '.join(rest)}")
+    count = stats["latency_count"]
+    lines.append(
+        "  latency ms (last 10,000 requests)   p50       p90       p99       max"
+        f"{f'mean of {count}':>16}"
+    )
+    for series, _ in LATENCY_SERIES:
+        figures = every["latency_ms"][series]
+        shown = "".join(f"{figures[key]:10.2f}" for key in ("p50", "p90", "p99", "max"))
+        mean = 1000 * every["latency_sum_seconds"][series] / count if count else 0.0
+        lines.append(f"    {series.replace('_', ' '):<30}{shown}{mean:16.2f}")
     return "\n".join(lines)
 
 
-WATCH_HEADER = "time      state      queue    req/s  batch   p50 ms   p99 ms  restarts   age s"
+def _plain(value: object) -> str:
+    if isinstance(value, dict):
+        return "(" + ", ".join(f"{key} {_plain(v)}" for key, v in sorted(value.items())) + ")"
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return str(value)
+
+
+WATCH_HEADER = (
+    "time      state      queue    req/s  batch   p50 ms   p99 ms  restarts   age s  busy %"
+)
 
 
 def watch_line(reading: Reading | None, previous: Reading | None, problem: str = "") -> str:
@@ -227,7 +288,7 @@ def watch_line(reading: Reading | None, previous: Reading | None, problem: str =
     if reading is None:
         return f"{now}  {problem}"
     stats = reading.stats
-    rate = batch = "-"
+    rate = batch = busy = "-"
     if previous is not None and previous.snapshot["pid"] == reading.snapshot["pid"]:
         elapsed = reading.snapshot["monotonic"] - previous.snapshot["monotonic"]
         requests = stats["requests"] - previous.stats["requests"]
@@ -235,8 +296,11 @@ def watch_line(reading: Reading | None, previous: Reading | None, problem: str =
         if elapsed > 0:
             rate = f"{requests / elapsed:.0f}"
             batch = f"{requests / batches:.1f}" if batches else "-"
+            busy_seconds = stats["busy_seconds"] - previous.stats["busy_seconds"]
+            # A batch counts when it ends: one longer than the interval would pass 100.
+            busy = f"{min(100.0, 100 * busy_seconds / elapsed):.0f}"
     total = stats["latency_ms"]["total"]
     return (
         f"{now}  {reading.state:<9}{stats['queue_depth']:>7}{rate:>9}{batch:>7}"
-        f"{total['p50']:>9.2f}{total['p99']:>9.2f}{stats['restarts']:>10}{reading.age:>8.1f}"
+        f"{total['p50']:>9.2f}{total['p99']:>9.2f}{stats['restarts']:>10}{reading.age:>8.1f}{busy:>8}"
     )

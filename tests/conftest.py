@@ -6,8 +6,8 @@ import multiprocessing
 import os
 import select
 import signal
-import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +15,8 @@ import pytest
 
 import mpwriter
 
-# tools/ holds routines the tests share with the command-line fault tools.
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+# The fault tools (kill_writer.py, kill_tree.py, kill_clients.py) live here
+# with the tests, which run their routines; _faults.py is what they share.
 from _faults import SCHEMA as SCHEMA
 
 START_METHODS = [
@@ -231,3 +231,33 @@ def pg_writer(pg_fresh: str) -> Iterator[mpwriter.Writer]:
 def pg_count(url: str, table: str = "items") -> int:
     with mpwriter.reader(url) as conn:
         return int(conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
+
+
+# -- both engines ------------------------------------------------------------------
+
+
+@dataclass
+class Database:
+    """A writer on a fresh ``items`` table of one engine, for tests run over both."""
+
+    engine: str  # "sqlite" or "postgresql"
+    target: str  # what `mpwriter.start` was given: a file or a URL
+    writer: mpwriter.Writer
+
+    def count(self, table: str = "items") -> int:
+        with mpwriter.reader(self.target) as conn:
+            return int(conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database(request: pytest.FixtureRequest, db_path: Path) -> Iterator[Database]:
+    """The same test over SQLite and PostgreSQL (skipped where no server answers)."""
+    if request.param == "sqlite":
+        target, schema = str(db_path), SCHEMA
+    else:
+        target, schema = request.getfixturevalue("pg_fresh"), PG_SCHEMA
+    handle = mpwriter.start(target, init=schema, timeout=10.0, context="fork")
+    try:
+        yield Database(request.param, target, handle)
+    finally:
+        handle.close(timeout=10.0)

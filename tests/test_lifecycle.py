@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 import mpwriter
-from _faults import reap  # tools/, on sys.path through conftest
+from _faults import reap
 from conftest import SCHEMA, Gate, count_rows, hold_writer
 from mpwriter import testing
 from mpwriter._wire import frames as _wire

@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 
 import mpwriter
-from _faults import reap  # tools/, on sys.path through conftest
+from _faults import reap
 from conftest import SCHEMA, count_rows
 from mpwriter._owner.supervisor import Backoff, RestartPolicy
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import pickle
 import traceback
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, get_origin, get_type_hints
 
 from .._errors import RemoteError, Timeout
 from .._wire.frames import REPLY_HEADER_SIZE, Kind, Request, Status, encode_reply
@@ -33,23 +33,31 @@ class Work(NamedTuple):
 
 
 class Counters:
-    """Figures the writer reports through `stats()`; plain ints, one process."""
+    """The figures of `Stats` the loop and the engines count; plain ints, one process.
+
+    Each attribute is the `Stats` figure of the same name and type, where its
+    kind and help text are declared (`stats()` returning another key or
+    type fails the tests); each starts at zero.
+    """
+
+    requests: int
+    batches: int
+    commits: int
+    errors: int
+    retries: int
+    refused: int
+    expired: int
+    replayed_batches: int
+    lost_requests: int
+    gather_waits: int
+    gathered: int
+    posts_dropped: int  # reported by callers with their next post
+    post_errors_by_class: dict[str, int]
+    errors_by_class: dict[str, int]
 
     def __init__(self) -> None:
-        self.requests = 0
-        self.batches = 0
-        self.commits = 0
-        self.errors = 0
-        self.retries = 0
-        self.refused = 0
-        self.expired = 0
-        self.replayed_batches = 0
-        self.lost_requests = 0
-        self.gather_waits = 0
-        self.gathered = 0
-        self.posts_dropped = 0  # reported by callers with their next post
-        self.post_errors_by_class: dict[str, int] = {}
-        self.errors_by_class: dict[str, int] = {}
+        for name, hint in get_type_hints(Counters).items():
+            setattr(self, name, (get_origin(hint) or hint)())  # 0, 0.0 or {}
 
     def count_error(self, exc: BaseException) -> None:
         self.errors += 1
@@ -57,9 +65,8 @@ class Counters:
         self.errors_by_class[name] = self.errors_by_class.get(name, 0) + 1
 
     def as_dict(self) -> dict[str, Any]:
-        figures = dict(vars(self))
-        figures["errors_by_class"] = dict(self.errors_by_class)
-        figures["post_errors_by_class"] = dict(self.post_errors_by_class)
+        # Copies: the figures leave while the counts go on.
+        figures = {name: dict(v) if isinstance(v, dict) else v for name, v in vars(self).items()}
         figures["mean_batch_size"] = self.requests / self.batches if self.batches else 0.0
         return figures
 

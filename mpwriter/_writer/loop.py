@@ -83,7 +83,7 @@ from .batch import (
     expired_reply,
 )
 from .engine import Engine, WriterConfig, open_engine
-from .metrics import Latencies, SlowLog
+from .metrics import Latencies, Load, SlowLog
 from .published import Publisher
 from .reply_pipes import Key, ReplyPipes, StreamedRows, pid_alive
 
@@ -211,6 +211,7 @@ class WriterLoop:
         self._answered: set[Key] = set()
         self.counters = counters
         self._latencies = Latencies()
+        self._load = Load()
         self._slow = SlowLog(config.slow_request)
         self._started = time.monotonic()
         self._stopping = False
@@ -278,12 +279,14 @@ class WriterLoop:
             elif not self._backlog:
                 self._wait()
             if self._backlog:
+                began, requests = time.monotonic(), self.counters.requests
                 self._gather()
                 self._serve_batch()
                 # Once per batch, after its replies were sent. The last batch
                 # before a quiet spell always finds the queue empty, so an idle
                 # writer has had its idle tidy before it waits.
                 self._engine.tidy(idle=not self._backlog and not self.queued_bytes())
+                self._load.served(began, self.counters.requests - requests)
             if time.monotonic() >= self._next_housekeeping:
                 self._housekeeping()
 
@@ -530,6 +533,8 @@ class WriterLoop:
         figures["latency_ms"] = self._latencies.summary()
         figures["latency_count"] = self._latencies.count
         figures["latency_sum_seconds"] = self._latencies.sums_seconds()
+        figures["busy_seconds"] = self._load.seconds
+        figures["busy_share"], figures["requests_per_second"] = self._load.recent()
         figures["dropped_partial_requests"] = (
             self._assembler.dropped + self._replies.dropped_handovers
         )

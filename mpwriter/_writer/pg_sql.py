@@ -22,7 +22,7 @@ What is not a placeholder, and is copied as is (except for ``%``):
 PostgreSQL's jsonb operators ``?``, ``?|`` and ``?&`` would read as
 placeholders, and so would an array slice's bound written ``a[1:n]`` (write
 ``a[1 : n]``, or the bound as a number). Native SQL skips the lexer: wrap the
-text in `native` (exported as ``mpwriter.native``), and it reaches psycopg
+text in `native` (``mpwriter.native``, from `mpwriter.sql`), and it reaches psycopg
 untouched, with psycopg's own ``%s`` / ``%(name)s`` placeholders. This module
 imports nothing from psycopg.
 """
@@ -32,26 +32,13 @@ from __future__ import annotations
 import functools
 from typing import Literal
 
+from ..sql import native
+
 Style = Literal["none", "qmark", "named", "native"]
 
 _IDENT_START = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ_")
 _IDENT_CHARS = _IDENT_START | frozenset("0123456789$")
 _NAME_CHARS = _IDENT_START | frozenset("0123456789")
-
-
-class native(str):
-    """SQL for psycopg as written: no placeholder translation on PostgreSQL.
-
-    ``writer.execute(mpwriter.native("SELECT %s::jsonb ? 'k'"), (doc,))`` sends
-    the text to psycopg unchanged, so it uses psycopg's ``%s`` / ``%(name)s``
-    placeholders and ``%%`` for a literal percent sign when it has parameters.
-    On SQLite the text runs as it is (the marker is a plain `str` subclass).
-    """
-
-    __slots__ = ()
-
-    def __reduce__(self) -> tuple[type[native], tuple[str]]:
-        return (native, (str(self),))
 
 
 class PlaceholderError(ValueError):
