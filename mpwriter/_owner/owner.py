@@ -40,6 +40,7 @@ import os
 import pickle
 import socket
 import sqlite3
+import sys
 import threading
 import time
 import urllib.parse
@@ -50,7 +51,7 @@ from multiprocessing.context import BaseContext
 from typing import Any
 
 from .._caller.handle import Writer
-from .._errors import WriterCrashed
+from .._errors import MissingMainGuard, WriterCrashed
 from .._wire.frames import NO_REPLY, Kind, encode_frames, make_sender_token, new_frame_key
 from .._wire.state import BACKING_OFF, CLOSED, RUNNING, new_shared_state
 from .._writer.engine import WriterConfig
@@ -63,6 +64,30 @@ _SYNCHRONOUS = ("NORMAL", "FULL", "EXTRA")
 # Strong references: a forked child must still find every owner here after its
 # handles have dropped theirs (the order of after-fork hooks is not ours).
 _owners: set[_Owner] = set()
+
+
+def _refuse_start_while_main_reimported() -> None:
+    """Raise `MissingMainGuard` if this process is re-running the main module's top level.
+
+    multiprocessing sets ``_inheriting`` on the current process while a
+    spawn child (or the fork server, preloading ``__main__``) imports the
+    parent's main module as ``__mp_main__``; CPython's own
+    ``spawn._check_not_importing_main`` reads the same flag. Without this
+    check the second writer fails later and far from the cause, as
+    `WriterAlreadyRunning` in the child and ``BrokenProcessPool`` in the parent.
+    """
+    if not getattr(multiprocessing.current_process(), "_inheriting", False):
+        return
+    main = sys.modules.get("__mp_main__")
+    if main is None:
+        return
+    where = getattr(main, "__file__", None) or "the main module"
+    raise MissingMainGuard(
+        f"mpwriter.start() was called while a child process ran the top level of {where} "
+        "again: the 'spawn' and 'forkserver' start methods re-import the main module in "
+        "every child. Put the code that starts the writer (and the pools) under "
+        '`if __name__ == "__main__":`, so that only the main process runs it.'
+    )
 
 
 def start(
@@ -127,6 +152,7 @@ def start(
     sqlite3 error if the database cannot be opened or ``init`` fails, and
     `WriterCrashed` if the writer dies before it is ready.
     """
+    _refuse_start_while_main_reimported()
     path = os.fspath(path)
     postgres = path.startswith(("postgresql://", "postgres://"))
     if isolation not in ("read committed", "repeatable read", "serializable"):
