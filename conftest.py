@@ -69,7 +69,10 @@ def run_script(example: Example) -> None:
 def check_output(example: Example) -> None:
     want: str = example.parsed
     checker = doctest.OutputChecker()
-    for run, got in enumerate(example.namespace.pop("outputs"), 1):
+    outputs = example.namespace.pop("outputs", None)
+    if outputs is None:
+        raise AssertionError("no output to check: the example before it did not run")
+    for run, got in enumerate(outputs, 1):
         if not checker.check_output(want, got, doctest.ELLIPSIS):
             raise AssertionError(f"run {run} printed:\n{got}\nnot what the page shows:\n{want}")
 

@@ -50,6 +50,15 @@ class MissingMainGuard(Error, RuntimeError):
     """
 
 
+class MigrationFailed(Error):
+    """A migration given to `start()` failed: the writer did not start.
+
+    The message names the migration (its number and first line) and the
+    error. Nothing of the failed migration was applied; the migrations
+    before it stay applied and recorded.
+    """
+
+
 class Timeout(Error, TimeoutError):
     """No reply arrived within the call's timeout; the outcome is unknown.
 

@@ -45,7 +45,7 @@ import threading
 import time
 import urllib.parse
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection, wait
 from multiprocessing.context import BaseContext
 from typing import Any
@@ -107,6 +107,7 @@ def start(
     slow_request: float | None = 1.0,
     start_timeout: float = 30.0,
     isolation: str = "read committed",
+    migrations: Sequence[str | Callable[[Any], object]] = (),
 ) -> Writer:
     """Start the writer process for the database at ``path``; return its handle.
 
@@ -141,6 +142,14 @@ def start(
     "mpwriter") for requests slower than this many seconds, end to end;
     None turns it off.
 
+    ``migrations``: an ordered list of SQL scripts or functions of the
+    connection, applied by the writer after ``init``, once each: each in its
+    own transaction with the row that records it in the table
+    ``mpwriter_migrations``, so never again at a restart or a later start.
+    Only ever append to the list. A failing migration is rolled back whole
+    and stops the start with `MigrationFailed` (those before it stay
+    applied); so does a database that recorded more migrations than listed.
+
     ``path`` may also be a PostgreSQL URL (``postgresql://user@host:port/db``
     or ``postgres://``; needs ``mpwriter[postgres]``): the writer then holds
     one connection to that server, and ``isolation`` ("read committed", the
@@ -149,7 +158,9 @@ def start(
     PostgreSQL section for the differences.
 
     Raises `WriterAlreadyRunning` if another writer serves this file, the
-    sqlite3 error if the database cannot be opened or ``init`` fails, and
+    sqlite3 error if the database cannot be opened or ``init`` fails,
+    `MigrationFailed` if a migration does, `MissingMainGuard` if called while
+    a spawn/forkserver child re-runs the main module's top level, and
     `WriterCrashed` if the writer dies before it is ready.
     """
     _refuse_start_while_main_reimported()
@@ -174,6 +185,10 @@ def start(
         raise ValueError("max_restarts must not be negative")
     if restart_backoff_max <= 0:
         raise ValueError("restart_backoff_max must be positive")
+    if isinstance(migrations, str) or not all(
+        isinstance(m, str) or callable(m) for m in migrations
+    ):
+        raise TypeError("migrations must be a list of SQL scripts (str) or functions")
     # Any: typeshed's BaseContext lacks Process(), which every concrete context has.
     ctx: Any = context if isinstance(context, BaseContext) else multiprocessing.get_context(context)
     config = WriterConfig(
@@ -185,6 +200,7 @@ def start(
         slow_request,
         frame_key=new_frame_key(),
         isolation=isolation,
+        migrations=tuple(migrations),
     )
 
     policy = RestartPolicy(
