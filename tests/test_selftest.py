@@ -76,6 +76,7 @@ def test_on_postgresql_it_names_the_server_and_claims_no_integrity_check(pg_url:
     assert "PostgreSQL" in header
     assert "SQLite" not in header
     assert "integrity_check" not in result.stdout
+    assert "database is locked" not in result.stdout
     assert "PASSED" in result.stdout
 
     result, _ = selftest("--clients", "4", "--writes", "10", "--database", pg_url, "--json")
