@@ -8,6 +8,7 @@ leaves nothing of itself, and keeps the ones before it.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import select
 import signal
@@ -178,3 +179,43 @@ def test_a_migration_that_breaks_a_foreign_key_fails_and_a_table_rebuild_works(
         pytest.raises(sqlite3.IntegrityError, match="FOREIGN KEY"),
     ):
         writer.execute("INSERT INTO books(id, author) VALUES (2, 99)")
+
+
+def _start_with_migrations(url: str, barrier: Any, outcome: Any) -> None:
+    barrier.wait(10)
+    try:
+        with mpwriter.start(url, migrations=[PG_V1, PG_V2], context="fork"):
+            pass
+    except BaseException as exc:
+        outcome.send(f"{type(exc).__name__}: {exc}")
+    else:
+        outcome.send("ok")
+
+
+def test_postgres_writers_starting_at_once_apply_each_migration_once(pg_fresh: str) -> None:
+    # Two owners (as on two machines) start together: ALTER TABLE ... ADD COLUMN
+    # applied twice would fail one of them.
+    context = multiprocessing.get_context("fork")
+    barrier = context.Barrier(2)
+    pipes = [context.Pipe(duplex=False) for _ in range(2)]
+    owners = [
+        context.Process(target=_start_with_migrations, args=(pg_fresh, barrier, send))
+        for _, send in pipes
+    ]
+    for owner in owners:
+        owner.start()
+    try:
+        outcomes = []
+        for receive, _ in pipes:
+            assert receive.poll(30), "an owner did not report"
+            outcomes.append(receive.recv())
+        assert outcomes == ["ok", "ok"]
+    finally:
+        for owner in owners:
+            owner.join(10)
+            if owner.exitcode is None:
+                owner.kill()
+                owner.join(10)
+    assert pg_columns(pg_fresh) == ["id", "body", "created"]
+    with mpwriter.reader(pg_fresh) as db:
+        assert db.execute("SELECT count(*) FROM mpwriter_migrations").fetchone()[0] == 2
