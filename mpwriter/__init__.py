@@ -3,7 +3,7 @@
     writer = mpwriter.start("app.db")
     writer.execute("INSERT INTO t(x) VALUES (?)", (1,))   # returns once committed
 
-See README.md for the guarantees and the limits.
+The guarantees and the limits: the documentation's guarantees page (docs/guarantees.md).
 """
 
 from ._caller.attached import attach, get_writer

@@ -154,8 +154,8 @@ def start(
     or ``postgres://``; needs ``mpwriter[postgres]``): the writer then holds
     one connection to that server, and ``isolation`` ("read committed", the
     default, or "serializable", "repeatable read") sets its transactions'
-    level; ``synchronous`` applies to SQLite only. See the README's
-    PostgreSQL section for the differences.
+    level; ``synchronous`` applies to SQLite only. See the PostgreSQL
+    page of the documentation for the differences.
 
     Raises `WriterAlreadyRunning` if another writer serves this file, the
     sqlite3 error if the database cannot be opened or ``init`` fails,
