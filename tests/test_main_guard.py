@@ -31,6 +31,16 @@ with concurrent.futures.ProcessPoolExecutor(
 writer.close()
 """
 
+# No pool at all: the writer's own supervisor process, started with spawn or
+# forkserver, re-runs the main module too.
+UNGUARDED_WRITER_ONLY = """
+import sys
+import mpwriter
+
+with mpwriter.start("app.db", init="CREATE TABLE IF NOT EXISTS t(x)", context=sys.argv[1]) as w:
+    w.execute("INSERT INTO t(x) VALUES (1)")
+"""
+
 # A task that starts a writer of its own, after its process has bootstrapped, is
 # legitimate: only a start() during the main module's re-import is refused.
 START_IN_A_TASK = """
@@ -70,6 +80,16 @@ def test_a_start_in_the_reimported_main_module_names_the_missing_guard(
     assert "MissingMainGuard" in result.stderr
     assert 'if __name__ == "__main__":' in result.stderr
     assert "WriterAlreadyRunning" not in result.stderr
+
+
+@pytest.mark.parametrize("method", ["spawn", "forkserver"])
+def test_an_unguarded_start_with_spawn_or_forkserver_names_the_missing_guard(
+    tmp_path: Path, method: str
+) -> None:
+    result = run_script(tmp_path, UNGUARDED_WRITER_ONLY, method)
+    assert result.returncode != 0
+    assert "MissingMainGuard" in result.stderr
+    assert 'if __name__ == "__main__":' in result.stderr
 
 
 @pytest.mark.parametrize("method", ["spawn", "forkserver"])
