@@ -443,7 +443,14 @@ def _await_ready(report: Connection, timeout: float) -> None:
     try:
         status, value = pickle.loads(report.recv_bytes())
     except EOFError:
-        status, value = "exit", None
+        # The supervisor died before it could report, in its own start-up: its
+        # error went to stderr. Under spawn and forkserver the usual cause is a
+        # script whose start() is not under the main guard (MissingMainGuard).
+        raise WriterCrashed(
+            "the writer's supervisor process ended before the writer was ready; its error, "
+            "if any, is printed above (under the spawn and forkserver start methods, a "
+            'start() that is not under `if __name__ == "__main__":` ends it so)'
+        ) from None
     if status == "ready":
         return
     if status == "error":
