@@ -3,7 +3,7 @@
     writer = mpwriter.start("app.db")
     writer.execute("INSERT INTO t(x) VALUES (?)", (1,))   # returns once committed
 
-See README.md for the guarantees and the limits.
+The guarantees and the limits: the documentation's guarantees page (docs/guarantees.md).
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from ._errors import (
     Error,
     IntegrityError,
     Interrupted,
+    MigrationFailed,
+    MissingMainGuard,
     NotPicklable,
     OperationalError,
     OutcomeUnknown,
@@ -47,6 +49,8 @@ __all__ = [
     "Error",
     "IntegrityError",
     "Interrupted",
+    "MigrationFailed",
+    "MissingMainGuard",
     "NotPicklable",
     "OperationalError",
     "OutcomeUnknown",

@@ -39,6 +39,26 @@ class WriterAlreadyRunning(Error):
     """Another mpwriter writer holds the lock file of this database."""
 
 
+class MissingMainGuard(Error, RuntimeError):
+    """`start()` was called while a child process re-ran the main module.
+
+    Under the "spawn" and "forkserver" start methods a child process (or the
+    fork server) imports the program's main module again, as ``__mp_main__``,
+    and runs its top level. A `start()` there would start a second writer for
+    the same database. The fix: start the writer under
+    ``if __name__ == "__main__":``. Nothing was started.
+    """
+
+
+class MigrationFailed(Error):
+    """A migration given to `start()` failed: the writer did not start.
+
+    The message names the migration (its number and first line) and the
+    error. Nothing of the failed migration was applied; the migrations
+    before it stay applied and recorded.
+    """
+
+
 class Timeout(Error, TimeoutError):
     """No reply arrived within the call's timeout; the outcome is unknown.
 

@@ -24,6 +24,8 @@ EXPECTED_PUBLIC_NAMES = {
     "Error",
     "IntegrityError",
     "Interrupted",
+    "MigrationFailed",
+    "MissingMainGuard",
     "NotPicklable",
     "OperationalError",
     "OutcomeUnknown",
@@ -72,6 +74,8 @@ def test_public_names_are_exactly_the_documented_ones() -> None:
         mpwriter.StatementRefused,
         mpwriter.NotPicklable,
         mpwriter.RemoteError,
+        mpwriter.MissingMainGuard,
+        mpwriter.MigrationFailed,
     ],
 )
 def test_every_error_pickles_and_derives_from_error(cls: type[Exception]) -> None:

@@ -40,17 +40,18 @@ import os
 import pickle
 import socket
 import sqlite3
+import sys
 import threading
 import time
 import urllib.parse
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection, wait
 from multiprocessing.context import BaseContext
 from typing import Any
 
 from .._caller.handle import Writer
-from .._errors import WriterCrashed
+from .._errors import MissingMainGuard, WriterCrashed
 from .._wire.frames import NO_REPLY, Kind, encode_frames, make_sender_token, new_frame_key
 from .._wire.state import BACKING_OFF, CLOSED, RUNNING, new_shared_state
 from .._writer.engine import WriterConfig
@@ -63,6 +64,30 @@ _SYNCHRONOUS = ("NORMAL", "FULL", "EXTRA")
 # Strong references: a forked child must still find every owner here after its
 # handles have dropped theirs (the order of after-fork hooks is not ours).
 _owners: set[_Owner] = set()
+
+
+def _refuse_start_while_main_reimported() -> None:
+    """Raise `MissingMainGuard` if this process is re-running the main module's top level.
+
+    multiprocessing sets ``_inheriting`` on the current process while a
+    spawn child (or the fork server, preloading ``__main__``) imports the
+    parent's main module as ``__mp_main__``; CPython's own
+    ``spawn._check_not_importing_main`` reads the same flag. Without this
+    check the second writer fails later and far from the cause, as
+    `WriterAlreadyRunning` in the child and ``BrokenProcessPool`` in the parent.
+    """
+    if not getattr(multiprocessing.current_process(), "_inheriting", False):
+        return
+    main = sys.modules.get("__mp_main__")
+    if main is None:
+        return
+    where = getattr(main, "__file__", None) or "the main module"
+    raise MissingMainGuard(
+        f"mpwriter.start() was called while a child process ran the top level of {where} "
+        "again: the 'spawn' and 'forkserver' start methods re-import the main module in "
+        "every child. Put the code that starts the writer (and the pools) under "
+        '`if __name__ == "__main__":`, so that only the main process runs it.'
+    )
 
 
 def start(
@@ -82,6 +107,7 @@ def start(
     slow_request: float | None = 1.0,
     start_timeout: float = 30.0,
     isolation: str = "read committed",
+    migrations: Sequence[str | Callable[[Any], object]] = (),
 ) -> Writer:
     """Start the writer process for the database at ``path``; return its handle.
 
@@ -116,17 +142,28 @@ def start(
     "mpwriter") for requests slower than this many seconds, end to end;
     None turns it off.
 
+    ``migrations``: an ordered list of SQL scripts or functions of the
+    connection, applied by the writer after ``init``, once each: each in its
+    own transaction with the row that records it in the table
+    ``mpwriter_migrations``, so never again at a restart or a later start.
+    Only ever append to the list. A failing migration is rolled back whole
+    and stops the start with `MigrationFailed` (those before it stay
+    applied); so does a database that recorded more migrations than listed.
+
     ``path`` may also be a PostgreSQL URL (``postgresql://user@host:port/db``
     or ``postgres://``; needs ``mpwriter[postgres]``): the writer then holds
     one connection to that server, and ``isolation`` ("read committed", the
     default, or "serializable", "repeatable read") sets its transactions'
-    level; ``synchronous`` applies to SQLite only. See the README's
-    PostgreSQL section for the differences.
+    level; ``synchronous`` applies to SQLite only. See the PostgreSQL
+    page of the documentation for the differences.
 
     Raises `WriterAlreadyRunning` if another writer serves this file, the
-    sqlite3 error if the database cannot be opened or ``init`` fails, and
+    sqlite3 error if the database cannot be opened or ``init`` fails,
+    `MigrationFailed` if a migration does, `MissingMainGuard` if called while
+    a spawn/forkserver child re-runs the main module's top level, and
     `WriterCrashed` if the writer dies before it is ready.
     """
+    _refuse_start_while_main_reimported()
     path = os.fspath(path)
     postgres = path.startswith(("postgresql://", "postgres://"))
     if isolation not in ("read committed", "repeatable read", "serializable"):
@@ -148,6 +185,10 @@ def start(
         raise ValueError("max_restarts must not be negative")
     if restart_backoff_max <= 0:
         raise ValueError("restart_backoff_max must be positive")
+    if isinstance(migrations, str) or not all(
+        isinstance(m, str) or callable(m) for m in migrations
+    ):
+        raise TypeError("migrations must be a list of SQL scripts (str) or functions")
     # Any: typeshed's BaseContext lacks Process(), which every concrete context has.
     ctx: Any = context if isinstance(context, BaseContext) else multiprocessing.get_context(context)
     config = WriterConfig(
@@ -159,6 +200,7 @@ def start(
         slow_request,
         frame_key=new_frame_key(),
         isolation=isolation,
+        migrations=tuple(migrations),
     )
 
     policy = RestartPolicy(
@@ -401,7 +443,14 @@ def _await_ready(report: Connection, timeout: float) -> None:
     try:
         status, value = pickle.loads(report.recv_bytes())
     except EOFError:
-        status, value = "exit", None
+        # The supervisor died before it could report, in its own start-up: its
+        # error went to stderr. Under spawn and forkserver the usual cause is a
+        # script whose start() is not under the main guard (MissingMainGuard).
+        raise WriterCrashed(
+            "the writer's supervisor process ended before the writer was ready; its error, "
+            "if any, is printed above (under the spawn and forkserver start methods, a "
+            'start() that is not under `if __name__ == "__main__":` ends it so)'
+        ) from None
     if status == "ready":
         return
     if status == "error":

@@ -92,6 +92,8 @@ class WriterConfig:
     # made by the owner and known to its callers; 0 is the unkeyed stream.
     frame_key: int = 0
     isolation: str = "read committed"  # PostgreSQL only
+    # Applied once each, in order, after init (`migrations.py`).
+    migrations: tuple[str | Callable[[Any], object], ...] = ()
 
 
 def open_engine(config: WriterConfig, counters: Counters, state: Any) -> Engine:
@@ -108,7 +110,13 @@ def open_engine(config: WriterConfig, counters: Counters, state: Any) -> Engine:
         from .postgres import open_postgres_engine
 
         return open_postgres_engine(
-            config.path, config.init, counters, state, config.isolation, config.execution_limit
+            config.path,
+            config.init,
+            counters,
+            state,
+            config.isolation,
+            config.execution_limit,
+            config.migrations,
         )
     return open_sqlite_engine(
         config.path,
@@ -117,4 +125,5 @@ def open_engine(config: WriterConfig, counters: Counters, state: Any) -> Engine:
         counters,
         state,
         config.execution_limit,
+        config.migrations,
     )

@@ -43,7 +43,7 @@ import logging
 import pickle
 import random
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import psycopg
@@ -61,6 +61,7 @@ from .._errors import (
 from .._wire.frames import Kind, Request, Status, encode_reply, encode_wrote
 from .batch import Counters, Work, commit_cost, describe, error_reply
 from .call_limit import CallLimiter, CallOverrun, own_signals, restore_signals
+from .migrations import apply_postgres as apply_migrations
 from .pg_sql import PlaceholderError, controls_transaction, split_statements, translate
 
 log = logging.getLogger("mpwriter")
@@ -730,6 +731,18 @@ def open_postgres_engine(
     state: Any,
     isolation: str = "read committed",
     execution_limit: float | None = None,
+    migrations: Sequence[str | Callable[[Any], object]] = (),
 ) -> PostgresEngine:
-    """Connect (in the writer process) and run ``init``; raises psycopg's error if it fails."""
-    return PostgresEngine(dsn, init, counters, state, isolation, execution_limit)
+    """Connect (in the writer process), run ``init`` and apply ``migrations``.
+
+    Raises psycopg's error if connecting or ``init`` fails, `MigrationFailed`
+    if a migration does.
+    """
+    engine = PostgresEngine(dsn, init, counters, state, isolation, execution_limit)
+    try:
+        assert engine._conn is not None  # connected by __init__, or it raised
+        apply_migrations(engine._conn, migrations, split_statements)
+    except BaseException:
+        engine.close()
+        raise
+    return engine

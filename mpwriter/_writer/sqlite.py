@@ -48,7 +48,7 @@ import random
 import sqlite3
 import struct
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import filelock
@@ -64,6 +64,7 @@ from .._errors import (
 from .._wire.frames import REPLY_HEADER_SIZE, Kind, Request, Status, encode_reply, encode_wrote
 from .batch import Counters, Work, commit_cost, describe, error_reply
 from .call_limit import CallLimiter, CallOverrun, own_signals, restore_signals
+from .migrations import apply_sqlite as apply_migrations
 
 # Pragmas that SQLite ignores or refuses inside a transaction when they set a
 # value; such a request is deferred and run alone, outside the batch.
@@ -842,6 +843,7 @@ def open_sqlite_engine(
     counters: Counters,
     state: Any,
     execution_limit: float | None,
+    migrations: Sequence[str | Callable[[Any], object]] = (),
 ) -> SqliteEngine:
     """Claim the database's lock, open it and return its engine.
 
@@ -851,6 +853,7 @@ def open_sqlite_engine(
     lock = claim(path)
     try:
         conn = open_database(path, synchronous, init)
+        apply_migrations(conn, migrations, split_script)
     except BaseException:
         lock.release()
         raise
