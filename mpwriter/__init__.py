@@ -7,9 +7,11 @@ See README.md for the guarantees and the limits.
 """
 
 from ._caller.attached import attach, get_writer
+from ._caller.connect import connect
 from ._caller.handle import Transaction, Writer
 from ._caller.reader import ReadConnection, reader
 from ._errors import (
+    AccessDenied,
     DatabaseError,
     Error,
     IntegrityError,
@@ -36,6 +38,7 @@ from ._writer.metrics import prometheus_text
 from ._writer.pg_sql import native
 
 __all__ = [
+    "AccessDenied",
     "DatabaseError",
     "Error",
     "IntegrityError",
@@ -60,6 +63,7 @@ __all__ = [
     "WriterCrashed",
     "WriterUnavailable",
     "attach",
+    "connect",
     "get_writer",
     "native",
     "prometheus_text",

@@ -20,6 +20,7 @@ from mpwriter import testing
 from mpwriter._wire import frames as _wire
 
 EXPECTED_PUBLIC_NAMES = {
+    "AccessDenied",
     "DatabaseError",
     "Error",
     "IntegrityError",
@@ -44,6 +45,7 @@ EXPECTED_PUBLIC_NAMES = {
     "WriterCrashed",
     "WriterUnavailable",
     "attach",
+    "connect",
     "get_writer",
     "native",
     "prometheus_text",
@@ -66,6 +68,7 @@ def test_public_names_are_exactly_the_documented_ones() -> None:
         mpwriter.WriterClosed,
         mpwriter.WriterCrashed,
         mpwriter.WriterAlreadyRunning,
+        mpwriter.AccessDenied,
         mpwriter.Timeout,
         mpwriter.QueueFull,
         mpwriter.Interrupted,

@@ -51,10 +51,12 @@ from typing import Any
 
 from .._caller.handle import Writer
 from .._errors import WriterCrashed
+from .._wire.endpoint import Offer, endpoint_path
 from .._wire.frames import NO_REPLY, Kind, encode_frames, make_sender_token, new_frame_key
 from .._wire.state import BACKING_OFF, CLOSED, RUNNING, new_shared_state
 from .._writer.engine import WriterConfig
-from .supervisor import CLOSE, KILL, KILL_GRACE, STOP, RestartPolicy, supervise
+from .endpoint import EndpointConfig, group_id
+from .supervisor import CLOSE, KILL, KILL_GRACE, STOP, EndpointOffer, RestartPolicy, supervise
 
 log = logging.getLogger("mpwriter")
 
@@ -82,6 +84,8 @@ def start(
     slow_request: float | None = 1.0,
     start_timeout: float = 30.0,
     isolation: str = "read committed",
+    endpoint: str | os.PathLike[str] | None = None,
+    allow_group: int | str | None = None,
 ) -> Writer:
     """Start the writer process for the database at ``path``; return its handle.
 
@@ -122,6 +126,13 @@ def start(
     default, or "serializable", "repeatable read") sets its transactions'
     level; ``synchronous`` applies to SQLite only. See the README's
     PostgreSQL section for the differences.
+
+    ``endpoint``: the Unix socket through which other processes of the
+    machine get a handle with `mpwriter.connect` (see docs/deployment.md).
+    By default a SQLite writer listens beside the database, at
+    ``PATH.mpwriter.sock``; a PostgreSQL writer listens only where
+    ``endpoint`` says. Only this process's user may connect, and the
+    group ``allow_group`` (a name or id) if given.
 
     Raises `WriterAlreadyRunning` if another writer serves this file, the
     sqlite3 error if the database cannot be opened or ``init`` fails, and
@@ -165,6 +176,7 @@ def start(
         restart, max_restarts, restart_backoff_max, watchdog_grace, start_timeout
     )
     owner = _Owner(ctx, config, queue_size, policy)
+    owner.endpoint = _endpoint_config(path, postgres, endpoint, allow_group, timeout, config)
     _owners.add(owner)  # before the first fork, so that the supervisor drops the lifeline
     try:
         owner.launch(start_timeout)
@@ -184,6 +196,25 @@ def start(
     )
     atexit.register(_close_at_exit, weakref.ref(writer))
     return writer
+
+
+def _endpoint_config(
+    path: str,
+    postgres: bool,
+    endpoint: str | os.PathLike[str] | None,
+    allow_group: int | str | None,
+    timeout: float,
+    config: WriterConfig,
+) -> EndpointConfig | None:
+    """Where the writer listens for `connect`, if anywhere (see `start`)."""
+    if postgres and endpoint is None:
+        if allow_group is not None:
+            raise ValueError("allow_group needs an endpoint")
+        return None
+    where = endpoint_path(config.path, endpoint)
+    shown = _without_password(config.path) if postgres else config.path
+    gid = None if allow_group is None else group_id(allow_group)
+    return EndpointConfig(where, Offer(shown, timeout, config.frame_key), gid)
 
 
 def _without_password(url: str) -> str:
@@ -242,6 +273,9 @@ class _Owner:
         self.control_w: int | None = control_w
         # The supervisor holds the only write end: EOF here means it is gone.
         self.report: Connection | None = None
+        # Where the supervisor listens for connect(), if anywhere.
+        self.endpoint: EndpointConfig | None = None
+        self._offered: EndpointOffer | None = None
 
     # -- starting ----------------------------------------------------------------------
 
@@ -264,7 +298,7 @@ class _Owner:
         process = self.ctx.Process(
             target=supervise,
             name=f"mpwriter supervisor {os.path.basename(self.config.path)}",
-            args=(self.config, *supervisor_ends, self.state, self.policy),
+            args=(self.config, *supervisor_ends, self.state, self.policy, self._offer()),
             # Not a daemon: multiprocessing forbids daemons to have children.
             # close() and the lifeline end it; at exit, _close_at_exit runs
             # before multiprocessing joins its children.
@@ -275,11 +309,27 @@ class _Owner:
         finally:
             for end in supervisor_ends:
                 end.close()
+            self._close_offer()
         self.supervisor = process
         # The supervisor holds its own copies now; a writer death must show
         # to callers as EPIPE/EOF when no supervisor is left to replace it.
         self._release_far_ends()
         _await_ready(report_r, start_timeout + 2 * KILL_GRACE)
+
+    def _offer(self) -> EndpointOffer | None:
+        """The endpoint to open, with duplicates of the callers' ends (see `_close_offer`)."""
+        if self.endpoint is None:
+            return None
+        request = Connection(os.dup(self.request_w), readable=False)
+        self._offered = EndpointOffer(self.endpoint, request, self.registration_client.dup())
+        return self._offered
+
+    def _close_offer(self) -> None:
+        """The supervisor holds its own copies of the offered ends now."""
+        offered, self._offered = self._offered, None
+        if offered is not None:
+            offered.request.close()
+            offered.registration.close()
 
     # -- stopping ----------------------------------------------------------------------
 
