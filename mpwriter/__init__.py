@@ -31,6 +31,7 @@ from ._errors import (
     WriterCrashed,
     WriterUnavailable,
 )
+from ._owner.either import start_or_connect
 from ._owner.owner import start
 from ._wire.replies import Result
 from ._wire.stats import Stats
@@ -69,6 +70,7 @@ __all__ = [
     "prometheus_text",
     "reader",
     "start",
+    "start_or_connect",
 ]
 
 __version__ = "0.1.0"

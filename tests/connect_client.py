@@ -10,6 +10,10 @@ Modes:
 - ``write``: COUNT rows; any error ends it with status 1.
 - ``keep``: rows until a line arrives on stdin (or it closes), going on
   through writer deaths and replacements: an error moves on to the next SEQ.
+- ``race``: print ``loaded``, wait for a line on stdin, then
+  `mpwriter.start_or_connect` and print ``owner`` (this process started
+  the writer) or ``connected``; COUNT rows; ``done``; then wait for another
+  line before exiting (an owner's exit stops its writer).
 - ``as-nobody``: drop to uid/gid 65534, then connect; print the error's
   class and message (``refused ...``) or ``connected``.
 """
@@ -42,6 +46,8 @@ def main(argv: list[str]) -> int:
         writer.execute(INSERT, (client, 0))
         print("connected")
         return 0
+    if mode == "race":
+        return race(database, client, int(argv[4]))
     writer = mpwriter.connect(database, timeout=10.0)
     print("ready", flush=True)
     if mode == "write":
@@ -67,6 +73,25 @@ def main(argv: list[str]) -> int:
         raise SystemExit(f"unknown mode {mode!r}")
     print("done", flush=True)
     return 0
+
+
+def race(database: str, client: int, count: int) -> int:
+    print("loaded", flush=True)
+    sys.stdin.readline()
+    writer = mpwriter.start_or_connect(database, init=LOG_TABLE, timeout=10.0)
+    supervisor = _parent_of(writer.stats()["pid"])
+    print("owner" if _parent_of(supervisor) == os.getpid() else "connected", flush=True)
+    for seq in range(count):
+        writer.execute(INSERT, (client, seq))
+        print(f"ack {seq}", flush=True)
+    print("done", flush=True)
+    sys.stdin.readline()
+    return 0
+
+
+def _parent_of(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as stat:
+        return int(stat.read().rsplit(")", 1)[1].split()[1])
 
 
 if __name__ == "__main__":

@@ -51,6 +51,7 @@ EXPECTED_PUBLIC_NAMES = {
     "prometheus_text",
     "reader",
     "start",
+    "start_or_connect",
 }
 
 

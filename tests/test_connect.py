@@ -36,7 +36,9 @@ class Client:
     """A `connect_client.py` process in a session of its own, read line by line."""
 
     def __init__(self, mode: str, database: Path | str, client: int, *extra: str) -> None:
-        env = dict(os.environ, PYTHONPATH=str(HERE.parent))
+        # faulthandler: a client stuck past its deadline is sent SIGABRT and
+        # shows where it was.
+        env = dict(os.environ, PYTHONPATH=str(HERE.parent), PYTHONFAULTHANDLER="1")
         self.process = subprocess.Popen(
             [sys.executable, CLIENT, mode, str(database), str(client), *extra],
             stdin=subprocess.PIPE,
@@ -80,7 +82,13 @@ class Client:
 
     def finish(self, timeout: float = 20.0) -> None:
         self.until(lambda c: "done" in c.lines, timeout)
-        assert self.process.wait(timeout) == 0, self.stderr()
+        try:
+            code = self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.send_signal(signal.SIGABRT)
+            self.process.wait(10)
+            raise AssertionError(f"client {self.client} did not exit: {self.stderr()}") from None
+        assert code == 0, self.stderr()
 
     def stderr(self) -> str:
         if self.process.poll() is None:
@@ -321,3 +329,55 @@ def test_a_connected_process_goes_on_with_the_writer_of_a_new_owner(
     errors = [line for line in client.lines if line.startswith("error")]
     assert all("WriterClosed" in line for line in errors), errors[:3]
     assert_acked_present_once(db_path, clients)
+
+
+@pytest.mark.timeout(90)  # 8 interpreters starting at once on a 2-core machine
+def test_start_or_connect_raced_by_eight_processes_starts_exactly_one_writer(
+    db_path: Path, clients: list[Client]
+) -> None:
+    count = 20
+    clients.extend(Client("race", db_path, n, str(count)) for n in range(8))
+    for client in clients:
+        client.until(lambda c: "loaded" in c.lines, 60)
+    for client in clients:
+        assert client.process.stdin is not None
+        client.process.stdin.write(b"go\n")
+        client.process.stdin.flush()
+    for client in clients:
+        client.until(lambda c: "done" in c.lines, 60)
+    roles = sorted(
+        line for client in clients for line in client.lines if line in ("owner", "connected")
+    )
+    assert roles == ["connected"] * 7 + ["owner"]
+    for client in clients:
+        assert client.acks == list(range(count))
+    assert_acked_present_once(db_path, clients)
+    for client in clients:
+        if "connected" in client.lines:
+            client.stop()
+    owner = next(client for client in clients if "owner" in client.lines)
+    owner.stop()
+
+
+def test_an_owner_that_dropped_its_handle_still_stops_its_writer_at_exit(db_path: Path) -> None:
+    """start_or_connect's caller may drop the handle it got from start(): the
+    process must still exit, and its writer with it (multiprocessing joins
+    the supervisor at exit, which waits for its owner to close)."""
+    script = (
+        "import gc, sys, mpwriter\n"
+        "def use():\n"
+        "    mpwriter.start(sys.argv[1]).execute('CREATE TABLE t(x)')\n"
+        "use(); gc.collect()\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(HERE.parent), PYTHONFAULTHANDLER="1")
+    owner = subprocess.Popen(
+        [sys.executable, "-c", script, str(db_path)], env=env, start_new_session=True
+    )
+    try:
+        assert owner.wait(20) == 0
+    finally:
+        if owner.poll() is None:
+            os.killpg(owner.pid, signal.SIGKILL)
+            owner.wait(10)
+    with pytest.raises(mpwriter.WriterUnavailable):
+        mpwriter.connect(db_path)

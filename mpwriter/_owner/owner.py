@@ -194,7 +194,7 @@ def start(
         owner,
         frame_key=config.frame_key,
     )
-    atexit.register(_close_at_exit, weakref.ref(writer))
+    atexit.register(_close_at_exit, weakref.ref(writer), owner, timeout)
     return writer
 
 
@@ -462,10 +462,15 @@ def _await_ready(report: Connection, timeout: float) -> None:
     raise WriterCrashed(f"the writer process exited before it was ready (exit code {value})")
 
 
-def _close_at_exit(ref: weakref.ref[Writer]) -> None:
+def _close_at_exit(ref: weakref.ref[Writer], owner: _Owner, timeout: float) -> None:
     writer = ref()
     if writer is not None and writer._owner is not None:
         writer.close()
+    elif writer is None and owner in _owners:
+        # The handle was collected, the writer was not closed: it stops with
+        # its owner all the same (multiprocessing would otherwise join the
+        # supervisor, which waits for this process to close, forever).
+        owner.close(timeout)
 
 
 def _after_fork_in_child() -> None:
