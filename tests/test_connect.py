@@ -381,3 +381,34 @@ def test_an_owner_that_dropped_its_handle_still_stops_its_writer_at_exit(db_path
             owner.wait(10)
     with pytest.raises(mpwriter.WriterUnavailable):
         mpwriter.connect(db_path)
+
+
+def test_a_postgresql_writer_accepts_connections_at_the_endpoint_its_owner_gives(
+    pg_fresh: str, tmp_path: Path
+) -> None:
+    import psycopg
+
+    endpoint = tmp_path / "pg.sock"
+    with pytest.raises(ValueError, match="endpoint"):
+        mpwriter.connect(pg_fresh)  # a URL has no file to sit beside
+    with mpwriter.start(pg_fresh, init=LOG_TABLE, context="fork", endpoint=endpoint):
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child: a fresh connection
+            code = 1
+            try:
+                mpwriter.connect(pg_fresh, endpoint=endpoint).execute(INSERT, (5, 0))
+                code = 0
+            finally:
+                os._exit(code)
+        reap_pid(pid)
+        connected = mpwriter.connect(pg_fresh, endpoint=endpoint)
+        connected.execute(INSERT, (5, 1))
+        connected.close()
+        # No lock file admits one PostgreSQL writer: a live endpoint is left alone.
+        with pytest.raises(OSError, match="another mpwriter writer answers"):
+            mpwriter.start(pg_fresh, context="fork", endpoint=endpoint)
+        mpwriter.connect(pg_fresh, endpoint=endpoint).close()
+    assert not endpoint.exists()
+    with psycopg.connect(pg_fresh) as conn:
+        rows = conn.execute("SELECT seq FROM log WHERE client = 5 ORDER BY seq").fetchall()
+    assert rows == [(0,), (1,)]
