@@ -292,6 +292,20 @@ def test_another_user_is_refused_and_nothing_is_applied(
     assert 7 not in rows_by_client(database)
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become another user")
+def test_the_group_given_to_start_may_connect(shared_dir: Path, clients: list[Client]) -> None:
+    database = shared_dir / "app.db"
+    with start_writer(database, allow_group="nogroup"):
+        endpoint = os.lstat(f"{database}.mpwriter.sock")
+        assert endpoint.st_mode & 0o007 == 0
+        assert endpoint.st_gid == 65534
+        clients.append(Client("as-nobody", database, 7))
+        clients[0].until(lambda c: c.lines)
+        assert clients[0].process.wait(10) == 0
+        assert clients[0].lines == ["connected"], clients[0].stderr()
+    assert rows_by_client(database)[7] == [0]
+
+
 def test_writer_sigkill_under_connected_load(db_path: Path, clients: list[Client]) -> None:
     with start_writer(db_path) as writer:
         clients.extend(Client("keep", db_path, n) for n in range(3))
