@@ -153,6 +153,32 @@ def test_the_endpoint_is_a_socket_beside_the_database_without_access_for_others(
         assert endpoint.st_uid == os.geteuid()
 
 
+def test_a_stale_endpoint_is_replaced_and_a_symlink_there_is_never_followed(
+    db_path: Path,
+) -> None:
+    import socket
+
+    endpoint = Path(f"{db_path}.mpwriter.sock")
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    stale.bind(str(endpoint))  # left by a writer that was killed: nothing listens
+    stale.close()
+    with pytest.raises(mpwriter.WriterUnavailable, match="stale"):
+        mpwriter.connect(db_path)
+    with start_writer(db_path):
+        mpwriter.connect(db_path).execute(INSERT, (1, 0))
+    target = db_path.parent / "target"
+    target.write_text("untouched")
+    endpoint.symlink_to(target)
+    with pytest.raises(mpwriter.WriterUnavailable, match="not a socket"):
+        mpwriter.connect(db_path)
+    with start_writer(db_path):
+        assert endpoint.is_socket()
+        assert not endpoint.is_symlink()
+        mpwriter.connect(db_path).execute(INSERT, (1, 1))
+    assert target.read_text() == "untouched"
+    assert rows_by_client(db_path)[1] == [0, 1]
+
+
 def _write_inherited(writer: mpwriter.Writer, client: int, count: int) -> None:
     for seq in range(count):
         writer.execute(INSERT, (client, seq))

@@ -140,3 +140,28 @@ def test_a_second_serve_of_the_same_file_exits_non_zero_saying_why(
     assert "already serves" in lines[-1]
     first.process.send_signal(signal.SIGINT)
     assert first.exit_status() == 0
+
+
+def test_connected_processes_go_on_with_a_new_service_after_the_owner_is_sigkilled(
+    db_path: Path, schema: str, clients: list[Client], services: list[Service]
+) -> None:
+    first = Service(str(db_path), "--init", schema, "--timeout", "10")
+    services.append(first)
+    first.until("serving")
+    clients.extend(Client("keep", db_path, n) for n in range(2))
+    for client in clients:
+        client.until(lambda c: len(c.acks) >= 20)
+    first.process.kill()  # the owner only: its supervisor closes the writer
+    for client in clients:
+        client.until(lambda c: any("no writer serves" in line for line in c.lines))
+    marks = [len(client.acks) for client in clients]
+    second = Service(str(db_path), "--init", schema, "--timeout", "10")
+    services.append(second)
+    second.until("serving")
+    for client, mark in zip(clients, marks, strict=True):
+        client.until(lambda c, mark=mark: len(c.acks) >= mark + 20)
+    for client in clients:
+        client.stop()
+    second.process.send_signal(signal.SIGTERM)
+    assert second.exit_status() == 0
+    assert_acked_present_once(db_path, clients)
