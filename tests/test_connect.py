@@ -144,6 +144,13 @@ def test_connect_raises_writer_unavailable_when_no_writer_serves(db_path: Path) 
         mpwriter.connect(db_path)  # its endpoint left with it
 
 
+def test_connect_keeps_a_urls_password_out_of_its_errors(tmp_path: Path) -> None:
+    with pytest.raises(mpwriter.WriterUnavailable) as caught:
+        mpwriter.connect("postgresql://app:secret@db/app", endpoint=tmp_path / "pg.sock")
+    assert "secret" not in str(caught.value)
+    assert "postgresql://db/app" in str(caught.value)
+
+
 def test_the_endpoint_is_a_socket_beside_the_database_without_access_for_others(
     db_path: Path,
 ) -> None:

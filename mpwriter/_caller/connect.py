@@ -14,6 +14,7 @@ import os
 import socket
 import stat
 import time
+import urllib.parse
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,7 +57,7 @@ def connect(
     if this process's user may not use it, `Timeout` if the endpoint does
     not answer in time.
     """
-    dialer = Dialer(endpoint_path(path, endpoint), os.fspath(path))
+    dialer = Dialer(endpoint_path(path, endpoint), _shown(os.fspath(path)))
     limit = _DEFAULT_CONNECT_TIMEOUT if timeout is None else timeout
     grant = dialer.dial(time.monotonic() + limit)
     return Writer(
@@ -156,6 +157,14 @@ class Dialer:
 
     def _none_serves(self, why: str) -> WriterUnavailable:
         return WriterUnavailable(f"no writer serves {self.shown} (endpoint {self.endpoint}: {why})")
+
+
+def _shown(path: str) -> str:
+    """``path`` for messages: a URL without its user part (and so its password)."""
+    if "://" not in path:
+        return path
+    parts = urllib.parse.urlsplit(path)
+    return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
 
 
 def _remaining(deadline: float) -> float:

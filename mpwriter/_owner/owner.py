@@ -194,7 +194,7 @@ def start(
         owner,
         frame_key=config.frame_key,
     )
-    atexit.register(_close_at_exit, weakref.ref(writer), owner, timeout)
+    atexit.register(_close_at_exit, weakref.ref(writer), weakref.ref(owner), timeout)
     return writer
 
 
@@ -462,11 +462,13 @@ def _await_ready(report: Connection, timeout: float) -> None:
     raise WriterCrashed(f"the writer process exited before it was ready (exit code {value})")
 
 
-def _close_at_exit(ref: weakref.ref[Writer], owner: _Owner, timeout: float) -> None:
-    writer = ref()
+def _close_at_exit(
+    ref: weakref.ref[Writer], owner_ref: weakref.ref[_Owner], timeout: float
+) -> None:
+    writer, owner = ref(), owner_ref()  # `_owners` holds the owner until it closes
     if writer is not None and writer._owner is not None:
         writer.close()
-    elif writer is None and owner in _owners:
+    elif writer is None and owner is not None and owner in _owners:
         # The handle was collected, the writer was not closed: it stops with
         # its owner all the same (multiprocessing would otherwise join the
         # supervisor, which waits for this process to close, forever).
