@@ -459,3 +459,51 @@ def test_a_postgresql_writer_accepts_connections_at_the_endpoint_its_owner_gives
     with psycopg.connect(pg_fresh) as conn:
         rows = conn.execute("SELECT seq FROM log WHERE client = 5 ORDER BY seq").fetchall()
     assert rows == [(0,), (1,)]
+
+
+def test_a_connected_process_killed_mid_request_harms_nobody(
+    db_path: Path, clients: list[Client]
+) -> None:
+    with start_writer(db_path) as writer:
+        baseline = writer.stats()["reply_pipes"]
+        clients.extend(Client("keep", db_path, n) for n in range(3))
+        for client in clients:
+            client.until(lambda c: len(c.acks) >= 20)
+        victim, *others = clients
+        os.killpg(victim.process.pid, signal.SIGKILL)  # whatever it was doing
+        assert victim.process.wait(10) == -signal.SIGKILL
+        marks = [len(client.acks) for client in others]
+        for client, mark in zip(others, marks, strict=True):
+            client.until(lambda c, mark=mark: len(c.acks) >= mark + 50)
+        for client in others:
+            client.stop()
+        assert not [line for client in others for line in client.lines if "error" in line]
+        # The victim's pipe goes at the writer's housekeeping, once a second.
+        deadline = time.monotonic() + 10.0
+        while writer.stats()["reply_pipes"] > baseline and time.monotonic() < deadline:
+            time.sleep(0.2)  # sleep-ok: nothing signals the writer's housekeeping
+        assert writer.stats()["reply_pipes"] <= baseline
+    assert_acked_present_once(db_path, clients)
+
+
+def _write_through(writer: mpwriter.Writer, client: int) -> None:
+    writer.execute(INSERT, (client, 0))
+
+
+def test_a_connected_handle_passes_to_a_spawned_child_and_re_dials_there(db_path: Path) -> None:
+    ctx = multiprocessing.get_context("spawn")
+    first = start_writer(db_path)
+    connected = mpwriter.connect(db_path)
+    child = ctx.Process(target=_write_through, args=(connected, 1))
+    child.start()
+    child.join(30)
+    assert child.exitcode == 0
+    first.close()
+    with start_writer(db_path):
+        # Made from the first writer's handle: it finds the second by itself.
+        child = ctx.Process(target=_write_through, args=(connected, 2))
+        child.start()
+        child.join(30)
+        assert child.exitcode == 0
+        connected.execute(INSERT, (3, 0))
+    assert sorted(rows_by_client(db_path)) == [1, 2, 3]

@@ -66,13 +66,14 @@ class _Dialer(Protocol):
 
 
 class Writer:
-    """A handle on the writer process. Create one with `mpwriter.start()`.
+    """A handle on the writer process. Create one with `mpwriter.start()`,
+    or, in any other process of a permitted user, `mpwriter.connect()`.
 
     Every method may be called from any thread of any process that has the
-    handle: the process that started the writer (the *owner*), its forked
-    children (gunicorn workers), and children it passed the handle to at
-    creation (``Process`` args, pool ``initargs``) under fork, spawn and
-    forkserver.
+    handle: the process that started the writer (the *owner*) or connected,
+    its forked children (gunicorn workers), and children it passed the
+    handle to at creation (``Process`` args, pool ``initargs``) under fork,
+    spawn and forkserver.
 
     Guarantees: a call returns only after the COMMIT that made its write
     durable; a call's failure affects no other call; calls made one after the
