@@ -256,9 +256,9 @@ def _connect_write_exit(database: Path, client: int) -> None:
         os._exit(code)
 
 
-@pytest.mark.timeout(120)  # 400 processes on a 2-core machine shared with others
+@pytest.mark.timeout(120)  # 1000 processes on a 2-core machine shared with others
 def test_short_lived_connecting_processes_leave_no_descriptors_behind(db_path: Path) -> None:
-    processes, at_once = 400, 16
+    processes, at_once = 1000, 16
     with start_writer(db_path) as writer:
         warm = mpwriter.connect(db_path)
         warm.execute(INSERT, (-1, 0))
