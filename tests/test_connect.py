@@ -186,6 +186,16 @@ def test_a_stale_endpoint_is_replaced_and_a_symlink_there_is_never_followed(
     assert rows_by_client(db_path)[1] == [0, 1]
 
 
+def test_an_endpoint_deeper_than_an_af_unix_address_allows_still_works(tmp_path: Path) -> None:
+    deep = tmp_path.joinpath(*["a-directory-name-of-forty-characters-long"] * 4)
+    deep.mkdir(parents=True)
+    database = deep / "app.db"
+    assert len(f"{database}.mpwriter.sock") > 108
+    with start_writer(database):
+        mpwriter.connect(database).execute(INSERT, (1, 0))
+    assert rows_by_client(database)[1] == [0]
+
+
 def _write_inherited(writer: mpwriter.Writer, client: int, count: int) -> None:
     for seq in range(count):
         writer.execute(INSERT, (client, seq))
