@@ -12,8 +12,10 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from ._caller.attached import attach, get_writer
+from ._caller.connect import connect
 from ._caller.handle import Transaction, Writer
 from ._errors import (
+    AccessDenied,
     DatabaseError,
     Error,
     IntegrityError,
@@ -42,9 +44,11 @@ from .sql import native
 
 if TYPE_CHECKING:
     from ._caller.reader import ReadConnection, reader
+    from ._owner.either import start_or_connect
     from ._owner.owner import start
 
 __all__ = [
+    "AccessDenied",
     "DatabaseError",
     "Error",
     "IntegrityError",
@@ -71,11 +75,13 @@ __all__ = [
     "WriterCrashed",
     "WriterUnavailable",
     "attach",
+    "connect",
     "get_writer",
     "native",
     "prometheus_text",
     "reader",
     "start",
+    "start_or_connect",
 ]
 
 __version__ = "0.1.0"
@@ -86,6 +92,7 @@ __version__ = "0.1.0"
 # only uses PostgreSQL -- does not need.
 _LAZY = {
     "start": "._owner.owner",
+    "start_or_connect": "._owner.either",
     "reader": "._caller.reader",
     "ReadConnection": "._caller.reader",
 }

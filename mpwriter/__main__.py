@@ -1,4 +1,6 @@
-"""The operator's command line: ``python -m mpwriter stats PATH``.
+"""The operator's command line: ``python -m mpwriter stats PATH``, ``... serve PATH``.
+
+``serve`` runs a writer as a service (see `mpwriter._owner.service`).
 
 Shows the figures of the writer serving the SQLite file PATH, from any
 process that may read the database's directory, without the app's handle and
@@ -22,6 +24,7 @@ import sys
 import time
 from collections.abc import Sequence
 
+from ._owner.service import add_serve_command, run_serve
 from ._watching import WATCH_HEADER, NotWatchable, Reading, describe, read, watch_line
 from .prometheus import prometheus_text
 
@@ -52,7 +55,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     stats.add_argument(
         "--watch", action="store_true", help="print a line every second until Ctrl-C"
     )
+    add_serve_command(commands)
     args = parser.parse_args(argv)
+    if args.command == "serve":
+        return run_serve(args)
     if args.watch and args.prometheus:
         parser.error("--watch does not go with --prometheus")
     try:

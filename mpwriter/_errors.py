@@ -35,6 +35,14 @@ class WriterCrashed(WriterUnavailable):
     """The writer process ended without being asked to."""
 
 
+class AccessDenied(Error, PermissionError):
+    """This process may not use the writer: its endpoint refused it (`mpwriter.connect`).
+
+    Only the writer's own user, and the group given to ``start(allow_group=)``,
+    may connect. Nothing was sent.
+    """
+
+
 class WriterAlreadyRunning(Error):
     """Another mpwriter writer holds the lock file of this database."""
 

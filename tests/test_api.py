@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import os
 import pickle
+import re
 import select
 import sqlite3
 import threading
@@ -20,6 +21,7 @@ from mpwriter import testing
 from mpwriter._wire import frames as _wire
 
 EXPECTED_PUBLIC_NAMES = {
+    "AccessDenied",
     "DatabaseError",
     "Error",
     "IntegrityError",
@@ -46,11 +48,13 @@ EXPECTED_PUBLIC_NAMES = {
     "WriterCrashed",
     "WriterUnavailable",
     "attach",
+    "connect",
     "get_writer",
     "native",
     "prometheus_text",
     "reader",
     "start",
+    "start_or_connect",
 }
 
 
@@ -58,6 +62,12 @@ def test_public_names_are_exactly_the_documented_ones() -> None:
     assert set(mpwriter.__all__) == EXPECTED_PUBLIC_NAMES
     for name in mpwriter.__all__:
         assert getattr(mpwriter, name) is not None
+
+
+def test_the_api_reference_page_documents_every_public_name() -> None:
+    page = Path(__file__).resolve().parent.parent / "docs" / "api.md"
+    documented = set(re.findall(r"^::: mpwriter\.(\w+)$", page.read_text(), re.M))
+    assert documented == set(mpwriter.__all__)
 
 
 @pytest.mark.parametrize(
@@ -68,6 +78,7 @@ def test_public_names_are_exactly_the_documented_ones() -> None:
         mpwriter.WriterClosed,
         mpwriter.WriterCrashed,
         mpwriter.WriterAlreadyRunning,
+        mpwriter.AccessDenied,
         mpwriter.Timeout,
         mpwriter.QueueFull,
         mpwriter.Interrupted,

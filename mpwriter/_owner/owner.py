@@ -52,10 +52,12 @@ from typing import Any
 
 from .._caller.handle import Writer
 from .._errors import MissingMainGuard, WriterCrashed
+from .._wire.endpoint import Offer, endpoint_path
 from .._wire.frames import NO_REPLY, Kind, encode_frames, make_sender_token, new_frame_key
 from .._wire.state import BACKING_OFF, CLOSED, RUNNING, new_shared_state
 from .._writer.engine import WriterConfig
-from .supervisor import CLOSE, KILL, KILL_GRACE, STOP, RestartPolicy, supervise
+from .endpoint import EndpointConfig, group_id
+from .supervisor import CLOSE, KILL, KILL_GRACE, STOP, EndpointOffer, RestartPolicy, supervise
 
 log = logging.getLogger("mpwriter")
 
@@ -108,6 +110,8 @@ def start(
     start_timeout: float = 30.0,
     isolation: str = "read committed",
     migrations: Sequence[str | Callable[[Any], object]] = (),
+    endpoint: str | os.PathLike[str] | None = None,
+    allow_group: int | str | None = None,
 ) -> Writer:
     """Start the writer process for the database at ``path``; return its handle.
 
@@ -156,6 +160,13 @@ def start(
     default, or "serializable", "repeatable read") sets its transactions'
     level; ``synchronous`` applies to SQLite only. See the PostgreSQL
     page of the documentation for the differences.
+
+    ``endpoint``: the Unix socket through which other processes of the
+    machine get a handle with `mpwriter.connect` (see docs/deployment.md).
+    By default a SQLite writer listens beside the database, at
+    ``PATH.mpwriter.sock``; a PostgreSQL writer listens only where
+    ``endpoint`` says. Only this process's user may connect, and the
+    group ``allow_group`` (a name or id) if given.
 
     Raises `WriterAlreadyRunning` if another writer serves this file, the
     sqlite3 error if the database cannot be opened or ``init`` fails,
@@ -207,6 +218,7 @@ def start(
         restart, max_restarts, restart_backoff_max, watchdog_grace, start_timeout
     )
     owner = _Owner(ctx, config, queue_size, policy)
+    owner.endpoint = _endpoint_config(path, postgres, endpoint, allow_group, timeout, config)
     _owners.add(owner)  # before the first fork, so that the supervisor drops the lifeline
     try:
         owner.launch(start_timeout)
@@ -224,8 +236,27 @@ def start(
         owner,
         frame_key=config.frame_key,
     )
-    atexit.register(_close_at_exit, weakref.ref(writer))
+    atexit.register(_close_at_exit, weakref.ref(writer), weakref.ref(owner), timeout)
     return writer
+
+
+def _endpoint_config(
+    path: str,
+    postgres: bool,
+    endpoint: str | os.PathLike[str] | None,
+    allow_group: int | str | None,
+    timeout: float,
+    config: WriterConfig,
+) -> EndpointConfig | None:
+    """Where the writer listens for `connect`, if anywhere (see `start`)."""
+    if postgres and endpoint is None:
+        if allow_group is not None:
+            raise ValueError("allow_group needs an endpoint")
+        return None
+    where = endpoint_path(config.path, endpoint)
+    shown = _without_password(config.path) if postgres else config.path
+    gid = None if allow_group is None else group_id(allow_group)
+    return EndpointConfig(where, Offer(shown, timeout, config.frame_key), gid)
 
 
 def _without_password(url: str) -> str:
@@ -284,6 +315,9 @@ class _Owner:
         self.control_w: int | None = control_w
         # The supervisor holds the only write end: EOF here means it is gone.
         self.report: Connection | None = None
+        # Where the supervisor listens for connect(), if anywhere.
+        self.endpoint: EndpointConfig | None = None
+        self._offered: EndpointOffer | None = None
 
     # -- starting ----------------------------------------------------------------------
 
@@ -306,7 +340,7 @@ class _Owner:
         process = self.ctx.Process(
             target=supervise,
             name=f"mpwriter supervisor {os.path.basename(self.config.path)}",
-            args=(self.config, *supervisor_ends, self.state, self.policy),
+            args=(self.config, *supervisor_ends, self.state, self.policy, self._offer()),
             # Not a daemon: multiprocessing forbids daemons to have children.
             # close() and the lifeline end it; at exit, _close_at_exit runs
             # before multiprocessing joins its children.
@@ -317,11 +351,27 @@ class _Owner:
         finally:
             for end in supervisor_ends:
                 end.close()
+            self._close_offer()
         self.supervisor = process
         # The supervisor holds its own copies now; a writer death must show
         # to callers as EPIPE/EOF when no supervisor is left to replace it.
         self._release_far_ends()
         _await_ready(report_r, start_timeout + 2 * KILL_GRACE)
+
+    def _offer(self) -> EndpointOffer | None:
+        """The endpoint to open, with duplicates of the callers' ends (see `_close_offer`)."""
+        if self.endpoint is None:
+            return None
+        request = Connection(os.dup(self.request_w), readable=False)
+        self._offered = EndpointOffer(self.endpoint, request, self.registration_client.dup())
+        return self._offered
+
+    def _close_offer(self) -> None:
+        """The supervisor holds its own copies of the offered ends now."""
+        offered, self._offered = self._offered, None
+        if offered is not None:
+            offered.request.close()
+            offered.registration.close()
 
     # -- stopping ----------------------------------------------------------------------
 
@@ -461,10 +511,17 @@ def _await_ready(report: Connection, timeout: float) -> None:
     raise WriterCrashed(f"the writer process exited before it was ready (exit code {value})")
 
 
-def _close_at_exit(ref: weakref.ref[Writer]) -> None:
-    writer = ref()
+def _close_at_exit(
+    ref: weakref.ref[Writer], owner_ref: weakref.ref[_Owner], timeout: float
+) -> None:
+    writer, owner = ref(), owner_ref()  # `_owners` holds the owner until it closes
     if writer is not None and writer._owner is not None:
         writer.close()
+    elif writer is None and owner is not None and owner in _owners:
+        # The handle was collected, the writer was not closed: it stops with
+        # its owner all the same (multiprocessing would otherwise join the
+        # supervisor, which waits for this process to close, forever).
+        owner.close(timeout)
 
 
 def _after_fork_in_child() -> None:
