@@ -55,7 +55,7 @@ class QueueFull(Error):
 
 
 class Interrupted(Error):
-    """The writer interrupted this request at its execution limit.
+    """The writer interrupted this request at its deadline or its execution limit.
 
     Long SQL is stopped by SQLite's progress handler and a long `call()`
     function by the writer's limiter thread; either way the request's changes are

@@ -62,7 +62,15 @@ from .._errors import (
     WriterAlreadyRunning,
 )
 from .._wire.frames import REPLY_HEADER_SIZE, Kind, Request, Status, encode_reply, encode_wrote
-from .batch import Counters, Work, commit_cost, describe, error_reply
+from .batch import (
+    Counters,
+    Work,
+    commit_cost,
+    describe,
+    error_reply,
+    interrupted,
+    stop_time,
+)
 from .call_limit import CallLimiter, CallOverrun, own_signals, restore_signals
 
 # Pragmas that SQLite ignores or refuses inside a transaction when they set a
@@ -304,6 +312,7 @@ class SqliteEngine:
         # When the running request must stop (its deadline, or its execution
         # limit if that comes first); published for the owner's watchdog.
         self._stop_at = 0.0
+        self._stopped_by_limit = False  # whether the execution limit set `_stop_at`
         conn.set_progress_handler(self._progress, 1000)
         self._signal_mask = own_signals()
         self._limiter: CallLimiter | None = None
@@ -514,9 +523,7 @@ class SqliteEngine:
         self._denied = None
         self._wants_solo = False
         started = time.monotonic()
-        stop_at = work.deadline
-        if self._execution_limit is not None:
-            stop_at = min(stop_at, started + self._execution_limit)
+        stop_at, self._stopped_by_limit = stop_time(work, started, self._execution_limit)
         self._stop_at = stop_at
         self._state.busy_until = stop_at
         self._guarded = True
@@ -548,10 +555,7 @@ class SqliteEngine:
             raise NotPicklable(f"the result could not be pickled: {exc}") from exc
 
     def _interrupted(self, started: float) -> Interrupted:
-        ran = time.monotonic() - started
-        return Interrupted(
-            f"interrupted after {ran:.3f} s at its execution limit; rolled back, not applied"
-        )
+        return interrupted(time.monotonic() - started, self._stopped_by_limit)
 
     def _refusal(self, work: Work, refused: _Refused) -> bytes:
         self._counters.refused += 1
@@ -722,9 +726,7 @@ class SqliteEngine:
             return self._fail(
                 work, Timeout("the deadline passed while earlier requests ran; not applied")
             )
-        stop_at = work.deadline
-        if self._execution_limit is not None:
-            stop_at = min(stop_at, started + self._execution_limit)
+        stop_at, self._stopped_by_limit = stop_time(work, started, self._execution_limit)
         self._stop_at = stop_at
         self._state.busy_until = stop_at
         sql, params = work.body[0], work.body[1]
