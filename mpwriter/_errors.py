@@ -48,9 +48,11 @@ class Timeout(Error, TimeoutError):
 
 
 class QueueFull(Error):
-    """Backpressure: the request queue stayed full for the whole timeout.
+    """Backpressure: the request could not be queued; it was certainly not applied.
 
-    Nothing was sent; the request was certainly not applied.
+    The request queue stayed full for the whole timeout (nothing was sent),
+    or the writer dropped a bulk request's payload because the payloads
+    waiting to be served passed its bound (the message says which).
     """
 
 

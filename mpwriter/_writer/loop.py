@@ -61,6 +61,7 @@ from collections import deque
 from multiprocessing.connection import Connection
 from typing import Any
 
+from .. import testing
 from .._wire.frames import (
     HANDED_OVER,
     STREAMED,
@@ -221,12 +222,14 @@ class WriterLoop:
         # per wait, on the path every batch takes.
         self._poller = select.poll()
         self._roles: dict[int, str] = {}
+        bound = testing.faults.handed_over_bytes_max
         self._replies = ReplyPipes(
             registrations,
             self.counters,
             self,
             lambda fd: self._watch(fd, "reply", select.POLLOUT),
             self._unwatch,
+            **({} if bound is None else {"handed_over_bytes_max": bound}),
         )
         self._watch(self._request_fd, "requests")
         self._watch(registrations.fileno(), "registrations")
