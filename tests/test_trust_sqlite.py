@@ -6,7 +6,13 @@ Each test names the behaviour it pins; each failed on the code before the fix.
 
 from __future__ import annotations
 
+import contextlib
+import multiprocessing
+import os
+import select
 import sqlite3
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -27,6 +33,96 @@ def spin_after_writing(conn: sqlite3.Connection) -> None:
     conn.execute("INSERT INTO items(payload) VALUES ('rolled back')")
     while True:
         pass
+
+
+def fork_and_return_in_both(conn: sqlite3.Connection) -> int:
+    """Forks mid-transaction; the child tries to write, then returns normally too."""
+    conn.execute("INSERT INTO items(client, payload) VALUES (0, 'parent')")
+    pid = os.fork()
+    if pid == 0:
+        with contextlib.suppress(sqlite3.Error):  # refused in the child
+            conn.execute("INSERT INTO items(client, payload) VALUES (0, 'child')")
+        return 0
+    return pid
+
+
+def write_child_file(path: str) -> None:
+    with open(path, "w") as file:
+        file.write(f"written by {os.getpid()}")
+
+
+def run_children(conn: sqlite3.Connection, path: str) -> tuple[int, int | None]:
+    """A subprocess and a fork-started multiprocessing.Process, for the function's own use."""
+    returncode = subprocess.run([sys.executable, "-c", "pass"], check=False).returncode
+    process = multiprocessing.get_context("fork").Process(target=write_child_file, args=(path,))
+    process.start()
+    process.join(10.0)
+    conn.execute("INSERT INTO items(client, payload) VALUES (0, 'after children')")
+    return returncode, process.exitcode
+
+
+def write_and_check_replies(writer: mpwriter.Writer, client: int, count: int) -> None:
+    """A client process: every reply must be its own request's."""
+    for seq in range(count):
+        result = writer.execute(
+            "INSERT INTO items(client, seq, payload) VALUES (?, ?, 'w') RETURNING client, seq",
+            (client, seq),
+        )
+        if result.rows != [(client, seq)]:
+            os._exit(3)
+    os._exit(0)
+
+
+# -- item 1: a call() that forks makes no second writer -------------------------------
+
+
+def wait_exited(pid: int, timeout: float = 10.0) -> None:
+    """Wait for a process that is not our child to exit (a zombie has exited)."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return  # gone and reaped already
+    try:
+        assert select.select([pidfd], [], [], timeout)[0], f"process {pid} still runs"
+    finally:
+        os.close(pidfd)
+
+
+def test_a_call_that_forks_leaves_one_writer_serving(
+    writer: mpwriter.Writer, db_path: Path
+) -> None:
+    pid = writer.stats()["pid"]
+    child = writer.call(fork_and_return_in_both)
+    assert child > 0
+    wait_exited(child)  # it came back into the writer's code and was ended there
+    clients = [
+        multiprocessing.get_context("fork").Process(
+            target=write_and_check_replies, args=(writer, client, 200)
+        )
+        for client in range(1, 5)
+    ]
+    for process in clients:
+        process.start()
+    for process in clients:
+        process.join(30.0)
+    assert [process.exitcode for process in clients] == [0, 0, 0, 0]
+    with mpwriter.reader(db_path) as conn:
+        rows = conn.execute("SELECT client, seq, payload FROM items").fetchall()
+    written = sorted((client, seq) for client, seq, payload in rows if payload == "w")
+    assert written == [(client, seq) for client in range(1, 5) for seq in range(200)]
+    assert [payload for _, _, payload in rows if payload != "w"] == ["parent"]
+    stats = writer.stats()
+    assert stats["pid"] == pid
+    assert stats["restarts"] == 0
+
+
+def test_a_call_may_run_a_subprocess_and_a_fork_started_process(
+    writer: mpwriter.Writer, db_path: Path, tmp_path: Path
+) -> None:
+    path = tmp_path / "child-wrote"
+    assert writer.call(run_children, str(path)) == (0, 0)
+    assert path.read_text().startswith("written by ")
+    assert count_rows(db_path) == 1
 
 
 # -- item 9: a request stopped at its deadline is told Interrupted ------------------

@@ -163,6 +163,15 @@ class ReplyPipes:
     def pipe_count(self) -> int:
         return len(self._slots)
 
+    def descriptors(self) -> list[int]:
+        """Every descriptor held here: the side socket, reply pipes, payload files."""
+        return [
+            self._side.fileno(),
+            *self._slots.values(),
+            *(fd for fd, _, _ in self._handed_over.values()),
+            *self._streamed,
+        ]
+
     # -- the side socket --------------------------------------------------------
 
     def read_side_socket(self) -> None:

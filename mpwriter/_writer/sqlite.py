@@ -62,6 +62,7 @@ from .._errors import (
     WriterAlreadyRunning,
 )
 from .._wire.frames import REPLY_HEADER_SIZE, Kind, Request, Status, encode_reply, encode_wrote
+from . import forks
 from .batch import (
     Counters,
     Work,
@@ -341,11 +342,32 @@ class SqliteEngine:
         self._wal_index = _open_wal_index(conn)
         if self._wal_index is not None:
             conn.execute(f"PRAGMA wal_autocheckpoint={SAFETY_NET_CHECKPOINT_FRAMES}")
+        forks.in_forked_child(self._refuse_in_child)
         self.checkpoints = 0  # attempted by `tidy`
         self.commit_seconds = 0.0
         # Frames the last checkpoint could not copy back (a reader's snapshot
         # needed them); not counted as due again.
         self._left_behind = 0
+
+    def _refuse_in_child(self) -> None:
+        """In a child forked by a call() function: its copy of the connection
+        refuses every statement (`forks`).
+
+        The copy shares the database's files and the -shm mapping with the
+        writer, and believes it holds the writer's locks: a COMMIT from it
+        would write beside the writer's. Setting an authorizer expires every
+        prepared statement, so the cached ones are vetted again too.
+        """
+        if self._wal_index is not None:
+            forks.blank([self._wal_index])
+        try:
+            self._conn.set_authorizer(_refuse_all)
+            self._conn.set_progress_handler(_stop_now, 1)
+        except sqlite3.ProgrammingError:
+            # Forked from a thread of the function's: the connection refuses
+            # that thread already (check_same_thread), and the writer's thread
+            # is not in the child to come back.
+            return
 
     # -- authorizer ---------------------------------------------------------
 
@@ -809,6 +831,14 @@ class SqliteEngine:
             conn.close()
             if self._lock is not None:
                 self._lock.release()
+
+
+def _refuse_all(*_args: object) -> int:
+    return sqlite3.SQLITE_DENY
+
+
+def _stop_now() -> int:
+    return 1
 
 
 def _execute(cursor: sqlite3.Cursor, sql: str, params: Any) -> tuple[Any, ...]:
