@@ -189,3 +189,126 @@ def test_a_bulk_request_dropped_by_the_memory_bound_is_queue_full_not_a_crash(
         writer.close(timeout=10.0)
     with mpwriter.reader(db_path) as conn:
         assert [row[0] for row in conn.execute("SELECT seq FROM items ORDER BY seq")] == [2, 3]
+
+
+# -- item 5: a COMMIT refused by a deferred constraint fails only its culprit -------
+
+DEFERRED_SCHEMA = """
+CREATE TABLE IF NOT EXISTS parent (id INTEGER PRIMARY KEY);
+CREATE TABLE IF NOT EXISTS child (
+    id INTEGER PRIMARY KEY,
+    parent_id INTEGER REFERENCES parent(id) DEFERRABLE INITIALLY DEFERRED,
+    note TEXT
+);
+INSERT OR IGNORE INTO parent(id) VALUES (1);
+"""
+
+
+def new_gate(directory: Path) -> Gate:
+    """A fresh `Gate` (one holds the writer once: its release byte stays behind)."""
+    path = directory / f"gate-{time.monotonic_ns()}"
+    path.mkdir()
+    return Gate(path)
+
+
+def warm_slots(writer: mpwriter.Writer, directory: Path, count: int) -> None:
+    """Leave ``count`` registered reply pipes in this process's pool, so that
+    as many requests can be sent while the writer is held: a new pipe is
+    registered on the side socket, which holds only ten until the writer reads
+    it. Each round holds the writer and needs at most seven new pipes."""
+    for round_ in range(1, count // 7 + 2):
+        gate = new_gate(directory)
+        try:
+            gate.hold(writer)
+            futures = [writer.submit("SELECT 1") for _ in range(7 * round_)]
+        finally:
+            gate.release()
+        assert gate.future.result(timeout=10.0) == "released"
+        gate.close()
+        for future in futures:
+            future.result(timeout=10.0)
+
+
+def test_a_deferred_constraint_failing_at_commit_fails_only_its_culprit(
+    db_path: Path, gate: Gate, tmp_path: Path
+) -> None:
+    with mpwriter.start(db_path, init=DEFERRED_SCHEMA, context="fork", timeout=10.0) as writer:
+        warm_slots(writer, tmp_path, 62)
+        before = writer.stats()
+        gate.hold(writer)
+        insert = "INSERT INTO child(parent_id, note) VALUES (?, ?)"
+        innocent = [writer.submit(insert, (1, f"before {n}")) for n in range(30)]
+        culprit = writer.submit(insert, (999, "dangling"))  # checked only at COMMIT
+        innocent += [writer.submit(insert, (1, f"after {n}")) for n in range(30)]
+        gate.release()
+        assert gate.future.result(timeout=10.0) == "released"
+        for future in innocent:
+            assert future.result(timeout=10.0).rowcount == 1
+        error = culprit.exception(timeout=10.0)
+        assert isinstance(error, sqlite3.IntegrityError), repr(error)
+        assert isinstance(error, mpwriter.IntegrityError)
+        assert "FOREIGN KEY constraint failed" in str(error)
+        assert "not applied" in str(error)
+        after = writer.stats()
+    assert after["batches"] - before["batches"] == 2  # the held call's, then all 61 at once
+    assert after["errors"] - before["errors"] == 1
+    with mpwriter.reader(db_path) as conn:
+        notes = {row[0] for row in conn.execute("SELECT note FROM child")}
+        assert conn.execute("PRAGMA foreign_key_check").fetchall() == []
+    assert notes == {f"before {n}" for n in range(30)} | {f"after {n}" for n in range(30)}
+
+
+def insert_parent_and_dangling_child(writer: mpwriter.Writer) -> None:
+    with writer.transaction() as tx:
+        tx.execute("INSERT INTO parent(id) VALUES (2)")
+        tx.execute("INSERT INTO child(parent_id, note) VALUES (998, 'dangling')")
+
+
+def test_a_lone_request_failing_at_commit_gets_the_error_and_leaves_nothing(
+    db_path: Path,
+) -> None:
+    with mpwriter.start(db_path, init=DEFERRED_SCHEMA, context="fork", timeout=10.0) as writer:
+        with pytest.raises(mpwriter.IntegrityError, match="not applied"):
+            writer.execute("INSERT INTO child(parent_id, note) VALUES (999, 'dangling')")
+        with pytest.raises(sqlite3.IntegrityError, match="not applied"):
+            insert_parent_and_dangling_child(writer)
+        assert writer.execute("INSERT INTO child(parent_id, note) VALUES (1, 'ok')").rowcount == 1
+    with mpwriter.reader(db_path) as conn:
+        assert conn.execute("SELECT note FROM child").fetchall() == [("ok",)]
+        assert conn.execute("SELECT id FROM parent").fetchall() == [(1,)]
+
+
+# -- counters count once when a batch is replayed ------------------------------------
+
+
+def test_errors_and_posts_dropped_count_once_when_a_batch_is_replayed(
+    writer: mpwriter.Writer, gate: Gate, db_path: Path, tmp_path: Path
+) -> None:
+    writer.execute("INSERT INTO items(id, payload) VALUES (1, 'first')")
+    warm_slots(writer, tmp_path, 3)
+    for _ in range(3):  # dropped in this process: reported with its next post
+        assert writer.post("INSERT INTO items(payload) VALUES (?)", (lambda: 0,)) is False
+    before = writer.stats()
+    gate.hold(writer)
+    # One batch: the post that reports the 3 drops, a request that fails on
+    # its own, then one that spoils the transaction (OR ROLLBACK): the batch
+    # is replayed without it, and runs the first two again.
+    assert writer.post("INSERT INTO items(payload) VALUES ('posted')")
+    failing = writer.submit("INSERT INTO items(id, payload) VALUES (1, 'duplicate')")
+    spoiler = writer.submit("INSERT OR ROLLBACK INTO items(id, payload) VALUES (1, 'rollback')")
+    gate.release()
+    assert gate.future.result(timeout=10.0) == "released"
+    assert isinstance(failing.exception(timeout=10.0), sqlite3.IntegrityError)
+    assert isinstance(spoiler.exception(timeout=10.0), sqlite3.IntegrityError)
+    after = writer.stats()
+    assert after["replayed_batches"] - before["replayed_batches"] == 1
+    assert after["posts_dropped"] - before["posts_dropped"] == 3
+    assert after["errors"] - before["errors"] == 2
+    assert (
+        after["errors_by_class"]["IntegrityError"]
+        - before["errors_by_class"].get("IntegrityError", 0)
+        == 2
+    )
+    with mpwriter.reader(db_path) as conn:
+        payloads = sorted(row[0] for row in conn.execute("SELECT payload FROM items"))
+    assert payloads == ["first", "posted"]

@@ -17,7 +17,7 @@ import pickle
 import traceback
 from typing import Any, NamedTuple
 
-from .._errors import Interrupted, RemoteError, Timeout
+from .._errors import Interrupted, RemoteError, StatementRefused, Timeout
 from .._wire.frames import REPLY_HEADER_SIZE, Kind, Request, Status, encode_reply
 
 log = logging.getLogger("mpwriter")
@@ -132,6 +132,23 @@ def error_reply(request_id: int, exc: BaseException) -> bytes:
             f" {type(failure).__qualname__}: {failure})"
         )
         return encode_reply(request_id, Status.ERROR, (substitute, tb))
+
+
+def count_failure(counters: Counters, work: Work, exc: BaseException) -> None:
+    """Count the error ``work`` is answered with, once its outcome stands.
+
+    A failed post is also logged: nobody waits for its reply, so the log and
+    the counts are all there is.
+    """
+    counters.count_error(exc)
+    if isinstance(exc, StatementRefused):
+        counters.refused += 1
+    if work.request.kind == Kind.POST:
+        name = type(exc).__qualname__
+        counters.post_errors_by_class[name] = counters.post_errors_by_class.get(name, 0) + 1
+        log.warning(
+            "mpwriter: fire-and-forget write failed: %s: %s [%s]", name, exc, describe(work)
+        )
 
 
 def describe(work: Work) -> str:
