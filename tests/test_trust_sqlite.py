@@ -10,6 +10,7 @@ import contextlib
 import multiprocessing
 import os
 import select
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -123,6 +124,37 @@ def test_a_call_may_run_a_subprocess_and_a_fork_started_process(
     assert writer.call(run_children, str(path)) == (0, 0)
     assert path.read_text().startswith("written by ")
     assert count_rows(db_path) == 1
+
+
+def fork_a_child_that_lives_on(conn: sqlite3.Connection) -> int:
+    pid = os.fork()
+    if pid == 0:
+        time.sleep(60)  # sleep-ok: a child that outlives the writer, holding what it inherited
+        os._exit(0)
+    return pid
+
+
+def test_a_forked_child_that_lives_on_holds_no_reply_pipe(
+    writer: mpwriter.Writer, gate: Gate
+) -> None:
+    """Callers learn that their writer died from EOF on their reply pipe, and
+    the supervisor from the writer's sentinel pipe: a child that kept copies
+    of those would leave callers waiting out their timeout (10 s here)."""
+    writer_pid = writer.stats()["pid"]
+    child = writer.call(fork_a_child_that_lives_on)
+    try:
+        gate.hold(writer)  # a request in flight when the writer dies
+        killed = time.monotonic()
+        os.kill(writer_pid, signal.SIGKILL)
+        outcome = gate.future.exception(timeout=15.0)
+        assert time.monotonic() - killed < 5.0
+        assert isinstance(outcome, mpwriter.WriterCrashed), repr(outcome)
+        assert "outcome is unknown" in str(outcome)
+        assert writer.execute("INSERT INTO items(payload) VALUES ('served')").rowcount == 1
+        assert writer.stats()["restarts"] == 1
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signal.SIGKILL)
 
 
 # -- item 9: a request stopped at its deadline is told Interrupted ------------------

@@ -27,10 +27,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from collections.abc import Callable, Iterable
 
 # The exit status of a forked child that came back into the writer's code.
 FORKED_CHILD_EXIT = 70  # EX_SOFTWARE
+_POPEN_FORK = "multiprocessing.popen_fork"
 
 
 class _Guard:
@@ -78,6 +80,28 @@ def leave_if_forked() -> None:
                 " code; it exits here, having answered and committed nothing\n".encode(),
             )
         os._exit(FORKED_CHILD_EXIT)
+
+
+def own_sentinel() -> int | None:
+    """This process's end of its multiprocessing sentinel, if it has one.
+
+    A process started by multiprocessing's fork start method holds the write
+    end of a pipe whose read end is its parent's sentinel: the parent (the
+    supervisor) sees this process end when every copy of that end is closed.
+    A child forked from this process holds a copy, so it must be blanked
+    there, or the writer's death would go unnoticed while the child lives.
+    multiprocessing keeps that end only as a local of the frame that forked
+    (``popen_fork.Popen._launch``), below this one on the stack; None if
+    this process was not started that way.
+    """
+    frame = sys._getframe()
+    while frame is not None:
+        code = frame.f_code
+        if code.co_name == "_launch" and frame.f_globals.get("__name__") == _POPEN_FORK:
+            fd = frame.f_locals.get("child_w")
+            return fd if isinstance(fd, int) else None
+        frame = frame.f_back  # type: ignore[assignment]
+    return None
 
 
 def blank(fds: Iterable[int]) -> None:

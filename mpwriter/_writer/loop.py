@@ -142,7 +142,15 @@ def serve(
     # multiprocessing forbids to have children; a call() function may start
     # one for its own use (`forks` makes the child harmless to the writer).
     multiprocessing.current_process().daemon = False
-    forks.in_forked_child(lambda: forks.blank(_live_fds(requests, registrations, lifeline, ready)))
+    sentinel = forks.own_sentinel()
+    forks.in_forked_child(
+        lambda: forks.blank(
+            [
+                *_live_fds(requests, registrations, lifeline, ready),
+                *([] if sentinel is None else [sentinel]),
+            ]
+        )
+    )
     counters = Counters()
     try:
         engine = open_engine(config, counters, state)
