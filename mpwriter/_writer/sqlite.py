@@ -656,10 +656,9 @@ class SqliteEngine:
         culprit that no savepoint noticed: the batch is bisected -- its
         first half run and committed if it can be, else halved again --
         until the first request whose addition makes the COMMIT fail is
-        alone; it is answered with the error, and the rest runs on. So the
-        innocent requests commit, in their order, as they would have had
-        each been committed alone. Nothing of this costs the batch that
-        commits at once.
+        alone; it is answered with the error, and the rest runs on (and is
+        bisected again if another culprit is in it). The innocent requests
+        commit, in their order. Nothing of this costs a batch that commits.
         """
         counters = self._counters
         counters.batches += 1
@@ -668,6 +667,7 @@ class SqliteEngine:
             if work.request.kind == _POST:
                 # Here, once: a replayed batch runs its posts again.
                 counters.posts_dropped += work.body[2]
+        self._failures = []  # a `run` that raised left its own: they did not stand
         replies: dict[int, bytes] = {}
         solo: list[tuple[Work, BaseException]] = []
         pending = batch
