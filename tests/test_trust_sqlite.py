@@ -52,14 +52,20 @@ def write_child_file(path: str) -> None:
         file.write(f"written by {os.getpid()}")
 
 
-def run_children(conn: sqlite3.Connection, path: str) -> tuple[int, int | None]:
-    """A subprocess and a fork-started multiprocessing.Process, for the function's own use."""
+def run_children(conn: sqlite3.Connection, path: str) -> tuple[int, int | None, int | None]:
+    """A subprocess and fork-started multiprocessing.Processes, for the function's
+    own use: one runs to its end, one is ended with terminate() (SIGTERM)."""
     returncode = subprocess.run([sys.executable, "-c", "pass"], check=False).returncode
-    process = multiprocessing.get_context("fork").Process(target=write_child_file, args=(path,))
+    context = multiprocessing.get_context("fork")
+    process = context.Process(target=write_child_file, args=(path,))
     process.start()
     process.join(10.0)
+    sleeper = context.Process(target=time.sleep, args=(30.0,))
+    sleeper.start()
+    sleeper.terminate()
+    sleeper.join(10.0)
     conn.execute("INSERT INTO items(client, payload) VALUES (0, 'after children')")
-    return returncode, process.exitcode
+    return returncode, process.exitcode, sleeper.exitcode
 
 
 def write_and_check_replies(writer: mpwriter.Writer, client: int, count: int) -> None:
@@ -121,7 +127,7 @@ def test_a_call_may_run_a_subprocess_and_a_fork_started_process(
     writer: mpwriter.Writer, db_path: Path, tmp_path: Path
 ) -> None:
     path = tmp_path / "child-wrote"
-    assert writer.call(run_children, str(path)) == (0, 0)
+    assert writer.call(run_children, str(path)) == (0, 0, -signal.SIGTERM)
     assert path.read_text().startswith("written by ")
     assert count_rows(db_path) == 1
 

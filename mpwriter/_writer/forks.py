@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import sys
 from collections.abc import Callable, Iterable
 
@@ -41,6 +42,7 @@ class _Guard:
     def __init__(self) -> None:
         self.writer_pid: int | None = None
         self.child_actions: list[Callable[[], object]] = []
+        self.signal_mask: set[int] = set()  # the forking thread's, during a fork
 
 
 _guard = _Guard()
@@ -49,7 +51,11 @@ _guard = _Guard()
 def become_writer() -> None:
     """Mark this process as the writer; guard every fork it makes from now on."""
     if _guard.writer_pid is None:
-        os.register_at_fork(after_in_child=_after_fork_in_child)
+        os.register_at_fork(
+            before=_before_fork,
+            after_in_parent=_after_fork_in_parent,
+            after_in_child=_after_fork_in_child,
+        )
     _guard.writer_pid = os.getpid()
     _guard.child_actions = []
 
@@ -115,9 +121,32 @@ def blank(fds: Iterable[int]) -> None:
         os.close(null)
 
 
+# SIGTERM is held back across a fork: the child inherits the writer's handler,
+# which only asks the writer loop to close, until its actions put the default
+# back; a SIGTERM that came in between (multiprocessing's terminate() right
+# after start()) would be taken by the old handler and lost. Held back, it is
+# delivered once the child has the default handler, and ends it.
+_HELD_BACK = frozenset({signal.SIGTERM})
+
+
+def _before_fork() -> None:
+    if _guard.child_actions:
+        _guard.signal_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _HELD_BACK)
+
+
+def _after_fork_in_parent() -> None:
+    if _guard.child_actions:
+        signal.pthread_sigmask(signal.SIG_SETMASK, _guard.signal_mask)
+
+
 def _after_fork_in_child() -> None:
     # Once, in a direct child of the writer: its own children find the list
     # empty (their parent has replaced these numbers, and may reuse them).
     actions, _guard.child_actions = _guard.child_actions, []
-    for action in actions:
-        action()
+    if not actions:
+        return
+    try:
+        for action in actions:
+            action()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, _guard.signal_mask)

@@ -278,8 +278,6 @@ class WriterLoop:
     def _leave_nothing_to_a_child(self) -> None:
         """In a child forked by a call() function: hold nothing of the writer's
         (`forks`), and let SIGTERM end the child, as it would any process."""
-        signal.set_wakeup_fd(-1)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         forks.blank(
             [
                 self._request_fd,
@@ -289,6 +287,8 @@ class WriterLoop:
                 *self._replies.descriptors(),
             ]
         )
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
     def _watch(self, fd: int, role: str, events: int = select.POLLIN) -> None:
         self._poller.register(fd, events)
