@@ -9,11 +9,13 @@ acknowledged writes lost). Two measures, both set up by `become_writer`:
 
 - First thing in the child (``os.register_at_fork``), the actions the writer
   registered with `in_forked_child` run: its descriptors there -- the request
-  pipe, the side socket, every reply pipe and held payload, the lifeline --
-  are replaced by /dev/null (numbers kept, so that nothing reuses them), and
-  the engine's connection refuses every statement. A child that lives on
-  (a multiprocessing worker, a daemon) holds nothing of the writer's, and a
-  caller still sees EOF on its reply pipe when the writer dies.
+  pipe, the side socket, every reply pipe and held payload, the lifeline, the
+  writer's end of its supervisor's sentinel (`own_sentinel`) -- are replaced
+  by /dev/null (numbers kept, so that nothing reuses them), SIGTERM gets its
+  default action back, and the SQLite engine's connection refuses every
+  statement. A child that lives on (a multiprocessing worker, a daemon) holds
+  nothing of the writer's: callers still see EOF on their reply pipes, and
+  the supervisor its sentinel, when the writer dies.
 - Control coming back into the writer's code in a process that is not the
   writer (`leave_if_forked`: after each call() function, after each batch,
   after opening the engine) ends that process at once with `os._exit`,
