@@ -76,14 +76,16 @@ class Timeout(Error, TimeoutError):
 
 
 class QueueFull(Error):
-    """Backpressure: the request queue stayed full for the whole timeout.
+    """Backpressure: the request could not be queued; it was certainly not applied.
 
-    Nothing was sent; the request was certainly not applied.
+    The request queue stayed full for the whole timeout (nothing was sent),
+    or the writer dropped a bulk request's payload because the payloads
+    waiting to be served passed its bound (the message says which).
     """
 
 
 class Interrupted(Error):
-    """The writer interrupted this request at its execution limit.
+    """The writer interrupted this request at its deadline or its execution limit.
 
     Long SQL is stopped by SQLite's progress handler and a long `call()`
     function by the writer's limiter thread; either way the request's changes are

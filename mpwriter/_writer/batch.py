@@ -17,10 +17,20 @@ import pickle
 import traceback
 from typing import Any, NamedTuple, get_origin, get_type_hints
 
-from .._errors import RemoteError, Timeout
+from .._errors import Interrupted, RemoteError, StatementRefused, Timeout
 from .._wire.frames import REPLY_HEADER_SIZE, Kind, Request, Status, encode_reply
 
 log = logging.getLogger("mpwriter")
+
+# A request that runs past its deadline is stopped this long before it, so
+# that its `Interrupted` ("rolled back, not applied") reaches the caller while
+# the caller still waits: at its deadline the caller gives up with `Timeout`
+# ("outcome unknown"). Interrupting, rolling back and replying take a few
+# milliseconds (the limiter thread waits up to a GIL switch interval, 5 ms,
+# to interrupt a busy function). At most this share of the request's timeout,
+# so that a short timeout leaves the request most of its time.
+STOP_MARGIN = 0.05
+STOP_MARGIN_SHARE = 0.1
 
 
 class Work(NamedTuple):
@@ -87,6 +97,26 @@ def commit_cost(average: float, started: float, ended: float) -> float:
     return average + (min(sample, 2 * average) - average) * 0.25
 
 
+def stop_time(work: Work, started: float, execution_limit: float | None) -> tuple[float, bool]:
+    """When ``work``, starting at ``started``, must stop; and whether its
+    execution limit (True) or its deadline (False) decided it.
+
+    The deadline's stop time comes `STOP_MARGIN` before it (see there).
+    """
+    margin = min(STOP_MARGIN, (work.deadline - work.sent_at) * STOP_MARGIN_SHARE)
+    stop_at = work.deadline - max(0.0, margin)
+    if execution_limit is not None and started + execution_limit < stop_at:
+        return started + execution_limit, True
+    return stop_at, False
+
+
+def interrupted(ran: float, by_execution_limit: bool) -> Interrupted:
+    """The error of a request stopped at its stop time (`stop_time`), worded
+    by what stopped it."""
+    what = "the writer's execution_limit" if by_execution_limit else "its deadline (its timeout)"
+    return Interrupted(f"interrupted after {ran:.3f} s at {what}; rolled back, not applied")
+
+
 def error_reply(request_id: int, exc: BaseException) -> bytes:
     """Encode an exception with its traceback text; never raises.
 
@@ -109,6 +139,23 @@ def error_reply(request_id: int, exc: BaseException) -> bytes:
             f" {type(failure).__qualname__}: {failure})"
         )
         return encode_reply(request_id, Status.ERROR, (substitute, tb))
+
+
+def count_failure(counters: Counters, work: Work, exc: BaseException) -> None:
+    """Count the error ``work`` is answered with, once its outcome stands.
+
+    A failed post is also logged: nobody waits for its reply, so the log and
+    the counts are all there is.
+    """
+    counters.count_error(exc)
+    if isinstance(exc, StatementRefused):
+        counters.refused += 1
+    if work.request.kind == Kind.POST:
+        name = type(exc).__qualname__
+        counters.post_errors_by_class[name] = counters.post_errors_by_class.get(name, 0) + 1
+        log.warning(
+            "mpwriter: fire-and-forget write failed: %s: %s [%s]", name, exc, describe(work)
+        )
 
 
 def describe(work: Work) -> str:

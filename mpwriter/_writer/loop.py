@@ -49,6 +49,7 @@ import contextlib
 import fcntl
 import itertools
 import logging
+import multiprocessing
 import os
 import pickle
 import select
@@ -61,6 +62,7 @@ from collections import deque
 from multiprocessing.connection import Connection
 from typing import Any
 
+from .. import testing
 from .._wire.frames import (
     HANDED_OVER,
     STREAMED,
@@ -75,6 +77,7 @@ from .._wire.frames import (
 )
 from .._wire.state import CLOSED
 from .._wire.stats import Stats
+from . import forks
 from .batch import (
     Counters,
     Work,
@@ -134,12 +137,28 @@ def serve(
 ) -> None:
     """Entry point of the writer process (a `multiprocessing.Process` target)."""
     reset_signals()
+    forks.become_writer()
+    # Started as a daemonic process (ended with its supervisor), which
+    # multiprocessing forbids to have children; a call() function may start
+    # one for its own use (`forks` makes the child harmless to the writer).
+    multiprocessing.current_process().daemon = False
+    sentinel = forks.own_sentinel()
+    forks.in_forked_child(
+        lambda: forks.blank(
+            [
+                *_live_fds(requests, registrations, lifeline, ready),
+                *([] if sentinel is None else [sentinel]),
+            ]
+        )
+    )
     counters = Counters()
     try:
         engine = open_engine(config, counters, state)
     except BaseException as exc:
+        forks.leave_if_forked()  # ``init`` may fork
         ready.send(("error", exc))
         return
+    forks.leave_if_forked()
     loop = WriterLoop(engine, counters, config, requests, registrations, lifeline, state)
     state.writer_pid = os.getpid()
     ready.send(("ready", os.getpid()))
@@ -148,6 +167,17 @@ def serve(
         loop.run()
     finally:
         loop.shut_down()
+
+
+def _live_fds(*ends: Connection | socket.socket) -> list[int]:
+    """The descriptors of those of ``ends`` still open."""
+    fds = []
+    for end in ends:
+        if isinstance(end, socket.socket):
+            fds.append(end.fileno())  # -1 once closed
+        elif not end.closed:
+            fds.append(end.fileno())
+    return fds
 
 
 def reset_signals() -> None:
@@ -222,12 +252,14 @@ class WriterLoop:
         # per wait, on the path every batch takes.
         self._poller = select.poll()
         self._roles: dict[int, str] = {}
+        bound = testing.faults.handed_over_bytes_max
         self._replies = ReplyPipes(
             registrations,
             self.counters,
             self,
             lambda fd: self._watch(fd, "reply", select.POLLOUT),
             self._unwatch,
+            **({} if bound is None else {"handed_over_bytes_max": bound}),
         )
         self._watch(self._request_fd, "requests")
         self._watch(registrations.fileno(), "registrations")
@@ -238,9 +270,26 @@ class WriterLoop:
         os.set_blocking(wake_r, False)
         os.set_blocking(wake_w, False)
         self._wake_r = wake_r
+        self._wake_w = wake_w
         signal.set_wakeup_fd(wake_w)
         signal.signal(signal.SIGTERM, self._on_sigterm)
         self._watch(wake_r, "signal")
+        forks.in_forked_child(self._leave_nothing_to_a_child)
+
+    def _leave_nothing_to_a_child(self) -> None:
+        """In a child forked by a call() function: hold nothing of the writer's
+        (`forks`), and let SIGTERM end the child, as it would any process."""
+        forks.blank(
+            [
+                self._request_fd,
+                self._wake_r,
+                self._wake_w,
+                *_live_fds(self._lifeline),
+                *self._replies.descriptors(),
+            ]
+        )
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
     def _watch(self, fd: int, role: str, events: int = select.POLLIN) -> None:
         self._poller.register(fd, events)
@@ -445,6 +494,7 @@ class WriterLoop:
             try:
                 replies = self._engine.run(batch)
             except Exception as exc:
+                forks.leave_if_forked()
                 # Only the writer's own statements can fail here (a ROLLBACK TO
                 # on a broken disk): fail this batch, keep serving.
                 log.exception("mpwriter: batch failed")
@@ -453,6 +503,9 @@ class WriterLoop:
                 except Exception:
                     log.exception("mpwriter: rolling back the failed batch failed too")
                 replies = [(w.request, error_reply(w.request.request_id, exc)) for w in batch]
+            # A child forked while the batch ran (by a function it ran: a SQL
+            # function a call() registered, say) must not answer it.
+            forks.leave_if_forked()
         committed = time.monotonic()
         send = self._replies.send
         for request, reply in replies + extra:

@@ -51,7 +51,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import Protocol
 
-from .._errors import WriterCrashed
+from .._errors import QueueFull, WriterCrashed
 from .._wire.frames import (
     NO_REPLY,
     PAYLOAD_HANDOVER,
@@ -74,12 +74,17 @@ log = logging.getLogger("mpwriter")
 _ORPHAN_REPLIES_MAX = 4096
 _ORPHAN_BYTES_MAX = 64 << 20
 # Handed-over payloads waiting for their frame, in bytes (memfd pages): past
-# this, the oldest are dropped (their requests answered "not applied") --
+# this, the oldest are dropped (their requests answered `QueueFull`, "not
+# applied") --
 # but never the newest, so that one bulk request of any size still passes.
 # Streamed files taken and not yet answered count too (they cannot be
 # dropped: their requests are queued), so what is held in files stays
 # bounded by this, plus the newest file and those queued here.
 _HANDED_OVER_BYTES_MAX = 256 << 20
+# The requests whose payload that bound dropped, remembered until their frame
+# comes so that they are answered for what happened to them; the oldest are
+# forgotten past this many (their sender may be gone).
+_SHED_REMEMBERED_MAX = 4096
 
 Key = tuple[int, int]  # (sender token, slot)
 
@@ -142,6 +147,8 @@ class ReplyPipes:
         self._handed_over_bytes_max = handed_over_bytes_max
         self.dropped_handovers = 0
         self.dropped_handover_bytes = 0
+        # (sender, request id) of payloads the bound dropped: `answer_lost`
+        self._shed: OrderedDict[tuple[int, int], None] = OrderedDict()
         # descriptor -> length of the streamed files taken and not yet
         # released: still counted in `_handed_over_bytes`
         self._streamed: dict[int, int] = {}
@@ -152,6 +159,15 @@ class ReplyPipes:
     @property
     def pipe_count(self) -> int:
         return len(self._slots)
+
+    def descriptors(self) -> list[int]:
+        """Every descriptor held here: the side socket, reply pipes, payload files."""
+        return [
+            self._side.fileno(),
+            *self._slots.values(),
+            *(fd for fd, _, _ in self._handed_over.values()),
+            *self._streamed,
+        ]
 
     # -- the side socket --------------------------------------------------------
 
@@ -182,6 +198,9 @@ class ReplyPipes:
         while self._handed_over_bytes > self._handed_over_bytes_max and len(self._handed_over) > 1:
             oldest = next(iter(self._handed_over))
             self._forget_payload(self._handed_over.pop(oldest), dropped=True)
+            self._shed[oldest] = None
+            if len(self._shed) > _SHED_REMEMBERED_MAX:
+                self._shed.popitem(last=False)
 
     def _forget_payload(self, entry: tuple[int, int, float], *, dropped: bool) -> None:
         fd, length, _ = entry
@@ -314,14 +333,27 @@ class ReplyPipes:
     def answer_lost(self, request: Request) -> None:
         """Answer a request whose handed-over payload is gone: it never ran.
 
-        Answered here, so nothing else may answer it: it is no longer awaited.
+        Its payload was dropped by the bound on what is held (`QueueFull`),
+        or a writer that died had taken it (`WriterCrashed`). Answered here,
+        so nothing else may answer it: it is no longer awaited.
         """
-        self._counters.lost_requests += 1
         self.awaited.pop((request.sender, request.slot), None)
-        lost = WriterCrashed(
-            "the writer process died while receiving this request; it was not applied"
-        )
-        self.send(request, error_reply(request.request_id, lost))
+        error: BaseException
+        shed = (request.sender, request.request_id)
+        if shed in self._shed:
+            del self._shed[shed]
+            error = QueueFull(
+                "the writer held more bulk payloads waiting to be served than its bound"
+                f" ({self._handed_over_bytes_max >> 20} MiB) and dropped this one, the"
+                " oldest; not applied"
+            )
+            self._counters.count_error(error)
+        else:
+            self._counters.lost_requests += 1
+            error = WriterCrashed(
+                "the writer process died while receiving this request; it was not applied"
+            )
+        self.send(request, error_reply(request.request_id, error))
 
     # -- writing replies --------------------------------------------------------
 
