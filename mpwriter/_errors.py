@@ -80,6 +80,14 @@ class NotPicklable(Error, TypeError):
     """
 
 
+class MissingDependency(Error, ImportError):
+    """An optional dependency is not installed (psycopg, for a PostgreSQL URL).
+
+    The message names what to install (``pip install 'mpwriter[postgres]'``);
+    the import error is its ``__cause__``. Also an `ImportError`.
+    """
+
+
 class RemoteError(Error):
     """An exception from the writer side that could not itself be pickled.
 
@@ -112,6 +120,29 @@ class OutcomeUnknown(ServerUnavailable):
     The transaction may or may not have committed: treat the write as "maybe
     done", as after a `Timeout`.
     """
+
+
+def carry_cause(error: Error, cause: BaseException) -> Error:
+    """``error`` with ``cause`` as its ``__cause__``, kept across pickling.
+
+    Pickling drops ``__cause__``; an error the writer raises while starting
+    crosses to the owner, where `start_failure` sets it again.
+    """
+    error.__cause__ = cause
+    error.__dict__["_mpwriter_cause"] = cause
+    return error
+
+
+def start_failure(exc: BaseException) -> BaseException:
+    """What `start()` raises for ``exc``, which the writer raised while starting.
+
+    ``__cause__`` set again if `carry_cause` kept it; a driver's error
+    (``init`` failing) as its `portable` class, an mpwriter `DatabaseError`.
+    """
+    cause = vars(exc).pop("_mpwriter_cause", None) if hasattr(exc, "__dict__") else None
+    if cause is not None:
+        exc.__cause__ = cause
+    return portable(exc)
 
 
 # -- one except clause for both engines ----------------------------------------

@@ -24,6 +24,7 @@ EXPECTED_PUBLIC_NAMES = {
     "Error",
     "IntegrityError",
     "Interrupted",
+    "MissingDependency",
     "NotPicklable",
     "OperationalError",
     "OutcomeUnknown",

@@ -276,3 +276,45 @@ def controls_transaction(sql: str) -> bool:
     if words[0] in _TRANSACTION_CONTROL:
         return True
     return words == ["PREPARE", "TRANSACTION"]
+
+
+# Statements whose effect outlives the transaction: they would change the
+# writer's session for every later request (of any caller).
+_SESSION_STATEMENTS = {
+    "RESET": "RESET sets a session value",
+    "DISCARD": "DISCARD drops the session's state",
+    "LISTEN": "LISTEN subscribes the writer's session, which never reads notifications",
+    "UNLISTEN": "UNLISTEN changes the writer's session",
+    "LOAD": "LOAD loads a library into the writer's session",
+    "PREPARE": "a prepared statement outlives the transaction",
+    "DEALLOCATE": "DEALLOCATE drops the session's prepared statements",
+}
+# SET forms that last only until the end of the transaction.
+_SET_IN_TRANSACTION = frozenset({"LOCAL", "CONSTRAINTS", "TRANSACTION"})
+
+
+@functools.lru_cache(maxsize=1024)
+def session_change(sql: str) -> str | None:
+    """Why ``sql`` would change the writer's session beyond its transaction, or None.
+
+    Checks each statement of ``sql`` by its first words: SET without LOCAL
+    (SET SESSION, SET ROLE, SET SESSION AUTHORIZATION...), RESET, DISCARD,
+    LISTEN, UNLISTEN, LOAD, PREPARE, DEALLOCATE. ``SET LOCAL``, ``SET
+    CONSTRAINTS`` and ``SET TRANSACTION`` end with the transaction and pass.
+    What the words cannot show (``set_config(..., false)``, a function that
+    sets a value) is undone by the engine instead, before the next transaction.
+    """
+    for statement in split_statements(sql):
+        words = leading_words(statement)
+        if not words:
+            continue
+        if words[0] == "SET":
+            if len(words) > 1 and words[1] in _SET_IN_TRANSACTION:
+                continue
+            return "SET without LOCAL sets a session value"
+        if words == ["PREPARE", "TRANSACTION"]:
+            continue  # transaction control: `controls_transaction` refuses it
+        reason = _SESSION_STATEMENTS.get(words[0])
+        if reason is not None:
+            return reason
+    return None

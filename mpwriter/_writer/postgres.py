@@ -57,11 +57,18 @@ from .._errors import (
     ServerUnavailable,
     StatementRefused,
     Timeout,
+    carry_cause,
 )
 from .._wire.frames import Kind, Request, Status, encode_reply, encode_wrote
 from .batch import Counters, Work, commit_cost, describe, error_reply
 from .call_limit import CallLimiter, CallOverrun, own_signals, restore_signals
-from .pg_sql import PlaceholderError, controls_transaction, split_statements, translate
+from .pg_sql import (
+    PlaceholderError,
+    controls_transaction,
+    session_change,
+    split_statements,
+    translate,
+)
 
 log = logging.getLogger("mpwriter")
 
@@ -74,6 +81,11 @@ MAX_CHUNK = 64
 _WRITE_RESULTS = frozenset({Kind.EXECUTE, Kind.EXECUTEMANY, Kind.POST})
 _RETRYABLE = frozenset({"40001", "40P01"})  # serialization failure, deadlock detected
 _QUERY_CANCELED = "57014"  # statement_timeout
+_LOCK_NOT_AVAILABLE = "55P03"  # lock_timeout (and NOWAIT)
+# The longest a statement of a shared transaction waits on a lock held outside
+# the writer before its request is set aside and tried again in a later batch:
+# while it waits, the writer's one connection serves nobody else.
+LOCK_SLICE = 0.1
 # "cannot run inside a transaction block" (VACUUM, CREATE INDEX CONCURRENTLY...):
 # a single statement so refused runs alone after the batch (`run_alone`).
 _NOT_IN_TRANSACTION = "25001"
@@ -210,8 +222,7 @@ def _prepare(sql: str, params: Any) -> tuple[str, Any]:
     if not isinstance(sql, str):
         # sqlite3 says as much; the lexer would fail somewhere inside instead.
         raise TypeError(f"the SQL must be a str, not {type(sql).__name__}")
-    if controls_transaction(sql):
-        raise StatementRefused(_REFUSED)
+    _refuse_control(sql)
     try:
         text, style = translate(sql)
     except PlaceholderError as exc:
@@ -221,6 +232,20 @@ def _prepare(sql: str, params: Any) -> tuple[str, Any]:
         return text, params if params else None
     # With parameters (even none), psycopg turns the doubled %% back into %.
     return text, () if params is None else params
+
+
+def _refuse_control(sql: str) -> None:
+    """Raise `StatementRefused` for SQL that would end the transaction or change the session."""
+    if controls_transaction(sql):
+        raise StatementRefused(_REFUSED)
+    reason = session_change(sql)
+    if reason is not None:
+        raise StatementRefused(
+            f"refused: {reason}, which would change the writer's one connection for every"
+            " later request of every caller; use SET LOCAL (it ends with the request's"
+            " transaction), or set it for the writer's session in start(init=...);"
+            " not applied"
+        )
 
 
 def _execute(cursor: psycopg.Cursor[Any], sql: str, params: Any) -> None:
@@ -268,6 +293,13 @@ class PostgresEngine:
         self.commit_seconds = 0.0
         self._begin = f"BEGIN ISOLATION LEVEL {ISOLATION_LEVELS[isolation]}"
         self._conn: psycopg.Connection[Any] | None = None
+        # Sent with every COMMIT (see `_connect`): the session's durability
+        # for the COMMIT, and what puts the session back as `init` left it.
+        self._durable: psql.Composed = psql.Composed([])
+        self._reset: list[psql.SQL | psql.Composed] = []
+        # Requests set aside after waiting LOCK_SLICE on a lock; tried again
+        # in a later batch (the loop serves again what `run` left unanswered).
+        self._held: set[tuple[int, int]] = set()
         # Requests the last `run` deferred: they cannot run in a transaction.
         self._deferred: list[Work] = []
         # call() functions run under a `CallLimiter`, started at the first.
@@ -278,12 +310,24 @@ class PostgresEngine:
     # -- the connection -----------------------------------------------------------
 
     def _connect(self, connect_timeout: int) -> None:
-        conn = psycopg.connect(
-            self._dsn,
-            autocommit=True,  # the engine sends BEGIN and COMMIT itself
-            connect_timeout=max(2, connect_timeout),
-            application_name="mpwriter",
-        )
+        """Open the connection and run ``init``.
+
+        Raises `ServerUnavailable` (its cause psycopg's error) if the server
+        cannot be reached or refuses the connection (down, full, no such
+        role...), and ``init``'s own error if that fails.
+        """
+        try:
+            conn = psycopg.connect(
+                self._dsn,
+                autocommit=True,  # the engine sends BEGIN and COMMIT itself
+                connect_timeout=max(2, connect_timeout),
+                application_name="mpwriter",
+            )
+        except psycopg.Error as exc:
+            failure = ServerUnavailable(
+                f"the PostgreSQL server could not be reached or refused the connection: {exc}"
+            )
+            raise carry_cause(failure, sendable(exc)) from exc
         try:
             if self._init is not None:
                 with conn.transaction():
@@ -292,6 +336,7 @@ class PostgresEngine:
                             conn.execute(statement)
                     else:
                         self._init(conn)
+            self._durable, self._reset = _session_baseline(conn)
         except BaseException:
             conn.close()
             raise
@@ -313,12 +358,12 @@ class PostgresEngine:
                 self._connect(connect_timeout=int(max(1.0, remaining)))
                 log.warning("mpwriter: connected to PostgreSQL again")
                 return chunk
+            except ServerUnavailable as exc:
+                reason = str(exc)
             except psycopg.Error as exc:
-                error = exc
+                reason = f"init failed on the new connection: {exc}"
             now = time.monotonic()
-            failure = ServerUnavailable(
-                f"the PostgreSQL server could not be reached: {error}; not applied"
-            )
+            failure = ServerUnavailable(f"{reason}; not applied")
             still = []
             for work in chunk:
                 if work.deadline - _DEADLINE_MARGIN <= now:
@@ -343,11 +388,14 @@ class PostgresEngine:
             if work.request.kind == Kind.POST:
                 # Counted here, once: a replayed batch queues its posts again.
                 counters.posts_dropped += work.body[2]
+        if self._held:
+            # A held request comes back at the head of the next batch, or expired.
+            self._held.intersection_update(_key(work) for work in batch)
         replies: dict[int, bytes] = {}
         for start in range(0, len(batch), MAX_CHUNK):
             self._run_chunk(batch[start : start + MAX_CHUNK], replies)
         self._state.busy_until = 0.0
-        # A request deferred to `run_alone` has no reply yet.
+        # A request deferred to `run_alone`, or held, has no reply yet.
         return [(work.request, replies[id(work)]) for work in batch if id(work) in replies]
 
     def run_alone(self) -> Iterator[tuple[Request, bytes]]:
@@ -370,7 +418,8 @@ class PostgresEngine:
         assert conn is not None
         self._state.busy_until = work.deadline
         try:
-            conn.execute(self._time_limit(work.deadline, local=False))
+            timeout = psql.Literal(self._millis(work.deadline))
+            conn.execute(psql.SQL("SET statement_timeout = {}").format(timeout))
             try:
                 cursor = conn.cursor()
                 _execute(cursor, work.body[0], work.body[1])
@@ -402,7 +451,10 @@ class PostgresEngine:
     # -- one chunk ------------------------------------------------------------------
 
     def _run_chunk(self, chunk: list[Work], replies: dict[int, bytes]) -> None:
-        pipelined = not any(work.request.kind == Kind.CALL for work in chunk)
+        held = self._held
+        pipelined = not any(
+            work.request.kind == Kind.CALL or (held and _key(work) in held) for work in chunk
+        )
         attempts = 0
         while True:
             chunk = self._ensure_connected(self._drop_expired(chunk, replies), replies)
@@ -518,11 +570,29 @@ class PostgresEngine:
         return _StatementFailed() if replayable and not commit_sent else _CommitFailed(exc)
 
     def _commit(self, conn: psycopg.Connection[Any]) -> None:
+        """COMMIT, durably, and put the session back as `init` left it; one round trip.
+
+        A request may have changed the session in ways the lexer cannot see
+        (``set_config(..., false)``, a function, ``conn.native`` in a call()).
+        ``SET LOCAL synchronous_commit`` first makes this COMMIT as durable as
+        the session's own setting, whatever the batch set; the RESETs after it
+        undo every session value, so that no later batch inherits one. A
+        session SET in a transaction that rolls back is undone by the server.
+        """
         started = time.monotonic()
+        commit: psycopg.Cursor[Any] | None = None
         try:
-            conn.execute("COMMIT")
+            with conn.pipeline():
+                conn.execute(self._durable)
+                commit = conn.execute("COMMIT")
+                for statement in self._reset:
+                    conn.execute(statement)
         except psycopg.Error as exc:
-            raise self._classify(exc, commit_sent=True) from exc
+            if commit is None or commit.statusmessage != "COMMIT":
+                raise self._classify(exc, commit_sent=True) from exc
+            # Committed; the session could not be put back: a new one is clean.
+            log.error("mpwriter: resetting the PostgreSQL session failed; reconnecting: %s", exc)
+            self._drop_connection()
         self._counters.commits += 1
         self.commit_seconds = commit_cost(self.commit_seconds, started, time.monotonic())
 
@@ -534,7 +604,10 @@ class PostgresEngine:
         try:
             with conn.pipeline():
                 conn.execute(self._begin)
-                conn.execute(self._time_limit(max(work.deadline for work in chunk)))
+                # Each statement may run until the last caller's deadline, but
+                # waits on a lock at most until the first caller's: all wait for it.
+                earliest = min(work.deadline for work in chunk)
+                conn.execute(self._time_limits(max(work.deadline for work in chunk), earliest))
                 for work in chunk:
                     finishers.append(self._queue(conn, work))
         except psycopg.Error as exc:
@@ -556,14 +629,17 @@ class PostgresEngine:
         conn = self._conn
         assert conn is not None
         succeeded: dict[int, bytes] = {}
-        failed: dict[int, bytes] = {}
+        # Encoded (and counted, logged) only once committed: a replay redoes them.
+        failed: list[tuple[Work, BaseException]] = []
         alone: list[Work] = []
+        held: list[Work] = []
         try:
             conn.execute(self._begin)
             for work in chunk:
                 _check_transaction_open(conn)
                 self._state.busy_until = work.deadline
-                conn.execute(self._time_limit(work.deadline))
+                conn.execute(self._time_limits(work.deadline, work.deadline))
+                started = time.monotonic()
                 try:
                     with conn.transaction(savepoint_name="mpwriter_request"):
                         succeeded[id(work)] = self._ok(work, self._queue(conn, work)())
@@ -574,26 +650,74 @@ class PostgresEngine:
                         alone.append(work)  # VACUUM and the like: after the batch
                         continue
                     error: BaseException = exc
-                    if exc.sqlstate == _QUERY_CANCELED:
+                    if exc.sqlstate == _LOCK_NOT_AVAILABLE and self._waited(work, started):
+                        if self._may_hold(work):
+                            held.append(work)
+                            continue
+                        error = Interrupted(
+                            f"waited on a lock held by another transaction until its deadline"
+                            f" ({exc}); rolled back, not applied"
+                        )
+                    elif exc.sqlstate == _QUERY_CANCELED:
                         error = Interrupted(
                             f"interrupted at its deadline or execution limit ({exc});"
                             " rolled back, not applied"
                         )
-                    failed[id(work)] = self._fail(work, error)
+                    failed.append((work, error))
                 except Exception as exc:  # refused, unpicklable result, the function's own
-                    failed[id(work)] = self._fail(work, exc)
+                    failed.append((work, exc))
         except psycopg.Error as exc:
             # Nothing of this attempt was committed: the replay (or the
             # "not applied" answer) replaces every reply computed here.
             raise self._classify(exc, commit_sent=False, replayable=False) from exc
         _check_transaction_open(conn)
         self._commit(conn)
-        replies.update(failed)
+        for work, error in failed:
+            replies[id(work)] = self._fail(work, error)
         replies.update(succeeded)
         self._deferred.extend(alone)
+        for work in held:
+            # No reply: the loop serves it again in a later batch, where it
+            # runs on the isolated path at once.
+            self._held.add(_key(work))
+        for work in chunk:
+            if id(work) in replies:
+                self._held.discard(_key(work))
 
-    def _time_limit(self, deadline: float, *, local: bool = True) -> psql.Composed:
-        """SET LOCAL statement_timeout: the server stops SQL that outlives its caller.
+    def _time_limits(self, deadline: float, lock_deadline: float) -> psql.Composed:
+        """SET LOCAL statement_timeout and lock_timeout, in one statement.
+
+        statement_timeout: the server stops SQL that outlives ``deadline``
+        (or the execution limit). lock_timeout: a statement's wait on a lock
+        ends at ``lock_deadline`` or after `LOCK_SLICE`, whichever comes
+        first: a request that waits longer on a lock held outside the writer
+        is set aside (`_may_hold`) and tried again after the others' replies,
+        rather than holding them.
+        """
+        now = time.monotonic()
+        lock_end = min(lock_deadline - _DEADLINE_MARGIN, now + LOCK_SLICE)
+        lock_millis = max(1, int((lock_end - now) * 1000))
+        return psql.SQL(
+            "SELECT set_config('statement_timeout', {}, true), set_config('lock_timeout', {}, true)"
+        ).format(psql.Literal(str(self._millis(deadline))), psql.Literal(str(lock_millis)))
+
+    def _waited(self, work: Work, started: float) -> bool:
+        """Whether a lock error of ``work`` is the writer's lock_timeout (not NOWAIT's)."""
+        expected = min(LOCK_SLICE, work.deadline - _DEADLINE_MARGIN - started)
+        return time.monotonic() - started >= expected * 0.9
+
+    def _may_hold(self, work: Work) -> bool:
+        """Whether ``work``, stopped by its lock_timeout, may be tried again in a later batch.
+
+        Not past its deadline; and not a streamed executemany, whose rows the
+        loop releases once the batch is answered.
+        """
+        if work.deadline - _DEADLINE_MARGIN <= time.monotonic():
+            return False
+        return work.request.kind != Kind.EXECUTEMANY or isinstance(work.body[1], list | tuple)
+
+    def _millis(self, deadline: float) -> int:
+        """The statement_timeout for ``deadline``: the server stops SQL that outlives its caller.
 
         The owner's watchdog would otherwise kill the writer stuck past the
         deadline; the limit is the execution limit when that comes first.
@@ -602,9 +726,7 @@ class PostgresEngine:
         stop_at = deadline
         if self._execution_limit is not None:
             stop_at = min(stop_at, now + self._execution_limit)
-        millis = max(1, int((stop_at - now) * 1000))
-        scope = psql.SQL("SET LOCAL" if local else "SET")
-        return psql.SQL("{} statement_timeout = {}").format(scope, psql.Literal(millis))
+        return max(1, int((stop_at - now) * 1000))
 
     # -- one request ------------------------------------------------------------------
 
@@ -622,8 +744,7 @@ class PostgresEngine:
             return lambda: (cursor.rowcount, None, [])
         if kind == Kind.SCRIPT:
             for statement in split_statements(body[0]):
-                if controls_transaction(statement):
-                    raise StatementRefused(_REFUSED)
+                _refuse_control(statement)
                 conn.cursor().execute(statement)
             return lambda: None
         if kind == Kind.TRANSACTION:
@@ -703,6 +824,41 @@ class PostgresEngine:
         return error_reply(work.request.request_id, sendable(exc))
 
 
+def _key(work: Work) -> tuple[int, int]:
+    return (work.request.sender, work.request.request_id)
+
+
+def _session_baseline(
+    conn: psycopg.Connection[Any],
+) -> tuple[psql.Composed, list[psql.SQL | psql.Composed]]:
+    """What `PostgresEngine._commit` sends around COMMIT, read once ``init`` has run.
+
+    The SET LOCAL that gives every COMMIT the session's synchronous_commit,
+    and the statements that put every session value back as the connection
+    and ``init`` left it: RESET ALL (RESET ROLE and SESSION AUTHORIZATION
+    are not part of it), then ``init``'s own session values again.
+    """
+    row = conn.execute("SHOW synchronous_commit").fetchone()
+    assert row is not None
+    durable = psql.SQL("SET LOCAL synchronous_commit = {}").format(psql.Literal(row[0]))
+    reset: list[psql.SQL | psql.Composed] = [
+        psql.SQL("RESET SESSION AUTHORIZATION"),
+        psql.SQL("RESET ALL"),
+        psql.SQL("RESET ROLE"),
+    ]
+    kept = conn.execute(
+        "SELECT name, current_setting(name) FROM pg_settings WHERE source = 'session'"
+        " ORDER BY name = 'session_authorization' DESC, name = 'role' DESC, name"
+    ).fetchall()
+    if kept:
+        calls = [
+            psql.SQL("set_config({}, {}, false)").format(psql.Literal(name), psql.Literal(value))
+            for name, value in kept
+        ]
+        reset.append(psql.SQL("SELECT {}").format(psql.SQL(", ").join(calls)))
+    return durable, reset
+
+
 def _check_transaction_open(conn: psycopg.Connection[Any]) -> None:
     """Raise `_Lost` if a `call()` function ended the writer's transaction.
 
@@ -731,5 +887,9 @@ def open_postgres_engine(
     isolation: str = "read committed",
     execution_limit: float | None = None,
 ) -> PostgresEngine:
-    """Connect (in the writer process) and run ``init``; raises psycopg's error if it fails."""
+    """Connect (in the writer process) and run ``init``.
+
+    Raises `ServerUnavailable` if the server cannot be reached or refuses the
+    connection, and psycopg's error if ``init`` fails.
+    """
     return PostgresEngine(dsn, init, counters, state, isolation, execution_limit)
