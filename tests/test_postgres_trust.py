@@ -7,6 +7,10 @@ sessions where a test needs another client (a row lock, a deadlock).
 from __future__ import annotations
 
 import concurrent.futures
+import os
+import socket
+import subprocess
+import sys
 import threading
 import time
 from typing import Any
@@ -367,3 +371,62 @@ def test_a_real_deadlock_is_rolled_back_and_replayed(
         assert conn.execute("SELECT seq FROM items WHERE client = 31").fetchall() == [(0,)]
         payloads = conn.execute("SELECT payload FROM items WHERE client = 30").fetchall()
     assert payloads == [("writer",), ("writer",)]
+
+
+# -- item 8: start() failures --------------------------------------------------------
+
+
+def test_start_on_a_port_nothing_listens_on_is_server_unavailable() -> None:
+    with socket.socket() as probe:  # a free port, closed again: nothing listens on it
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with pytest.raises(mpwriter.ServerUnavailable, match="could not be reached") as caught:
+        mpwriter.start(f"postgresql://postgres@127.0.0.1:{port}/postgres", context="fork")
+    assert isinstance(caught.value.__cause__, psycopg.OperationalError)
+    assert "Connection refused" in str(caught.value.__cause__)
+
+
+def test_start_on_a_full_server_is_server_unavailable(pg_url: str) -> None:
+    role = "mpwriter_test_full"
+    with psycopg.connect(pg_url, autocommit=True) as admin:
+        admin.execute(f"DROP ROLE IF EXISTS {role}")
+        admin.execute(f"CREATE ROLE {role} LOGIN CONNECTION LIMIT 0")
+        try:
+            url = pg_url.replace("postgres@", f"{role}@", 1)
+            with pytest.raises(mpwriter.ServerUnavailable, match="too many") as caught:
+                mpwriter.start(url, context="fork")
+        finally:
+            admin.execute(f"DROP ROLE {role}")
+    assert isinstance(caught.value.__cause__, psycopg.OperationalError)
+
+
+def test_a_failing_init_is_an_mpwriter_error_of_its_own_class(pg_fresh: str) -> None:
+    with pytest.raises(mpwriter.ProgrammingError) as caught:
+        mpwriter.start(pg_fresh, init="SELECT no_such_column FROM items", context="fork")
+    assert isinstance(caught.value, psycopg.errors.UndefinedColumn)
+
+
+WITHOUT_PSYCOPG = """
+import sys
+sys.modules["psycopg"] = None  # as if it were not installed
+import mpwriter
+try:
+    mpwriter.start(sys.argv[1], context="fork")
+except mpwriter.MissingDependency as exc:
+    assert isinstance(exc, ImportError) and isinstance(exc.__cause__, ImportError), exc
+    print(exc)
+"""
+
+
+def test_start_without_psycopg_names_the_extra_to_install() -> None:
+    url = "postgresql://postgres@127.0.0.1:5432/postgres"
+    done = subprocess.run(
+        [sys.executable, "-c", WITHOUT_PSYCOPG, url],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+    assert done.returncode == 0, done.stderr
+    assert "pip install 'mpwriter[postgres]'" in done.stdout
