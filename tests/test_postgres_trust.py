@@ -430,3 +430,10 @@ def test_start_without_psycopg_names_the_extra_to_install() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert "pip install 'mpwriter[postgres]'" in done.stdout
+
+
+def test_start_as_an_unknown_role_is_server_unavailable(pg_url: str) -> None:
+    url = pg_url.replace("postgres@", "mpwriter_test_no_such_role@", 1)
+    with pytest.raises(mpwriter.ServerUnavailable, match="does not exist") as caught:
+        mpwriter.start(url, context="fork")
+    assert isinstance(caught.value.__cause__, psycopg.OperationalError)

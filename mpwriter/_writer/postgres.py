@@ -11,8 +11,9 @@ savepoints than that slow the whole server and its replicas.
 
 The error-free case (fast path), one chunk::
 
-    pipeline: BEGIN; every request's statements    -> one round trip
-    results read and encoded; COMMIT                -> one round trip
+    pipeline: BEGIN; time limits; every request's statements   -> one round trip
+    results read and encoded;
+    pipeline: SET LOCAL synchronous_commit; COMMIT; RESETs     -> one round trip
 
 No savepoints: they would double the statements (measured in issue 11:
 16,325 rows/s without, 8,206 with, batches of 16). When a statement fails,
@@ -34,6 +35,16 @@ is lost after, the outcome is unknown (`OutcomeUnknown`).
 Callers' transaction control (BEGIN, COMMIT, ROLLBACK, SAVEPOINT, RELEASE,
 ...) is refused before it is sent (`StatementRefused`); the SQL text is
 vetted by `pg_sql.controls_transaction`, since PostgreSQL would just run it.
+
+The session is every caller's: statements that change it beyond the
+transaction (SET without LOCAL, RESET, DISCARD...) are refused the same way
+(`pg_sql.session_change`), and what the text cannot show is undone by the
+RESETs sent with every COMMIT (`_commit`).
+
+A statement waits on a lock at most `LOCK_SLICE` (lock_timeout): a request
+that waits longer on a lock held outside the writer is rolled back to its
+savepoint and held, unanswered, while the others commit; the loop serves it
+again with the next batch, until it gets the lock or its deadline.
 """
 
 from __future__ import annotations
