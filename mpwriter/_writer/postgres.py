@@ -846,8 +846,8 @@ def _session_baseline(
 
     The SET LOCAL that gives every COMMIT the session's synchronous_commit,
     and the statements that put every session value back as the connection
-    and ``init`` left it: RESET ALL (RESET ROLE and SESSION AUTHORIZATION
-    are not part of it), then ``init``'s own session values again.
+    and ``init`` left it: RESET SESSION AUTHORIZATION (which resets the role
+    too; RESET ALL leaves both), RESET ALL, then ``init``'s own session values.
     """
     row = conn.execute("SHOW synchronous_commit").fetchone()
     assert row is not None
@@ -855,7 +855,6 @@ def _session_baseline(
     reset: list[psql.SQL | psql.Composed] = [
         psql.SQL("RESET SESSION AUTHORIZATION"),
         psql.SQL("RESET ALL"),
-        psql.SQL("RESET ROLE"),
     ]
     kept = conn.execute(
         "SELECT name, current_setting(name) FROM pg_settings WHERE source = 'session'"
