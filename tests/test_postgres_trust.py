@@ -216,6 +216,7 @@ def test_a_request_gets_the_lock_once_the_outside_session_lets_go(
         0
     ]
     outside = psycopg.connect(pg_fresh)
+    requests = pg_writer.stats()["requests"]
     try:
         outside.execute("SELECT * FROM items WHERE id = %s FOR UPDATE", (row_id,))
         blocked = pg_writer.submit(
@@ -228,6 +229,8 @@ def test_a_request_gets_the_lock_once_the_outside_session_lets_go(
         outside.rollback()
         outside.close()
     assert blocked.result(timeout=20).rowcount == 1
+    # Tried again and again, counted once.
+    assert pg_writer.stats()["requests"] == requests + 2
     assert pg_writer.execute("SELECT payload FROM items WHERE id = ?", (row_id,)).rows == [
         ("done",)
     ]
