@@ -394,14 +394,17 @@ class PostgresEngine:
     def run(self, batch: list[Work]) -> list[tuple[Request, bytes]]:
         counters = self._counters
         counters.batches += 1
-        counters.requests += len(batch)
+        held = self._held
+        if held:
+            # A held request comes back at the head of the next batch, or expired.
+            held.intersection_update(_key(work) for work in batch)
         for work in batch:
+            if held and _key(work) in held:
+                continue  # counted when it first came
+            counters.requests += 1
             if work.request.kind == Kind.POST:
                 # Counted here, once: a replayed batch queues its posts again.
                 counters.posts_dropped += work.body[2]
-        if self._held:
-            # A held request comes back at the head of the next batch, or expired.
-            self._held.intersection_update(_key(work) for work in batch)
         replies: dict[int, bytes] = {}
         for start in range(0, len(batch), MAX_CHUNK):
             self._run_chunk(batch[start : start + MAX_CHUNK], replies)
