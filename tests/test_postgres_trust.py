@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 from typing import Any
 
 import pytest
@@ -389,13 +390,19 @@ def test_start_on_a_port_nothing_listens_on_is_server_unavailable() -> None:
     assert "Connection refused" in str(caught.value.__cause__)
 
 
+def _as_user(url: str, user: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    host = parts.netloc.rsplit("@", 1)[-1]
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}@{host}"))
+
+
 def test_start_on_a_full_server_is_server_unavailable(pg_url: str) -> None:
     role = "mpwriter_test_full"
     with psycopg.connect(pg_url, autocommit=True) as admin:
         admin.execute(f"DROP ROLE IF EXISTS {role}")
         admin.execute(f"CREATE ROLE {role} LOGIN CONNECTION LIMIT 0")
         try:
-            url = pg_url.replace("postgres@", f"{role}@", 1)
+            url = _as_user(pg_url, role)
             with pytest.raises(mpwriter.ServerUnavailable, match="too many") as caught:
                 mpwriter.start(url, context="fork")
         finally:
@@ -436,7 +443,7 @@ def test_start_without_psycopg_names_the_extra_to_install() -> None:
 
 
 def test_start_as_an_unknown_role_is_server_unavailable(pg_url: str) -> None:
-    url = pg_url.replace("postgres@", "mpwriter_test_no_such_role@", 1)
+    url = _as_user(pg_url, "mpwriter_test_no_such_role")
     with pytest.raises(mpwriter.ServerUnavailable, match="does not exist") as caught:
         mpwriter.start(url, context="fork")
     assert isinstance(caught.value.__cause__, psycopg.OperationalError)
