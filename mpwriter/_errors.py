@@ -66,6 +66,9 @@ class Interrupted(Error):
 class StatementRefused(Error):
     """The writer refused a statement that would end or split its transaction.
 
+    On PostgreSQL also one that would change the writer's session for later
+    requests (SET without LOCAL, RESET, DISCARD, LISTEN, ...).
+
     BEGIN, COMMIT, END, ROLLBACK, SAVEPOINT and RELEASE are the writer's to
     issue: every request already runs atomically inside its own savepoint.
     Nothing of the refused request was applied.

@@ -253,8 +253,9 @@ def _refuse_control(sql: str) -> None:
     if reason is not None:
         raise StatementRefused(
             f"refused: {reason}, which would change the writer's one connection for every"
-            " later request of every caller; use SET LOCAL (it ends with the request's"
-            " transaction), or set it for the writer's session in start(init=...);"
+            " later request of every caller; use SET LOCAL (it ends with the transaction)"
+            " in the transaction() or call() that needs it, or set it for the writer's"
+            " session in start(init=...);"
             " not applied"
         )
 
