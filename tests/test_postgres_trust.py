@@ -237,6 +237,31 @@ def test_a_request_gets_the_lock_once_the_outside_session_lets_go(
     ]
 
 
+def test_a_table_lock_costs_a_batch_one_lock_wait_not_one_per_request(
+    pg_writer: mpwriter.Writer, pg_fresh: str, gate: Gate
+) -> None:
+    pg_writer.execute("CREATE TABLE IF NOT EXISTS other(x int)")
+    outside = psycopg.connect(pg_fresh)
+    try:
+        outside.execute("LOCK TABLE items IN EXCLUSIVE MODE")  # no writes to items
+        gate.hold(pg_writer)  # one batch: 20 blocked requests, then 4 others
+        blocked = [pg_writer.submit(INSERT, (40, seq), timeout=20.0) for seq in range(20)]
+        others = [pg_writer.submit("INSERT INTO other VALUES (?)", (x,)) for x in range(4)]
+        released = time.monotonic()
+        gate.release()
+        for future in others:
+            future.result(timeout=10)
+        # One pass waits 0.1 s on the lock in all, not 0.1 s for each of the 20.
+        assert time.monotonic() - released < 1.0
+        assert not any(future.done() for future in blocked)
+    finally:
+        outside.rollback()
+        outside.close()
+    assert gate.future.result(timeout=10) == "released"
+    assert [future.result(timeout=20).rowcount for future in blocked] == [1] * 20
+    assert pg_count(pg_fresh) == 20
+
+
 def test_nowait_fails_at_once_and_is_not_retried(pg_writer: mpwriter.Writer, pg_fresh: str) -> None:
     row_id = pg_writer.execute("INSERT INTO items(client, seq) VALUES (9, 0) RETURNING id").rows[0][
         0

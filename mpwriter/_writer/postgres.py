@@ -95,8 +95,13 @@ _QUERY_CANCELED = "57014"  # statement_timeout
 _LOCK_NOT_AVAILABLE = "55P03"  # lock_timeout (and NOWAIT)
 # The longest a statement of a shared transaction waits on a lock held outside
 # the writer before its request is set aside and tried again in a later batch:
-# while it waits, the writer's one connection serves nobody else.
+# while it waits, the writer's one connection serves nobody else. It is also
+# what all the lock waits of one isolated pass may take together, so that a
+# table lock held outside costs a batch LOCK_SLICE, not LOCK_SLICE a request.
 LOCK_SLICE = 0.1
+# A statement's lock wait once that budget is spent: time enough for a lock
+# that another writer's COMMIT is about to release.
+_LOCK_WAIT_MIN = 0.005
 # "cannot run inside a transaction block" (VACUUM, CREATE INDEX CONCURRENTLY...):
 # a single statement so refused runs alone after the batch (`run_alone`).
 _NOT_IN_TRANSACTION = "25001"
@@ -648,13 +653,14 @@ class PostgresEngine:
         failed: list[tuple[Work, BaseException]] = []
         alone: list[Work] = []
         held: list[Work] = []
+        locks_until = time.monotonic() + LOCK_SLICE  # the pass's lock-wait budget
         try:
             conn.execute(self._begin)
             for work in chunk:
                 _check_transaction_open(conn)
                 self._state.busy_until = work.deadline
-                conn.execute(self._time_limits(work.deadline, work.deadline))
-                started = time.monotonic()
+                lock_until = max(locks_until, time.monotonic() + _LOCK_WAIT_MIN)
+                conn.execute(self._time_limits(work.deadline, min(work.deadline, lock_until)))
                 try:
                     with conn.transaction(savepoint_name="mpwriter_request"):
                         succeeded[id(work)] = self._ok(work, self._queue(conn, work)())
@@ -665,7 +671,7 @@ class PostgresEngine:
                         alone.append(work)  # VACUUM and the like: after the batch
                         continue
                     error: BaseException = exc
-                    if exc.sqlstate == _LOCK_NOT_AVAILABLE and self._waited(work, started):
+                    if _lock_timed_out(exc):
                         if self._may_hold(work):
                             held.append(work)
                             continue
@@ -715,11 +721,6 @@ class PostgresEngine:
         return psql.SQL(
             "SELECT set_config('statement_timeout', {}, true), set_config('lock_timeout', {}, true)"
         ).format(psql.Literal(str(self._millis(deadline))), psql.Literal(str(lock_millis)))
-
-    def _waited(self, work: Work, started: float) -> bool:
-        """Whether a lock error of ``work`` is the writer's lock_timeout (not NOWAIT's)."""
-        expected = min(LOCK_SLICE, work.deadline - _DEADLINE_MARGIN - started)
-        return time.monotonic() - started >= expected * 0.9
 
     def _may_hold(self, work: Work) -> bool:
         """Whether ``work``, stopped by its lock_timeout, may be tried again in a later batch.
@@ -837,6 +838,15 @@ class PostgresEngine:
                 "mpwriter: fire-and-forget write failed: %s: %s [%s]", name, exc, describe(work)
             )
         return error_reply(work.request.request_id, sendable(exc))
+
+
+def _lock_timed_out(exc: psycopg.Error) -> bool:
+    """Whether ``exc`` is a lock wait stopped by lock_timeout, not a NOWAIT that failed.
+
+    Both are SQLSTATE 55P03; the server raises the timeout from its interrupt
+    handler, and reports that function's name, which no locale translates.
+    """
+    return exc.sqlstate == _LOCK_NOT_AVAILABLE and exc.diag.source_function == "ProcessInterrupts"
 
 
 def _key(work: Work) -> tuple[int, int]:
