@@ -146,6 +146,36 @@ def test_a_session_change_the_lexer_cannot_see_is_undone_after_its_batch(
     assert pg_count(pg_fresh) == len(UNSEEN) + 1
 
 
+def test_a_batch_that_turns_synchronous_commit_off_still_commits_durably(
+    pg_writer: mpwriter.Writer,
+) -> None:
+    # A deferred trigger runs inside COMMIT, just before the commit record is
+    # written: it sees the synchronous_commit that decides whether COMMIT
+    # waits for the WAL flush.
+    pg_writer.executescript(
+        "CREATE TABLE commit_seen(setting text);"
+        " CREATE FUNCTION record_sync() RETURNS trigger LANGUAGE plpgsql AS $$"
+        " BEGIN INSERT INTO commit_seen VALUES (current_setting('synchronous_commit'));"
+        " RETURN NULL; END $$;"
+        " CREATE CONSTRAINT TRIGGER record_sync AFTER INSERT ON items"
+        " DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION record_sync();"
+    )
+    with pg_writer.transaction() as tx:
+        tx.execute("SELECT set_config('synchronous_commit', 'off', false)")
+        tx.execute(INSERT, (3, 1))
+    with pg_writer.transaction() as tx:
+        tx.execute("SET LOCAL synchronous_commit = off")  # the whole batch's COMMIT
+        tx.execute(INSERT, (3, 2))
+    pg_writer.call(_native_set_then_insert)
+    seen = pg_writer.execute("SELECT setting FROM commit_seen").rows
+    assert seen == [("on",), ("on",), ("on",)]
+
+
+def _native_set_then_insert(conn: Any) -> None:
+    conn.native.execute("SET synchronous_commit = off")
+    conn.execute(INSERT, (3, 3))
+
+
 def test_init_session_settings_survive_the_reset(pg_fresh: str) -> None:
     init = PG_SCHEMA + (
         "CREATE SCHEMA IF NOT EXISTS app;"
