@@ -108,6 +108,36 @@ def _set_local_and_read(conn: Any) -> str:
     return str(conn.execute("SELECT current_setting('search_path')").fetchone()[0])
 
 
+def test_set_local_ends_with_its_request_not_with_the_batch(
+    pg_writer: mpwriter.Writer, gate: Gate
+) -> None:
+    default = _settings(pg_writer)[1]
+    # One batch on the pipelined path: each request after a SET LOCAL runs
+    # in the same transaction, yet sees the values as before it.
+    gate.hold(pg_writer)
+    first = pg_writer.submit_script(
+        "SET LOCAL search_path = pg_catalog; /* why */ SET LOCAL ROLE pg_monitor;"
+        " SET LOCAL TIME ZONE 'Asia/Tokyo'; SET LOCAL myapp.flag = 'on'"
+    )
+    after = pg_writer.submit(
+        "SELECT current_setting('search_path'), current_user = session_user,"
+        " current_setting('TimeZone') <> 'Asia/Tokyo', current_setting('myapp.flag', true)"
+    )
+    gate.release()
+    assert gate.future.result(timeout=30) == "released"
+    first.result(timeout=30)
+    assert after.result(timeout=30).rows[0][:3] == (default, True, True)
+    assert after.result(timeout=30).rows[0][3] in (None, "")
+    # And on the isolated path, a call()'s SET LOCAL through its connection.
+    gate.hold(pg_writer)
+    inside = pg_writer.submit_call(_set_local_and_read)
+    later = pg_writer.submit("SELECT current_setting('search_path')")
+    gate.release()
+    assert gate.future.result(timeout=30) == "released"
+    assert inside.result(timeout=30) == "pg_catalog"
+    assert later.result(timeout=30).rows == [(default,)]
+
+
 def _native_set(conn: Any, statements: list[str]) -> str:
     for statement in statements:
         conn.native.execute(statement)

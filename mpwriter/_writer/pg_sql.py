@@ -30,6 +30,7 @@ imports nothing from psycopg.
 from __future__ import annotations
 
 import functools
+import re
 from typing import Literal
 
 Style = Literal["none", "qmark", "named", "native"]
@@ -291,6 +292,20 @@ _SESSION_STATEMENTS = {
 }
 # SET forms that last only until the end of the transaction.
 _SET_IN_TRANSACTION = frozenset({"LOCAL", "CONSTRAINTS", "TRANSACTION"})
+# SET LOCAL <name>, the name plain (dotted for a custom setting), then = or TO.
+_SET_LOCAL = re.compile(
+    r"\s*SET\s+LOCAL\s+([A-Za-z_][A-Za-z0-9_$]*(?:\.[A-Za-z_][A-Za-z0-9_$]*)*)(?=\s|=|$)",
+    re.IGNORECASE,
+)
+# SET LOCAL forms whose words are not the setting's name.
+_SET_LOCAL_FORMS = {
+    "time": "timezone",  # TIME ZONE
+    "role": "role",
+    "session": "session_authorization",  # SESSION AUTHORIZATION
+    "schema": "search_path",
+    "names": "client_encoding",
+    "xml": "xmloption",  # XML OPTION
+}
 
 
 @functools.lru_cache(maxsize=1024)
@@ -309,6 +324,8 @@ def session_change(sql: str) -> str | None:
         if not words:
             continue
         if words[0] == "SET":
+            if words[1:2] == ["LOCAL"] and _set_local_name(statement) is None:
+                return "the writer could not read this SET LOCAL's setting name"
             if len(words) > 1 and words[1] in _SET_IN_TRANSACTION:
                 continue
             return "SET without LOCAL sets a session value"
@@ -318,3 +335,38 @@ def session_change(sql: str) -> str | None:
         if reason is not None:
             return reason
     return None
+
+
+@functools.lru_cache(maxsize=1024)
+def local_settings(sql: str) -> tuple[str, ...]:
+    """The settings that the statements of ``sql`` change with SET LOCAL, by name.
+
+    The engine puts them back when the request ends: SET LOCAL lasts until
+    the end of the transaction, which the batch's requests share. A SET
+    LOCAL whose name cannot be read (written with a comment or quotes inside)
+    is refused by `session_change`.
+    """
+    names: list[str] = []
+    for statement in split_statements(sql):
+        if leading_words(statement)[:2] == ["SET", "LOCAL"]:
+            name = _set_local_name(statement)
+            if name is not None and name not in names:
+                names.append(name)
+    return tuple(names)
+
+
+def _set_local_name(statement: str) -> str | None:
+    start = 0  # past leading blanks and comments
+    while start < len(statement):
+        if statement[start].isspace():
+            start += 1
+            continue
+        after = _skip_opaque(statement, start)
+        if after == start or statement[start] in "'\"$":
+            break
+        start = after
+    match = _SET_LOCAL.match(statement, start)
+    if match is None:
+        return None
+    word = match.group(1).lower()
+    return _SET_LOCAL_FORMS.get(word, word)

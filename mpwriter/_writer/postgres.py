@@ -76,6 +76,7 @@ from .call_limit import CallLimiter, CallOverrun, own_signals, restore_signals
 from .pg_sql import (
     PlaceholderError,
     controls_transaction,
+    local_settings,
     session_change,
     split_statements,
     translate,
@@ -200,6 +201,51 @@ class Cursor:
         return iter(self._cursor)
 
 
+class LocalSettings:
+    """What one request changes with SET LOCAL, put back when the request ends.
+
+    SET LOCAL lasts until the end of the transaction, which the requests of
+    a batch share: the requests after it would run with its values. Before
+    the request's first SET LOCAL of a setting, the setting's value is saved
+    in a placeholder setting of the server (``mpwriter.savedN``), so that
+    the pipelined statements need no result; `restore` sets it back from
+    there. Only SET LOCAL the lexer reads (`pg_sql.local_settings`) is put
+    back: not ``set_config(..., true)``, nor what ``conn.native`` runs.
+    """
+
+    __slots__ = ("_conn", "_saved")
+
+    def __init__(self, conn: psycopg.Connection[Any]) -> None:
+        self._conn = conn
+        self._saved: dict[str, str] = {}
+
+    def before(self, sql: str) -> None:
+        """Save what ``sql`` is about to change with SET LOCAL, if not saved yet."""
+        if not isinstance(sql, str):
+            return  # refused by `_prepare`
+        for name in local_settings(sql):
+            if name not in self._saved:
+                slot = f"mpwriter.saved{len(self._saved)}"
+                self._saved[name] = slot
+                self._conn.execute(
+                    psql.SQL("SELECT set_config({}, current_setting({}, true), true)").format(
+                        psql.Literal(slot), psql.Literal(name)
+                    )
+                )
+
+    def restore(self) -> None:
+        """Set every saved setting back (still within the request's savepoint)."""
+        if not self._saved:
+            return
+        calls = [
+            psql.SQL("set_config({}, current_setting({}), true)").format(
+                psql.Literal(name), psql.Literal(slot)
+            )
+            for name, slot in self._saved.items()
+        ]
+        self._conn.execute(psql.SQL("SELECT {}").format(psql.SQL(", ").join(calls)))
+
+
 class Connection:
     """The connection a `call()` function receives on PostgreSQL.
 
@@ -210,16 +256,19 @@ class Connection:
     what this wrapper lacks; do not commit, roll back or close it.
     """
 
-    def __init__(self, conn: psycopg.Connection[Any]) -> None:
+    def __init__(self, conn: psycopg.Connection[Any], settings: LocalSettings) -> None:
         self.native = conn
+        self._settings = settings
 
     def execute(self, sql: str, params: Any = ()) -> Cursor:
         cursor = self.native.cursor()
+        self._settings.before(sql)
         _execute(cursor, sql, params)
         return Cursor(cursor)
 
     def executemany(self, sql: str, seq_of_params: Iterable[Any]) -> Cursor:
         cursor = self.native.cursor()
+        self._settings.before(sql)
         _executemany(cursor, sql, seq_of_params)
         return Cursor(cursor)
 
@@ -747,26 +796,41 @@ class PostgresEngine:
     # -- one request ------------------------------------------------------------------
 
     def _queue(self, conn: psycopg.Connection[Any], work: Work) -> Finish:
-        """Send ``work``'s statements; return what computes its value once results are in."""
+        """Send ``work``'s statements; return what computes its value once results are in.
+
+        What the request changed with SET LOCAL is put back after its last
+        statement (`LocalSettings`); if it fails, its savepoint's rollback
+        (or the chunk's) undoes it.
+        """
+        settings = LocalSettings(conn)
+        finish = self._send(conn, work, settings)
+        settings.restore()
+        return finish
+
+    def _send(self, conn: psycopg.Connection[Any], work: Work, settings: LocalSettings) -> Finish:
         kind = work.request.kind
         body = work.body
         if kind == Kind.EXECUTE or kind == Kind.POST:
             cursor = conn.cursor()
+            settings.before(body[0])
             _execute(cursor, body[0], body[1])
             return lambda: _written(cursor)
         if kind == Kind.EXECUTEMANY:
             cursor = conn.cursor()
+            settings.before(body[0])
             _executemany(cursor, body[0], body[1])
             return lambda: (cursor.rowcount, None, [])
         if kind == Kind.SCRIPT:
             for statement in split_statements(body[0]):
                 _refuse_control(statement)
+                settings.before(statement)
                 conn.cursor().execute(statement)
             return lambda: None
         if kind == Kind.TRANSACTION:
             parts: list[Finish] = []
             for many, sql, params in body[0]:
                 cursor = conn.cursor()
+                settings.before(sql)
                 if many:
                     _executemany(cursor, sql, params)
                     parts.append(functools.partial(_rowcount, cursor))
@@ -775,11 +839,11 @@ class PostgresEngine:
                     parts.append(functools.partial(_written, cursor))
             return lambda: [part() for part in parts]
         if kind == Kind.CALL:
-            value = self._run_call(conn, work)
+            value = self._run_call(conn, work, settings)
             return lambda: value
         raise ValueError(f"unknown request kind {kind}")
 
-    def _run_call(self, conn: psycopg.Connection[Any], work: Work) -> Any:
+    def _run_call(self, conn: psycopg.Connection[Any], work: Work, settings: LocalSettings) -> Any:
         """Run a call() function, stopped if it overruns; return its value.
 
         Its SQL is stopped by the server (``statement_timeout``, set at the
@@ -807,7 +871,7 @@ class PostgresEngine:
         try:
             return limiter.run(
                 stop_at + _PYTHON_GRACE,
-                lambda: function(Connection(conn), *work.body[1], **work.body[2]),
+                lambda: function(Connection(conn, settings), *work.body[1], **work.body[2]),
                 lambda: restore_signals(self._signal_mask),
             )
         except CallOverrun as overrun:
