@@ -96,6 +96,9 @@ class Interrupted(Error):
 class StatementRefused(Error):
     """The writer refused a statement that would end or split its transaction.
 
+    On PostgreSQL also one that would change the writer's session for later
+    requests (SET without LOCAL, RESET, DISCARD, LISTEN, ...).
+
     BEGIN, COMMIT, END, ROLLBACK, SAVEPOINT and RELEASE are the writer's to
     issue: every request already runs atomically inside its own savepoint.
     Nothing of the refused request was applied.
@@ -107,6 +110,14 @@ class NotPicklable(Error, TypeError):
 
     Raised in the caller before anything was queued when an argument fails;
     raised from the writer (with its changes rolled back) when a result fails.
+    """
+
+
+class MissingDependency(Error, ImportError):
+    """An optional dependency is not installed (psycopg, for a PostgreSQL URL).
+
+    The message names what to install (``pip install 'mpwriter[postgres]'``);
+    the import error is its ``__cause__``. Also an `ImportError`.
     """
 
 
@@ -142,6 +153,29 @@ class OutcomeUnknown(ServerUnavailable):
     The transaction may or may not have committed: treat the write as "maybe
     done", as after a `Timeout`.
     """
+
+
+def carry_cause(error: Error, cause: BaseException) -> Error:
+    """``error`` with ``cause`` as its ``__cause__``, kept across pickling.
+
+    Pickling drops ``__cause__``; an error the writer raises while starting
+    crosses to the owner, where `start_failure` sets it again.
+    """
+    error.__cause__ = cause
+    error.__dict__["_mpwriter_cause"] = cause
+    return error
+
+
+def start_failure(exc: BaseException) -> BaseException:
+    """What `start()` raises for ``exc``, which the writer raised while starting.
+
+    ``__cause__`` set again if `carry_cause` kept it; a driver's error
+    (``init`` failing) as its `portable` class, an mpwriter `DatabaseError`.
+    """
+    cause = vars(exc).pop("_mpwriter_cause", None) if hasattr(exc, "__dict__") else None
+    if cause is not None:
+        exc.__cause__ = cause
+    return portable(exc)
 
 
 # -- one except clause for both engines ----------------------------------------

@@ -28,6 +28,7 @@ EXPECTED_PUBLIC_NAMES = {
     "Interrupted",
     "MigrationFailed",
     "MissingMainGuard",
+    "MissingDependency",
     "NotPicklable",
     "OperationalError",
     "OutcomeUnknown",

@@ -51,7 +51,7 @@ from multiprocessing.context import BaseContext
 from typing import Any
 
 from .._caller.handle import Writer
-from .._errors import MissingMainGuard, WriterCrashed
+from .._errors import MissingMainGuard, WriterCrashed, start_failure
 from .._wire.endpoint import Offer, endpoint_path
 from .._wire.frames import NO_REPLY, Kind, encode_frames, make_sender_token, new_frame_key
 from .._wire.state import BACKING_OFF, CLOSED, RUNNING, new_shared_state
@@ -505,7 +505,7 @@ def _await_ready(report: Connection, timeout: float) -> None:
         return
     if status == "error":
         assert isinstance(value, BaseException)
-        raise value
+        raise start_failure(value)
     if status == "timeout":
         raise WriterCrashed(f"the writer did not become ready: {value}")
     raise WriterCrashed(f"the writer process exited before it was ready (exit code {value})")

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from .. import testing
+from .._errors import MissingDependency, carry_cause
 from .._wire.frames import Request
 from .batch import Counters, Work
 from .sqlite import open_sqlite_engine
@@ -42,7 +43,9 @@ class Engine(Protocol):
         batch and calls `abandon_transaction`.
 
         A request that cannot run inside a transaction (SQLite's VACUUM) may
-        be left out of the replies: it is deferred to `run_alone`.
+        be left out of the replies: it is deferred to `run_alone`. A request
+        that neither this nor `run_alone` answers (PostgreSQL: one that waits
+        on a lock held outside the writer) is served again in a later batch.
         """
         ...
 
@@ -107,7 +110,14 @@ def open_engine(config: WriterConfig, counters: Counters, state: Any) -> Engine:
         return engine
     if config.path.startswith(("postgresql://", "postgres://")):
         # Imported here: psycopg is an optional dependency (mpwriter[postgres]).
-        from .postgres import open_postgres_engine
+        try:
+            from .postgres import open_postgres_engine
+        except ImportError as exc:
+            missing = MissingDependency(
+                f"a PostgreSQL URL needs psycopg, which could not be imported ({exc}):"
+                " pip install 'mpwriter[postgres]'"
+            )
+            raise carry_cause(missing, exc) from exc
 
         return open_postgres_engine(
             config.path,

@@ -523,6 +523,8 @@ class WriterLoop:
                 for work in batch:
                     if id(work.request) not in answered:
                         send(work.request, error_reply(work.request.request_id, exc))
+            else:
+                self._serve_again([w.request for w in batch if id(w.request) not in answered])
         # The keys in hand become the ones just answered (two sets, swapped:
         # no set is built per batch).
         self._answered, self._in_hand = in_hand, self._answered
@@ -532,6 +534,18 @@ class WriterLoop:
                 self._replies.release_streamed(rows)
         if batch:
             self._record_timings(batch, taken, committed)
+
+    def _serve_again(self, requests: list[Request]) -> None:
+        """Put requests the engine left unanswered back at the head of the backlog.
+
+        The engine held them (PostgreSQL: a request waiting on a lock held
+        outside the writer) so as not to hold the others: they run again in
+        the next batch, with what arrived meanwhile, until answered or expired.
+        """
+        if not requests:
+            return
+        self._backlog.extendleft(reversed(requests))
+        self._read_available()
 
     def _attach_streams(
         self, batch: list[Work], extra: list[tuple[Request, bytes]]
