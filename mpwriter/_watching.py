@@ -26,7 +26,7 @@ from string import Formatter
 from typing import Any
 
 from ._wire.stats import FIGURES, LATENCY_SERIES, SNAPSHOT_FORMAT, Snapshot, Stats, snapshot_path
-from ._writer.sqlite import lock_path
+from ._writer.claim import lock_path
 
 # The writer publishes about once a second, between batches; a snapshot older
 # than this means its loop has not come back from a batch.

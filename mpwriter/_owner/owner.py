@@ -184,9 +184,13 @@ def start(
     elif path == ":memory:" or path.startswith("file:"):
         raise ValueError("mpwriter needs a database file path (not ':memory:' or a URI)")
     else:
-        directory = os.path.dirname(os.path.abspath(path))
+        # The real name, symlinks and ".." resolved as the kernel does: the
+        # writer serves the file itself, and its lock goes beside that name.
+        real = os.path.realpath(path)
+        directory = os.path.dirname(real)
         if not os.path.isdir(directory):
             raise FileNotFoundError(f"the directory of {path!r} does not exist: {directory!r}")
+        path = real
     synchronous = synchronous.upper()
     if synchronous not in _SYNCHRONOUS:
         raise ValueError(f"synchronous must be one of {_SYNCHRONOUS}, not {synchronous!r}")
@@ -203,7 +207,7 @@ def start(
     # Any: typeshed's BaseContext lacks Process(), which every concrete context has.
     ctx: Any = context if isinstance(context, BaseContext) else multiprocessing.get_context(context)
     config = WriterConfig(
-        path if postgres else os.path.abspath(path),
+        path,
         synchronous,
         init,
         max_batch,

@@ -247,4 +247,4 @@ def snapshot_path(database: str) -> str | None:
     """Where the writer of ``database`` publishes its figures; None for a URL."""
     if "://" in database:
         return None
-    return os.path.abspath(database) + SNAPSHOT_SUFFIX
+    return os.path.realpath(database) + SNAPSHOT_SUFFIX
