@@ -13,7 +13,6 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-import select
 import shutil
 import sqlite3
 import tempfile
@@ -23,11 +22,10 @@ from pathlib import Path
 import pytest
 
 import mpwriter
-from conftest import SCHEMA, count_rows, reap_pid
+from conftest import NOBODY, SCHEMA, as_nobody, count_rows
 
 LOCK_SUFFIX = ".mpwriter.lock"
 SNAPSHOT_SUFFIX = ".mpwriter-stats.json"
-NOBODY = 65534
 
 as_root = pytest.mark.skipif(os.geteuid() != 0, reason="acts as another user: needs root")
 
@@ -147,26 +145,17 @@ def test_a_lock_file_left_readable_by_others_is_narrowed(db_path: Path) -> None:
         assert writer.execute("INSERT INTO items(seq) VALUES (1)").rowcount == 1
 
 
-def _try_to_lock_as_nobody(paths: list[str], report: int, release: int) -> None:
-    """In a forked child: as "nobody", open and flock each path; report; hold until released."""
-    os.setresgid(NOBODY, NOBODY, NOBODY)
-    os.setresuid(NOBODY, NOBODY, NOBODY)
+def _lock_each(paths: list[str]) -> str:
+    """Open and flock each of ``paths``; what happened, one word each."""
     outcomes = []
-    held = []
     for path in paths:
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-        except OSError as exc:
-            outcomes.append(errno.errorcode[exc.errno or 0])
-            continue
-        held.append(fd)
-        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # kept open until the child exits
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             outcomes.append("locked")
         except OSError as exc:
             outcomes.append(errno.errorcode[exc.errno or 0])
-    os.write(report, " ".join(outcomes).encode())
-    select.select([release], [], [], 30.0)  # bounded even if the test dies
+    return " ".join(outcomes)
 
 
 @as_root
@@ -176,29 +165,11 @@ def test_another_user_cannot_lock_the_writer_out(shared_dir: Path) -> None:
     # Others get no access to the database either: SQLite's own locks, like
     # the writer's lock on the file, need only read access.
     os.chmod(db, 0o640)
-    paths = [f"{db}{LOCK_SUFFIX}", str(db)]
-    report_r, report_w = os.pipe()
-    release_r, release_w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child
-        try:
-            os.close(report_r)
-            os.close(release_w)
-            _try_to_lock_as_nobody(paths, report_w, release_r)
-        finally:
-            os._exit(0)
-    os.close(report_w)
-    os.close(release_r)
-    try:
-        assert select.select([report_r], [], [], 30)[0], "the child did not report"
-        assert os.read(report_r, 4096).decode() == "EACCES EACCES"
-        # While that user still runs, a writer starts (as after a crash).
+    with as_nobody(lambda: _lock_each([f"{db}{LOCK_SUFFIX}", str(db)])) as outcome:
+        assert outcome == "EACCES EACCES"
+        # While that user's process still runs, a writer starts (as after a crash).
         with mpwriter.start(db, context="fork") as writer:
             assert writer.execute("INSERT INTO items(seq) VALUES (1)").rowcount == 1
-    finally:
-        os.close(release_w)
-        os.close(report_r)
-        reap_pid(pid)
 
 
 @as_root
