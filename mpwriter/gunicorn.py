@@ -58,6 +58,7 @@ from ._caller.attached import attach
 from ._caller.handle import Writer
 from ._errors import WriterAlreadyRunning
 from ._owner.owner import start
+from ._wire.address import is_server_url
 from ._writer.claim import await_release, lock_path
 
 __all__ = ["Hooks", "writer_hooks"]
@@ -117,7 +118,7 @@ def writer_hooks(
         _route_records_to_gunicorn()
         try:
             # PostgreSQL admits writers side by side: a USR2 successor need not wait.
-            postgres = os.fspath(path).startswith(("postgresql://", "postgres://"))
+            postgres = is_server_url(os.fspath(path))
             if server.master_pid and not postgres:
                 _await_old_writer(os.fspath(path), takeover_timeout, server)
             writer = start(path, **start_kwargs)

@@ -324,3 +324,21 @@ def test_stats_refuses_a_lock_and_figures_planted_beside_another_users_database(
             assert_refused_as_forged(db, "it belongs to uid 65534, the database to uid 0")
     finally:
         shutil.rmtree(shared)
+
+
+def test_a_path_that_looks_like_a_url_is_a_file_to_every_part(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Only postgresql:// and postgres:// name a server; "x://y.db" is the
+    # file y.db in the directory "x:" to start(), the publisher, reader() and the CLI.
+    monkeypatch.chdir(tmp_path)
+    os.mkdir("x:")
+    with mpwriter.start("x://y.db", init=SCHEMA, context="fork") as writer:
+        assert writer.execute("INSERT INTO items(seq) VALUES (1)").rowcount == 1
+        writer.stats()  # served after the writer's first snapshot
+        assert (tmp_path / "x:" / f"y.db{SNAPSHOT_SUFFIX}").is_file()
+        result = run_stats("x://y.db", "--json")
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout)["database"] == str(tmp_path / "x:" / "y.db")
+        with mpwriter.reader("x://y.db") as conn:
+            assert conn.execute("SELECT count(*) FROM items").fetchone()[0] == 1

@@ -53,6 +53,7 @@ from typing import Any
 from .._caller.handle import Writer
 from .._errors import MissingMainGuard, WriterCrashed
 from .._wire.endpoint import Offer, endpoint_path
+from .._wire.address import is_server_url
 from .._wire.frames import NO_REPLY, Kind, encode_frames, make_sender_token, new_frame_key
 from .._wire.state import BACKING_OFF, CLOSED, RUNNING, new_shared_state
 from .._writer.engine import WriterConfig
@@ -176,7 +177,7 @@ def start(
     """
     _refuse_start_while_main_reimported()
     path = os.fspath(path)
-    postgres = path.startswith(("postgresql://", "postgres://"))
+    postgres = is_server_url(path)
     if isolation not in ("read committed", "repeatable read", "serializable"):
         raise ValueError(f"unknown isolation level {isolation!r}")
     if postgres:
