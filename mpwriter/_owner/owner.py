@@ -63,6 +63,12 @@ from .supervisor import CLOSE, KILL, KILL_GRACE, STOP, EndpointOffer, RestartPol
 log = logging.getLogger("mpwriter")
 
 _SYNCHRONOUS = ("NORMAL", "FULL", "EXTRA")
+# Of close()'s timeout, what is kept (a tenth at most) for the supervisor to
+# kill a writer that did not drain in time, reap it and exit, which takes a
+# few milliseconds on an idle machine.
+_KILL_RESERVE = 0.25
+# How long close() waits for an exiting supervisor to be reapable, even at its deadline.
+_JOIN_AT_LEAST = 0.05
 
 # Strong references: a forked child must still find every owner here after its
 # handles have dropped theirs (the order of after-fork hooks is not ours).
@@ -381,7 +387,16 @@ class _Owner:
     # -- stopping ----------------------------------------------------------------------
 
     def close(self, timeout: float) -> None:
-        """Ask the writer to drain and stop; escalate if it does not in time."""
+        """Ask the writer to drain and stop; have it killed if it has not within ``timeout``.
+
+        Returns within ``timeout`` seconds: the drain gets all of it but a
+        reserve (a tenth, at most `_KILL_RESERVE`) in which the supervisor
+        kills the writer and exits. Only a supervisor that does not answer
+        within that reserve makes close() wait longer (logged), since killing
+        it instead would leave a stuck writer holding the lock.
+        """
+        deadline = time.monotonic() + max(timeout, 0.0)
+        reserve = min(_KILL_RESERVE, max(timeout, 0.0) / 10)
         with self._lock:
             state = self.state
             if state.status in (RUNNING, BACKING_OFF):
@@ -390,9 +405,9 @@ class _Owner:
             else:
                 stop = CLOSE
             self._tell(stop)
-            if not self._await_supervisor(timeout):
-                self._stop_by_force()
-            self._forget_supervisor()
+            if not self._await_supervisor(deadline - reserve - time.monotonic()):
+                self._stop_by_force(deadline)
+            self._forget_supervisor(deadline)
         _owners.discard(self)
 
     def _send_close(self) -> bool:
@@ -412,7 +427,7 @@ class _Owner:
             os.write(self.control_w, command)
 
     def _await_supervisor(self, timeout: float) -> bool:
-        """Wait until the supervisor has exited (its report pipe reads EOF)."""
+        """Wait up to ``timeout`` until the supervisor has exited (its report pipe reads EOF)."""
         report = self.report
         if report is None:
             return True
@@ -425,15 +440,20 @@ class _Owner:
             except (EOFError, OSError):
                 return True
 
-    def _stop_by_force(self) -> None:
+    def _stop_by_force(self, deadline: float) -> None:
         """The writer did not stop in time: have it killed; kill the supervisor if need be."""
         self._tell(KILL)
+        if self._await_supervisor(deadline - time.monotonic()):
+            return
+        log.warning(
+            "mpwriter: close() waits past its timeout for the supervisor to kill the writer"
+        )
         if not self._await_supervisor(4 * KILL_GRACE):
             log.error("mpwriter: the writer's supervisor did not exit; killing it")
             self.supervisor.kill()
             self._await_supervisor(KILL_GRACE)
 
-    def _forget_supervisor(self) -> None:
+    def _forget_supervisor(self, deadline: float | None = None) -> None:
         if self.control_w is not None:
             os.close(self.control_w)
             self.control_w = None
@@ -442,7 +462,9 @@ class _Owner:
             self.report = None
         process = self.supervisor
         if process is not None:
-            process.join(KILL_GRACE)
+            # Its report pipe has closed: it is exiting, which takes milliseconds.
+            grace = KILL_GRACE if deadline is None else deadline - time.monotonic()
+            process.join(min(KILL_GRACE, max(grace, _JOIN_AT_LEAST)))
             if process.exitcode is None:
                 # Reaped by someone else (gunicorn's master calls waitpid(-1)):
                 # multiprocessing would join or SIGTERM its pid at our exit.
