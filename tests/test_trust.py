@@ -173,6 +173,24 @@ def test_another_user_cannot_lock_the_writer_out(shared_dir: Path) -> None:
 
 
 @as_root
+def test_a_database_others_may_read_is_one_they_can_lock_the_writer_out_of(
+    shared_dir: Path,
+) -> None:
+    # The documented limit: read access is all a flock needs (and all
+    # SQLite's own locks need to stall its writer), so the mode of the
+    # database decides who can keep its writer from starting.
+    db = shared_dir / "app.db"
+    mpwriter.start(db, init=SCHEMA, context="fork").close()
+    os.chmod(db, 0o644)
+    with as_nobody(lambda: _lock_each([f"{db}{LOCK_SUFFIX}", str(db)])) as outcome:
+        assert outcome == "EACCES locked"
+        with pytest.raises(mpwriter.WriterAlreadyRunning, match="already serves"):
+            mpwriter.start(db, context="fork")
+    with mpwriter.start(db, context="fork") as writer:  # once that user lets go
+        assert writer.execute("INSERT INTO items(seq) VALUES (1)").rowcount == 1
+
+
+@as_root
 def test_a_lock_file_owned_by_another_user_is_refused(shared_dir: Path) -> None:
     db = shared_dir / "app.db"
     lock = Path(f"{db}{LOCK_SUFFIX}")
