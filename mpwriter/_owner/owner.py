@@ -175,11 +175,13 @@ def start(
     ``endpoint`` says. Only this process's user may connect, and the
     group ``allow_group`` (a name or id) if given.
 
-    Raises `WriterAlreadyRunning` if another writer serves this file, the
-    sqlite3 error if the database cannot be opened or ``init`` fails,
-    `MigrationFailed` if a migration does, `MissingMainGuard` if called while
-    a spawn/forkserver child re-runs the main module's top level, and
-    `WriterCrashed` if the writer dies before it is ready.
+    Raises `WriterAlreadyRunning` if another writer serves this file (under
+    any name: symlinks and hard links reach the same writer), `UntrustedFile`
+    if its lock file is a symlink or another user's, the sqlite3 error if the
+    database cannot be opened or ``init`` fails, `MigrationFailed` if a
+    migration does, `MissingMainGuard` if called while a spawn/forkserver
+    child re-runs the main module's top level, and `WriterCrashed` if the
+    writer dies before it is ready.
     """
     _refuse_start_while_main_reimported()
     path = os.fspath(path)
