@@ -79,7 +79,12 @@ def open_private(path: str) -> int:
 
 
 class Claim:
-    """A writer's hold on its database file: the lock file and the file itself."""
+    """A writer's hold on its database file: the lock file and the file itself.
+
+    Release it only once the process has closed its SQLite connections to
+    the file: closing any descriptor of a file drops every fcntl lock the
+    process holds on it, SQLite's included (POSIX semantics).
+    """
 
     def __init__(self, database: str) -> None:
         """Take both locks of ``database`` or raise.
@@ -92,22 +97,31 @@ class Claim:
         real = os.path.realpath(database)
         try:
             # The lock file first: it exists before the database does.
-            self._take(open_private(real + LOCK_SUFFIX), database, real + LOCK_SUFFIX)
+            self._fds.append(open_private(real + LOCK_SUFFIX))
+            if not _try_lock(self._fds[-1]):
+                raise WriterAlreadyRunning(
+                    f"another mpwriter writer already serves {database!r}"
+                    f" (it holds {real + LOCK_SUFFIX!r})"
+                )
             # Read-only is enough for flock, and creates nothing but an empty file.
-            file_fd = os.open(real, os.O_RDONLY | os.O_CREAT | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
-            self._take(file_fd, database, real)
+            self._fds.append(
+                os.open(real, os.O_RDONLY | os.O_CREAT | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+            )
+            # A writer that holds the file but not its lock file serves it
+            # under another name (a hard link) -- or is exiting: the kernel
+            # may drop its two locks a moment apart. Give the latter that moment.
+            deadline = time.monotonic() + _EXIT_MOMENT
+            while not _try_lock(self._fds[-1]):
+                if time.monotonic() >= deadline:
+                    raise WriterAlreadyRunning(
+                        f"another mpwriter writer already serves {database!r} under"
+                        f" another name: it holds a lock on the file {real!r} (a hard link?)"
+                    )
+                # sleep-ok: flock has no bounded blocking form; a few polls at most.
+                time.sleep(_POLL_INTERVAL / 5)
         except BaseException:
             self.release()
             raise
-
-    def _take(self, fd: int, database: str, held: str) -> None:
-        self._fds.append(fd)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise WriterAlreadyRunning(
-                f"another mpwriter writer already serves {database!r} (it holds {held!r})"
-            ) from None
 
     def release(self) -> None:
         """Release both locks (closing the descriptors releases them). Idempotent."""
@@ -116,23 +130,34 @@ class Claim:
 
 
 _POLL_INTERVAL = 0.05
+_EXIT_MOMENT = 0.1
+
+
+def _try_lock(fd: int) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
 
 
 def await_release(database: str, timeout: float) -> bool:
-    """Wait up to ``timeout`` seconds until no writer holds ``database``; True if none does.
+    """Wait up to ``timeout`` seconds until no writer holds ``database``'s lock file.
 
-    Tries the claim and lets it go at once, so it sees both locks. Raises
-    what `Claim` raises, `WriterAlreadyRunning` excepted.
+    True once none does. Probes the lock file only: opening and closing the
+    database file here would drop this process's SQLite locks on it (a
+    gunicorn master may hold readers), and `Claim` waits out the moment
+    between the two locks' release. Raises what `open_private` raises.
     """
     deadline = time.monotonic() + timeout
-    while True:
-        try:
-            Claim(database).release()
-        except WriterAlreadyRunning:
+    fd = open_private(lock_path(database))
+    try:
+        while not _try_lock(fd):
             left = deadline - time.monotonic()
             if left <= 0:
                 return False
             # sleep-ok: flock has no bounded blocking form; this polls as filelock does.
             time.sleep(min(_POLL_INTERVAL, left))
-        else:
-            return True
+    finally:
+        os.close(fd)
+    return True
