@@ -89,7 +89,7 @@ __all__ = [
 __version__ = "0.1.0"
 
 # Loaded on first use, so that importing mpwriter loads the caller side only:
-# `start` brings the owner and the writer side (the SQLite engine, filelock),
+# `start` brings the owner and the writer side (the SQLite engine),
 # `reader` brings sqlite3, which a process that only calls a writer -- or
 # only uses PostgreSQL -- does not need.
 _LAZY = {

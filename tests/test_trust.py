@@ -190,6 +190,28 @@ def test_a_database_others_may_read_is_one_they_can_lock_the_writer_out_of(
         assert writer.execute("INSERT INTO items(seq) VALUES (1)").rowcount == 1
 
 
+def _hold_the_wal_write_lock(db: Path) -> str:
+    """Take a read lock on the byte of the -shm file that SQLite's WAL writer locks."""
+    fd = os.open(f"{db}-shm", os.O_RDONLY)  # kept open until the child exits
+    fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB, 1, 120)  # WAL_WRITE_LOCK, sqlite3.c
+    return "held"
+
+
+@as_root
+def test_a_user_who_may_read_the_database_can_stall_its_writes(shared_dir: Path) -> None:
+    # The same limit, from SQLite's side: its -shm file has the database's
+    # mode, and a read lock on it keeps the writer from writing.
+    db = shared_dir / "app.db"
+    with mpwriter.start(db, init=SCHEMA, context="fork") as writer:
+        os.chmod(db, 0o644)
+        os.chmod(f"{db}-shm", 0o644)
+        with as_nobody(lambda: _hold_the_wal_write_lock(db)) as outcome:
+            assert outcome == "held"
+            with pytest.raises(sqlite3.OperationalError, match="database is locked"):
+                writer.execute("INSERT INTO items(seq) VALUES (1)", timeout=1.0)
+        assert writer.execute("INSERT INTO items(seq) VALUES (2)").rowcount == 1
+
+
 @as_root
 def test_a_lock_file_owned_by_another_user_is_refused(shared_dir: Path) -> None:
     db = shared_dir / "app.db"

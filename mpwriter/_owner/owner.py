@@ -52,8 +52,8 @@ from typing import Any
 
 from .._caller.handle import Writer
 from .._errors import MissingMainGuard, WriterCrashed
-from .._wire.endpoint import Offer, endpoint_path
 from .._wire.address import is_server_url
+from .._wire.endpoint import Offer, endpoint_path
 from .._wire.frames import NO_REPLY, Kind, encode_frames, make_sender_token, new_frame_key
 from .._wire.state import BACKING_OFF, CLOSED, RUNNING, new_shared_state
 from .._writer.engine import WriterConfig
