@@ -111,6 +111,30 @@ def test_a_symlink_to_a_database_not_created_yet_is_the_same_file(
     assert count_rows(db_in_subdir) == 1
 
 
+@pytest.mark.parametrize("kind", ["symlink to the file", "symlink to its directory"])
+def test_connect_through_a_symlink_reaches_the_writer_of_the_file(
+    kind: str, db_in_subdir: Path, aliases: Path
+) -> None:
+    with mpwriter.start(db_in_subdir, init=SCHEMA, timeout=10.0, context="fork") as writer:
+        connected = mpwriter.connect(ALIASES[kind](db_in_subdir, aliases))
+        try:
+            assert connected.execute("INSERT INTO items(seq) VALUES (1)").rowcount == 1
+            assert connected.stats()["pid"] == writer.stats()["pid"]
+        finally:
+            connected.close()
+    assert count_rows(db_in_subdir) == 1
+
+
+def test_connect_through_a_hard_link_elsewhere_finds_no_endpoint(
+    db_in_subdir: Path, aliases: Path
+) -> None:
+    # The documented limit: the endpoint is found by name, beside the real
+    # name; a hard link in another directory has another real name.
+    with mpwriter.start(db_in_subdir, init=SCHEMA, timeout=10.0, context="fork"):
+        with pytest.raises(mpwriter.WriterUnavailable, match="nothing listens there"):
+            mpwriter.connect(_hard_link(db_in_subdir, aliases))
+
+
 # -- side files and other users ----------------------------------------------------------
 
 
