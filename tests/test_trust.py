@@ -15,6 +15,8 @@ import fcntl
 import os
 import shutil
 import sqlite3
+import subprocess
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -125,14 +127,24 @@ def test_connect_through_a_symlink_reaches_the_writer_of_the_file(
     assert count_rows(db_in_subdir) == 1
 
 
-def test_connect_through_a_hard_link_elsewhere_finds_no_endpoint(
+def test_connect_and_stats_through_a_hard_link_elsewhere_find_no_writer(
     db_in_subdir: Path, aliases: Path
 ) -> None:
-    # The documented limit: the endpoint is found by name, beside the real
-    # name; a hard link in another directory has another real name.
-    with mpwriter.start(db_in_subdir, init=SCHEMA, timeout=10.0, context="fork"):
+    # The documented limit: the endpoint and the figures are found by name,
+    # beside the real name; a hard link in another directory has another one.
+    with mpwriter.start(db_in_subdir, init=SCHEMA, timeout=10.0, context="fork") as writer:
+        writer.stats()  # served after the writer's first snapshot
+        link = _hard_link(db_in_subdir, aliases)
         with pytest.raises(mpwriter.WriterUnavailable, match="nothing listens there"):
-            mpwriter.connect(_hard_link(db_in_subdir, aliases))
+            mpwriter.connect(link)
+        for name, status in ((link, 1), (str(db_in_subdir), 0)):
+            shown = subprocess.run(
+                [sys.executable, "-m", "mpwriter", "stats", name],
+                capture_output=True,
+                timeout=30,
+                check=False,
+            )
+            assert shown.returncode == status, shown.stderr
 
 
 # -- side files and other users ----------------------------------------------------------
