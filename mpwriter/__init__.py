@@ -33,6 +33,7 @@ from ._errors import (
     ServerUnavailable,
     StatementRefused,
     Timeout,
+    UntrustedFile,
     WriterAlreadyRunning,
     WriterClosed,
     WriterCrashed,
@@ -71,6 +72,7 @@ __all__ = [
     "Stats",
     "Timeout",
     "Transaction",
+    "UntrustedFile",
     "Writer",
     "WriterAlreadyRunning",
     "WriterClosed",
@@ -89,7 +91,7 @@ __all__ = [
 __version__ = "0.1.0"
 
 # Loaded on first use, so that importing mpwriter loads the caller side only:
-# `start` brings the owner and the writer side (the SQLite engine, filelock),
+# `start` brings the owner and the writer side (the SQLite engine),
 # `reader` brings sqlite3, which a process that only calls a writer -- or
 # only uses PostgreSQL -- does not need.
 _LAZY = {

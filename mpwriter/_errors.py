@@ -44,7 +44,16 @@ class AccessDenied(Error, PermissionError):
 
 
 class WriterAlreadyRunning(Error):
-    """Another mpwriter writer holds the lock file of this database."""
+    """Another mpwriter writer serves this database file, under this name or another."""
+
+
+class UntrustedFile(Error, PermissionError):
+    """A file mpwriter keeps beside the database is not safely this user's own.
+
+    Raised by `start()` when the lock file is a symlink, not a regular file,
+    or owned by another user (who could hold its lock or change it). Nothing
+    was started; the message names the file.
+    """
 
 
 class MissingMainGuard(Error, RuntimeError):

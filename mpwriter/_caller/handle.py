@@ -346,8 +346,8 @@ class Writer:
 
         In the owner: new calls are refused at once, everything already
         queued is served and committed, the WAL is checkpointed, and the
-        writer exits and releases its lock file. Waits up to ``timeout``
-        seconds (the handle's default) before terminating the writer.
+        writer exits and releases its lock file. Returns within ``timeout``
+        seconds (the handle's default): a writer not done by then is killed.
         Elsewhere this only releases the handle's reply pipes. Either way,
         the handle's collector thread (``submit``) stops, failing futures
         still pending with `WriterClosed`. Idempotent.

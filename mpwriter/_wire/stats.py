@@ -20,6 +20,8 @@ import os
 from dataclasses import dataclass, replace
 from typing import Annotated, TypedDict, get_type_hints
 
+from .address import is_server_url
+
 SNAPSHOT_SUFFIX = ".mpwriter-stats.json"
 # Bumped when a snapshot's layout changes incompatibly; readers refuse others.
 SNAPSHOT_FORMAT = 1
@@ -245,6 +247,6 @@ class Snapshot(TypedDict):
 
 def snapshot_path(database: str) -> str | None:
     """Where the writer of ``database`` publishes its figures; None for a URL."""
-    if "://" in database:
+    if is_server_url(database):
         return None
-    return os.path.abspath(database) + SNAPSHOT_SUFFIX
+    return os.path.realpath(database) + SNAPSHOT_SUFFIX

@@ -36,8 +36,8 @@ meeting the request, the dead writer had taken it: the caller is told the
 outcome is unknown. The loop tells `ReplyPipes` how far it has read the
 request pipe and which slots it holds (`RequestStream`).
 
-The loop stops gracefully on a CLOSE request, on SIGTERM, or when its owner
-process is gone (the lifeline pipe reads EOF): it marks itself closed so that
+The loop stops gracefully on a CLOSE request, on SIGTERM, or when its
+supervisor closes the lifeline pipe or dies (the pipe reads EOF): it marks itself closed so that
 callers fail fast, serves what is already queued, writes out every reply it
 owes (however large; a reader that takes nothing for 5 s is given up),
 checkpoints and exits.
@@ -351,9 +351,15 @@ class WriterLoop:
                     self._replies.report_lost()
             elif role == "lifeline":
                 self._unwatch(fd)
-                if not self._stopping:
-                    log.warning("mpwriter: the owner process is gone; closing")
-                    self._stopping = True
+                # The supervisor closes the lifeline when close() found the
+                # queue full (the status says CLOSED: nothing to warn about)
+                # or when the owner is gone (it logs that itself); or it died.
+                if not self._stopping and self._state.status != CLOSED:
+                    log.warning(
+                        "mpwriter: the writer's supervisor is gone (or stops it because"
+                        " its owner is gone); closing"
+                    )
+                self._stopping = True
             elif role == "signal":
                 with contextlib.suppress(BlockingIOError):
                     os.read(self._wake_r, 512)

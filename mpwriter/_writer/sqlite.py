@@ -54,15 +54,12 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-import filelock
-
 from .. import testing
 from .._errors import (
     Interrupted,
     NotPicklable,
     StatementRefused,
     Timeout,
-    WriterAlreadyRunning,
 )
 from .._wire.frames import REPLY_HEADER_SIZE, Kind, Request, Status, encode_reply, encode_wrote
 from . import forks
@@ -78,6 +75,7 @@ from .batch import (
     stop_time,
 )
 from .call_limit import CallLimiter, CallOverrun, own_signals, restore_signals
+from .claim import Claim
 from .migrations import apply_sqlite as apply_migrations
 
 # Pragmas that SQLite ignores or refuses inside a transaction when they set a
@@ -173,24 +171,6 @@ _PINNED_NOW = (
     "SELECT * FROM pragma_locking_mode, pragma_query_only, pragma_busy_timeout,"
     " pragma_synchronous /* mpwriter */"
 )
-
-
-def lock_path(database: str) -> str:
-    """The lock file that admits one writer per database file (the one rule)."""
-    return os.path.abspath(database) + ".mpwriter.lock"
-
-
-def claim(database: str) -> filelock.BaseFileLock:
-    """Take the single-writer lock of ``database`` or raise `WriterAlreadyRunning`."""
-    path = lock_path(database)
-    lock = filelock.FileLock(path, timeout=0)
-    try:
-        lock.acquire()
-    except filelock.Timeout:
-        raise WriterAlreadyRunning(
-            f"another mpwriter writer already serves {database!r} (it holds {path!r})"
-        ) from None
-    return lock
 
 
 class WriterConnection(sqlite3.Connection):
@@ -328,7 +308,7 @@ class SqliteEngine:
         counters: Counters,
         state: Any,
         execution_limit: float | None = None,
-        lock: filelock.BaseFileLock | None = None,
+        lock: Claim | None = None,
     ) -> None:
         self._conn = conn
         self._lock = lock
@@ -972,7 +952,7 @@ def open_sqlite_engine(
     Raises `WriterAlreadyRunning` or the error that opening raised (the lock is
     then released).
     """
-    lock = claim(path)
+    lock = Claim(path)
     try:
         conn = open_database(path, synchronous, init)
         apply_migrations(conn, migrations, split_script)
