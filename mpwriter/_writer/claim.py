@@ -39,6 +39,7 @@ import time
 import filelock
 
 from .._errors import UntrustedFile, WriterAlreadyRunning
+from . import forks
 
 LOCK_SUFFIX = ".mpwriter.lock"
 
@@ -128,6 +129,10 @@ class Claim:
                     )
                 # sleep-ok: flock has no bounded blocking form; a few polls at most.
                 time.sleep(_POLL_INTERVAL / 5)
+            # flock locks belong to the open file, which a forked child shares:
+            # a child of a call() that lived on would keep the writer's
+            # successors from claiming the database.
+            forks.forbid_in_child(real + LOCK_SUFFIX, self._fd)
         except BaseException:
             self.release()
             raise

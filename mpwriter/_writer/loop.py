@@ -142,15 +142,11 @@ def serve(
     # multiprocessing forbids to have children; a call() function may start
     # one for its own use (`forks` makes the child harmless to the writer).
     multiprocessing.current_process().daemon = False
-    sentinel = forks.own_sentinel()
-    forks.in_forked_child(
-        lambda: forks.blank(
-            [
-                *_live_fds(requests, registrations, lifeline, ready),
-                *([] if sentinel is None else [sentinel]),
-            ]
-        )
-    )
+    # Everything this process inherited (the request pipe, the side socket,
+    # the lifeline, its supervisor's sentinel) is already forbidden to a
+    # child by `become_writer`; these are named too so that the rule does not
+    # hang on how this process was started.
+    forks.in_forked_child(lambda: forks.blank(_live_fds(requests, registrations, lifeline, ready)))
     counters = Counters()
     try:
         engine = open_engine(config, counters, state)
