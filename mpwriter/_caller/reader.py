@@ -14,6 +14,8 @@ import sqlite3
 from types import TracebackType
 from typing import Any, Literal
 
+from .._wire.address import is_server_url
+
 
 class ReadConnection(sqlite3.Connection):
     """A `sqlite3.Connection` that a ``with`` block also closes.
@@ -44,7 +46,7 @@ def reader(path: str | os.PathLike[str], *, busy_timeout: float = 5.0) -> Any:
     new connection: use it in a ``with`` block, which closes it, or close it
     yourself. Use one connection per thread.
     """
-    if isinstance(path, str) and path.startswith(("postgresql://", "postgres://")):
+    if isinstance(path, str) and is_server_url(path):
         # Imported here: psycopg is an optional dependency (mpwriter[postgres]).
         import psycopg
 
