@@ -459,3 +459,26 @@ def test_closing_the_writer_rolls_an_open_session_back_and_serves_the_rest(
         session.execute(INSERT, (1, 2))
     assert rows_of(db_path, 1) == []
     assert rows_of(db_path, 2) == [1]
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_a_session_refused_by_a_deferred_constraint_at_commit_is_told_and_harms_nobody(
+    writer: mpwriter.Writer, db_path: Path, shared: bool
+) -> None:
+    writer.executescript(
+        "CREATE TABLE parent(id INTEGER PRIMARY KEY);"
+        "CREATE TABLE child(id INTEGER PRIMARY KEY,"
+        " parent INTEGER REFERENCES parent(id) DEFERRABLE INITIALLY DEFERRED);"
+    )
+    session = writer.session()
+    session.execute("INSERT INTO child(parent) VALUES (42)")  # checked only at COMMIT
+    # Shared: a request held by the session runs in the transaction that
+    # holds the session's work, and its COMMIT is refused for the session.
+    held = writer.submit(INSERT, (2, 1)) if shared else None
+    with pytest.raises(mpwriter.SessionExpired, match="not applied"):
+        session.commit()
+    if held is not None:
+        assert held.result(timeout=10).rowcount == 1  # innocent: committed
+    with mpwriter.reader(db_path) as conn:
+        assert conn.execute("SELECT count(*) FROM child").fetchone() == (0,)
+    assert rows_of(db_path, 2) == ([1] if shared else [])

@@ -180,18 +180,23 @@ class Sessions:
         if request is None:
             return []
         self._carried = None
+        if self._engine is not None:
+            self._engine.carrying_session = False  # settled, whatever the batch did
         if not ran:
-            committed = self._commit_now()
-            why = "its COMMIT failed"
+            failure = self._commit_now()
+            committed = failure is None
+            why = f"its COMMIT failed ({failure})"
         else:
+            # The batch that ran in the carried transaction committed it with
+            # its first COMMIT, or lost it: a replay (a request spoiled the
+            # transaction, or a deferred constraint refused the COMMIT: the
+            # session's own, perhaps) or a failed COMMIT rolled it back.
             counters = self._counters
             replayed = counters.replayed_batches != self._replays_before
-            committed = counters.commits == self._commits_before + 1 and not replayed
+            committed = counters.commits > self._commits_before and not replayed
             why = (
-                "SQLite abandoned the transaction that held it (a request of the batch"
-                " that shared its commit spoiled it)"
-                if replayed
-                else "the COMMIT it shared failed"
+                "the COMMIT it shared was refused or the transaction spoiled (a deferred"
+                " constraint, ON CONFLICT ROLLBACK, a full disk)"
             )
         if committed:
             return [(request, encode_reply(request.request_id, Status.OK, None))]
@@ -199,21 +204,20 @@ class Sessions:
         expired = SessionExpired(f"the session's transaction was lost: {why}; not applied")
         return [(request, error_reply(request.request_id, expired))]
 
-    def _commit_now(self) -> bool:
+    def _commit_now(self) -> str | None:
+        """COMMIT the carried transaction; None, or what made it fail (rolled back)."""
         engine = self._engine
         assert engine is not None  # only a SQLite session carries work
-        conn = engine._conn
         started = time.monotonic()
         try:
-            conn.execute(_COMMIT)
-        except sqlite3.Error:
-            log.exception("mpwriter: the COMMIT of a session failed")
-            engine.abandon_transaction()
-            return False
+            engine._conn.execute(_COMMIT)
+        except sqlite3.Error as exc:
+            engine.abandon_transaction()  # a refused COMMIT leaves it open
+            return f"{type(exc).__qualname__}: {exc}"
         self._counters.batches += 1
         self._counters.commits += 1
         engine.commit_seconds = commit_cost(engine.commit_seconds, started, time.monotonic())
-        return True
+        return None
 
     # -- one session ----------------------------------------------------------------
 
@@ -373,6 +377,7 @@ class Sessions:
         self._counters.requests += 1
         if op == _COMMIT_OP:
             self._carried = request
+            engine.carrying_session = True
             self._commits_before = self._counters.commits
             self._replays_before = self._counters.replayed_batches
             return ""

@@ -341,6 +341,9 @@ class SqliteEngine:
         # While True, callers' own savepoints are allowed (an interactive
         # session's statements, `session.py`); the writer's never are.
         self.session_savepoints = False
+        # True while the open transaction holds an interactive session's
+        # committed work, waiting for the next batch's COMMIT (`session.py`).
+        self.carrying_session = False
         self._denied: str | None = None
         self._wants_solo = False
         # Requests deferred by the last `run`, each to run alone (`run_alone`).
@@ -675,6 +678,7 @@ class SqliteEngine:
             try:
                 outcome = self._run_in_transaction(attempt, attempt_solo)
             except _TransactionLost as lost:
+                self.carrying_session = False  # its work is gone: session.py tells it
                 self.abandon_transaction()
                 del self._failures[recorded:]  # this attempt's outcome does not stand
                 counters.replayed_batches += 1
@@ -685,6 +689,12 @@ class SqliteEngine:
                 continue
             except _CommitRefused as refused:
                 del self._failures[recorded:]
+                if self.carrying_session:
+                    # The refused COMMIT held a session's work too, which may be
+                    # what it refused: the batch runs again without it first.
+                    self.carrying_session = False
+                    counters.replayed_batches += 1
+                    continue
                 if len(pending) > 1:
                     counters.replayed_batches += 1  # some of it runs again
                 if size == 1:
@@ -699,6 +709,7 @@ class SqliteEngine:
             pending = pending[size:]
             if suspects is not None:
                 suspects = suspects - size if suspects > size else None
+        self.carrying_session = False
         self._settle()
         self._state.busy_until = 0.0
         if self._repair_transaction_control:
