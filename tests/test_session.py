@@ -482,3 +482,25 @@ def test_a_session_refused_by_a_deferred_constraint_at_commit_is_told_and_harms_
     with mpwriter.reader(db_path) as conn:
         assert conn.execute("SELECT count(*) FROM child").fetchone() == (0,)
     assert rows_of(db_path, 2) == ([1] if shared else [])
+
+
+def test_a_session_whose_caller_gave_up_in_the_queue_holds_nobody(
+    writer: mpwriter.Writer, db_path: Path
+) -> None:
+    holder = writer.session(idle_limit=60.0, total_limit=60.0)
+    holder.execute(INSERT, (1, 1))
+    late = writer.session(idle_limit=60.0, total_limit=60.0)
+
+    async def give_up() -> None:
+        # Its first statement waits behind the open session; the caller gives
+        # up long before the statement's own deadline (cancelled).
+        await asyncio.wait_for(late.aexecute(INSERT, (2, 1), timeout=60.0), 0.5)
+
+    with pytest.raises(asyncio.TimeoutError):
+        asyncio.run(give_up())
+    assert not late.in_transaction
+    holder.commit()
+    # Served now, not after the late session's 60 s idle limit (10 s timeout).
+    assert writer.execute(INSERT, (3, 1), timeout=10.0).rowcount == 1
+    assert rows_of(db_path, 2) == []
+    assert rows_of(db_path, 1) == [1]

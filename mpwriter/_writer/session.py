@@ -61,10 +61,9 @@ from .._errors import (
     StatementRefused,
     WriterCrashed,
 )
-from .._wire.frames import Kind, Request, SessionOp, Status, encode_reply, sender_pid
+from .._wire.frames import Kind, Request, SessionOp, Status, encode_reply
 from .batch import Counters, Work, commit_cost, error_reply, expired_reply
 from .engine import Engine
-from .reply_pipes import pid_alive
 from .sqlite import (
     _COMMIT,
     SqliteEngine,
@@ -229,17 +228,24 @@ class Sessions:
         rolled back, or was rolled back by the writer. If it committed and
         no plain request is there to share its COMMIT, commits at once.
         """
+        host = self._host
+        fd = host.reply_pipe(first.sender, first.slot)
+        if fd is None:
+            # Its caller is gone, or gave up on this request and retired the
+            # slot (it waited behind another session past its timeout):
+            # opening the session would hold everyone for its idle limit.
+            self._counters.expired += 1
+            gone = SessionExpired("the session's caller was gone before it began; not applied")
+            host.send(first, error_reply(first.request_id, gone))
+            return
         session = self._open(first)
         if session is None:
             return
-        host = self._host
         counters = self._counters
         counters.sessions += 1
         started = last = time.monotonic()
-        fd = host.reply_pipe(first.sender, first.slot)
-        if fd is not None:
-            session.pipe = os.dup(fd)
-            host.watch(session.pipe)
+        session.pipe = os.dup(fd)
+        host.watch(session.pipe)
         host.hold_requests(True)
         try:
             ending = self._statement(session, first)
@@ -345,8 +351,6 @@ class Sessions:
         return None
 
     def _caller_gone(self, session: _Open) -> bool:
-        if session.pipe < 0:
-            return not pid_alive(sender_pid(session.request.sender))
         poller = select.poll()
         poller.register(session.pipe, 0)  # POLLERR is reported whatever the mask
         return any(events & select.POLLERR for _, events in poller.poll(0))
