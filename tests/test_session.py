@@ -10,6 +10,7 @@ acknowledged is lost.
 from __future__ import annotations
 
 import asyncio
+import gc
 import multiprocessing
 import os
 import random
@@ -504,3 +505,20 @@ def test_a_session_whose_caller_gave_up_in_the_queue_holds_nobody(
     assert writer.execute(INSERT, (3, 1), timeout=10.0).rowcount == 1
     assert rows_of(db_path, 2) == []
     assert rows_of(db_path, 1) == [1]
+
+
+def open_and_drop(writer: mpwriter.Writer) -> None:
+    session = writer.session(idle_limit=60.0, total_limit=60.0)
+    session.execute(INSERT, (1, 1))
+    # Returns without commit, rollback or close: the session is collected.
+
+
+def test_a_session_dropped_mid_transaction_is_rolled_back_at_once(
+    writer: mpwriter.Writer, db_path: Path
+) -> None:
+    open_and_drop(writer)
+    gc.collect()
+    # Served now, not after the dropped session's 60 s idle limit (10 s timeout).
+    assert writer.execute(INSERT, (2, 1), timeout=10.0).rowcount == 1
+    assert rows_of(db_path, 1) == []
+    assert writer.stats()["sessions_expired"] == 1

@@ -33,6 +33,7 @@ import itertools
 import os
 import pickle
 import time
+import weakref
 from collections.abc import Iterable
 from types import TracebackType
 from typing import Any
@@ -93,9 +94,14 @@ class Session:
         self.total_limit = total_limit
         self._txn: int | None = None  # the open transaction's id
         self._confirmed = False  # the writer answered one of its statements OK
-        self._slot: Slot | None = None  # held by the open transaction
+        # The slot the open transaction holds (one at most), in a list that
+        # the finalizer shares: a session dropped mid-transaction retires it,
+        # which tells the writer to roll the transaction back at once.
+        self._held: list[Slot] = []
         self._pid = os.getpid()
         self._closed = False
+        abandon = weakref.finalize(self, _abandon, pool, self._held, self._pid)
+        abandon.atexit = False  # at exit the process's descriptors close anyway
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "in transaction" if self._txn else "idle"
@@ -231,11 +237,12 @@ class Session:
 
     def _exchange(self, op: SessionOp, payload: bytes, deadline: float) -> calls.Step[Any]:
         pool = self._pool
-        slot = self._slot
-        if slot is None:
+        if self._held:
+            slot = self._held[0]
+        else:
             free = pool.local.free
             slot = free.pop() if free else (yield from calls.new_slot(pool, deadline))
-            self._slot = slot
+            self._held.append(slot)
         sent = False
         try:
             if len(payload) <= MAX_PAYLOAD:
@@ -261,7 +268,7 @@ class Session:
                 raise  # not sent: nothing will come on the slot, the transaction goes on
             # A reply may still come on the slot: retired, which also tells
             # the writer (its reader is gone) to roll the transaction back.
-            self._slot = None
+            self._held.clear()
             self._txn = None
             pool.retire(slot)
             raise
@@ -321,9 +328,14 @@ class Session:
     def _end(self) -> None:
         """The transaction is over: its slot, clean, goes back to the pool."""
         self._txn = None
-        slot, self._slot = self._slot, None
-        if slot is not None:
-            self._pool.local.free.append(slot)
+        if self._held:
+            self._pool.local.free.append(self._held.pop())
+
+
+def _abandon(pool: PipePool, held: list[Slot], pid: int) -> None:
+    """A session collected with its transaction open: retire its slot (see `Session`)."""
+    if held and os.getpid() == pid and not pool.closed:
+        pool.retire(held.pop())
 
 
 def _to_result(value: Any) -> Result:
