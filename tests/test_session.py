@@ -203,9 +203,10 @@ def test_a_statement_that_makes_sqlite_abandon_the_transaction_ends_the_session(
 def test_a_session_survives_nothing_of_a_dead_writer(
     writer: mpwriter.Writer, db_path: Path
 ) -> None:
-    session = writer.session()
+    session = writer.session(idle_limit=60.0, total_limit=60.0)
     session.execute(INSERT, (1, 1))
-    os.kill(writer.stats()["pid"], signal.SIGKILL)
+    # stats() is answered while the session is open (it writes nothing).
+    os.kill(writer.stats(timeout=10.0)["pid"], signal.SIGKILL)
     with pytest.raises(mpwriter.WriterCrashed, match="rolled back, not committed"):
         session.execute(INSERT, (1, 2))
     assert not session.in_transaction

@@ -342,6 +342,20 @@ class WriterLoop:
     def reply_pipe(self, sender: int, slot: int) -> int | None:
         return self._replies.pipe_of((sender, slot))
 
+    def answer_stats(self) -> None:
+        # Figures are no writes: they need not wait for the session to end.
+        held = [request for request in self._backlog if request.kind == _STATS]
+        for request in held:
+            self._backlog.remove(request)
+            try:
+                deadline, sent_at, body = pickle.loads(request.payload)
+            except Exception as exc:
+                self.counters.count_error(exc)
+                self._replies.send(request, error_reply(request.request_id, exc))
+                continue
+            work = Work(request, deadline, sent_at, body)
+            self._replies.send(request, self._stats_reply(work))
+
     def watch(self, fd: int) -> None:
         self._watch(fd, "session", 0)  # POLLERR wakes the wait; the session looks
 

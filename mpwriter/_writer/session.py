@@ -123,6 +123,10 @@ class SessionHost(Protocol):
         """The write end of this slot's reply pipe, if the writer holds it."""
         ...
 
+    def answer_stats(self) -> None:
+        """Answer the STATS requests held in the backlog, now."""
+        ...
+
     def watch(self, fd: int) -> None:
         """Wake `wait_until` when ``fd`` reports an error (its readers are gone)."""
         ...
@@ -250,6 +254,7 @@ class Sessions:
         try:
             ending = self._statement(session, first)
             while ending is None:
+                host.answer_stats()
                 own = self._take_own(session)
                 now = time.monotonic()
                 counters.session_wait_seconds += len(self._backlog) * (now - last)
