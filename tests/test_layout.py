@@ -177,9 +177,7 @@ def test_importing_mpwriter_loads_the_caller_side_only() -> None:
     assert heavy == []
     assert "mpwriter._caller.handle" in loaded  # the test sees the imports at all
     # The owner side loads where the public API needs it: `start`.
-    assert {"mpwriter._owner.owner", "mpwriter._writer.sqlite", "mpwriter._writer.claim"} <= set(
-        after_star
-    )
+    assert {"mpwriter._owner.owner", "mpwriter._writer.sqlite", "filelock"} <= set(after_star)
     assert "start" in public
 
 

@@ -16,10 +16,14 @@ kernel when the writer process ends, however it ends:
    (POSIX) byte-range locks, which do not interact with flock on Linux and
    the BSDs.
 
-The lock file grants nothing to another user: it is created mode 0600
-without following symlinks, and one found in place must be a regular file
-owned by this process's user (`UntrustedFile` otherwise); left at a wider
-mode by an older writer, it is narrowed to 0600. The database file's lock
+The lock file is taken with filelock (mode 0600; it never opens through a
+symlink) and grants nothing to another user: once it is locked, the name must
+still be a regular file owned by this process's user (`UntrustedFile`
+otherwise: another user planted it, or a symlink stands there); left at a
+wider mode by an older writer, it is narrowed to 0600. filelock does not hand
+out its descriptor, so the check reads the name after locking: only someone
+who may write the directory could swap the file in between, and such a user
+can remove the database anyway. The database file's lock
 needs only read access to the file, which is also all that SQLite's own locks
 need to block its writer: whoever may read the database can stall its writer
 either way (see the Trust model in docs/guarantees.md).
@@ -32,6 +36,8 @@ import os
 import stat
 import time
 
+import filelock
+
 from .._errors import UntrustedFile, WriterAlreadyRunning
 
 LOCK_SUFFIX = ".mpwriter.lock"
@@ -42,19 +48,24 @@ def lock_path(database: str) -> str:
     return os.path.realpath(database) + LOCK_SUFFIX
 
 
-def open_private(path: str) -> int:
-    """Open (create) ``path`` read-write as this user's private file; return the descriptor.
+def lock_file(path: str) -> filelock.BaseFileLock:
+    """The lock of the lock file ``path``, not taken yet (see `take`)."""
+    return filelock.UnixFileLock(path, mode=0o600, thread_local=False)
 
-    Created mode 0600; never through a symlink; an existing file must be a
-    regular file owned by this process's effective user, and is narrowed to
-    0600. Raises `UntrustedFile` otherwise, or the `OSError` of the open.
+
+def take(lock: filelock.BaseFileLock, timeout: float) -> bool:
+    """Take ``lock`` within ``timeout`` seconds and check the file it locks is ours.
+
+    True once taken and trusted, False if another process holds it. Raises
+    `UntrustedFile` (the lock released) for a symlink, something that is not
+    a regular file, or a file of another user at that name; or the `OSError`
+    of the open.
     """
+    path = os.fspath(lock.lock_file)
     try:
-        fd = os.open(
-            path,
-            os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
-            0o600,
-        )
+        lock.acquire(timeout=timeout, poll_interval=_POLL_INTERVAL)
+    except filelock.Timeout:
+        return False
     except OSError as exc:
         if os.path.islink(path):
             raise UntrustedFile(
@@ -62,7 +73,7 @@ def open_private(path: str) -> int:
             ) from exc
         raise
     try:
-        info = os.fstat(fd)
+        info = os.lstat(path)
         if not stat.S_ISREG(info.st_mode):
             raise UntrustedFile(f"mpwriter: {path} is not a regular file (remove it)")
         if info.st_uid != os.geteuid():
@@ -71,11 +82,11 @@ def open_private(path: str) -> int:
                 f" uid {os.geteuid()}: another user could hold or change it (remove it)"
             )
         if info.st_mode & 0o077:
-            os.fchmod(fd, 0o600)
+            os.chmod(path, 0o600)  # a regular file: lstat just said so
     except BaseException:
-        os.close(fd)
+        lock.release(force=True)
         raise
-    return fd
+    return True
 
 
 class Claim:
@@ -93,25 +104,23 @@ class Claim:
         `UntrustedFile` for a lock file this user cannot trust, or the
         `OSError` of opening the database file.
         """
-        self._fds: list[int] = []
         real = os.path.realpath(database)
+        self._lock = lock_file(real + LOCK_SUFFIX)
+        self._fd: int | None = None
         try:
             # The lock file first: it exists before the database does.
-            self._fds.append(open_private(real + LOCK_SUFFIX))
-            if not _try_lock(self._fds[-1]):
+            if not take(self._lock, 0):
                 raise WriterAlreadyRunning(
                     f"another mpwriter writer already serves {database!r}"
                     f" (it holds {real + LOCK_SUFFIX!r})"
                 )
             # Read-only is enough for flock, and creates nothing but an empty file.
-            self._fds.append(
-                os.open(real, os.O_RDONLY | os.O_CREAT | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
-            )
+            self._fd = os.open(real, os.O_RDONLY | os.O_CREAT | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
             # A writer that holds the file but not its lock file serves it
             # under another name (a hard link) -- or is exiting: the kernel
             # may drop its two locks a moment apart. Give the latter that moment.
             deadline = time.monotonic() + _EXIT_MOMENT
-            while not _try_lock(self._fds[-1]):
+            while not _try_lock(self._fd):
                 if time.monotonic() >= deadline:
                     raise WriterAlreadyRunning(
                         f"another mpwriter writer already serves {database!r} under"
@@ -124,9 +133,11 @@ class Claim:
             raise
 
     def release(self) -> None:
-        """Release both locks (closing the descriptors releases them). Idempotent."""
-        while self._fds:
-            os.close(self._fds.pop())
+        """Release both locks (the database file's by closing its descriptor). Idempotent."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        self._lock.release(force=True)
 
 
 _POLL_INTERVAL = 0.05
@@ -147,17 +158,10 @@ def await_release(database: str, timeout: float) -> bool:
     True once none does. Probes the lock file only: opening and closing the
     database file here would drop this process's SQLite locks on it (a
     gunicorn master may hold readers), and `Claim` waits out the moment
-    between the two locks' release. Raises what `open_private` raises.
+    between the two locks' release. Raises what `take` raises.
     """
-    deadline = time.monotonic() + timeout
-    fd = open_private(lock_path(database))
-    try:
-        while not _try_lock(fd):
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return False
-            # sleep-ok: flock has no bounded blocking form; this polls as filelock does.
-            time.sleep(min(_POLL_INTERVAL, left))
-    finally:
-        os.close(fd)
+    lock = lock_file(lock_path(database))
+    if not take(lock, timeout):
+        return False
+    lock.release(force=True)
     return True
