@@ -130,6 +130,8 @@ def test_transaction_control_as_sql_is_refused_and_the_session_goes_on(
             session.execute(sql)
         session.execute(INSERT, (1, 2))
     assert rows_of(db_path, 1) == [1, 2]
+    stats = writer.stats()
+    assert (stats["refused"], stats["errors"]) == (1, 1)
 
 
 def test_a_savepoint_allowed_in_a_session_stays_refused_outside(

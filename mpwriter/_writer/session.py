@@ -327,6 +327,7 @@ class Sessions:
         replies: dict[int, bytes] = {}
         work = Work(request, deadline, 0.0, ())
         if not engine._begin([work], replies):
+            engine._settle()
             self._host.send(request, replies[id(work)])  # an outside lock holder stayed
             return None
         return _Open(request, txn, idle_limit, total_limit)
@@ -430,7 +431,6 @@ class Sessions:
                 message = f"{verb} is refused in a session{_REFUSED_HINT}"
             return False, engine._refusal(work, _Refused(message))
         except _NeedsSolo:
-            self._counters.refused += 1
             solo = StatementRefused(
                 "this statement cannot run inside a transaction; send it with"
                 " Writer.execute(), outside the session"
@@ -441,6 +441,7 @@ class Sessions:
         finally:
             engine.session_savepoints = False
             engine._state.busy_until = 0.0
+            engine._settle()  # a session's statement is never replayed: its failure stands
 
     def _end(self, txn: TxnKey, why: str) -> None:
         engine = self._engine
