@@ -525,3 +525,16 @@ def test_a_session_dropped_mid_transaction_is_rolled_back_at_once(
     assert writer.execute(INSERT, (2, 1), timeout=10.0).rowcount == 1
     assert rows_of(db_path, 1) == []
     assert writer.stats()["sessions_expired"] == 1
+
+
+def test_a_busy_session_is_rolled_back_at_its_total_limit(
+    writer: mpwriter.Writer, db_path: Path
+) -> None:
+    session = writer.session(idle_limit=60.0, total_limit=0.5)
+    pace = threading.Event()  # never set: its wait paces the statements
+    with pytest.raises(mpwriter.SessionExpired, match="total limit"):  # noqa: PT012
+        for seq in range(200):  # 10 s at most
+            session.execute(INSERT, (1, seq))
+            pace.wait(0.05)  # sleep-ok: a session that keeps busy past its total limit
+    assert rows_of(db_path, 1) == []
+    assert writer.stats()["sessions_expired"] == 1
