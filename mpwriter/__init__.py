@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from ._caller.attached import attach, get_writer
 from ._caller.connect import connect
 from ._caller.handle import Transaction, Writer
+from ._caller.session import Session
 from ._errors import (
     AccessDenied,
     DatabaseError,
@@ -24,6 +25,7 @@ from ._errors import (
     MissingDependency,
     MissingMainGuard,
     NotPicklable,
+    NotSupportedError,
     OperationalError,
     OutcomeUnknown,
     ProgrammingError,
@@ -31,6 +33,7 @@ from ._errors import (
     RemoteError,
     RemoteTraceback,
     ServerUnavailable,
+    SessionExpired,
     StatementRefused,
     Timeout,
     UntrustedFile,
@@ -59,6 +62,7 @@ __all__ = [
     "MissingDependency",
     "MissingMainGuard",
     "NotPicklable",
+    "NotSupportedError",
     "OperationalError",
     "OutcomeUnknown",
     "ProgrammingError",
@@ -68,6 +72,8 @@ __all__ = [
     "RemoteTraceback",
     "Result",
     "ServerUnavailable",
+    "Session",
+    "SessionExpired",
     "StatementRefused",
     "Stats",
     "Timeout",

@@ -214,6 +214,21 @@ class ProgrammingError(DatabaseError):
     """A programming error on either engine (wrong number of parameters, ...)."""
 
 
+class NotSupportedError(DatabaseError):
+    """The writer's engine does not offer this (interactive sessions on PostgreSQL)."""
+
+
+class SessionExpired(OperationalError):
+    """The writer rolled an interactive session's transaction back on its own.
+
+    Past its idle limit between statements or its total limit, when its
+    caller's reply pipe was closed, when the writer was closing, or when
+    SQLite abandoned the transaction that held it: nothing of that
+    transaction was applied. The session itself may be used again: the next
+    statement opens a new transaction.
+    """
+
+
 # The DB-API class names that map onto the classes above, looked up along the
 # error's MRO so that the most specific one wins (DataError -> DatabaseError).
 _PORTABLE_NAMES: dict[str, type[DatabaseError]] = {

@@ -259,6 +259,11 @@ _LINES = (
         " {replayed_batches} batches replayed",
     ),
     (
+        "sessions",
+        "{sessions} opened, {sessions_expired} rolled back by the writer;"
+        " {session_waits} requests held behind them, {session_wait_seconds:.1f} s in all",
+    ),
+    (
         "dropped",
         "{dropped_partial_requests} half-received requests"
         " ({dropped_partial_request_bytes} bytes), {dropped_orphan_replies} orphan replies"

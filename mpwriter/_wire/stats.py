@@ -143,6 +143,19 @@ class Stats(TypedDict):
     posts_dropped: Annotated[
         int, counter("Fire-and-forget writes dropped by callers (queue full).")
     ]
+    sessions: Annotated[int, counter("Interactive sessions (transactions) opened.")]
+    sessions_expired: Annotated[
+        int,
+        counter(
+            "Interactive sessions rolled back by the writer: a limit passed, the caller"
+            " was gone, or the writer was closing."
+        ),
+    ]
+    session_waits: Annotated[int, counter("Requests held while an interactive session was open.")]
+    session_wait_seconds: Annotated[
+        float,
+        counter("Seconds requests spent held behind interactive sessions.", unit="seconds"),
+    ]
     post_errors_by_class: Annotated[
         dict[str, int],
         counter("Fire-and-forget writes that failed, by exception class.", label="class"),

@@ -338,6 +338,12 @@ class SqliteEngine:
         self._guarded = False
         # While True, a statement running alone is held to its stop time.
         self._alone = False
+        # While True, callers' own savepoints are allowed (an interactive
+        # session's statements, `session.py`); the writer's never are.
+        self.session_savepoints = False
+        # True while the open transaction holds an interactive session's
+        # committed work, waiting for the next batch's COMMIT (`session.py`).
+        self.carrying_session = False
         self._denied: str | None = None
         self._wants_solo = False
         # Requests deferred by the last `run`, each to run alone (`run_alone`).
@@ -386,6 +392,12 @@ class SqliteEngine:
         self, action: int, arg1: str | None, arg2: str | None, _db: str | None, _src: str | None
     ) -> int:
         if not self._guarded:
+            return sqlite3.SQLITE_OK
+        if (
+            action == sqlite3.SQLITE_SAVEPOINT
+            and self.session_savepoints
+            and not (arg2 or "").lower().startswith("mpwriter")
+        ):
             return sqlite3.SQLITE_OK
         if action == sqlite3.SQLITE_TRANSACTION or action == sqlite3.SQLITE_SAVEPOINT:
             verb = "SAVEPOINT" if action == sqlite3.SQLITE_SAVEPOINT and arg1 == "BEGIN" else arg1
@@ -666,6 +678,7 @@ class SqliteEngine:
             try:
                 outcome = self._run_in_transaction(attempt, attempt_solo)
             except _TransactionLost as lost:
+                self.carrying_session = False  # its work is gone: session.py tells it
                 self.abandon_transaction()
                 del self._failures[recorded:]  # this attempt's outcome does not stand
                 counters.replayed_batches += 1
@@ -676,6 +689,12 @@ class SqliteEngine:
                 continue
             except _CommitRefused as refused:
                 del self._failures[recorded:]
+                if self.carrying_session:
+                    # The refused COMMIT held a session's work too, which may be
+                    # what it refused: the batch runs again without it first.
+                    self.carrying_session = False
+                    counters.replayed_batches += 1
+                    continue
                 if len(pending) > 1:
                     counters.replayed_batches += 1  # some of it runs again
                 if size == 1:
@@ -690,6 +709,7 @@ class SqliteEngine:
             pending = pending[size:]
             if suspects is not None:
                 suspects = suspects - size if suspects > size else None
+        self.carrying_session = False
         self._settle()
         self._state.busy_until = 0.0
         if self._repair_transaction_control:
@@ -720,6 +740,10 @@ class SqliteEngine:
         "database is locked" error and left out; the rest are returned.
         """
         pending = list(batch)
+        if self._conn.in_transaction:
+            # An interactive session's committed work (`session.py`), kept
+            # open for this batch's COMMIT to make it durable with the rest.
+            return pending
         delay = _BACKOFF_FIRST
         while pending:
             try:
