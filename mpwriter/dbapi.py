@@ -1,0 +1,795 @@
+"""A PEP 249 (DB-API 2.0) module over the writer, modelled on `sqlite3`.
+
+    conn = mpwriter.dbapi.connect("app.db")     # uses this process's writer handle
+    conn.execute("INSERT INTO t(x) VALUES (?)", (1,))   # opens a transaction, as sqlite3 does
+    conn.commit()                                # returns once group-committed
+
+Where each statement runs:
+
+* outside a transaction, a read runs on this connection's own read-only
+  SQLite connection (no writer round trip); a write goes to the writer as one
+  request (atomic, durable when the call returns);
+* inside a transaction, every statement (reads included) runs in this
+  connection's writer session (`Writer.session()`), so the transaction reads
+  its own writes; `commit()` returns once the group COMMIT holding it is
+  durable.
+
+Transactions follow the `sqlite3` module: in its default ("legacy") mode an
+INSERT/UPDATE/DELETE/REPLACE outside a transaction opens one implicitly
+(``isolation_level`` ``""``, ``"DEFERRED"``, ``"IMMEDIATE"`` or
+``"EXCLUSIVE"``: the writer serializes sessions, so all behave like
+IMMEDIATE), and ``isolation_level=None`` is autocommit. The ``autocommit``
+attribute of Python 3.12 is honoured on every Python: ``True`` is SQLite's
+autocommit mode (explicit ``BEGIN`` only), ``False`` keeps a transaction
+open at all times (PEP 249's model).
+
+What a statement does is asked of SQLite, never guessed from its text: the
+local read-only connection compiles it under an authorizer callback that
+lets reads through and refuses, while recording it, the first action that
+would write or control a transaction (SQLITE_INSERT on ``t``, SQLITE_TRANSACTION
+"COMMIT", SQLITE_SAVEPOINT "RELEASE" ...). A refused statement was only
+compiled, never run (a few microseconds); its kind is cached per connection.
+
+Limits (see docs/orm.md): functions, aggregates and collations registered on
+a connection exist on its local reader only, not in the writer; ``PRAGMA``
+statements outside a transaction set the local reader's state only;
+temporary tables are not supported; a PostgreSQL writer is refused
+(`NotSupportedError`).
+"""
+
+from __future__ import annotations
+
+import datetime
+import enum
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, Protocol
+
+from . import _errors
+from ._caller.attached import get_writer
+from ._caller.reader import reader
+from ._errors import (
+    DatabaseError,
+    Error,
+    IntegrityError,
+    OperationalError,
+    ProgrammingError,
+)
+from ._wire.replies import Result
+
+__all__ = [
+    "BINARY",
+    "DATETIME",
+    "LEGACY_TRANSACTION_CONTROL",
+    "NUMBER",
+    "ROWID",
+    "STRING",
+    "Binary",
+    "Connection",
+    "Cursor",
+    "DataError",
+    "DatabaseError",
+    "Date",
+    "DateFromTicks",
+    "Error",
+    "IntegrityError",
+    "InterfaceError",
+    "InternalError",
+    "NotSupportedError",
+    "OperationalError",
+    "ProgrammingError",
+    "Time",
+    "TimeFromTicks",
+    "Timestamp",
+    "TimestampFromTicks",
+    "Warning",
+    "apilevel",
+    "connect",
+    "paramstyle",
+    "sqlite_version",
+    "sqlite_version_info",
+    "threadsafety",
+]
+
+apilevel = "2.0"
+# Threads may share the module, not connections: a connection (its session,
+# its reader) is used by one thread at a time, as SQLAlchemy's pool does.
+threadsafety = 1
+# qmark; named (":name" with a mapping) is accepted too, as by sqlite3.
+paramstyle = "qmark"
+# The writer runs the same SQLite library as this process (SQLAlchemy's
+# pysqlite dialect reads these).
+sqlite_version = sqlite3.sqlite_version
+sqlite_version_info = sqlite3.sqlite_version_info
+
+LEGACY_TRANSACTION_CONTROL = -1
+"""``autocommit`` value: transactions governed by ``isolation_level`` (the default)."""
+
+# -- exceptions: PEP 249's tree, rooted at mpwriter.Error ----------------------
+#
+# SQL errors reach the caller as their sqlite3 class made to derive from the
+# mpwriter class of the same name as well (see mpwriter._errors.portable), so
+# ``except mpwriter.dbapi.IntegrityError`` catches ``sqlite3.IntegrityError``
+# from the writer, from a session and from the local reader alike.
+
+Warning = _errors.Warning
+InterfaceError = _errors.InterfaceError
+DataError = _errors.DataError
+InternalError = _errors.InternalError
+NotSupportedError = _errors.NotSupportedError
+
+# -- types ---------------------------------------------------------------------
+
+Date = datetime.date
+Time = datetime.time
+Timestamp = datetime.datetime
+Binary = memoryview
+
+
+def DateFromTicks(ticks: float) -> datetime.date:
+    """The local date of ``ticks`` seconds since the epoch."""
+    return datetime.date(*time.localtime(ticks)[:3])
+
+
+def TimeFromTicks(ticks: float) -> datetime.time:
+    """The local time of day of ``ticks`` seconds since the epoch."""
+    return datetime.time(*time.localtime(ticks)[3:6])
+
+
+def TimestampFromTicks(ticks: float) -> datetime.datetime:
+    """The local date and time of ``ticks`` seconds since the epoch."""
+    return datetime.datetime(*time.localtime(ticks)[:6])
+
+
+class _TypeObject:
+    """A PEP 249 type object: equal to each of the SQLite declared types it names.
+
+    SQLite reports no column types in ``description`` (the type code is
+    None), so these compare equal to declared type names only.
+    """
+
+    def __init__(self, *names: str) -> None:
+        self.names = frozenset(names)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, str) and other.upper() in self.names
+
+    def __hash__(self) -> int:
+        return hash(self.names)
+
+    def __repr__(self) -> str:
+        return f"<mpwriter.dbapi type {sorted(self.names)}>"
+
+
+STRING = _TypeObject("TEXT", "CHAR", "VARCHAR", "CLOB", "STRING")
+BINARY = _TypeObject("BLOB", "BINARY")
+NUMBER = _TypeObject("INTEGER", "INT", "REAL", "NUMERIC", "FLOAT", "DOUBLE", "DECIMAL")
+DATETIME = _TypeObject("DATE", "DATETIME", "TIMESTAMP", "TIME")
+ROWID = _TypeObject("ROWID", "INTEGER")
+
+
+# -- what a statement does, as SQLite's authorizer reports it -------------------
+
+
+class _Kind(enum.Enum):
+    READ = "read"  # ran on the local reader
+    DML = "dml"  # INSERT/UPDATE/DELETE/REPLACE on a table: opens a legacy transaction
+    WRITE = "write"  # any other write: DDL, a pragma that writes, VACUUM, ANALYZE
+    BEGIN = "begin"
+    COMMIT = "commit"  # COMMIT or END
+    ROLLBACK = "rollback"  # plain ROLLBACK (not ROLLBACK TO)
+    SAVEPOINT = "savepoint"  # SAVEPOINT, RELEASE, ROLLBACK TO
+    OTHER = "other"  # inside a transaction: anything that is not transaction control
+
+
+_READ_ACTIONS = frozenset(
+    {
+        sqlite3.SQLITE_READ,
+        sqlite3.SQLITE_SELECT,
+        sqlite3.SQLITE_FUNCTION,
+        sqlite3.SQLITE_PRAGMA,  # one that writes the file fails as SQLITE_READONLY
+        getattr(sqlite3, "SQLITE_RECURSIVE", 33),
+    }
+)
+_DML_ACTIONS = frozenset({sqlite3.SQLITE_INSERT, sqlite3.SQLITE_UPDATE, sqlite3.SQLITE_DELETE})
+_SCHEMA_TABLES = frozenset(
+    {"sqlite_master", "sqlite_temp_master", "sqlite_schema", "sqlite_temp_schema"}
+)
+_TRANSACTION_KINDS = {"BEGIN": _Kind.BEGIN, "COMMIT": _Kind.COMMIT, "ROLLBACK": _Kind.ROLLBACK}
+_SQLITE_READONLY = 8
+_CACHED_KINDS = 512
+
+
+def _kind_of(action: int, arg1: str | None) -> _Kind:
+    if action == sqlite3.SQLITE_TRANSACTION:
+        return _TRANSACTION_KINDS[arg1 or ""]
+    if action == sqlite3.SQLITE_SAVEPOINT:
+        return _Kind.SAVEPOINT
+    if action in _DML_ACTIONS and arg1 not in _SCHEMA_TABLES:
+        return _Kind.DML
+    return _Kind.WRITE
+
+
+class _Classifier:
+    """The local reader's authorizer: records the first non-read action and refuses it.
+
+    ``run_reads`` lets reads run (outside a transaction, where they are
+    answered locally); otherwise every statement is refused at its first
+    action, so that nothing runs and only transaction control is told apart.
+    """
+
+    __slots__ = ("kind", "run_reads", "savepoint")
+
+    def __init__(self) -> None:
+        self.kind: _Kind | None = None
+        self.savepoint: str | None = None
+        self.run_reads = True
+
+    def __call__(
+        self, action: int, arg1: str | None, arg2: str | None, _db: str | None, _src: str | None
+    ) -> int:
+        if self.kind is not None:
+            return sqlite3.SQLITE_DENY
+        if self.run_reads and action in _READ_ACTIONS:
+            return sqlite3.SQLITE_OK
+        kind = _kind_of(action, arg1)
+        if not self.run_reads and kind not in (_Kind.BEGIN, _Kind.COMMIT, _Kind.ROLLBACK):
+            kind = _Kind.OTHER
+        self.kind = kind
+        self.savepoint = arg2 if action == sqlite3.SQLITE_SAVEPOINT else None
+        return sqlite3.SQLITE_DENY
+
+
+# -- the writer this process has -------------------------------------------------
+
+
+class _Session(Protocol):
+    """What the connection uses of `mpwriter.Session`."""
+
+    def execute(self, sql: str, params: Any = ()) -> Result: ...
+    def executemany(self, sql: str, seq_of_params: Iterable[Any]) -> Result: ...
+    def executescript(self, script: str) -> None: ...
+    def commit(self) -> None: ...
+    def rollback(self) -> None: ...
+    def close(self) -> None: ...
+
+
+def _writer_for(database: str) -> Any:
+    """The handle this process has on ``database``: attached, else `mpwriter.connect`-ed."""
+    try:
+        attached = get_writer()
+    except Error:
+        attached = None
+    if attached is not None and _same_database(attached.path, database):
+        return attached
+    # mpwriter.connect (a handle on a writer started elsewhere) is looked up
+    # at call time: it is optional in this version of the package.
+    import mpwriter
+
+    connect_to = getattr(mpwriter, "connect", None)
+    if connect_to is not None:
+        return connect_to(database)
+    raise InterfaceError(
+        f"this process has no writer handle for {database!r}: attach one with "
+        "mpwriter.attach(writer), or pass connect(..., writer=handle)"
+    )
+
+
+def _same_database(a: str, b: str) -> bool:
+    if os.path.abspath(a) == os.path.abspath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def connect(
+    database: str | os.PathLike[str],
+    timeout: float = 5.0,
+    detect_types: int = 0,
+    isolation_level: str | None = "DEFERRED",
+    check_same_thread: bool = False,
+    factory: Any = None,
+    cached_statements: int = 128,
+    uri: bool = False,
+    *,
+    autocommit: bool | int = LEGACY_TRANSACTION_CONTROL,
+    writer: Any = None,
+    idle_limit: float | None = None,
+    total_limit: float | None = None,
+) -> Connection:
+    """Open a DB-API connection to ``database`` through this process's writer.
+
+    The writer handle is ``writer`` if given, else the one attached to this
+    process (`mpwriter.attach`, inherited through fork) if it serves
+    ``database``, else ``mpwriter.connect(database)`` where this version of
+    mpwriter has it; otherwise `InterfaceError`. ``timeout`` is the local
+    reader's busy timeout (as sqlite3's); ``isolation_level`` and
+    ``autocommit`` are sqlite3's; ``idle_limit`` and ``total_limit`` bound
+    each transaction's session (`Writer.session`). ``check_same_thread``,
+    ``cached_statements`` and ``uri`` (a ``file:`` URI is refused) are
+    accepted for sqlite3 compatibility; ``detect_types`` and ``factory`` are
+    not supported (`NotSupportedError` unless left at their defaults).
+    """
+    del check_same_thread, cached_statements  # a connection is one thread's at a time
+    path = os.fspath(database)
+    if path.startswith(("postgresql://", "postgres://")):
+        raise NotSupportedError(
+            "mpwriter.dbapi serves SQLite writers only: for PostgreSQL use psycopg "
+            "or SQLAlchemy's postgresql dialect directly (see docs/orm.md)"
+        )
+    if uri or path == ":memory:" or path.startswith("file:"):
+        raise NotSupportedError("mpwriter.dbapi needs a database file path (not a URI)")
+    if detect_types or factory is not None:
+        raise NotSupportedError("detect_types and factory are not supported")
+    handle = writer if writer is not None else _writer_for(path)
+    return Connection(
+        handle,
+        path,
+        timeout=timeout,
+        isolation_level=isolation_level,
+        autocommit=autocommit,
+        idle_limit=idle_limit,
+        total_limit=total_limit,
+    )
+
+
+# -- connection ----------------------------------------------------------------
+
+
+class Connection:
+    """A DB-API connection: a local read-only SQLite connection plus a writer session.
+
+    Use it from one thread at a time. ``close()`` rolls back an open
+    transaction (as sqlite3 does).
+    """
+
+    Warning = Warning
+    Error = Error
+    InterfaceError = InterfaceError
+    DatabaseError = DatabaseError
+    DataError = DataError
+    OperationalError = OperationalError
+    IntegrityError = IntegrityError
+    InternalError = InternalError
+    ProgrammingError = ProgrammingError
+    NotSupportedError = NotSupportedError
+
+    def __init__(
+        self,
+        writer: Any,
+        path: str,
+        *,
+        timeout: float,
+        isolation_level: str | None,
+        autocommit: bool | int,
+        idle_limit: float | None,
+        total_limit: float | None,
+    ) -> None:
+        self._writer = writer
+        self._session_limits = {"idle_limit": idle_limit, "total_limit": total_limit}
+        self._session: _Session | None = None
+        self._classifier = _Classifier()
+        self._kinds: dict[str, _Kind] = {}
+        self._reader: sqlite3.Connection = reader(
+            path, busy_timeout=timeout, check_same_thread=False
+        )
+        # The reader answers single statements: SQLite's own autocommit.
+        self._reader.isolation_level = None
+        self._reader.set_authorizer(self._classifier)
+        self._isolation_level = _checked_isolation_level(isolation_level)
+        self._autocommit = _checked_autocommit(autocommit)
+        # PEP 249's model (autocommit=False): a transaction is always open.
+        self._in_transaction = self._autocommit is False
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"<mpwriter.dbapi.Connection {self._writer.path!r}>"
+
+    # -- PEP 249 --------------------------------------------------------------
+
+    def cursor(self, factory: Callable[[Connection], Cursor] | None = None) -> Cursor:
+        """A new cursor on this connection."""
+        self._check_open()
+        return Cursor(self) if factory is None else factory(self)
+
+    def commit(self) -> None:
+        """Commit the open transaction; returns once the group COMMIT is durable.
+
+        Without a transaction, or with ``autocommit=True``, it does nothing.
+        """
+        self._check_open()
+        if self._autocommit is True or not self._in_transaction:
+            return
+        if self._session is not None:
+            self._session.commit()
+        self._in_transaction = self._autocommit is False
+
+    def rollback(self) -> None:
+        """Roll back the open transaction (nothing of it was applied)."""
+        self._check_open()
+        if self._autocommit is True or not self._in_transaction:
+            return
+        if self._session is not None:
+            self._session.rollback()
+        self._in_transaction = self._autocommit is False
+
+    def close(self) -> None:
+        """Roll back any open transaction and close; closing twice is harmless."""
+        if self._closed:
+            return
+        self._closed = True
+        self._in_transaction = False
+        try:
+            if self._session is not None:
+                self._session.close()
+        finally:
+            self._session = None
+            self._reader.close()
+
+    # -- sqlite3's extensions ---------------------------------------------------
+
+    def execute(self, sql: str, parameters: Any = ()) -> Cursor:
+        """Shortcut: a new cursor's ``execute``."""
+        return self.cursor().execute(sql, parameters)
+
+    def executemany(self, sql: str, seq_of_parameters: Iterable[Any]) -> Cursor:
+        """Shortcut: a new cursor's ``executemany``."""
+        return self.cursor().executemany(sql, seq_of_parameters)
+
+    def executescript(self, script: str) -> Cursor:
+        """Shortcut: a new cursor's ``executescript``."""
+        return self.cursor().executescript(script)
+
+    @property
+    def in_transaction(self) -> bool:
+        """Whether a transaction is open (its changes not yet committed)."""
+        return self._in_transaction
+
+    @property
+    def isolation_level(self) -> str | None:
+        """sqlite3's: None is autocommit; setting None commits an open transaction."""
+        return self._isolation_level
+
+    @isolation_level.setter
+    def isolation_level(self, value: str | None) -> None:
+        level = _checked_isolation_level(value)
+        if level is None and self._autocommit == LEGACY_TRANSACTION_CONTROL:
+            self.commit()
+        self._isolation_level = level
+
+    @property
+    def autocommit(self) -> bool | int:
+        """Python 3.12's ``sqlite3.Connection.autocommit`` (LEGACY_TRANSACTION_CONTROL,
+        True or False); changing it commits an open transaction."""
+        return self._autocommit
+
+    @autocommit.setter
+    def autocommit(self, value: bool | int) -> None:
+        value = _checked_autocommit(value)
+        if self._in_transaction and self._session is not None:
+            self._session.commit()
+        self._autocommit = value
+        self._in_transaction = value is False
+
+    def create_function(
+        self, name: str, narg: int, func: Any, *, deterministic: bool = False
+    ) -> None:
+        """Register a function on the local reader only (not in the writer)."""
+        self._check_open()
+        self._reader.create_function(name, narg, func, deterministic=deterministic)
+
+    def create_aggregate(self, name: str, n_arg: int, aggregate_class: Any) -> None:
+        """Register an aggregate on the local reader only (not in the writer)."""
+        self._check_open()
+        self._reader.create_aggregate(name, n_arg, aggregate_class)
+
+    def create_collation(self, name: str, callable: Any) -> None:
+        """Register a collation on the local reader only (not in the writer)."""
+        self._check_open()
+        self._reader.create_collation(name, callable)
+
+    def __enter__(self) -> Connection:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *_exc: object) -> None:
+        """As sqlite3: commit on success, roll back on an exception; do not close."""
+        if exc_type is None:
+            self.commit()
+        else:
+            self.rollback()
+
+    # -- routing --------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ProgrammingError("Cannot operate on a closed database.")
+
+    def _session_now(self) -> _Session:
+        if self._session is None:
+            self._session = self._writer.session(**self._session_limits)
+        return self._session
+
+    def _legacy_begins(self) -> bool:
+        return self._autocommit == LEGACY_TRANSACTION_CONTROL and self._isolation_level is not None
+
+    def _classify(self, sql: str, params: Any, run_reads: bool) -> tuple[_Kind, Any]:
+        """The statement's kind and, for a read that ran here, the reader's cursor.
+
+        With ``run_reads`` false (inside a transaction) nothing runs here and
+        the kind is only BEGIN, COMMIT, ROLLBACK or OTHER.
+        """
+        kind = self._kinds.get(sql)
+        if kind is not None:
+            if run_reads or kind in (_Kind.BEGIN, _Kind.COMMIT, _Kind.ROLLBACK):
+                return kind, None
+            return _Kind.OTHER, None
+        classifier = self._classifier
+        classifier.kind = None
+        classifier.run_reads = run_reads
+        try:
+            cursor = self._reader.execute(sql, params)
+        except sqlite3.Error as exc:
+            kind = classifier.kind
+            if kind is None:
+                if not run_reads:
+                    return _Kind.OTHER, None  # the session reports its own error
+                if getattr(exc, "sqlite_errorcode", 0) & 0xFF != _SQLITE_READONLY:
+                    raise _local_error(exc) from None
+                kind = _Kind.WRITE  # e.g. a pragma that writes the file
+            if kind is not _Kind.OTHER:
+                self._remember(sql, kind)
+            return kind, None
+        if not run_reads:
+            # No action to refuse (a statement that reads no table): it ran
+            # here, read-only, and runs again in the session.
+            cursor.close()
+            return _Kind.OTHER, None
+        self._remember(sql, _Kind.READ)
+        return _Kind.READ, cursor
+
+    def _remember(self, sql: str, kind: _Kind) -> None:
+        kinds = self._kinds
+        if len(kinds) >= _CACHED_KINDS:
+            del kinds[next(iter(kinds))]
+        kinds[sql] = kind
+
+    def _run(self, sql: str, params: Any) -> Result | sqlite3.Cursor:
+        """Run one statement where it belongs; return the reader's cursor or the writer's Result."""
+        self._check_open()
+        if self._in_transaction:
+            kind, _ = self._classify(sql, params, run_reads=False)
+            return self._in_session(kind, sql, params)
+        kind, ran = self._classify(sql, params, run_reads=True)
+        if ran is not None:
+            cursor: sqlite3.Cursor = ran
+            return cursor
+        if kind is _Kind.READ:
+            # A cached read: run it here (SQLite's statement cache keeps it
+            # compiled, so the authorizer is not asked again).
+            try:
+                return self._reader.execute(sql, params)
+            except sqlite3.Error as exc:
+                raise _local_error(exc) from None
+        if kind is _Kind.DML and self._legacy_begins():
+            self._in_transaction = True
+            return self._in_session(kind, sql, params)
+        if kind is _Kind.DML or kind is _Kind.WRITE:
+            result: Result = self._writer.execute(sql, params)
+            return result
+        if kind is _Kind.BEGIN:
+            self._in_transaction = True
+            return _NO_ROWS
+        if kind is _Kind.SAVEPOINT:
+            # SQLite opens a transaction at a SAVEPOINT outside one; the
+            # session does the same (RELEASE ends the savepoint, commit() the
+            # transaction).
+            self._in_transaction = True
+            return self._in_session(kind, sql, params)
+        raise OperationalError(f"cannot {kind.value} - no transaction is active")
+
+    def _in_session(self, kind: _Kind, sql: str, params: Any) -> Result:
+        if kind is _Kind.BEGIN:
+            raise OperationalError("cannot start a transaction within a transaction")
+        if kind is _Kind.COMMIT:
+            self.commit()
+            return _NO_ROWS
+        if kind is _Kind.ROLLBACK:
+            self.rollback()
+            return _NO_ROWS
+        return self._session_now().execute(sql, params)
+
+    def _run_many(self, sql: str, seq_of_params: Iterable[Any]) -> Result:
+        self._check_open()
+        params_list = list(seq_of_params)
+        if not params_list:
+            return _NO_ROWS
+        if not self._in_transaction:
+            kind, cursor = self._classify(sql, params_list[0], run_reads=True)
+            if cursor is not None or kind is _Kind.READ:
+                raise ProgrammingError("executemany() can only execute DML statements.")
+            if kind is not _Kind.DML and kind is not _Kind.WRITE:
+                raise ProgrammingError("executemany() can only execute DML statements.")
+            if not (kind is _Kind.DML and self._legacy_begins()):
+                result: Result = self._writer.executemany(sql, params_list)
+                return result
+            self._in_transaction = True
+        return self._session_now().executemany(sql, params_list)
+
+    def _run_script(self, script: str) -> None:
+        self._check_open()
+        if self._autocommit == LEGACY_TRANSACTION_CONTROL and self._in_transaction:
+            self.commit()  # as sqlite3: a pending transaction is committed first
+        if self._in_transaction:
+            self._session_now().executescript(script)
+        else:
+            self._writer.executescript(script)
+
+
+_NO_ROWS = Result(-1, None, [])
+
+
+def _checked_isolation_level(value: str | None) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or value.upper() not in (
+        "",
+        "DEFERRED",
+        "IMMEDIATE",
+        "EXCLUSIVE",
+    ):
+        raise ValueError(
+            "isolation_level string must be '', 'DEFERRED', 'IMMEDIATE', or 'EXCLUSIVE'"
+        )
+    return value
+
+
+def _checked_autocommit(value: bool | int) -> bool | int:
+    if value is True or value is False or value == LEGACY_TRANSACTION_CONTROL:
+        return value
+    raise ValueError("autocommit must be True, False, or sqlite3.LEGACY_TRANSACTION_CONTROL")
+
+
+def _local_error(exc: sqlite3.Error) -> BaseException:
+    """A local reader's error as the writer would raise it: its sqlite3 class made portable."""
+    return _errors.portable(exc).with_traceback(exc.__traceback__)
+
+
+# -- cursor --------------------------------------------------------------------
+
+
+class Cursor:
+    """A DB-API cursor. Rows of a local read are fetched lazily from the reader;
+    rows from the writer came whole with its reply."""
+
+    arraysize: int
+
+    def __init__(self, connection: Connection) -> None:
+        self.connection = connection
+        self.arraysize = 1
+        self._local: sqlite3.Cursor | None = None
+        self._rows: Iterator[tuple[Any, ...]] = iter(())
+        self._description: Any = None
+        self._rowcount = -1
+        self._lastrowid: int | None = None
+        self._closed = False
+
+    # -- executing ------------------------------------------------------------
+
+    def execute(self, sql: str, parameters: Any = ()) -> Cursor:
+        """Run one statement (see the module docstring for where); return self."""
+        self._check_open()
+        self._reset()
+        self._take(self.connection._run(sql, parameters))
+        return self
+
+    def executemany(self, sql: str, seq_of_parameters: Iterable[Any]) -> Cursor:
+        """Run one DML statement for each parameter set, atomically; return self."""
+        self._check_open()
+        self._reset()
+        self._take(self.connection._run_many(sql, seq_of_parameters))
+        return self
+
+    def executescript(self, sql_script: str) -> Cursor:
+        """Run a script of statements (as sqlite3: a pending transaction is committed first)."""
+        self._check_open()
+        self._reset()
+        self.connection._run_script(sql_script)
+        return self
+
+    def _take(self, outcome: Result | sqlite3.Cursor) -> None:
+        if isinstance(outcome, sqlite3.Cursor):
+            self._local = outcome
+            self._description = outcome.description
+            self._rowcount = outcome.rowcount
+            return
+        self._rows = iter(outcome.rows)
+        self._description = outcome.description
+        self._rowcount = outcome.rowcount
+        if outcome.lastrowid is not None:
+            self._lastrowid = outcome.lastrowid
+
+    def _reset(self) -> None:
+        if self._local is not None:
+            self._local.close()
+            self._local = None
+        self._rows = iter(())
+        self._description = None
+        self._rowcount = -1
+
+    # -- results --------------------------------------------------------------
+
+    @property
+    def description(self) -> Any:
+        """7-tuples with the column name first (the rest None); None without rows."""
+        return self._description
+
+    @property
+    def rowcount(self) -> int:
+        """Rows changed by the last DML statement (its total for executemany); -1 otherwise."""
+        return self._rowcount
+
+    @property
+    def lastrowid(self) -> int | None:
+        """The rowid of the last row this cursor inserted through the writer."""
+        return self._lastrowid
+
+    def fetchone(self) -> tuple[Any, ...] | None:
+        """The next row, or None."""
+        self._check_open()
+        if self._local is not None:
+            try:
+                row: tuple[Any, ...] | None = self._local.fetchone()
+            except sqlite3.Error as exc:
+                raise _local_error(exc) from None
+            return row
+        return next(self._rows, None)
+
+    def fetchmany(self, size: int | None = None) -> list[tuple[Any, ...]]:
+        """Up to ``size`` (default ``arraysize``) next rows."""
+        self._check_open()
+        count = self.arraysize if size is None else size
+        if self._local is not None:
+            try:
+                return self._local.fetchmany(count)
+            except sqlite3.Error as exc:
+                raise _local_error(exc) from None
+        return [row for _, row in zip(range(count), self._rows, strict=False)]
+
+    def fetchall(self) -> list[tuple[Any, ...]]:
+        """Every remaining row."""
+        self._check_open()
+        if self._local is not None:
+            try:
+                return self._local.fetchall()
+            except sqlite3.Error as exc:
+                raise _local_error(exc) from None
+        return list(self._rows)
+
+    def __iter__(self) -> Iterator[tuple[Any, ...]]:
+        return self
+
+    def __next__(self) -> tuple[Any, ...]:
+        row = self.fetchone()
+        if row is None:
+            raise StopIteration
+        return row
+
+    def close(self) -> None:
+        """Close the cursor (its pending rows are dropped)."""
+        self._reset()
+        self._closed = True
+
+    def setinputsizes(self, sizes: Sequence[Any]) -> None:
+        """Does nothing (PEP 249 allows it)."""
+
+    def setoutputsize(self, size: int, column: int | None = None) -> None:
+        """Does nothing (PEP 249 allows it)."""
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ProgrammingError("Cannot operate on a closed cursor.")
+        self.connection._check_open()
