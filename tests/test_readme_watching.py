@@ -19,7 +19,11 @@ DOCS = Path(__file__).resolve().parent.parent / "docs"
 
 
 def block(language: str, containing: str) -> str:
-    blocks = re.findall(rf"```{language}\n(.*?)```", "".join(page.read_text() for page in sorted(DOCS.glob("*.md"))), re.S)
+    blocks = re.findall(
+        rf"```{language}\n(.*?)```",
+        "".join(page.read_text() for page in sorted(DOCS.glob("*.md"))),
+        re.S,
+    )
     (found,) = [b for b in blocks if containing in b]
     return str(found)
 
