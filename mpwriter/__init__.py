@@ -9,12 +9,14 @@ See README.md for the guarantees and the limits.
 from ._caller.attached import attach, get_writer
 from ._caller.handle import Transaction, Writer
 from ._caller.reader import ReadConnection, reader
+from ._caller.session import Session
 from ._errors import (
     DatabaseError,
     Error,
     IntegrityError,
     Interrupted,
     NotPicklable,
+    NotSupportedError,
     OperationalError,
     OutcomeUnknown,
     ProgrammingError,
@@ -22,6 +24,7 @@ from ._errors import (
     RemoteError,
     RemoteTraceback,
     ServerUnavailable,
+    SessionExpired,
     StatementRefused,
     Timeout,
     WriterAlreadyRunning,
@@ -41,6 +44,7 @@ __all__ = [
     "IntegrityError",
     "Interrupted",
     "NotPicklable",
+    "NotSupportedError",
     "OperationalError",
     "OutcomeUnknown",
     "ProgrammingError",
@@ -50,6 +54,8 @@ __all__ = [
     "RemoteTraceback",
     "Result",
     "ServerUnavailable",
+    "Session",
+    "SessionExpired",
     "StatementRefused",
     "Stats",
     "Timeout",

@@ -141,6 +141,21 @@ class ProgrammingError(DatabaseError):
     """A programming error on either engine (wrong number of parameters, ...)."""
 
 
+class NotSupportedError(DatabaseError):
+    """Not supported by the engine or the interface (PEP 249): e.g. sessions on PostgreSQL."""
+
+
+class SessionExpired(OperationalError):
+    """The writer rolled an interactive session's transaction back on its own.
+
+    Past its idle limit between statements or its total limit, when its
+    caller's reply pipe was closed, when the writer was closing, or when
+    SQLite abandoned the transaction that held it: nothing of that
+    transaction was applied. The session itself may be used again: the next
+    statement opens a new transaction.
+    """
+
+
 # The rest of PEP 249's tree, public as mpwriter.dbapi's attributes.
 
 
@@ -154,10 +169,6 @@ class DataError(DatabaseError):
 
 class InternalError(DatabaseError):
     """The database's internal error (PEP 249)."""
-
-
-class NotSupportedError(DatabaseError):
-    """A method or database API the database does not support (PEP 249)."""
 
 
 class Warning(Exception):

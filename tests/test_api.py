@@ -25,6 +25,7 @@ EXPECTED_PUBLIC_NAMES = {
     "IntegrityError",
     "Interrupted",
     "NotPicklable",
+    "NotSupportedError",
     "OperationalError",
     "OutcomeUnknown",
     "ProgrammingError",
@@ -34,6 +35,8 @@ EXPECTED_PUBLIC_NAMES = {
     "RemoteTraceback",
     "Result",
     "ServerUnavailable",
+    "Session",
+    "SessionExpired",
     "StatementRefused",
     "Stats",
     "Timeout",
@@ -72,6 +75,8 @@ def test_public_names_are_exactly_the_documented_ones() -> None:
         mpwriter.StatementRefused,
         mpwriter.NotPicklable,
         mpwriter.RemoteError,
+        mpwriter.SessionExpired,
+        mpwriter.NotSupportedError,
     ],
 )
 def test_every_error_pickles_and_derives_from_error(cls: type[Exception]) -> None:

@@ -48,6 +48,7 @@ from .._wire.stats import Stats
 from . import aio, blocking, calls
 from .futures import Collector, Pending
 from .pipe_pool import PipePool, Slot
+from .session import DEFAULT_IDLE_LIMIT, DEFAULT_TOTAL_LIMIT, Session
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -165,6 +166,31 @@ class Writer:
             tx.results = [Result(*item) for item in raw]
         else:
             tx.results = []
+
+    def session(
+        self,
+        *,
+        timeout: float | None = None,
+        idle_limit: float | None = None,
+        total_limit: float | None = None,
+    ) -> Session:
+        """An interactive transaction: statements answered one at a time, then commit.
+
+        ``with writer.session() as s:`` commits on a normal exit and rolls
+        back on an exception. While its transaction is open the writer serves
+        it alone and holds every other request, so the writer rolls it back
+        after ``idle_limit`` seconds without a statement (default 5) or
+        ``total_limit`` seconds in all (default 30): the next call raises
+        `SessionExpired`. ``timeout`` is each call's (the handle's by
+        default). SQLite writers only (`NotSupportedError` on PostgreSQL).
+        """
+        return Session(
+            self._pool,
+            self._request_fd,
+            self.timeout if timeout is None else timeout,
+            DEFAULT_IDLE_LIMIT if idle_limit is None else idle_limit,
+            DEFAULT_TOTAL_LIMIT if total_limit is None else total_limit,
+        )
 
     def call(self, fn: Callable[Concatenate[Any, P], R], /, *args: P.args, **kwargs: P.kwargs) -> R:
         """Run ``fn(conn, *args, **kwargs)`` in the writer, atomically; return its result.

@@ -70,6 +70,10 @@ class Stats(TypedDict):
     gather_waits: int  # batches that waited for callers just answered (a costly commit)
     gathered: int  # requests that came during those waits and shared the commit
     posts_dropped: int  # fire-and-forget writes dropped by callers
+    sessions: int  # interactive sessions (transactions) opened
+    sessions_expired: int  # ... rolled back by the writer: a limit, a gone caller, closing
+    session_waits: int  # requests held while a session was open
+    session_wait_seconds: float  # ... the seconds they spent held, summed
     post_errors_by_class: dict[str, int]  # fire-and-forget writes that failed
     queue_depth: int  # requests waiting (estimated from the queued bytes)
     queued_bytes: int  # bytes in the request pipe, not read yet

@@ -48,6 +48,13 @@ class Counters:
         self.gather_waits = 0
         self.gathered = 0
         self.posts_dropped = 0  # reported by callers with their next post
+        # Interactive sessions (session.py): opened, rolled back by the writer
+        # (limits, a dead caller, closing), and the requests held while one
+        # was open, with the seconds they spent held.
+        self.sessions = 0
+        self.sessions_expired = 0
+        self.session_waits = 0
+        self.session_wait_seconds = 0.0
         self.post_errors_by_class: dict[str, int] = {}
         self.errors_by_class: dict[str, int] = {}
 

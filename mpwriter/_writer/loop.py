@@ -55,6 +55,7 @@ import select
 import signal
 import socket
 import struct
+import sys
 import termios
 import time
 from collections import deque
@@ -86,6 +87,7 @@ from .engine import Engine, WriterConfig, open_engine
 from .metrics import Latencies, SlowLog
 from .published import Publisher
 from .reply_pipes import Key, ReplyPipes, StreamedRows, pid_alive
+from .session import Sessions
 
 log = logging.getLogger("mpwriter")
 
@@ -122,6 +124,7 @@ _SELECT_FD_LIMIT = 1024
 # costs ~0.3 us on Python 3.11 (an enum class attribute), comparing ints 0.02.
 _CLOSE = int(Kind.CLOSE)
 _STATS = int(Kind.STATS)
+_SESSION = int(Kind.SESSION)
 
 
 def serve(
@@ -202,6 +205,9 @@ class WriterLoop:
         self._frames = FrameReader(config.frame_key)
         self._assembler = Assembler()
         self._backlog: deque[Request] = deque()
+        # How many requests `_read_available` takes into the backlog: one
+        # batch, or all there are while a session holds the others.
+        self._read_limit = config.max_batch
         # (sender, request id) -> the rows of a streamed request, until served
         self._streams: dict[tuple[int, int], StreamedRows] = {}
         self.consumed = 0  # bytes read from the request pipe so far
@@ -228,6 +234,7 @@ class WriterLoop:
             lambda fd: self._watch(fd, "reply", select.POLLOUT),
             self._unwatch,
         )
+        self._sessions = Sessions(engine, counters, self, self._backlog)
         self._watch(self._request_fd, "requests")
         self._watch(registrations.fileno(), "registrations")
         self._watch(lifeline.fileno(), "lifeline")
@@ -265,6 +272,32 @@ class WriterLoop:
             r.sender == key[0] and r.slot == key[1] for r in self._backlog
         )
 
+    # -- what an interactive session asks of the loop (session.SessionHost) ------
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    def hold_requests(self, holding: bool) -> None:
+        self._read_limit = sys.maxsize if holding else self._config.max_batch
+
+    def wait_until(self, until: float) -> None:
+        self._wait(until)
+        if time.monotonic() >= self._next_housekeeping:
+            self._housekeeping()
+
+    def send(self, request: Request, reply: bytes) -> None:
+        self._replies.send(request, reply)
+
+    def reply_pipe(self, sender: int, slot: int) -> int | None:
+        return self._replies.pipe_of((sender, slot))
+
+    def watch(self, fd: int) -> None:
+        self._watch(fd, "session", 0)  # POLLERR wakes the wait; the session looks
+
+    def unwatch(self, fd: int) -> None:
+        self._unwatch(fd)
+
     # -- main loop ------------------------------------------------------------
 
     def run(self) -> None:
@@ -287,8 +320,9 @@ class WriterLoop:
             if time.monotonic() >= self._next_housekeeping:
                 self._housekeeping()
 
-    def _wait(self) -> None:
-        timeout = max(0.0, self._next_housekeeping - time.monotonic())
+    def _wait(self, until: float | None = None) -> None:
+        end = self._next_housekeeping if until is None else min(until, self._next_housekeeping)
+        timeout = max(0.0, end - time.monotonic())
         for fd, _ in self._poller.poll(int(timeout * 1000) + 1):
             role = self._roles.get(fd)
             if role == "requests":
@@ -310,7 +344,7 @@ class WriterLoop:
 
     def _read_available(self) -> None:
         """Take every request already queued, up to one batch in hand."""
-        limit = self._config.max_batch
+        limit = self._read_limit
         # Empty but after a restart. Never rebound, so a pipe registered while
         # this reads (a handed-over frame reads the side socket) is seen too.
         awaited = self._replies.awaited
@@ -415,6 +449,8 @@ class WriterLoop:
         in_hand = self._in_hand
         loads = pickle.loads
         while self._backlog and len(batch) < limit:
+            if self._backlog[0].kind == _SESSION:
+                break  # served alone, once this batch is answered (session.py)
             request = self._backlog.popleft()
             in_hand.add((request.sender, request.slot))
             kind = request.kind
@@ -450,6 +486,9 @@ class WriterLoop:
                 except Exception:
                     log.exception("mpwriter: rolling back the failed batch failed too")
                 replies = [(w.request, error_reply(w.request.request_id, exc)) for w in batch]
+        if self._sessions.carried:
+            # A session committed into this batch's transaction: answered only now.
+            replies += self._sessions.settle(ran=bool(batch))
         committed = time.monotonic()
         send = self._replies.send
         for request, reply in replies + extra:
@@ -476,6 +515,8 @@ class WriterLoop:
                 self._replies.release_streamed(rows)
         if batch:
             self._record_timings(batch, taken, committed)
+        if self._backlog and self._backlog[0].kind == _SESSION:
+            self._sessions.serve(self._backlog.popleft())
 
     def _attach_streams(
         self, batch: list[Work], extra: list[tuple[Request, bytes]]

@@ -156,6 +156,10 @@ class ReplyPipes:
     def pipe_count(self) -> int:
         return len(self._slots)
 
+    def pipe_of(self, key: Key) -> int | None:
+        """The write end of this slot's pipe, if held (an interactive session watches it)."""
+        return self._slots.get(key)
+
     # -- the side socket --------------------------------------------------------
 
     def read_side_socket(self) -> None:

@@ -319,6 +319,9 @@ class SqliteEngine:
         self._guarded = False
         # While True, a statement running alone is held to its stop time.
         self._alone = False
+        # While True, callers' own savepoints are allowed (an interactive
+        # session's statements, `session.py`); the writer's never are.
+        self.session_savepoints = False
         self._denied: str | None = None
         self._wants_solo = False
         # Requests deferred by the last `run`, each to run alone (`run_alone`).
@@ -344,6 +347,12 @@ class SqliteEngine:
         self, action: int, arg1: str | None, arg2: str | None, _db: str | None, _src: str | None
     ) -> int:
         if not self._guarded:
+            return sqlite3.SQLITE_OK
+        if (
+            action == sqlite3.SQLITE_SAVEPOINT
+            and self.session_savepoints
+            and not (arg2 or "").lower().startswith("mpwriter")
+        ):
             return sqlite3.SQLITE_OK
         if action == sqlite3.SQLITE_TRANSACTION or action == sqlite3.SQLITE_SAVEPOINT:
             verb = "SAVEPOINT" if action == sqlite3.SQLITE_SAVEPOINT and arg1 == "BEGIN" else arg1
@@ -629,6 +638,10 @@ class SqliteEngine:
         "database is locked" error and left out; the rest are returned.
         """
         pending = list(batch)
+        if self._conn.in_transaction:
+            # An interactive session's committed work (`session.py`), kept
+            # open for this batch's COMMIT to make it durable with the rest.
+            return pending
         delay = _BACKOFF_FIRST
         while pending:
             try:
