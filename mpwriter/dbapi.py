@@ -374,6 +374,7 @@ class Connection:
         self._session: _Session | None = None
         self._classifier = _Classifier()
         self._kinds: dict[str, _Kind] = {}
+        self._columns: dict[str, tuple[str, ...] | None] = {}
         self._reader: sqlite3.Connection = reader(
             path, busy_timeout=timeout, check_same_thread=False
         )
@@ -402,20 +403,29 @@ class Connection:
         Without a transaction, or with ``autocommit=True``, it does nothing.
         """
         self._check_open()
-        if self._autocommit is True or not self._in_transaction:
-            return
-        if self._session is not None:
-            self._session.commit()
-        self._in_transaction = self._autocommit is False
+        if self._autocommit is not True:
+            self._end(commit=True)
 
     def rollback(self) -> None:
-        """Roll back the open transaction (nothing of it was applied)."""
+        """Roll back the open transaction (nothing of it was applied).
+
+        Without a transaction, or with ``autocommit=True``, it does nothing.
+        """
         self._check_open()
-        if self._autocommit is True or not self._in_transaction:
+        if self._autocommit is not True:
+            self._end(commit=False)
+
+    def _end(self, *, commit: bool) -> None:
+        if not self._in_transaction:
             return
-        if self._session is not None:
-            self._session.rollback()
+        # Out of the transaction whatever the outcome: a failed COMMIT left
+        # nothing open in the writer (sqlite3 behaves the same way).
         self._in_transaction = self._autocommit is False
+        if self._session is not None:
+            if commit:
+                self._session.commit()
+            else:
+                self._session.rollback()
 
     def close(self) -> None:
         """Roll back any open transaction and close; closing twice is harmless."""
@@ -594,13 +604,46 @@ class Connection:
     def _in_session(self, kind: _Kind, sql: str, params: Any) -> Result:
         if kind is _Kind.BEGIN:
             raise OperationalError("cannot start a transaction within a transaction")
-        if kind is _Kind.COMMIT:
-            self.commit()
+        if kind is _Kind.COMMIT or kind is _Kind.ROLLBACK:
+            # As SQL, they end the transaction in every mode (autocommit=True
+            # included, where the methods do nothing).
+            self._end(commit=kind is _Kind.COMMIT)
             return _NO_ROWS
-        if kind is _Kind.ROLLBACK:
-            self.rollback()
-            return _NO_ROWS
-        return self._session_now().execute(sql, params)
+        result = self._session_now().execute(sql, params)
+        if result.columns is None and not result.rows:
+            columns = self._columns_of(sql, params)
+            if columns is not None:
+                result = result._replace(columns=columns)
+        return result
+
+    def _columns_of(self, sql: str, params: Any) -> tuple[str, ...] | None:
+        """A read's column names, for a session reply that had no rows to carry them.
+
+        The writer names columns only alongside rows; DB-API callers need a
+        description for an empty result too (SQLAlchemy tells "returns rows"
+        by it). A read is run again on the local reader for its description;
+        a write (refused there) has none.
+        """
+        if sql in self._columns:
+            return self._columns[sql]
+        if self._kinds.get(sql, _Kind.READ) is not _Kind.READ:
+            return None
+        classifier = self._classifier
+        classifier.kind = None
+        classifier.run_reads = True
+        try:
+            cursor = self._reader.execute(sql, params)
+        except sqlite3.Error:
+            # A write, or a read of what only this transaction has made (a
+            # new table): no description to be had here.
+            return None
+        description = cursor.description
+        cursor.close()
+        columns = None if description is None else tuple(d[0] for d in description)
+        if len(self._columns) >= _CACHED_KINDS:
+            del self._columns[next(iter(self._columns))]
+        self._columns[sql] = columns
+        return columns
 
     def _run_many(self, sql: str, seq_of_params: Iterable[Any]) -> Result:
         self._check_open()
@@ -779,8 +822,12 @@ class Cursor:
         return row
 
     def close(self) -> None:
-        """Close the cursor (its pending rows are dropped)."""
-        self._reset()
+        """Close the cursor: its pending rows are dropped; ``rowcount`` and
+        ``lastrowid`` keep their values (SQLAlchemy reads them after closing)."""
+        if self._local is not None:
+            self._local.close()
+            self._local = None
+        self._rows = iter(())
         self._closed = True
 
     def setinputsizes(self, sizes: Sequence[Any]) -> None:
