@@ -125,7 +125,9 @@ NotSupportedError = _errors.NotSupportedError
 Date = datetime.date
 Time = datetime.time
 Timestamp = datetime.datetime
-Binary = memoryview
+# bytes, not sqlite3's memoryview: parameters are pickled to the writer, and
+# a memoryview does not pickle.
+Binary = bytes
 
 
 def DateFromTicks(ticks: float) -> datetime.date:
