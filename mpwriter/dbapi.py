@@ -580,8 +580,11 @@ class Connection:
             cursor: sqlite3.Cursor = ran
             return cursor
         if kind is _Kind.READ:
-            # A cached read: run it here (SQLite's statement cache keeps it
-            # compiled, so the authorizer is not asked again).
+            # A cached read: run it here. SQLite may compile it again (its
+            # statement cache evicted it, the schema changed): the authorizer
+            # must then let it read.
+            self._classifier.kind = None
+            self._classifier.run_reads = True
             try:
                 return self._reader.execute(sql, params)
             except sqlite3.Error as exc:

@@ -353,3 +353,14 @@ def test_statement_kinds_asked_once_per_text_stay_right_on_repeats(tmp_path: Pat
         conn.close()
     finally:
         handle.close(timeout=10.0)
+
+
+def test_a_cached_read_recompiled_after_a_schema_change_still_runs_locally(
+    writer: mpwriter.Writer, conn: dbapi.Connection
+) -> None:
+    count = "SELECT count(*) FROM items"
+    assert conn.execute(count).fetchone() == (0,)
+    conn.execute(INSERT, (1, 1, "x"))  # refused locally, noted as a write
+    conn.commit()
+    writer.execute("CREATE TABLE later(a)")  # SQLite compiles the read again
+    assert conn.execute(count).fetchone() == (1,)
