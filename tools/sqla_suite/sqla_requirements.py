@@ -68,18 +68,6 @@ class Requirements(SuiteRequirements):
         return exclusions.open()
 
     @property
-    def check_constraint_reflection(self) -> exclusions.compound:
-        return exclusions.open()
-
-    @property
-    def unique_constraint_reflection(self) -> exclusions.compound:
-        return exclusions.open()
-
-    @property
-    def foreign_key_constraint_name_reflection(self) -> exclusions.compound:
-        return exclusions.open()
-
-    @property
     def reflects_pk_names(self) -> exclusions.compound:
         return exclusions.open()
 
@@ -94,6 +82,10 @@ class Requirements(SuiteRequirements):
     @property
     def date_historic(self) -> exclusions.compound:
         return exclusions.open()
+
+    @property
+    def parens_in_union_contained_select_w_limit_offset(self) -> exclusions.compound:
+        return exclusions.closed()  # SQLite's grammar has no parenthesized SELECT in a UNION
 
     @property
     def schemas(self) -> exclusions.compound:
