@@ -316,14 +316,15 @@ def connect(
     accepted for sqlite3 compatibility; ``detect_types`` and ``factory`` are
     not supported (`NotSupportedError` unless left at their defaults).
     """
-    del check_same_thread, cached_statements  # a connection is one thread's at a time
+    del check_same_thread, cached_statements, uri  # one thread at a time; a path, not a URI
     path = os.fspath(database)
     if path.startswith(("postgresql://", "postgres://")):
         raise NotSupportedError(
             "mpwriter.dbapi serves SQLite writers only: for PostgreSQL use psycopg "
             "or SQLAlchemy's postgresql dialect directly (see docs/orm.md)"
         )
-    if uri or path == ":memory:" or path.startswith("file:"):
+    if path == ":memory:" or path.startswith("file:"):
+        # (uri=True with a plain path names a file, as in sqlite3.)
         raise NotSupportedError("mpwriter.dbapi needs a database file path (not a URI)")
     if detect_types or factory is not None:
         raise NotSupportedError("detect_types and factory are not supported")
