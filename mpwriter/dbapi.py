@@ -40,7 +40,7 @@ import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from . import _errors
 from ._caller.attached import get_writer
@@ -52,8 +52,12 @@ from ._errors import (
     IntegrityError,
     OperationalError,
     ProgrammingError,
+    SessionExpired,
+    WriterUnavailable,
 )
 from ._wire.replies import Result
+
+R = TypeVar("R")
 
 __all__ = [
     "BINARY",
@@ -444,6 +448,21 @@ class Connection:
             self._session = self._writer.session(**self._session_limits)
         return self._session
 
+    def _in_open_transaction(self, call: Callable[..., R], *args: Any) -> R:
+        """``call(*args)`` on the session; a transaction the writer lost ends here too.
+
+        After `SessionExpired` (rolled back past its limits) or
+        `WriterUnavailable` (the writer closed or died) the writer holds no
+        transaction of ours, so none is open: ``in_transaction`` turns False,
+        as sqlite3's does when SQLite rolls back on its own, and the next
+        statement begins anew.
+        """
+        try:
+            return call(*args)
+        except (SessionExpired, WriterUnavailable):
+            self._in_transaction = self._autocommit is False
+            raise
+
     def _legacy_begins(self) -> bool:
         return self._autocommit == LEGACY_TRANSACTION_CONTROL and self._isolation_level is not None
 
@@ -483,7 +502,7 @@ class Connection:
             # included, where the methods do nothing).
             self._end(commit=kind is Kind.COMMIT)
             return _NO_ROWS
-        result = self._session_now().execute(sql, params)
+        result = self._in_open_transaction(self._session_now().execute, sql, params)
         if result.columns is None and not result.rows:
             columns = self._statements.columns_of(sql, params)
             if columns is not None:
@@ -505,14 +524,14 @@ class Connection:
                 result: Result = self._writer.executemany(sql, params_list)
                 return result
             self._in_transaction = True
-        return self._session_now().executemany(sql, params_list)
+        return self._in_open_transaction(self._session_now().executemany, sql, params_list)
 
     def _run_script(self, script: str) -> None:
         self._check_open()
         if self._autocommit == LEGACY_TRANSACTION_CONTROL and self._in_transaction:
             self.commit()  # as sqlite3: a pending transaction is committed first
         if self._in_transaction:
-            self._session_now().executescript(script)
+            self._in_open_transaction(self._session_now().executescript, script)
         else:
             self._writer.executescript(script)
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import pickle
+import signal
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
@@ -388,8 +390,8 @@ def test_an_expired_transaction_raises_operational_error_and_the_connection_goes
         with pytest.raises(dbapi.OperationalError) as expired:
             conn.execute(INSERT, (1, 2, "late"))
         assert isinstance(expired.value, mpwriter.SessionExpired)
+        assert not conn.in_transaction  # the writer rolled it back
         conn.rollback()
-        assert not conn.in_transaction
         conn.execute(INSERT, (1, 3, "after"))
         conn.commit()
     finally:
@@ -397,3 +399,16 @@ def test_an_expired_transaction_raises_operational_error_and_the_connection_goes
     with mpwriter.reader(writer.path) as other:
         rows = other.execute("SELECT payload FROM items ORDER BY id").fetchall()
     assert rows == [("other",), ("after",)]
+
+
+def test_a_writer_killed_mid_transaction_ends_the_transaction(writer: mpwriter.Writer) -> None:
+    conn = dbapi.connect(writer.path, writer=writer)
+    try:
+        conn.execute(INSERT, (1, 1, "lost"))
+        os.kill(writer.stats()["pid"], signal.SIGKILL)
+        with pytest.raises(mpwriter.WriterCrashed, match="rolled back"):
+            conn.execute(INSERT, (1, 2, "late"))
+        assert not conn.in_transaction  # the next statement begins anew
+    finally:
+        conn.close()
+    assert writer.execute("SELECT payload FROM items", timeout=30.0).rows == []
