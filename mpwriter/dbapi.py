@@ -343,8 +343,9 @@ class Connection:
     def _end(self, *, commit: bool) -> None:
         if not self._in_transaction:
             return
-        # Out of the transaction whatever the outcome: a failed COMMIT left
-        # nothing open in the writer (sqlite3 behaves the same way).
+        # Out of the transaction whatever the outcome: the session's
+        # transaction is over once its commit or rollback returns or raises
+        # (unlike sqlite3, where a failed COMMIT may leave one open).
         self._in_transaction = self._autocommit is False
         if self._session is not None:
             if commit:
