@@ -93,6 +93,29 @@ def test_connect_uses_the_attached_writer(writer: mpwriter.Writer) -> None:
     assert count_rows(Path(writer.path)) == 1
 
 
+def test_connect_falls_back_to_mpwriter_connect_once_per_file(
+    writer: mpwriter.Writer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dialed: list[str] = []
+
+    def connect(path: str) -> mpwriter.Writer:
+        dialed.append(path)
+        return writer
+
+    monkeypatch.setattr(mpwriter, "connect", connect, raising=False)
+    mpwriter.attach(mpwriter.start(Path(writer.path).with_name("other.db"), context="fork"))
+    try:
+        first = dbapi.connect(writer.path, isolation_level=None)
+        second = dbapi.connect(writer.path, isolation_level=None)
+        first.execute(INSERT, (1, 1, "connected"))
+        assert second.execute("SELECT payload FROM items").fetchall() == [("connected",)]
+        first.close()
+        second.close()
+    finally:
+        mpwriter.get_writer().close(timeout=10.0)
+    assert dialed == [writer.path]
+
+
 def test_a_postgresql_url_is_refused_with_where_to_go() -> None:
     with pytest.raises(dbapi.NotSupportedError, match="psycopg"):
         dbapi.connect("postgresql://postgres@127.0.0.1/postgres")
