@@ -108,6 +108,7 @@ class LocalStatements:
         self._authorizer = _Authorizer()
         conn.set_authorizer(self._authorizer)
         self._kinds: dict[str, Kind] = {}
+        self._not_control: dict[str, Kind] = {}  # OTHER: texts seen inside a transaction
         self._columns: dict[str, tuple[str, ...] | None] = {}
 
     def close(self) -> None:
@@ -128,6 +129,8 @@ class LocalStatements:
             if run_reads or kind in _TRANSACTION_CONTROL:
                 return kind, None
             return Kind.OTHER, None
+        if not run_reads and sql in self._not_control:
+            return Kind.OTHER, None
         authorizer = self._authorizer
         authorizer.arm(run_reads)
         try:
@@ -140,8 +143,7 @@ class LocalStatements:
                 if getattr(exc, "sqlite_errorcode", 0) & 0xFF != _SQLITE_READONLY:
                     raise local_error(exc) from None
                 kind = Kind.WRITE  # e.g. a pragma that writes the file
-            if kind is not Kind.OTHER:
-                _remember(self._kinds, sql, kind)
+            _remember(self._kinds if kind is not Kind.OTHER else self._not_control, sql, kind)
             return kind, None
         if not run_reads:
             # No action to refuse (a statement that reads no table): it ran
