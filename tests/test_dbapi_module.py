@@ -424,14 +424,19 @@ def test_an_expired_transaction_raises_operational_error_and_the_connection_goes
     assert rows == [("other",), ("after",)]
 
 
-def test_a_writer_killed_mid_transaction_ends_the_transaction(writer: mpwriter.Writer) -> None:
+def test_a_writer_killed_mid_transaction_ends_it_and_the_connection_goes_on(
+    writer: mpwriter.Writer,
+) -> None:
+    pid = writer.stats()["pid"]  # asked first: an open transaction holds every request
     conn = dbapi.connect(writer.path, writer=writer)
     try:
         conn.execute(INSERT, (1, 1, "lost"))
-        os.kill(writer.stats()["pid"], signal.SIGKILL)
+        os.kill(pid, signal.SIGKILL)
         with pytest.raises(mpwriter.WriterCrashed, match="rolled back"):
             conn.execute(INSERT, (1, 2, "late"))
-        assert not conn.in_transaction  # the next statement begins anew
+        assert not conn.in_transaction
+        conn.execute(INSERT, (1, 3, "after"))  # a new transaction, in the restarted writer
+        conn.commit()
     finally:
         conn.close()
-    assert writer.execute("SELECT payload FROM items", timeout=30.0).rows == []
+    assert writer.execute("SELECT payload FROM items", timeout=30.0).rows == [("after",)]
