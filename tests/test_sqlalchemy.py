@@ -182,16 +182,17 @@ def test_threads_share_one_engine(handle: mpwriter.Writer, engine: Any) -> None:
     # The pool hands connections from thread to thread (check_same_thread is
     # off); each runs its transactions in its own session.
     Base.metadata.create_all(engine)
+    auto = engine.execution_options(isolation_level="AUTOCOMMIT")
 
     def add(thread: int) -> None:
+        mine = select(func.count()).where(Note.body.like(f"{thread}-%"))
         for n in range(10):
             with Session(engine) as session, session.begin():
                 session.add(Note(body=f"{thread}-{n}"))
                 session.flush()
-                assert (
-                    session.scalar(select(func.count()).where(Note.body.like(f"{thread}-%")))
-                    == n + 1
-                )
+                assert session.scalar(mine) == n + 1
+            with auto.connect() as conn:  # a local read, on whichever pooled connection
+                assert conn.scalar(mine) == n + 1
 
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         for future in [pool.submit(add, thread) for thread in range(4)]:
