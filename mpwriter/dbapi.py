@@ -248,7 +248,8 @@ def connect(
     The writer handle is ``writer`` if given, else the one attached to this
     process (`mpwriter.attach`, inherited through fork) if it serves
     ``database``, else ``mpwriter.connect(database)`` where this version of
-    mpwriter has it; otherwise `InterfaceError`. ``timeout`` is the local
+    mpwriter has it; otherwise, or if ``writer`` serves another file,
+    `InterfaceError`. ``timeout`` is the local
     reader's busy timeout (as sqlite3's); ``isolation_level`` and
     ``autocommit`` are sqlite3's; ``idle_limit`` and ``total_limit`` bound
     each transaction's session (`Writer.session`). ``check_same_thread``,
@@ -269,9 +270,12 @@ def connect(
     if detect_types or factory is not None:
         raise NotSupportedError("detect_types and factory are not supported")
     handle = writer if writer is not None else _writer_for(path)
+    if not _same_database(handle.path, path):
+        # Reads here and writes there would be two databases.
+        raise InterfaceError(f"the writer given serves {handle.path!r}, not {path!r}")
     return Connection(
         handle,
-        path,
+        handle.path,
         timeout=timeout,
         isolation_level=isolation_level,
         autocommit=autocommit,

@@ -83,6 +83,11 @@ def test_connect_without_a_handle_for_the_file_says_how(tmp_path: Path) -> None:
         dbapi.connect(tmp_path / "none-here.db")
 
 
+def test_a_writer_for_another_file_is_refused(writer: mpwriter.Writer, tmp_path: Path) -> None:
+    with pytest.raises(dbapi.InterfaceError, match="serves"):
+        dbapi.connect(tmp_path / "elsewhere.db", writer=writer)
+
+
 def test_connect_uses_the_attached_writer(writer: mpwriter.Writer) -> None:
     mpwriter.attach(writer)
     conn = dbapi.connect(writer.path, isolation_level=None)
