@@ -196,8 +196,9 @@ def _writer_for(database: str) -> Any:
         attached = None
     if attached is not None and _same_database(attached.path, database):
         return attached
-    # mpwriter.connect (a handle on a writer started elsewhere) is looked up
-    # at call time: it is optional in this version of the package.
+    # mpwriter.connect (a handle on a writer another process started, through
+    # its endpoint) is looked up on the package at call time; without it
+    # (an older mpwriter) the error below says what to do instead.
     import mpwriter
 
     connect_to = getattr(mpwriter, "connect", None)
@@ -248,8 +249,8 @@ def connect(
 
     The writer handle is ``writer`` if given, else the one attached to this
     process (`mpwriter.attach`, inherited through fork) if it serves
-    ``database``, else ``mpwriter.connect(database)`` where this version of
-    mpwriter has it; otherwise, or if ``writer`` serves another file,
+    ``database``, else ``mpwriter.connect(database)`` (one handle per file for
+    the process); otherwise, or if ``writer`` serves another file,
     `InterfaceError`. ``timeout`` is the local
     reader's busy timeout (as sqlite3's); ``isolation_level`` and
     ``autocommit`` are sqlite3's; ``idle_limit`` and ``total_limit`` bound
