@@ -215,7 +215,7 @@ class ProgrammingError(DatabaseError):
 
 
 class NotSupportedError(DatabaseError):
-    """The writer's engine does not offer this (interactive sessions on PostgreSQL)."""
+    """Not supported by the engine or the interface (PEP 249): e.g. sessions on PostgreSQL."""
 
 
 class SessionExpired(OperationalError):
@@ -229,13 +229,36 @@ class SessionExpired(OperationalError):
     """
 
 
+# The rest of PEP 249's tree, public as mpwriter.dbapi's attributes.
+
+
+class InterfaceError(Error):
+    """An error of the database interface rather than the database (PEP 249)."""
+
+
+class DataError(DatabaseError):
+    """A problem with the processed data: a value out of range, ... (PEP 249)."""
+
+
+class InternalError(DatabaseError):
+    """The database's internal error (PEP 249)."""
+
+
+class Warning(Exception):
+    """An important warning (PEP 249); mpwriter raises none of its own."""
+
+
 # The DB-API class names that map onto the classes above, looked up along the
-# error's MRO so that the most specific one wins (DataError -> DatabaseError).
-_PORTABLE_NAMES: dict[str, type[DatabaseError]] = {
+# error's MRO so that the most specific one wins (sqlite3.DataError -> DataError).
+_PORTABLE_NAMES: dict[str, type[Error]] = {
     "IntegrityError": IntegrityError,
     "OperationalError": OperationalError,
     "ProgrammingError": ProgrammingError,
+    "DataError": DataError,
+    "InternalError": InternalError,
+    "NotSupportedError": NotSupportedError,
     "DatabaseError": DatabaseError,
+    "InterfaceError": InterfaceError,
 }
 _DRIVER_MODULES = frozenset({"sqlite3", "psycopg"})
 _dual_classes: dict[type[BaseException], type[BaseException]] = {}
@@ -248,7 +271,7 @@ def portable(exc: BaseException) -> BaseException:
     The copy has the same args and attributes (``sqlite_errorcode``,
     psycopg's diagnostics) and pickles as itself.
     """
-    if isinstance(exc, DatabaseError):
+    if isinstance(exc, Error):
         return exc
     dual = _dual_class(type(exc))
     if dual is None:
