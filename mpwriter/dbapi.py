@@ -23,12 +23,8 @@ attribute of Python 3.12 is honoured on every Python: ``True`` is SQLite's
 autocommit mode (explicit ``BEGIN`` only), ``False`` keeps a transaction
 open at all times (PEP 249's model).
 
-What a statement does is asked of SQLite, never guessed from its text: the
-local read-only connection compiles it under an authorizer callback that
-lets reads through and refuses, while recording it, the first action that
-would write or control a transaction (SQLITE_INSERT on ``t``, SQLITE_TRANSACTION
-"COMMIT", SQLITE_SAVEPOINT "RELEASE" ...). A refused statement was only
-compiled, never run (a few microseconds); its kind is cached per connection.
+What a statement does is asked of SQLite, never guessed from its text (see
+`mpwriter._caller.statements`: the local connection's authorizer callback).
 
 Limits (see docs/orm.md): functions, aggregates and collations registered on
 a connection exist on its local reader only, not in the writer; ``PRAGMA``
@@ -40,24 +36,28 @@ temporary tables are not supported; a PostgreSQL writer is refused
 from __future__ import annotations
 
 import datetime
-import enum
 import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from . import _errors
 from ._caller.attached import get_writer
 from ._caller.reader import reader
+from ._caller.statements import Kind, LocalStatements, local_error
 from ._errors import (
     DatabaseError,
     Error,
     IntegrityError,
     OperationalError,
     ProgrammingError,
+    SessionExpired,
+    WriterUnavailable,
 )
 from ._wire.replies import Result
+
+R = TypeVar("R")
 
 __all__ = [
     "BINARY",
@@ -172,78 +172,6 @@ DATETIME = _TypeObject("DATE", "DATETIME", "TIMESTAMP", "TIME")
 ROWID = _TypeObject("ROWID", "INTEGER")
 
 
-# -- what a statement does, as SQLite's authorizer reports it -------------------
-
-
-class _Kind(enum.Enum):
-    READ = "read"  # ran on the local reader
-    DML = "dml"  # INSERT/UPDATE/DELETE/REPLACE on a table: opens a legacy transaction
-    WRITE = "write"  # any other write: DDL, a pragma that writes, VACUUM, ANALYZE
-    BEGIN = "begin"
-    COMMIT = "commit"  # COMMIT or END
-    ROLLBACK = "rollback"  # plain ROLLBACK (not ROLLBACK TO)
-    SAVEPOINT = "savepoint"  # SAVEPOINT, RELEASE, ROLLBACK TO
-    OTHER = "other"  # inside a transaction: anything that is not transaction control
-
-
-_READ_ACTIONS = frozenset(
-    {
-        sqlite3.SQLITE_READ,
-        sqlite3.SQLITE_SELECT,
-        sqlite3.SQLITE_FUNCTION,
-        sqlite3.SQLITE_PRAGMA,  # one that writes the file fails as SQLITE_READONLY
-        getattr(sqlite3, "SQLITE_RECURSIVE", 33),
-    }
-)
-_DML_ACTIONS = frozenset({sqlite3.SQLITE_INSERT, sqlite3.SQLITE_UPDATE, sqlite3.SQLITE_DELETE})
-_SCHEMA_TABLES = frozenset(
-    {"sqlite_master", "sqlite_temp_master", "sqlite_schema", "sqlite_temp_schema"}
-)
-_TRANSACTION_KINDS = {"BEGIN": _Kind.BEGIN, "COMMIT": _Kind.COMMIT, "ROLLBACK": _Kind.ROLLBACK}
-_SQLITE_READONLY = 8
-_CACHED_KINDS = 512
-
-
-def _kind_of(action: int, arg1: str | None) -> _Kind:
-    if action == sqlite3.SQLITE_TRANSACTION:
-        return _TRANSACTION_KINDS[arg1 or ""]
-    if action == sqlite3.SQLITE_SAVEPOINT:
-        return _Kind.SAVEPOINT
-    if action in _DML_ACTIONS and arg1 not in _SCHEMA_TABLES:
-        return _Kind.DML
-    return _Kind.WRITE
-
-
-class _Classifier:
-    """The local reader's authorizer: records the first non-read action and refuses it.
-
-    ``run_reads`` lets reads run (outside a transaction, where they are
-    answered locally); otherwise every statement is refused at its first
-    action, so that nothing runs and only transaction control is told apart.
-    """
-
-    __slots__ = ("kind", "run_reads", "savepoint")
-
-    def __init__(self) -> None:
-        self.kind: _Kind | None = None
-        self.savepoint: str | None = None
-        self.run_reads = True
-
-    def __call__(
-        self, action: int, arg1: str | None, arg2: str | None, _db: str | None, _src: str | None
-    ) -> int:
-        if self.kind is not None:
-            return sqlite3.SQLITE_DENY
-        if self.run_reads and action in _READ_ACTIONS:
-            return sqlite3.SQLITE_OK
-        kind = _kind_of(action, arg1)
-        if not self.run_reads and kind not in (_Kind.BEGIN, _Kind.COMMIT, _Kind.ROLLBACK):
-            kind = _Kind.OTHER
-        self.kind = kind
-        self.savepoint = arg2 if action == sqlite3.SQLITE_SAVEPOINT else None
-        return sqlite3.SQLITE_DENY
-
-
 # -- the writer this process has -------------------------------------------------
 
 
@@ -320,14 +248,15 @@ def connect(
     accepted for sqlite3 compatibility; ``detect_types`` and ``factory`` are
     not supported (`NotSupportedError` unless left at their defaults).
     """
-    del check_same_thread, cached_statements  # a connection is one thread's at a time
+    del check_same_thread, cached_statements, uri  # one thread at a time; a path, not a URI
     path = os.fspath(database)
     if path.startswith(("postgresql://", "postgres://")):
         raise NotSupportedError(
             "mpwriter.dbapi serves SQLite writers only: for PostgreSQL use psycopg "
             "or SQLAlchemy's postgresql dialect directly (see docs/orm.md)"
         )
-    if uri or path == ":memory:" or path.startswith("file:"):
+    if path == ":memory:" or path.startswith("file:"):
+        # (uri=True with a plain path names a file, as in sqlite3.)
         raise NotSupportedError("mpwriter.dbapi needs a database file path (not a URI)")
     if detect_types or factory is not None:
         raise NotSupportedError("detect_types and factory are not supported")
@@ -378,15 +307,9 @@ class Connection:
         self._writer = writer
         self._session_limits = {"idle_limit": idle_limit, "total_limit": total_limit}
         self._session: _Session | None = None
-        self._classifier = _Classifier()
-        self._kinds: dict[str, _Kind] = {}
-        self._columns: dict[str, tuple[str, ...] | None] = {}
-        self._reader: sqlite3.Connection = reader(
-            path, busy_timeout=timeout, check_same_thread=False
+        self._statements = LocalStatements(
+            reader(path, busy_timeout=timeout, check_same_thread=False)
         )
-        # The reader answers single statements: SQLite's own autocommit.
-        self._reader.isolation_level = None
-        self._reader.set_authorizer(self._classifier)
         self._isolation_level = _checked_isolation_level(isolation_level)
         self._autocommit = _checked_autocommit(autocommit)
         # PEP 249's model (autocommit=False): a transaction is always open.
@@ -428,8 +351,9 @@ class Connection:
     def _end(self, *, commit: bool) -> None:
         if not self._in_transaction:
             return
-        # Out of the transaction whatever the outcome: a failed COMMIT left
-        # nothing open in the writer (sqlite3 behaves the same way).
+        # Out of the transaction whatever the outcome: the session's
+        # transaction is over once its commit or rollback returns or raises
+        # (unlike sqlite3, where a failed COMMIT may leave one open).
         self._in_transaction = self._autocommit is False
         if self._session is not None:
             if commit:
@@ -448,7 +372,7 @@ class Connection:
                 self._session.close()
         finally:
             self._session = None
-            self._reader.close()
+            self._statements.close()
 
     # -- sqlite3's extensions ---------------------------------------------------
 
@@ -500,17 +424,17 @@ class Connection:
     ) -> None:
         """Register a function on the local reader only (not in the writer)."""
         self._check_open()
-        self._reader.create_function(name, narg, func, deterministic=deterministic)
+        self._statements.conn.create_function(name, narg, func, deterministic=deterministic)
 
     def create_aggregate(self, name: str, n_arg: int, aggregate_class: Any) -> None:
         """Register an aggregate on the local reader only (not in the writer)."""
         self._check_open()
-        self._reader.create_aggregate(name, n_arg, aggregate_class)
+        self._statements.conn.create_aggregate(name, n_arg, aggregate_class)
 
     def create_collation(self, name: str, callable: Any) -> None:
         """Register a collation on the local reader only (not in the writer)."""
         self._check_open()
-        self._reader.create_collation(name, callable)
+        self._statements.conn.create_collation(name, callable)
 
     def __enter__(self) -> Connection:
         return self
@@ -535,80 +459,45 @@ class Connection:
             self._session.foreign_keys = self.foreign_keys
         return self._session
 
+    def _in_open_transaction(self, call: Callable[..., R], *args: Any) -> R:
+        """``call(*args)`` on the session; a transaction the writer lost ends here too.
+
+        After `SessionExpired` (rolled back past its limits) or
+        `WriterUnavailable` (the writer closed or died) the writer holds no
+        transaction of ours, so none is open: ``in_transaction`` turns False,
+        as sqlite3's does when SQLite rolls back on its own, and the next
+        statement begins anew.
+        """
+        try:
+            return call(*args)
+        except (SessionExpired, WriterUnavailable):
+            self._in_transaction = self._autocommit is False
+            raise
+
     def _legacy_begins(self) -> bool:
         return self._autocommit == LEGACY_TRANSACTION_CONTROL and self._isolation_level is not None
-
-    def _classify(self, sql: str, params: Any, run_reads: bool) -> tuple[_Kind, Any]:
-        """The statement's kind and, for a read that ran here, the reader's cursor.
-
-        With ``run_reads`` false (inside a transaction) nothing runs here and
-        the kind is only BEGIN, COMMIT, ROLLBACK or OTHER.
-        """
-        kind = self._kinds.get(sql)
-        if kind is not None:
-            if run_reads or kind in (_Kind.BEGIN, _Kind.COMMIT, _Kind.ROLLBACK):
-                return kind, None
-            return _Kind.OTHER, None
-        classifier = self._classifier
-        classifier.kind = None
-        classifier.run_reads = run_reads
-        try:
-            cursor = self._reader.execute(sql, params)
-        except sqlite3.Error as exc:
-            kind = classifier.kind
-            if kind is None:
-                if not run_reads:
-                    return _Kind.OTHER, None  # the session reports its own error
-                if getattr(exc, "sqlite_errorcode", 0) & 0xFF != _SQLITE_READONLY:
-                    raise _local_error(exc) from None
-                kind = _Kind.WRITE  # e.g. a pragma that writes the file
-            if kind is not _Kind.OTHER:
-                self._remember(sql, kind)
-            return kind, None
-        if not run_reads:
-            # No action to refuse (a statement that reads no table): it ran
-            # here, read-only, and runs again in the session.
-            cursor.close()
-            return _Kind.OTHER, None
-        self._remember(sql, _Kind.READ)
-        return _Kind.READ, cursor
-
-    def _remember(self, sql: str, kind: _Kind) -> None:
-        kinds = self._kinds
-        if len(kinds) >= _CACHED_KINDS:
-            del kinds[next(iter(kinds))]
-        kinds[sql] = kind
 
     def _run(self, sql: str, params: Any) -> Result | sqlite3.Cursor:
         """Run one statement where it belongs; return the reader's cursor or the writer's Result."""
         self._check_open()
         if self._in_transaction:
-            kind, _ = self._classify(sql, params, run_reads=False)
+            kind, _ = self._statements.classify(sql, params, run_reads=False)
             return self._in_session(kind, sql, params)
-        kind, ran = self._classify(sql, params, run_reads=True)
+        kind, ran = self._statements.classify(sql, params, run_reads=True)
         if ran is not None:
-            cursor: sqlite3.Cursor = ran
-            return cursor
-        if kind is _Kind.READ:
-            # A cached read: run it here. SQLite may compile it again (its
-            # statement cache evicted it, the schema changed): the authorizer
-            # must then let it read.
-            self._classifier.kind = None
-            self._classifier.run_reads = True
-            try:
-                return self._reader.execute(sql, params)
-            except sqlite3.Error as exc:
-                raise _local_error(exc) from None
-        if kind is _Kind.DML and self._legacy_begins():
+            return ran
+        if kind is Kind.READ:
+            return self._statements.read(sql, params)
+        if kind is Kind.DML and self._legacy_begins():
             self._in_transaction = True
             return self._in_session(kind, sql, params)
-        if kind is _Kind.DML or kind is _Kind.WRITE:
+        if kind is Kind.DML or kind is Kind.WRITE:
             result: Result = self._writer.execute(sql, params)
             return result
-        if kind is _Kind.BEGIN:
+        if kind is Kind.BEGIN:
             self._in_transaction = True
             return _NO_ROWS
-        if kind is _Kind.SAVEPOINT:
+        if kind is Kind.SAVEPOINT:
             # SQLite opens a transaction at a SAVEPOINT outside one; the
             # session does the same (RELEASE ends the savepoint, commit() the
             # transaction).
@@ -616,49 +505,20 @@ class Connection:
             return self._in_session(kind, sql, params)
         raise OperationalError(f"cannot {kind.value} - no transaction is active")
 
-    def _in_session(self, kind: _Kind, sql: str, params: Any) -> Result:
-        if kind is _Kind.BEGIN:
+    def _in_session(self, kind: Kind, sql: str, params: Any) -> Result:
+        if kind is Kind.BEGIN:
             raise OperationalError("cannot start a transaction within a transaction")
-        if kind is _Kind.COMMIT or kind is _Kind.ROLLBACK:
+        if kind is Kind.COMMIT or kind is Kind.ROLLBACK:
             # As SQL, they end the transaction in every mode (autocommit=True
             # included, where the methods do nothing).
-            self._end(commit=kind is _Kind.COMMIT)
+            self._end(commit=kind is Kind.COMMIT)
             return _NO_ROWS
-        result = self._session_now().execute(sql, params)
+        result = self._in_open_transaction(self._session_now().execute, sql, params)
         if result.columns is None and not result.rows:
-            columns = self._columns_of(sql, params)
+            columns = self._statements.columns_of(sql, params)
             if columns is not None:
                 result = result._replace(columns=columns)
         return result
-
-    def _columns_of(self, sql: str, params: Any) -> tuple[str, ...] | None:
-        """A read's column names, for a session reply that had no rows to carry them.
-
-        The writer names columns only alongside rows; DB-API callers need a
-        description for an empty result too (SQLAlchemy tells "returns rows"
-        by it). A read is run again on the local reader for its description;
-        a write (refused there) has none.
-        """
-        if sql in self._columns:
-            return self._columns[sql]
-        if self._kinds.get(sql, _Kind.READ) is not _Kind.READ:
-            return None
-        classifier = self._classifier
-        classifier.kind = None
-        classifier.run_reads = True
-        try:
-            cursor = self._reader.execute(sql, params)
-        except sqlite3.Error:
-            # A write, or a read of what only this transaction has made (a
-            # new table): no description to be had here.
-            return None
-        description = cursor.description
-        cursor.close()
-        columns = None if description is None else tuple(d[0] for d in description)
-        if len(self._columns) >= _CACHED_KINDS:
-            del self._columns[next(iter(self._columns))]
-        self._columns[sql] = columns
-        return columns
 
     def _run_many(self, sql: str, seq_of_params: Iterable[Any]) -> Result:
         self._check_open()
@@ -666,23 +526,23 @@ class Connection:
         if not params_list:
             return _NO_ROWS
         if not self._in_transaction:
-            kind, cursor = self._classify(sql, params_list[0], run_reads=True)
-            if cursor is not None or kind is _Kind.READ:
+            kind, cursor = self._statements.classify(sql, params_list[0], run_reads=True)
+            if cursor is not None or kind is Kind.READ:
                 raise ProgrammingError("executemany() can only execute DML statements.")
-            if kind is not _Kind.DML and kind is not _Kind.WRITE:
+            if kind is not Kind.DML and kind is not Kind.WRITE:
                 raise ProgrammingError("executemany() can only execute DML statements.")
-            if not (kind is _Kind.DML and self._legacy_begins()):
+            if not (kind is Kind.DML and self._legacy_begins()):
                 result: Result = self._writer.executemany(sql, params_list)
                 return result
             self._in_transaction = True
-        return self._session_now().executemany(sql, params_list)
+        return self._in_open_transaction(self._session_now().executemany, sql, params_list)
 
     def _run_script(self, script: str) -> None:
         self._check_open()
         if self._autocommit == LEGACY_TRANSACTION_CONTROL and self._in_transaction:
             self.commit()  # as sqlite3: a pending transaction is committed first
         if self._in_transaction:
-            self._session_now().executescript(script)
+            self._in_open_transaction(self._session_now().executescript, script)
         else:
             self._writer.executescript(script)
 
@@ -709,11 +569,6 @@ def _checked_autocommit(value: bool | int) -> bool | int:
     if value is True or value is False or value == LEGACY_TRANSACTION_CONTROL:
         return value
     raise ValueError("autocommit must be True, False, or sqlite3.LEGACY_TRANSACTION_CONTROL")
-
-
-def _local_error(exc: sqlite3.Error) -> BaseException:
-    """A local reader's error as the writer would raise it: its sqlite3 class made portable."""
-    return _errors.portable(exc).with_traceback(exc.__traceback__)
 
 
 # -- cursor --------------------------------------------------------------------
@@ -802,7 +657,7 @@ class Cursor:
             try:
                 row: tuple[Any, ...] | None = self._local.fetchone()
             except sqlite3.Error as exc:
-                raise _local_error(exc) from None
+                raise local_error(exc) from None
             return row
         return next(self._rows, None)
 
@@ -814,7 +669,7 @@ class Cursor:
             try:
                 return self._local.fetchmany(count)
             except sqlite3.Error as exc:
-                raise _local_error(exc) from None
+                raise local_error(exc) from None
         return [row for _, row in zip(range(count), self._rows, strict=False)]
 
     def fetchall(self) -> list[tuple[Any, ...]]:
@@ -824,7 +679,7 @@ class Cursor:
             try:
                 return self._local.fetchall()
             except sqlite3.Error as exc:
-                raise _local_error(exc) from None
+                raise local_error(exc) from None
         return list(self._rows)
 
     def __iter__(self) -> Iterator[tuple[Any, ...]]:

@@ -24,6 +24,7 @@ from typing import Any
 from sqlalchemy.dialects.sqlite.pysqlite import SQLiteDialect_pysqlite
 
 from . import dbapi as _dbapi
+from ._errors import WriterUnavailable
 
 
 class MPWriterDialect(SQLiteDialect_pysqlite):
@@ -46,6 +47,11 @@ class MPWriterDialect(SQLiteDialect_pysqlite):
                 cursor.execute("BEGIN")
             finally:
                 cursor.close()
+
+    def is_disconnect(self, e: Any, connection: Any, cursor: Any) -> bool:
+        """A closed or dead writer took the connection's transaction with it: the
+        pool drops the connection (``connection_invalidated``) and makes a new one."""
+        return isinstance(e, WriterUnavailable) or super().is_disconnect(e, connection, cursor)
 
 
 dialect = MPWriterDialect

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import pickle
+import signal
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
@@ -94,6 +96,17 @@ def test_connect_uses_the_attached_writer(writer: mpwriter.Writer) -> None:
 def test_a_postgresql_url_is_refused_with_where_to_go() -> None:
     with pytest.raises(dbapi.NotSupportedError, match="psycopg"):
         dbapi.connect("postgresql://postgres@127.0.0.1/postgres")
+
+
+@pytest.mark.parametrize(
+    ("database", "options"),
+    [(":memory:", {}), ("file:app.db?mode=rw", {"uri": True}), ("app.db", {"detect_types": 1})],
+)
+def test_what_the_writer_cannot_serve_is_refused(
+    writer: mpwriter.Writer, database: str, options: dict[str, object]
+) -> None:
+    with pytest.raises(dbapi.NotSupportedError):
+        dbapi.connect(database, writer=writer, **options)
 
 
 # -- where statements run ----------------------------------------------------------
@@ -364,3 +377,38 @@ def test_a_cached_read_recompiled_after_a_schema_change_still_runs_locally(
     conn.commit()
     writer.execute("CREATE TABLE later(a)")  # SQLite compiles the read again
     assert conn.execute(count).fetchone() == (1,)
+
+
+def test_an_expired_transaction_raises_operational_error_and_the_connection_goes_on(
+    writer: mpwriter.Writer,
+) -> None:
+    conn = dbapi.connect(writer.path, writer=writer, idle_limit=0.3)
+    try:
+        conn.execute(INSERT, (1, 1, "rolled back"))
+        # Held behind the open transaction, served once the writer has rolled it back.
+        writer.execute(INSERT, (2, 1, "other"), timeout=10.0)
+        with pytest.raises(dbapi.OperationalError) as expired:
+            conn.execute(INSERT, (1, 2, "late"))
+        assert isinstance(expired.value, mpwriter.SessionExpired)
+        assert not conn.in_transaction  # the writer rolled it back
+        conn.rollback()
+        conn.execute(INSERT, (1, 3, "after"))
+        conn.commit()
+    finally:
+        conn.close()
+    with mpwriter.reader(writer.path) as other:
+        rows = other.execute("SELECT payload FROM items ORDER BY id").fetchall()
+    assert rows == [("other",), ("after",)]
+
+
+def test_a_writer_killed_mid_transaction_ends_the_transaction(writer: mpwriter.Writer) -> None:
+    conn = dbapi.connect(writer.path, writer=writer)
+    try:
+        conn.execute(INSERT, (1, 1, "lost"))
+        os.kill(writer.stats()["pid"], signal.SIGKILL)
+        with pytest.raises(mpwriter.WriterCrashed, match="rolled back"):
+            conn.execute(INSERT, (1, 2, "late"))
+        assert not conn.in_transaction  # the next statement begins anew
+    finally:
+        conn.close()
+    assert writer.execute("SELECT payload FROM items", timeout=30.0).rows == []

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import importlib.metadata
 import multiprocessing
+import os
 import random
+import signal
 import textwrap
 import time
 from collections.abc import Iterator
@@ -197,6 +199,22 @@ def test_an_autocommit_engine_reads_locally(handle: mpwriter.Writer, engine: Any
         conn.execute(insert(Note), [{"body": "a"}])
         assert conn.execute(select(Note.body)).scalars().all() == ["a"]
     assert handle.stats()["requests"] == before + 1
+
+
+def test_a_writer_killed_mid_transaction_invalidates_the_connection(
+    handle: mpwriter.Writer, engine: Any
+) -> None:
+    Base.metadata.create_all(engine)
+    with Session(engine) as session:
+        session.begin()
+        session.add(Note(body="lost"))
+        session.flush()
+        os.kill(handle.stats()["pid"], signal.SIGKILL)
+        with pytest.raises(sqlalchemy.exc.DBAPIError) as lost:
+            session.execute(select(Note))
+        assert lost.value.connection_invalidated
+        assert isinstance(lost.value.orig, mpwriter.WriterCrashed)
+    assert handle.execute("SELECT count(*) FROM notes", timeout=30.0).rows == [(0,)]
 
 
 def test_alembic_upgrade_head(handle: mpwriter.Writer, tmp_path: Path) -> None:
