@@ -43,7 +43,6 @@ _protocol = sqlite3.PrepareProtocol
 class DatabaseWrapper(sqlite3_base.DatabaseWrapper):  # type: ignore[misc]
     """Django's SQLite ``DatabaseWrapper`` over `mpwriter.dbapi`."""
 
-    display_name = "SQLite (mpwriter)"
     Database = dbapi
     creation_class = DatabaseCreation
 
@@ -75,6 +74,9 @@ class DatabaseWrapper(sqlite3_base.DatabaseWrapper):  # type: ignore[misc]
         writer = writer_for(str(params["database"]), **start_options)
         conn = dbapi.connect(**params, writer=writer)
         register_functions(conn)  # on the local reader; the writer has them from its init
+        # On the local reader, where ``PRAGMA foreign_keys`` outside a
+        # transaction is answered; the writer enforces them from its start.
+        conn.execute("PRAGMA foreign_keys = ON")
         for init_command in self.init_commands:
             if init_command := init_command.strip():
                 conn.execute(init_command)
@@ -95,12 +97,16 @@ class DatabaseWrapper(sqlite3_base.DatabaseWrapper):  # type: ignore[misc]
         if conn.in_transaction:
             return not conn.foreign_keys
         conn.foreign_keys = False
+        conn.execute("PRAGMA foreign_keys = OFF")  # what the reader answers, as SQLite would
         return True
 
     def enable_constraint_checking(self) -> None:
         """Foreign key enforcement back on for the transactions opened from now on."""
         self.ensure_connection()
-        self.connection.foreign_keys = True
+        conn: dbapi.Connection = self.connection
+        if not conn.in_transaction:
+            conn.foreign_keys = True
+            conn.execute("PRAGMA foreign_keys = ON")
 
 
 class CursorWrapper(dbapi.Cursor):
@@ -133,8 +139,29 @@ class CursorWrapper(dbapi.Cursor):
 
 def _adapted(params: Any) -> Any:
     if isinstance(params, Mapping):
-        return {key: _adapt(value, _protocol, value) for key, value in params.items()}
-    return tuple([_adapt(value, _protocol, value) for value in params])
+        return {key: _value(value) for key, value in params.items()}
+    return tuple([_value(value) for value in params])
+
+
+_PLAIN = frozenset({int, str, float, bytes, type(None), bool})
+
+
+def _value(value: Any) -> Any:
+    """``value`` as SQLite binds it, in a type that pickles: sqlite3's adapters
+    applied, subclasses of str, int, float and bytes (Django's TextChoices and
+    IntegerChoices members, possibly of classes local to a function) made plain."""
+    if type(value) in _PLAIN:
+        return value
+    value = _adapt(value, _protocol, value)
+    if isinstance(value, str):
+        return str.__str__(value)  # the text, not the subclass's __str__
+    if isinstance(value, int) and not isinstance(value, bool):
+        return int(value)
+    if isinstance(value, float):
+        return float(value)
+    if isinstance(value, bytes):
+        return bytes(value)
+    return value
 
 
 def _all_adapted(param_list: Iterable[Any]) -> Iterator[Any]:
