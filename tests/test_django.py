@@ -26,7 +26,7 @@ import mpwriter
 
 pytest.importorskip("django")
 
-import mpwriter.django  # noqa: E402 - after the skip
+import mpwriter.django
 
 FORK = multiprocessing.get_context("fork")
 
