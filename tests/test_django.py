@@ -361,3 +361,35 @@ def test_a_process_killed_inside_atomic_is_rolled_back_alone(
     assert in_child(project, handle, lambda: _increments(5)) == 5
     assert committed(project, "SELECT balance FROM shop_account") == [(10,)]
     assert handle.stats()["sessions_expired"] >= 1
+
+
+def _without_the_handle(project: Path, out: Connection) -> None:
+    sys.path.insert(0, str(project))
+    os.environ["DJANGO_SETTINGS_MODULE"] = "dj_settings"
+    import django
+    from django.core.exceptions import ImproperlyConfigured
+    from django.db import connection
+
+    django.setup()
+    try:
+        connection.ensure_connection()
+    except ImproperlyConfigured as exc:
+        out.send(str(exc))
+    else:
+        out.send("connected")
+
+
+def test_a_process_without_the_handle_is_told_another_process_runs_the_writer(
+    project: Path, handle: mpwriter.Writer
+) -> None:
+    receive, send = FORK.Pipe(duplex=False)
+    child = FORK.Process(target=_without_the_handle, args=(project, send))
+    child.start()
+    send.close()
+    try:
+        assert receive.poll(50.0), "the child did not answer in time"
+        message = receive.recv()
+    finally:
+        receive.close()
+        reap(child)
+    assert "another process runs the writer" in message
