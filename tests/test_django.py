@@ -11,10 +11,15 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import random
+import select
 import signal
+import socket
 import sqlite3
 import sys
 import textwrap
+import threading
+import time
 from collections.abc import Callable, Iterator
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -36,6 +41,9 @@ INSTALLED_APPS = ["shop"]
 DEFAULT_AUTO_FIELD = "django.db.models.AutoField"
 USE_TZ = True
 SECRET_KEY = "test"
+ALLOWED_HOSTS = ["*"]
+MIDDLEWARE = []
+ROOT_URLCONF = "shop.urls"
 """
 
 MODELS = """
@@ -52,6 +60,15 @@ class Account(models.Model):
     label = models.CharField(max_length=40, default="")
     touched = models.DateTimeField(null=True)
     year = models.IntegerField(default=0)
+
+
+class Ledger(models.Model):
+    account = models.ForeignKey(Account, models.CASCADE)
+    delta = models.IntegerField()
+
+
+class Counter(models.Model):
+    n = models.IntegerField(default=0)
 """
 
 INITIAL = """
@@ -98,6 +115,128 @@ class Migration(migrations.Migration):
 """
 
 
+BANK = """
+from django.db import migrations, models
+
+
+class Migration(migrations.Migration):
+    dependencies = [("shop", "0002_rebuild")]
+    operations = [
+        migrations.CreateModel(
+            name="Ledger",
+            fields=[
+                ("id", models.AutoField(primary_key=True, serialize=False)),
+                ("account", models.ForeignKey(on_delete=models.CASCADE, to="shop.account")),
+                ("delta", models.IntegerField()),
+            ],
+        ),
+        migrations.CreateModel(
+            name="Counter",
+            fields=[
+                ("id", models.AutoField(primary_key=True, serialize=False)),
+                ("n", models.IntegerField(default=0)),
+            ],
+        ),
+    ]
+"""
+
+# The bank: a transfer moves money between two accounts and writes both
+# ledger lines in one atomic() block; an increment bumps the counter with F().
+BANK_CODE = """
+import random
+
+from django.db import transaction
+from django.db.models import F
+
+from shop.models import Account, Counter, Ledger
+
+ACCOUNTS = 10
+OPENING = 1000
+
+
+def open_bank():
+    from shop.models import Customer
+
+    customer = Customer.objects.create(name="bank")
+    Account.objects.bulk_create(
+        Account(customer=customer, balance=OPENING) for _ in range(ACCOUNTS)
+    )
+    Counter.objects.create()
+
+
+def transfer(rng):
+    ids = list(Account.objects.values_list("pk", flat=True))
+    source, target = rng.sample(ids, 2)
+    amount = rng.randint(1, 50)
+    with transaction.atomic():
+        Account.objects.select_for_update().get(pk=source)
+        Account.objects.filter(pk=source).update(balance=F("balance") - amount)
+        Account.objects.filter(pk=target).update(balance=F("balance") + amount)
+        Ledger.objects.bulk_create(
+            [Ledger(account_id=source, delta=-amount), Ledger(account_id=target, delta=amount)]
+        )
+
+
+def increment():
+    Counter.objects.filter(pk=1).update(n=F("n") + 1)
+"""
+
+VIEWS = """
+import random
+
+from django.http import HttpResponse
+from django.urls import path
+
+from shop import bank
+
+_rng = random.Random()
+
+
+def transfer(request):
+    bank.transfer(_rng)
+    return HttpResponse("ok")
+
+
+def increment(request):
+    bank.increment()
+    return HttpResponse("ok")
+
+
+urlpatterns = [path("transfer", transfer), path("increment", increment)]
+"""
+
+# The management command a separate process runs: transfers and increments
+# in a loop for the given seconds; prints "transfers increments errors".
+LOOP_COMMAND = """
+import random
+import time
+
+from django.core.management.base import BaseCommand
+
+from shop import bank
+
+
+class Command(BaseCommand):
+    def add_arguments(self, parser):
+        parser.add_argument("seconds", type=float)
+
+    def handle(self, *args, seconds, **options):
+        rng = random.Random()
+        transfers = increments = errors = 0
+        stop = time.monotonic() + seconds
+        while time.monotonic() < stop:
+            try:
+                bank.transfer(rng)
+                transfers += 1
+                bank.increment()
+                increments += 1
+            except Exception as exc:
+                errors += 1
+                self.stderr.write(repr(exc))
+        self.stdout.write(f"{transfers} {increments} {errors}")
+"""
+
+
 @pytest.fixture
 def project(tmp_path: Path) -> Path:
     """The project's directory (on sys.path in the children)."""
@@ -108,6 +247,14 @@ def project(tmp_path: Path) -> Path:
     (app / "migrations" / "__init__.py").write_text("")
     (app / "migrations" / "0001_initial.py").write_text(INITIAL)
     (app / "migrations" / "0002_rebuild.py").write_text(REBUILD)
+    (app / "migrations" / "0003_bank.py").write_text(BANK)
+    (app / "bank.py").write_text(BANK_CODE)
+    (app / "urls.py").write_text(VIEWS)
+    commands = app / "management" / "commands"
+    commands.mkdir(parents=True)
+    (app / "management" / "__init__.py").write_text("")
+    (commands / "__init__.py").write_text("")
+    (commands / "transfer_loop.py").write_text(LOOP_COMMAND)
     settings = SETTINGS.format(db=str(tmp_path / "app.db"))
     (tmp_path / "dj_settings.py").write_text(textwrap.dedent(settings))
     return tmp_path
@@ -393,3 +540,141 @@ def test_a_process_without_the_handle_is_told_another_process_runs_the_writer(
         receive.close()
         reap(child)
     assert "another process runs the writer" in message
+
+
+# -- gunicorn beside a manage.py loop ------------------------------------------------
+
+WORKLOAD_SECONDS = 5.0
+
+
+def _gunicorn_master(project: Path, writer: mpwriter.Writer, port: int, ready: int) -> None:
+    """A gunicorn master (4 sync workers) serving the project, with the inherited handle."""
+    _django(project, writer)
+    from django.core.wsgi import get_wsgi_application
+    from gunicorn.app.base import BaseApplication
+
+    application = get_wsgi_application()
+
+    def when_ready(server: Any) -> None:
+        os.write(ready, b"ready")
+
+    class Server(BaseApplication):
+        def load_config(self) -> None:
+            for key, value in {
+                "bind": f"127.0.0.1:{port}",
+                "workers": 4,
+                "worker_class": "sync",
+                "when_ready": when_ready,
+                "control_socket_disable": True,
+                "loglevel": "warning",
+            }.items():
+                self.cfg.set(key, value)
+
+        def load(self) -> Any:
+            return application
+
+    Server().run()
+
+
+def _loop(seconds: float) -> object:
+    import io
+
+    from django.core.management import call_command
+
+    out = io.StringIO()
+    call_command("transfer_loop", seconds, stdout=out)
+    return tuple(int(word) for word in out.getvalue().split())
+
+
+def _web_client(port: int, until: float, tally: dict[str, int], lock: threading.Lock) -> None:
+    import http.client
+
+    rng = random.Random()
+    while time.monotonic() < until:
+        path = "/transfer" if rng.random() < 0.5 else "/increment"
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10.0)
+        try:
+            conn.request("POST", path)
+            status = conn.getresponse().status
+        except OSError:
+            status = 0
+        finally:
+            conn.close()
+        with lock:
+            key = f"{path} {status}" if status == 200 else "error"
+            tally[key] = tally.get(key, 0) + 1
+
+
+def _prepare_bank() -> object:
+    migrate("0003")
+    from shop import bank
+
+    bank.open_bank()
+    return True
+
+
+@pytest.mark.timeout(120)  # a 5-second workload, plus gunicorn's start and stop
+def test_gunicorn_workers_beside_a_manage_py_loop(project: Path, handle: mpwriter.Writer) -> None:
+    assert in_child(project, handle, _prepare_bank) is True
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    ready_r, ready_w = os.pipe()
+    master = FORK.Process(target=_gunicorn_master, args=(project, handle, port, ready_w))
+    master.start()
+    os.close(ready_w)
+    tally: dict[str, int] = {}
+    lock = threading.Lock()
+    try:
+        assert select.select([ready_r], [], [], 50.0)[0], "gunicorn did not become ready"
+        receive, send = FORK.Pipe(duplex=False)
+        loop = FORK.Process(
+            target=_child, args=(project, handle, send, lambda: _loop(WORKLOAD_SECONDS))
+        )
+        until = time.monotonic() + WORKLOAD_SECONDS
+        loop.start()
+        send.close()
+        clients = [
+            threading.Thread(target=_web_client, args=(port, until, tally, lock)) for _ in range(8)
+        ]
+        for client in clients:
+            client.start()
+        for client in clients:
+            client.join(30.0)
+        assert receive.poll(30.0), "the manage.py loop did not answer in time"
+        status, value = receive.recv()
+        assert status == "ok", value
+        loop_transfers, loop_increments, loop_errors = value
+        reap(loop)
+    finally:
+        os.close(ready_r)
+        if master.pid is not None and master.is_alive():
+            os.kill(master.pid, signal.SIGTERM)
+        reap(master)
+    web_transfers = tally.get("/transfer 200", 0)
+    web_increments = tally.get("/increment 200", 0)
+    print(
+        f"web: {web_transfers} transfers, {web_increments} increments;"
+        f" loop: {loop_transfers} transfers, {loop_increments} increments"
+    )
+    assert tally.get("error", 0) == 0
+    assert loop_errors == 0
+    [(total, accounts)] = committed(project, "SELECT sum(balance), count(*) FROM shop_account")
+    assert total == 1000 * accounts  # money conserved
+    assert (
+        committed(
+            project,
+            "SELECT a.id FROM shop_account a LEFT JOIN (SELECT account_id, sum(delta) AS d"
+            " FROM shop_ledger GROUP BY account_id) l ON l.account_id = a.id"
+            " WHERE a.balance != 1000 + coalesce(l.d, 0)",
+        )
+        == []
+    )  # every balance equals its ledger
+    assert committed(project, "SELECT n FROM shop_counter") == [(web_increments + loop_increments,)]
+    assert committed(project, "SELECT count(*) FROM shop_ledger") == [
+        (2 * (web_transfers + loop_transfers),)
+    ]
+    # Not starved: the web workers get a fair share of the writer.
+    web = web_transfers + web_increments
+    loop = loop_transfers + loop_increments
+    assert web >= 0.2 * loop, f"web requests starved: {web} against the loop's {loop}"
