@@ -38,6 +38,7 @@ from __future__ import annotations
 import datetime
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Protocol, TypeVar
@@ -203,12 +204,23 @@ def _writer_for(database: str) -> Any:
     import mpwriter
 
     connect_to = getattr(mpwriter, "connect", None)
-    if connect_to is not None:
-        return connect_to(database)
-    raise InterfaceError(
-        f"this process has no writer handle for {database!r}: attach one with "
-        "mpwriter.attach(writer), or pass connect(..., writer=handle)"
-    )
+    if connect_to is None:
+        raise InterfaceError(
+            f"this process has no writer handle for {database!r}: attach one with "
+            "mpwriter.attach(writer), or pass connect(..., writer=handle)"
+        )
+    # One handle per file for the process (a pool's connections share it),
+    # made again once closed.
+    key = os.path.abspath(database)
+    with _connected_lock:
+        handle = _connected.get(key)
+        if handle is None or handle.closed:
+            handle = _connected[key] = connect_to(database)
+    return handle
+
+
+_connected: dict[str, Any] = {}
+_connected_lock = threading.Lock()
 
 
 def _same_database(a: str, b: str) -> bool:

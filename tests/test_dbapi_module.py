@@ -93,6 +93,29 @@ def test_connect_uses_the_attached_writer(writer: mpwriter.Writer) -> None:
     assert count_rows(Path(writer.path)) == 1
 
 
+def test_connect_falls_back_to_mpwriter_connect_once_per_file(
+    writer: mpwriter.Writer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dialed: list[str] = []
+
+    def connect(path: str) -> mpwriter.Writer:
+        dialed.append(path)
+        return writer
+
+    monkeypatch.setattr(mpwriter, "connect", connect, raising=False)
+    mpwriter.attach(mpwriter.start(Path(writer.path).with_name("other.db"), context="fork"))
+    try:
+        first = dbapi.connect(writer.path, isolation_level=None)
+        second = dbapi.connect(writer.path, isolation_level=None)
+        first.execute(INSERT, (1, 1, "connected"))
+        assert second.execute("SELECT payload FROM items").fetchall() == [("connected",)]
+        first.close()
+        second.close()
+    finally:
+        mpwriter.get_writer().close(timeout=10.0)
+    assert dialed == [writer.path]
+
+
 def test_a_postgresql_url_is_refused_with_where_to_go() -> None:
     with pytest.raises(dbapi.NotSupportedError, match="psycopg"):
         dbapi.connect("postgresql://postgres@127.0.0.1/postgres")
@@ -401,14 +424,19 @@ def test_an_expired_transaction_raises_operational_error_and_the_connection_goes
     assert rows == [("other",), ("after",)]
 
 
-def test_a_writer_killed_mid_transaction_ends_the_transaction(writer: mpwriter.Writer) -> None:
+def test_a_writer_killed_mid_transaction_ends_it_and_the_connection_goes_on(
+    writer: mpwriter.Writer,
+) -> None:
+    pid = writer.stats()["pid"]  # asked first: an open transaction holds every request
     conn = dbapi.connect(writer.path, writer=writer)
     try:
         conn.execute(INSERT, (1, 1, "lost"))
-        os.kill(writer.stats()["pid"], signal.SIGKILL)
+        os.kill(pid, signal.SIGKILL)
         with pytest.raises(mpwriter.WriterCrashed, match="rolled back"):
             conn.execute(INSERT, (1, 2, "late"))
-        assert not conn.in_transaction  # the next statement begins anew
+        assert not conn.in_transaction
+        conn.execute(INSERT, (1, 3, "after"))  # a new transaction, in the restarted writer
+        conn.commit()
     finally:
         conn.close()
-    assert writer.execute("SELECT payload FROM items", timeout=30.0).rows == []
+    assert writer.execute("SELECT payload FROM items", timeout=30.0).rows == [("after",)]

@@ -205,11 +205,12 @@ def test_a_writer_killed_mid_transaction_invalidates_the_connection(
     handle: mpwriter.Writer, engine: Any
 ) -> None:
     Base.metadata.create_all(engine)
+    pid = handle.stats()["pid"]  # asked first: an open transaction holds every request
     with Session(engine) as session:
         session.begin()
         session.add(Note(body="lost"))
         session.flush()
-        os.kill(handle.stats()["pid"], signal.SIGKILL)
+        os.kill(pid, signal.SIGKILL)
         with pytest.raises(sqlalchemy.exc.DBAPIError) as lost:
             session.execute(select(Note))
         assert lost.value.connection_invalidated

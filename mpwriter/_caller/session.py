@@ -14,8 +14,11 @@ The protocol of one session request (`Session._exchange`) is that of
   commit or rollback: the writer watches that pipe, and rolls the
   transaction back at once when its reader is gone (the caller was killed,
   or retired the slot after a timeout);
-- EOF on the pipe (the writer died) is not followed by a re-registration: the
+- EOF on the pipe (the writer died) once the writer has answered one of the
+  transaction's statements OK is not followed by a re-registration: the
   transaction died with that writer, and the caller is told so at once.
+  Before that, nothing of it was applied, and the request waits for the next
+  writer on a new pipe, as any request does.
 
 Each request names its transaction (an id unique in this process) and says
 whether it may open it (``first``: until the writer has answered one of its
@@ -307,7 +310,13 @@ class Session:
                     if reply is not None:
                         return reply
             except EOFError:
-                raise self._lost(rolled_back=op != SessionOp.COMMIT) from None
+                if self._confirmed:
+                    raise self._lost(rolled_back=op != SessionOp.COMMIT) from None
+                # Nothing of this transaction was applied yet (a pooled slot
+                # whose writer died since, or a first statement that failed):
+                # as any request, it waits for the next writer on a new pipe.
+                started = incoming is not None and incoming.started
+                yield from calls.after_eof(self._pool, slot, started, request_id, deadline)
 
     def _lost(self, *, rolled_back: bool) -> WriterUnavailable:
         """The error for a transaction whose writer is gone (closed or dead)."""

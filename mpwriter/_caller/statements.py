@@ -112,6 +112,7 @@ class LocalStatements:
         self._authorizer = _Authorizer()
         conn.set_authorizer(self._authorizer)
         self._kinds: dict[str, Kind] = {}
+        self._not_control: dict[str, Kind] = {}  # OTHER: texts seen inside a transaction
         self._columns: dict[str, tuple[str, ...] | None] = {}
 
     def close(self) -> None:
@@ -132,6 +133,8 @@ class LocalStatements:
             if run_reads or kind in _TRANSACTION_CONTROL:
                 return kind, None
             return Kind.OTHER, None
+        if not run_reads and sql in self._not_control:
+            return Kind.OTHER, None
         authorizer = self._authorizer
         authorizer.arm(run_reads)
         try:
@@ -151,11 +154,10 @@ class LocalStatements:
             if kind is None:
                 if not run_reads:
                     return Kind.OTHER, None
-                if getattr(exc, "sqlite_errorcode", 0) & 0xFF != _SQLITE_READONLY:
+                if not _is_readonly(exc):
                     raise local_error(exc) from None
                 kind = Kind.WRITE  # e.g. a pragma that writes the file
-            if kind is not Kind.OTHER:
-                _remember(self._kinds, sql, kind)
+            _remember(self._kinds if kind is not Kind.OTHER else self._not_control, sql, kind)
             return kind, None
         if not run_reads:
             # No action to refuse (a statement that reads no table): it ran
@@ -204,6 +206,16 @@ def _remember(cache: dict[str, Any], sql: str, value: Any) -> None:
     if len(cache) >= _CACHED:
         del cache[next(iter(cache))]
     cache[sql] = value
+
+
+def _is_readonly(exc: sqlite3.Error) -> bool:
+    """Whether SQLite refused ``exc``'s statement as a write on a read-only database."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is None:
+        # Python 3.10's sqlite3 errors carry no code: SQLite's own text for
+        # SQLITE_READONLY is all there is.
+        return str(exc) == "attempt to write a readonly database"
+    return bool(code & 0xFF == _SQLITE_READONLY)
 
 
 def local_error(exc: sqlite3.Error) -> BaseException:
