@@ -9,6 +9,8 @@ children, never in the pytest process.
 
 from __future__ import annotations
 
+import contextlib
+import http.client
 import multiprocessing
 import os
 import random
@@ -44,6 +46,7 @@ SECRET_KEY = "test"
 ALLOWED_HOSTS = ["*"]
 MIDDLEWARE = []
 ROOT_URLCONF = "shop.urls"
+HOLD_FIFO = {fifo!r}
 """
 
 MODELS = """
@@ -202,7 +205,32 @@ def increment(request):
     return HttpResponse("ok")
 
 
-urlpatterns = [path("transfer", transfer), path("increment", increment)]
+def hold(request):
+    # Inside atomic(): a write, then this worker's pid to the test, which
+    # SIGKILLs it. Never answers (bounded, should the test be gone).
+    import os
+    import select
+
+    from django.conf import settings
+    from django.db import transaction
+    from django.db.models import F
+
+    from shop.models import Account
+
+    with transaction.atomic():
+        Account.objects.filter(pk=1).update(balance=F("balance") + 1000)
+        fifo = os.open(settings.HOLD_FIFO, os.O_WRONLY | os.O_NONBLOCK)
+        os.write(fifo, f"{os.getpid()}\\n".encode())
+        os.close(fifo)
+        select.select([], [], [], 60.0)
+    return HttpResponse("not killed")
+
+
+urlpatterns = [
+    path("transfer", transfer),
+    path("increment", increment),
+    path("hold", hold),
+]
 """
 
 # The management command a separate process runs: transfers and increments
@@ -255,7 +283,7 @@ def project(tmp_path: Path) -> Path:
     (app / "management" / "__init__.py").write_text("")
     (commands / "__init__.py").write_text("")
     (commands / "transfer_loop.py").write_text(LOOP_COMMAND)
-    settings = SETTINGS.format(db=str(tmp_path / "app.db"))
+    settings = SETTINGS.format(db=str(tmp_path / "app.db"), fifo=str(tmp_path / "hold.fifo"))
     (tmp_path / "dj_settings.py").write_text(textwrap.dedent(settings))
     return tmp_path
 
@@ -587,19 +615,10 @@ def _loop(seconds: float) -> object:
 
 
 def _web_client(port: int, until: float, tally: dict[str, int], lock: threading.Lock) -> None:
-    import http.client
-
     rng = random.Random()
     while time.monotonic() < until:
         path = "/transfer" if rng.random() < 0.5 else "/increment"
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10.0)
-        try:
-            conn.request("POST", path)
-            status = conn.getresponse().status
-        except OSError:
-            status = 0
-        finally:
-            conn.close()
+        status = post(port, path)
         with lock:
             key = f"{path} {status}" if status == 200 else "error"
             tally[key] = tally.get(key, 0) + 1
@@ -613,52 +632,40 @@ def _prepare_bank() -> object:
     return True
 
 
-@pytest.mark.timeout(120)  # a 5-second workload, plus gunicorn's start and stop
-def test_gunicorn_workers_beside_a_manage_py_loop(project: Path, handle: mpwriter.Writer) -> None:
-    assert in_child(project, handle, _prepare_bank) is True
+@contextlib.contextmanager
+def gunicorn(project: Path, handle: mpwriter.Writer) -> Iterator[int]:
+    """A gunicorn master forked from here, ready; yields its port; stopped after."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+        port: int = probe.getsockname()[1]
     ready_r, ready_w = os.pipe()
     master = FORK.Process(target=_gunicorn_master, args=(project, handle, port, ready_w))
     master.start()
     os.close(ready_w)
-    tally: dict[str, int] = {}
-    lock = threading.Lock()
     try:
         assert select.select([ready_r], [], [], 50.0)[0], "gunicorn did not become ready"
-        receive, send = FORK.Pipe(duplex=False)
-        loop = FORK.Process(
-            target=_child, args=(project, handle, send, lambda: _loop(WORKLOAD_SECONDS))
-        )
-        until = time.monotonic() + WORKLOAD_SECONDS
-        loop.start()
-        send.close()
-        clients = [
-            threading.Thread(target=_web_client, args=(port, until, tally, lock)) for _ in range(8)
-        ]
-        for client in clients:
-            client.start()
-        for client in clients:
-            client.join(30.0)
-        assert receive.poll(30.0), "the manage.py loop did not answer in time"
-        status, value = receive.recv()
-        assert status == "ok", value
-        loop_transfers, loop_increments, loop_errors = value
-        reap(loop)
+        yield port
     finally:
         os.close(ready_r)
         if master.pid is not None and master.is_alive():
             os.kill(master.pid, signal.SIGTERM)
         reap(master)
-    web_transfers = tally.get("/transfer 200", 0)
-    web_increments = tally.get("/increment 200", 0)
-    print(
-        f"web: {web_transfers} transfers, {web_increments} increments;"
-        f" loop: {loop_transfers} transfers, {loop_increments} increments"
-    )
-    assert tally.get("error", 0) == 0
-    assert loop_errors == 0
+
+
+def post(port: int, path: str) -> int:
+    """POST ``path``; the HTTP status, 0 if the connection failed."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10.0)
+    try:
+        conn.request("POST", path)
+        return conn.getresponse().status
+    except OSError:
+        return 0
+    finally:
+        conn.close()
+
+
+def bank_is_consistent(project: Path, increments: int) -> None:
+    """Money conserved, every balance equal to its ledger, the counter equal to ``increments``."""
     [(total, accounts)] = committed(project, "SELECT sum(balance), count(*) FROM shop_account")
     assert total == 1000 * accounts  # money conserved
     assert (
@@ -670,7 +677,47 @@ def test_gunicorn_workers_beside_a_manage_py_loop(project: Path, handle: mpwrite
         )
         == []
     )  # every balance equals its ledger
-    assert committed(project, "SELECT n FROM shop_counter") == [(web_increments + loop_increments,)]
+    assert committed(project, "SELECT n FROM shop_counter") == [(increments,)]
+
+
+@pytest.mark.timeout(120)  # a 5-second workload, plus gunicorn's start and stop
+def test_gunicorn_workers_beside_a_manage_py_loop(project: Path, handle: mpwriter.Writer) -> None:
+    assert in_child(project, handle, _prepare_bank) is True
+    tally: dict[str, int] = {}
+    lock = threading.Lock()
+    with gunicorn(project, handle) as port:
+        receive, send = FORK.Pipe(duplex=False)
+        loop = FORK.Process(
+            target=_child, args=(project, handle, send, lambda: _loop(WORKLOAD_SECONDS))
+        )
+        until = time.monotonic() + WORKLOAD_SECONDS
+        loop.start()
+        send.close()
+        try:
+            clients = [
+                threading.Thread(target=_web_client, args=(port, until, tally, lock))
+                for _ in range(8)
+            ]
+            for client in clients:
+                client.start()
+            for client in clients:
+                client.join(30.0)
+            assert receive.poll(30.0), "the manage.py loop did not answer in time"
+            status, value = receive.recv()
+            assert status == "ok", value
+            loop_transfers, loop_increments, loop_errors = value
+        finally:
+            receive.close()
+            reap(loop)
+    web_transfers = tally.get("/transfer 200", 0)
+    web_increments = tally.get("/increment 200", 0)
+    print(
+        f"web: {web_transfers} transfers, {web_increments} increments;"
+        f" loop: {loop_transfers} transfers, {loop_increments} increments"
+    )
+    assert tally.get("error", 0) == 0
+    assert loop_errors == 0
+    bank_is_consistent(project, web_increments + loop_increments)
     assert committed(project, "SELECT count(*) FROM shop_ledger") == [
         (2 * (web_transfers + loop_transfers),)
     ]
@@ -678,3 +725,31 @@ def test_gunicorn_workers_beside_a_manage_py_loop(project: Path, handle: mpwrite
     web = web_transfers + web_increments
     loop = loop_transfers + loop_increments
     assert web >= 0.2 * loop, f"web requests starved: {web} against the loop's {loop}"
+
+
+@pytest.mark.timeout(120)  # gunicorn's start, a worker's replacement and stop
+def test_a_gunicorn_worker_killed_inside_atomic(project: Path, handle: mpwriter.Writer) -> None:
+    assert in_child(project, handle, _prepare_bank) is True
+    fifo_path = project / "hold.fifo"
+    os.mkfifo(fifo_path)
+    fifo = os.open(fifo_path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        with gunicorn(project, handle) as port:
+            assert [post(port, "/transfer") for _ in range(5)] == [200] * 5
+            assert [post(port, "/increment") for _ in range(3)] == [200] * 3
+            holder = threading.Thread(target=post, args=(port, "/hold"))
+            holder.start()
+            assert select.select([fifo], [], [], 30.0)[0], (
+                "the /hold request never entered atomic()"
+            )
+            worker = int(os.read(fifo, 64).split()[0])
+            os.kill(worker, signal.SIGKILL)
+            holder.join(30.0)
+            # The writer rolled the dead worker's transaction back; the others go on.
+            assert [post(port, "/transfer") for _ in range(5)] == [200] * 5
+            assert post(port, "/increment") == 200
+    finally:
+        os.close(fifo)
+    bank_is_consistent(project, 4)  # without the held +1000
+    assert committed(project, "SELECT count(*) FROM shop_ledger") == [(20,)]
+    assert handle.stats()["sessions_expired"] >= 1
