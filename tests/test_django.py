@@ -9,20 +9,12 @@ children, never in the pytest process.
 
 from __future__ import annotations
 
-import contextlib
-import http.client
-import multiprocessing
 import os
-import random
 import select
 import signal
-import socket
 import sqlite3
-import sys
-import textwrap
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -34,258 +26,26 @@ import mpwriter
 pytest.importorskip("django")
 
 import mpwriter.django
-
-FORK = multiprocessing.get_context("fork")
-
-SETTINGS = """
-DATABASES = {{"default": {{"ENGINE": "mpwriter.django", "NAME": {db!r}}}}}
-INSTALLED_APPS = ["shop"]
-DEFAULT_AUTO_FIELD = "django.db.models.AutoField"
-USE_TZ = True
-SECRET_KEY = "test"
-ALLOWED_HOSTS = ["*"]
-MIDDLEWARE = []
-ROOT_URLCONF = "shop.urls"
-HOLD_FIFO = {fifo!r}
-"""
-
-MODELS = """
-from django.db import models
-
-
-class Customer(models.Model):
-    name = models.CharField(max_length=20)
-
-
-class Account(models.Model):
-    customer = models.ForeignKey(Customer, models.CASCADE)
-    balance = models.IntegerField(default=0)
-    label = models.CharField(max_length=40, default="")
-    touched = models.DateTimeField(null=True)
-    year = models.IntegerField(default=0)
-
-
-class Ledger(models.Model):
-    account = models.ForeignKey(Account, models.CASCADE)
-    delta = models.IntegerField()
-
-
-class Counter(models.Model):
-    n = models.IntegerField(default=0)
-"""
-
-INITIAL = """
-from django.db import migrations, models
-
-
-class Migration(migrations.Migration):
-    initial = True
-    dependencies = []
-    operations = [
-        migrations.CreateModel(
-            name="Customer",
-            fields=[
-                ("id", models.AutoField(primary_key=True, serialize=False)),
-                ("name", models.CharField(max_length=10)),
-            ],
-        ),
-        migrations.CreateModel(
-            name="Account",
-            fields=[
-                ("id", models.AutoField(primary_key=True, serialize=False)),
-                ("customer", models.ForeignKey(on_delete=models.CASCADE, to="shop.customer")),
-                ("balance", models.IntegerField(default=0)),
-                ("label", models.CharField(max_length=40, default="")),
-                ("touched", models.DateTimeField(null=True)),
-                ("year", models.IntegerField(default=0)),
-            ],
-        ),
-    ]
-"""
-
-# SQLite has no ALTER COLUMN: Django rebuilds the table (new table, copy,
-# drop, rename) with foreign key enforcement off, here the parent table of
-# rows that reference it.
-REBUILD = """
-from django.db import migrations, models
-
-
-class Migration(migrations.Migration):
-    dependencies = [("shop", "0001_initial")]
-    operations = [
-        migrations.AlterField("customer", "name", models.CharField(max_length=20)),
-    ]
-"""
-
-
-BANK = """
-from django.db import migrations, models
-
-
-class Migration(migrations.Migration):
-    dependencies = [("shop", "0002_rebuild")]
-    operations = [
-        migrations.CreateModel(
-            name="Ledger",
-            fields=[
-                ("id", models.AutoField(primary_key=True, serialize=False)),
-                ("account", models.ForeignKey(on_delete=models.CASCADE, to="shop.account")),
-                ("delta", models.IntegerField()),
-            ],
-        ),
-        migrations.CreateModel(
-            name="Counter",
-            fields=[
-                ("id", models.AutoField(primary_key=True, serialize=False)),
-                ("n", models.IntegerField(default=0)),
-            ],
-        ),
-    ]
-"""
-
-# The bank: a transfer moves money between two accounts and writes both
-# ledger lines in one atomic() block; an increment bumps the counter with F().
-BANK_CODE = """
-import random
-
-from django.db import transaction
-from django.db.models import F
-
-from shop.models import Account, Counter, Ledger
-
-ACCOUNTS = 10
-OPENING = 1000
-
-
-def open_bank():
-    from shop.models import Customer
-
-    customer = Customer.objects.create(name="bank")
-    Account.objects.bulk_create(
-        Account(customer=customer, balance=OPENING) for _ in range(ACCOUNTS)
-    )
-    Counter.objects.create()
-
-
-def transfer(rng):
-    ids = list(Account.objects.values_list("pk", flat=True))
-    source, target = rng.sample(ids, 2)
-    amount = rng.randint(1, 50)
-    with transaction.atomic():
-        Account.objects.select_for_update().get(pk=source)
-        Account.objects.filter(pk=source).update(balance=F("balance") - amount)
-        Account.objects.filter(pk=target).update(balance=F("balance") + amount)
-        Ledger.objects.bulk_create(
-            [Ledger(account_id=source, delta=-amount), Ledger(account_id=target, delta=amount)]
-        )
-
-
-def increment():
-    Counter.objects.filter(pk=1).update(n=F("n") + 1)
-"""
-
-VIEWS = """
-import random
-
-from django.http import HttpResponse
-from django.urls import path
-
-from shop import bank
-
-_rng = random.Random()
-
-
-def transfer(request):
-    bank.transfer(_rng)
-    return HttpResponse("ok")
-
-
-def increment(request):
-    bank.increment()
-    return HttpResponse("ok")
-
-
-def hold(request):
-    # Inside atomic(): a write, then this worker's pid to the test, which
-    # SIGKILLs it. Never answers (bounded, should the test be gone).
-    import os
-    import select
-
-    from django.conf import settings
-    from django.db import transaction
-    from django.db.models import F
-
-    from shop.models import Account
-
-    with transaction.atomic():
-        Account.objects.filter(pk=1).update(balance=F("balance") + 1000)
-        fifo = os.open(settings.HOLD_FIFO, os.O_WRONLY | os.O_NONBLOCK)
-        os.write(fifo, f"{os.getpid()}\\n".encode())
-        os.close(fifo)
-        select.select([], [], [], 60.0)
-    return HttpResponse("not killed")
-
-
-urlpatterns = [
-    path("transfer", transfer),
-    path("increment", increment),
-    path("hold", hold),
-]
-"""
-
-# The management command a separate process runs: transfers and increments
-# in a loop for the given seconds; prints "transfers increments errors".
-LOOP_COMMAND = """
-import random
-import time
-
-from django.core.management.base import BaseCommand
-
-from shop import bank
-
-
-class Command(BaseCommand):
-    def add_arguments(self, parser):
-        parser.add_argument("seconds", type=float)
-
-    def handle(self, *args, seconds, **options):
-        rng = random.Random()
-        transfers = increments = errors = 0
-        stop = time.monotonic() + seconds
-        while time.monotonic() < stop:
-            try:
-                bank.transfer(rng)
-                transfers += 1
-                bank.increment()
-                increments += 1
-            except Exception as exc:
-                errors += 1
-                self.stderr.write(repr(exc))
-        self.stdout.write(f"{transfers} {increments} {errors}")
-"""
+from _django_project import (  # tools/, on sys.path through conftest
+    FORK,
+    answer,
+    gunicorn,
+    in_child,
+    migrate,
+    post,
+    prepare_bank,
+    reap,
+    setup_django,
+    start_child,
+    workload,
+    write_project,
+)
 
 
 @pytest.fixture
 def project(tmp_path: Path) -> Path:
     """The project's directory (on sys.path in the children)."""
-    app = tmp_path / "shop"
-    (app / "migrations").mkdir(parents=True)
-    (app / "__init__.py").write_text("")
-    (app / "models.py").write_text(MODELS)
-    (app / "migrations" / "__init__.py").write_text("")
-    (app / "migrations" / "0001_initial.py").write_text(INITIAL)
-    (app / "migrations" / "0002_rebuild.py").write_text(REBUILD)
-    (app / "migrations" / "0003_bank.py").write_text(BANK)
-    (app / "bank.py").write_text(BANK_CODE)
-    (app / "urls.py").write_text(VIEWS)
-    commands = app / "management" / "commands"
-    commands.mkdir(parents=True)
-    (app / "management" / "__init__.py").write_text("")
-    (commands / "__init__.py").write_text("")
-    (commands / "transfer_loop.py").write_text(LOOP_COMMAND)
-    settings = SETTINGS.format(db=str(tmp_path / "app.db"), fifo=str(tmp_path / "hold.fifo"))
-    (tmp_path / "dj_settings.py").write_text(textwrap.dedent(settings))
-    return tmp_path
+    return write_project(tmp_path)
 
 
 @pytest.fixture
@@ -297,57 +57,6 @@ def handle(project: Path) -> Iterator[mpwriter.Writer]:
         yield writer
     finally:
         writer.close(timeout=10.0)
-
-
-def _django(project: Path, writer: mpwriter.Writer) -> None:
-    """In a forked child: attach the inherited handle, then set Django up."""
-    mpwriter.attach(writer)
-    sys.path.insert(0, str(project))
-    os.environ["DJANGO_SETTINGS_MODULE"] = "dj_settings"
-    import django
-
-    django.setup()
-
-
-def _child(
-    project: Path, writer: mpwriter.Writer, out: Connection, body: Callable[[], object]
-) -> None:
-    try:
-        _django(project, writer)
-        out.send(("ok", body()))
-    except BaseException as exc:
-        out.send(("error", f"{type(exc).__name__}: {exc}"))
-        raise
-
-
-def in_child(project: Path, writer: mpwriter.Writer, body: Callable[[], object]) -> Any:
-    """Run ``body`` in a forked child set up for Django; return its result."""
-    receive, send = FORK.Pipe(duplex=False)
-    child = FORK.Process(target=_child, args=(project, writer, send, body))
-    child.start()
-    send.close()
-    try:
-        if not receive.poll(50.0):
-            raise AssertionError("the Django child did not answer in time")
-        status, value = receive.recv()
-    finally:
-        receive.close()
-        reap(child)
-    assert status == "ok", value
-    return value
-
-
-def reap(child: Any) -> None:
-    child.join(10.0)
-    if child.is_alive():
-        child.kill()
-        child.join(10.0)
-
-
-def migrate(target: str = "0002") -> None:
-    from django.core.management import call_command
-
-    call_command("migrate", "shop", target, verbosity=0)
 
 
 def committed(project: Path, sql: str) -> list[tuple[Any, ...]]:
@@ -420,25 +129,8 @@ def _one_account() -> object:
 
 def test_f_increments_from_several_processes(project: Path, handle: mpwriter.Writer) -> None:
     assert in_child(project, handle, _one_account) == 1
-    receivers = []
-    children = []
-    for _ in range(4):
-        receive, send = FORK.Pipe(duplex=False)
-        child = FORK.Process(target=_child, args=(project, handle, send, lambda: _increments(50)))
-        child.start()
-        send.close()
-        receivers.append(receive)
-        children.append(child)
-    acknowledged = 0
-    try:
-        for receive in receivers:
-            assert receive.poll(50.0), "an incrementing child did not answer in time"
-            status, value = receive.recv()
-            assert status == "ok", value
-            acknowledged += value
-    finally:
-        for child in children:
-            reap(child)
+    started = [start_child(project, handle, lambda: _increments(50)) for _ in range(4)]
+    acknowledged = sum(answer(child, receive) for child, receive in started)
     assert acknowledged == 200
     assert committed(project, "SELECT balance FROM shop_account") == [(200,)]
 
@@ -517,12 +209,7 @@ def test_a_process_killed_inside_atomic_is_rolled_back_alone(
     in_child(project, handle, _one_account)
     assert in_child(project, handle, lambda: _increments(5)) == 5
     parent_end, child_end = FORK.Pipe()
-    receive, send = FORK.Pipe(duplex=False)
-    victim = FORK.Process(
-        target=_child, args=(project, handle, send, lambda: _hold_inside_atomic(child_end))
-    )
-    victim.start()
-    send.close()
+    victim, receive = start_child(project, handle, lambda: _hold_inside_atomic(child_end))
     try:
         assert parent_end.poll(50.0), "the child did not enter atomic() in time"
         assert parent_end.recv() == "inside"
@@ -539,13 +226,10 @@ def test_a_process_killed_inside_atomic_is_rolled_back_alone(
 
 
 def _without_the_handle(project: Path, out: Connection) -> None:
-    sys.path.insert(0, str(project))
-    os.environ["DJANGO_SETTINGS_MODULE"] = "dj_settings"
-    import django
+    setup_django(project, None)
     from django.core.exceptions import ImproperlyConfigured
     from django.db import connection
 
-    django.setup()
     try:
         connection.ensure_connection()
     except ImproperlyConfigured as exc:
@@ -575,95 +259,6 @@ def test_a_process_without_the_handle_is_told_another_process_runs_the_writer(
 WORKLOAD_SECONDS = 5.0
 
 
-def _gunicorn_master(project: Path, writer: mpwriter.Writer, port: int, ready: int) -> None:
-    """A gunicorn master (4 sync workers) serving the project, with the inherited handle."""
-    _django(project, writer)
-    from django.core.wsgi import get_wsgi_application
-    from gunicorn.app.base import BaseApplication
-
-    application = get_wsgi_application()
-
-    def when_ready(server: Any) -> None:
-        os.write(ready, b"ready")
-
-    class Server(BaseApplication):
-        def load_config(self) -> None:
-            for key, value in {
-                "bind": f"127.0.0.1:{port}",
-                "workers": 4,
-                "worker_class": "sync",
-                "when_ready": when_ready,
-                "control_socket_disable": True,
-                "loglevel": "warning",
-            }.items():
-                self.cfg.set(key, value)
-
-        def load(self) -> Any:
-            return application
-
-    Server().run()
-
-
-def _loop(seconds: float) -> object:
-    import io
-
-    from django.core.management import call_command
-
-    out = io.StringIO()
-    call_command("transfer_loop", seconds, stdout=out)
-    return tuple(int(word) for word in out.getvalue().split())
-
-
-def _web_client(port: int, until: float, tally: dict[str, int], lock: threading.Lock) -> None:
-    rng = random.Random()
-    while time.monotonic() < until:
-        path = "/transfer" if rng.random() < 0.5 else "/increment"
-        status = post(port, path)
-        with lock:
-            key = f"{path} {status}" if status == 200 else "error"
-            tally[key] = tally.get(key, 0) + 1
-
-
-def _prepare_bank() -> object:
-    migrate("0003")
-    from shop import bank
-
-    bank.open_bank()
-    return True
-
-
-@contextlib.contextmanager
-def gunicorn(project: Path, handle: mpwriter.Writer) -> Iterator[int]:
-    """A gunicorn master forked from here, ready; yields its port; stopped after."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-    ready_r, ready_w = os.pipe()
-    master = FORK.Process(target=_gunicorn_master, args=(project, handle, port, ready_w))
-    master.start()
-    os.close(ready_w)
-    try:
-        assert select.select([ready_r], [], [], 50.0)[0], "gunicorn did not become ready"
-        yield port
-    finally:
-        os.close(ready_r)
-        if master.pid is not None and master.is_alive():
-            os.kill(master.pid, signal.SIGTERM)
-        reap(master)
-
-
-def post(port: int, path: str) -> int:
-    """POST ``path``; the HTTP status, 0 if the connection failed."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10.0)
-    try:
-        conn.request("POST", path)
-        return conn.getresponse().status
-    except OSError:
-        return 0
-    finally:
-        conn.close()
-
-
 def bank_is_consistent(project: Path, increments: int) -> None:
     """Money conserved, every balance equal to its ledger, the counter equal to ``increments``."""
     [(total, accounts)] = committed(project, "SELECT sum(balance), count(*) FROM shop_account")
@@ -682,54 +277,25 @@ def bank_is_consistent(project: Path, increments: int) -> None:
 
 @pytest.mark.timeout(120)  # a 5-second workload, plus gunicorn's start and stop
 def test_gunicorn_workers_beside_a_manage_py_loop(project: Path, handle: mpwriter.Writer) -> None:
-    assert in_child(project, handle, _prepare_bank) is True
-    tally: dict[str, int] = {}
-    lock = threading.Lock()
+    assert in_child(project, handle, prepare_bank) is True
     with gunicorn(project, handle) as port:
-        receive, send = FORK.Pipe(duplex=False)
-        loop = FORK.Process(
-            target=_child, args=(project, handle, send, lambda: _loop(WORKLOAD_SECONDS))
-        )
-        until = time.monotonic() + WORKLOAD_SECONDS
-        loop.start()
-        send.close()
-        try:
-            clients = [
-                threading.Thread(target=_web_client, args=(port, until, tally, lock))
-                for _ in range(8)
-            ]
-            for client in clients:
-                client.start()
-            for client in clients:
-                client.join(30.0)
-            assert receive.poll(30.0), "the manage.py loop did not answer in time"
-            status, value = receive.recv()
-            assert status == "ok", value
-            loop_transfers, loop_increments, loop_errors = value
-        finally:
-            receive.close()
-            reap(loop)
-    web_transfers = tally.get("/transfer 200", 0)
-    web_increments = tally.get("/increment 200", 0)
-    print(
-        f"web: {web_transfers} transfers, {web_increments} increments;"
-        f" loop: {loop_transfers} transfers, {loop_increments} increments"
-    )
-    assert tally.get("error", 0) == 0
-    assert loop_errors == 0
-    bank_is_consistent(project, web_increments + loop_increments)
+        got = workload(project, handle, port, WORKLOAD_SECONDS)
+    print(got)
+    assert got.web_errors == 0
+    assert got.loop_errors == 0
+    bank_is_consistent(project, got.web_increments + got.loop_increments)
     assert committed(project, "SELECT count(*) FROM shop_ledger") == [
-        (2 * (web_transfers + loop_transfers),)
+        (2 * (got.web_transfers + got.loop_transfers),)
     ]
     # Not starved: the web workers get a fair share of the writer.
-    web = web_transfers + web_increments
-    loop = loop_transfers + loop_increments
+    web = got.web_transfers + got.web_increments
+    loop = got.loop_transfers + got.loop_increments
     assert web >= 0.2 * loop, f"web requests starved: {web} against the loop's {loop}"
 
 
 @pytest.mark.timeout(120)  # gunicorn's start, a worker's replacement and stop
 def test_a_gunicorn_worker_killed_inside_atomic(project: Path, handle: mpwriter.Writer) -> None:
-    assert in_child(project, handle, _prepare_bank) is True
+    assert in_child(project, handle, prepare_bank) is True
     fifo_path = project / "hold.fifo"
     os.mkfifo(fifo_path)
     fifo = os.open(fifo_path, os.O_RDONLY | os.O_NONBLOCK)
