@@ -12,7 +12,10 @@ from __future__ import annotations
 import os
 import select
 import signal
+import socket
 import sqlite3
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from multiprocessing.connection import Connection
@@ -319,3 +322,99 @@ def test_a_gunicorn_worker_killed_inside_atomic(project: Path, handle: mpwriter.
     bank_is_consistent(project, 4)  # without the held +1000
     assert committed(project, "SELECT count(*) FROM shop_ledger") == [(20,)]
     assert handle.stats()["sessions_expired"] >= 1
+
+
+# -- the documented deployment: manage.py migrate, then gunicorn with the hooks ---------
+
+GUNICORN_CONF = """
+import os
+
+import mpwriter.django
+import mpwriter.gunicorn
+
+on_starting, on_exit = mpwriter.gunicorn.writer_hooks(
+    {db!r}, init=mpwriter.django.writer_init
+)
+workers = 2
+bind = "127.0.0.1:{port}"
+wsgi_app = "wsgi:application"
+control_socket_disable = True
+
+
+def when_ready(server):
+    fifo = os.open({fifo!r}, os.O_WRONLY | os.O_NONBLOCK)
+    os.write(fifo, b"ready")
+    os.close(fifo)
+"""
+
+WSGI = """
+import os
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "dj_settings")
+
+from django.core.wsgi import get_wsgi_application
+
+application = get_wsgi_application()
+"""
+
+
+def django_admin(project: Path, *args: str) -> str:
+    """``python -m django ARGS`` in the project: a process tree of its own."""
+    done = subprocess.run(
+        [sys.executable, "-m", "django", *args, "--settings=dj_settings"],
+        cwd=project,
+        env=project_env(project),
+        capture_output=True,
+        text=True,
+        timeout=50.0,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def project_env(project: Path) -> dict[str, str]:
+    path = [str(Path(mpwriter.__file__).parent.parent), str(project)]
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(path))
+
+
+@pytest.mark.timeout(120)  # three Django commands, gunicorn's start and stop
+def test_migrate_on_deploy_then_gunicorn_with_the_documented_hooks(tmp_path: Path) -> None:
+    project = write_project(tmp_path)
+    # Nothing serves the file: each command starts a writer, owns it, closes it.
+    django_admin(project, "migrate", "--verbosity=0")
+    django_admin(project, "shell", "-c", "from shop import bank; bank.open_bank()")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    fifo = project / "ready.fifo"
+    os.mkfifo(fifo)
+    ready = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    conf = GUNICORN_CONF.format(db=str(project / "app.db"), port=port, fifo=str(fifo))
+    (project / "gunicorn.conf.py").write_text(conf)
+    (project / "wsgi.py").write_text(WSGI)
+    master = subprocess.Popen(
+        [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py"],
+        cwd=project,
+        env=project_env(project),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert select.select([ready], [], [], 50.0)[0], "gunicorn did not become ready"
+        assert [post(port, "/transfer") for _ in range(10)] == [200] * 10
+        assert [post(port, "/increment") for _ in range(5)] == [200] * 5
+    finally:
+        os.close(ready)
+        master.terminate()
+        try:
+            _, errors = master.communicate(timeout=30.0)
+        except subprocess.TimeoutExpired:
+            master.kill()
+            _, errors = master.communicate(timeout=10.0)
+    assert master.returncode == 0, errors.decode()
+    bank_is_consistent(project, 5)
+    assert committed(project, "SELECT count(*) FROM shop_ledger") == [(20,)]
+    # on_exit closed the writer: the file is free for the next deploy's migrate.
+    django_admin(project, "migrate", "--verbosity=0")
