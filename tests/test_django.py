@@ -418,3 +418,40 @@ def test_migrate_on_deploy_then_gunicorn_with_the_documented_hooks(tmp_path: Pat
     assert committed(project, "SELECT count(*) FROM shop_ledger") == [(20,)]
     # on_exit closed the writer: the file is free for the next deploy's migrate.
     django_admin(project, "migrate", "--verbosity=0")
+
+
+def synchronous_of(conn: sqlite3.Connection) -> int:
+    """In the writer (a `Writer.call` function): its durability setting."""
+    return int(conn.execute("PRAGMA synchronous").fetchone()[0])
+
+
+def _own_writer(project: Path, out: Connection) -> None:
+    setup_django(project, None)
+    from django.db import connection
+
+    connection.ensure_connection()  # nothing serves the file: this process starts a writer
+    writer = mpwriter.django.writer_for(connection.settings_dict["NAME"])
+    out.send(writer.call(synchronous_of))
+    connection.close()
+    # A multiprocessing child runs no atexit hooks (a main process does):
+    # close the writer it owns explicitly.
+    mpwriter.django.close_started(connection.settings_dict["NAME"])
+
+
+def test_a_process_with_no_writer_starts_its_own_with_the_options_durability(
+    tmp_path: Path,
+) -> None:
+    project = write_project(tmp_path, options={"synchronous": "FULL"})
+    receive, send = FORK.Pipe(duplex=False)
+    child = FORK.Process(target=_own_writer, args=(project, send))
+    child.start()
+    send.close()
+    try:
+        assert receive.poll(50.0), "the child did not answer in time"
+        assert receive.recv() == 2  # FULL
+    finally:
+        receive.close()
+        reap(child)
+    assert child.exitcode == 0
+    # It closed its writer at exit: the file is free.
+    mpwriter.start(project / "app.db", context="fork").close(timeout=10.0)

@@ -35,7 +35,7 @@ from .creation import DatabaseCreation
 from .writers import writer_for
 
 # Options of settings.DATABASES[...]["OPTIONS"] that are ours, not dbapi.connect's.
-_WRITER_OPTIONS = ("synchronous", "timeout_writer")
+_WRITER_OPTIONS = ("synchronous",)
 _adapt = sqlite3.adapt
 _protocol = sqlite3.PrepareProtocol
 
