@@ -38,7 +38,6 @@ from _django_project import (  # tools/, on sys.path through conftest
     post,
     prepare_bank,
     reap,
-    setup_django,
     start_child,
     workload,
     write_project,
@@ -228,32 +227,21 @@ def test_a_process_killed_inside_atomic_is_rolled_back_alone(
     assert handle.stats()["sessions_expired"] >= 1
 
 
-def _without_the_handle(project: Path, out: Connection) -> None:
-    setup_django(project, None)
+def _without_the_handle() -> object:
     from django.core.exceptions import ImproperlyConfigured
     from django.db import connection
 
     try:
         connection.ensure_connection()
     except ImproperlyConfigured as exc:
-        out.send(str(exc))
-    else:
-        out.send("connected")
+        return str(exc)
+    return "connected"
 
 
 def test_a_process_without_the_handle_is_told_another_process_runs_the_writer(
     project: Path, handle: mpwriter.Writer
 ) -> None:
-    receive, send = FORK.Pipe(duplex=False)
-    child = FORK.Process(target=_without_the_handle, args=(project, send))
-    child.start()
-    send.close()
-    try:
-        assert receive.poll(50.0), "the child did not answer in time"
-        message = receive.recv()
-    finally:
-        receive.close()
-        reap(child)
+    message = in_child(project, None, _without_the_handle)
     assert "another process runs the writer" in message
 
 
@@ -425,33 +413,25 @@ def synchronous_of(conn: sqlite3.Connection) -> int:
     return int(conn.execute("PRAGMA synchronous").fetchone()[0])
 
 
-def _own_writer(project: Path, out: Connection) -> None:
-    setup_django(project, None)
+def _own_writer() -> object:
     from django.db import connection
 
     connection.ensure_connection()  # nothing serves the file: this process starts a writer
-    writer = mpwriter.django.writer_for(connection.settings_dict["NAME"])
-    out.send(writer.call(synchronous_of))
+    name = connection.settings_dict["NAME"]
+    synchronous = mpwriter.django.writer_for(name).call(synchronous_of)
     connection.close()
     # A multiprocessing child runs no atexit hooks (a main process does):
     # close the writer it owns explicitly.
-    mpwriter.django.close_started(connection.settings_dict["NAME"])
+    mpwriter.django.close_started(name)
+    return synchronous
 
 
 def test_a_process_with_no_writer_starts_its_own_with_the_options_durability(
     tmp_path: Path,
 ) -> None:
     project = write_project(tmp_path, options={"synchronous": "FULL"})
-    receive, send = FORK.Pipe(duplex=False)
-    child = FORK.Process(target=_own_writer, args=(project, send))
-    child.start()
-    send.close()
-    try:
-        assert receive.poll(50.0), "the child did not answer in time"
-        assert receive.recv() == 2  # FULL
-    finally:
-        receive.close()
-        reap(child)
+    child, receive = start_child(project, None, _own_writer)
+    assert answer(child, receive) == 2  # FULL
     assert child.exitcode == 0
-    # It closed its writer at exit: the file is free.
+    # It closed its writer: the file is free.
     mpwriter.start(project / "app.db", context="fork").close(timeout=10.0)
