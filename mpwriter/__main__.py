@@ -1,4 +1,6 @@
-"""The operator's command line: ``python -m mpwriter stats PATH``.
+"""The operator's command line: ``python -m mpwriter stats PATH``, ``... serve PATH``.
+
+``serve`` runs a writer as a service (see `mpwriter._owner.service`).
 
 Shows the figures of the writer serving the SQLite file PATH, from any
 process that may read the database's directory, without the app's handle and
@@ -11,7 +13,9 @@ without sending the writer anything (see `mpwriter._watching`)::
 
 Exit status: 0 with figures; 1 when no writer serves PATH; 2 for a usage
 error or a database named by a URL; 3 when a writer serves PATH but its
-figures cannot be read (it is starting, or the snapshot is not readable).
+figures cannot be read (it is starting, or the snapshot is not readable); 4
+when the snapshot cannot be trusted (written by another user than the
+writer's, or writable by others): its figures may be forged, and are not shown.
 """
 
 from __future__ import annotations
@@ -22,8 +26,9 @@ import sys
 import time
 from collections.abc import Sequence
 
+from ._owner.service import add_serve_command, run_serve
 from ._watching import WATCH_HEADER, NotWatchable, Reading, describe, read, watch_line
-from ._writer.metrics import prometheus_text
+from .prometheus import prometheus_text
 
 _WATCH_INTERVAL = 1.0
 _HEADER_EVERY = 20  # lines, as vmstat repeats its header
@@ -52,7 +57,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     stats.add_argument(
         "--watch", action="store_true", help="print a line every second until Ctrl-C"
     )
+    add_serve_command(commands)
     args = parser.parse_args(argv)
+    if args.command == "serve":
+        return run_serve(args)
     if args.watch and args.prometheus:
         parser.error("--watch does not go with --prometheus")
     try:

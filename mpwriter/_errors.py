@@ -35,8 +35,45 @@ class WriterCrashed(WriterUnavailable):
     """The writer process ended without being asked to."""
 
 
+class AccessDenied(Error, PermissionError):
+    """This process may not use the writer: its endpoint refused it (`mpwriter.connect`).
+
+    Only the writer's own user, and the group given to ``start(allow_group=)``,
+    may connect. Nothing was sent.
+    """
+
+
 class WriterAlreadyRunning(Error):
-    """Another mpwriter writer holds the lock file of this database."""
+    """Another mpwriter writer serves this database file, under this name or another."""
+
+
+class UntrustedFile(Error, PermissionError):
+    """A file mpwriter keeps beside the database is not safely this user's own.
+
+    Raised by `start()` when the lock file is a symlink, not a regular file,
+    or owned by another user (who could hold its lock or change it). Nothing
+    was started; the message names the file.
+    """
+
+
+class MissingMainGuard(Error, RuntimeError):
+    """`start()` was called while a child process re-ran the main module.
+
+    Under the "spawn" and "forkserver" start methods a child process (or the
+    fork server) imports the program's main module again, as ``__mp_main__``,
+    and runs its top level. A `start()` there would start a second writer for
+    the same database. The fix: start the writer under
+    ``if __name__ == "__main__":``. Nothing was started.
+    """
+
+
+class MigrationFailed(Error):
+    """A migration given to `start()` failed: the writer did not start.
+
+    The message names the migration (its number and first line) and the
+    error. Nothing of the failed migration was applied; the migrations
+    before it stay applied and recorded.
+    """
 
 
 class Timeout(Error, TimeoutError):
@@ -48,14 +85,16 @@ class Timeout(Error, TimeoutError):
 
 
 class QueueFull(Error):
-    """Backpressure: the request queue stayed full for the whole timeout.
+    """Backpressure: the request could not be queued; it was certainly not applied.
 
-    Nothing was sent; the request was certainly not applied.
+    The request queue stayed full for the whole timeout (nothing was sent),
+    or the writer dropped a bulk request's payload because the payloads
+    waiting to be served passed its bound (the message says which).
     """
 
 
 class Interrupted(Error):
-    """The writer interrupted this request at its execution limit.
+    """The writer interrupted this request at its deadline or its execution limit.
 
     Long SQL is stopped by SQLite's progress handler and a long `call()`
     function by the writer's limiter thread; either way the request's changes are
@@ -65,6 +104,9 @@ class Interrupted(Error):
 
 class StatementRefused(Error):
     """The writer refused a statement that would end or split its transaction.
+
+    On PostgreSQL also one that would change the writer's session for later
+    requests (SET without LOCAL, RESET, DISCARD, LISTEN, ...).
 
     BEGIN, COMMIT, END, ROLLBACK, SAVEPOINT and RELEASE are the writer's to
     issue: every request already runs atomically inside its own savepoint.
@@ -77,6 +119,14 @@ class NotPicklable(Error, TypeError):
 
     Raised in the caller before anything was queued when an argument fails;
     raised from the writer (with its changes rolled back) when a result fails.
+    """
+
+
+class MissingDependency(Error, ImportError):
+    """An optional dependency is not installed (psycopg, for a PostgreSQL URL).
+
+    The message names what to install (``pip install 'mpwriter[postgres]'``);
+    the import error is its ``__cause__``. Also an `ImportError`.
     """
 
 
@@ -112,6 +162,29 @@ class OutcomeUnknown(ServerUnavailable):
     The transaction may or may not have committed: treat the write as "maybe
     done", as after a `Timeout`.
     """
+
+
+def carry_cause(error: Error, cause: BaseException) -> Error:
+    """``error`` with ``cause`` as its ``__cause__``, kept across pickling.
+
+    Pickling drops ``__cause__``; an error the writer raises while starting
+    crosses to the owner, where `start_failure` sets it again.
+    """
+    error.__cause__ = cause
+    error.__dict__["_mpwriter_cause"] = cause
+    return error
+
+
+def start_failure(exc: BaseException) -> BaseException:
+    """What `start()` raises for ``exc``, which the writer raised while starting.
+
+    ``__cause__`` set again if `carry_cause` kept it; a driver's error
+    (``init`` failing) as its `portable` class, an mpwriter `DatabaseError`.
+    """
+    cause = vars(exc).pop("_mpwriter_cause", None) if hasattr(exc, "__dict__") else None
+    if cause is not None:
+        exc.__cause__ = cause
+    return portable(exc)
 
 
 # -- one except clause for both engines ----------------------------------------

@@ -40,13 +40,14 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol, TypeVar
 
 from . import _errors
 from ._caller.attached import get_writer
+from ._caller.cursor import Cursor
 from ._caller.reader import reader
-from ._caller.statements import Kind, LocalStatements, local_error
+from ._caller.statements import Kind, LocalStatements
 from ._errors import (
     DatabaseError,
     Error,
@@ -199,8 +200,9 @@ def _writer_for(database: str) -> Any:
         attached = None
     if attached is not None and _same_database(attached.path, database):
         return attached
-    # mpwriter.connect (a handle on a writer started elsewhere) is looked up
-    # at call time: it is optional in this version of the package.
+    # mpwriter.connect (a handle on a writer another process started, through
+    # its endpoint) is looked up on the package at call time; without it
+    # (an older mpwriter) the error below says what to do instead.
     import mpwriter
 
     connect_to = getattr(mpwriter, "connect", None)
@@ -251,8 +253,9 @@ def connect(
 
     The writer handle is ``writer`` if given, else the one attached to this
     process (`mpwriter.attach`, inherited through fork) if it serves
-    ``database``, else ``mpwriter.connect(database)`` where this version of
-    mpwriter has it; otherwise `InterfaceError`. ``timeout`` is the local
+    ``database``, else ``mpwriter.connect(database)`` (one handle per file for
+    the process); otherwise, or if ``writer`` serves another file,
+    `InterfaceError`. ``timeout`` is the local
     reader's busy timeout (as sqlite3's); ``isolation_level`` and
     ``autocommit`` are sqlite3's; ``idle_limit`` and ``total_limit`` bound
     each transaction's session (`Writer.session`). ``check_same_thread``,
@@ -273,9 +276,12 @@ def connect(
     if detect_types or factory is not None:
         raise NotSupportedError("detect_types and factory are not supported")
     handle = writer if writer is not None else _writer_for(path)
+    if not _same_database(handle.path, path):
+        # Reads here and writes there would be two databases.
+        raise InterfaceError(f"the writer given serves {handle.path!r}, not {path!r}")
     return Connection(
         handle,
-        path,
+        handle.path,
         timeout=timeout,
         isolation_level=isolation_level,
         autocommit=autocommit,
@@ -581,144 +587,3 @@ def _checked_autocommit(value: bool | int) -> bool | int:
     if value is True or value is False or value == LEGACY_TRANSACTION_CONTROL:
         return value
     raise ValueError("autocommit must be True, False, or sqlite3.LEGACY_TRANSACTION_CONTROL")
-
-
-# -- cursor --------------------------------------------------------------------
-
-
-class Cursor:
-    """A DB-API cursor. Rows of a local read are fetched lazily from the reader;
-    rows from the writer came whole with its reply."""
-
-    arraysize: int
-
-    def __init__(self, connection: Connection) -> None:
-        self.connection = connection
-        self.arraysize = 1
-        self._local: sqlite3.Cursor | None = None
-        self._rows: Iterator[tuple[Any, ...]] = iter(())
-        self._description: Any = None
-        self._rowcount = -1
-        self._lastrowid: int | None = None
-        self._closed = False
-
-    # -- executing ------------------------------------------------------------
-
-    def execute(self, sql: str, parameters: Any = ()) -> Cursor:
-        """Run one statement (see the module docstring for where); return self."""
-        self._check_open()
-        self._reset()
-        self._take(self.connection._run(sql, parameters))
-        return self
-
-    def executemany(self, sql: str, seq_of_parameters: Iterable[Any]) -> Cursor:
-        """Run one DML statement for each parameter set, atomically; return self."""
-        self._check_open()
-        self._reset()
-        self._take(self.connection._run_many(sql, seq_of_parameters))
-        return self
-
-    def executescript(self, sql_script: str) -> Cursor:
-        """Run a script of statements (as sqlite3: a pending transaction is committed first)."""
-        self._check_open()
-        self._reset()
-        self.connection._run_script(sql_script)
-        return self
-
-    def _take(self, outcome: Result | sqlite3.Cursor) -> None:
-        if isinstance(outcome, sqlite3.Cursor):
-            self._local = outcome
-            self._description = outcome.description
-            self._rowcount = outcome.rowcount
-            return
-        self._rows = iter(outcome.rows)
-        self._description = outcome.description
-        self._rowcount = outcome.rowcount
-        if outcome.lastrowid is not None:
-            self._lastrowid = outcome.lastrowid
-
-    def _reset(self) -> None:
-        if self._local is not None:
-            self._local.close()
-            self._local = None
-        self._rows = iter(())
-        self._description = None
-        self._rowcount = -1
-
-    # -- results --------------------------------------------------------------
-
-    @property
-    def description(self) -> Any:
-        """7-tuples with the column name first (the rest None); None without rows."""
-        return self._description
-
-    @property
-    def rowcount(self) -> int:
-        """Rows changed by the last DML statement (its total for executemany); -1 otherwise."""
-        return self._rowcount
-
-    @property
-    def lastrowid(self) -> int | None:
-        """The rowid of the last row this cursor inserted through the writer."""
-        return self._lastrowid
-
-    def fetchone(self) -> tuple[Any, ...] | None:
-        """The next row, or None."""
-        self._check_open()
-        if self._local is not None:
-            try:
-                row: tuple[Any, ...] | None = self._local.fetchone()
-            except sqlite3.Error as exc:
-                raise local_error(exc) from None
-            return row
-        return next(self._rows, None)
-
-    def fetchmany(self, size: int | None = None) -> list[tuple[Any, ...]]:
-        """Up to ``size`` (default ``arraysize``) next rows."""
-        self._check_open()
-        count = self.arraysize if size is None else size
-        if self._local is not None:
-            try:
-                return self._local.fetchmany(count)
-            except sqlite3.Error as exc:
-                raise local_error(exc) from None
-        return [row for _, row in zip(range(count), self._rows, strict=False)]
-
-    def fetchall(self) -> list[tuple[Any, ...]]:
-        """Every remaining row."""
-        self._check_open()
-        if self._local is not None:
-            try:
-                return self._local.fetchall()
-            except sqlite3.Error as exc:
-                raise local_error(exc) from None
-        return list(self._rows)
-
-    def __iter__(self) -> Iterator[tuple[Any, ...]]:
-        return self
-
-    def __next__(self) -> tuple[Any, ...]:
-        row = self.fetchone()
-        if row is None:
-            raise StopIteration
-        return row
-
-    def close(self) -> None:
-        """Close the cursor: its pending rows are dropped; ``rowcount`` and
-        ``lastrowid`` keep their values (SQLAlchemy reads them after closing)."""
-        if self._local is not None:
-            self._local.close()
-            self._local = None
-        self._rows = iter(())
-        self._closed = True
-
-    def setinputsizes(self, sizes: Sequence[Any]) -> None:
-        """Does nothing (PEP 249 allows it)."""
-
-    def setoutputsize(self, size: int, column: int | None = None) -> None:
-        """Does nothing (PEP 249 allows it)."""
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise ProgrammingError("Cannot operate on a closed cursor.")
-        self.connection._check_open()

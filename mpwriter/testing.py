@@ -47,6 +47,11 @@ class Faults:
     # alone, such as VACUUM): seconds the writer sleeps first, standing in for
     # a long VACUUM. A forked writer inherits it (start with context="fork").
     solo_delay: float = 0.0
+    # Writer side (mpwriter._writer.loop, when the writer process starts):
+    # the bound, in bytes, on bulk payloads handed over and waiting for their
+    # frame (256 MiB by default), so that a test reaches it with small ones.
+    # A forked writer inherits it (start with context="fork").
+    handed_over_bytes_max: int | None = None
 
     # Caller side (mpwriter._caller.futures): the thread that resolves
     # submit() futures raises at its next step, as a bug there would; its

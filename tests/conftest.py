@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import select
 import signal
-import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +16,8 @@ import pytest
 
 import mpwriter
 
-# tools/ holds routines the tests share with the command-line fault tools.
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+# The fault tools (kill_writer.py, kill_tree.py, kill_clients.py) live here
+# with the tests, which run their routines; _faults.py is what they share.
 from _faults import SCHEMA as SCHEMA
 
 START_METHODS = [
@@ -63,6 +64,44 @@ def reap_pid(pid: int, timeout: float = 10.0) -> None:
     finally:
         os.close(pidfd)
     os.waitpid(pid, 0)
+
+
+NOBODY = 65534
+
+
+@contextlib.contextmanager
+def as_nobody(act: Callable[[], str]) -> Iterator[str]:
+    """Run ``act`` in a forked child as the user "nobody" (root only); yield what it returns.
+
+    The child keeps what it opened and locked until the block exits; it is
+    then released and reaped. An exception in ``act`` is yielded as text.
+    """
+    report_r, report_w = os.pipe()
+    release_r, release_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child
+        try:
+            os.close(report_r)
+            os.close(release_w)
+            os.setresgid(NOBODY, NOBODY, NOBODY)
+            os.setresuid(NOBODY, NOBODY, NOBODY)
+            try:
+                outcome = act()
+            except BaseException as exc:  # reported to the test, which asserts on it
+                outcome = f"unexpected {type(exc).__name__}: {exc}"
+            os.write(report_w, outcome.encode())
+            select.select([release_r], [], [], 30.0)  # bounded even if the test dies
+        finally:
+            os._exit(0)
+    os.close(report_w)
+    os.close(release_r)
+    try:
+        assert select.select([report_r], [], [], 30)[0], "the child did not report"
+        yield os.read(report_r, 4096).decode()
+    finally:
+        os.close(release_w)
+        os.close(report_r)
+        reap_pid(pid)
 
 
 def hold_writer(conn: Any, entered_path: str, release_path: str) -> str:
@@ -231,3 +270,33 @@ def pg_writer(pg_fresh: str) -> Iterator[mpwriter.Writer]:
 def pg_count(url: str, table: str = "items") -> int:
     with mpwriter.reader(url) as conn:
         return int(conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
+
+
+# -- both engines ------------------------------------------------------------------
+
+
+@dataclass
+class Database:
+    """A writer on a fresh ``items`` table of one engine, for tests run over both."""
+
+    engine: str  # "sqlite" or "postgresql"
+    target: str  # what `mpwriter.start` was given: a file or a URL
+    writer: mpwriter.Writer
+
+    def count(self, table: str = "items") -> int:
+        with mpwriter.reader(self.target) as conn:
+            return int(conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database(request: pytest.FixtureRequest, db_path: Path) -> Iterator[Database]:
+    """The same test over SQLite and PostgreSQL (skipped where no server answers)."""
+    if request.param == "sqlite":
+        target, schema = str(db_path), SCHEMA
+    else:
+        target, schema = request.getfixturevalue("pg_fresh"), PG_SCHEMA
+    handle = mpwriter.start(target, init=schema, timeout=10.0, context="fork")
+    try:
+        yield Database(request.param, target, handle)
+    finally:
+        handle.close(timeout=10.0)

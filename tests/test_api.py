@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import os
 import pickle
+import re
 import select
 import sqlite3
 import threading
@@ -20,10 +21,14 @@ from mpwriter import testing
 from mpwriter._wire import frames as _wire
 
 EXPECTED_PUBLIC_NAMES = {
+    "AccessDenied",
     "DatabaseError",
     "Error",
     "IntegrityError",
     "Interrupted",
+    "MigrationFailed",
+    "MissingMainGuard",
+    "MissingDependency",
     "NotPicklable",
     "NotSupportedError",
     "OperationalError",
@@ -41,17 +46,20 @@ EXPECTED_PUBLIC_NAMES = {
     "Stats",
     "Timeout",
     "Transaction",
+    "UntrustedFile",
     "Writer",
     "WriterAlreadyRunning",
     "WriterClosed",
     "WriterCrashed",
     "WriterUnavailable",
     "attach",
+    "connect",
     "get_writer",
     "native",
     "prometheus_text",
     "reader",
     "start",
+    "start_or_connect",
 }
 
 
@@ -59,6 +67,12 @@ def test_public_names_are_exactly_the_documented_ones() -> None:
     assert set(mpwriter.__all__) == EXPECTED_PUBLIC_NAMES
     for name in mpwriter.__all__:
         assert getattr(mpwriter, name) is not None
+
+
+def test_the_api_reference_page_documents_every_public_name() -> None:
+    page = Path(__file__).resolve().parent.parent / "docs" / "api.md"
+    documented = set(re.findall(r"^::: mpwriter\.(\w+)$", page.read_text(), re.M))
+    assert documented == set(mpwriter.__all__)
 
 
 @pytest.mark.parametrize(
@@ -69,6 +83,8 @@ def test_public_names_are_exactly_the_documented_ones() -> None:
         mpwriter.WriterClosed,
         mpwriter.WriterCrashed,
         mpwriter.WriterAlreadyRunning,
+        mpwriter.AccessDenied,
+        mpwriter.UntrustedFile,
         mpwriter.Timeout,
         mpwriter.QueueFull,
         mpwriter.Interrupted,
@@ -77,6 +93,8 @@ def test_public_names_are_exactly_the_documented_ones() -> None:
         mpwriter.RemoteError,
         mpwriter.SessionExpired,
         mpwriter.NotSupportedError,
+        mpwriter.MissingMainGuard,
+        mpwriter.MigrationFailed,
     ],
 )
 def test_every_error_pickles_and_derives_from_error(cls: type[Exception]) -> None:

@@ -78,9 +78,19 @@ def test_type_objects_and_constructors() -> None:
     assert bytes(dbapi.Binary(b"ab")) == b"ab"
 
 
-def test_connect_without_a_handle_for_the_file_says_how(tmp_path: Path) -> None:
+def test_connect_without_a_handle_or_a_writer_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with pytest.raises(mpwriter.WriterUnavailable, match="no writer serves"):
+        dbapi.connect(tmp_path / "none-here.db")  # mpwriter.connect finds none
+    monkeypatch.delattr(mpwriter, "connect", raising=False)  # a version without it
     with pytest.raises(dbapi.InterfaceError, match="attach"):
         dbapi.connect(tmp_path / "none-here.db")
+
+
+def test_a_writer_for_another_file_is_refused(writer: mpwriter.Writer, tmp_path: Path) -> None:
+    with pytest.raises(dbapi.InterfaceError, match="serves"):
+        dbapi.connect(tmp_path / "elsewhere.db", writer=writer)
 
 
 def test_connect_uses_the_attached_writer(writer: mpwriter.Writer) -> None:
@@ -97,12 +107,14 @@ def test_connect_falls_back_to_mpwriter_connect_once_per_file(
     writer: mpwriter.Writer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     dialed: list[str] = []
+    connect = mpwriter.connect
 
-    def connect(path: str) -> mpwriter.Writer:
+    def counting_connect(path: str) -> mpwriter.Writer:
         dialed.append(path)
-        return writer
+        return connect(path)
 
-    monkeypatch.setattr(mpwriter, "connect", connect, raising=False)
+    monkeypatch.setattr(mpwriter, "connect", counting_connect)
+    # This process's attached writer serves another file: the endpoint is asked.
     mpwriter.attach(mpwriter.start(Path(writer.path).with_name("other.db"), context="fork"))
     try:
         first = dbapi.connect(writer.path, isolation_level=None)
@@ -114,6 +126,7 @@ def test_connect_falls_back_to_mpwriter_connect_once_per_file(
     finally:
         mpwriter.get_writer().close(timeout=10.0)
     assert dialed == [writer.path]
+    assert count_rows(Path(writer.path)) == 1
 
 
 def test_a_postgresql_url_is_refused_with_where_to_go() -> None:

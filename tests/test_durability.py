@@ -3,8 +3,8 @@
 A call returns only after the COMMIT that made its write durable; with
 ``synchronous=NORMAL`` in WAL mode that commit survives a crash of any process
 (FULL adds power loss, which a test cannot stage). The tests run the routines
-of tools/kill_writer.py and tools/kill_tree.py (the faults), whose clients and
-audit live in tools/_faults.py, and assert what the issue asks:
+of tests/kill_writer.py and tests/kill_tree.py (the faults), whose clients and
+audit live in tests/_faults.py, and assert what the issue asks:
 
 - every row whose call returned is in the database, and ``PRAGMA
   integrity_check`` is ok;
@@ -25,7 +25,7 @@ from __future__ import annotations
 import multiprocessing
 from pathlib import Path
 
-import kill_tree  # in tools/, put on sys.path by conftest
+import kill_tree
 import kill_writer
 
 WRITER_KILLS = 20  # with mpwriter's default restart settings: each writer killed had served

@@ -34,9 +34,9 @@ from typing import Any
 
 import pytest
 
-import kill_clients  # in tools/, put on sys.path by conftest
+import kill_clients
 import mpwriter
-from _faults import INSERT, reap  # tools/, on sys.path through conftest
+from _faults import INSERT, reap
 from conftest import SCHEMA, Gate, count_rows
 from mpwriter import testing
 

@@ -13,7 +13,11 @@ counts as well.
 from __future__ import annotations
 
 import ast
+import json
 import pathlib
+import re
+import subprocess
+import sys
 
 import mpwriter
 
@@ -135,3 +139,72 @@ def test_the_graph_is_read_at_all() -> None:
     graph = import_graph()
     assert "mpwriter._wire.frames" in graph["mpwriter._caller.handle"]
     assert "mpwriter._writer.engine" in graph["mpwriter._writer.loop"]
+
+
+def test_the_writer_side_imports_from_the_top_only_modules_that_import_no_mpwriter() -> None:
+    """A writer-side import of a top-level module may not run back up to a side."""
+    graph = import_graph()
+    offenders = [
+        (module, target, sorted(graph[target]))
+        for module, targets in graph.items()
+        if side(module) in ("_wire", "_writer")
+        for target in targets
+        if side(target) == "top" and graph[target]
+    ]
+    assert offenders == []
+
+
+IMPORT_ONLY = """
+import json, sys
+import mpwriter
+loaded = sorted(sys.modules)
+from mpwriter import *  # every public name resolves
+print(json.dumps([loaded, sorted(sys.modules), mpwriter.__all__]))
+"""
+
+
+def test_importing_mpwriter_loads_the_caller_side_only() -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", IMPORT_ONLY], capture_output=True, text=True, timeout=60, check=True
+    )
+    loaded, after_star, public = json.loads(result.stdout)
+    heavy = [
+        name
+        for name in loaded
+        if name.startswith(("mpwriter._writer", "mpwriter._owner", "filelock", "psycopg"))
+        or name in ("sqlite3", "_sqlite3")
+    ]
+    assert heavy == []
+    assert "mpwriter._caller.handle" in loaded  # the test sees the imports at all
+    # The owner side loads where the public API needs it: `start`.
+    assert {"mpwriter._owner.owner", "mpwriter._writer.sqlite", "mpwriter._writer.claim"} <= set(
+        after_star
+    )
+    assert "start" in public
+
+
+def test_public_names_defined_outside_the_sides_live_in_public_modules() -> None:
+    assert mpwriter.prometheus_text.__module__ == "mpwriter.prometheus"
+    assert mpwriter.native.__module__ == "mpwriter.sql"
+    assert set(dir(mpwriter)) >= set(mpwriter.__all__)
+
+
+def test_no_test_imports_from_tools() -> None:
+    """Benchmarks and tools may change freely: no test depends on them."""
+    tests = pathlib.Path(__file__).resolve().parent
+    tools = {path.stem for path in (tests.parent / "tools").glob("*.py")}
+    offenders = []
+    for path in sorted(tests.glob("*.py")):
+        text = path.read_text()
+        if re.search(r"sys\.path\.(insert|append)\(.*tools", text):
+            offenders.append((path.name, "puts tools/ on the import path"))
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                names = [node.module or ""]
+            else:
+                continue
+            offenders += [(path.name, n) for n in names if n.split(".")[0] in tools]
+    assert tools  # the test sees the tools at all
+    assert offenders == []

@@ -165,9 +165,9 @@ def test_server_restart_under_load(cluster: Cluster) -> None:
 
 
 def test_writer_sigkills_under_load_lose_no_acknowledged_row(pg_url: str) -> None:
-    """tools/kill_writer.py's run, on PostgreSQL: the server rolls back a dead writer's batch."""
+    """tests/kill_writer.py's run, on PostgreSQL: the server rolls back a dead writer's batch."""
     import _faults
-    import kill_writer  # in tools/, put on sys.path by conftest
+    import kill_writer
 
     _faults.reset_postgres(pg_url)
     report = kill_writer.run(pg_url, kills=8, clients=4, call_timeout=5.0)

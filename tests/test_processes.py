@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 import mpwriter
-from _faults import reap  # tools/, on sys.path through conftest
+from _faults import reap
 from conftest import SCHEMA, count_rows, reap_pid
 
 

@@ -16,6 +16,7 @@ import random
 import signal
 import sqlite3
 import threading
+import time
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any
@@ -437,3 +438,24 @@ def test_bank_transfers_from_8_processes_conserve_money(db_path: Path) -> None:
                 a for _, d, a in ledger if d == account
             )
             assert balances[account] == OPENING - moved
+
+
+def test_closing_the_writer_rolls_an_open_session_back_and_serves_the_rest(
+    db_path: Path,
+) -> None:
+    writer = mpwriter.start(db_path, init=SCHEMA, timeout=20.0, context="fork")
+    session = writer.session(idle_limit=60.0, total_limit=60.0)
+    session.execute(INSERT, (1, 1))
+    held = writer.submit(INSERT, (2, 1))
+    # The CLOSE request must not wait for the session's 60 s limits: past its
+    # 10 s, close() would stop the writer by force, and the held write with it.
+    began = time.monotonic()
+    writer.close(timeout=10.0)
+    # A graceful close, not the escalation at 10 s (which also ends in a
+    # rolled-back session): the writer rolled it back when CLOSE came.
+    assert time.monotonic() - began < 5.0
+    assert held.result(timeout=1).rowcount == 1
+    with pytest.raises(mpwriter.WriterClosed, match="rolled back"):
+        session.execute(INSERT, (1, 2))
+    assert rows_of(db_path, 1) == []
+    assert rows_of(db_path, 2) == [1]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import importlib.metadata
 import multiprocessing
 import os
@@ -175,6 +176,28 @@ def test_an_orm_get_of_a_missing_row_inside_a_transaction(engine: Any) -> None:
     Base.metadata.create_all(engine)
     with Session(engine) as session, session.begin():
         assert session.get(Note, 12345) is None
+
+
+def test_threads_share_one_engine(handle: mpwriter.Writer, engine: Any) -> None:
+    # The pool hands connections from thread to thread (check_same_thread is
+    # off); each runs its transactions in its own session.
+    Base.metadata.create_all(engine)
+    auto = engine.execution_options(isolation_level="AUTOCOMMIT")
+
+    def add(thread: int) -> None:
+        mine = select(func.count()).where(Note.body.like(f"{thread}-%"))
+        for n in range(10):
+            with Session(engine) as session, session.begin():
+                session.add(Note(body=f"{thread}-{n}"))
+                session.flush()
+                assert session.scalar(mine) == n + 1
+            with auto.connect() as conn:  # a local read, on whichever pooled connection
+                assert conn.scalar(mine) == n + 1
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        for future in [pool.submit(add, thread) for thread in range(4)]:
+            future.result(timeout=60)
+    assert committed(handle.path, "SELECT count(*) FROM notes") == [(40,)]
 
 
 def test_an_exception_rolls_the_orm_transaction_back(handle: mpwriter.Writer, engine: Any) -> None:

@@ -10,6 +10,8 @@ the commit before the next one. Modes, each on a fresh WAL database:
   thread    one process: a writer thread fed by a queue.Queue, N caller threads
             (one transaction per request: no group commit)
   mpwriter  N forked processes sharing one mpwriter.Writer (group commit)
+  connected as mpwriter, but each client process gets its handle with
+            mpwriter.connect(path), as a process outside the owner's tree would
   echo      as mpwriter, but the writer answers every request OK without
             touching the database: the limit of mpwriter's transport
             (pickling, the request pipe, the writer loop, the reply pipes)
@@ -34,8 +36,8 @@ import mpwriter
 from mpwriter import testing
 from mpwriter._wire.frames import encode_wrote
 
-MODES = ("raw", "naive", "thread", "mpwriter", "echo")
-WRITER_MODES = ("mpwriter", "echo")
+MODES = ("raw", "naive", "thread", "mpwriter", "connected", "echo")
+WRITER_MODES = ("mpwriter", "connected", "echo")
 SCHEMA = "CREATE TABLE IF NOT EXISTS bench(id INTEGER PRIMARY KEY, client INTEGER, payload TEXT);"
 INSERT = "INSERT INTO bench(client, payload) VALUES (?, ?)"
 
@@ -98,6 +100,9 @@ def make_ops(
     mode: str, path: str, sync: str, clients: list[int], writer: Any
 ) -> tuple[list[lib.Op], Callable[[], None]]:
     """In a client process: one insert operation per client id, and a cleanup."""
+    if mode == "connected":  # the endpoint's handle, not the inherited one
+        connected = mpwriter.connect(path)
+        return [partial(mp_insert, connected, c) for c in clients], connected.close
     if mode in WRITER_MODES:
         return [partial(mp_insert, writer, c) for c in clients], lambda: None
     if mode == "thread":

@@ -38,17 +38,14 @@ that point, so that requests one thread sends stay in order.
 
 from __future__ import annotations
 
-import itertools
-import marshal
 import os
-import pickle
 import select
 import socket
-from collections.abc import Generator, Iterable, Iterator
+from collections.abc import Generator, Iterable
 from typing import Any, TypeVar
 
 from .. import testing
-from .._errors import NotPicklable, QueueFull, Timeout
+from .._errors import QueueFull, Timeout
 from .._wire.frames import (
     CAN_HAND_OVER,
     HAND_OVER_MIN,
@@ -56,10 +53,8 @@ from .._wire.frames import (
     MAX_PAYLOAD,
     PAYLOAD_HANDOVER,
     PAYLOAD_TAG,
-    PICKLE_PROTOCOL,
     PIPE_REGISTRATION,
     PIPE_TAG,
-    STREAM_RECORD,
     STREAMED,
     WHOLE,
     Kind,
@@ -67,21 +62,19 @@ from .._wire.frames import (
     encode_frames,
 )
 from .._wire.replies import Incoming, no_reply, queue_full, read_reply, unpack_reply
+
+# The streamed file's encoder, re-exported: the handle writes it through this module.
+from .._wire.streamed import STREAM_CHUNK_BYTES as STREAM_CHUNK_BYTES
+from .._wire.streamed import STREAM_CHUNK_ROWS_MAX as STREAM_CHUNK_ROWS_MAX
+from .._wire.streamed import STREAM_FIRST_ROWS as STREAM_FIRST_ROWS
+from .._wire.streamed import finish_rows as finish_rows
+from .._wire.streamed import write_rows as write_rows
 from .pipe_pool import PipePool, Slot
 
 READ = select.POLLIN
 WRITE = select.POLLOUT
 
 T = TypeVar("T")
-
-# A streamed executemany (`write_rows`): the first chunk is read with this many
-# rows, whatever their size; an iterable that ends within it goes as an
-# ordinary request. Later chunks aim at `STREAM_CHUNK_BYTES` encoded, going by
-# the size of the chunk before, and hold at most `STREAM_CHUNK_ROWS_MAX` rows:
-# what the caller holds at once, and the writer too.
-STREAM_FIRST_ROWS = 1_000
-STREAM_CHUNK_BYTES = 1 << 20
-STREAM_CHUNK_ROWS_MAX = 10_000
 
 
 # What a step waits for: ``(fd, events, deadline)``. Resume the generator
@@ -313,70 +306,6 @@ def new_request_file(pool: PipePool) -> int:
     fd = os.memfd_create("mpwriter-request", os.MFD_CLOEXEC)
     pool.local.fds.add(fd)  # a child forked meanwhile closes its copy
     return fd
-
-
-def write_rows(fd: int, chunks: list[list[Any]], rows: Iterator[Any]) -> int:
-    """Write the rows of a streamed executemany into ``fd``; return the bytes written.
-
-    ``chunks`` holds the chunk already read (taken out of it here, so that no
-    caller's frame keeps it alive), then ``rows`` is read to its end, one
-    chunk at a time: only one chunk and its encoding are held at once. Raises
-    whatever reading ``rows`` raises, or `NotPicklable`; the file is then the
-    caller's to discard.
-
-    A chunk of plain values (None, bool, int, float, str, bytes; bytearray
-    and memoryview become bytes, as SQLite stores them) is marshalled, which
-    costs about half of pickling on each side; from the first chunk that
-    marshal refuses (a datetime, a str subclass), chunks are pickled.
-    """
-    written = 0
-    chunk = chunks.pop()
-    rows_per_chunk = STREAM_FIRST_ROWS
-    plain = True
-    while chunk:
-        data = b""
-        if plain:
-            try:
-                data = marshal.dumps(chunk)
-            except ValueError:
-                plain = False
-        if not plain:
-            try:
-                data = pickle.dumps(chunk, PICKLE_PROTOCOL)
-            except Exception as exc:
-                message = f"cannot send this executemany's rows to the writer: {exc}"
-                raise NotPicklable(message) from exc
-        # Next chunk: about STREAM_CHUNK_BYTES, judged by this one's rows.
-        rows_per_chunk = max(
-            1, min(STREAM_CHUNK_ROWS_MAX, STREAM_CHUNK_BYTES * len(chunk) // max(1, len(data)))
-        )
-        del chunk
-        written += _write_record(fd, data, written)
-        del data
-        chunk = list(itertools.islice(rows, rows_per_chunk))
-    return written
-
-
-def finish_rows(fd: int, written: int, payload: bytes) -> int:
-    """End a streamed file with the request's ``payload`` and its length; return its length."""
-    written += _write_record(fd, payload, written)
-    _write_all(fd, STREAM_RECORD.pack(len(payload)), written)
-    return written + STREAM_RECORD.size
-
-
-def _write_record(fd: int, data: bytes, offset: int) -> int:
-    _write_all(fd, STREAM_RECORD.pack(len(data)), offset)
-    _write_all(fd, data, offset + STREAM_RECORD.size)
-    return STREAM_RECORD.size + len(data)
-
-
-def _write_all(fd: int, data: bytes, offset: int) -> None:
-    # Memory, not a disk: this never waits on a device.
-    view = memoryview(data)
-    while view:
-        done = os.pwrite(fd, view, offset)
-        view = view[done:]
-        offset += done
 
 
 def request_streamed(

@@ -32,7 +32,7 @@ from multiprocessing import reduction
 from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar
 
 from .. import testing
-from .._errors import NotPicklable
+from .._errors import NotPicklable, WriterUnavailable
 from .._wire.frames import (
     CAN_HAND_OVER,
     MAX_PAYLOAD,
@@ -43,7 +43,7 @@ from .._wire.frames import (
     encode_frame,
 )
 from .._wire.replies import Result
-from .._wire.state import CLOSED, RUNNING
+from .._wire.state import BACKING_OFF, CLOSED, RUNNING
 from .._wire.stats import Stats
 from . import aio, blocking, calls
 from .futures import Collector, Pending
@@ -60,14 +60,21 @@ class _Owner(Protocol):
     def close(self, timeout: float) -> None: ...
 
 
+class _Dialer(Protocol):
+    """How a connected handle reaches its writer's endpoint again (`connect.Dialer`)."""
+
+    def dial(self, deadline: float) -> Any: ...
+
+
 class Writer:
-    """A handle on the writer process. Create one with `mpwriter.start()`.
+    """A handle on the writer process. Create one with `mpwriter.start()`,
+    or, in any other process of a permitted user, `mpwriter.connect()`.
 
     Every method may be called from any thread of any process that has the
-    handle: the process that started the writer (the *owner*), its forked
-    children (gunicorn workers), and children it passed the handle to at
-    creation (``Process`` args, pool ``initargs``) under fork, spawn and
-    forkserver.
+    handle: the process that started the writer (the *owner*) or connected,
+    its forked children (gunicorn workers), and children it passed the
+    handle to at creation (``Process`` args, pool ``initargs``) under fork,
+    spawn and forkserver.
 
     Guarantees: a call returns only after the COMMIT that made its write
     durable; a call's failure affects no other call; calls made one after the
@@ -89,6 +96,7 @@ class Writer:
         state: Any,
         owner: _Owner | None = None,
         frame_key: int = 0,
+        dialer: _Dialer | None = None,
     ) -> None:
         self.path = path
         self.timeout = timeout
@@ -97,11 +105,12 @@ class Writer:
         self._pool = PipePool(registration, state, frame_key)
         self._owner_here = owner
         self._owner_pid = os.getpid()
+        self._dialer = dialer  # a connected handle's way back to its endpoint
         # A collected handle stops its collector thread (which never refers
         # to the handle) and releases its descriptors. Not at interpreter
         # exit: the owner's own exit hook closes the writer through the handle.
-        release = weakref.finalize(self, _release, self._pool, request_fd, owner is not None)
-        release.atexit = False
+        self._release = weakref.finalize(self, _release, self._pool, request_fd, owner is not None)
+        self._release.atexit = False
 
     def __repr__(self) -> str:
         status = "closed" if self.closed else "open"
@@ -118,7 +127,7 @@ class Writer:
         # `_request`, inlined: this is every app's hot path (a Python call fewer).
         pool = self._pool
         if pool.closed or self._state.status != RUNNING:
-            raise pool.unavailable(sent=False)  # says which: the handle or the writer
+            pool = self._revive()  # or raise what says why: the handle or the writer
         now = time.monotonic()
         deadline = now + (self.timeout if timeout is None else timeout)
         try:
@@ -244,7 +253,8 @@ class Writer:
         try:
             now = time.monotonic()
             if not pool.writer_running():
-                raise pool.unavailable(sent=False)
+                pool = self._revive()
+                local = pool.local
             body = (sql, params, reported)
             payload = pickle.dumps((now + self.timeout, now, body), PICKLE_PROTOCOL)
             frame = encode_frame(
@@ -373,8 +383,8 @@ class Writer:
 
         In the owner: new calls are refused at once, everything already
         queued is served and committed, the WAL is checkpointed, and the
-        writer exits and releases its lock file. Waits up to ``timeout``
-        seconds (the handle's default) before terminating the writer.
+        writer exits and releases its lock file. Returns within ``timeout``
+        seconds (the handle's default): a writer not done by then is killed.
         Elsewhere this only releases the handle's reply pipes. Either way,
         the handle's collector thread (``submit``) stops, failing futures
         still pending with `WriterClosed`. Idempotent.
@@ -415,8 +425,44 @@ class Writer:
                 reduction.DupFd(self._pool.registration.fileno()),
                 self._state,
                 self._pool.frame_key,
+                self._dialer,
             ),
         )
+
+    def _revive(self) -> PipePool:
+        """The pool to send on, when this one's writer is not running; or raise why not.
+
+        A connected handle whose writer was closed, or died for good, dials
+        its endpoint again: if another writer serves the file now, the handle
+        takes its descriptors and goes on with it. Anything else raises the
+        error that says why no writer can serve (the request was not sent).
+        """
+        pool = self._pool
+        if pool.closed or self._dialer is None or self._state.status in (RUNNING, BACKING_OFF):
+            raise pool.unavailable(sent=False)  # says which: the handle or the writer
+        with pool.local.lock:  # one thread dials; the others then find its pool
+            if self._pool is not pool:
+                return self._revive() if self._state.status != RUNNING else self._pool
+            try:
+                grant = self._dialer.dial(time.monotonic() + _REDIAL_TIMEOUT)
+            except WriterUnavailable as exc:
+                raise type(pool.unavailable(sent=False))(
+                    f"{pool.unavailable(sent=False)}; {exc}"
+                ) from None
+            fresh = PipePool(grant.registration, grant.state, grant.offer.frame_key)
+            old_fd = self._request_fd
+            self._request_fd = grant.request_fd
+            self._state = grant.state
+            self._pool = fresh
+            self._release.detach()
+            self._release = weakref.finalize(self, _release, fresh, grant.request_fd, False)
+            self._release.atexit = False
+        # Calls of other threads may still hold the old pool and descriptor:
+        # they fail (WriterClosed) rather than write into a reused number.
+        pool.close()
+        _disarm(old_fd)
+        weakref.finalize(self, os.close, old_fd).atexit = False
+        return fresh
 
     @property
     def _owner(self) -> _Owner | None:
@@ -429,7 +475,7 @@ class Writer:
         """The protocol generator of one request, for any driver to run."""
         pool = self._pool
         if pool.closed or self._state.status != RUNNING:
-            raise pool.unavailable(sent=False)  # says which: the handle or the writer
+            pool = self._revive()  # or raise what says why: the handle or the writer
         now = time.monotonic()
         deadline = now + (self.timeout if timeout is None else timeout)
         try:
@@ -454,7 +500,7 @@ class Writer:
             return self._request(Kind.EXECUTEMANY, (sql, first), timeout)
         pool = self._pool
         if pool.closed or self._state.status != RUNNING:
-            raise pool.unavailable(sent=False)  # says which: the handle or the writer
+            pool = self._revive()  # or raise what says why: the handle or the writer
         chunks = [first]
         del first  # `write_rows` takes it out of `chunks`: held nowhere else
         fd = calls.new_request_file(pool)
@@ -547,6 +593,9 @@ class Writer:
         return blocking.run(calls.receive(self._pool, slot, request_id, deadline))
 
 
+# How long a connected handle waits for its endpoint to answer again.
+_REDIAL_TIMEOUT = 5.0
+
 # Looked up once: `Kind.EXECUTE` goes through the enum's class attribute
 # lookup, 0.1 us per call on this machine.
 _EXECUTE = Kind.EXECUTE
@@ -619,6 +668,8 @@ def _rebuild(
     registration_fd: Any,
     state: Any,
     frame_key: int,
+    dialer: _Dialer | None = None,
 ) -> Writer:
     registration = socket.socket(fileno=registration_fd.detach())
-    return Writer(path, timeout, request_fd.detach(), registration, state, frame_key=frame_key)
+    request = request_fd.detach()
+    return Writer(path, timeout, request, registration, state, frame_key=frame_key, dialer=dialer)

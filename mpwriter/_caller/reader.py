@@ -14,6 +14,8 @@ import sqlite3
 from types import TracebackType
 from typing import Any, Literal
 
+from .._wire.address import is_server_url
+
 
 class ReadConnection(sqlite3.Connection):
     """A `sqlite3.Connection` that a ``with`` block also closes.
@@ -47,7 +49,7 @@ def reader(
     yourself. Use one connection per thread (``check_same_thread=False``
     lets a connection move between threads, used by one at a time; SQLite only).
     """
-    if isinstance(path, str) and path.startswith(("postgresql://", "postgres://")):
+    if isinstance(path, str) and is_server_url(path):
         # Imported here: psycopg is an optional dependency (mpwriter[postgres]).
         import psycopg
 

@@ -126,7 +126,8 @@ class LocalStatements:
         With ``run_reads`` (outside a transaction) a read runs at once and an
         SQL error of it is raised (as `local_error`); otherwise (inside a
         transaction) nothing runs here, the kind is BEGIN, COMMIT, ROLLBACK or
-        OTHER, and an error is left for the writer to report.
+        OTHER, and a statement that does not compile here is left for the
+        writer to run or report.
         """
         kind = self._kinds.get(sql)
         if kind is not None:
@@ -152,7 +153,9 @@ class LocalStatements:
         except sqlite3.Error as exc:
             kind = authorizer.kind
             if kind is None:
-                if not run_reads:
+                if not run_reads and isinstance(exc, sqlite3.OperationalError):
+                    # It did not compile here (a table this transaction
+                    # made, say): the session runs it, or reports its error.
                     return Kind.OTHER, None
                 if not _is_readonly(exc):
                     raise local_error(exc) from None

@@ -40,29 +40,63 @@ import os
 import pickle
 import socket
 import sqlite3
+import sys
 import threading
 import time
 import urllib.parse
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection, wait
 from multiprocessing.context import BaseContext
 from typing import Any
 
 from .._caller.handle import Writer
-from .._errors import WriterCrashed
+from .._errors import MissingMainGuard, WriterCrashed, start_failure
+from .._wire.address import is_server_url
+from .._wire.endpoint import Offer, endpoint_path
 from .._wire.frames import NO_REPLY, Kind, encode_frames, make_sender_token, new_frame_key
 from .._wire.state import BACKING_OFF, CLOSED, RUNNING, new_shared_state
 from .._writer.engine import WriterConfig
-from .supervisor import CLOSE, KILL, KILL_GRACE, STOP, RestartPolicy, supervise
+from .endpoint import EndpointConfig, group_id
+from .supervisor import CLOSE, KILL, KILL_GRACE, STOP, EndpointOffer, RestartPolicy, supervise
 
 log = logging.getLogger("mpwriter")
 
 _SYNCHRONOUS = ("NORMAL", "FULL", "EXTRA")
+# Of close()'s timeout, what is kept (a tenth at most) for the supervisor to
+# kill a writer that did not drain in time, reap it and exit, which takes a
+# few milliseconds on an idle machine.
+_KILL_RESERVE = 0.25
+# How long close() waits for an exiting supervisor to be reapable, even at its deadline.
+_JOIN_AT_LEAST = 0.05
 
 # Strong references: a forked child must still find every owner here after its
 # handles have dropped theirs (the order of after-fork hooks is not ours).
 _owners: set[_Owner] = set()
+
+
+def _refuse_start_while_main_reimported() -> None:
+    """Raise `MissingMainGuard` if this process is re-running the main module's top level.
+
+    multiprocessing sets ``_inheriting`` on the current process while a
+    spawn child (or the fork server, preloading ``__main__``) imports the
+    parent's main module as ``__mp_main__``; CPython's own
+    ``spawn._check_not_importing_main`` reads the same flag. Without this
+    check the second writer fails later and far from the cause, as
+    `WriterAlreadyRunning` in the child and ``BrokenProcessPool`` in the parent.
+    """
+    if not getattr(multiprocessing.current_process(), "_inheriting", False):
+        return
+    main = sys.modules.get("__mp_main__")
+    if main is None:
+        return
+    where = getattr(main, "__file__", None) or "the main module"
+    raise MissingMainGuard(
+        f"mpwriter.start() was called while a child process ran the top level of {where} "
+        "again: the 'spawn' and 'forkserver' start methods re-import the main module in "
+        "every child. Put the code that starts the writer (and the pools) under "
+        '`if __name__ == "__main__":`, so that only the main process runs it.'
+    )
 
 
 def start(
@@ -82,6 +116,9 @@ def start(
     slow_request: float | None = 1.0,
     start_timeout: float = 30.0,
     isolation: str = "read committed",
+    migrations: Sequence[str | Callable[[Any], object]] = (),
+    endpoint: str | os.PathLike[str] | None = None,
+    allow_group: int | str | None = None,
 ) -> Writer:
     """Start the writer process for the database at ``path``; return its handle.
 
@@ -116,19 +153,39 @@ def start(
     "mpwriter") for requests slower than this many seconds, end to end;
     None turns it off.
 
+    ``migrations``: an ordered list of SQL scripts or functions of the
+    connection, applied by the writer after ``init``, once each: each in its
+    own transaction with the row that records it in the table
+    ``mpwriter_migrations``, so never again at a restart or a later start.
+    Only ever append to the list. A failing migration is rolled back whole
+    and stops the start with `MigrationFailed` (those before it stay
+    applied); so does a database that recorded more migrations than listed.
+
     ``path`` may also be a PostgreSQL URL (``postgresql://user@host:port/db``
     or ``postgres://``; needs ``mpwriter[postgres]``): the writer then holds
     one connection to that server, and ``isolation`` ("read committed", the
     default, or "serializable", "repeatable read") sets its transactions'
-    level; ``synchronous`` applies to SQLite only. See the README's
-    PostgreSQL section for the differences.
+    level; ``synchronous`` applies to SQLite only. See the PostgreSQL
+    page of the documentation for the differences.
 
-    Raises `WriterAlreadyRunning` if another writer serves this file, the
-    sqlite3 error if the database cannot be opened or ``init`` fails, and
-    `WriterCrashed` if the writer dies before it is ready.
+    ``endpoint``: the Unix socket through which other processes of the
+    machine get a handle with `mpwriter.connect` (see docs/deployment.md).
+    By default a SQLite writer listens beside the database, at
+    ``PATH.mpwriter.sock``; a PostgreSQL writer listens only where
+    ``endpoint`` says. Only this process's user may connect, and the
+    group ``allow_group`` (a name or id) if given.
+
+    Raises `WriterAlreadyRunning` if another writer serves this file (under
+    any name: symlinks and hard links reach the same writer), `UntrustedFile`
+    if its lock file is a symlink or another user's, the sqlite3 error if the
+    database cannot be opened or ``init`` fails, `MigrationFailed` if a
+    migration does, `MissingMainGuard` if called while a spawn/forkserver
+    child re-runs the main module's top level, and `WriterCrashed` if the
+    writer dies before it is ready.
     """
+    _refuse_start_while_main_reimported()
     path = os.fspath(path)
-    postgres = path.startswith(("postgresql://", "postgres://"))
+    postgres = is_server_url(path)
     if isolation not in ("read committed", "repeatable read", "serializable"):
         raise ValueError(f"unknown isolation level {isolation!r}")
     if postgres:
@@ -136,9 +193,13 @@ def start(
     elif path == ":memory:" or path.startswith("file:"):
         raise ValueError("mpwriter needs a database file path (not ':memory:' or a URI)")
     else:
-        directory = os.path.dirname(os.path.abspath(path))
+        # The real name, symlinks and ".." resolved as the kernel does: the
+        # writer serves the file itself, and its lock goes beside that name.
+        real = os.path.realpath(path)
+        directory = os.path.dirname(real)
         if not os.path.isdir(directory):
             raise FileNotFoundError(f"the directory of {path!r} does not exist: {directory!r}")
+        path = real
     synchronous = synchronous.upper()
     if synchronous not in _SYNCHRONOUS:
         raise ValueError(f"synchronous must be one of {_SYNCHRONOUS}, not {synchronous!r}")
@@ -148,10 +209,14 @@ def start(
         raise ValueError("max_restarts must not be negative")
     if restart_backoff_max <= 0:
         raise ValueError("restart_backoff_max must be positive")
+    if isinstance(migrations, str) or not all(
+        isinstance(m, str) or callable(m) for m in migrations
+    ):
+        raise TypeError("migrations must be a list of SQL scripts (str) or functions")
     # Any: typeshed's BaseContext lacks Process(), which every concrete context has.
     ctx: Any = context if isinstance(context, BaseContext) else multiprocessing.get_context(context)
     config = WriterConfig(
-        path if postgres else os.path.abspath(path),
+        path,
         synchronous,
         init,
         max_batch,
@@ -159,12 +224,14 @@ def start(
         slow_request,
         frame_key=new_frame_key(),
         isolation=isolation,
+        migrations=tuple(migrations),
     )
 
     policy = RestartPolicy(
         restart, max_restarts, restart_backoff_max, watchdog_grace, start_timeout
     )
     owner = _Owner(ctx, config, queue_size, policy)
+    owner.endpoint = _endpoint_config(path, postgres, endpoint, allow_group, timeout, config)
     _owners.add(owner)  # before the first fork, so that the supervisor drops the lifeline
     try:
         owner.launch(start_timeout)
@@ -182,8 +249,27 @@ def start(
         owner,
         frame_key=config.frame_key,
     )
-    atexit.register(_close_at_exit, weakref.ref(writer))
+    atexit.register(_close_at_exit, weakref.ref(writer), weakref.ref(owner), timeout)
     return writer
+
+
+def _endpoint_config(
+    path: str,
+    postgres: bool,
+    endpoint: str | os.PathLike[str] | None,
+    allow_group: int | str | None,
+    timeout: float,
+    config: WriterConfig,
+) -> EndpointConfig | None:
+    """Where the writer listens for `connect`, if anywhere (see `start`)."""
+    if postgres and endpoint is None:
+        if allow_group is not None:
+            raise ValueError("allow_group needs an endpoint")
+        return None
+    where = endpoint_path(config.path, endpoint)
+    shown = _without_password(config.path) if postgres else config.path
+    gid = None if allow_group is None else group_id(allow_group)
+    return EndpointConfig(where, Offer(shown, timeout, config.frame_key), gid)
 
 
 def _without_password(url: str) -> str:
@@ -242,6 +328,9 @@ class _Owner:
         self.control_w: int | None = control_w
         # The supervisor holds the only write end: EOF here means it is gone.
         self.report: Connection | None = None
+        # Where the supervisor listens for connect(), if anywhere.
+        self.endpoint: EndpointConfig | None = None
+        self._offered: EndpointOffer | None = None
 
     # -- starting ----------------------------------------------------------------------
 
@@ -264,7 +353,7 @@ class _Owner:
         process = self.ctx.Process(
             target=supervise,
             name=f"mpwriter supervisor {os.path.basename(self.config.path)}",
-            args=(self.config, *supervisor_ends, self.state, self.policy),
+            args=(self.config, *supervisor_ends, self.state, self.policy, self._offer()),
             # Not a daemon: multiprocessing forbids daemons to have children.
             # close() and the lifeline end it; at exit, _close_at_exit runs
             # before multiprocessing joins its children.
@@ -275,16 +364,41 @@ class _Owner:
         finally:
             for end in supervisor_ends:
                 end.close()
+            self._close_offer()
         self.supervisor = process
         # The supervisor holds its own copies now; a writer death must show
         # to callers as EPIPE/EOF when no supervisor is left to replace it.
         self._release_far_ends()
         _await_ready(report_r, start_timeout + 2 * KILL_GRACE)
 
+    def _offer(self) -> EndpointOffer | None:
+        """The endpoint to open, with duplicates of the callers' ends (see `_close_offer`)."""
+        if self.endpoint is None:
+            return None
+        request = Connection(os.dup(self.request_w), readable=False)
+        self._offered = EndpointOffer(self.endpoint, request, self.registration_client.dup())
+        return self._offered
+
+    def _close_offer(self) -> None:
+        """The supervisor holds its own copies of the offered ends now."""
+        offered, self._offered = self._offered, None
+        if offered is not None:
+            offered.request.close()
+            offered.registration.close()
+
     # -- stopping ----------------------------------------------------------------------
 
     def close(self, timeout: float) -> None:
-        """Ask the writer to drain and stop; escalate if it does not in time."""
+        """Ask the writer to drain and stop; have it killed if it has not within ``timeout``.
+
+        Returns within ``timeout`` seconds: the drain gets all of it but a
+        reserve (a tenth, at most `_KILL_RESERVE`) in which the supervisor
+        kills the writer and exits. Only a supervisor that does not answer
+        within that reserve makes close() wait longer (logged), since killing
+        it instead would leave a stuck writer holding the lock.
+        """
+        deadline = time.monotonic() + max(timeout, 0.0)
+        reserve = min(_KILL_RESERVE, max(timeout, 0.0) / 10)
         with self._lock:
             state = self.state
             if state.status in (RUNNING, BACKING_OFF):
@@ -293,9 +407,9 @@ class _Owner:
             else:
                 stop = CLOSE
             self._tell(stop)
-            if not self._await_supervisor(timeout):
-                self._stop_by_force()
-            self._forget_supervisor()
+            if not self._await_supervisor(deadline - reserve - time.monotonic()):
+                self._stop_by_force(deadline)
+            self._forget_supervisor(deadline)
         _owners.discard(self)
 
     def _send_close(self) -> bool:
@@ -315,7 +429,7 @@ class _Owner:
             os.write(self.control_w, command)
 
     def _await_supervisor(self, timeout: float) -> bool:
-        """Wait until the supervisor has exited (its report pipe reads EOF)."""
+        """Wait up to ``timeout`` until the supervisor has exited (its report pipe reads EOF)."""
         report = self.report
         if report is None:
             return True
@@ -328,15 +442,20 @@ class _Owner:
             except (EOFError, OSError):
                 return True
 
-    def _stop_by_force(self) -> None:
+    def _stop_by_force(self, deadline: float) -> None:
         """The writer did not stop in time: have it killed; kill the supervisor if need be."""
         self._tell(KILL)
+        if self._await_supervisor(deadline - time.monotonic()):
+            return
+        log.warning(
+            "mpwriter: close() waits past its timeout for the supervisor to kill the writer"
+        )
         if not self._await_supervisor(4 * KILL_GRACE):
             log.error("mpwriter: the writer's supervisor did not exit; killing it")
             self.supervisor.kill()
             self._await_supervisor(KILL_GRACE)
 
-    def _forget_supervisor(self) -> None:
+    def _forget_supervisor(self, deadline: float | None = None) -> None:
         if self.control_w is not None:
             os.close(self.control_w)
             self.control_w = None
@@ -345,7 +464,9 @@ class _Owner:
             self.report = None
         process = self.supervisor
         if process is not None:
-            process.join(KILL_GRACE)
+            # Its report pipe has closed: it is exiting, which takes milliseconds.
+            grace = KILL_GRACE if deadline is None else deadline - time.monotonic()
+            process.join(min(KILL_GRACE, max(grace, _JOIN_AT_LEAST)))
             if process.exitcode is None:
                 # Reaped by someone else (gunicorn's master calls waitpid(-1)):
                 # multiprocessing would join or SIGTERM its pid at our exit.
@@ -401,21 +522,35 @@ def _await_ready(report: Connection, timeout: float) -> None:
     try:
         status, value = pickle.loads(report.recv_bytes())
     except EOFError:
-        status, value = "exit", None
+        # The supervisor died before it could report, in its own start-up: its
+        # error went to stderr. Under spawn and forkserver the usual cause is a
+        # script whose start() is not under the main guard (MissingMainGuard).
+        raise WriterCrashed(
+            "the writer's supervisor process ended before the writer was ready; its error, "
+            "if any, is printed above (under the spawn and forkserver start methods, a "
+            'start() that is not under `if __name__ == "__main__":` ends it so)'
+        ) from None
     if status == "ready":
         return
     if status == "error":
         assert isinstance(value, BaseException)
-        raise value
+        raise start_failure(value)
     if status == "timeout":
         raise WriterCrashed(f"the writer did not become ready: {value}")
     raise WriterCrashed(f"the writer process exited before it was ready (exit code {value})")
 
 
-def _close_at_exit(ref: weakref.ref[Writer]) -> None:
-    writer = ref()
+def _close_at_exit(
+    ref: weakref.ref[Writer], owner_ref: weakref.ref[_Owner], timeout: float
+) -> None:
+    writer, owner = ref(), owner_ref()  # `_owners` holds the owner until it closes
     if writer is not None and writer._owner is not None:
         writer.close()
+    elif writer is None and owner is not None and owner in _owners:
+        # The handle was collected, the writer was not closed: it stops with
+        # its owner all the same (multiprocessing would otherwise join the
+        # supervisor, which waits for this process to close, forever).
+        owner.close(timeout)
 
 
 def _after_fork_in_child() -> None:

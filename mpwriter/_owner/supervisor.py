@@ -75,6 +75,7 @@ from .._wire.state import (
 )
 from .._writer.engine import WriterConfig
 from .._writer.loop import reset_signals, serve
+from .endpoint import Endpoint, EndpointConfig, endpoint_fds
 
 log = logging.getLogger("mpwriter")
 
@@ -90,7 +91,7 @@ _MAX_FDS = 4  # a side message carries one descriptor
 # Commands on the control pipe (owner -> supervisor).
 CLOSE = b"C"  # the owner closes: start no more writers, exit once the writer has
 STOP = b"S"  # as CLOSE, and stop the writer through its lifeline (the queue was full)
-KILL = b"K"  # terminate, then kill, the writer now
+KILL = b"K"  # kill the writer now (SIGKILL): it had its chance to stop
 
 
 @dataclass(frozen=True)
@@ -155,17 +156,34 @@ def supervise(
     report: Connection,
     state: Any,
     policy: RestartPolicy,
+    endpoint: EndpointOffer | None = None,
 ) -> None:
     """Entry point of the supervisor process (a `multiprocessing.Process` target).
 
     Starts the first writer and reports on ``report`` how its start went
     (what the writer said: ``("ready", pid)`` or ``("error", exc)``, or
     ``("exit", code)`` if it died first); then supervises until the owner
-    closes or is gone, or no writer may be started any more.
+    closes or is gone, or no writer may be started any more. With
+    ``endpoint``, it listens there for other processes' handles
+    (`mpwriter.connect`) from the first writer's readiness until it stops
+    restarting writers.
     """
     _own_signals()
     _supervisor_only.append(report.fileno())
-    Supervisor(config, requests, registrations, control, report, state, policy).run()
+    supervisor = Supervisor(config, requests, registrations, control, report, state, policy)
+    supervisor.offer = endpoint
+    if endpoint is not None:
+        _supervisor_only.extend((endpoint.request.fileno(), endpoint.registration.fileno()))
+    supervisor.run()
+
+
+@dataclass(frozen=True)
+class EndpointOffer:
+    """The endpoint to open, and the callers' ends it hands out (picklable)."""
+
+    config: EndpointConfig
+    request: Connection  # the request pipe's write end
+    registration: socket.socket  # the callers' end of the registration socket
 
 
 def _own_signals() -> None:
@@ -214,6 +232,8 @@ class Supervisor:
         self._stopping = False
         self._first = True
         self._sigterm = False  # set by the handler; acted on in the loop
+        self.offer: EndpointOffer | None = None
+        self._endpoint: Endpoint | None = None
 
         wake_r, wake_w = os.pipe()
         os.set_blocking(wake_r, False)
@@ -239,12 +259,15 @@ class Supervisor:
                     self._launch()
                     continue
             self._wait_once()
+        self._close_endpoint()
         self._state.phase = STOPPED
         if self._report is not None:
             self._report.close()
 
     def _wait_once(self) -> None:
         watched: list[Any] = [self._wake_r]
+        if self._endpoint is not None:
+            watched.append(self._endpoint.fileno())
         if self._control is not None:
             watched.append(self._control)
         if self._writer is not None:
@@ -284,6 +307,8 @@ class Supervisor:
             self._watch_writer()
         if self._registrations is not None and self._registrations in ready:
             self._fail_waiting_callers()
+        if self._endpoint is not None and self._endpoint.fileno() in ready:
+            self._endpoint.answer()
 
     def _read_control(self) -> None:
         assert self._control is not None
@@ -303,12 +328,19 @@ class Supervisor:
             self._stop_restarting()
         if STOP in commands:
             self._close_lifeline()
-        if KILL in commands:
-            self._kill_writer()
+        if KILL in commands and self._writer is not None:
+            # No SIGTERM first: the owner sends this once the writer has had
+            # all the time close() allowed it (or its start failed), and a
+            # SIGTERM would only cost a grace that close() does not have.
+            self._writer.kill()
 
     def _stop_restarting(self) -> None:
         self._stopping = True
         self._retry_at = None
+        # At once, before the writer exits and releases the database: new
+        # connect() calls fail fast, and a successor can never find this
+        # endpoint still bound when it binds its own.
+        self._close_endpoint()
 
     def _close_lifeline(self) -> None:
         if self._lifeline_w is not None:
@@ -380,6 +412,10 @@ class Supervisor:
         if raw is None:
             return
         status, value = pickle.loads(raw)
+        if self._first and status == "ready" and self.offer is not None:
+            problem = self._open_endpoint()
+            if problem is not None:
+                status, raw = "error", pickle.dumps(("error", problem))
         if self._first:
             self._tell_owner(raw)
         if status != "ready":
@@ -401,6 +437,26 @@ class Supervisor:
             # Nothing to hand to a successor: the writer holds the only far
             # ends, so that its death shows to callers at once as EPIPE and EOF.
             self._release_far_ends()
+
+    def _open_endpoint(self) -> OSError | None:
+        """Listen at the endpoint; return what prevented it, if anything."""
+        offer = self.offer
+        assert offer is not None
+        ends = endpoint_fds(offer.request, offer.registration, self._state)
+        try:
+            self._endpoint = Endpoint(offer.config, ends)
+        except OSError as exc:
+            log.error("mpwriter: cannot listen at %s: %s", offer.config.path, exc)
+            return exc
+        _supervisor_only.extend(self._endpoint.descriptors())
+        return None
+
+    def _close_endpoint(self) -> None:
+        endpoint, self._endpoint = self._endpoint, None
+        if endpoint is not None:
+            for fd in endpoint.descriptors():
+                _supervisor_only.remove(fd)
+            endpoint.close()
 
     def _tell_owner(self, raw: bytes) -> None:
         if self._report is not None:

@@ -20,17 +20,8 @@ the writer over the side socket, and a single empty frame flagged
 And a bulk load no longer fills the shared pipe ahead of everyone else.
 
 A large ``executemany`` is *streamed* (frame flag `STREAMED`, with
-`HANDED_OVER`): the caller pickles its rows a chunk at a time into the file
-while it reads them, so it never holds them all, and the writer unpickles
-them a chunk at a time while the engine runs them. The file is a sequence of
-records, each a `STREAM_RECORD` length then that many bytes: every record
-but the last is one list of rows, marshalled, or pickled where marshal
-cannot (such a record starts with `PICKLED`, which no marshalled list
-does); the last is the request's ordinary
-payload, ``(deadline, sent_at, (sql, None))`` -- written last because the
-deadline counts from when the rows have all been read -- and the file ends
-with that record's length again (`STREAM_RECORD`), so the writer finds it
-from the end.
+`HANDED_OVER`): its rows come in that file a chunk at a time, in the layout
+`mpwriter._wire.streamed` writes and reads.
 
 Each frame carries a magic, its length and two CRC-32 check values (header and
 payload), so a reader that starts in the middle of the stream -- a new writer
@@ -111,9 +102,10 @@ FIRST = 0x01
 LAST = 0x02
 WHOLE = FIRST | LAST  # a request that fits in one frame
 HANDED_OVER = 0x04  # the payload came on the side socket (PAYLOAD_HANDOVER)
-STREAMED = 0x08  # with HANDED_OVER: that file holds rows in chunks (see the module)
+STREAMED = 0x08  # with HANDED_OVER: that file holds rows in chunks (`streamed`)
 
-# The length before each record of a streamed file, and after its last one.
+# The length before each record of a streamed file, and after its last one
+# (`streamed`).
 STREAM_RECORD = struct.Struct("!Q")
 
 HAND_OVER_MIN = 1 << 16

@@ -11,7 +11,12 @@ restarts and what it is doing.
 from __future__ import annotations
 
 import ctypes
+import mmap
+import os
+import tempfile
 import time
+import weakref
+from multiprocessing import reduction
 from typing import Any
 
 # Values of SharedState.status: what a caller may do.
@@ -52,9 +57,59 @@ class SharedState(ctypes.Structure):
     )
 
 
-def new_shared_state(ctx: Any) -> Any:
-    """A zeroed `SharedState` in shared memory, picklable to children at start."""
-    return ctx.RawValue(SharedState)
+class MappedState(SharedState):
+    """A `SharedState` in a shared mapping of an anonymous file, ``fd``.
+
+    Memory that a descriptor names can be handed to any process: to children
+    at start (pickled as a duplicate of ``fd``) and, over a Unix socket, to
+    processes that connect (`mpwriter.connect`). The mapping lives as long as
+    the structure; ``fd`` is closed when the structure is collected.
+    """
+
+    fd: int
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Only while a child is being started: DupFd has no channel otherwise.
+        return (_rebuild_state, (reduction.DupFd(self.fd),))
+
+
+def new_shared_state(ctx: Any = None) -> Any:
+    """A zeroed `SharedState` in shared memory, picklable to children at start.
+
+    ``ctx`` is not used: the memory is a mapped file, whatever the start method.
+    """
+    del ctx
+    create = getattr(os, "memfd_create", None)
+    if create is not None:
+        fd = create("mpwriter-state", os.MFD_CLOEXEC)
+    else:  # no memfd (not Linux): a file nobody can open by name
+        fd, name = tempfile.mkstemp(prefix="mpwriter-state-")
+        os.unlink(name)
+    try:
+        os.ftruncate(fd, ctypes.sizeof(SharedState))
+        return attach_state(fd)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def attach_state(fd: int) -> Any:
+    """The `SharedState` mapped from ``fd`` (which it owns and closes when collected).
+
+    Raises ValueError if ``fd`` is not a file of the state's size.
+    """
+    size = ctypes.sizeof(SharedState)
+    if os.fstat(fd).st_size != size:
+        raise ValueError("not a mpwriter shared state")
+    mapping = mmap.mmap(fd, size)
+    state = MappedState.from_buffer(mapping)  # holds the mapping
+    state.fd = fd
+    weakref.finalize(state, os.close, fd)
+    return state
+
+
+def _rebuild_state(fd: Any) -> Any:
+    return attach_state(fd.detach())
 
 
 # last_exit when the exit status was taken by someone else.

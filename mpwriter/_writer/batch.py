@@ -15,12 +15,22 @@ from __future__ import annotations
 import logging
 import pickle
 import traceback
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, get_origin, get_type_hints
 
-from .._errors import RemoteError, Timeout
+from .._errors import Interrupted, RemoteError, StatementRefused, Timeout
 from .._wire.frames import REPLY_HEADER_SIZE, Kind, Request, Status, encode_reply
 
 log = logging.getLogger("mpwriter")
+
+# A request that runs past its deadline is stopped this long before it, so
+# that its `Interrupted` ("rolled back, not applied") reaches the caller while
+# the caller still waits: at its deadline the caller gives up with `Timeout`
+# ("outcome unknown"). Interrupting, rolling back and replying take a few
+# milliseconds (the limiter thread waits up to a GIL switch interval, 5 ms,
+# to interrupt a busy function). At most this share of the request's timeout,
+# so that a short timeout leaves the request most of its time.
+STOP_MARGIN = 0.05
+STOP_MARGIN_SHARE = 0.1
 
 
 class Work(NamedTuple):
@@ -33,30 +43,37 @@ class Work(NamedTuple):
 
 
 class Counters:
-    """Figures the writer reports through `stats()`; plain ints, one process."""
+    """The figures of `Stats` the loop and the engines count; plain ints, one process.
+
+    Each attribute is the `Stats` figure of the same name and type, where its
+    kind and help text are declared (`stats()` returning another key or
+    type fails the tests); each starts at zero.
+    """
+
+    requests: int
+    batches: int
+    commits: int
+    errors: int
+    retries: int
+    refused: int
+    expired: int
+    replayed_batches: int
+    lost_requests: int
+    gather_waits: int
+    gathered: int
+    posts_dropped: int  # reported by callers with their next post
+    # Interactive sessions (session.py): opened, rolled back by the writer,
+    # and the requests held while one was open, with the seconds they waited.
+    sessions: int
+    sessions_expired: int
+    session_waits: int
+    session_wait_seconds: float
+    post_errors_by_class: dict[str, int]
+    errors_by_class: dict[str, int]
 
     def __init__(self) -> None:
-        self.requests = 0
-        self.batches = 0
-        self.commits = 0
-        self.errors = 0
-        self.retries = 0
-        self.refused = 0
-        self.expired = 0
-        self.replayed_batches = 0
-        self.lost_requests = 0
-        self.gather_waits = 0
-        self.gathered = 0
-        self.posts_dropped = 0  # reported by callers with their next post
-        # Interactive sessions (session.py): opened, rolled back by the writer
-        # (limits, a dead caller, closing), and the requests held while one
-        # was open, with the seconds they spent held.
-        self.sessions = 0
-        self.sessions_expired = 0
-        self.session_waits = 0
-        self.session_wait_seconds = 0.0
-        self.post_errors_by_class: dict[str, int] = {}
-        self.errors_by_class: dict[str, int] = {}
+        for name, hint in get_type_hints(Counters).items():
+            setattr(self, name, (get_origin(hint) or hint)())  # 0, 0.0 or {}
 
     def count_error(self, exc: BaseException) -> None:
         self.errors += 1
@@ -64,9 +81,8 @@ class Counters:
         self.errors_by_class[name] = self.errors_by_class.get(name, 0) + 1
 
     def as_dict(self) -> dict[str, Any]:
-        figures = dict(vars(self))
-        figures["errors_by_class"] = dict(self.errors_by_class)
-        figures["post_errors_by_class"] = dict(self.post_errors_by_class)
+        # Copies: the figures leave while the counts go on.
+        figures = {name: dict(v) if isinstance(v, dict) else v for name, v in vars(self).items()}
         figures["mean_batch_size"] = self.requests / self.batches if self.batches else 0.0
         return figures
 
@@ -85,6 +101,26 @@ def commit_cost(average: float, started: float, ended: float) -> float:
     if not average:
         return sample  # the first commit
     return average + (min(sample, 2 * average) - average) * 0.25
+
+
+def stop_time(work: Work, started: float, execution_limit: float | None) -> tuple[float, bool]:
+    """When ``work``, starting at ``started``, must stop; and whether its
+    execution limit (True) or its deadline (False) decided it.
+
+    The deadline's stop time comes `STOP_MARGIN` before it (see there).
+    """
+    margin = min(STOP_MARGIN, (work.deadline - work.sent_at) * STOP_MARGIN_SHARE)
+    stop_at = work.deadline - max(0.0, margin)
+    if execution_limit is not None and started + execution_limit < stop_at:
+        return started + execution_limit, True
+    return stop_at, False
+
+
+def interrupted(ran: float, by_execution_limit: bool) -> Interrupted:
+    """The error of a request stopped at its stop time (`stop_time`), worded
+    by what stopped it."""
+    what = "the writer's execution_limit" if by_execution_limit else "its deadline (its timeout)"
+    return Interrupted(f"interrupted after {ran:.3f} s at {what}; rolled back, not applied")
 
 
 def error_reply(request_id: int, exc: BaseException) -> bytes:
@@ -109,6 +145,23 @@ def error_reply(request_id: int, exc: BaseException) -> bytes:
             f" {type(failure).__qualname__}: {failure})"
         )
         return encode_reply(request_id, Status.ERROR, (substitute, tb))
+
+
+def count_failure(counters: Counters, work: Work, exc: BaseException) -> None:
+    """Count the error ``work`` is answered with, once its outcome stands.
+
+    A failed post is also logged: nobody waits for its reply, so the log and
+    the counts are all there is.
+    """
+    counters.count_error(exc)
+    if isinstance(exc, StatementRefused):
+        counters.refused += 1
+    if work.request.kind == Kind.POST:
+        name = type(exc).__qualname__
+        counters.post_errors_by_class[name] = counters.post_errors_by_class.get(name, 0) + 1
+        log.warning(
+            "mpwriter: fire-and-forget write failed: %s: %s [%s]", name, exc, describe(work)
+        )
 
 
 def describe(work: Work) -> str:

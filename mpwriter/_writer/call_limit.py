@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable
 from typing import TypeVar
 
 from .._errors import RemoteError
+from .forks import leave_if_forked
 
 T = TypeVar("T")
 
@@ -161,7 +162,12 @@ class CallLimiter:
         try:
             try:
                 self.arm(stop_at)
-                value = call()
+                try:
+                    value = call()
+                finally:
+                    # Before `disarm`: in a child the function forked, this
+                    # thread is alone and the watch's lock may be held forever.
+                    leave_if_forked()
             finally:
                 fired = self.disarm()
         except BaseException as exc:

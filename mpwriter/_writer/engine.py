@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from .. import testing
+from .._errors import MissingDependency, carry_cause
+from .._wire.address import is_server_url
 from .._wire.frames import Request
 from .batch import Counters, Work
 from .sqlite import open_sqlite_engine
@@ -42,7 +44,9 @@ class Engine(Protocol):
         batch and calls `abandon_transaction`.
 
         A request that cannot run inside a transaction (SQLite's VACUUM) may
-        be left out of the replies: it is deferred to `run_alone`.
+        be left out of the replies: it is deferred to `run_alone`. A request
+        that neither this nor `run_alone` answers (PostgreSQL: one that waits
+        on a lock held outside the writer) is served again in a later batch.
         """
         ...
 
@@ -92,6 +96,8 @@ class WriterConfig:
     # made by the owner and known to its callers; 0 is the unkeyed stream.
     frame_key: int = 0
     isolation: str = "read committed"  # PostgreSQL only
+    # Applied once each, in order, after init (`migrations.py`).
+    migrations: tuple[str | Callable[[Any], object], ...] = ()
 
 
 def open_engine(config: WriterConfig, counters: Counters, state: Any) -> Engine:
@@ -103,12 +109,25 @@ def open_engine(config: WriterConfig, counters: Counters, state: Any) -> Engine:
     if testing.faults.engine is not None:
         engine: Engine = testing.faults.engine(counters)
         return engine
-    if config.path.startswith(("postgresql://", "postgres://")):
+    if is_server_url(config.path):
         # Imported here: psycopg is an optional dependency (mpwriter[postgres]).
-        from .postgres import open_postgres_engine
+        try:
+            from .postgres import open_postgres_engine
+        except ImportError as exc:
+            missing = MissingDependency(
+                f"a PostgreSQL URL needs psycopg, which could not be imported ({exc}):"
+                " pip install 'mpwriter[postgres]'"
+            )
+            raise carry_cause(missing, exc) from exc
 
         return open_postgres_engine(
-            config.path, config.init, counters, state, config.isolation, config.execution_limit
+            config.path,
+            config.init,
+            counters,
+            state,
+            config.isolation,
+            config.execution_limit,
+            config.migrations,
         )
     return open_sqlite_engine(
         config.path,
@@ -117,4 +136,5 @@ def open_engine(config: WriterConfig, counters: Counters, state: Any) -> Engine:
         counters,
         state,
         config.execution_limit,
+        config.migrations,
     )

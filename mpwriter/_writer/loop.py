@@ -36,8 +36,8 @@ meeting the request, the dead writer had taken it: the caller is told the
 outcome is unknown. The loop tells `ReplyPipes` how far it has read the
 request pipe and which slots it holds (`RequestStream`).
 
-The loop stops gracefully on a CLOSE request, on SIGTERM, or when its owner
-process is gone (the lifeline pipe reads EOF): it marks itself closed so that
+The loop stops gracefully on a CLOSE request, on SIGTERM, or when its
+supervisor closes the lifeline pipe or dies (the pipe reads EOF): it marks itself closed so that
 callers fail fast, serves what is already queued, writes out every reply it
 owes (however large; a reader that takes nothing for 5 s is given up),
 checkpoints and exits.
@@ -49,6 +49,7 @@ import contextlib
 import fcntl
 import itertools
 import logging
+import multiprocessing
 import os
 import pickle
 import select
@@ -62,6 +63,7 @@ from collections import deque
 from multiprocessing.connection import Connection
 from typing import Any
 
+from .. import testing
 from .._wire.frames import (
     HANDED_OVER,
     STREAMED,
@@ -76,6 +78,7 @@ from .._wire.frames import (
 )
 from .._wire.state import CLOSED
 from .._wire.stats import Stats
+from . import forks
 from .batch import (
     Counters,
     Work,
@@ -84,7 +87,7 @@ from .batch import (
     expired_reply,
 )
 from .engine import Engine, WriterConfig, open_engine
-from .metrics import Latencies, SlowLog
+from .metrics import Latencies, Load, SlowLog
 from .published import Publisher
 from .reply_pipes import Key, ReplyPipes, StreamedRows, pid_alive
 from .session import Sessions
@@ -137,12 +140,28 @@ def serve(
 ) -> None:
     """Entry point of the writer process (a `multiprocessing.Process` target)."""
     reset_signals()
+    forks.become_writer()
+    # Started as a daemonic process (ended with its supervisor), which
+    # multiprocessing forbids to have children; a call() function may start
+    # one for its own use (`forks` makes the child harmless to the writer).
+    multiprocessing.current_process().daemon = False
+    sentinel = forks.own_sentinel()
+    forks.in_forked_child(
+        lambda: forks.blank(
+            [
+                *_live_fds(requests, registrations, lifeline, ready),
+                *([] if sentinel is None else [sentinel]),
+            ]
+        )
+    )
     counters = Counters()
     try:
         engine = open_engine(config, counters, state)
     except BaseException as exc:
+        forks.leave_if_forked()  # ``init`` may fork
         ready.send(("error", exc))
         return
+    forks.leave_if_forked()
     loop = WriterLoop(engine, counters, config, requests, registrations, lifeline, state)
     state.writer_pid = os.getpid()
     ready.send(("ready", os.getpid()))
@@ -151,6 +170,17 @@ def serve(
         loop.run()
     finally:
         loop.shut_down()
+
+
+def _live_fds(*ends: Connection | socket.socket) -> list[int]:
+    """The descriptors of those of ``ends`` still open."""
+    fds = []
+    for end in ends:
+        if isinstance(end, socket.socket):
+            fds.append(end.fileno())  # -1 once closed
+        elif not end.closed:
+            fds.append(end.fileno())
+    return fds
 
 
 def reset_signals() -> None:
@@ -217,6 +247,7 @@ class WriterLoop:
         self._answered: set[Key] = set()
         self.counters = counters
         self._latencies = Latencies()
+        self._load = Load()
         self._slow = SlowLog(config.slow_request)
         self._started = time.monotonic()
         self._stopping = False
@@ -227,12 +258,14 @@ class WriterLoop:
         # per wait, on the path every batch takes.
         self._poller = select.poll()
         self._roles: dict[int, str] = {}
+        bound = testing.faults.handed_over_bytes_max
         self._replies = ReplyPipes(
             registrations,
             self.counters,
             self,
             lambda fd: self._watch(fd, "reply", select.POLLOUT),
             self._unwatch,
+            **({} if bound is None else {"handed_over_bytes_max": bound}),
         )
         self._sessions = Sessions(engine, counters, self, self._backlog)
         self._watch(self._request_fd, "requests")
@@ -244,9 +277,26 @@ class WriterLoop:
         os.set_blocking(wake_r, False)
         os.set_blocking(wake_w, False)
         self._wake_r = wake_r
+        self._wake_w = wake_w
         signal.set_wakeup_fd(wake_w)
         signal.signal(signal.SIGTERM, self._on_sigterm)
         self._watch(wake_r, "signal")
+        forks.in_forked_child(self._leave_nothing_to_a_child)
+
+    def _leave_nothing_to_a_child(self) -> None:
+        """In a child forked by a call() function: hold nothing of the writer's
+        (`forks`), and let SIGTERM end the child, as it would any process."""
+        forks.blank(
+            [
+                self._request_fd,
+                self._wake_r,
+                self._wake_w,
+                *_live_fds(self._lifeline),
+                *self._replies.descriptors(),
+            ]
+        )
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
     def _watch(self, fd: int, role: str, events: int = select.POLLIN) -> None:
         self._poller.register(fd, events)
@@ -311,12 +361,14 @@ class WriterLoop:
             elif not self._backlog:
                 self._wait()
             if self._backlog:
+                began, requests = time.monotonic(), self.counters.requests
                 self._gather()
                 self._serve_batch()
                 # Once per batch, after its replies were sent. The last batch
                 # before a quiet spell always finds the queue empty, so an idle
                 # writer has had its idle tidy before it waits.
                 self._engine.tidy(idle=not self._backlog and not self.queued_bytes())
+                self._load.served(began, self.counters.requests - requests)
             if time.monotonic() >= self._next_housekeeping:
                 self._housekeeping()
 
@@ -333,9 +385,15 @@ class WriterLoop:
                     self._replies.report_lost()
             elif role == "lifeline":
                 self._unwatch(fd)
-                if not self._stopping:
-                    log.warning("mpwriter: the owner process is gone; closing")
-                    self._stopping = True
+                # The supervisor closes the lifeline when close() found the
+                # queue full (the status says CLOSED: nothing to warn about)
+                # or when the owner is gone (it logs that itself); or it died.
+                if not self._stopping and self._state.status != CLOSED:
+                    log.warning(
+                        "mpwriter: the writer's supervisor is gone (or stops it because"
+                        " its owner is gone); closing"
+                    )
+                self._stopping = True
             elif role == "signal":
                 with contextlib.suppress(BlockingIOError):
                     os.read(self._wake_r, 512)
@@ -478,6 +536,7 @@ class WriterLoop:
             try:
                 replies = self._engine.run(batch)
             except Exception as exc:
+                forks.leave_if_forked()
                 # Only the writer's own statements can fail here (a ROLLBACK TO
                 # on a broken disk): fail this batch, keep serving.
                 log.exception("mpwriter: batch failed")
@@ -486,6 +545,9 @@ class WriterLoop:
                 except Exception:
                     log.exception("mpwriter: rolling back the failed batch failed too")
                 replies = [(w.request, error_reply(w.request.request_id, exc)) for w in batch]
+            # A child forked while the batch ran (by a function it ran: a SQL
+            # function a call() registered, say) must not answer it.
+            forks.leave_if_forked()
         if self._sessions.carried:
             # A session committed into this batch's transaction: answered only now.
             replies += self._sessions.settle(ran=bool(batch))
@@ -506,6 +568,8 @@ class WriterLoop:
                 for work in batch:
                     if id(work.request) not in answered:
                         send(work.request, error_reply(work.request.request_id, exc))
+            else:
+                self._serve_again([w.request for w in batch if id(w.request) not in answered])
         # The keys in hand become the ones just answered (two sets, swapped:
         # no set is built per batch).
         self._answered, self._in_hand = in_hand, self._answered
@@ -517,6 +581,18 @@ class WriterLoop:
             self._record_timings(batch, taken, committed)
         if self._backlog and self._backlog[0].kind == _SESSION:
             self._sessions.serve(self._backlog.popleft())
+
+    def _serve_again(self, requests: list[Request]) -> None:
+        """Put requests the engine left unanswered back at the head of the backlog.
+
+        The engine held them (PostgreSQL: a request waiting on a lock held
+        outside the writer) so as not to hold the others: they run again in
+        the next batch, with what arrived meanwhile, until answered or expired.
+        """
+        if not requests:
+            return
+        self._backlog.extendleft(reversed(requests))
+        self._read_available()
 
     def _attach_streams(
         self, batch: list[Work], extra: list[tuple[Request, bytes]]
@@ -571,6 +647,8 @@ class WriterLoop:
         figures["latency_ms"] = self._latencies.summary()
         figures["latency_count"] = self._latencies.count
         figures["latency_sum_seconds"] = self._latencies.sums_seconds()
+        figures["busy_seconds"] = self._load.seconds
+        figures["busy_share"], figures["requests_per_second"] = self._load.recent()
         figures["dropped_partial_requests"] = (
             self._assembler.dropped + self._replies.dropped_handovers
         )

@@ -1,4 +1,4 @@
-"""Figures for watching a writer: latency percentiles, slow-request log, Prometheus text.
+"""Figures for watching a writer: latency percentiles and the slow-request log.
 
 The writer keeps the timings of its most recent requests (a bounded window,
 so memory stays flat) split into queue wait (sent by the caller -> taken by
@@ -10,11 +10,8 @@ system-wide clock, so the difference is meaningful across processes.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections import deque
-from collections.abc import Mapping
-from typing import Any
 
 from .._wire.stats import LatencyFigures, LatencySeries, LatencySums
 
@@ -105,101 +102,53 @@ class SlowLog:
         log.warning("mpwriter: slow request, %.3f s: %s%s", seconds, description, more)
 
 
-# The counters of `Stats`, each exposed as <prefix>_<name>_total.
-_COUNTERS = (
-    ("requests", "Requests served in batches."),
-    ("batches", "Group commits attempted."),
-    ("commits", "Group commits that succeeded."),
-    ("errors", "Requests answered with an error."),
-    ("retries", "Waits for a database lock held outside mpwriter."),
-    ("refused", "Statements refused (transaction control, ATTACH)."),
-    ("expired", "Requests dropped unapplied because their caller had given up."),
-    ("replayed_batches", "Batches replayed without a request that spoiled the transaction."),
-    ("lost_requests", "Requests taken by a writer process that died (outcome unknown)."),
-    ("gather_waits", "Batches that waited for callers just answered, to share a costly commit."),
-    ("gathered", "Requests that came during those waits and shared the commit."),
-    ("posts_dropped", "Fire-and-forget writes dropped by callers (queue full)."),
-    ("sessions", "Interactive sessions (transactions) opened."),
-    ("sessions_expired", "Interactive sessions rolled back by the writer (limit, caller gone)."),
-    ("session_waits", "Requests held while an interactive session was open."),
-    ("session_wait_seconds", "Seconds requests spent held behind interactive sessions."),
-    ("dropped_partial_requests", "Requests dropped half-received (their sender died)."),
-    ("resync_skipped_bytes", "Request-pipe bytes skipped to find the next whole frame."),
-    ("restarts", "Writer processes restarted after dying."),
-)
-_GAUGES = (
-    ("queue_depth", "queue_depth", "Requests waiting (estimated from the queued bytes)."),
-    ("queued_bytes", "queued_bytes", "Bytes waiting in the request pipe."),
-    ("reply_pipes", "reply_pipes", "Callers' reply pipes the writer holds."),
-    ("mean_batch_size", "mean_batch_size", "Mean requests per group commit since the start."),
-    ("uptime", "uptime_seconds", "Seconds since this writer process started."),
-)
-_BY_CLASS = (
-    ("errors_by_class", "Requests answered with an error, by exception class."),
-    ("post_errors_by_class", "Fire-and-forget writes that failed, by exception class."),
-)
-_SERIES = (
-    ("queue_wait", "Time from a caller sending a request to the writer taking it"),
-    ("execution", "Time from the writer taking a request's batch to its commit"),
-    ("total", "Time from a caller sending a request to its reply being written"),
-)
-_QUANTILES = (("0.5", "p50"), ("0.9", "p90"), ("0.99", "p99"), ("1", "max"))
+class Load:
+    """How much of the wall time the writer spends serving batches, and at what rate.
 
-
-def prometheus_text(stats: Mapping[str, Any], prefix: str = "mpwriter") -> str:
-    """Render `Writer.stats()` in Prometheus' text exposition format (version 0.0.4).
-
-    Names follow Prometheus' conventions: counters end in ``_total``, times
-    are in seconds, latencies are summaries whose ``quantile`` labels are
-    numbers (``0.5``, ``0.9``, ``0.99``, and ``1`` for the maximum) over the
-    last 10,000 requests, with ``_sum`` and ``_count`` since the writer
-    started. Counts restart from zero with each writer process, as a
-    restarted exporter's would. Serve it from your own metrics endpoint;
-    mpwriter opens no socket.
+    A batch is served from the moment the loop turns to it (gathering late
+    callers, running, committing, sending the replies, tidying) until it
+    turns back to waiting: the writer can do nothing else then, so a share
+    of the wall time near 1 means callers are queueing for the one writer.
+    Recent figures cover the last `WINDOW` seconds (fewer after a start),
+    in one-second buckets, so a reading follows a change within seconds.
     """
-    lines: list[str] = []
 
-    def family(name: str, kind: str, help_text: str) -> str:
-        full = f"{prefix}_{name}"
-        lines.append(f"# HELP {full} {help_text}")
-        lines.append(f"# TYPE {full} {kind}")
-        return full
+    WINDOW = 10
 
-    for key, help_text in _COUNTERS:
-        full = family(f"{key}_total", "counter", help_text)
-        lines.append(f"{full} {_number(stats[key])}")
-    for key, help_text in _BY_CLASS:
-        full = family(f"{key}_total", "counter", help_text)
-        for name, count in sorted(stats[key].items()):
-            lines.append(f'{full}{{class="{_label_value(name)}"}} {_number(count)}')
-    for key, name, help_text in _GAUGES:
-        full = family(name, "gauge", help_text)
-        lines.append(f"{full} {_number(stats[key])}")
-    for series, help_text in _SERIES:
-        full = family(
-            f"latency_{series}_seconds",
-            "summary",
-            f"{help_text}, in seconds; quantiles over the last 10,000 requests.",
-        )
-        figures = stats["latency_ms"][series]
-        for quantile, key in _QUANTILES:
-            lines.append(f'{full}{{quantile="{quantile}"}} {_number(figures[key] / 1000)}')
-        lines.append(f"{full}_sum {_number(stats['latency_sum_seconds'][series])}")
-        lines.append(f"{full}_count {_number(stats['latency_count'])}")
-    return "\n".join(lines) + "\n"
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+        self.seconds = 0.0  # busy since the start
+        # [whole second, busy seconds, requests] per second served in, oldest first
+        self._buckets: deque[list[float]] = deque()
 
+    def served(self, began: float, requests: int) -> None:
+        """Count one batch: it began at ``began`` and served ``requests`` requests."""
+        now = time.monotonic()
+        busy = now - began
+        self.seconds += busy
+        second = float(int(now))
+        buckets = self._buckets
+        if buckets and buckets[-1][0] == second:
+            bucket = buckets[-1]
+            bucket[1] += busy
+            bucket[2] += requests
+        else:
+            buckets.append([second, busy, requests])
+            while buckets[0][0] < second - self.WINDOW:
+                buckets.popleft()
 
-def _number(value: float) -> str:
-    # repr keeps every digit of a float; "g" formatting would print a counter
-    # past a million as 1.23457e+06 and lose its last digits.
-    if isinstance(value, int):
-        return str(value)
-    if math.isnan(value):
-        return "NaN"
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    return repr(float(value))
-
-
-def _label_value(text: str) -> str:
-    return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    def recent(self) -> tuple[float, float]:
+        """The busy share (0 to 1) and the requests per second of the recent window."""
+        now = time.monotonic()
+        since = int(now) - self.WINDOW
+        span = now - max(self.started, since)
+        busy = requests = 0.0
+        for second, seconds, count in self._buckets:
+            if second >= since:
+                busy += seconds
+                requests += count
+        if span <= 0:
+            return 0.0, 0.0
+        # A batch is counted in the second it ended: one that began before
+        # the window could make the share pass 1.
+        return min(1.0, busy / span), requests / span

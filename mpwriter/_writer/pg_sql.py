@@ -22,7 +22,7 @@ What is not a placeholder, and is copied as is (except for ``%``):
 PostgreSQL's jsonb operators ``?``, ``?|`` and ``?&`` would read as
 placeholders, and so would an array slice's bound written ``a[1:n]`` (write
 ``a[1 : n]``, or the bound as a number). Native SQL skips the lexer: wrap the
-text in `native` (exported as ``mpwriter.native``), and it reaches psycopg
+text in `native` (``mpwriter.native``, from `mpwriter.sql`), and it reaches psycopg
 untouched, with psycopg's own ``%s`` / ``%(name)s`` placeholders. This module
 imports nothing from psycopg.
 """
@@ -30,28 +30,16 @@ imports nothing from psycopg.
 from __future__ import annotations
 
 import functools
+import re
 from typing import Literal
+
+from ..sql import native
 
 Style = Literal["none", "qmark", "named", "native"]
 
 _IDENT_START = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ_")
 _IDENT_CHARS = _IDENT_START | frozenset("0123456789$")
 _NAME_CHARS = _IDENT_START | frozenset("0123456789")
-
-
-class native(str):
-    """SQL for psycopg as written: no placeholder translation on PostgreSQL.
-
-    ``writer.execute(mpwriter.native("SELECT %s::jsonb ? 'k'"), (doc,))`` sends
-    the text to psycopg unchanged, so it uses psycopg's ``%s`` / ``%(name)s``
-    placeholders and ``%%`` for a literal percent sign when it has parameters.
-    On SQLite the text runs as it is (the marker is a plain `str` subclass).
-    """
-
-    __slots__ = ()
-
-    def __reduce__(self) -> tuple[type[native], tuple[str]]:
-        return (native, (str(self),))
 
 
 class PlaceholderError(ValueError):
@@ -276,3 +264,96 @@ def controls_transaction(sql: str) -> bool:
     if words[0] in _TRANSACTION_CONTROL:
         return True
     return words == ["PREPARE", "TRANSACTION"]
+
+
+# Statements whose effect outlives the transaction: they would change the
+# writer's session for every later request (of any caller).
+_SESSION_STATEMENTS = {
+    "RESET": "RESET sets a session value",
+    "DISCARD": "DISCARD drops the session's state",
+    "LISTEN": "LISTEN subscribes the writer's session, which never reads notifications",
+    "UNLISTEN": "UNLISTEN changes the writer's session",
+    "LOAD": "LOAD loads a library into the writer's session",
+    "PREPARE": "a prepared statement outlives the transaction",
+    "DEALLOCATE": "DEALLOCATE drops the session's prepared statements",
+}
+# SET forms that last only until the end of the transaction.
+_SET_IN_TRANSACTION = frozenset({"LOCAL", "CONSTRAINTS", "TRANSACTION"})
+# SET LOCAL <name>, the name plain (dotted for a custom setting), then = or TO.
+_SET_LOCAL = re.compile(
+    r"\s*SET\s+LOCAL\s+([A-Za-z_][A-Za-z0-9_$]*(?:\.[A-Za-z_][A-Za-z0-9_$]*)*)(?=\s|=|$)",
+    re.IGNORECASE,
+)
+# SET LOCAL forms whose words are not the setting's name.
+_SET_LOCAL_FORMS = {
+    "time": "timezone",  # TIME ZONE
+    "role": "role",
+    "session": "session_authorization",  # SESSION AUTHORIZATION
+    "schema": "search_path",
+    "names": "client_encoding",
+    "xml": "xmloption",  # XML OPTION
+}
+
+
+@functools.lru_cache(maxsize=1024)
+def session_change(sql: str) -> str | None:
+    """Why ``sql`` would change the writer's session beyond its transaction, or None.
+
+    Checks each statement of ``sql`` by its first words: SET without LOCAL
+    (SET SESSION, SET ROLE, SET SESSION AUTHORIZATION...), RESET, DISCARD,
+    LISTEN, UNLISTEN, LOAD, PREPARE, DEALLOCATE. ``SET LOCAL``, ``SET
+    CONSTRAINTS`` and ``SET TRANSACTION`` end with the transaction and pass.
+    What the words cannot show (``set_config(..., false)``, a function that
+    sets a value) is undone by the engine instead, before the next transaction.
+    """
+    for statement in split_statements(sql):
+        words = leading_words(statement)
+        if not words:
+            continue
+        if words[0] == "SET":
+            if words[1:2] == ["LOCAL"] and _set_local_name(statement) is None:
+                return "the writer could not read this SET LOCAL's setting name"
+            if len(words) > 1 and words[1] in _SET_IN_TRANSACTION:
+                continue
+            return "SET without LOCAL sets a session value"
+        if words == ["PREPARE", "TRANSACTION"]:
+            continue  # transaction control: `controls_transaction` refuses it
+        reason = _SESSION_STATEMENTS.get(words[0])
+        if reason is not None:
+            return reason
+    return None
+
+
+@functools.lru_cache(maxsize=1024)
+def local_settings(sql: str) -> tuple[str, ...]:
+    """The settings that the statements of ``sql`` change with SET LOCAL, by name.
+
+    The engine puts them back when the request ends: SET LOCAL lasts until
+    the end of the transaction, which the batch's requests share. A SET
+    LOCAL whose name cannot be read (written with a comment or quotes inside)
+    is refused by `session_change`.
+    """
+    names: list[str] = []
+    for statement in split_statements(sql):
+        if leading_words(statement)[:2] == ["SET", "LOCAL"]:
+            name = _set_local_name(statement)
+            if name is not None and name not in names:
+                names.append(name)
+    return tuple(names)
+
+
+def _set_local_name(statement: str) -> str | None:
+    start = 0  # past leading blanks and comments
+    while start < len(statement):
+        if statement[start].isspace():
+            start += 1
+            continue
+        after = _skip_opaque(statement, start)
+        if after == start or statement[start] in "'\"$":
+            break
+        start = after
+    match = _SET_LOCAL.match(statement, start)
+    if match is None:
+        return None
+    word = match.group(1).lower()
+    return _SET_LOCAL_FORMS.get(word, word)

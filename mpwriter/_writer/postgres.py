@@ -11,8 +11,9 @@ savepoints than that slow the whole server and its replicas.
 
 The error-free case (fast path), one chunk::
 
-    pipeline: BEGIN; every request's statements    -> one round trip
-    results read and encoded; COMMIT                -> one round trip
+    pipeline: BEGIN; time limits; every request's statements   -> one round trip
+    results read and encoded;
+    pipeline: SET LOCAL synchronous_commit; COMMIT; RESETs     -> one round trip
 
 No savepoints: they would double the statements (measured in issue 11:
 16,325 rows/s without, 8,206 with, batches of 16). When a statement fails,
@@ -34,6 +35,16 @@ is lost after, the outcome is unknown (`OutcomeUnknown`).
 Callers' transaction control (BEGIN, COMMIT, ROLLBACK, SAVEPOINT, RELEASE,
 ...) is refused before it is sent (`StatementRefused`); the SQL text is
 vetted by `pg_sql.controls_transaction`, since PostgreSQL would just run it.
+
+The session is every caller's: statements that change it beyond the
+transaction (SET without LOCAL, RESET, DISCARD...) are refused the same way
+(`pg_sql.session_change`), and what the text cannot show is undone by the
+RESETs sent with every COMMIT (`_commit`).
+
+A statement waits on a lock at most `LOCK_SLICE` (lock_timeout): a request
+that waits longer on a lock held outside the writer is rolled back to its
+savepoint and held, unanswered, while the others commit; the loop serves it
+again with the next batch, until it gets the lock or its deadline.
 """
 
 from __future__ import annotations
@@ -43,7 +54,7 @@ import logging
 import pickle
 import random
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import psycopg
@@ -57,11 +68,20 @@ from .._errors import (
     ServerUnavailable,
     StatementRefused,
     Timeout,
+    carry_cause,
 )
 from .._wire.frames import Kind, Request, Status, encode_reply, encode_wrote
 from .batch import Counters, Work, commit_cost, describe, error_reply
 from .call_limit import CallLimiter, CallOverrun, own_signals, restore_signals
-from .pg_sql import PlaceholderError, controls_transaction, split_statements, translate
+from .migrations import apply_postgres as apply_migrations
+from .pg_sql import (
+    PlaceholderError,
+    controls_transaction,
+    local_settings,
+    session_change,
+    split_statements,
+    translate,
+)
 
 log = logging.getLogger("mpwriter")
 
@@ -74,6 +94,16 @@ MAX_CHUNK = 64
 _WRITE_RESULTS = frozenset({Kind.EXECUTE, Kind.EXECUTEMANY, Kind.POST})
 _RETRYABLE = frozenset({"40001", "40P01"})  # serialization failure, deadlock detected
 _QUERY_CANCELED = "57014"  # statement_timeout
+_LOCK_NOT_AVAILABLE = "55P03"  # lock_timeout (and NOWAIT)
+# The longest a statement of a shared transaction waits on a lock held outside
+# the writer before its request is set aside and tried again in a later batch:
+# while it waits, the writer's one connection serves nobody else. It is also
+# what all the lock waits of one isolated pass may take together, so that a
+# table lock held outside costs a batch LOCK_SLICE, not LOCK_SLICE a request.
+LOCK_SLICE = 0.1
+# A statement's lock wait once that budget is spent: time enough for a lock
+# that another writer's COMMIT is about to release.
+_LOCK_WAIT_MIN = 0.005
 # "cannot run inside a transaction block" (VACUUM, CREATE INDEX CONCURRENTLY...):
 # a single statement so refused runs alone after the batch (`run_alone`).
 _NOT_IN_TRANSACTION = "25001"
@@ -172,6 +202,51 @@ class Cursor:
         return iter(self._cursor)
 
 
+class LocalSettings:
+    """What one request changes with SET LOCAL, put back when the request ends.
+
+    SET LOCAL lasts until the end of the transaction, which the requests of
+    a batch share: the requests after it would run with its values. Before
+    the request's first SET LOCAL of a setting, the setting's value is saved
+    in a placeholder setting of the server (``mpwriter.savedN``), so that
+    the pipelined statements need no result; `restore` sets it back from
+    there. Only SET LOCAL the lexer reads (`pg_sql.local_settings`) is put
+    back: not ``set_config(..., true)``, nor what ``conn.native`` runs.
+    """
+
+    __slots__ = ("_conn", "_saved")
+
+    def __init__(self, conn: psycopg.Connection[Any]) -> None:
+        self._conn = conn
+        self._saved: dict[str, str] = {}
+
+    def before(self, sql: str) -> None:
+        """Save what ``sql`` is about to change with SET LOCAL, if not saved yet."""
+        if not isinstance(sql, str):
+            return  # refused by `_prepare`
+        for name in local_settings(sql):
+            if name not in self._saved:
+                slot = f"mpwriter.saved{len(self._saved)}"
+                self._saved[name] = slot
+                self._conn.execute(
+                    psql.SQL("SELECT set_config({}, current_setting({}, true), true)").format(
+                        psql.Literal(slot), psql.Literal(name)
+                    )
+                )
+
+    def restore(self) -> None:
+        """Set every saved setting back (still within the request's savepoint)."""
+        if not self._saved:
+            return
+        calls = [
+            psql.SQL("set_config({}, current_setting({}), true)").format(
+                psql.Literal(name), psql.Literal(slot)
+            )
+            for name, slot in self._saved.items()
+        ]
+        self._conn.execute(psql.SQL("SELECT {}").format(psql.SQL(", ").join(calls)))
+
+
 class Connection:
     """The connection a `call()` function receives on PostgreSQL.
 
@@ -182,16 +257,19 @@ class Connection:
     what this wrapper lacks; do not commit, roll back or close it.
     """
 
-    def __init__(self, conn: psycopg.Connection[Any]) -> None:
+    def __init__(self, conn: psycopg.Connection[Any], settings: LocalSettings) -> None:
         self.native = conn
+        self._settings = settings
 
     def execute(self, sql: str, params: Any = ()) -> Cursor:
         cursor = self.native.cursor()
+        self._settings.before(sql)
         _execute(cursor, sql, params)
         return Cursor(cursor)
 
     def executemany(self, sql: str, seq_of_params: Iterable[Any]) -> Cursor:
         cursor = self.native.cursor()
+        self._settings.before(sql)
         _executemany(cursor, sql, seq_of_params)
         return Cursor(cursor)
 
@@ -210,8 +288,7 @@ def _prepare(sql: str, params: Any) -> tuple[str, Any]:
     if not isinstance(sql, str):
         # sqlite3 says as much; the lexer would fail somewhere inside instead.
         raise TypeError(f"the SQL must be a str, not {type(sql).__name__}")
-    if controls_transaction(sql):
-        raise StatementRefused(_REFUSED)
+    _refuse_control(sql)
     try:
         text, style = translate(sql)
     except PlaceholderError as exc:
@@ -221,6 +298,21 @@ def _prepare(sql: str, params: Any) -> tuple[str, Any]:
         return text, params if params else None
     # With parameters (even none), psycopg turns the doubled %% back into %.
     return text, () if params is None else params
+
+
+def _refuse_control(sql: str) -> None:
+    """Raise `StatementRefused` for SQL that would end the transaction or change the session."""
+    if controls_transaction(sql):
+        raise StatementRefused(_REFUSED)
+    reason = session_change(sql)
+    if reason is not None:
+        raise StatementRefused(
+            f"refused: {reason}, which would change the writer's one connection for every"
+            " later request of every caller; use SET LOCAL (it ends with the transaction)"
+            " in the transaction() or call() that needs it, or set it for the writer's"
+            " session in start(init=...);"
+            " not applied"
+        )
 
 
 def _execute(cursor: psycopg.Cursor[Any], sql: str, params: Any) -> None:
@@ -268,6 +360,13 @@ class PostgresEngine:
         self.commit_seconds = 0.0
         self._begin = f"BEGIN ISOLATION LEVEL {ISOLATION_LEVELS[isolation]}"
         self._conn: psycopg.Connection[Any] | None = None
+        # Sent with every COMMIT (see `_connect`): the session's durability
+        # for the COMMIT, and what puts the session back as `init` left it.
+        self._durable: psql.Composed = psql.Composed([])
+        self._reset: list[psql.SQL | psql.Composed] = []
+        # Requests set aside after waiting LOCK_SLICE on a lock; tried again
+        # in a later batch (the loop serves again what `run` left unanswered).
+        self._held: set[tuple[int, int]] = set()
         # Requests the last `run` deferred: they cannot run in a transaction.
         self._deferred: list[Work] = []
         # call() functions run under a `CallLimiter`, started at the first.
@@ -278,12 +377,24 @@ class PostgresEngine:
     # -- the connection -----------------------------------------------------------
 
     def _connect(self, connect_timeout: int) -> None:
-        conn = psycopg.connect(
-            self._dsn,
-            autocommit=True,  # the engine sends BEGIN and COMMIT itself
-            connect_timeout=max(2, connect_timeout),
-            application_name="mpwriter",
-        )
+        """Open the connection and run ``init``.
+
+        Raises `ServerUnavailable` (its cause psycopg's error) if the server
+        cannot be reached or refuses the connection (down, full, no such
+        role...), and ``init``'s own error if that fails.
+        """
+        try:
+            conn = psycopg.connect(
+                self._dsn,
+                autocommit=True,  # the engine sends BEGIN and COMMIT itself
+                connect_timeout=max(2, connect_timeout),
+                application_name="mpwriter",
+            )
+        except psycopg.Error as exc:
+            failure = ServerUnavailable(
+                f"the PostgreSQL server could not be reached or refused the connection: {exc}"
+            )
+            raise carry_cause(failure, sendable(exc)) from exc
         try:
             if self._init is not None:
                 with conn.transaction():
@@ -292,6 +403,7 @@ class PostgresEngine:
                             conn.execute(statement)
                     else:
                         self._init(conn)
+            self._durable, self._reset = _session_baseline(conn)
         except BaseException:
             conn.close()
             raise
@@ -313,12 +425,12 @@ class PostgresEngine:
                 self._connect(connect_timeout=int(max(1.0, remaining)))
                 log.warning("mpwriter: connected to PostgreSQL again")
                 return chunk
+            except ServerUnavailable as exc:
+                reason = str(exc)
             except psycopg.Error as exc:
-                error = exc
+                reason = f"init failed on the new connection: {exc}"
             now = time.monotonic()
-            failure = ServerUnavailable(
-                f"the PostgreSQL server could not be reached: {error}; not applied"
-            )
+            failure = ServerUnavailable(f"{reason}; not applied")
             still = []
             for work in chunk:
                 if work.deadline - _DEADLINE_MARGIN <= now:
@@ -338,8 +450,14 @@ class PostgresEngine:
     def run(self, batch: list[Work]) -> list[tuple[Request, bytes]]:
         counters = self._counters
         counters.batches += 1
-        counters.requests += len(batch)
+        held = self._held
+        if held:
+            # A held request comes back at the head of the next batch, or expired.
+            held.intersection_update(_key(work) for work in batch)
         for work in batch:
+            if held and _key(work) in held:
+                continue  # counted when it first came
+            counters.requests += 1
             if work.request.kind == Kind.POST:
                 # Counted here, once: a replayed batch queues its posts again.
                 counters.posts_dropped += work.body[2]
@@ -347,7 +465,7 @@ class PostgresEngine:
         for start in range(0, len(batch), MAX_CHUNK):
             self._run_chunk(batch[start : start + MAX_CHUNK], replies)
         self._state.busy_until = 0.0
-        # A request deferred to `run_alone` has no reply yet.
+        # A request deferred to `run_alone`, or held, has no reply yet.
         return [(work.request, replies[id(work)]) for work in batch if id(work) in replies]
 
     def run_alone(self) -> Iterator[tuple[Request, bytes]]:
@@ -370,7 +488,8 @@ class PostgresEngine:
         assert conn is not None
         self._state.busy_until = work.deadline
         try:
-            conn.execute(self._time_limit(work.deadline, local=False))
+            timeout = psql.Literal(self._millis(work.deadline))
+            conn.execute(psql.SQL("SET statement_timeout = {}").format(timeout))
             try:
                 cursor = conn.cursor()
                 _execute(cursor, work.body[0], work.body[1])
@@ -402,7 +521,10 @@ class PostgresEngine:
     # -- one chunk ------------------------------------------------------------------
 
     def _run_chunk(self, chunk: list[Work], replies: dict[int, bytes]) -> None:
-        pipelined = not any(work.request.kind == Kind.CALL for work in chunk)
+        held = self._held
+        pipelined = not any(
+            work.request.kind == Kind.CALL or (held and _key(work) in held) for work in chunk
+        )
         attempts = 0
         while True:
             chunk = self._ensure_connected(self._drop_expired(chunk, replies), replies)
@@ -518,11 +640,29 @@ class PostgresEngine:
         return _StatementFailed() if replayable and not commit_sent else _CommitFailed(exc)
 
     def _commit(self, conn: psycopg.Connection[Any]) -> None:
+        """COMMIT, durably, and put the session back as `init` left it; one round trip.
+
+        A request may have changed the session in ways the lexer cannot see
+        (``set_config(..., false)``, a function, ``conn.native`` in a call()).
+        ``SET LOCAL synchronous_commit`` first makes this COMMIT as durable as
+        the session's own setting, whatever the batch set; the RESETs after it
+        undo every session value, so that no later batch inherits one. A
+        session SET in a transaction that rolls back is undone by the server.
+        """
         started = time.monotonic()
+        commit: psycopg.Cursor[Any] | None = None
         try:
-            conn.execute("COMMIT")
+            with conn.pipeline():
+                conn.execute(self._durable)
+                commit = conn.execute("COMMIT")
+                for statement in self._reset:
+                    conn.execute(statement)
         except psycopg.Error as exc:
-            raise self._classify(exc, commit_sent=True) from exc
+            if commit is None or commit.statusmessage != "COMMIT":
+                raise self._classify(exc, commit_sent=True) from exc
+            # Committed; the session could not be put back: a new one is clean.
+            log.error("mpwriter: resetting the PostgreSQL session failed; reconnecting: %s", exc)
+            self._drop_connection()
         self._counters.commits += 1
         self.commit_seconds = commit_cost(self.commit_seconds, started, time.monotonic())
 
@@ -534,7 +674,10 @@ class PostgresEngine:
         try:
             with conn.pipeline():
                 conn.execute(self._begin)
-                conn.execute(self._time_limit(max(work.deadline for work in chunk)))
+                # Each statement may run until the last caller's deadline, but
+                # waits on a lock at most until the first caller's: all wait for it.
+                earliest = min(work.deadline for work in chunk)
+                conn.execute(self._time_limits(max(work.deadline for work in chunk), earliest))
                 for work in chunk:
                     finishers.append(self._queue(conn, work))
         except psycopg.Error as exc:
@@ -556,14 +699,18 @@ class PostgresEngine:
         conn = self._conn
         assert conn is not None
         succeeded: dict[int, bytes] = {}
-        failed: dict[int, bytes] = {}
+        # Encoded (and counted, logged) only once committed: a replay redoes them.
+        failed: list[tuple[Work, BaseException]] = []
         alone: list[Work] = []
+        held: list[Work] = []
+        locks_until = time.monotonic() + LOCK_SLICE  # the pass's lock-wait budget
         try:
             conn.execute(self._begin)
             for work in chunk:
                 _check_transaction_open(conn)
                 self._state.busy_until = work.deadline
-                conn.execute(self._time_limit(work.deadline))
+                lock_until = max(locks_until, time.monotonic() + _LOCK_WAIT_MIN)
+                conn.execute(self._time_limits(work.deadline, min(work.deadline, lock_until)))
                 try:
                     with conn.transaction(savepoint_name="mpwriter_request"):
                         succeeded[id(work)] = self._ok(work, self._queue(conn, work)())
@@ -574,26 +721,69 @@ class PostgresEngine:
                         alone.append(work)  # VACUUM and the like: after the batch
                         continue
                     error: BaseException = exc
-                    if exc.sqlstate == _QUERY_CANCELED:
+                    if _lock_timed_out(exc):
+                        if self._may_hold(work):
+                            held.append(work)
+                            continue
+                        error = Interrupted(
+                            f"waited on a lock held by another transaction until its deadline"
+                            f" ({exc}); rolled back, not applied"
+                        )
+                    elif exc.sqlstate == _QUERY_CANCELED:
                         error = Interrupted(
                             f"interrupted at its deadline or execution limit ({exc});"
                             " rolled back, not applied"
                         )
-                    failed[id(work)] = self._fail(work, error)
+                    failed.append((work, error))
                 except Exception as exc:  # refused, unpicklable result, the function's own
-                    failed[id(work)] = self._fail(work, exc)
+                    failed.append((work, exc))
         except psycopg.Error as exc:
             # Nothing of this attempt was committed: the replay (or the
             # "not applied" answer) replaces every reply computed here.
             raise self._classify(exc, commit_sent=False, replayable=False) from exc
         _check_transaction_open(conn)
         self._commit(conn)
-        replies.update(failed)
+        for work, error in failed:
+            replies[id(work)] = self._fail(work, error)
         replies.update(succeeded)
         self._deferred.extend(alone)
+        for work in held:
+            # No reply: the loop serves it again in a later batch, where it
+            # runs on the isolated path at once.
+            self._held.add(_key(work))
+        for work in chunk:
+            if id(work) in replies:
+                self._held.discard(_key(work))
 
-    def _time_limit(self, deadline: float, *, local: bool = True) -> psql.Composed:
-        """SET LOCAL statement_timeout: the server stops SQL that outlives its caller.
+    def _time_limits(self, deadline: float, lock_deadline: float) -> psql.Composed:
+        """SET LOCAL statement_timeout and lock_timeout, in one statement.
+
+        statement_timeout: the server stops SQL that outlives ``deadline``
+        (or the execution limit). lock_timeout: a statement's wait on a lock
+        ends at ``lock_deadline`` or after `LOCK_SLICE`, whichever comes
+        first: a request that waits longer on a lock held outside the writer
+        is set aside (`_may_hold`) and tried again after the others' replies,
+        rather than holding them.
+        """
+        now = time.monotonic()
+        lock_end = min(lock_deadline - _DEADLINE_MARGIN, now + LOCK_SLICE)
+        lock_millis = max(1, int((lock_end - now) * 1000))
+        return psql.SQL(
+            "SELECT set_config('statement_timeout', {}, true), set_config('lock_timeout', {}, true)"
+        ).format(psql.Literal(str(self._millis(deadline))), psql.Literal(str(lock_millis)))
+
+    def _may_hold(self, work: Work) -> bool:
+        """Whether ``work``, stopped by its lock_timeout, may be tried again in a later batch.
+
+        Not past its deadline; and not a streamed executemany, whose rows the
+        loop releases once the batch is answered.
+        """
+        if work.deadline - _DEADLINE_MARGIN <= time.monotonic():
+            return False
+        return work.request.kind != Kind.EXECUTEMANY or isinstance(work.body[1], list | tuple)
+
+    def _millis(self, deadline: float) -> int:
+        """The statement_timeout for ``deadline``: the server stops SQL that outlives its caller.
 
         The owner's watchdog would otherwise kill the writer stuck past the
         deadline; the limit is the execution limit when that comes first.
@@ -602,34 +792,46 @@ class PostgresEngine:
         stop_at = deadline
         if self._execution_limit is not None:
             stop_at = min(stop_at, now + self._execution_limit)
-        millis = max(1, int((stop_at - now) * 1000))
-        scope = psql.SQL("SET LOCAL" if local else "SET")
-        return psql.SQL("{} statement_timeout = {}").format(scope, psql.Literal(millis))
+        return max(1, int((stop_at - now) * 1000))
 
     # -- one request ------------------------------------------------------------------
 
     def _queue(self, conn: psycopg.Connection[Any], work: Work) -> Finish:
-        """Send ``work``'s statements; return what computes its value once results are in."""
+        """Send ``work``'s statements; return what computes its value once results are in.
+
+        What the request changed with SET LOCAL is put back after its last
+        statement (`LocalSettings`); if it fails, its savepoint's rollback
+        (or the chunk's) undoes it.
+        """
+        settings = LocalSettings(conn)
+        finish = self._send(conn, work, settings)
+        settings.restore()
+        return finish
+
+    def _send(self, conn: psycopg.Connection[Any], work: Work, settings: LocalSettings) -> Finish:
         kind = work.request.kind
         body = work.body
         if kind == Kind.EXECUTE or kind == Kind.POST:
             cursor = conn.cursor()
+            settings.before(body[0])
             _execute(cursor, body[0], body[1])
             return lambda: _written(cursor)
         if kind == Kind.EXECUTEMANY:
             cursor = conn.cursor()
+            settings.before(body[0])
             _executemany(cursor, body[0], body[1])
             return lambda: (cursor.rowcount, None, [])
         if kind == Kind.SCRIPT:
             for statement in split_statements(body[0]):
-                if controls_transaction(statement):
-                    raise StatementRefused(_REFUSED)
+                _refuse_control(statement)
+                settings.before(statement)
                 conn.cursor().execute(statement)
             return lambda: None
         if kind == Kind.TRANSACTION:
             parts: list[Finish] = []
             for many, sql, params in body[0]:
                 cursor = conn.cursor()
+                settings.before(sql)
                 if many:
                     _executemany(cursor, sql, params)
                     parts.append(functools.partial(_rowcount, cursor))
@@ -638,11 +840,11 @@ class PostgresEngine:
                     parts.append(functools.partial(_written, cursor))
             return lambda: [part() for part in parts]
         if kind == Kind.CALL:
-            value = self._run_call(conn, work)
+            value = self._run_call(conn, work, settings)
             return lambda: value
         raise ValueError(f"unknown request kind {kind}")
 
-    def _run_call(self, conn: psycopg.Connection[Any], work: Work) -> Any:
+    def _run_call(self, conn: psycopg.Connection[Any], work: Work, settings: LocalSettings) -> Any:
         """Run a call() function, stopped if it overruns; return its value.
 
         Its SQL is stopped by the server (``statement_timeout``, set at the
@@ -670,7 +872,7 @@ class PostgresEngine:
         try:
             return limiter.run(
                 stop_at + _PYTHON_GRACE,
-                lambda: function(Connection(conn), *work.body[1], **work.body[2]),
+                lambda: function(Connection(conn, settings), *work.body[1], **work.body[2]),
                 lambda: restore_signals(self._signal_mask),
             )
         except CallOverrun as overrun:
@@ -703,6 +905,49 @@ class PostgresEngine:
         return error_reply(work.request.request_id, sendable(exc))
 
 
+def _lock_timed_out(exc: psycopg.Error) -> bool:
+    """Whether ``exc`` is a lock wait stopped by lock_timeout, not a NOWAIT that failed.
+
+    Both are SQLSTATE 55P03; the server raises the timeout from its interrupt
+    handler, and reports that function's name, which no locale translates.
+    """
+    return exc.sqlstate == _LOCK_NOT_AVAILABLE and exc.diag.source_function == "ProcessInterrupts"
+
+
+def _key(work: Work) -> tuple[int, int]:
+    return (work.request.sender, work.request.request_id)
+
+
+def _session_baseline(
+    conn: psycopg.Connection[Any],
+) -> tuple[psql.Composed, list[psql.SQL | psql.Composed]]:
+    """What `PostgresEngine._commit` sends around COMMIT, read once ``init`` has run.
+
+    The SET LOCAL that gives every COMMIT the session's synchronous_commit,
+    and the statements that put every session value back as the connection
+    and ``init`` left it: RESET SESSION AUTHORIZATION (which resets the role
+    too; RESET ALL leaves both), RESET ALL, then ``init``'s own session values.
+    """
+    row = conn.execute("SHOW synchronous_commit").fetchone()
+    assert row is not None
+    durable = psql.SQL("SET LOCAL synchronous_commit = {}").format(psql.Literal(row[0]))
+    reset: list[psql.SQL | psql.Composed] = [
+        psql.SQL("RESET SESSION AUTHORIZATION"),
+        psql.SQL("RESET ALL"),
+    ]
+    kept = conn.execute(
+        "SELECT name, current_setting(name) FROM pg_settings WHERE source = 'session'"
+        " ORDER BY name = 'session_authorization' DESC, name = 'role' DESC, name"
+    ).fetchall()
+    if kept:
+        calls = [
+            psql.SQL("set_config({}, {}, false)").format(psql.Literal(name), psql.Literal(value))
+            for name, value in kept
+        ]
+        reset.append(psql.SQL("SELECT {}").format(psql.SQL(", ").join(calls)))
+    return durable, reset
+
+
 def _check_transaction_open(conn: psycopg.Connection[Any]) -> None:
     """Raise `_Lost` if a `call()` function ended the writer's transaction.
 
@@ -730,6 +975,19 @@ def open_postgres_engine(
     state: Any,
     isolation: str = "read committed",
     execution_limit: float | None = None,
+    migrations: Sequence[str | Callable[[Any], object]] = (),
 ) -> PostgresEngine:
-    """Connect (in the writer process) and run ``init``; raises psycopg's error if it fails."""
-    return PostgresEngine(dsn, init, counters, state, isolation, execution_limit)
+    """Connect (in the writer process), run ``init`` and apply ``migrations``.
+
+    Raises `ServerUnavailable` if the server cannot be reached or refuses the
+    connection, psycopg's error if ``init`` fails, `MigrationFailed` if a
+    migration does.
+    """
+    engine = PostgresEngine(dsn, init, counters, state, isolation, execution_limit)
+    try:
+        assert engine._conn is not None  # connected by __init__, or it raised
+        apply_migrations(engine._conn, migrations, split_statements)
+    except BaseException:
+        engine.close()
+        raise
+    return engine

@@ -42,31 +42,28 @@ unknown.
 from __future__ import annotations
 
 import errno
-import itertools
 import logging
-import marshal
 import os
-import pickle
 import select
 import socket
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterator
-from typing import Any, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
-from .._errors import WriterCrashed
+from .._errors import QueueFull, WriterCrashed
 from .._wire.frames import (
     NO_REPLY,
     PAYLOAD_HANDOVER,
     PAYLOAD_TAG,
-    PICKLED,
     PIPE_REGISTRATION,
     PIPE_TAG,
     SIDE_MESSAGE_MAX,
-    STREAM_RECORD,
     Request,
     sender_pid,
 )
+from .._wire.streamed import StreamedRows as StreamedRows  # the loop's import
+from .._wire.streamed import read_whole
 from .batch import Counters, error_reply
 
 log = logging.getLogger("mpwriter")
@@ -77,12 +74,17 @@ log = logging.getLogger("mpwriter")
 _ORPHAN_REPLIES_MAX = 4096
 _ORPHAN_BYTES_MAX = 64 << 20
 # Handed-over payloads waiting for their frame, in bytes (memfd pages): past
-# this, the oldest are dropped (their requests answered "not applied") --
+# this, the oldest are dropped (their requests answered `QueueFull`, "not
+# applied") --
 # but never the newest, so that one bulk request of any size still passes.
 # Streamed files taken and not yet answered count too (they cannot be
 # dropped: their requests are queued), so what is held in files stays
 # bounded by this, plus the newest file and those queued here.
 _HANDED_OVER_BYTES_MAX = 256 << 20
+# The requests whose payload that bound dropped, remembered until their frame
+# comes so that they are answered for what happened to them; the oldest are
+# forgotten past this many (their sender may be gone).
+_SHED_REMEMBERED_MAX = 4096
 
 Key = tuple[int, int]  # (sender token, slot)
 
@@ -145,6 +147,8 @@ class ReplyPipes:
         self._handed_over_bytes_max = handed_over_bytes_max
         self.dropped_handovers = 0
         self.dropped_handover_bytes = 0
+        # (sender, request id) of payloads the bound dropped: `answer_lost`
+        self._shed: OrderedDict[tuple[int, int], None] = OrderedDict()
         # descriptor -> length of the streamed files taken and not yet
         # released: still counted in `_handed_over_bytes`
         self._streamed: dict[int, int] = {}
@@ -159,6 +163,15 @@ class ReplyPipes:
     def pipe_of(self, key: Key) -> int | None:
         """The write end of this slot's pipe, if held (an interactive session watches it)."""
         return self._slots.get(key)
+
+    def descriptors(self) -> list[int]:
+        """Every descriptor held here: the side socket, reply pipes, payload files."""
+        return [
+            self._side.fileno(),
+            *self._slots.values(),
+            *(fd for fd, _, _ in self._handed_over.values()),
+            *self._streamed,
+        ]
 
     # -- the side socket --------------------------------------------------------
 
@@ -189,6 +202,9 @@ class ReplyPipes:
         while self._handed_over_bytes > self._handed_over_bytes_max and len(self._handed_over) > 1:
             oldest = next(iter(self._handed_over))
             self._forget_payload(self._handed_over.pop(oldest), dropped=True)
+            self._shed[oldest] = None
+            if len(self._shed) > _SHED_REMEMBERED_MAX:
+                self._shed.popitem(last=False)
 
     def _forget_payload(self, entry: tuple[int, int, float], *, dropped: bool) -> None:
         fd, length, _ = entry
@@ -217,7 +233,7 @@ class ReplyPipes:
             return None
         fd, length, _ = entry
         try:
-            payload = _read_whole(fd, length)
+            payload = read_whole(fd, length)
         finally:
             self._forget_payload(entry, dropped=False)
         return payload if len(payload) == length else None
@@ -321,14 +337,27 @@ class ReplyPipes:
     def answer_lost(self, request: Request) -> None:
         """Answer a request whose handed-over payload is gone: it never ran.
 
-        Answered here, so nothing else may answer it: it is no longer awaited.
+        Its payload was dropped by the bound on what is held (`QueueFull`),
+        or a writer that died had taken it (`WriterCrashed`). Answered here,
+        so nothing else may answer it: it is no longer awaited.
         """
-        self._counters.lost_requests += 1
         self.awaited.pop((request.sender, request.slot), None)
-        lost = WriterCrashed(
-            "the writer process died while receiving this request; it was not applied"
-        )
-        self.send(request, error_reply(request.request_id, lost))
+        error: BaseException
+        shed = (request.sender, request.request_id)
+        if shed in self._shed:
+            del self._shed[shed]
+            error = QueueFull(
+                "the writer held more bulk payloads waiting to be served than its bound"
+                f" ({self._handed_over_bytes_max >> 20} MiB) and dropped this one, the"
+                " oldest; not applied"
+            )
+            self._counters.count_error(error)
+        else:
+            self._counters.lost_requests += 1
+            error = WriterCrashed(
+                "the writer process died while receiving this request; it was not applied"
+            )
+        self.send(request, error_reply(request.request_id, error))
 
     # -- writing replies --------------------------------------------------------
 
@@ -463,81 +492,6 @@ class ReplyPipes:
         for fd in self._streamed:
             os.close(fd)
         self._streamed.clear()
-
-
-def _read_whole(fd: int, length: int, start: int = 0) -> bytes:
-    # pread: the sender's writes moved the file offset, which the two
-    # descriptors share.
-    chunks = []
-    done = 0
-    while done < length:
-        chunk = os.pread(fd, length - done, start + done)
-        if not chunk:
-            break  # cut short: the caller sees the length does not match
-        chunks.append(chunk)
-        done += len(chunk)
-    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-
-
-class StreamedRows:
-    """The rows of a streamed executemany, read from its file one chunk at a time.
-
-    The file's layout is described in `_wire.frames` (`STREAMED`): chunk
-    records, then the request's own payload (`head`), then that payload's
-    length. Iterating yields the parameter tuples, decoding one chunk at a
-    time (marshal, or pickle where the record starts with pickle's PROTO
-    opcode, which no marshalled list does), so only that chunk is held.
-    Each ``iter()`` starts again from the first row (the file is read with
-    ``pread``, never consumed): an engine that replays a batch runs all the
-    rows again. A record that is cut short or does not decode raises
-    `ValueError` from the iteration, which fails the request: its savepoint
-    rolls back every row.
-    """
-
-    __slots__ = ("_rows_end", "fd", "head")
-
-    def __init__(self, fd: int, length: int) -> None:
-        """Read the head; raises `ValueError` if the file does not hold that layout."""
-        self.fd = fd
-        size = STREAM_RECORD.size
-        if length < 2 * size or os.fstat(fd).st_size < length:
-            raise ValueError("a streamed file cut short")
-        (head_length,) = STREAM_RECORD.unpack(_read_exactly(fd, size, length - size))
-        head_start = length - size - head_length
-        if head_start < size:
-            raise ValueError("a streamed file whose last record overruns it")
-        self.head = _read_exactly(fd, head_length, head_start)
-        self._rows_end = head_start - size
-
-    def __iter__(self) -> Iterator[Any]:
-        return itertools.chain.from_iterable(self._chunks())
-
-    def _chunks(self) -> Iterator[list[Any]]:
-        fd, size, end = self.fd, STREAM_RECORD.size, self._rows_end
-        offset = 0
-        while offset < end:
-            (length,) = STREAM_RECORD.unpack(_read_exactly(fd, size, offset))
-            offset += size
-            if offset + length > end:
-                raise ValueError("a streamed executemany's rows overrun their file")
-            data = _read_exactly(fd, length, offset)
-            try:
-                chunk = pickle.loads(data) if data[0] == PICKLED else marshal.loads(data)
-            except Exception as exc:
-                raise ValueError(
-                    f"a chunk of a streamed executemany could not be decoded: {exc!r}"
-                ) from exc
-            del data
-            offset += length
-            yield chunk
-            del chunk  # held by the chain meanwhile: let it go before the next read
-
-
-def _read_exactly(fd: int, length: int, offset: int) -> bytes:
-    data = _read_whole(fd, length, offset)
-    if len(data) != length:
-        raise ValueError("a streamed executemany's file was cut short")
-    return data
 
 
 def pid_alive(pid: int) -> bool:

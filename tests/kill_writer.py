@@ -1,6 +1,6 @@
 """SIGKILLs of the writer under load: no acknowledged write may be lost.
 
-Two faults, one bookkeeping, in tools/_faults.py. Clients are forked
+Two faults, one bookkeeping, in tests/_faults.py. Clients are forked
 processes sharing one `mpwriter.Writer`; each inserts ``(client, seq)`` for
 seq = 0, 1, 2... one call at a time and reports every call on a pipe of its
 own. A call that returned is an *acknowledgement*. Afterwards the database
@@ -19,7 +19,7 @@ in flight.
   request was sent: a kill may cost a call its answer, never its bounded wait.
   A `WriterCrashed` that no writer kill overlapped is counted apart: it blames
   a death that did not happen.
-- `kill_tree.run_tree` (tree kills, in tools/kill_tree.py, on the same
+- `kill_tree.run_tree` (tree kills, in tests/kill_tree.py, on the same
   bookkeeping): a child process owns the writer and its clients, in
   a process group of their own; the clients report straight to this process.
   After a random number of acknowledgements the whole group -- owner, writer,
@@ -35,9 +35,9 @@ tested here), not a power loss (that needs FULL, and cannot be tested here).
 tests/test_durability.py runs both with small figures; this script runs more
 and prints them (a stress tool: it never gates the build):
 
-  PYTHONPATH=. python3 tools/kill_writer.py                    # 25 writer kills
-  PYTHONPATH=. python3 tools/kill_writer.py --kills 20 --client-kills 200
-  PYTHONPATH=. python3 tools/kill_writer.py --kills 100 --clients 8
+  PYTHONPATH=. python3 tests/kill_writer.py                    # 25 writer kills
+  PYTHONPATH=. python3 tests/kill_writer.py --kills 20 --client-kills 200
+  PYTHONPATH=. python3 tests/kill_writer.py --kills 100 --clients 8
 
 A writer that had served is replaced at once (mpwriter's restart policy), so
 with default settings each kill should be followed by a fresh acknowledgement

@@ -1,6 +1,6 @@
 """What the fault tools and the test suite share: the table, the clients, the audit.
 
-The clients of tools/kill_writer.py and tools/kill_tree.py are forked processes
+The clients of tests/kill_writer.py and tests/kill_tree.py are forked processes
 sharing one `mpwriter.Writer`; each inserts ``(client, seq)`` for seq = 0, 1,
 2... one call at a time (`client_loop`) and reports every call on a pipe of its
 own as an `Outcome`: the seq, how long the call took, and the error it raised

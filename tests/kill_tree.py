@@ -6,10 +6,10 @@ acknowledgements the whole group is SIGKILLed, and the database is opened with
 plain sqlite3, as an application restarted after a crash would. The next
 round starts a new tree on the same file, so rows acknowledged in every
 earlier round are checked again. The clients and the audit are those of
-tools/kill_writer.py, in tools/_faults.py.
+tests/kill_writer.py, in tests/_faults.py.
 
-  PYTHONPATH=. python3 tools/kill_tree.py                 # 5 tree kills
-  PYTHONPATH=. python3 tools/kill_tree.py --rounds 20 --synchronous FULL
+  PYTHONPATH=. python3 tests/kill_tree.py                 # 5 tree kills
+  PYTHONPATH=. python3 tests/kill_tree.py --rounds 20 --synchronous FULL
 """
 
 from __future__ import annotations

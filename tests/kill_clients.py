@@ -16,8 +16,8 @@ reply, or sending its acknowledgement.
 tests/test_faults.py runs `run_client_kills` with 100 kills; this script runs
 more and prints the figures (a stress tool: it never gates the build):
 
-  PYTHONPATH=. python3 tools/kill_clients.py                  # 200 kills
-  PYTHONPATH=. python3 tools/kill_clients.py --kills 1000 --clients 8 --seed 7
+  PYTHONPATH=. python3 tests/kill_clients.py                  # 200 kills
+  PYTHONPATH=. python3 tests/kill_clients.py --kills 1000 --clients 8 --seed 7
 """
 
 from __future__ import annotations
