@@ -29,7 +29,7 @@ import mpwriter
 pytest.importorskip("django")
 
 import mpwriter.django
-from _django_project import (  # tools/, on sys.path through conftest
+from _django_project import (
     FORK,
     answer,
     gunicorn,
@@ -227,22 +227,21 @@ def test_a_process_killed_inside_atomic_is_rolled_back_alone(
     assert handle.stats()["sessions_expired"] >= 1
 
 
-def _without_the_handle() -> object:
-    from django.core.exceptions import ImproperlyConfigured
+def _connected() -> object:
+    migrate()
     from django.db import connection
+    from shop.models import Customer
 
-    try:
-        connection.ensure_connection()
-    except ImproperlyConfigured as exc:
-        return str(exc)
-    return "connected"
+    Customer.objects.create(name="connected")
+    writer = mpwriter.django.writer_for(connection.settings_dict["NAME"])
+    return writer.stats()["pid"]
 
 
-def test_a_process_without_the_handle_is_told_another_process_runs_the_writer(
+def test_a_process_without_the_handle_connects_to_the_writer_another_process_runs(
     project: Path, handle: mpwriter.Writer
 ) -> None:
-    message = in_child(project, None, _without_the_handle)
-    assert "another process runs the writer" in message
+    assert in_child(project, None, _connected) == handle.stats()["pid"]
+    assert committed(project, "SELECT name FROM shop_customer") == [("connected",)]
 
 
 # -- gunicorn beside a manage.py loop ------------------------------------------------
@@ -393,6 +392,9 @@ def test_migrate_on_deploy_then_gunicorn_with_the_documented_hooks(tmp_path: Pat
         assert select.select([ready], [], [], 50.0)[0], "gunicorn did not become ready"
         assert [post(port, "/transfer") for _ in range(10)] == [200] * 10
         assert [post(port, "/increment") for _ in range(5)] == [200] * 5
+        # A command in another process tree (cron, a task worker) connects to
+        # the writer the gunicorn master owns.
+        django_admin(project, "shell", "-c", "from shop import bank; bank.increment()")
     finally:
         os.close(ready)
         master.terminate()
@@ -402,7 +404,7 @@ def test_migrate_on_deploy_then_gunicorn_with_the_documented_hooks(tmp_path: Pat
             master.kill()
             _, errors = master.communicate(timeout=10.0)
     assert master.returncode == 0, errors.decode()
-    bank_is_consistent(project, 5)
+    bank_is_consistent(project, 6)
     assert committed(project, "SELECT count(*) FROM shop_ledger") == [(20,)]
     # on_exit closed the writer: the file is free for the next deploy's migrate.
     django_admin(project, "migrate", "--verbosity=0")
@@ -422,7 +424,7 @@ def _own_writer() -> object:
     connection.close()
     # A multiprocessing child runs no atexit hooks (a main process does):
     # close the writer it owns explicitly.
-    mpwriter.django.close_started(name)
+    mpwriter.django.close_writer(name)
     return synchronous
 
 

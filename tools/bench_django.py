@@ -28,7 +28,10 @@ from pathlib import Path
 import mpwriter
 import mpwriter.django
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# The project and its workload are the tests' (tests/_django_project.py).
+sys.path.insert(
+    0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests")
+)
 from _django_project import gunicorn, in_child, prepare_bank, workload, write_project
 
 BACKENDS = {

@@ -8,6 +8,6 @@ outside a transaction run on a local read-only connection, and
 (`mpwriter.Session`). See docs/django.md.
 """
 
-from .writers import close_started, writer_for, writer_init
+from .writers import close_writer, writer_for, writer_init
 
-__all__ = ["close_started", "writer_for", "writer_init"]
+__all__ = ["close_writer", "writer_for", "writer_init"]

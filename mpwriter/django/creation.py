@@ -8,7 +8,7 @@ from typing import Any
 
 from django.db.backends.sqlite3 import creation  # type: ignore[import-untyped]
 
-from .writers import close_started
+from .writers import close_writer
 
 
 class DatabaseCreation(creation.DatabaseCreation):  # type: ignore[misc]
@@ -40,7 +40,7 @@ class DatabaseCreation(creation.DatabaseCreation):  # type: ignore[misc]
 
 def _remove(path: str) -> None:
     """Close this process's writer of ``path``, then delete the file and its WAL."""
-    close_started(path)
+    close_writer(path)
     for suffix in ("", "-wal", "-shm"):
         with contextlib.suppress(FileNotFoundError):
             os.remove(path + suffix)

@@ -5,13 +5,13 @@ The one place that decides: `writer_for`. The order is
 1. the handle attached to this process (`mpwriter.attach`, inherited by
    gunicorn's workers from the master's ``on_starting`` hook), if it serves
    the file;
-2. a writer this process started earlier for the file;
-3. ``mpwriter.connect(path)`` (a handle on a writer another process tree
-   started), where this version of mpwriter has it;
-4. otherwise this process starts one (`mpwriter.start`) with `writer_init`,
-   owns it, and closes it at exit. A second process that finds the file's
-   writer lock taken, with no way to connect to it, gets
-   `ImproperlyConfigured` saying so.
+2. the handle this process got earlier for the file (a process keeps one per
+   file, shared by its threads' connections);
+3. `mpwriter.start_or_connect`: a handle on the writer another process
+   serves the file with (a gunicorn master, ``python -m mpwriter serve``,
+   another ``manage.py`` command), connected through its endpoint; or, if
+   none serves it, a writer this process starts with `writer_init`, owns,
+   and closes when it exits.
 """
 
 from __future__ import annotations
@@ -23,13 +23,13 @@ from typing import Any
 
 from .._caller.attached import get_writer
 from .._caller.handle import Writer
-from .._errors import Error, WriterAlreadyRunning
-from .._owner.owner import start
+from .._errors import Error
+from .._owner.either import start_or_connect
 from ..dbapi import _same_database
 
 _lock = threading.Lock()
-# Writers this process started, by absolute path: it owns them.
-_started: dict[str, Writer] = {}
+# The handles this process got (started or connected), by absolute path.
+_handles: dict[str, Writer] = {}
 
 
 def writer_init(conn: sqlite3.Connection) -> None:
@@ -49,10 +49,11 @@ def writer_init(conn: sqlite3.Connection) -> None:
 
 
 def writer_for(path: str, **start_options: Any) -> Writer:
-    """The writer this process uses for the database file ``path`` (see the module).
+    """The writer handle this process uses for the database file ``path`` (see the module).
 
     ``start_options`` go to `mpwriter.start` if this process starts the
-    writer (``init`` defaults to `writer_init`).
+    writer (``init`` defaults to `writer_init`). Raises what
+    `mpwriter.start_or_connect` raises (`WriterUnavailable`, `AccessDenied`).
     """
     key = os.path.abspath(path)
     try:
@@ -62,37 +63,23 @@ def writer_for(path: str, **start_options: Any) -> Writer:
     if attached is not None and _same_database(attached.path, key):
         return attached
     with _lock:
-        mine = _started.get(key)
+        mine = _handles.get(key)
         if mine is not None and not mine.closed:
             return mine
-        import mpwriter
-
-        connect_to = getattr(mpwriter, "connect", None)
-        if connect_to is not None:
-            connected: Writer = connect_to(key)
-            return connected
         start_options.setdefault("init", writer_init)
-        try:
-            writer = start(key, **start_options)
-        except WriterAlreadyRunning as exc:
-            from django.core.exceptions import ImproperlyConfigured  # type: ignore[import-untyped]
-
-            raise ImproperlyConfigured(
-                f"another process runs the writer of {key!r} and this process has no handle"
-                " on it: run this command in that process tree (attach its handle with"
-                " mpwriter.attach), or stop it first (see docs/django.md)"
-            ) from exc
-        _started[key] = writer
+        writer = start_or_connect(key, **start_options)
+        _handles[key] = writer
         return writer
 
 
-def close_started(path: str) -> None:
-    """Close the writer this process started for ``path``, if it started one.
+def close_writer(path: str) -> None:
+    """Close the handle this process got for ``path`` through `writer_for`, if any.
 
-    Waits until it has committed what it was sent and released the file
-    (Django's test runner calls it before deleting a test database).
+    A writer this process started is stopped: it commits what it was sent,
+    then releases the file (Django's test runner calls this before deleting
+    a test database); a connected handle is only released.
     """
     with _lock:
-        writer = _started.pop(os.path.abspath(path), None)
+        writer = _handles.pop(os.path.abspath(path), None)
     if writer is not None:
         writer.close()

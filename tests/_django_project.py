@@ -1,4 +1,4 @@
-"""A small Django project (a bank) for tests/test_django.py and tools/bench_django.py.
+"""A small Django project (a bank) for tests/test_django.py (and tools/bench_django.py).
 
 `write_project` writes it into a directory: a settings module
 (``dj_settings``), the app ``shop`` (customers, accounts, a ledger, a
