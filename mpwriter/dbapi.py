@@ -180,6 +180,10 @@ ROWID = _TypeObject("ROWID", "INTEGER")
 class _Session(Protocol):
     """What the connection uses of `mpwriter.Session`."""
 
+    foreign_keys: bool
+
+    @property
+    def in_transaction(self) -> bool: ...
     def execute(self, sql: str, params: Any = ()) -> Result: ...
     def executemany(self, sql: str, seq_of_params: Iterable[Any]) -> Result: ...
     def executescript(self, script: str) -> None: ...
@@ -329,6 +333,10 @@ class Connection:
         # PEP 249's model (autocommit=False): a transaction is always open.
         self._in_transaction = self._autocommit is False
         self._closed = False
+        self.foreign_keys = True
+        """False: the transactions this connection opens from now on run in the
+        writer with foreign key enforcement off (`Writer.session`), as after a
+        sqlite3 connection's ``PRAGMA foreign_keys=OFF``."""
 
     def __repr__(self) -> str:
         return f"<mpwriter.dbapi.Connection {self._writer.path!r}>"
@@ -465,6 +473,8 @@ class Connection:
     def _session_now(self) -> _Session:
         if self._session is None:
             self._session = self._writer.session(**self._session_limits)
+        if not self._session.in_transaction:
+            self._session.foreign_keys = self.foreign_keys
         return self._session
 
     def _in_open_transaction(self, call: Callable[..., R], *args: Any) -> R:

@@ -182,6 +182,7 @@ class Writer:
         timeout: float | None = None,
         idle_limit: float | None = None,
         total_limit: float | None = None,
+        foreign_keys: bool = True,
     ) -> Session:
         """An interactive transaction: statements answered one at a time, then commit.
 
@@ -192,14 +193,24 @@ class Writer:
         ``total_limit`` seconds in all (default 30): the next call raises
         `SessionExpired`. ``timeout`` is each call's (the handle's by
         default). SQLite writers only (`NotSupportedError` on PostgreSQL).
+
+        ``foreign_keys=False`` (also settable later as the session's
+        ``foreign_keys`` attribute, read as each transaction opens) runs its
+        transactions with SQLite's foreign key enforcement off, as a
+        connection's ``PRAGMA foreign_keys=OFF`` would (schema changes that
+        rebuild a table need it); only those transactions: the writer turns
+        enforcement back on before it serves any other request, and such a
+        transaction commits alone (held requests do not share its COMMIT).
         """
-        return Session(
+        session = Session(
             self._pool,
             self._request_fd,
             self.timeout if timeout is None else timeout,
             DEFAULT_IDLE_LIMIT if idle_limit is None else idle_limit,
             DEFAULT_TOTAL_LIMIT if total_limit is None else total_limit,
         )
+        session.foreign_keys = foreign_keys
+        return session
 
     def call(self, fn: Callable[Concatenate[Any, P], R], /, *args: P.args, **kwargs: P.kwargs) -> R:
         """Run ``fn(conn, *args, **kwargs)`` in the writer, atomically; return its result.

@@ -92,6 +92,9 @@ class Session:
         self.timeout = timeout
         self.idle_limit = idle_limit
         self.total_limit = total_limit
+        # Read when a transaction opens (its first statement): False runs that
+        # transaction with SQLite's foreign key enforcement off (see Writer.session).
+        self.foreign_keys = True
         self._txn: int | None = None  # the open transaction's id
         self._confirmed = False  # the writer answered one of its statements OK
         # The slot the open transaction holds (one at most), in a list that
@@ -228,7 +231,15 @@ class Session:
             self._confirmed = False
         now = time.monotonic()
         deadline = now + (self.timeout if timeout is None else timeout)
-        body = (self._txn, not self._confirmed, int(op), args, self.idle_limit, self.total_limit)
+        body = (
+            self._txn,
+            not self._confirmed,
+            int(op),
+            args,
+            self.idle_limit,
+            self.total_limit,
+            bool(self.foreign_keys),
+        )
         try:
             payload = pickle.dumps((deadline, now, body), PICKLE_PROTOCOL)
         except Exception as exc:

@@ -94,6 +94,10 @@ class _Authorizer:
         return sqlite3.SQLITE_DENY
 
 
+# Any read of the schema table brings this connection's schema up to date.
+_READ_SCHEMA = "SELECT 1 FROM sqlite_master LIMIT 0"
+
+
 class LocalStatements:
     """A read-only SQLite connection that classifies statements and runs the reads.
 
@@ -135,7 +139,17 @@ class LocalStatements:
         authorizer = self._authorizer
         authorizer.arm(run_reads)
         try:
-            cursor = self.conn.execute(sql, params)
+            try:
+                cursor = self.conn.execute(sql, params)
+            except sqlite3.Error:
+                if authorizer.kind is not None or not run_reads:
+                    raise
+                # SQLite compiles against the schema this connection last
+                # read: a table another connection dropped or renamed since
+                # fails "already exists" here. Read the schema, then try once more.
+                self.conn.execute(_READ_SCHEMA).fetchall()
+                authorizer.arm(run_reads)
+                cursor = self.conn.execute(sql, params)
         except sqlite3.Error as exc:
             kind = authorizer.kind
             if kind is None:

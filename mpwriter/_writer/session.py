@@ -69,6 +69,7 @@ from .sqlite import (
     SqliteEngine,
     _NeedsSolo,
     _Refused,
+    deferred_violation,
     split_script,
 )
 
@@ -137,10 +138,23 @@ class SessionHost(Protocol):
 class _Open:
     """The session being served."""
 
-    __slots__ = ("idle_limit", "idle_until", "pipe", "request", "total_until", "txn")
+    __slots__ = (
+        "foreign_keys",
+        "idle_limit",
+        "idle_until",
+        "pipe",
+        "request",
+        "total_until",
+        "txn",
+    )
 
-    def __init__(self, request: Request, txn: TxnKey, idle_limit: float, total: float) -> None:
+    def __init__(
+        self, request: Request, txn: TxnKey, idle_limit: float, total: float, foreign_keys: bool
+    ) -> None:
         now = time.monotonic()
+        # False: this transaction runs with foreign key enforcement off; it
+        # then commits alone and enforcement is back on before anything else.
+        self.foreign_keys = foreign_keys
         self.request = request  # its first request: names its sender and slot
         self.txn = txn
         self.idle_limit = idle_limit
@@ -186,9 +200,15 @@ class Sessions:
         if self._engine is not None:
             self._engine.carrying_session = False  # settled, whatever the batch did
         if not ran:
-            failure = self._commit_now()
-            committed = failure is None
-            why = f"its COMMIT failed ({failure})"
+            failed = self._commit_now()
+            if failed is not None:
+                # Its own COMMIT, shared with no one: its error is the
+                # session's (a deferred foreign key violation is an
+                # IntegrityError, as sqlite3's commit() raises it).
+                self._counters.sessions_expired += 1
+                return [(request, error_reply(request.request_id, _told(failed)))]
+            committed = True
+            why = ""
         else:
             # The batch that ran in the carried transaction committed it with
             # its first COMMIT, or lost it: a replay (a request spoiled the
@@ -207,8 +227,8 @@ class Sessions:
         expired = SessionExpired(f"the session's transaction was lost: {why}; not applied")
         return [(request, error_reply(request.request_id, expired))]
 
-    def _commit_now(self) -> str | None:
-        """COMMIT the carried transaction; None, or what made it fail (rolled back)."""
+    def _commit_now(self) -> sqlite3.Error | None:
+        """COMMIT the open transaction now; its error (rolled back), or None."""
         engine = self._engine
         assert engine is not None  # only a SQLite session carries work
         started = time.monotonic()
@@ -216,7 +236,7 @@ class Sessions:
             engine._conn.execute(_COMMIT)
         except sqlite3.Error as exc:
             engine.abandon_transaction()  # a refused COMMIT leaves it open
-            return f"{type(exc).__qualname__}: {exc}"
+            return exc
         self._counters.batches += 1
         self._counters.commits += 1
         engine.commit_seconds = commit_cost(engine.commit_seconds, started, time.monotonic())
@@ -277,6 +297,8 @@ class Sessions:
             counters.sessions_expired += 1
             self._end(session.txn, ending)
             log.warning("mpwriter: session rolled back after %.3f s: %s", now - started, ending)
+        if not session.foreign_keys:
+            self._foreign_keys_on()
         if self._carried is not None and not (self._backlog and self._backlog[0].kind != _SESSION):
             self._host.send(*self.settle(ran=False)[0])
 
@@ -284,7 +306,7 @@ class Sessions:
         """Open the session ``request`` starts; None if it was answered instead."""
         try:
             deadline, _, body = pickle.loads(request.payload)
-            txn_id, first, op, _, idle_limit, total_limit = body
+            txn_id, first, op, _, idle_limit, total_limit, foreign_keys = body
         except Exception as exc:
             self._counters.count_error(exc)
             self._host.send(request, error_reply(request.request_id, exc))
@@ -326,11 +348,23 @@ class Sessions:
         assert engine is not None  # answered NotSupportedError above
         replies: dict[int, bytes] = {}
         work = Work(request, deadline, 0.0, ())
+        if not foreign_keys:
+            # Outside any transaction (SQLite ignores it inside one).
+            engine._conn.execute("PRAGMA foreign_keys=OFF /* mpwriter */")
         if not engine._begin([work], replies):
             engine._settle()
+            if not foreign_keys:
+                self._foreign_keys_on()
             self._host.send(request, replies[id(work)])  # an outside lock holder stayed
             return None
-        return _Open(request, txn, idle_limit, total_limit)
+        return _Open(request, txn, idle_limit, total_limit, bool(foreign_keys))
+
+    def _foreign_keys_on(self) -> None:
+        """Enforcement back on after a session that ran without it, its transaction ended."""
+        engine = self._engine
+        assert engine is not None
+        engine.abandon_transaction()  # nothing is open here; never leave it on inside one
+        engine._conn.execute("PRAGMA foreign_keys=ON /* mpwriter */")
 
     def _take_own(self, session: _Open) -> Request | None:
         """The session's next request, taken out of the backlog if it came."""
@@ -372,7 +406,7 @@ class Sessions:
         host = self._host
         try:
             deadline, sent_at, body = pickle.loads(request.payload)
-            txn_id, _, op, args, _, _ = body
+            txn_id, _, op, args, _, _, _ = body
             if op not in _STATEMENT_KINDS and op not in (_SCRIPT, _COMMIT_OP, _ROLLBACK_OP):
                 raise ValueError(f"unknown session operation {op!r}")
             text: str = args[0] + "" if args else ""  # a str, or the request fails here
@@ -385,6 +419,16 @@ class Sessions:
             host.send(request, error_reply(request.request_id, refused))
             return None
         self._counters.requests += 1
+        if op == _COMMIT_OP and not session.foreign_keys:
+            # Committed alone, now: the requests held behind it must not run
+            # in a transaction without foreign key enforcement.
+            failed = self._commit_now()
+            if failed is None:
+                host.send(request, encode_reply(request.request_id, Status.OK, None))
+            else:
+                self._counters.sessions_expired += 1
+                host.send(request, error_reply(request.request_id, _told(failed)))
+            return ""
         if op == _COMMIT_OP:
             self._carried = request
             engine.carrying_session = True
@@ -450,3 +494,10 @@ class Sessions:
         self._ended[txn] = why
         while len(self._ended) > _ENDED_KEPT:
             self._ended.popitem(last=False)
+
+
+def _told(error: sqlite3.Error) -> sqlite3.Error:
+    """A session's own refused COMMIT, worded to say it was rolled back."""
+    if isinstance(error, sqlite3.IntegrityError):
+        return deferred_violation(error, "this session's transaction leaves it violated")
+    return error

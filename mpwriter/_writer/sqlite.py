@@ -288,15 +288,23 @@ class _CommitRefused(Exception):
 
     def culprit_error(self) -> sqlite3.IntegrityError:
         """What the culprit is answered: SQLite's error, saying what it means."""
-        error = sqlite3.IntegrityError(
-            f"{self.error} (a deferred constraint, checked at COMMIT: this request"
-            " leaves it violated); rolled back, not applied"
-        )
-        for name in ("sqlite_errorcode", "sqlite_errorname"):  # Python 3.11+
-            if hasattr(self.error, name):
-                setattr(error, name, getattr(self.error, name))
-        error.__cause__ = self.error
-        return error
+        return deferred_violation(self.error, "this request leaves it violated")
+
+
+def deferred_violation(error: sqlite3.IntegrityError, whose: str) -> sqlite3.IntegrityError:
+    """SQLite's error of a COMMIT refused by a deferred constraint, saying what it means.
+
+    ``whose`` names the culprit. The class and SQLite's error code stay, so
+    the caller gets the `IntegrityError` sqlite3's own ``commit()`` raises.
+    """
+    told = sqlite3.IntegrityError(
+        f"{error} (a deferred constraint, checked at COMMIT: {whose}); rolled back, not applied"
+    )
+    for name in ("sqlite_errorcode", "sqlite_errorname"):  # Python 3.11+
+        if hasattr(error, name):
+            setattr(told, name, getattr(error, name))
+    told.__cause__ = error
+    return told
 
 
 class SqliteEngine:
