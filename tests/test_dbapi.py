@@ -23,15 +23,20 @@ def test_description_names_returning_columns_as_sqlite3_does(writer: mpwriter.Wr
     assert result.dicts() == [{"id": result.rows[0][0], "position": 7, "payload": "x"}]
 
 
-def test_description_is_none_without_rows(writer: mpwriter.Writer) -> None:
+def test_description_is_none_only_without_a_result_set(writer: mpwriter.Writer) -> None:
     result = writer.execute("INSERT INTO items(seq) VALUES (1)")
     assert result.description is None
     assert result.columns is None
     assert result.dicts() == []
-    # A statement with a result set that produced no rows: no rows, no names.
-    empty = writer.execute("DELETE FROM items WHERE seq = 42 RETURNING id")
+    # A statement with a result set that produced no rows: no rows, but its
+    # columns named, as sqlite3's cursor.description does.
+    sql = "DELETE FROM items WHERE seq = 42 RETURNING id"
+    empty = writer.execute(sql)
     assert empty.rows == []
-    assert empty.description is None
+    with contextlib.closing(sqlite3.connect(":memory:")) as reference:
+        reference.execute("CREATE TABLE items(id INTEGER PRIMARY KEY, seq INTEGER, payload TEXT)")
+        assert empty.description == reference.execute(sql).description
+    assert empty.columns == ("id",)
     assert writer.executemany("INSERT INTO items(seq) VALUES (?)", [(2,), (3,)]).description is None
 
 

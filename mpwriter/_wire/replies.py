@@ -29,7 +29,9 @@ class Result(NamedTuple):
 
     ``rows`` holds the rows a statement produced (``RETURNING``, or a query);
     ``rowcount`` and ``lastrowid`` are those of `sqlite3.Cursor`. ``columns``
-    names the columns of ``rows``, and is None when no rows came back.
+    names the columns of a statement that has a result set (a query, a
+    ``RETURNING``), even one that produced no rows, as sqlite3 does; None
+    for a statement without one.
     """
 
     rowcount: int
@@ -41,7 +43,7 @@ class Result(NamedTuple):
     @property
     def description(self) -> tuple[tuple[str, None, None, None, None, None, None], ...] | None:
         """The columns as `sqlite3.Cursor.description` gives them: 7-tuples,
-        the name first and the rest None; None when no rows came back."""
+        the name first and the rest None; None for a statement without a result set."""
         if self.columns is None:
             return None
         return tuple((name, None, None, None, None, None, None) for name in self.columns)

@@ -330,13 +330,12 @@ def _rowcount(cursor: psycopg.Cursor[Any]) -> tuple[int, None, list[Any]]:
 
 
 def _written(cursor: psycopg.Cursor[Any]) -> tuple[Any, ...]:
-    """``Result``'s fields: (rowcount, None, rows), plus the column names with rows."""
+    """``Result``'s fields: (rowcount, None, rows), plus the column names of a
+    statement that has a result set (rows or not)."""
     description = cursor.description
     if description is None:
         return (cursor.rowcount, None, [])
     rows = cursor.fetchall()
-    if not rows:
-        return (cursor.rowcount, None, rows)
     return (cursor.rowcount, None, rows, tuple(column.name for column in description))
 
 
@@ -884,7 +883,7 @@ class PostgresEngine:
 
     def _ok(self, work: Work, value: Value) -> bytes:
         request_id = work.request.request_id
-        if work.request.kind in _WRITE_RESULTS and not value[2]:
+        if work.request.kind in _WRITE_RESULTS and len(value) == 3:  # no result set
             return encode_wrote(request_id, value[0], value[1])
         try:
             return encode_reply(request_id, Status.OK, value)

@@ -606,7 +606,7 @@ class SqliteEngine:
             raise
         finally:
             self._guarded = False
-        if kind in _WRITE_RESULTS and not value[2]:
+        if kind in _WRITE_RESULTS and len(value) == 3:  # no result set
             return encode_wrote(work.request.request_id, value[0], value[1])
         try:
             return encode_reply(work.request.request_id, _OK, value)
@@ -946,15 +946,14 @@ def _stop_now() -> int:
 
 def _execute(cursor: sqlite3.Cursor, sql: str, params: Any) -> tuple[Any, ...]:
     """``Result``'s fields: (rowcount, lastrowid, rows), and the column names
-    only with rows, so that a write's reply stays the compact 3-tuple."""
+    of a statement that has a result set (rows or not, as sqlite3's
+    ``description``); a write without one keeps the compact 3-tuple."""
     cursor.execute(sql, params)
     description = cursor.description
     if description is None:
         return (cursor.rowcount, cursor.lastrowid, [])
     # RETURNING rows must be fetched before rowcount is final.
     rows = cursor.fetchall()
-    if not rows:
-        return (cursor.rowcount, cursor.lastrowid, rows)
     return (cursor.rowcount, cursor.lastrowid, rows, tuple(column[0] for column in description))
 
 
