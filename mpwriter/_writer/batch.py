@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import logging
 import pickle
+import random
+import time
 import traceback
 from typing import Any, NamedTuple, get_origin, get_type_hints
 
@@ -31,6 +33,12 @@ log = logging.getLogger("mpwriter")
 # so that a short timeout leaves the request most of its time.
 STOP_MARGIN = 0.05
 STOP_MARGIN_SHARE = 0.1
+
+# A request stops waiting for a lock (SQLite's, held outside the writer; a
+# PostgreSQL server that is down or a row lock) this long before its deadline,
+# so that the error it is answered with reaches the caller while the caller is
+# still listening.
+DEADLINE_MARGIN = 0.02
 
 
 class Work(NamedTuple):
@@ -174,8 +182,38 @@ def describe(work: Work) -> str:
     return f"{kind} {head[:80]}{'...' if len(head) > 80 else ''}".strip()
 
 
+def count_batch(counters: Counters, batch: list[Work]) -> None:
+    """Count a batch an engine was handed, once, however often it runs.
+
+    A replayed batch runs its requests again (and a post's report of the
+    posts its caller dropped with it): counting here, before the first
+    attempt, keeps the figures right under replay.
+    """
+    counters.batches += 1
+    counters.requests += len(batch)
+    for work in batch:
+        if work.request.kind == Kind.POST:
+            counters.posts_dropped += work.body[2]
+
+
+def out_of_time(work: Work, now: float) -> bool:
+    """Whether ``work`` must stop waiting for a lock now (`DEADLINE_MARGIN`)."""
+    return work.deadline - DEADLINE_MARGIN <= now
+
+
+def back_off(pending: list[Work], delay: float, now: float) -> None:
+    """Wait before trying a lock again: ``delay``, jittered by half either way
+    so that two waiters do not retry in step, and never past the point where
+    the first of ``pending`` must stop waiting (`out_of_time`)."""
+    earliest = min(work.deadline for work in pending) - DEADLINE_MARGIN
+    time.sleep(max(0.0, min(delay * random.uniform(0.5, 1.5), earliest - now)))
+
+
+def expired() -> Timeout:
+    """The error of a request whose deadline passed before it ran (one wording
+    for every engine and the loop)."""
+    return Timeout("the deadline passed before the writer reached this request; not applied")
+
+
 def expired_reply(work: Work) -> bytes:
-    return error_reply(
-        work.request.request_id,
-        Timeout("the deadline passed before the writer reached this request; not applied"),
-    )
+    return error_reply(work.request.request_id, expired())
