@@ -401,25 +401,8 @@ class Sessions:
             host.send(request, error_reply(request.request_id, refused))
             return None
         self._counters.requests += 1
-        if op == _COMMIT_OP and not session.foreign_keys:
-            # Committed alone, now: the requests held behind it must not run
-            # in a transaction without foreign key enforcement.
-            failed = self._commit_now()
-            if failed is None:
-                host.send(request, encode_reply(request.request_id, Status.OK, None))
-            else:
-                self._counters.sessions_expired += 1
-                host.send(request, error_reply(request.request_id, _told(failed)))
-            return ""
-        if op == _COMMIT_OP:
-            self._carried = request
-            engine.carrying_session = True
-            self._commits_before = self._counters.commits
-            self._replays_before = self._counters.replayed_batches
-            return ""
-        if op == _ROLLBACK_OP:
-            engine.abandon_transaction()
-            host.send(request, encode_reply(request.request_id, Status.OK, None))
+        if op in (_COMMIT_OP, _ROLLBACK_OP):
+            self._end_as_asked(engine, session, request, op)
             return ""
         stop_at = min(deadline, session.total_until)
         if op == _SCRIPT:
@@ -443,6 +426,30 @@ class Sessions:
                 " disk or an I/O error); nothing of it was applied"
             )
         return None
+
+    def _end_as_asked(
+        self, engine: SqliteEngine, session: _Open, request: Request, op: int
+    ) -> None:
+        """End the session with its COMMIT or ROLLBACK."""
+        host = self._host
+        if op == _ROLLBACK_OP:
+            engine.abandon_transaction()
+            host.send(request, encode_reply(request.request_id, Status.OK, None))
+        elif not session.foreign_keys:
+            # Committed alone, now: the requests held behind it must not run
+            # in a transaction without foreign key enforcement.
+            failed = self._commit_now()
+            if failed is None:
+                host.send(request, encode_reply(request.request_id, Status.OK, None))
+            else:
+                self._counters.sessions_expired += 1
+                host.send(request, error_reply(request.request_id, _told(failed)))
+        else:
+            # Carried: answered once the next batch's COMMIT made it durable (`settle`).
+            self._carried = request
+            engine.carrying_session = True
+            self._commits_before = self._counters.commits
+            self._replays_before = self._counters.replayed_batches
 
     def _run(self, engine: SqliteEngine, work: Work, kind: Kind) -> tuple[bool, bytes]:
         """Run one statement, vetted, as a request of ``kind``: (succeeded, its reply)."""
