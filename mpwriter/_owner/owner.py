@@ -58,7 +58,17 @@ from .._wire.frames import NO_REPLY, Kind, encode_frames, make_sender_token, new
 from .._wire.state import BACKING_OFF, CLOSED, RUNNING, new_shared_state
 from .._writer.engine import WriterConfig
 from .endpoint import EndpointConfig, group_id
-from .supervisor import CLOSE, KILL, KILL_GRACE, STOP, EndpointOffer, RestartPolicy, supervise
+from .handover import FarEnds, start_child
+from .supervisor import (
+    CLOSE,
+    KILL,
+    KILL_GRACE,
+    STOP,
+    EndpointOffer,
+    RestartPolicy,
+    SupervisorArgs,
+    supervise,
+)
 
 log = logging.getLogger("mpwriter")
 
@@ -360,29 +370,23 @@ class _Owner:
         assert self.registration_writer is not None, "far ends already released"
         report_r, report_w = self.ctx.Pipe(duplex=False)
         self.report = report_r
-        # Duplicates: the copies handed over are closed here once the
-        # supervisor has its own, and a forked supervisor closes the owner's
-        # originals (see forget_in_child).
-        supervisor_ends = (
-            Connection(os.dup(self.request_r), writable=False),
-            self.registration_writer.dup(),
-            Connection(os.dup(self.control_r), writable=False),
-            report_w,
-        )
+        # The copies handed over are closed here once the supervisor has its
+        # own, and a forked supervisor closes the owner's originals (see
+        # forget_in_child).
+        ends = FarEnds.duplicate(self.request_r, self.registration_writer, self.control_r, report_w)
+        args = SupervisorArgs(self.config, ends, self.state, self.policy, self._offer())
         process = self.ctx.Process(
             target=supervise,
             name=f"mpwriter supervisor {os.path.basename(self.config.path)}",
-            args=(self.config, *supervisor_ends, self.state, self.policy, self._offer()),
+            args=(args,),
             # Not a daemon: multiprocessing forbids daemons to have children.
             # close() and the lifeline end it; at exit, _close_at_exit runs
             # before multiprocessing joins its children.
             daemon=False,
         )
         try:
-            process.start()
+            start_child(process, ends)
         finally:
-            for end in supervisor_ends:
-                end.close()
             self._close_offer()
         self.supervisor = process
         # The supervisor holds its own copies now; a writer death must show
