@@ -172,6 +172,43 @@ def count_failure(counters: Counters, work: Work, exc: BaseException) -> None:
         )
 
 
+class Failures:
+    """Error replies whose counting waits until their outcome stands.
+
+    A replayed batch runs a request again and may fail it again: an
+    attempt's failures are recorded (`fail`), dropped if the attempt does
+    not stand (`drop_since` a `mark`), and counted -- and a failed post
+    logged -- once they do (`settle`, by `count_failure`).
+    """
+
+    def __init__(self, counters: Counters) -> None:
+        self._counters = counters
+        self._pending: list[tuple[Work, BaseException]] = []
+
+    def fail(self, work: Work, exc: BaseException) -> bytes:
+        """``work``'s error reply; ``exc`` is counted at the next `settle`."""
+        self._pending.append((work, exc))
+        return error_reply(work.request.request_id, exc)
+
+    def mark(self) -> int:
+        """Where the failures of an attempt about to run begin (`drop_since`)."""
+        return len(self._pending)
+
+    def drop_since(self, mark: int) -> None:
+        """Forget the failures recorded since ``mark``: that attempt does not stand."""
+        del self._pending[mark:]
+
+    def clear(self) -> None:
+        """Forget every failure not settled (they belonged to a run that raised)."""
+        self._pending.clear()
+
+    def settle(self) -> None:
+        """Count (and log) the failures recorded since the last settling: they stand."""
+        pending, self._pending = self._pending, []
+        for work, exc in pending:
+            count_failure(self._counters, work, exc)
+
+
 def describe(work: Work) -> str:
     """A short description of a request for logs: its kind and the head of its SQL."""
     kind = Kind(work.request.kind).name.lower()

@@ -49,6 +49,7 @@ from .._wire.frames import Kind, Request, Status, encode_reply
 from . import forks
 from .batch import (
     Counters,
+    Failures,
     Work,
     back_off,
     commit_cost,
@@ -171,8 +172,8 @@ class SqliteEngine:
         self.carrying_session = False
         # Requests deferred by the last `run`, each to run alone (`run_alone`).
         self._deferred: list[tuple[Work, BaseException]] = []
-        # Failures answered but not yet counted: `_fail`, `_settle`.
-        self._failures: list[tuple[Work, BaseException]] = []
+        # Failures answered but not yet counted: they are once they stand.
+        self._failures = Failures(counters)
         self._checkpoints = Checkpoints(conn)
         forks.in_forked_child(self._refuse_in_child)
         self.commit_seconds = 0.0
@@ -183,23 +184,6 @@ class SqliteEngine:
         if self._checkpoints.wal_index is not None:
             forks.blank([self._checkpoints.wal_index])
         self._guard.refuse_all()
-
-    # -- outcomes ---------------------------------------------------------------
-
-    def _fail(self, work: Work, exc: BaseException) -> bytes:
-        """``work``'s error reply; the error is counted once it is final (`_settle`).
-
-        A replayed batch runs a request again and may fail it again: only the
-        attempt whose outcome stands is counted (and logged).
-        """
-        self._failures.append((work, exc))
-        return error_reply(work.request.request_id, exc)
-
-    def _settle(self) -> None:
-        """Count (and log) the failures recorded since the last settling: they stand."""
-        failures, self._failures = self._failures, []
-        for work, exc in failures:
-            count_failure(self._counters, work, exc)
 
     def abandon_transaction(self) -> None:
         """Roll back whatever transaction is open, with the writer's own statement text."""
@@ -216,12 +200,12 @@ class SqliteEngine:
         must run alone is left out and deferred to `run_alone`.
         """
         count_batch(self._counters, batch)
-        self._failures = []  # a `run` that raised left its own: they did not stand
+        self._failures.clear()  # a `run` that raised left its own: they did not stand
         replies: dict[int, bytes] = {}
         solo: list[tuple[Work, BaseException]] = []
         self._commit_what_can(batch, replies, solo)
         self.carrying_session = False
-        self._settle()
+        self._failures.settle()
         self._state.busy_until = 0.0
         self._guard.repair_between_batches()
         self._deferred = solo
@@ -255,22 +239,22 @@ class SqliteEngine:
                 suspects = None  # some waited out their deadline: the prefix changed
             size = len(pending) if suspects is None else max(1, suspects // 2)
             attempt = pending[:size]
-            recorded = len(self._failures)
+            recorded = self._failures.mark()
             attempt_solo: list[tuple[Work, BaseException]] = []
             try:
                 outcome = self._run_in_transaction(attempt, attempt_solo)
             except _TransactionLost as lost:
                 self.carrying_session = False  # its work is gone: session.py tells it
                 self.abandon_transaction()
-                del self._failures[recorded:]  # this attempt's outcome does not stand
+                self._failures.drop_since(recorded)  # this attempt's outcome does not stand
                 counters.replayed_batches += 1
                 culprit = attempt[lost.index]
-                replies[id(culprit)] = self._fail(culprit, lost.error)
+                replies[id(culprit)] = self._failures.fail(culprit, lost.error)
                 pending = [work for work in pending if work is not culprit]
                 suspects = None
                 continue
             except _CommitRefused as refused:
-                del self._failures[recorded:]
+                self._failures.drop_since(recorded)
                 if self.carrying_session:
                     # The refused COMMIT held a session's work too, which may be
                     # what it refused: the batch runs again without it first.
@@ -280,7 +264,9 @@ class SqliteEngine:
                 if len(pending) > 1:
                     counters.replayed_batches += 1  # some of it runs again
                 if size == 1:
-                    replies[id(attempt[0])] = self._fail(attempt[0], refused.culprit_error())
+                    replies[id(attempt[0])] = self._failures.fail(
+                        attempt[0], refused.culprit_error()
+                    )
                     pending = pending[1:]
                     suspects = None
                 else:
@@ -302,7 +288,7 @@ class SqliteEngine:
         deferred, self._deferred = self._deferred, []
         for work, cause in deferred:
             reply = self._run_solo(work, cause)
-            self._settle()
+            self._failures.settle()
             yield work.request, reply
 
     def _begin(self, batch: list[Work], replies: dict[int, bytes]) -> list[Work]:
@@ -324,14 +310,14 @@ class SqliteEngine:
             except sqlite3.OperationalError as exc:
                 if not is_busy(exc):
                     for work in pending:
-                        replies[id(work)] = self._fail(work, exc)
+                        replies[id(work)] = self._failures.fail(work, exc)
                     return []
                 busy = exc
             now = time.monotonic()
             still: list[Work] = []
             for work in pending:
                 if out_of_time(work, now):
-                    replies[id(work)] = self._fail(work, busy)
+                    replies[id(work)] = self._failures.fail(work, busy)
                 else:
                     still.append(work)
             pending = still
@@ -365,11 +351,11 @@ class SqliteEngine:
             except NeedsSolo as needs:
                 solo.append((work, needs.__cause__ or needs))
             except Refused as refused:
-                replies[id(work)] = self._fail(work, StatementRefused(refused.args[0]))
+                replies[id(work)] = self._failures.fail(work, StatementRefused(refused.args[0]))
             except Exception as exc:
                 if not conn.in_transaction or (single and conn.total_changes != changes):
                     raise _TransactionLost(index, exc) from exc
-                replies[id(work)] = self._fail(work, exc)
+                replies[id(work)] = self._failures.fail(work, exc)
             else:
                 if not single:
                     control.execute(RELEASE)
@@ -397,7 +383,7 @@ class SqliteEngine:
             if deferred is not None and succeeded:
                 raise _CommitRefused(deferred) from exc
             for work in succeeded:
-                replies[id(work)] = self._fail(work, exc)
+                replies[id(work)] = self._failures.fail(work, exc)
         else:
             self._counters.commits += 1
             self.commit_seconds = commit_cost(self.commit_seconds, started, time.monotonic())
@@ -410,14 +396,14 @@ class SqliteEngine:
         issues its own BEGIN internally -- but held to its own stop time.
         """
         if work.request.kind not in _SINGLE_STATEMENT:
-            return self._fail(work, cause)
+            return self._failures.fail(work, cause)
         if testing.faults.solo_delay:
             self._state.busy_until = work.deadline
             time.sleep(testing.faults.solo_delay)  # sleep-ok: a fault: a long VACUUM
         started = time.monotonic()
         if work.deadline <= started:
             self._counters.expired += 1
-            return self._fail(work, expired())
+            return self._failures.fail(work, expired())
         stop_at, _ = stop_time(work, started, self._execution_limit)
         self._state.busy_until = stop_at
         sql, params = work.body[0], work.body[1]
@@ -428,10 +414,10 @@ class SqliteEngine:
             return encode_reply(work.request.request_id, Status.OK, value)
         except sqlite3.OperationalError as exc:
             if time.monotonic() > stop_at and "interrupted" in str(exc):
-                return self._fail(work, self._guard.stopped(started))
-            return self._fail(work, exc)
+                return self._failures.fail(work, self._guard.stopped(started))
+            return self._failures.fail(work, exc)
         except Exception as exc:
-            return self._fail(work, exc)
+            return self._failures.fail(work, exc)
         finally:
             self._state.busy_until = 0.0
 
@@ -450,7 +436,7 @@ class SqliteEngine:
         """
         replies: dict[int, bytes] = {}
         opened = self._begin([work], replies)
-        self._settle()
+        self._failures.settle()
         return None if opened else replies[id(work)]
 
     def run_session_statement(self, work: Work) -> bytes:
