@@ -19,8 +19,8 @@ import time
 import traceback
 from typing import Any, NamedTuple, get_origin, get_type_hints
 
-from .._errors import Interrupted, RemoteError, StatementRefused, Timeout
-from .._wire.frames import REPLY_HEADER_SIZE, Kind, Request, Status, encode_reply
+from .._errors import Interrupted, NotPicklable, RemoteError, StatementRefused, Timeout
+from .._wire.frames import REPLY_HEADER_SIZE, Kind, Request, Status, encode_reply, encode_wrote
 
 log = logging.getLogger("mpwriter")
 
@@ -39,6 +39,10 @@ STOP_MARGIN_SHARE = 0.1
 # so that the error it is answered with reaches the caller while the caller is
 # still listening.
 DEADLINE_MARGIN = 0.02
+
+# Kinds whose result is (rowcount, lastrowid, rows[, columns]): without a
+# result set, it is sent in the compact form (`encode_wrote`).
+WRITE_RESULTS = frozenset({Kind.EXECUTE, Kind.EXECUTEMANY, Kind.POST})
 
 
 class Work(NamedTuple):
@@ -129,6 +133,20 @@ def interrupted(ran: float, by_execution_limit: bool) -> Interrupted:
     by what stopped it."""
     what = "the writer's execution_limit" if by_execution_limit else "its deadline (its timeout)"
     return Interrupted(f"interrupted after {ran:.3f} s at {what}; rolled back, not applied")
+
+
+def ok_reply(request_id: int, kind: int, value: Any) -> bytes:
+    """The OK reply of a request of ``kind`` that returned ``value``.
+
+    Raises `NotPicklable` if ``value`` cannot be pickled (the request must
+    then be undone: its reply is an error).
+    """
+    if kind in WRITE_RESULTS and len(value) == 3:  # no result set
+        return encode_wrote(request_id, value[0], value[1])
+    try:
+        return encode_reply(request_id, Status.OK, value)
+    except Exception as exc:
+        raise NotPicklable(f"the result could not be pickled: {exc}") from exc
 
 
 def error_reply(request_id: int, exc: BaseException) -> bytes:

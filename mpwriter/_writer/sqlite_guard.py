@@ -29,8 +29,8 @@ from collections.abc import Callable
 from typing import Any
 
 from .._errors import Interrupted, NotPicklable
-from .._wire.frames import REPLY_HEADER_SIZE, Kind, Status, encode_reply, encode_wrote
-from .batch import STOP_MARGIN, STOP_MARGIN_SHARE, Work, interrupted
+from .._wire.frames import REPLY_HEADER_SIZE, Kind, Status, encode_reply
+from .batch import STOP_MARGIN, STOP_MARGIN_SHARE, Work, interrupted, ok_reply
 from .call_limit import CallLimiter, CallOverrun, own_signals, restore_signals
 from .sqlite_connection import WriterConnection, execute, split_script
 
@@ -71,9 +71,6 @@ _PINNED_PRAGMAS: dict[str, tuple[frozenset[str], str]] = {
 _ALWAYS_REBUILDS = frozenset({type(None), bool, int, float, str, bytes})
 
 _SOLO_MESSAGE = "within a transaction"  # "cannot VACUUM from within a transaction"
-# Kinds whose result is (rowcount, lastrowid, rows): without rows, it is sent
-# in the compact form (`encode_wrote`).
-_WRITE_RESULTS = frozenset({Kind.EXECUTE, Kind.EXECUTEMANY, Kind.POST})
 # Plain ints and a plain status for the per-request path: reading a member
 # off an enum class costs far more than comparing ints.
 _EXECUTE = int(Kind.EXECUTE)
@@ -380,12 +377,7 @@ class Guard:
             raise
         finally:
             self._guarded = False
-        if kind in _WRITE_RESULTS and len(value) == 3:  # no result set
-            return encode_wrote(work.request.request_id, value[0], value[1])
-        try:
-            return encode_reply(work.request.request_id, _OK, value)
-        except Exception as exc:
-            raise NotPicklable(f"the result could not be pickled: {exc}") from exc
+        return ok_reply(work.request.request_id, kind, value)
 
     def stopped(self, started: float) -> Interrupted:
         """The error of the request that started at ``started`` and was stopped."""
