@@ -64,8 +64,9 @@ from .._errors import (
 from .._wire.frames import Kind, Request, SessionOp, Status, encode_reply
 from .batch import Counters, Work, error_reply, expired_reply
 from .engine import Engine
-from .sqlite import NeedsSolo, Refused, SqliteEngine, deferred_violation
+from .sqlite import SqliteEngine, deferred_violation
 from .sqlite_connection import split_script
+from .sqlite_guard import NeedsSolo, Refused
 
 log = logging.getLogger("mpwriter")
 

@@ -82,13 +82,12 @@ from .sqlite_connection import (
 )
 from .sqlite_guard import Guard, NeedsSolo, Refused
 
-# Re-exported: the checkpoint thresholds are part of what this engine promises.
+# The checkpoint thresholds are re-exported: part of what this engine promises.
 __all__ = [
     "BACKSTOP_CHECKPOINT_FRAMES",
     "IDLE_CHECKPOINT_FRAMES",
-    "NeedsSolo",
-    "Refused",
     "SqliteEngine",
+    "deferred_violation",
     "open_sqlite_engine",
 ]
 
