@@ -112,3 +112,10 @@ def test_the_move_to_postgresql_page_moves_every_row_and_the_app_checks_pass(
         before, after = rows(work / "shop.db", pg_url, table, order)
         assert before, table
         assert after == before, table
+    with psycopg.connect(pg_url) as server:
+        foreign_keys = server.execute(
+            "SELECT conrelid::regclass::text, condeferrable, condeferred, confdeltype"
+            " FROM pg_constraint WHERE contype = 'f' ORDER BY 1"
+        ).fetchall()
+    # As the app's PostgreSQL schema declares them, after pgloader's copy.
+    assert foreign_keys == [("order_lines", False, False, "c"), ("orders", True, True, "a")]
