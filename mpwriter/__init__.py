@@ -48,7 +48,7 @@ from .prometheus import prometheus_text
 from .sql import native
 
 if TYPE_CHECKING:
-    from ._caller.reader import ReadConnection, reader
+    from ._caller.reader import ReadConnection, Reader, reader
     from ._owner.either import start_or_connect
     from ._owner.owner import start
 
@@ -68,6 +68,7 @@ __all__ = [
     "ProgrammingError",
     "QueueFull",
     "ReadConnection",
+    "Reader",
     "RemoteError",
     "RemoteTraceback",
     "Result",
@@ -105,6 +106,7 @@ _LAZY = {
     "start_or_connect": "._owner.either",
     "reader": "._caller.reader",
     "ReadConnection": "._caller.reader",
+    "Reader": "._caller.reader",
 }
 
 

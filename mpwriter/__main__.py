@@ -10,6 +10,7 @@ without sending the writer anything (see `mpwriter._watching`)::
     python -m mpwriter stats app.db --json         # the same, for machines
     python -m mpwriter stats app.db --prometheus   # Prometheus text (node_exporter textfile)
     python -m mpwriter stats app.db --watch        # a line a second until Ctrl-C
+    python -m mpwriter stats app.db --watch --json # an object a line (not --prometheus)
 
 Exit status: 0 with figures; 1 when no writer serves PATH; 2 for a usage
 error or a database named by a URL; 3 when a writer serves PATH but its
@@ -41,6 +42,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     stats = commands.add_parser(
         "stats",
+        # Written out: --watch goes with --json but not with --prometheus,
+        # which argparse's groups cannot say.
+        usage="%(prog)s [-h] [--json | --prometheus | --watch [--json]] PATH",
         help="show the figures of the writer serving a database",
         description="Show the figures of the writer serving the SQLite file PATH. Reads the"
         " snapshot the writer publishes beside it about once a second; never sends the"
@@ -62,7 +66,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "serve":
         return run_serve(args)
     if args.watch and args.prometheus:
-        parser.error("--watch does not go with --prometheus")
+        stats.error(
+            "--watch does not go with --prometheus: Prometheus reads one exposition per"
+            " scrape (run the command once per scrape, e.g. from a timer writing the"
+            " textfile collector's file)"
+        )
     try:
         if args.watch:
             return _watch(args.path, as_json=args.json)

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import pathlib
 import sqlite3
 import threading
 import time
@@ -326,7 +327,8 @@ class Connection:
         self._session_limits = {"idle_limit": idle_limit, "total_limit": total_limit}
         self._session: _Session | None = None
         self._statements = LocalStatements(
-            reader(path, busy_timeout=timeout, check_same_thread=False)
+            # A file (connect() refused URLs): typed as the sqlite3 connection it is.
+            reader(pathlib.Path(path), busy_timeout=timeout, check_same_thread=False)
         )
         self._isolation_level = _checked_isolation_level(isolation_level)
         self._autocommit = _checked_autocommit(autocommit)

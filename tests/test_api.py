@@ -36,6 +36,7 @@ EXPECTED_PUBLIC_NAMES = {
     "ProgrammingError",
     "QueueFull",
     "ReadConnection",
+    "Reader",
     "RemoteError",
     "RemoteTraceback",
     "Result",

@@ -342,3 +342,16 @@ def test_a_path_that_looks_like_a_url_is_a_file_to_every_part(
         assert json.loads(result.stdout)["database"] == str(tmp_path / "x:" / "y.db")
         with mpwriter.reader("x://y.db") as conn:
             assert conn.execute("SELECT count(*) FROM items").fetchone()[0] == 1
+
+
+def test_the_usage_line_says_watch_goes_with_json_not_prometheus(db_path: Path) -> None:
+    shown = run_stats(db_path, "--help")
+    assert shown.returncode == 0, shown.stderr
+    usage = shown.stdout.splitlines()[0]
+    assert usage == (
+        "usage: python -m mpwriter stats [-h] [--json | --prometheus | --watch [--json]] PATH"
+    )
+    refused = run_stats(db_path, "--watch", "--prometheus")
+    assert refused.returncode == 2
+    assert refused.stderr.splitlines()[0] == usage
+    assert "--watch does not go with --prometheus: Prometheus reads one" in refused.stderr

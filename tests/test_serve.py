@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+import mpwriter
 from connect_client import LOG_TABLE
 from test_connect import Client, assert_acked_present_once, clients
 
@@ -28,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 class Service:
     """``python -m mpwriter serve`` in a session of its own; its stderr read line by line."""
 
-    def __init__(self, *args: str) -> None:
+    def __init__(self, *args: str, cwd: Path | None = None) -> None:
         env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONFAULTHANDLER="1")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "mpwriter", "serve", *args],
@@ -36,6 +37,7 @@ class Service:
             stderr=subprocess.PIPE,
             start_new_session=True,
             env=env,
+            cwd=cwd,  # `python -m` imports from its working directory, as a service would
         )
         self.lines: list[str] = []
         self._buffer = b""
@@ -165,3 +167,72 @@ def test_connected_processes_go_on_with_a_new_service_after_the_owner_is_sigkill
     second.process.send_signal(signal.SIGTERM)
     assert second.exit_status() == 0
     assert_acked_present_once(db_path, clients)
+
+
+INIT_MODULE = """
+import os
+
+IMPORTED_IN = os.getpid()
+
+
+def init(conn):
+    conn.create_function("shout", 1, lambda text: text.upper() + "!")
+    conn.execute("CREATE TABLE IF NOT EXISTS inits(imported_in INTEGER, called_in INTEGER)")
+    conn.execute("INSERT INTO inits VALUES (?, ?)", (IMPORTED_IN, os.getpid()))
+"""
+
+
+def test_serve_init_function_is_imported_and_called_in_the_writer(
+    tmp_path: Path, services: list[Service]
+) -> None:
+    (tmp_path / "app_writer.py").write_text(INIT_MODULE)
+    db = tmp_path / "app.db"
+    service = Service(str(db), "--init-function", "app_writer:init", cwd=tmp_path)
+    services.append(service)
+    service.until("serving")
+    writer = mpwriter.connect(db, timeout=10.0)
+    try:
+        assert writer.execute("SELECT shout('hi')").rows == [("HI!",)]
+        [(imported_in, called_in)] = writer.execute("SELECT * FROM inits").rows
+    finally:
+        writer.close()
+    assert imported_in == called_in
+    assert imported_in != service.process.pid  # the service process imported nothing
+
+
+def test_serve_init_function_gives_a_writer_django_sql_functions(
+    db_path: Path, services: list[Service]
+) -> None:
+    pytest.importorskip("django", reason="Django is not installed")
+    service = Service(str(db_path), "--init-function", "mpwriter.django:writer_init")
+    services.append(service)
+    service.until("serving")
+    writer = mpwriter.connect(db_path, timeout=10.0)
+    try:
+        result = writer.execute("SELECT django_date_extract('year', '2024-05-06')")
+    finally:
+        writer.close()
+    assert result.rows == [(2024,)]
+
+
+def test_serve_init_function_that_cannot_be_imported_exits_1_naming_it(
+    db_path: Path, services: list[Service]
+) -> None:
+    service = Service(str(db_path), "--init-function", "no_such_module_here:init")
+    services.append(service)
+    assert service.exit_status() == 1
+    lines = service.rest_of_log().strip().splitlines()
+    assert lines[-1].startswith("mpwriter serve: cannot start"), lines
+    assert "--init-function no_such_module_here:init" in lines[-1]
+
+
+@pytest.mark.parametrize(
+    "args", [["--init-function", "no_colon"], ["--init", "x.sql", "--init-function", "m:f"]]
+)
+def test_serve_refuses_a_malformed_or_second_init_as_a_usage_error(
+    db_path: Path, args: list[str], services: list[Service]
+) -> None:
+    service = Service(str(db_path), *args)
+    services.append(service)
+    assert service.exit_status() == 2
+    assert "--init" in service.rest_of_log()

@@ -74,7 +74,9 @@ class Writer:
     handle: the process that started the writer (the *owner*) or connected,
     its forked children (gunicorn workers), and children it passed the
     handle to at creation (``Process`` args, pool ``initargs``) under fork,
-    spawn and forkserver.
+    spawn and forkserver. Threads share one handle without a lock: each call
+    in flight waits on a reply pipe of its own, so replies never cross
+    between threads (a `Session` is used by one thread at a time).
 
     Guarantees: a call returns only after the COMMIT that made its write
     durable; a call's failure affects no other call; calls made one after the

@@ -9,26 +9,62 @@ supervisor ends without being asked to.
 
 No thread: the main thread waits on the signal wake-up pipe and the
 supervisor's sentinel together.
+
+``--init-function MODULE:FUNCTION`` names the writer's ``init`` as a
+function: each writer process imports it when it starts (and again after a
+restart) and calls it with its connection, so the service process itself
+imports nothing of the app.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import logging
 import os
+import re
 import signal
-import sqlite3
 import sys
+from dataclasses import dataclass
 from multiprocessing.connection import wait
 from typing import Any
 
-from .._errors import Error
 from .owner import start
 
 log = logging.getLogger("mpwriter")
 
 EXIT_CANNOT_START = 1
+_FUNCTION_SPEC = re.compile(r"\w+(\.\w+)*:\w+")
+
+
+@dataclass(frozen=True)
+class InitFunction:
+    """A writer's ``init`` named ``MODULE:FUNCTION``: imported in the writer, called there.
+
+    Picklable by name, so the function is imported by the writer process
+    that runs it, never by the process that starts the writer. Raises
+    ImportError naming ``spec`` when the module or the function is missing,
+    and whatever the function raises.
+    """
+
+    spec: str
+
+    def __call__(self, conn: Any) -> object:
+        module_name, _, name = self.spec.partition(":")
+        try:
+            function = getattr(importlib.import_module(module_name), name)
+        except (ImportError, AttributeError) as exc:
+            raise ImportError(f"--init-function {self.spec}: {exc}") from exc
+        return function(conn)
+
+
+def _function_spec(text: str) -> str:
+    if not _FUNCTION_SPEC.fullmatch(text):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not MODULE:FUNCTION (e.g. mpwriter.django:writer_init)"
+        )
+    return text
 
 
 def add_serve_command(commands: Any) -> None:
@@ -41,7 +77,15 @@ def add_serve_command(commands: Any) -> None:
         " SIGTERM or SIGINT serves what is queued, then exits 0.",
     )
     serve.add_argument("path", metavar="PATH", help="the database file (or a PostgreSQL URL)")
-    serve.add_argument("--init", metavar="FILE", help="an SQL script each writer runs first")
+    init = serve.add_mutually_exclusive_group()
+    init.add_argument("--init", metavar="FILE", help="an SQL script each writer runs first")
+    init.add_argument(
+        "--init-function",
+        metavar="MODULE:FUNCTION",
+        type=_function_spec,
+        help="a function each writer imports and calls with its connection first"
+        " (e.g. mpwriter.django:writer_init)",
+    )
     serve.add_argument(
         "--synchronous", choices=("NORMAL", "FULL", "EXTRA"), type=str.upper, default="NORMAL"
     )
@@ -88,7 +132,10 @@ def run_serve(args: argparse.Namespace) -> int:
     try:
         try:
             writer = start(args.path, context="fork", **_start_options(args))
-        except (Error, OSError, sqlite3.Error, ValueError) as exc:
+        except Exception as exc:
+            # Whatever stopped the start, the init function's own errors
+            # included (any class): the service's contract is one line
+            # saying why, then exit status 1.
             print(f"mpwriter serve: cannot start the writer of {args.path}: {exc}", file=sys.stderr)
             return EXIT_CANNOT_START
         owner: Any = writer._owner  # this process's grip on its supervisor
@@ -114,10 +161,12 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def _start_options(args: argparse.Namespace) -> dict[str, Any]:
-    init = None
+    init: str | InitFunction | None = None
     if args.init is not None:
         with open(args.init) as script:
             init = script.read()
+    elif args.init_function is not None:
+        init = InitFunction(args.init_function)
     return {
         "init": init,
         "synchronous": args.synchronous,
