@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from string import Formatter
 from typing import Any
 
+from ._wire.pids import pid_alive
 from ._wire.stats import FIGURES, LATENCY_SERIES, SNAPSHOT_FORMAT, Snapshot, Stats, snapshot_path
 from ._writer.claim import lock_path
 
@@ -98,7 +99,7 @@ def read(database: str) -> Reading:
     if holders is not None:
         serving = bool(holders)
     else:  # no /proc/locks: trust a live pid
-        serving = snapshot is not None and _alive(snapshot["pid"])
+        serving = snapshot is not None and pid_alive(snapshot["pid"])
     if not serving:
         left = ""
         if snapshot is not None:
@@ -110,7 +111,7 @@ def read(database: str) -> Reading:
     # (running ``init``) after its predecessor died -- unless that pid lives
     # on and only looks different (the lock table shows another pid namespace).
     if snapshot is None or (
-        holders and snapshot["pid"] not in holders and not _alive(snapshot["pid"])
+        holders and snapshot["pid"] not in holders and not pid_alive(snapshot["pid"])
     ):
         holder = f" (pid {min(holders)})" if holders else ""
         raise NotWatchable(
@@ -213,16 +214,6 @@ def _lock_holders(lock_file: str) -> set[int] | None:
         if kind == "FLOCK" and access == "WRITE" and where.rsplit(":", 1)[-1] == str(inode):
             holders.add(int(pid))
     return holders
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # another user's process
-    return True
 
 
 # -- showing it ------------------------------------------------------------------

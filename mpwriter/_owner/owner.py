@@ -58,7 +58,17 @@ from .._wire.frames import NO_REPLY, Kind, encode_frames, make_sender_token, new
 from .._wire.state import BACKING_OFF, CLOSED, RUNNING, new_shared_state
 from .._writer.engine import WriterConfig
 from .endpoint import EndpointConfig, group_id
-from .supervisor import CLOSE, KILL, KILL_GRACE, STOP, EndpointOffer, RestartPolicy, supervise
+from .handover import FarEnds, start_child
+from .supervisor import (
+    CLOSE,
+    KILL,
+    KILL_GRACE,
+    STOP,
+    EndpointOffer,
+    RestartPolicy,
+    SupervisorArgs,
+    supervise,
+)
 
 log = logging.getLogger("mpwriter")
 
@@ -184,35 +194,10 @@ def start(
     writer dies before it is ready.
     """
     _refuse_start_while_main_reimported()
-    path = os.fspath(path)
-    postgres = is_server_url(path)
-    if isolation not in ("read committed", "repeatable read", "serializable"):
-        raise ValueError(f"unknown isolation level {isolation!r}")
-    if postgres:
-        pass  # a server URL: no file, no directory to check
-    elif path == ":memory:" or path.startswith("file:"):
-        raise ValueError("mpwriter needs a database file path (not ':memory:' or a URI)")
-    else:
-        # The real name, symlinks and ".." resolved as the kernel does: the
-        # writer serves the file itself, and its lock goes beside that name.
-        real = os.path.realpath(path)
-        directory = os.path.dirname(real)
-        if not os.path.isdir(directory):
-            raise FileNotFoundError(f"the directory of {path!r} does not exist: {directory!r}")
-        path = real
-    synchronous = synchronous.upper()
-    if synchronous not in _SYNCHRONOUS:
-        raise ValueError(f"synchronous must be one of {_SYNCHRONOUS}, not {synchronous!r}")
-    if max_batch < 1:
-        raise ValueError("max_batch must be at least 1")
-    if max_restarts < 0:
-        raise ValueError("max_restarts must not be negative")
-    if restart_backoff_max <= 0:
-        raise ValueError("restart_backoff_max must be positive")
-    if isinstance(migrations, str) or not all(
-        isinstance(m, str) or callable(m) for m in migrations
-    ):
-        raise TypeError("migrations must be a list of SQL scripts (str) or functions")
+    path, postgres = _database(path)
+    synchronous = _check_options(
+        synchronous, isolation, max_batch, max_restarts, restart_backoff_max, migrations
+    )
     # Any: typeshed's BaseContext lacks Process(), which every concrete context has.
     ctx: Any = context if isinstance(context, BaseContext) else multiprocessing.get_context(context)
     config = WriterConfig(
@@ -226,7 +211,6 @@ def start(
         isolation=isolation,
         migrations=tuple(migrations),
     )
-
     policy = RestartPolicy(
         restart, max_restarts, restart_backoff_max, watchdog_grace, start_timeout
     )
@@ -251,6 +235,51 @@ def start(
     )
     atexit.register(_close_at_exit, weakref.ref(writer), weakref.ref(owner), timeout)
     return writer
+
+
+def _database(path: str | os.PathLike[str]) -> tuple[str, bool]:
+    """The database ``start`` serves: its real file name, or a server URL; and
+    whether it is a PostgreSQL server. Raises ValueError, FileNotFoundError."""
+    path = os.fspath(path)
+    if is_server_url(path):
+        return path, True  # a server URL: no file, no directory to check
+    if path == ":memory:" or path.startswith("file:"):
+        raise ValueError("mpwriter needs a database file path (not ':memory:' or a URI)")
+    # The real name, symlinks and ".." resolved as the kernel does: the
+    # writer serves the file itself, and its lock goes beside that name.
+    real = os.path.realpath(path)
+    directory = os.path.dirname(real)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"the directory of {path!r} does not exist: {directory!r}")
+    return real, False
+
+
+def _check_options(
+    synchronous: str,
+    isolation: str,
+    max_batch: int,
+    max_restarts: int,
+    restart_backoff_max: float,
+    migrations: Sequence[str | Callable[[Any], object]],
+) -> str:
+    """Refuse `start`'s options that cannot work (ValueError, TypeError);
+    return ``synchronous`` as the writer names it."""
+    if isolation not in ("read committed", "repeatable read", "serializable"):
+        raise ValueError(f"unknown isolation level {isolation!r}")
+    synchronous = synchronous.upper()
+    if synchronous not in _SYNCHRONOUS:
+        raise ValueError(f"synchronous must be one of {_SYNCHRONOUS}, not {synchronous!r}")
+    if max_batch < 1:
+        raise ValueError("max_batch must be at least 1")
+    if max_restarts < 0:
+        raise ValueError("max_restarts must not be negative")
+    if restart_backoff_max <= 0:
+        raise ValueError("restart_backoff_max must be positive")
+    if isinstance(migrations, str) or not all(
+        isinstance(m, str) or callable(m) for m in migrations
+    ):
+        raise TypeError("migrations must be a list of SQL scripts (str) or functions")
+    return synchronous
 
 
 def _endpoint_config(
@@ -341,29 +370,23 @@ class _Owner:
         assert self.registration_writer is not None, "far ends already released"
         report_r, report_w = self.ctx.Pipe(duplex=False)
         self.report = report_r
-        # Duplicates: the copies handed over are closed here once the
-        # supervisor has its own, and a forked supervisor closes the owner's
-        # originals (see forget_in_child).
-        supervisor_ends = (
-            Connection(os.dup(self.request_r), writable=False),
-            self.registration_writer.dup(),
-            Connection(os.dup(self.control_r), writable=False),
-            report_w,
-        )
+        # The copies handed over are closed here once the supervisor has its
+        # own, and a forked supervisor closes the owner's originals (see
+        # forget_in_child).
+        ends = FarEnds.duplicate(self.request_r, self.registration_writer, self.control_r, report_w)
+        args = SupervisorArgs(self.config, ends, self.state, self.policy, self._offer())
         process = self.ctx.Process(
             target=supervise,
             name=f"mpwriter supervisor {os.path.basename(self.config.path)}",
-            args=(self.config, *supervisor_ends, self.state, self.policy, self._offer()),
+            args=(args,),
             # Not a daemon: multiprocessing forbids daemons to have children.
             # close() and the lifeline end it; at exit, _close_at_exit runs
             # before multiprocessing joins its children.
             daemon=False,
         )
         try:
-            process.start()
+            start_child(process, ends)
         finally:
-            for end in supervisor_ends:
-                end.close()
             self._close_offer()
         self.supervisor = process
         # The supervisor holds its own copies now; a writer death must show

@@ -76,6 +76,7 @@ from .._wire.state import (
 from .._writer.engine import WriterConfig
 from .._writer.loop import reset_signals, serve
 from .endpoint import Endpoint, EndpointConfig, endpoint_fds
+from .handover import FarEnds, start_child
 
 log = logging.getLogger("mpwriter")
 
@@ -148,35 +149,6 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def supervise(
-    config: WriterConfig,
-    requests: Connection,
-    registrations: socket.socket,
-    control: Connection,
-    report: Connection,
-    state: Any,
-    policy: RestartPolicy,
-    endpoint: EndpointOffer | None = None,
-) -> None:
-    """Entry point of the supervisor process (a `multiprocessing.Process` target).
-
-    Starts the first writer and reports on ``report`` how its start went
-    (what the writer said: ``("ready", pid)`` or ``("error", exc)``, or
-    ``("exit", code)`` if it died first); then supervises until the owner
-    closes or is gone, or no writer may be started any more. With
-    ``endpoint``, it listens there for other processes' handles
-    (`mpwriter.connect`) from the first writer's readiness until it stops
-    restarting writers.
-    """
-    _own_signals()
-    _supervisor_only.append(report.fileno())
-    supervisor = Supervisor(config, requests, registrations, control, report, state, policy)
-    supervisor.offer = endpoint
-    if endpoint is not None:
-        _supervisor_only.extend((endpoint.request.fileno(), endpoint.registration.fileno()))
-    supervisor.run()
-
-
 @dataclass(frozen=True)
 class EndpointOffer:
     """The endpoint to open, and the callers' ends it hands out (picklable)."""
@@ -184,6 +156,42 @@ class EndpointOffer:
     config: EndpointConfig
     request: Connection  # the request pipe's write end
     registration: socket.socket  # the callers' end of the registration socket
+
+
+@dataclass(frozen=True)
+class SupervisorArgs:
+    """What `start()` hands the supervisor process; picklable (it travels there).
+
+    ``ends``: the writers' ends, which the supervisor hands to each writer,
+    with the owner's control pipe as their lifeline and the report pipe as
+    the supervisor's own (`supervise`).
+    """
+
+    config: WriterConfig
+    ends: FarEnds
+    state: Any
+    policy: RestartPolicy
+    endpoint: EndpointOffer | None = None
+
+
+def supervise(args: SupervisorArgs) -> None:
+    """Entry point of the supervisor process (a `multiprocessing.Process` target).
+
+    Starts the first writer and reports on ``args.ends.report`` how its start
+    went (what the writer said: ``("ready", pid)`` or ``("error", exc)``, or
+    ``("exit", code)`` if it died first); then supervises until the owner
+    closes (``args.ends.lifeline``, the control pipe) or is gone, or no writer
+    may be started any more. With ``args.endpoint``, it listens there for
+    other processes' handles (`mpwriter.connect`) from the first writer's
+    readiness until it stops restarting writers.
+    """
+    _own_signals()
+    _supervisor_only.append(args.ends.report.fileno())
+    supervisor = Supervisor(args)
+    if args.endpoint is not None:
+        endpoint = args.endpoint
+        _supervisor_only.extend((endpoint.request.fileno(), endpoint.registration.fileno()))
+    supervisor.run()
 
 
 def _own_signals() -> None:
@@ -200,25 +208,16 @@ def _own_signals() -> None:
 class Supervisor:
     """The supervisor's loop: one writer at a time, restarts, watchdog."""
 
-    def __init__(
-        self,
-        config: WriterConfig,
-        requests: Connection,
-        registrations: socket.socket,
-        control: Connection,
-        report: Connection,
-        state: Any,
-        policy: RestartPolicy,
-    ) -> None:
-        self._config = config
-        self._state = state
-        self._policy = policy
-        self._backoff = Backoff(policy)
+    def __init__(self, args: SupervisorArgs) -> None:
+        self._config = args.config
+        self._state = args.state
+        self._policy = args.policy
+        self._backoff = Backoff(args.policy)
         self._ctx: Any = multiprocessing.get_context("fork")  # from this single-threaded process
-        self._requests: Connection | None = requests
-        self._registrations: socket.socket | None = registrations
-        self._control: Connection | None = control
-        self._report: Connection | None = report
+        self._requests: Connection | None = args.ends.requests
+        self._registrations: socket.socket | None = args.ends.registrations
+        self._control: Connection | None = args.ends.lifeline
+        self._report: Connection | None = args.ends.report
         lifeline_r, lifeline_w = os.pipe()
         self._lifeline_r = lifeline_r
         self._lifeline_w: int | None = lifeline_w
@@ -232,7 +231,7 @@ class Supervisor:
         self._stopping = False
         self._first = True
         self._sigterm = False  # set by the handler; acted on in the loop
-        self.offer: EndpointOffer | None = None
+        self.offer = args.endpoint
         self._endpoint: Endpoint | None = None
 
         wake_r, wake_w = os.pipe()
@@ -366,25 +365,22 @@ class Supervisor:
                 )
         state.phase = STARTING
         ready_r, ready_w = self._ctx.Pipe(duplex=False)
-        # Duplicates: the forked writer uses these (this process's originals
-        # are closed in it or harmless there), and they are closed here once it has them.
-        writer_ends = (
-            Connection(os.dup(self._requests.fileno()), writable=False),
-            self._registrations.dup(),
-            Connection(os.dup(self._lifeline_r), writable=False),
-            ready_w,
+        # The forked writer uses duplicates (this process's originals are
+        # closed in it or harmless there).
+        ends = FarEnds.duplicate(
+            self._requests.fileno(), self._registrations, self._lifeline_r, ready_w
         )
         process = self._ctx.Process(
             target=serve,
             name=f"mpwriter {os.path.basename(self._config.path)}",
-            args=(self._config, *writer_ends, state),
+            args=(self._config, *ends, state),
             daemon=True,
         )
         state.generation += 1
         self._started_at = time.monotonic()
         self._start_deadline = self._started_at + self._policy.start_timeout
         try:
-            process.start()
+            start_child(process, ends)
         except OSError as exc:  # fork failed: no memory, no process slot
             ready_r.close()
             log.error("mpwriter: could not start a writer process: %s", exc)
@@ -394,9 +390,6 @@ class Supervisor:
             else:
                 self._died_young_or_not(served=False)
             return
-        finally:
-            for end in writer_ends:
-                end.close()
         self._writer = process
         self._ready = ready_r
 

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import logging
 import pickle
+import random
+import time
 import traceback
 from typing import Any, NamedTuple, get_origin, get_type_hints
 
-from .._errors import Interrupted, RemoteError, StatementRefused, Timeout
-from .._wire.frames import REPLY_HEADER_SIZE, Kind, Request, Status, encode_reply
+from .._errors import Interrupted, NotPicklable, RemoteError, StatementRefused, Timeout
+from .._wire.frames import REPLY_HEADER_SIZE, Kind, Request, Status, encode_reply, encode_wrote
 
 log = logging.getLogger("mpwriter")
 
@@ -31,6 +33,16 @@ log = logging.getLogger("mpwriter")
 # so that a short timeout leaves the request most of its time.
 STOP_MARGIN = 0.05
 STOP_MARGIN_SHARE = 0.1
+
+# A request stops waiting for a lock (SQLite's, held outside the writer; a
+# PostgreSQL server that is down or a row lock) this long before its deadline,
+# so that the error it is answered with reaches the caller while the caller is
+# still listening.
+DEADLINE_MARGIN = 0.02
+
+# Kinds whose result is (rowcount, lastrowid, rows[, columns]): without a
+# result set, it is sent in the compact form (`encode_wrote`).
+WRITE_RESULTS = frozenset({Kind.EXECUTE, Kind.EXECUTEMANY, Kind.POST})
 
 
 class Work(NamedTuple):
@@ -123,6 +135,20 @@ def interrupted(ran: float, by_execution_limit: bool) -> Interrupted:
     return Interrupted(f"interrupted after {ran:.3f} s at {what}; rolled back, not applied")
 
 
+def ok_reply(request_id: int, kind: int, value: Any) -> bytes:
+    """The OK reply of a request of ``kind`` that returned ``value``.
+
+    Raises `NotPicklable` if ``value`` cannot be pickled (the request must
+    then be undone: its reply is an error).
+    """
+    if kind in WRITE_RESULTS and len(value) == 3:  # no result set
+        return encode_wrote(request_id, value[0], value[1])
+    try:
+        return encode_reply(request_id, Status.OK, value)
+    except Exception as exc:
+        raise NotPicklable(f"the result could not be pickled: {exc}") from exc
+
+
 def error_reply(request_id: int, exc: BaseException) -> bytes:
     """Encode an exception with its traceback text; never raises.
 
@@ -164,6 +190,43 @@ def count_failure(counters: Counters, work: Work, exc: BaseException) -> None:
         )
 
 
+class Failures:
+    """Error replies whose counting waits until their outcome stands.
+
+    A replayed batch runs a request again and may fail it again: an
+    attempt's failures are recorded (`fail`), dropped if the attempt does
+    not stand (`drop_since` a `mark`), and counted -- and a failed post
+    logged -- once they do (`settle`, by `count_failure`).
+    """
+
+    def __init__(self, counters: Counters) -> None:
+        self._counters = counters
+        self._pending: list[tuple[Work, BaseException]] = []
+
+    def fail(self, work: Work, exc: BaseException) -> bytes:
+        """``work``'s error reply; ``exc`` is counted at the next `settle`."""
+        self._pending.append((work, exc))
+        return error_reply(work.request.request_id, exc)
+
+    def mark(self) -> int:
+        """Where the failures of an attempt about to run begin (`drop_since`)."""
+        return len(self._pending)
+
+    def drop_since(self, mark: int) -> None:
+        """Forget the failures recorded since ``mark``: that attempt does not stand."""
+        del self._pending[mark:]
+
+    def clear(self) -> None:
+        """Forget every failure not settled (they belonged to a run that raised)."""
+        self._pending.clear()
+
+    def settle(self) -> None:
+        """Count (and log) the failures recorded since the last settling: they stand."""
+        pending, self._pending = self._pending, []
+        for work, exc in pending:
+            count_failure(self._counters, work, exc)
+
+
 def describe(work: Work) -> str:
     """A short description of a request for logs: its kind and the head of its SQL."""
     kind = Kind(work.request.kind).name.lower()
@@ -174,8 +237,38 @@ def describe(work: Work) -> str:
     return f"{kind} {head[:80]}{'...' if len(head) > 80 else ''}".strip()
 
 
+def count_batch(counters: Counters, batch: list[Work]) -> None:
+    """Count a batch an engine was handed, once, however often it runs.
+
+    A replayed batch runs its requests again (and a post's report of the
+    posts its caller dropped with it): counting here, before the first
+    attempt, keeps the figures right under replay.
+    """
+    counters.batches += 1
+    counters.requests += len(batch)
+    for work in batch:
+        if work.request.kind == Kind.POST:
+            counters.posts_dropped += work.body[2]
+
+
+def out_of_time(work: Work, now: float) -> bool:
+    """Whether ``work`` must stop waiting for a lock now (`DEADLINE_MARGIN`)."""
+    return work.deadline - DEADLINE_MARGIN <= now
+
+
+def back_off(pending: list[Work], delay: float, now: float) -> None:
+    """Wait before trying a lock again: ``delay``, jittered by half either way
+    so that two waiters do not retry in step, and never past the point where
+    the first of ``pending`` must stop waiting (`out_of_time`)."""
+    earliest = min(work.deadline for work in pending) - DEADLINE_MARGIN
+    time.sleep(max(0.0, min(delay * random.uniform(0.5, 1.5), earliest - now)))
+
+
+def expired() -> Timeout:
+    """The error of a request whose deadline passed before it ran (one wording
+    for every engine and the loop)."""
+    return Timeout("the deadline passed before the writer reached this request; not applied")
+
+
 def expired_reply(work: Work) -> bytes:
-    return error_reply(
-        work.request.request_id,
-        Timeout("the deadline passed before the writer reached this request; not applied"),
-    )
+    return error_reply(work.request.request_id, expired())

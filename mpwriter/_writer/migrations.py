@@ -105,47 +105,61 @@ def apply_sqlite(
         (applied,) = conn.execute(f"SELECT count(*) FROM {TABLE}").fetchone()
         _check_count(applied, migrations)
         for number in range(applied + 1, len(migrations) + 1):
-            migration = migrations[number - 1]
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                if isinstance(migration, str):
-                    for statement in split(migration):
-                        conn.execute(statement)
-                else:
-                    migration(conn)
-                broken = conn.execute("PRAGMA foreign_key_check").fetchall()
-            except BaseException as exc:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise _failed(number, migrations, exc) from exc
-            if broken and conn.in_transaction:
-                conn.execute("ROLLBACK")
-                table, rowid, parent, _ = broken[0]
-                raise _failed(
-                    number,
-                    migrations,
-                    sqlite3.IntegrityError(
-                        f"it left {len(broken)} row(s) that break a foreign key"
-                        f" (PRAGMA foreign_key_check; the first: {table} rowid {rowid}"
-                        f" -> {parent})"
-                    ),
-                )
-            if not conn.in_transaction:
-                raise MigrationFailed(
-                    f"migration {number} ({describe(migration)}) ended its own transaction "
-                    "(a COMMIT or ROLLBACK, or executescript(), which commits first): what "
-                    "it did before that may be applied, and it is not recorded. A migration "
-                    "leaves its transaction to the writer."
-                )
-            conn.execute(
-                f"INSERT INTO {TABLE}(version, description) VALUES (?, ?)",
-                (number, describe(migration)),
-            )
-            conn.execute("COMMIT")
-            log.info("mpwriter: applied migration %d: %s", number, describe(migration))
+            _apply_one_sqlite(conn, number, migrations, split)
     finally:
         conn.execute("PRAGMA busy_timeout=0")
         conn.execute(f"PRAGMA foreign_keys={'ON' if foreign_keys else 'OFF'}")
+
+
+def _apply_one_sqlite(
+    conn: sqlite3.Connection,
+    number: int,
+    migrations: Sequence[Migration],
+    split: Callable[[str], list[str]],
+) -> None:
+    """Apply migration ``number`` (from 1) and record it, in one transaction.
+
+    Rolled back whole, and `MigrationFailed` raised, if it fails, leaves a
+    row that breaks a foreign key, or ends the transaction itself.
+    """
+    migration = migrations[number - 1]
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        if isinstance(migration, str):
+            for statement in split(migration):
+                conn.execute(statement)
+        else:
+            migration(conn)
+        broken = conn.execute("PRAGMA foreign_key_check").fetchall()
+    except BaseException as exc:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise _failed(number, migrations, exc) from exc
+    if broken and conn.in_transaction:
+        conn.execute("ROLLBACK")
+        table, rowid, parent, _ = broken[0]
+        raise _failed(
+            number,
+            migrations,
+            sqlite3.IntegrityError(
+                f"it left {len(broken)} row(s) that break a foreign key"
+                f" (PRAGMA foreign_key_check; the first: {table} rowid {rowid}"
+                f" -> {parent})"
+            ),
+        )
+    if not conn.in_transaction:
+        raise MigrationFailed(
+            f"migration {number} ({describe(migration)}) ended its own transaction "
+            "(a COMMIT or ROLLBACK, or executescript(), which commits first): what "
+            "it did before that may be applied, and it is not recorded. A migration "
+            "leaves its transaction to the writer."
+        )
+    conn.execute(
+        f"INSERT INTO {TABLE}(version, description) VALUES (?, ?)",
+        (number, describe(migration)),
+    )
+    conn.execute("COMMIT")
+    log.info("mpwriter: applied migration %d: %s", number, describe(migration))
 
 
 def apply_postgres(

@@ -62,6 +62,7 @@ from .._wire.frames import (
     Request,
     sender_pid,
 )
+from .._wire.pids import pid_alive as pid_alive  # the loop's import
 from .._wire.streamed import StreamedRows as StreamedRows  # the loop's import
 from .._wire.streamed import read_whole
 from .batch import Counters, error_reply
@@ -500,13 +501,3 @@ class ReplyPipes:
         for fd in self._streamed:
             os.close(fd)
         self._streamed.clear()
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

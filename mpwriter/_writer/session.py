@@ -28,7 +28,7 @@ it back. The caller is not waiting then: its next call on the transaction is
 answered `SessionExpired` (the ended transactions are remembered, bounded).
 
 Its statements are vetted as every caller's are, and may also use their own
-savepoints (SAVEPOINT, RELEASE, ROLLBACK TO: `SqliteEngine.session_savepoints`);
+savepoints (SAVEPOINT, RELEASE, ROLLBACK TO: `SqliteEngine.run_session_statement`);
 BEGIN, COMMIT, END and plain ROLLBACK stay refused. Each statement's text
 carries `SESSION_SUFFIX`, because sqlite3 caches prepared statements by text
 and the authorizer only runs when one is prepared: a "SAVEPOINT a" allowed in
@@ -62,16 +62,11 @@ from .._errors import (
     WriterCrashed,
 )
 from .._wire.frames import Kind, Request, SessionOp, Status, encode_reply
-from .batch import Counters, Work, commit_cost, error_reply, expired_reply
+from .batch import Counters, Work, error_reply, expired_reply
 from .engine import Engine
-from .sqlite import (
-    _COMMIT,
-    SqliteEngine,
-    _NeedsSolo,
-    _Refused,
-    deferred_violation,
-    split_script,
-)
+from .sqlite import SqliteEngine, deferred_violation
+from .sqlite_connection import split_script
+from .sqlite_guard import NeedsSolo, Refused
 
 log = logging.getLogger("mpwriter")
 
@@ -231,16 +226,7 @@ class Sessions:
         """COMMIT the open transaction now; its error (rolled back), or None."""
         engine = self._engine
         assert engine is not None  # only a SQLite session carries work
-        started = time.monotonic()
-        try:
-            engine._conn.execute(_COMMIT)
-        except sqlite3.Error as exc:
-            engine.abandon_transaction()  # a refused COMMIT leaves it open
-            return exc
-        self._counters.batches += 1
-        self._counters.commits += 1
-        engine.commit_seconds = commit_cost(engine.commit_seconds, started, time.monotonic())
-        return None
+        return engine.commit_now()
 
     # -- one session ----------------------------------------------------------------
 
@@ -346,16 +332,14 @@ class Sessions:
             self._host.send(request, reply)
             return None
         assert engine is not None  # answered NotSupportedError above
-        replies: dict[int, bytes] = {}
         work = Work(request, deadline, 0.0, ())
         if not foreign_keys:
-            # Outside any transaction (SQLite ignores it inside one).
-            engine._conn.execute("PRAGMA foreign_keys=OFF /* mpwriter */")
-        if not engine._begin([work], replies):
-            engine._settle()
+            engine.enforce_foreign_keys(False)
+        failed = engine.begin_session(work)
+        if failed is not None:
             if not foreign_keys:
                 self._foreign_keys_on()
-            self._host.send(request, replies[id(work)])  # an outside lock holder stayed
+            self._host.send(request, failed)  # an outside lock holder stayed
             return None
         return _Open(request, txn, idle_limit, total_limit, bool(foreign_keys))
 
@@ -363,8 +347,7 @@ class Sessions:
         """Enforcement back on after a session that ran without it, its transaction ended."""
         engine = self._engine
         assert engine is not None
-        engine.abandon_transaction()  # nothing is open here; never leave it on inside one
-        engine._conn.execute("PRAGMA foreign_keys=ON /* mpwriter */")
+        engine.enforce_foreign_keys(True)
 
     def _take_own(self, session: _Open) -> Request | None:
         """The session's next request, taken out of the backlog if it came."""
@@ -419,25 +402,8 @@ class Sessions:
             host.send(request, error_reply(request.request_id, refused))
             return None
         self._counters.requests += 1
-        if op == _COMMIT_OP and not session.foreign_keys:
-            # Committed alone, now: the requests held behind it must not run
-            # in a transaction without foreign key enforcement.
-            failed = self._commit_now()
-            if failed is None:
-                host.send(request, encode_reply(request.request_id, Status.OK, None))
-            else:
-                self._counters.sessions_expired += 1
-                host.send(request, error_reply(request.request_id, _told(failed)))
-            return ""
-        if op == _COMMIT_OP:
-            self._carried = request
-            engine.carrying_session = True
-            self._commits_before = self._counters.commits
-            self._replays_before = self._counters.replayed_batches
-            return ""
-        if op == _ROLLBACK_OP:
-            engine.abandon_transaction()
-            host.send(request, encode_reply(request.request_id, Status.OK, None))
+        if op in (_COMMIT_OP, _ROLLBACK_OP):
+            self._end_as_asked(engine, session, request, op)
             return ""
         stop_at = min(deadline, session.total_until)
         if op == _SCRIPT:
@@ -455,37 +421,57 @@ class Sessions:
             _, reply = self._run(engine, work, _STATEMENT_KINDS[op])
         host.send(request, reply)
         session.idle_until = time.monotonic() + session.idle_limit
-        if not engine._conn.in_transaction:
+        if not engine.in_transaction:
             return (
                 "SQLite rolled back the whole transaction (ON CONFLICT ROLLBACK, a full"
                 " disk or an I/O error); nothing of it was applied"
             )
         return None
 
+    def _end_as_asked(
+        self, engine: SqliteEngine, session: _Open, request: Request, op: int
+    ) -> None:
+        """End the session with its COMMIT or ROLLBACK."""
+        host = self._host
+        if op == _ROLLBACK_OP:
+            engine.abandon_transaction()
+            host.send(request, encode_reply(request.request_id, Status.OK, None))
+        elif not session.foreign_keys:
+            # Committed alone, now: the requests held behind it must not run
+            # in a transaction without foreign key enforcement.
+            failed = self._commit_now()
+            if failed is None:
+                host.send(request, encode_reply(request.request_id, Status.OK, None))
+            else:
+                self._counters.sessions_expired += 1
+                host.send(request, error_reply(request.request_id, _told(failed)))
+        else:
+            # Carried: answered once the next batch's COMMIT made it durable (`settle`).
+            self._carried = request
+            engine.carrying_session = True
+            self._commits_before = self._counters.commits
+            self._replays_before = self._counters.replayed_batches
+
     def _run(self, engine: SqliteEngine, work: Work, kind: Kind) -> tuple[bool, bytes]:
         """Run one statement, vetted, as a request of ``kind``: (succeeded, its reply)."""
         work = work._replace(request=work.request._replace(kind=int(kind)))
-        engine.session_savepoints = True
         try:
-            return True, engine._run_guarded(work)
-        except _Refused as refused:
+            return True, engine.run_session_statement(work)
+        except Refused as refused:
             message = str(refused.args[0])
             verb = message.split(" is refused", 1)[0]
             if verb in _TRANSACTION_VERBS:
                 message = f"{verb} is refused in a session{_REFUSED_HINT}"
-            return False, engine._refusal(work, _Refused(message))
-        except _NeedsSolo:
+            return False, engine.fail_now(work, StatementRefused(message))
+        except NeedsSolo:
             solo = StatementRefused(
                 "this statement cannot run inside a transaction; send it with"
                 " Writer.execute(), outside the session"
             )
-            return False, engine._fail(work, solo)
+            return False, engine.fail_now(work, solo)
         except Exception as exc:
-            return False, engine._fail(work, exc)
-        finally:
-            engine.session_savepoints = False
-            engine._state.busy_until = 0.0
-            engine._settle()  # a session's statement is never replayed: its failure stands
+            # A session's statement is never replayed: its failure stands.
+            return False, engine.fail_now(work, exc)
 
     def _end(self, txn: TxnKey, why: str) -> None:
         engine = self._engine
