@@ -201,6 +201,31 @@ def test_a_failed_request_does_not_spoil_its_batch(
     assert pg_writer.stats()["replayed_batches"] >= 1
 
 
+def test_runs_of_one_statement_in_a_batch_answer_each_its_own(
+    pg_writer: mpwriter.Writer, pg_fresh: str, gate: Gate
+) -> None:
+    # Consecutive requests of one SQL text go to the server together: each
+    # must still get its own rowcount and rows, in order, with the runs
+    # broken by other statements and by requests without parameters.
+    for seq in range(6):
+        pg_writer.execute(INSERT, (20, seq))
+    update = "UPDATE items SET payload = 'u' WHERE client = ? AND seq <= ?"
+    returning = "INSERT INTO items(client, seq) VALUES (?, ?) RETURNING seq * 10"
+    gate.hold(pg_writer)
+    futures = [pg_writer.submit(update, (20, bound)) for bound in (0, 3, -1, 5, 1)]
+    futures += [pg_writer.submit(returning, (21, seq)) for seq in range(5)]
+    futures.append(pg_writer.submit("SELECT count(*) FROM items WHERE client = 21"))
+    futures += [pg_writer.submit(returning, (22, seq)) for seq in range(3)]  # a short run
+    gate.release()
+    assert gate.future.result(timeout=30) == "released"
+    results = [future.result(timeout=30) for future in futures]
+    assert [r.rowcount for r in results[:5]] == [1, 4, 0, 6, 2]
+    assert [r.rows for r in results[5:10]] == [[(seq * 10,)] for seq in range(5)]
+    assert results[10].rows == [(5,)]
+    assert [r.rows for r in results[11:]] == [[(seq * 10,)] for seq in range(3)]
+    assert pg_count(pg_fresh) == 14
+
+
 def flaky_serialization(conn: Any, marker: str) -> int:
     """Fails with a real 40001 from the server on its first run, succeeds after."""
     conn.execute(INSERT, (11, 1))

@@ -12,6 +12,7 @@ savepoints than that slow the whole server and its replicas.
 The error-free case (fast path), one chunk::
 
     pipeline: BEGIN; time limits; every request's statements   -> one round trip
+              (a run of one SQL text: one executemany, `_queue_run`)
     results read and encoded;
     pipeline: SET LOCAL synchronous_commit; COMMIT; RESETs     -> one round trip
 
@@ -108,6 +109,12 @@ _LOCK_WAIT_MIN = 0.005
 # a single statement so refused runs alone after the batch (`run_alone`).
 _NOT_IN_TRANSACTION = "25001"
 _ALONE = frozenset({Kind.EXECUTE, Kind.POST})
+_SINGLE = _ALONE  # a single statement: the requests one executemany may send together
+# The shortest run sent as one executemany (`_queue_run`): its results are
+# fetched where it ends, a round trip in the middle of the pipeline, which
+# the CPU saved pays for from about four statements on (measured: runs of 2
+# no faster, of 4 even, of 8 a third less CPU per statement).
+_RUN_MIN = 4
 _SHUTDOWN = frozenset({"57P01", "57P02", "57P03"})  # admin/crash shutdown, starting up
 _MAX_RETRIES = 4
 _BACKOFF_FIRST = 0.005
@@ -678,8 +685,14 @@ class PostgresEngine:
                 # waits on a lock at most until the first caller's: all wait for it.
                 earliest = min(work.deadline for work in chunk)
                 conn.execute(self._time_limits(max(work.deadline for work in chunk), earliest))
-                for work in chunk:
-                    finishers.append(self._queue(conn, work))
+                start = 0
+                while start < len(chunk):
+                    end = _run_end(chunk, start)
+                    if end - start >= _RUN_MIN:
+                        finishers += _queue_run(conn, chunk[start:end])
+                    else:
+                        finishers += [self._queue(conn, work) for work in chunk[start:end]]
+                    start = end
         except psycopg.Error as exc:
             raise self._classify(exc, commit_sent=False) from exc
         except Exception as exc:  # refused statement, unpicklable params...
@@ -903,6 +916,54 @@ class PostgresEngine:
                 "mpwriter: fire-and-forget write failed: %s: %s [%s]", name, exc, describe(work)
             )
         return error_reply(work.request.request_id, sendable(exc))
+
+
+def _run_end(chunk: list[Work], start: int) -> int:
+    """The end of the run of requests from ``start`` that one executemany can send.
+
+    A run is single statements (``execute``, ``post``) of the same SQL text,
+    each with parameters, and no SET LOCAL among them (`LocalSettings` puts
+    those back one request at a time). A request that cannot join one ends
+    the run: the statements keep their order.
+    """
+    first = chunk[start]
+    sql = first.body[0]
+    if (
+        first.request.kind not in _SINGLE
+        or not isinstance(sql, str)
+        or not first.body[1]
+        or local_settings(sql)
+    ):
+        return start + 1
+    end = start + 1
+    while end < len(chunk):
+        work = chunk[end]
+        if work.request.kind not in _SINGLE or work.body[0] != sql or not work.body[1]:
+            break
+        end += 1
+    return end
+
+
+def _queue_run(conn: psycopg.Connection[Any], run: list[Work]) -> list[Finish]:
+    """Send a run (`_run_end`) as one pipelined executemany; return each request's finisher.
+
+    One psycopg call for the run, where a cursor and an execute per request
+    cost half as much again per statement (measured: 28 against 46 us of CPU
+    per single-row insert, batches of 16). ``returning=True`` keeps a result
+    per statement: its own rowcount and rows. The finishers must be called
+    in the run's order: each reads its statement's result and moves on to
+    the next.
+    """
+    text, _ = _prepare(run[0].body[0], run[0].body[1])
+    cursor = conn.cursor()
+    cursor.executemany(text, [work.body[1] for work in run], returning=True)
+
+    def finish() -> Value:
+        value = _written(cursor)
+        cursor.nextset()
+        return value
+
+    return [finish] * len(run)
 
 
 def _lock_timed_out(exc: psycopg.Error) -> bool:
