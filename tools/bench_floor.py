@@ -16,8 +16,9 @@ Two modes, run side by side (bench.py interleaves them, medians shown):
           synchronous setting): mpwriter's whole request path, with the
           smallest statement there is
 
-Each reports round trips/s over the wall-clock of the run; the floor also
-its CPU per round trip (server and clients, getrusage of the children).
+Each reports round trips/s over the wall-clock of the run and its CPU per
+round trip (every process of the run, server or writer included: getrusage
+of the children, reaped; mpwriter's includes its writer's start and close).
 Usage (from the repository root):
 
   PYTHONPATH=. python3 tools/bench.py --modes floor --clients 1,8
@@ -124,6 +125,7 @@ def run_floor(clients: int, seconds: float) -> dict[str, Any]:
 
 def run_select(clients: int, seconds: float, sync: str, base_dir: str) -> dict[str, Any]:
     counts = CTX.Array("q", clients)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     with tempfile.TemporaryDirectory(prefix="mpwbench-", dir=base_dir) as tmp:
         writer = lib.start_writer(os.path.join(tmp, "select.db"), sync)
         try:
@@ -131,8 +133,13 @@ def run_select(clients: int, seconds: float, sync: str, base_dir: str) -> dict[s
             wall = _run_clients(_select_client, args, seconds, counts)
         finally:
             writer.close(timeout=30.0)
-    return {"mode": "select", "clients": clients, "per_second": sum(counts) / wall,
-            "cpu_us": None}  # fmt: skip
+    # The writer and its supervisor are reaped by now: their CPU is counted,
+    # their start and close included.
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    total = sum(counts)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return {"mode": "select", "clients": clients, "per_second": total / wall,
+            "cpu_us": cpu / max(total, 1) * 1e6}  # fmt: skip
 
 
 def run_once(mode: str, clients: int, seconds: float, sync: str, base_dir: str) -> dict[str, Any]:
@@ -149,8 +156,9 @@ def summary(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for mode in MODES:
             rates = [r["per_second"] for r in runs if r["mode"] == mode and r["clients"] == clients]
             row[mode] = statistics.median(rates) if rates else None
-        cpu = [r["cpu_us"] for r in runs if r["mode"] == "floor" and r["clients"] == clients]
-        row["floor_cpu_us"] = statistics.median(cpu) if cpu else None
+        for mode in MODES:
+            cpu = [r["cpu_us"] for r in runs if r["mode"] == mode and r["clients"] == clients]
+            row[f"{mode}_cpu_us"] = statistics.median(cpu) if cpu else None
         row["ratio"] = row["select"] / row["floor"] if row["select"] and row["floor"] else None
         rows.append(row)
     return rows
@@ -158,10 +166,10 @@ def summary(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def print_summary(rows: list[dict[str, Any]], header: str) -> None:
     print(f"\nthe request path against the transport floor (round trips/s), {header}:")
-    print("  clients     floor  (CPU/rt)  mpwriter SELECT ?  select/floor")
+    print("  clients     floor  (CPU/rt)  mpwriter SELECT ?  (CPU/rt)  select/floor")
     for row in rows:
         print(
             f"  {row['clients']:7d} {lib.cell(row['floor'], '9.0f')}"
             f"  ({lib.cell(row['floor_cpu_us'], '4.1f')} us) {lib.cell(row['select'], '18.0f')}"
-            f"  {lib.cell(row['ratio'], '12.2f')}"
+            f"  ({lib.cell(row['select_cpu_us'], '4.1f')} us)  {lib.cell(row['ratio'], '12.2f')}"
         )
