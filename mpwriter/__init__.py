@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from ._caller.attached import attach, get_writer
 from ._caller.connect import connect
 from ._caller.handle import Transaction, Writer
+from ._caller.session import Session
 from ._errors import (
     AccessDenied,
     DatabaseError,
@@ -24,6 +25,7 @@ from ._errors import (
     MissingDependency,
     MissingMainGuard,
     NotPicklable,
+    NotSupportedError,
     OperationalError,
     OutcomeUnknown,
     ProgrammingError,
@@ -31,8 +33,10 @@ from ._errors import (
     RemoteError,
     RemoteTraceback,
     ServerUnavailable,
+    SessionExpired,
     StatementRefused,
     Timeout,
+    UntrustedFile,
     WriterAlreadyRunning,
     WriterClosed,
     WriterCrashed,
@@ -58,6 +62,7 @@ __all__ = [
     "MissingDependency",
     "MissingMainGuard",
     "NotPicklable",
+    "NotSupportedError",
     "OperationalError",
     "OutcomeUnknown",
     "ProgrammingError",
@@ -67,10 +72,13 @@ __all__ = [
     "RemoteTraceback",
     "Result",
     "ServerUnavailable",
+    "Session",
+    "SessionExpired",
     "StatementRefused",
     "Stats",
     "Timeout",
     "Transaction",
+    "UntrustedFile",
     "Writer",
     "WriterAlreadyRunning",
     "WriterClosed",
@@ -89,7 +97,7 @@ __all__ = [
 __version__ = "0.1.0"
 
 # Loaded on first use, so that importing mpwriter loads the caller side only:
-# `start` brings the owner and the writer side (the SQLite engine, filelock),
+# `start` brings the owner and the writer side (the SQLite engine),
 # `reader` brings sqlite3, which a process that only calls a writer -- or
 # only uses PostgreSQL -- does not need.
 _LAZY = {

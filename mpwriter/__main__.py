@@ -13,7 +13,9 @@ without sending the writer anything (see `mpwriter._watching`)::
 
 Exit status: 0 with figures; 1 when no writer serves PATH; 2 for a usage
 error or a database named by a URL; 3 when a writer serves PATH but its
-figures cannot be read (it is starting, or the snapshot is not readable).
+figures cannot be read (it is starting, or the snapshot is not readable); 4
+when the snapshot cannot be trusted (written by another user than the
+writer's, or writable by others): its figures may be forged, and are not shown.
 """
 
 from __future__ import annotations

@@ -44,7 +44,16 @@ class AccessDenied(Error, PermissionError):
 
 
 class WriterAlreadyRunning(Error):
-    """Another mpwriter writer holds the lock file of this database."""
+    """Another mpwriter writer serves this database file, under this name or another."""
+
+
+class UntrustedFile(Error, PermissionError):
+    """A file mpwriter keeps beside the database is not safely this user's own.
+
+    Raised by `start()` when the lock file is a symlink, not a regular file,
+    or owned by another user (who could hold its lock or change it). Nothing
+    was started; the message names the file.
+    """
 
 
 class MissingMainGuard(Error, RuntimeError):
@@ -205,13 +214,51 @@ class ProgrammingError(DatabaseError):
     """A programming error on either engine (wrong number of parameters, ...)."""
 
 
+class NotSupportedError(DatabaseError):
+    """Not supported by the engine or the interface (PEP 249): e.g. sessions on PostgreSQL."""
+
+
+class SessionExpired(OperationalError):
+    """The writer rolled an interactive session's transaction back on its own.
+
+    Past its idle limit between statements or its total limit, when its
+    caller's reply pipe was closed, when the writer was closing, or when
+    SQLite abandoned the transaction that held it: nothing of that
+    transaction was applied. The session itself may be used again: the next
+    statement opens a new transaction.
+    """
+
+
+# The rest of PEP 249's tree, public as mpwriter.dbapi's attributes.
+
+
+class InterfaceError(Error):
+    """An error of the database interface rather than the database (PEP 249)."""
+
+
+class DataError(DatabaseError):
+    """A problem with the processed data: a value out of range, ... (PEP 249)."""
+
+
+class InternalError(DatabaseError):
+    """The database's internal error (PEP 249)."""
+
+
+class Warning(Exception):
+    """An important warning (PEP 249); mpwriter raises none of its own."""
+
+
 # The DB-API class names that map onto the classes above, looked up along the
-# error's MRO so that the most specific one wins (DataError -> DatabaseError).
-_PORTABLE_NAMES: dict[str, type[DatabaseError]] = {
+# error's MRO so that the most specific one wins (sqlite3.DataError -> DataError).
+_PORTABLE_NAMES: dict[str, type[Error]] = {
     "IntegrityError": IntegrityError,
     "OperationalError": OperationalError,
     "ProgrammingError": ProgrammingError,
+    "DataError": DataError,
+    "InternalError": InternalError,
+    "NotSupportedError": NotSupportedError,
     "DatabaseError": DatabaseError,
+    "InterfaceError": InterfaceError,
 }
 _DRIVER_MODULES = frozenset({"sqlite3", "psycopg"})
 _dual_classes: dict[type[BaseException], type[BaseException]] = {}
@@ -224,7 +271,7 @@ def portable(exc: BaseException) -> BaseException:
     The copy has the same args and attributes (``sqlite_errorcode``,
     psycopg's diagnostics) and pickles as itself.
     """
-    if isinstance(exc, DatabaseError):
+    if isinstance(exc, Error):
         return exc
     dual = _dual_class(type(exc))
     if dual is None:

@@ -3,7 +3,9 @@
 The command line never talks to the writer. It reads the snapshot the writer
 publishes beside the database (`_writer.published`), and checks that a writer
 really holds the database's lock, so that a snapshot left behind by a writer
-that died is not shown as live figures. Reading needs nothing but read access
+that died is not shown as live figures, and that the snapshot was written by
+the writer's user, so that figures forged by another user are not shown at
+all (`_check_trust`). Reading needs nothing but read access
 to the database's directory and the snapshot; it changes nothing, takes no
 lock and sends nothing, so it works on a flooded or stuck writer and gives
 nobody a way to act on it.
@@ -26,7 +28,7 @@ from string import Formatter
 from typing import Any
 
 from ._wire.stats import FIGURES, LATENCY_SERIES, SNAPSHOT_FORMAT, Snapshot, Stats, snapshot_path
-from ._writer.sqlite import lock_path
+from ._writer.claim import lock_path
 
 # The writer publishes about once a second, between batches; a snapshot older
 # than this means its loop has not come back from a batch.
@@ -37,6 +39,7 @@ _MAX_SNAPSHOT_BYTES = 1 << 20
 NO_WRITER = 1
 UNSUPPORTED = 2
 NO_FIGURES = 3
+UNTRUSTED = 4
 
 
 class NotWatchable(Exception):
@@ -87,9 +90,11 @@ def read(database: str) -> Reading:
             f"mpwriter: {database}: only SQLite files can be watched so far, not URLs",
             UNSUPPORTED,
         )
-    shown = os.path.abspath(database)
-    holders = _lock_holders(lock_path(database))
-    snapshot = _load(snapshot_file)
+    shown = os.path.realpath(database)
+    lock_file = lock_path(database)
+    holders = _lock_holders(lock_file)
+    loaded = _load(snapshot_file)
+    snapshot = loaded[0] if loaded is not None else None
     if holders is not None:
         serving = bool(holders)
     else:  # no /proc/locks: trust a live pid
@@ -99,6 +104,8 @@ def read(database: str) -> Reading:
         if snapshot is not None:
             left = f" (figures left by writer pid {snapshot['pid']}, which is gone)"
         raise NotWatchable(f"mpwriter: no writer serves {shown}{left}", NO_WRITER)
+    if loaded is not None:
+        _check_trust(snapshot_file, loaded[1], lock_file, shown)
     # A holder other than the snapshot's pid is a successor still starting
     # (running ``init``) after its predecessor died -- unless that pid lives
     # on and only looks different (the lock table shows another pid namespace).
@@ -114,8 +121,42 @@ def read(database: str) -> Reading:
     return Reading(snapshot, max(0.0, time.monotonic() - snapshot["monotonic"]))
 
 
-def _load(path: str) -> Snapshot | None:
-    """The snapshot at ``path``, None if there is none; raises `NotWatchable`."""
+def _check_trust(path: str, info: os.stat_result, lock_file: str, database: str) -> None:
+    """Raise `NotWatchable` unless the snapshot can only have been written by the writer's user.
+
+    The writer's user is the owner of the lock file it holds (a writer
+    refuses a lock file of another user's); that user must also own the
+    database, or be root, so that a user who planted both a lock file and a
+    snapshot beside someone else's database is not believed either.
+    """
+    reason = ""
+    if info.st_mode & 0o022:
+        reason = f"other users may write it (mode {stat.S_IMODE(info.st_mode):04o})"
+    else:
+        try:
+            lock_owner = os.stat(lock_file).st_uid
+            database_owner = os.stat(database).st_uid
+        except OSError as exc:
+            reason = f"cannot check who owns the writer's files ({exc.strerror})"
+        else:
+            if info.st_uid != lock_owner:
+                reason = (
+                    f"it belongs to uid {info.st_uid}, the writer's lock file to uid {lock_owner}"
+                )
+            elif info.st_uid not in (0, database_owner):
+                reason = f"it belongs to uid {info.st_uid}, the database to uid {database_owner}"
+    if reason:
+        raise NotWatchable(
+            f"mpwriter: not showing the figures in {path}: {reason}, so they may be forged",
+            UNTRUSTED,
+        )
+
+
+def _load(path: str) -> tuple[Snapshot, os.stat_result] | None:
+    """The snapshot at ``path`` and its file's status, None if there is none.
+
+    Raises `NotWatchable`.
+    """
     try:
         # O_NOFOLLOW: a symlink planted there is not a writer's snapshot.
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
@@ -127,7 +168,8 @@ def _load(path: str) -> Snapshot | None:
             NO_FIGURES,
         ) from exc
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
             raise NotWatchable(f"mpwriter: {path} is not a writer's snapshot", NO_FIGURES)
         with os.fdopen(fd, "rb", closefd=False) as file:
             data = file.read(_MAX_SNAPSHOT_BYTES + 1)
@@ -144,7 +186,7 @@ def _load(path: str) -> Snapshot | None:
             f"mpwriter: {path} is not a snapshot this mpwriter can read", NO_FIGURES
         ) from exc
     result: Snapshot = snapshot
-    return result
+    return result, info
 
 
 def _lock_holders(lock_file: str) -> set[int] | None:
@@ -215,6 +257,11 @@ _LINES = (
         "batching",
         "{gather_waits} waits for late callers, who brought {gathered};"
         " {replayed_batches} batches replayed",
+    ),
+    (
+        "sessions",
+        "{sessions} opened, {sessions_expired} rolled back by the writer;"
+        " {session_waits} requests held behind them, {session_wait_seconds:.1f} s in all",
     ),
     (
         "dropped",

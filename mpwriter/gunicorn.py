@@ -54,13 +54,12 @@ import time
 from collections.abc import Callable
 from typing import Any, NamedTuple, Protocol
 
-import filelock
-
 from ._caller.attached import attach
 from ._caller.handle import Writer
 from ._errors import WriterAlreadyRunning
 from ._owner.owner import start
-from ._writer.sqlite import lock_path as writer_lock_path
+from ._wire.address import is_server_url
+from ._writer.claim import await_release, lock_path
 
 __all__ = ["Hooks", "writer_hooks"]
 
@@ -119,7 +118,7 @@ def writer_hooks(
         _route_records_to_gunicorn()
         try:
             # PostgreSQL admits writers side by side: a USR2 successor need not wait.
-            postgres = os.fspath(path).startswith(("postgresql://", "postgres://"))
+            postgres = is_server_url(os.fspath(path))
             if server.master_pid and not postgres:
                 _await_old_writer(os.fspath(path), takeover_timeout, server)
             writer = start(path, **start_kwargs)
@@ -146,34 +145,24 @@ def _await_old_writer(path: str, timeout: float, server: Arbiter) -> None:
     that would have no writer; the old master serves meanwhile, and once it
     exits, new connections wait in the listen backlog this master inherited.
     """
-    lock_path = writer_lock_path(path)
-    lock = filelock.FileLock(lock_path)
-    try:
-        lock.acquire(timeout=0)
-    except filelock.Timeout:
-        pass
-    else:
-        lock.release()
+    if await_release(path, 0):
         return
+    held = lock_path(path)
     server.log.info(
         "mpwriter: the writer of the old master (pid %s) holds %s; waiting up to %s s"
         " for it to exit (stop the old master to hand over)",
         server.master_pid,
-        lock_path,
+        held,
         timeout,
     )
     began = time.monotonic()
-    try:
-        # filelock polls flock(LOCK_NB); a blocking flock could not be bounded.
-        lock.acquire(timeout=timeout)
-    except filelock.Timeout:
+    if not await_release(path, timeout):
         raise WriterAlreadyRunning(
             f"the old master (pid {server.master_pid}) still runs a writer for {path!r}"
             f" after {timeout} s, and serves on (to hand over, stop it after its USR2)"
-        ) from None
-    lock.release()
+        )
     server.log.info(
-        "mpwriter: the old writer released %s after %.1f s", lock_path, time.monotonic() - began
+        "mpwriter: the old writer released %s after %.1f s", held, time.monotonic() - began
     )
 
 

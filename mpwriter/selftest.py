@@ -36,6 +36,7 @@ from ._caller.attached import attach, get_writer
 from ._caller.handle import Writer
 from ._caller.reader import reader
 from ._owner.owner import start
+from ._wire.address import is_server_url
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS task (
@@ -85,7 +86,7 @@ def add_task(conn: sqlite3.Connection, client: int, seq: int, body: str) -> int:
 
 def _client(client: int, writes: int, go: Any, report: Connection) -> None:
     writer = get_writer()
-    postgres = writer.path.startswith(("postgresql://", "postgres://"))
+    postgres = is_server_url(writer.path)
     latencies: list[float] = []
     errors: Counter[str] = Counter()
     report.send(READY)
@@ -252,7 +253,7 @@ def _verify(path: str, acknowledged: int) -> dict[str, Any]:
             "SELECT count(*) FROM audit LEFT JOIN task ON task.id = audit.task_id"
             " WHERE task.id IS NULL"
         ).fetchone()[0]
-        postgres = path.startswith(("postgresql://", "postgres://"))
+        postgres = is_server_url(path)
         # PostgreSQL has no integrity_check: none is run, and none is claimed.
         integrity = None if postgres else conn.execute("PRAGMA integrity_check").fetchone()[0]
     return {"task_rows": tasks, "audit_rows": audits, "orphans": orphans, "integrity": integrity}

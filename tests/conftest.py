@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import select
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,44 @@ def reap_pid(pid: int, timeout: float = 10.0) -> None:
     finally:
         os.close(pidfd)
     os.waitpid(pid, 0)
+
+
+NOBODY = 65534
+
+
+@contextlib.contextmanager
+def as_nobody(act: Callable[[], str]) -> Iterator[str]:
+    """Run ``act`` in a forked child as the user "nobody" (root only); yield what it returns.
+
+    The child keeps what it opened and locked until the block exits; it is
+    then released and reaped. An exception in ``act`` is yielded as text.
+    """
+    report_r, report_w = os.pipe()
+    release_r, release_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child
+        try:
+            os.close(report_r)
+            os.close(release_w)
+            os.setresgid(NOBODY, NOBODY, NOBODY)
+            os.setresuid(NOBODY, NOBODY, NOBODY)
+            try:
+                outcome = act()
+            except BaseException as exc:  # reported to the test, which asserts on it
+                outcome = f"unexpected {type(exc).__name__}: {exc}"
+            os.write(report_w, outcome.encode())
+            select.select([release_r], [], [], 30.0)  # bounded even if the test dies
+        finally:
+            os._exit(0)
+    os.close(report_w)
+    os.close(release_r)
+    try:
+        assert select.select([report_r], [], [], 30)[0], "the child did not report"
+        yield os.read(report_r, 4096).decode()
+    finally:
+        os.close(release_w)
+        os.close(report_r)
+        reap_pid(pid)
 
 
 def hold_writer(conn: Any, entered_path: str, release_path: str) -> str:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import select
+import shutil
 import signal
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +21,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import mpwriter
-from conftest import SCHEMA, Gate
+from conftest import SCHEMA, Gate, as_nobody
 
 SNAPSHOT_SUFFIX = ".mpwriter-stats.json"
 
@@ -255,3 +258,87 @@ def test_stats_refuses_a_url() -> None:
     result = run_stats("postgresql://app@localhost/app")
     assert result.returncode == 2
     assert "only SQLite files can be watched so far" in result.stderr
+
+
+@pytest.mark.parametrize("forgery", ["another user's file", "writable by others"])
+def test_stats_refuses_figures_another_user_could_have_forged(
+    forgery: str, writer: mpwriter.Writer, db_path: Path, gate: Gate
+) -> None:
+    pid = writer.stats()["pid"]  # served after the writer's first snapshot
+    assert run_stats(db_path).returncode == 0
+    gate.hold(writer)  # the writer cannot publish (and so replace the file) meanwhile
+    snapshot = Path(f"{db_path}{SNAPSHOT_SUFFIX}")
+    try:
+        if forgery == "another user's file":
+            if os.geteuid() != 0:
+                pytest.skip("gives a file to another user: needs root")
+            os.chown(snapshot, 65534, 65534)
+            reason = f"it belongs to uid 65534, the writer's lock file to uid {os.geteuid()}"
+        else:
+            os.chmod(snapshot, 0o666)
+            reason = "other users may write it (mode 0666)"
+        # The figures are well formed and their pid holds the lock: only who
+        # could have written them tells them apart.
+        assert json.loads(snapshot.read_text())["pid"] == pid
+        for args in ((), ("--json",), ("--prometheus",)):
+            assert_refused_as_forged(db_path, reason, *args)
+    finally:
+        gate.release()
+    assert gate.future.result(timeout=10) == "released"
+
+
+def _forge_a_writer(db: Path, genuine: dict[str, Any]) -> str:
+    """Hold a lock file of one's own and publish forged figures naming oneself."""
+    lock = os.open(f"{db}.mpwriter.lock", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    fcntl.flock(lock, fcntl.LOCK_EX)  # kept until the child exits
+    forged = os.open(f"{db}{SNAPSHOT_SUFFIX}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    os.write(forged, json.dumps({**genuine, "pid": os.getpid()}).encode())
+    os.close(forged)
+    return "forged"
+
+
+def assert_refused_as_forged(db_path: Path, reason: str, *args: str) -> None:
+    result = run_stats(db_path, *args)
+    assert result.returncode == 4
+    assert result.stdout == ""
+    assert result.stderr == (
+        f"mpwriter: not showing the figures in {db_path}{SNAPSHOT_SUFFIX}: {reason},"
+        " so they may be forged\n"
+    )
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="acts as another user: needs root")
+def test_stats_refuses_a_lock_and_figures_planted_beside_another_users_database() -> None:
+    # A directory everyone may write, as /tmp: "nobody" plants a lock file
+    # it holds and a snapshot naming itself, beside root's database.
+    shared = Path(tempfile.mkdtemp(prefix="mpwriter-shared-"))
+    try:
+        os.chmod(shared, 0o1777)
+        db = shared / "app.db"
+        with mpwriter.start(db, init=SCHEMA, context="fork") as writer:
+            writer.stats()  # served after the writer's first snapshot
+            genuine = json.loads(Path(f"{db}{SNAPSHOT_SUFFIX}").read_text())
+        os.unlink(f"{db}.mpwriter.lock")
+        with as_nobody(lambda: _forge_a_writer(db, genuine)) as outcome:
+            assert outcome == "forged"
+            assert_refused_as_forged(db, "it belongs to uid 65534, the database to uid 0")
+    finally:
+        shutil.rmtree(shared)
+
+
+def test_a_path_that_looks_like_a_url_is_a_file_to_every_part(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Only postgresql:// and postgres:// name a server; "x://y.db" is the
+    # file y.db in the directory "x:" to start(), the publisher, reader() and the CLI.
+    monkeypatch.chdir(tmp_path)
+    os.mkdir("x:")
+    with mpwriter.start("x://y.db", init=SCHEMA, context="fork") as writer:
+        assert writer.execute("INSERT INTO items(seq) VALUES (1)").rowcount == 1
+        writer.stats()  # served after the writer's first snapshot
+        assert (tmp_path / "x:" / f"y.db{SNAPSHOT_SUFFIX}").is_file()
+        result = run_stats("x://y.db", "--json")
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout)["database"] == str(tmp_path / "x:" / "y.db")
+        with mpwriter.reader("x://y.db") as conn:
+            assert conn.execute("SELECT count(*) FROM items").fetchone()[0] == 1

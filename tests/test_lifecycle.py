@@ -231,6 +231,32 @@ def test_close_serves_everything_already_queued(db_path: Path, gate: Gate) -> No
         writer.execute("INSERT INTO items(seq) VALUES (99)")
 
 
+@pytest.mark.parametrize("timeout", [0.5, 3.0])
+def test_close_ends_within_its_timeout_when_the_writer_is_stuck(
+    db_path: Path, gate: Gate, timeout: float
+) -> None:
+    writer = mpwriter.start(db_path, init=SCHEMA, context="fork", timeout=30)
+    stuck_pid = writer.stats()["pid"]
+    gate.hold(writer)  # a call() that returns only when released: SIGTERM does not end it
+    pidfd = os.pidfd_open(stuck_pid)
+    try:
+        began = time.monotonic()
+        writer.close(timeout=timeout)
+        took = time.monotonic() - began
+        # A behavioural bound: the timeout, plus a margin for a loaded machine,
+        # well below the 2 s a SIGTERM'd writer was once granted on top of it.
+        assert took <= timeout + 0.5, f"close({timeout}) took {took:.2f} s"
+        assert select.select([pidfd], [], [], 0)[0], "the stuck writer outlived close()"
+    finally:
+        os.close(pidfd)
+        gate.release()
+    with pytest.raises(mpwriter.WriterUnavailable):
+        gate.future.result(timeout=10)
+    # The lock went with it: a new writer starts at once.
+    with mpwriter.start(db_path, context="fork") as successor:
+        assert successor.execute("INSERT INTO items(seq) VALUES (1)").rowcount == 1
+
+
 def die_once_during_start(conn: sqlite3.Connection) -> None:
     """An `init` that kills the first writer started after a marker file appears."""
     conn.execute("CREATE TABLE IF NOT EXISTS t(x)")

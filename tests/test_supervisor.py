@@ -395,3 +395,33 @@ def test_a_sigkilled_owner_leaves_no_supervisor_or_writer_behind(db_path: Path) 
     wal = Path(f"{db_path}-wal")
     assert not wal.exists() or wal.stat().st_size == 0
     assert count_rows(db_path) == 1
+
+
+KILLED_SUPERVISOR = """
+import logging, os, select, signal, sys
+import mpwriter
+logging.basicConfig(stream=sys.stderr, format="%(message)s")
+writer = mpwriter.start(sys.argv[1], context="fork", restart=False)
+pid = writer.stats()["pid"]
+with open(f"/proc/{pid}/stat") as stat:
+    supervisor = int(stat.read().rsplit(")", 1)[1].split()[1])
+pidfd = os.pidfd_open(pid)
+os.kill(supervisor, signal.SIGKILL)
+print("writer exited" if select.select([pidfd], [], [], 10)[0] else "writer lives")
+"""
+
+
+def test_a_writer_whose_supervisor_is_killed_says_so_and_closes(db_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", KILLED_SUPERVISOR, str(db_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.stdout == "writer exited\n", result.stderr
+    # The owner lives on: only the supervisor is gone, and the writer says that.
+    assert "owner process is gone" not in result.stderr
+    assert (
+        "mpwriter: the writer's supervisor is gone (or stops it because its owner is gone); closing"
+    ) in result.stderr.splitlines()

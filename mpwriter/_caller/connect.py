@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .._errors import AccessDenied, Timeout, WriterUnavailable
+from .._wire.address import is_server_url
 from .._wire.endpoint import (
     GRANT_FDS,
     MESSAGE_MAX,
@@ -161,7 +162,7 @@ class Dialer:
 
 def _shown(path: str) -> str:
     """``path`` for messages: a URL without its user part (and so its password)."""
-    if "://" not in path:
+    if not is_server_url(path):
         return path
     parts = urllib.parse.urlsplit(path)
     return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))

@@ -48,6 +48,7 @@ from .._wire.stats import Stats
 from . import aio, blocking, calls
 from .futures import Collector, Pending
 from .pipe_pool import PipePool, Slot
+from .session import DEFAULT_IDLE_LIMIT, DEFAULT_TOTAL_LIMIT, Session
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -174,6 +175,42 @@ class Writer:
             tx.results = [Result(*item) for item in raw]
         else:
             tx.results = []
+
+    def session(
+        self,
+        *,
+        timeout: float | None = None,
+        idle_limit: float | None = None,
+        total_limit: float | None = None,
+        foreign_keys: bool = True,
+    ) -> Session:
+        """An interactive transaction: statements answered one at a time, then commit.
+
+        ``with writer.session() as s:`` commits on a normal exit and rolls
+        back on an exception. While its transaction is open the writer serves
+        it alone and holds every other request, so the writer rolls it back
+        after ``idle_limit`` seconds without a statement (default 5) or
+        ``total_limit`` seconds in all (default 30): the next call raises
+        `SessionExpired`. ``timeout`` is each call's (the handle's by
+        default). SQLite writers only (`NotSupportedError` on PostgreSQL).
+
+        ``foreign_keys=False`` (also settable later as the session's
+        ``foreign_keys`` attribute, read as each transaction opens) runs its
+        transactions with SQLite's foreign key enforcement off, as a
+        connection's ``PRAGMA foreign_keys=OFF`` would (schema changes that
+        rebuild a table need it); only those transactions: the writer turns
+        enforcement back on before it serves any other request, and such a
+        transaction commits alone (held requests do not share its COMMIT).
+        """
+        session = Session(
+            self._pool,
+            self._request_fd,
+            self.timeout if timeout is None else timeout,
+            DEFAULT_IDLE_LIMIT if idle_limit is None else idle_limit,
+            DEFAULT_TOTAL_LIMIT if total_limit is None else total_limit,
+        )
+        session.foreign_keys = foreign_keys
+        return session
 
     def call(self, fn: Callable[Concatenate[Any, P], R], /, *args: P.args, **kwargs: P.kwargs) -> R:
         """Run ``fn(conn, *args, **kwargs)`` in the writer, atomically; return its result.
@@ -346,8 +383,8 @@ class Writer:
 
         In the owner: new calls are refused at once, everything already
         queued is served and committed, the WAL is checkpointed, and the
-        writer exits and releases its lock file. Waits up to ``timeout``
-        seconds (the handle's default) before terminating the writer.
+        writer exits and releases its lock file. Returns within ``timeout``
+        seconds (the handle's default): a writer not done by then is killed.
         Elsewhere this only releases the handle's reply pipes. Either way,
         the handle's collector thread (``submit``) stops, failing futures
         still pending with `WriterClosed`. Idempotent.

@@ -14,6 +14,8 @@ import sqlite3
 from types import TracebackType
 from typing import Any, Literal
 
+from .._wire.address import is_server_url
+
 
 class ReadConnection(sqlite3.Connection):
     """A `sqlite3.Connection` that a ``with`` block also closes.
@@ -33,7 +35,9 @@ class ReadConnection(sqlite3.Connection):
         return False
 
 
-def reader(path: str | os.PathLike[str], *, busy_timeout: float = 5.0) -> Any:
+def reader(
+    path: str | os.PathLike[str], *, busy_timeout: float = 5.0, check_same_thread: bool = True
+) -> Any:
     """Open a read-only connection to ``path`` (``mode=ro`` and ``query_only``).
 
     For a PostgreSQL URL (``postgresql://`` or ``postgres://``) it returns a
@@ -42,14 +46,21 @@ def reader(path: str | os.PathLike[str], *, busy_timeout: float = 5.0) -> Any:
 
     Writes through it fail with `sqlite3.OperationalError`. Each call opens a
     new connection: use it in a ``with`` block, which closes it, or close it
-    yourself. Use one connection per thread.
+    yourself. Use one connection per thread (``check_same_thread=False``
+    lets a connection move between threads, used by one at a time; SQLite only).
     """
-    if isinstance(path, str) and path.startswith(("postgresql://", "postgres://")):
+    if isinstance(path, str) and is_server_url(path):
         # Imported here: psycopg is an optional dependency (mpwriter[postgres]).
         import psycopg
 
         return psycopg.connect(path, options="-c default_transaction_read_only=on")
     uri = pathlib.Path(os.fspath(path)).resolve().as_uri() + "?mode=ro"
-    conn = sqlite3.connect(uri, uri=True, timeout=busy_timeout, factory=ReadConnection)
+    conn = sqlite3.connect(
+        uri,
+        uri=True,
+        timeout=busy_timeout,
+        factory=ReadConnection,
+        check_same_thread=check_same_thread,
+    )
     conn.execute("PRAGMA query_only=ON")
     return conn

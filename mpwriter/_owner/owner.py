@@ -52,6 +52,7 @@ from typing import Any
 
 from .._caller.handle import Writer
 from .._errors import MissingMainGuard, WriterCrashed, start_failure
+from .._wire.address import is_server_url
 from .._wire.endpoint import Offer, endpoint_path
 from .._wire.frames import NO_REPLY, Kind, encode_frames, make_sender_token, new_frame_key
 from .._wire.state import BACKING_OFF, CLOSED, RUNNING, new_shared_state
@@ -62,6 +63,12 @@ from .supervisor import CLOSE, KILL, KILL_GRACE, STOP, EndpointOffer, RestartPol
 log = logging.getLogger("mpwriter")
 
 _SYNCHRONOUS = ("NORMAL", "FULL", "EXTRA")
+# Of close()'s timeout, what is kept (a tenth at most) for the supervisor to
+# kill a writer that did not drain in time, reap it and exit, which takes a
+# few milliseconds on an idle machine.
+_KILL_RESERVE = 0.25
+# How long close() waits for an exiting supervisor to be reapable, even at its deadline.
+_JOIN_AT_LEAST = 0.05
 
 # Strong references: a forked child must still find every owner here after its
 # handles have dropped theirs (the order of after-fork hooks is not ours).
@@ -168,15 +175,17 @@ def start(
     ``endpoint`` says. Only this process's user may connect, and the
     group ``allow_group`` (a name or id) if given.
 
-    Raises `WriterAlreadyRunning` if another writer serves this file, the
-    sqlite3 error if the database cannot be opened or ``init`` fails,
-    `MigrationFailed` if a migration does, `MissingMainGuard` if called while
-    a spawn/forkserver child re-runs the main module's top level, and
-    `WriterCrashed` if the writer dies before it is ready.
+    Raises `WriterAlreadyRunning` if another writer serves this file (under
+    any name: symlinks and hard links reach the same writer), `UntrustedFile`
+    if its lock file is a symlink or another user's, the sqlite3 error if the
+    database cannot be opened or ``init`` fails, `MigrationFailed` if a
+    migration does, `MissingMainGuard` if called while a spawn/forkserver
+    child re-runs the main module's top level, and `WriterCrashed` if the
+    writer dies before it is ready.
     """
     _refuse_start_while_main_reimported()
     path = os.fspath(path)
-    postgres = path.startswith(("postgresql://", "postgres://"))
+    postgres = is_server_url(path)
     if isolation not in ("read committed", "repeatable read", "serializable"):
         raise ValueError(f"unknown isolation level {isolation!r}")
     if postgres:
@@ -184,9 +193,13 @@ def start(
     elif path == ":memory:" or path.startswith("file:"):
         raise ValueError("mpwriter needs a database file path (not ':memory:' or a URI)")
     else:
-        directory = os.path.dirname(os.path.abspath(path))
+        # The real name, symlinks and ".." resolved as the kernel does: the
+        # writer serves the file itself, and its lock goes beside that name.
+        real = os.path.realpath(path)
+        directory = os.path.dirname(real)
         if not os.path.isdir(directory):
             raise FileNotFoundError(f"the directory of {path!r} does not exist: {directory!r}")
+        path = real
     synchronous = synchronous.upper()
     if synchronous not in _SYNCHRONOUS:
         raise ValueError(f"synchronous must be one of {_SYNCHRONOUS}, not {synchronous!r}")
@@ -203,7 +216,7 @@ def start(
     # Any: typeshed's BaseContext lacks Process(), which every concrete context has.
     ctx: Any = context if isinstance(context, BaseContext) else multiprocessing.get_context(context)
     config = WriterConfig(
-        path if postgres else os.path.abspath(path),
+        path,
         synchronous,
         init,
         max_batch,
@@ -376,7 +389,16 @@ class _Owner:
     # -- stopping ----------------------------------------------------------------------
 
     def close(self, timeout: float) -> None:
-        """Ask the writer to drain and stop; escalate if it does not in time."""
+        """Ask the writer to drain and stop; have it killed if it has not within ``timeout``.
+
+        Returns within ``timeout`` seconds: the drain gets all of it but a
+        reserve (a tenth, at most `_KILL_RESERVE`) in which the supervisor
+        kills the writer and exits. Only a supervisor that does not answer
+        within that reserve makes close() wait longer (logged), since killing
+        it instead would leave a stuck writer holding the lock.
+        """
+        deadline = time.monotonic() + max(timeout, 0.0)
+        reserve = min(_KILL_RESERVE, max(timeout, 0.0) / 10)
         with self._lock:
             state = self.state
             if state.status in (RUNNING, BACKING_OFF):
@@ -385,9 +407,9 @@ class _Owner:
             else:
                 stop = CLOSE
             self._tell(stop)
-            if not self._await_supervisor(timeout):
-                self._stop_by_force()
-            self._forget_supervisor()
+            if not self._await_supervisor(deadline - reserve - time.monotonic()):
+                self._stop_by_force(deadline)
+            self._forget_supervisor(deadline)
         _owners.discard(self)
 
     def _send_close(self) -> bool:
@@ -407,7 +429,7 @@ class _Owner:
             os.write(self.control_w, command)
 
     def _await_supervisor(self, timeout: float) -> bool:
-        """Wait until the supervisor has exited (its report pipe reads EOF)."""
+        """Wait up to ``timeout`` until the supervisor has exited (its report pipe reads EOF)."""
         report = self.report
         if report is None:
             return True
@@ -420,15 +442,20 @@ class _Owner:
             except (EOFError, OSError):
                 return True
 
-    def _stop_by_force(self) -> None:
+    def _stop_by_force(self, deadline: float) -> None:
         """The writer did not stop in time: have it killed; kill the supervisor if need be."""
         self._tell(KILL)
+        if self._await_supervisor(deadline - time.monotonic()):
+            return
+        log.warning(
+            "mpwriter: close() waits past its timeout for the supervisor to kill the writer"
+        )
         if not self._await_supervisor(4 * KILL_GRACE):
             log.error("mpwriter: the writer's supervisor did not exit; killing it")
             self.supervisor.kill()
             self._await_supervisor(KILL_GRACE)
 
-    def _forget_supervisor(self) -> None:
+    def _forget_supervisor(self, deadline: float | None = None) -> None:
         if self.control_w is not None:
             os.close(self.control_w)
             self.control_w = None
@@ -437,7 +464,9 @@ class _Owner:
             self.report = None
         process = self.supervisor
         if process is not None:
-            process.join(KILL_GRACE)
+            # Its report pipe has closed: it is exiting, which takes milliseconds.
+            grace = KILL_GRACE if deadline is None else deadline - time.monotonic()
+            process.join(min(KILL_GRACE, max(grace, _JOIN_AT_LEAST)))
             if process.exitcode is None:
                 # Reaped by someone else (gunicorn's master calls waitpid(-1)):
                 # multiprocessing would join or SIGTERM its pid at our exit.

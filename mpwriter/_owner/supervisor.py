@@ -91,7 +91,7 @@ _MAX_FDS = 4  # a side message carries one descriptor
 # Commands on the control pipe (owner -> supervisor).
 CLOSE = b"C"  # the owner closes: start no more writers, exit once the writer has
 STOP = b"S"  # as CLOSE, and stop the writer through its lifeline (the queue was full)
-KILL = b"K"  # terminate, then kill, the writer now
+KILL = b"K"  # kill the writer now (SIGKILL): it had its chance to stop
 
 
 @dataclass(frozen=True)
@@ -328,8 +328,11 @@ class Supervisor:
             self._stop_restarting()
         if STOP in commands:
             self._close_lifeline()
-        if KILL in commands:
-            self._kill_writer()
+        if KILL in commands and self._writer is not None:
+            # No SIGTERM first: the owner sends this once the writer has had
+            # all the time close() allowed it (or its start failed), and a
+            # SIGTERM would only cost a grace that close() does not have.
+            self._writer.kill()
 
     def _stop_restarting(self) -> None:
         self._stopping = True

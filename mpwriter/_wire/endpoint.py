@@ -21,6 +21,8 @@ import json
 import os
 from dataclasses import dataclass
 
+from .address import is_server_url
+
 ENDPOINT_SUFFIX = ".mpwriter.sock"
 GRANT = b"G"
 REFUSED = b"R"
@@ -67,11 +69,12 @@ def endpoint_path(path: str | os.PathLike[str], endpoint: str | os.PathLike[str]
     if endpoint is not None:
         return os.path.abspath(os.fspath(endpoint))
     path = os.fspath(path)
-    if path.startswith(("postgresql://", "postgres://")):
+    if is_server_url(path):
         raise ValueError(
             "a PostgreSQL writer's endpoint has no default place: pass endpoint='/path/to.sock'"
         )
-    return os.path.abspath(path) + ENDPOINT_SUFFIX
+    # Beside the real name, as the lock file: every name of the file finds it.
+    return os.path.realpath(path) + ENDPOINT_SUFFIX
 
 
 def address(directory_fd: int, directory: str, name: str) -> str:

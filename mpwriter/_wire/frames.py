@@ -78,6 +78,17 @@ class Kind(enum.IntEnum):
     STATS = 6  # ()
     CLOSE = 7  # (): drain, commit, checkpoint, stop
     POST = 8  # (sql, params, dropped before this one): fire-and-forget, no reply
+    SESSION = 9  # (transaction id, first, SessionOp, args, idle limit, total limit)
+
+
+class SessionOp(enum.IntEnum):
+    """What a `Kind.SESSION` request asks of its interactive transaction."""
+
+    EXECUTE = 1  # args: (sql, params)
+    EXECUTEMANY = 2  # args: (sql, list of params)
+    SCRIPT = 3  # args: (script,)
+    COMMIT = 4  # args: ()
+    ROLLBACK = 5  # args: ()
 
 
 class Status(enum.IntEnum):

@@ -20,6 +20,8 @@ import os
 from dataclasses import dataclass, replace
 from typing import Annotated, TypedDict, get_type_hints
 
+from .address import is_server_url
+
 SNAPSHOT_SUFFIX = ".mpwriter-stats.json"
 # Bumped when a snapshot's layout changes incompatibly; readers refuse others.
 SNAPSHOT_FORMAT = 1
@@ -141,6 +143,19 @@ class Stats(TypedDict):
     posts_dropped: Annotated[
         int, counter("Fire-and-forget writes dropped by callers (queue full).")
     ]
+    sessions: Annotated[int, counter("Interactive sessions (transactions) opened.")]
+    sessions_expired: Annotated[
+        int,
+        counter(
+            "Interactive sessions rolled back by the writer: a limit passed, the caller"
+            " was gone, or the writer was closing."
+        ),
+    ]
+    session_waits: Annotated[int, counter("Requests held while an interactive session was open.")]
+    session_wait_seconds: Annotated[
+        float,
+        counter("Seconds requests spent held behind interactive sessions.", unit="seconds"),
+    ]
     post_errors_by_class: Annotated[
         dict[str, int],
         counter("Fire-and-forget writes that failed, by exception class.", label="class"),
@@ -245,6 +260,6 @@ class Snapshot(TypedDict):
 
 def snapshot_path(database: str) -> str | None:
     """Where the writer of ``database`` publishes its figures; None for a URL."""
-    if "://" in database:
+    if is_server_url(database):
         return None
-    return os.path.abspath(database) + SNAPSHOT_SUFFIX
+    return os.path.realpath(database) + SNAPSHOT_SUFFIX

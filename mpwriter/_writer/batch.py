@@ -62,6 +62,12 @@ class Counters:
     gather_waits: int
     gathered: int
     posts_dropped: int  # reported by callers with their next post
+    # Interactive sessions (session.py): opened, rolled back by the writer,
+    # and the requests held while one was open, with the seconds they waited.
+    sessions: int
+    sessions_expired: int
+    session_waits: int
+    session_wait_seconds: float
     post_errors_by_class: dict[str, int]
     errors_by_class: dict[str, int]
 

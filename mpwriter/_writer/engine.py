@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 from .. import testing
 from .._errors import MissingDependency, carry_cause
+from .._wire.address import is_server_url
 from .._wire.frames import Request
 from .batch import Counters, Work
 from .sqlite import open_sqlite_engine
@@ -108,7 +109,7 @@ def open_engine(config: WriterConfig, counters: Counters, state: Any) -> Engine:
     if testing.faults.engine is not None:
         engine: Engine = testing.faults.engine(counters)
         return engine
-    if config.path.startswith(("postgresql://", "postgres://")):
+    if is_server_url(config.path):
         # Imported here: psycopg is an optional dependency (mpwriter[postgres]).
         try:
             from .postgres import open_postgres_engine

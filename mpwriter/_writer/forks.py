@@ -7,15 +7,21 @@ transaction; returning into the writer's code it would read requests, answer
 them and COMMIT beside the real writer (replies to the wrong requests,
 acknowledged writes lost). Two measures, both set up by `become_writer`:
 
-- First thing in the child (``os.register_at_fork``), the actions the writer
-  registered with `in_forked_child` run: its descriptors there -- the request
-  pipe, the side socket, every reply pipe and held payload, the lifeline, the
-  writer's end of its supervisor's sentinel (`own_sentinel`) -- are replaced
-  by /dev/null (numbers kept, so that nothing reuses them), SIGTERM gets its
-  default action back, and the SQLite engine's connection refuses every
-  statement. A child that lives on (a multiprocessing worker, a daemon) holds
-  nothing of the writer's: callers still see EOF on their reply pipes, and
-  the supervisor its sentinel, when the writer dies.
+- First thing in the child (``os.register_at_fork``), the writer's
+  descriptors there are replaced by /dev/null (numbers kept, so that nothing
+  reuses them): every file the writer process had open when it became the
+  writer (the request pipe, the side socket, the lifeline, the writer's end of
+  its supervisor's sentinel...) and every file it named since with
+  `forbid_in_child` (the database and its lock file, whose flock locks a child
+  would otherwise keep held); then the actions the writer registered with
+  `in_forked_child` run: every reply pipe and held payload is blanked too,
+  SIGTERM gets its default action back, and the SQLite engine's connection
+  refuses every statement. Files are told by identity (device and inode), not
+  by number: a number the writer closed may since name a file of the
+  function's own, which its child keeps. A child that lives on (a
+  multiprocessing worker, a daemon) holds nothing of the writer's: callers
+  still see EOF on their reply pipes, the supervisor its sentinel, when the
+  writer dies, and the writer's successor can claim the database.
 - Control coming back into the writer's code in a process that is not the
   writer (`leave_if_forked`: after each call() function, after each batch,
   after opening the engine) ends that process at once with `os._exit`,
@@ -30,12 +36,11 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import sys
 from collections.abc import Callable, Iterable
 
 # The exit status of a forked child that came back into the writer's code.
 FORKED_CHILD_EXIT = 70  # EX_SOFTWARE
-_POPEN_FORK = "multiprocessing.popen_fork"
+_STANDARD_STREAMS = 3  # 0, 1, 2 stay: a child may print
 
 
 class _Guard:
@@ -44,6 +49,8 @@ class _Guard:
     def __init__(self) -> None:
         self.writer_pid: int | None = None
         self.child_actions: list[Callable[[], object]] = []
+        # (st_dev, st_ino) of the files a child must not keep open.
+        self.forbidden: set[tuple[int, int]] = set()
         self.signal_mask: set[int] = set()  # the forking thread's, during a fork
 
 
@@ -60,6 +67,20 @@ def become_writer() -> None:
         )
     _guard.writer_pid = os.getpid()
     _guard.child_actions = []
+    _guard.forbidden = {_identity(os.fstat(fd)) for fd in _open_descriptors()}
+
+
+def forbid_in_child(*files: int | str) -> None:
+    """Have a child forked from this writer let go of ``files``.
+
+    Each is an open descriptor or a path (not followed if a symlink). Every
+    descriptor of those files in the child is blanked, whatever its number.
+    Does nothing outside the writer process.
+    """
+    if _guard.writer_pid is not None and _guard.writer_pid == os.getpid():
+        _guard.forbidden.update(
+            _identity(os.fstat(f) if isinstance(f, int) else os.lstat(f)) for f in files
+        )
 
 
 def in_forked_child(action: Callable[[], object]) -> None:
@@ -90,26 +111,27 @@ def leave_if_forked() -> None:
         os._exit(FORKED_CHILD_EXIT)
 
 
-def own_sentinel() -> int | None:
-    """This process's end of its multiprocessing sentinel, if it has one.
+def _identity(info: os.stat_result) -> tuple[int, int]:
+    return (info.st_dev, info.st_ino)
 
-    A process started by multiprocessing's fork start method holds the write
-    end of a pipe whose read end is its parent's sentinel: the parent (the
-    supervisor) sees this process end when every copy of that end is closed.
-    A child forked from this process holds a copy, so it must be blanked
-    there, or the writer's death would go unnoticed while the child lives.
-    multiprocessing keeps that end only as a local of the frame that forked
-    (``popen_fork.Popen._launch``), below this one on the stack; None if
-    this process was not started that way.
-    """
-    frame = sys._getframe()
-    while frame is not None:
-        code = frame.f_code
-        if code.co_name == "_launch" and frame.f_globals.get("__name__") == _POPEN_FORK:
-            fd = frame.f_locals.get("child_w")
-            return fd if isinstance(fd, int) else None
-        frame = frame.f_back  # type: ignore[assignment]
-    return None
+
+def _open_descriptors() -> list[int]:
+    """This process's open descriptors above the standard streams."""
+    found = []
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd >= _STANDARD_STREAMS:
+            try:
+                os.fstat(fd)  # the listing's own descriptor is closed by now
+            except OSError:
+                continue
+            found.append(fd)
+    return found
+
+
+def _blank_forbidden() -> None:
+    forbidden = _guard.forbidden
+    blank(fd for fd in _open_descriptors() if _identity(os.fstat(fd)) in forbidden)
 
 
 def blank(fds: Iterable[int]) -> None:
@@ -148,6 +170,7 @@ def _after_fork_in_child() -> None:
     if not actions:
         return
     try:
+        _blank_forbidden()
         for action in actions:
             action()
     finally:

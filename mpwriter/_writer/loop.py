@@ -36,8 +36,8 @@ meeting the request, the dead writer had taken it: the caller is told the
 outcome is unknown. The loop tells `ReplyPipes` how far it has read the
 request pipe and which slots it holds (`RequestStream`).
 
-The loop stops gracefully on a CLOSE request, on SIGTERM, or when its owner
-process is gone (the lifeline pipe reads EOF): it marks itself closed so that
+The loop stops gracefully on a CLOSE request, on SIGTERM, or when its
+supervisor closes the lifeline pipe or dies (the pipe reads EOF): it marks itself closed so that
 callers fail fast, serves what is already queued, writes out every reply it
 owes (however large; a reader that takes nothing for 5 s is given up),
 checkpoints and exits.
@@ -56,6 +56,7 @@ import select
 import signal
 import socket
 import struct
+import sys
 import termios
 import time
 from collections import deque
@@ -90,6 +91,7 @@ from .engine import Engine, WriterConfig, open_engine
 from .metrics import Latencies, Load, SlowLog
 from .published import Publisher
 from .reply_pipes import Key, ReplyPipes, StreamedRows, pid_alive
+from .session import Sessions
 
 log = logging.getLogger("mpwriter")
 
@@ -127,6 +129,7 @@ _SELECT_FD_LIMIT = 1024
 # costs ~0.3 us on Python 3.11 (an enum class attribute), comparing ints 0.02.
 _CLOSE = int(Kind.CLOSE)
 _STATS = int(Kind.STATS)
+_SESSION = int(Kind.SESSION)
 # tuple.__new__ in C, for the per-request tuples: a NamedTuple's own __new__
 # is a Python function, a call more per request.
 _new_tuple = tuple.__new__
@@ -147,15 +150,11 @@ def serve(
     # multiprocessing forbids to have children; a call() function may start
     # one for its own use (`forks` makes the child harmless to the writer).
     multiprocessing.current_process().daemon = False
-    sentinel = forks.own_sentinel()
-    forks.in_forked_child(
-        lambda: forks.blank(
-            [
-                *_live_fds(requests, registrations, lifeline, ready),
-                *([] if sentinel is None else [sentinel]),
-            ]
-        )
-    )
+    # Everything this process inherited (the request pipe, the side socket,
+    # the lifeline, its supervisor's sentinel) is already forbidden to a
+    # child by `become_writer`; these are named too so that the rule does not
+    # hang on how this process was started.
+    forks.in_forked_child(lambda: forks.blank(_live_fds(requests, registrations, lifeline, ready)))
     counters = Counters()
     try:
         engine = open_engine(config, counters, state)
@@ -237,6 +236,9 @@ class WriterLoop:
         self._frames = FrameReader(config.frame_key)
         self._assembler = Assembler()
         self._backlog: deque[Request] = deque()
+        # How many requests `_read_available` takes into the backlog: one
+        # batch, or all there are while a session holds the others.
+        self._read_limit = config.max_batch
         # (sender, request id) -> the rows of a streamed request, until served
         self._streams: dict[tuple[int, int], StreamedRows] = {}
         self.consumed = 0  # bytes read from the request pipe so far
@@ -270,6 +272,7 @@ class WriterLoop:
             self._unwatch,
             **({} if bound is None else {"handed_over_bytes_max": bound}),
         )
+        self._sessions = Sessions(engine, counters, self, self._backlog)
         self._watch(self._request_fd, "requests")
         self._watch(registrations.fileno(), "registrations")
         self._watch(lifeline.fileno(), "lifeline")
@@ -324,6 +327,46 @@ class WriterLoop:
             r.sender == key[0] and r.slot == key[1] for r in self._backlog
         )
 
+    # -- what an interactive session asks of the loop (session.SessionHost) ------
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    def hold_requests(self, holding: bool) -> None:
+        self._read_limit = sys.maxsize if holding else self._config.max_batch
+
+    def wait_until(self, until: float) -> None:
+        self._wait(until)
+        if time.monotonic() >= self._next_housekeeping:
+            self._housekeeping()
+
+    def send(self, request: Request, reply: bytes) -> None:
+        self._replies.send(request, reply)
+
+    def reply_pipe(self, sender: int, slot: int) -> int | None:
+        return self._replies.pipe_of((sender, slot))
+
+    def answer_stats(self) -> None:
+        # Figures are no writes: they need not wait for the session to end.
+        held = [request for request in self._backlog if request.kind == _STATS]
+        for request in held:
+            self._backlog.remove(request)
+            try:
+                deadline, sent_at, body = pickle.loads(request.payload)
+            except Exception as exc:
+                self.counters.count_error(exc)
+                self._replies.send(request, error_reply(request.request_id, exc))
+                continue
+            work = Work(request, deadline, sent_at, body)
+            self._replies.send(request, self._stats_reply(work))
+
+    def watch(self, fd: int) -> None:
+        self._watch(fd, "session", 0)  # POLLERR wakes the wait; the session looks
+
+    def unwatch(self, fd: int) -> None:
+        self._unwatch(fd)
+
     # -- main loop ------------------------------------------------------------
 
     def run(self) -> None:
@@ -334,8 +377,10 @@ class WriterLoop:
                 self._read_available()
                 if not self._backlog and not self.queued_bytes():
                     return
-            elif not self._backlog or time.monotonic() >= self._poll_due:
+            elif not self._backlog:
                 self._wait()
+            elif time.monotonic() >= self._poll_due:
+                self._wait(0.0)  # requests in hand: only a look at the other descriptors
             if self._backlog:
                 began, requests = time.monotonic(), self.counters.requests
                 self._gather()
@@ -352,12 +397,13 @@ class WriterLoop:
             if time.monotonic() >= self._next_housekeeping:
                 self._housekeeping()
 
-    def _wait(self) -> None:
+    def _wait(self, until: float | None = None) -> None:
         now = time.monotonic()
         self._poll_due = now + _POLL_INTERVAL
-        # With requests in hand, only a look at the other descriptors.
-        timeout = 0.0 if self._backlog else max(0.0, self._next_housekeeping - now)
-        for fd, _ in self._poller.poll(int(timeout * 1000) + 1):
+        end = self._next_housekeeping if until is None else min(until, self._next_housekeeping)
+        timeout = end - now
+        # Rounded up, so that poll never returns early; none at all for a look.
+        for fd, _ in self._poller.poll(int(timeout * 1000) + 1 if timeout > 0 else 0):
             role = self._roles.get(fd)
             if role == "requests":
                 self._read_available()
@@ -367,9 +413,15 @@ class WriterLoop:
                     self._replies.report_lost()
             elif role == "lifeline":
                 self._unwatch(fd)
-                if not self._stopping:
-                    log.warning("mpwriter: the owner process is gone; closing")
-                    self._stopping = True
+                # The supervisor closes the lifeline when close() found the
+                # queue full (the status says CLOSED: nothing to warn about)
+                # or when the owner is gone (it logs that itself); or it died.
+                if not self._stopping and self._state.status != CLOSED:
+                    log.warning(
+                        "mpwriter: the writer's supervisor is gone (or stops it because"
+                        " its owner is gone); closing"
+                    )
+                self._stopping = True
             elif role == "signal":
                 with contextlib.suppress(BlockingIOError):
                     os.read(self._wake_r, 512)
@@ -378,7 +430,7 @@ class WriterLoop:
 
     def _read_available(self) -> None:
         """Take every request already queued, up to one batch in hand."""
-        limit = self._config.max_batch
+        limit = self._read_limit
         # Empty but after a restart. Never rebound, so a pipe registered while
         # this reads (a handed-over frame reads the side socket) is seen too.
         awaited = self._replies.awaited
@@ -488,6 +540,8 @@ class WriterLoop:
         in_hand = self._in_hand
         loads = pickle.loads
         while self._backlog and len(batch) < limit:
+            if self._backlog[0].kind == _SESSION:
+                break  # served alone, once this batch is answered (session.py)
             request = self._backlog.popleft()
             in_hand.add((request.sender, request.slot))
             kind = request.kind
@@ -527,6 +581,9 @@ class WriterLoop:
             # A child forked while the batch ran (by a function it ran: a SQL
             # function a call() registered, say) must not answer it.
             forks.leave_if_forked()
+        if self._sessions.carried:
+            # A session committed into this batch's transaction: answered only now.
+            replies += self._sessions.settle(ran=bool(batch))
         committed = time.monotonic()
         send = self._replies.send
         self._replies.send_all(replies)
@@ -556,6 +613,8 @@ class WriterLoop:
                 self._replies.release_streamed(rows)
         if batch:
             self._record_timings(batch, taken, committed)
+        if self._backlog and self._backlog[0].kind == _SESSION:
+            self._sessions.serve(self._backlog.popleft())
 
     def _serve_again(self, requests: list[Request]) -> None:
         """Put requests the engine left unanswered back at the head of the backlog.

@@ -36,7 +36,7 @@ class Publisher:
 
     def __init__(self, database: str) -> None:
         self.path = snapshot_path(database)
-        self._database = os.path.abspath(database)
+        self._database = os.path.realpath(database)
         self._next_at = 0.0
         self._failing = False
 

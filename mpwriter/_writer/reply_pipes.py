@@ -160,6 +160,18 @@ class ReplyPipes:
     def pipe_count(self) -> int:
         return len(self._slots)
 
+    def pipe_of(self, key: Key) -> int | None:
+        """The write end of this slot's pipe, if held (an interactive session watches it).
+
+        None once its caller is gone (or retired it). As in `send`, the
+        registration may still be queued on the side socket: it is read first.
+        """
+        fd = self._slots.get(key)
+        if fd is None:
+            self.read_side_socket()
+            fd = self._slots.get(key)
+        return fd
+
     def descriptors(self) -> list[int]:
         """Every descriptor held here: the side socket, reply pipes, payload files."""
         return [

@@ -54,15 +54,12 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-import filelock
-
 from .. import testing
 from .._errors import (
     Interrupted,
     NotPicklable,
     StatementRefused,
     Timeout,
-    WriterAlreadyRunning,
 )
 from .._wire.frames import REPLY_HEADER_SIZE, Kind, Request, Status, encode_reply, encode_wrote
 from . import forks
@@ -78,6 +75,7 @@ from .batch import (
     stop_time,
 )
 from .call_limit import CallLimiter, CallOverrun, own_signals, restore_signals
+from .claim import Claim
 from .migrations import apply_sqlite as apply_migrations
 
 # Pragmas that SQLite ignores or refuses inside a transaction when they set a
@@ -173,24 +171,6 @@ _PINNED_NOW = (
     "SELECT * FROM pragma_locking_mode, pragma_query_only, pragma_busy_timeout,"
     " pragma_synchronous /* mpwriter */"
 )
-
-
-def lock_path(database: str) -> str:
-    """The lock file that admits one writer per database file (the one rule)."""
-    return os.path.abspath(database) + ".mpwriter.lock"
-
-
-def claim(database: str) -> filelock.BaseFileLock:
-    """Take the single-writer lock of ``database`` or raise `WriterAlreadyRunning`."""
-    path = lock_path(database)
-    lock = filelock.FileLock(path, timeout=0)
-    try:
-        lock.acquire()
-    except filelock.Timeout:
-        raise WriterAlreadyRunning(
-            f"another mpwriter writer already serves {database!r} (it holds {path!r})"
-        ) from None
-    return lock
 
 
 class WriterConnection(sqlite3.Connection):
@@ -308,15 +288,23 @@ class _CommitRefused(Exception):
 
     def culprit_error(self) -> sqlite3.IntegrityError:
         """What the culprit is answered: SQLite's error, saying what it means."""
-        error = sqlite3.IntegrityError(
-            f"{self.error} (a deferred constraint, checked at COMMIT: this request"
-            " leaves it violated); rolled back, not applied"
-        )
-        for name in ("sqlite_errorcode", "sqlite_errorname"):  # Python 3.11+
-            if hasattr(self.error, name):
-                setattr(error, name, getattr(self.error, name))
-        error.__cause__ = self.error
-        return error
+        return deferred_violation(self.error, "this request leaves it violated")
+
+
+def deferred_violation(error: sqlite3.IntegrityError, whose: str) -> sqlite3.IntegrityError:
+    """SQLite's error of a COMMIT refused by a deferred constraint, saying what it means.
+
+    ``whose`` names the culprit. The class and SQLite's error code stay, so
+    the caller gets the `IntegrityError` sqlite3's own ``commit()`` raises.
+    """
+    told = sqlite3.IntegrityError(
+        f"{error} (a deferred constraint, checked at COMMIT: {whose}); rolled back, not applied"
+    )
+    for name in ("sqlite_errorcode", "sqlite_errorname"):  # Python 3.11+
+        if hasattr(error, name):
+            setattr(told, name, getattr(error, name))
+    told.__cause__ = error
+    return told
 
 
 class SqliteEngine:
@@ -328,7 +316,7 @@ class SqliteEngine:
         counters: Counters,
         state: Any,
         execution_limit: float | None = None,
-        lock: filelock.BaseFileLock | None = None,
+        lock: Claim | None = None,
     ) -> None:
         self._conn = conn
         self._lock = lock
@@ -358,6 +346,12 @@ class SqliteEngine:
         self._guarded = False
         # While True, a statement running alone is held to its stop time.
         self._alone = False
+        # While True, callers' own savepoints are allowed (an interactive
+        # session's statements, `session.py`); the writer's never are.
+        self.session_savepoints = False
+        # True while the open transaction holds an interactive session's
+        # committed work, waiting for the next batch's COMMIT (`session.py`).
+        self.carrying_session = False
         self._denied: str | None = None
         self._wants_solo = False
         # Requests deferred by the last `run`, each to run alone (`run_alone`).
@@ -406,6 +400,12 @@ class SqliteEngine:
         self, action: int, arg1: str | None, arg2: str | None, _db: str | None, _src: str | None
     ) -> int:
         if not self._guarded:
+            return sqlite3.SQLITE_OK
+        if (
+            action == sqlite3.SQLITE_SAVEPOINT
+            and self.session_savepoints
+            and not (arg2 or "").lower().startswith("mpwriter")
+        ):
             return sqlite3.SQLITE_OK
         if action == sqlite3.SQLITE_TRANSACTION or action == sqlite3.SQLITE_SAVEPOINT:
             verb = "SAVEPOINT" if action == sqlite3.SQLITE_SAVEPOINT and arg1 == "BEGIN" else arg1
@@ -686,6 +686,7 @@ class SqliteEngine:
             try:
                 outcome = self._run_in_transaction(attempt, attempt_solo)
             except _TransactionLost as lost:
+                self.carrying_session = False  # its work is gone: session.py tells it
                 self.abandon_transaction()
                 del self._failures[recorded:]  # this attempt's outcome does not stand
                 counters.replayed_batches += 1
@@ -696,6 +697,12 @@ class SqliteEngine:
                 continue
             except _CommitRefused as refused:
                 del self._failures[recorded:]
+                if self.carrying_session:
+                    # The refused COMMIT held a session's work too, which may be
+                    # what it refused: the batch runs again without it first.
+                    self.carrying_session = False
+                    counters.replayed_batches += 1
+                    continue
                 if len(pending) > 1:
                     counters.replayed_batches += 1  # some of it runs again
                 if size == 1:
@@ -710,6 +717,7 @@ class SqliteEngine:
             pending = pending[size:]
             if suspects is not None:
                 suspects = suspects - size if suspects > size else None
+        self.carrying_session = False
         self._settle()
         self._state.busy_until = 0.0
         if self._repair_transaction_control:
@@ -740,6 +748,10 @@ class SqliteEngine:
         "database is locked" error and left out; the rest are returned.
         """
         pending = list(batch)
+        if self._conn.in_transaction:
+            # An interactive session's committed work (`session.py`), kept
+            # open for this batch's COMMIT to make it durable with the rest.
+            return pending
         delay = _BACKOFF_FIRST
         while pending:
             try:
@@ -972,7 +984,7 @@ def open_sqlite_engine(
     Raises `WriterAlreadyRunning` or the error that opening raised (the lock is
     then released).
     """
-    lock = claim(path)
+    lock = Claim(path)
     try:
         conn = open_database(path, synchronous, init)
         apply_migrations(conn, migrations, split_script)

@@ -1,0 +1,503 @@
+"""Interactive transactions (sessions) in the writer: one at a time, bounded.
+
+A session is a transaction a caller drives statement by statement, each
+answered at once (reads included), until it commits or rolls back::
+
+    first request (Kind.SESSION)  -->  the loop finishes the batch before it,
+                                       then hands it here (`Sessions.serve`)
+    BEGIN IMMEDIATE                -->  the session owns the writer's transaction
+    its statements, one by one     -->  run at once, each answered at once
+    everyone else's requests       -->  held in the loop's backlog, in order
+    its COMMIT                     -->  its work stays in the open transaction;
+                                       the loop's next batch (the held
+                                       requests) runs in it and COMMITs: one
+                                       group commit for all, the session's
+                                       reply sent after it (`settle`)
+
+Why the session owns the transaction rather than sitting beside other
+requests under a savepoint: a request held behind it must not wait for its
+reply until the session ends (up to its total limit), and a session may read
+only what is committed or its own. So the batch before it commits first, and
+the requests that came while it was open join its commit.
+
+Bounds: an idle limit between statements and a total limit (the caller sends
+both), after which the writer rolls the session back; its caller's reply pipe
+is watched (a duplicate of its write end polls POLLERR once every reader is
+gone: a killed caller is rolled back at once); a writer that is closing rolls
+it back. The caller is not waiting then: its next call on the transaction is
+answered `SessionExpired` (the ended transactions are remembered, bounded).
+
+Its statements are vetted as every caller's are, and may also use their own
+savepoints (SAVEPOINT, RELEASE, ROLLBACK TO: `SqliteEngine.session_savepoints`);
+BEGIN, COMMIT, END and plain ROLLBACK stay refused. Each statement's text
+carries `SESSION_SUFFIX`, because sqlite3 caches prepared statements by text
+and the authorizer only runs when one is prepared: a "SAVEPOINT a" allowed in
+a session must never be found in the cache by a plain request.
+
+Replays: a statement that makes SQLite abandon the transaction (``INSERT OR
+ROLLBACK``, a full disk) ends the session: its earlier statements were
+answered and cannot be replayed. After its COMMIT, if the batch that carries
+it is replayed or its COMMIT fails, the session's work is gone with it, and
+its commit is answered `SessionExpired` ("rolled back, not applied"), never
+replayed.
+
+PostgreSQL writers answer every session request with `NotSupportedError`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import select
+import sqlite3
+import time
+from collections import OrderedDict, deque
+from typing import Protocol
+
+from .._errors import (
+    NotSupportedError,
+    SessionExpired,
+    StatementRefused,
+    WriterCrashed,
+)
+from .._wire.frames import Kind, Request, SessionOp, Status, encode_reply
+from .batch import Counters, Work, commit_cost, error_reply, expired_reply
+from .engine import Engine
+from .sqlite import (
+    _COMMIT,
+    SqliteEngine,
+    _NeedsSolo,
+    _Refused,
+    deferred_violation,
+    split_script,
+)
+
+log = logging.getLogger("mpwriter")
+
+SESSION_SUFFIX = "\n/* mpwriter session */"
+_SESSION = int(Kind.SESSION)
+# Transactions the writer ended on its own, remembered so that their next
+# request is told why (oldest forgotten first).
+_ENDED_KEPT = 4096
+_SCRIPT = int(SessionOp.SCRIPT)
+_COMMIT_OP = int(SessionOp.COMMIT)
+_ROLLBACK_OP = int(SessionOp.ROLLBACK)
+_STATEMENT_KINDS = {
+    int(SessionOp.EXECUTE): Kind.EXECUTE,
+    int(SessionOp.EXECUTEMANY): Kind.EXECUTEMANY,
+}
+# The authorizer's refusals of transaction control start with one of these.
+_TRANSACTION_VERBS = frozenset(
+    {"BEGIN", "COMMIT", "ROLLBACK", "SAVEPOINT", "RELEASE", "transaction control"}
+)
+_REFUSED_HINT = (
+    ": Session.commit() and Session.rollback() end the transaction; SAVEPOINT,"
+    " RELEASE and ROLLBACK TO work, except on the writer's own savepoints (mpwriter*)"
+)
+
+TxnKey = tuple[int, int]  # (sender token, the caller's transaction id)
+
+
+class SessionHost(Protocol):
+    """What a session needs of the writer loop (`loop.WriterLoop`)."""
+
+    @property
+    def stopping(self) -> bool:
+        """Whether the writer is closing (CLOSE, SIGTERM, its owner gone)."""
+        ...
+
+    def hold_requests(self, holding: bool) -> None:
+        """While ``holding``, read every request at hand, past the batch limit:
+        the session's next statement may be queued behind any number of them."""
+        ...
+
+    def wait_until(self, until: float) -> None:
+        """Wait for anything the loop waits for, until ``until`` at most."""
+        ...
+
+    def send(self, request: Request, reply: bytes) -> None:
+        """Write ``reply`` to the pipe ``request`` named (never blocks)."""
+        ...
+
+    def reply_pipe(self, sender: int, slot: int) -> int | None:
+        """The write end of this slot's reply pipe, if the writer holds it."""
+        ...
+
+    def answer_stats(self) -> None:
+        """Answer the STATS requests held in the backlog, now."""
+        ...
+
+    def watch(self, fd: int) -> None:
+        """Wake `wait_until` when ``fd`` reports an error (its readers are gone)."""
+        ...
+
+    def unwatch(self, fd: int) -> None: ...
+
+
+class _Open:
+    """The session being served."""
+
+    __slots__ = (
+        "foreign_keys",
+        "idle_limit",
+        "idle_until",
+        "pipe",
+        "request",
+        "total_until",
+        "txn",
+    )
+
+    def __init__(
+        self, request: Request, txn: TxnKey, idle_limit: float, total: float, foreign_keys: bool
+    ) -> None:
+        now = time.monotonic()
+        # False: this transaction runs with foreign key enforcement off; it
+        # then commits alone and enforcement is back on before anything else.
+        self.foreign_keys = foreign_keys
+        self.request = request  # its first request: names its sender and slot
+        self.txn = txn
+        self.idle_limit = idle_limit
+        self.idle_until = now + idle_limit
+        self.total_until = now + total
+        self.pipe = -1  # a duplicate of its reply pipe's write end, watched
+
+
+class Sessions:
+    """Serves interactive sessions for the loop; see the module docstring."""
+
+    def __init__(
+        self, engine: Engine, counters: Counters, host: SessionHost, backlog: deque[Request]
+    ) -> None:
+        self._engine = engine if isinstance(engine, SqliteEngine) else None
+        self._counters = counters
+        self._host = host
+        self._backlog = backlog
+        self._ended: OrderedDict[TxnKey, str] = OrderedDict()
+        # A committed session's request, whose work waits in the open
+        # transaction for the next COMMIT; with the counters as they were.
+        self._carried: Request | None = None
+        self._commits_before = 0
+        self._replays_before = 0
+
+    @property
+    def carried(self) -> bool:
+        """Whether a committed session's work waits in the open transaction."""
+        return self._carried is not None
+
+    # -- after a session: its COMMIT ---------------------------------------------
+
+    def settle(self, ran: bool) -> list[tuple[Request, bytes]]:
+        """The reply to the carried session commit, once the loop's batch is done.
+
+        ``ran``: the loop ran a batch in the carried transaction (it COMMITted
+        or failed); otherwise the transaction is committed here, now.
+        """
+        request = self._carried
+        if request is None:
+            return []
+        self._carried = None
+        if self._engine is not None:
+            self._engine.carrying_session = False  # settled, whatever the batch did
+        if not ran:
+            failed = self._commit_now()
+            if failed is not None:
+                # Its own COMMIT, shared with no one: its error is the
+                # session's (a deferred foreign key violation is an
+                # IntegrityError, as sqlite3's commit() raises it).
+                self._counters.sessions_expired += 1
+                return [(request, error_reply(request.request_id, _told(failed)))]
+            committed = True
+            why = ""
+        else:
+            # The batch that ran in the carried transaction committed it with
+            # its first COMMIT, or lost it: a replay (a request spoiled the
+            # transaction, or a deferred constraint refused the COMMIT: the
+            # session's own, perhaps) or a failed COMMIT rolled it back.
+            counters = self._counters
+            replayed = counters.replayed_batches != self._replays_before
+            committed = counters.commits > self._commits_before and not replayed
+            why = (
+                "the COMMIT it shared was refused or the transaction spoiled (a deferred"
+                " constraint, ON CONFLICT ROLLBACK, a full disk)"
+            )
+        if committed:
+            return [(request, encode_reply(request.request_id, Status.OK, None))]
+        self._counters.sessions_expired += 1
+        expired = SessionExpired(f"the session's transaction was lost: {why}; not applied")
+        return [(request, error_reply(request.request_id, expired))]
+
+    def _commit_now(self) -> sqlite3.Error | None:
+        """COMMIT the open transaction now; its error (rolled back), or None."""
+        engine = self._engine
+        assert engine is not None  # only a SQLite session carries work
+        started = time.monotonic()
+        try:
+            engine._conn.execute(_COMMIT)
+        except sqlite3.Error as exc:
+            engine.abandon_transaction()  # a refused COMMIT leaves it open
+            return exc
+        self._counters.batches += 1
+        self._counters.commits += 1
+        engine.commit_seconds = commit_cost(engine.commit_seconds, started, time.monotonic())
+        return None
+
+    # -- one session ----------------------------------------------------------------
+
+    def serve(self, first: Request) -> None:
+        """Serve the session ``first`` belongs to, from there to its end.
+
+        ``first`` was at the head of the backlog, and no transaction is open.
+        Returns once the session committed (its work carried: see `settle`),
+        rolled back, or was rolled back by the writer. If it committed and
+        no plain request is there to share its COMMIT, commits at once.
+        """
+        host = self._host
+        fd = host.reply_pipe(first.sender, first.slot)
+        if fd is None:
+            # Its caller is gone, or gave up on this request and retired the
+            # slot (it waited behind another session past its timeout):
+            # opening the session would hold everyone for its idle limit.
+            self._counters.expired += 1
+            gone = SessionExpired("the session's caller was gone before it began; not applied")
+            host.send(first, error_reply(first.request_id, gone))
+            return
+        session = self._open(first)
+        if session is None:
+            return
+        counters = self._counters
+        counters.sessions += 1
+        started = last = time.monotonic()
+        session.pipe = os.dup(fd)
+        host.watch(session.pipe)
+        host.hold_requests(True)
+        try:
+            ending = self._statement(session, first)
+            while ending is None:
+                host.answer_stats()
+                own = self._take_own(session)
+                now = time.monotonic()
+                counters.session_wait_seconds += len(self._backlog) * (now - last)
+                last = now
+                if own is not None:
+                    ending = self._statement(session, own)
+                    continue
+                ending = self._why_end(session, now)
+                if ending is None:
+                    host.wait_until(min(session.idle_until, session.total_until))
+        finally:
+            host.hold_requests(False)
+            if session.pipe >= 0:
+                host.unwatch(session.pipe)
+                os.close(session.pipe)
+        now = time.monotonic()
+        counters.session_wait_seconds += len(self._backlog) * (now - last)
+        counters.session_waits += len(self._backlog)
+        if ending:  # rolled back by the writer: remembered for the caller's next call
+            counters.sessions_expired += 1
+            self._end(session.txn, ending)
+            log.warning("mpwriter: session rolled back after %.3f s: %s", now - started, ending)
+        if not session.foreign_keys:
+            self._foreign_keys_on()
+        if self._carried is not None and not (self._backlog and self._backlog[0].kind != _SESSION):
+            self._host.send(*self.settle(ran=False)[0])
+
+    def _open(self, request: Request) -> _Open | None:
+        """Open the session ``request`` starts; None if it was answered instead."""
+        try:
+            deadline, _, body = pickle.loads(request.payload)
+            txn_id, first, op, _, idle_limit, total_limit, foreign_keys = body
+        except Exception as exc:
+            self._counters.count_error(exc)
+            self._host.send(request, error_reply(request.request_id, exc))
+            return None
+        txn = (request.sender, txn_id)
+        engine = self._engine
+        reply: bytes | None = None
+        if op == SessionOp.ROLLBACK:
+            # Nothing is open: rolled back already (by the writer, or a dead one).
+            reply = encode_reply(request.request_id, Status.OK, None)
+        elif engine is None:
+            reply = error_reply(
+                request.request_id,
+                NotSupportedError(
+                    "interactive sessions need a SQLite writer; on PostgreSQL, send a"
+                    " transaction's statements together (Writer.transaction(), Writer.call())"
+                ),
+            )
+        elif txn in self._ended:
+            reply = error_reply(request.request_id, SessionExpired(self._ended[txn]))
+        elif not first:
+            reply = error_reply(
+                request.request_id,
+                WriterCrashed(
+                    "the writer process that held this session's transaction is gone;"
+                    " the transaction was rolled back, not committed"
+                ),
+            )
+        elif op == SessionOp.COMMIT:
+            # Nothing was opened: whatever the session sent failed before.
+            reply = encode_reply(request.request_id, Status.OK, None)
+        elif deadline <= time.monotonic():
+            self._counters.expired += 1
+            work = Work(request, deadline, 0.0, ())
+            reply = expired_reply(work)
+        if reply is not None:
+            self._host.send(request, reply)
+            return None
+        assert engine is not None  # answered NotSupportedError above
+        replies: dict[int, bytes] = {}
+        work = Work(request, deadline, 0.0, ())
+        if not foreign_keys:
+            # Outside any transaction (SQLite ignores it inside one).
+            engine._conn.execute("PRAGMA foreign_keys=OFF /* mpwriter */")
+        if not engine._begin([work], replies):
+            engine._settle()
+            if not foreign_keys:
+                self._foreign_keys_on()
+            self._host.send(request, replies[id(work)])  # an outside lock holder stayed
+            return None
+        return _Open(request, txn, idle_limit, total_limit, bool(foreign_keys))
+
+    def _foreign_keys_on(self) -> None:
+        """Enforcement back on after a session that ran without it, its transaction ended."""
+        engine = self._engine
+        assert engine is not None
+        engine.abandon_transaction()  # nothing is open here; never leave it on inside one
+        engine._conn.execute("PRAGMA foreign_keys=ON /* mpwriter */")
+
+    def _take_own(self, session: _Open) -> Request | None:
+        """The session's next request, taken out of the backlog if it came."""
+        sender, slot = session.request.sender, session.request.slot
+        for index, request in enumerate(self._backlog):
+            if request.sender == sender and request.slot == slot and request.kind == _SESSION:
+                del self._backlog[index]
+                return request
+        return None
+
+    def _why_end(self, session: _Open, now: float) -> str | None:
+        """Why the writer must roll the session back now, if it must."""
+        if now >= session.total_until:
+            return "the session passed its total limit; its transaction was rolled back"
+        if now >= session.idle_until:
+            return (
+                f"the session sent nothing for its idle limit ({session.idle_limit:g} s);"
+                " its transaction was rolled back"
+            )
+        if self._host.stopping or any(r.kind == Kind.CLOSE for r in self._backlog):
+            return "the writer is closing; the session's transaction was rolled back"
+        if self._caller_gone(session):
+            return "the session's caller is gone; its transaction was rolled back"
+        return None
+
+    def _caller_gone(self, session: _Open) -> bool:
+        poller = select.poll()
+        poller.register(session.pipe, 0)  # POLLERR is reported whatever the mask
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+
+    def _statement(self, session: _Open, request: Request) -> str | None:
+        """Run one of the session's requests and answer it.
+
+        Returns None while the session goes on, "" once it ended as its caller
+        asked (commit or rollback), or why the writer rolled it back.
+        """
+        engine = self._engine
+        assert engine is not None
+        host = self._host
+        try:
+            deadline, sent_at, body = pickle.loads(request.payload)
+            txn_id, _, op, args, _, _, _ = body
+            if op not in _STATEMENT_KINDS and op not in (_SCRIPT, _COMMIT_OP, _ROLLBACK_OP):
+                raise ValueError(f"unknown session operation {op!r}")
+            text: str = args[0] + "" if args else ""  # a str, or the request fails here
+        except Exception as exc:
+            self._counters.count_error(exc)
+            host.send(request, error_reply(request.request_id, exc))
+            return None
+        if (request.sender, txn_id) != session.txn:
+            refused = StatementRefused("another transaction of this session is still open")
+            host.send(request, error_reply(request.request_id, refused))
+            return None
+        self._counters.requests += 1
+        if op == _COMMIT_OP and not session.foreign_keys:
+            # Committed alone, now: the requests held behind it must not run
+            # in a transaction without foreign key enforcement.
+            failed = self._commit_now()
+            if failed is None:
+                host.send(request, encode_reply(request.request_id, Status.OK, None))
+            else:
+                self._counters.sessions_expired += 1
+                host.send(request, error_reply(request.request_id, _told(failed)))
+            return ""
+        if op == _COMMIT_OP:
+            self._carried = request
+            engine.carrying_session = True
+            self._commits_before = self._counters.commits
+            self._replays_before = self._counters.replayed_batches
+            return ""
+        if op == _ROLLBACK_OP:
+            engine.abandon_transaction()
+            host.send(request, encode_reply(request.request_id, Status.OK, None))
+            return ""
+        stop_at = min(deadline, session.total_until)
+        if op == _SCRIPT:
+            # Statement by statement, each with the suffix (see the module);
+            # like sqlite3's executescript, it stops at the first that fails.
+            reply = encode_reply(request.request_id, Status.OK, None)
+            for statement in split_script(text):
+                work = Work(request, stop_at, sent_at, (statement.strip() + SESSION_SUFFIX, ()))
+                succeeded, answer = self._run(engine, work, Kind.EXECUTE)
+                if not succeeded:
+                    reply = answer
+                    break
+        else:
+            work = Work(request, stop_at, sent_at, (text + SESSION_SUFFIX, args[1]))
+            _, reply = self._run(engine, work, _STATEMENT_KINDS[op])
+        host.send(request, reply)
+        session.idle_until = time.monotonic() + session.idle_limit
+        if not engine._conn.in_transaction:
+            return (
+                "SQLite rolled back the whole transaction (ON CONFLICT ROLLBACK, a full"
+                " disk or an I/O error); nothing of it was applied"
+            )
+        return None
+
+    def _run(self, engine: SqliteEngine, work: Work, kind: Kind) -> tuple[bool, bytes]:
+        """Run one statement, vetted, as a request of ``kind``: (succeeded, its reply)."""
+        work = work._replace(request=work.request._replace(kind=int(kind)))
+        engine.session_savepoints = True
+        try:
+            return True, engine._run_guarded(work)
+        except _Refused as refused:
+            message = str(refused.args[0])
+            verb = message.split(" is refused", 1)[0]
+            if verb in _TRANSACTION_VERBS:
+                message = f"{verb} is refused in a session{_REFUSED_HINT}"
+            return False, engine._refusal(work, _Refused(message))
+        except _NeedsSolo:
+            solo = StatementRefused(
+                "this statement cannot run inside a transaction; send it with"
+                " Writer.execute(), outside the session"
+            )
+            return False, engine._fail(work, solo)
+        except Exception as exc:
+            return False, engine._fail(work, exc)
+        finally:
+            engine.session_savepoints = False
+            engine._state.busy_until = 0.0
+            engine._settle()  # a session's statement is never replayed: its failure stands
+
+    def _end(self, txn: TxnKey, why: str) -> None:
+        engine = self._engine
+        if engine is not None:
+            engine.abandon_transaction()
+        self._ended[txn] = why
+        while len(self._ended) > _ENDED_KEPT:
+            self._ended.popitem(last=False)
+
+
+def _told(error: sqlite3.Error) -> sqlite3.Error:
+    """A session's own refused COMMIT, worded to say it was rolled back."""
+    if isinstance(error, sqlite3.IntegrityError):
+        return deferred_violation(error, "this session's transaction leaves it violated")
+    return error
