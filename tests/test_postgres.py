@@ -226,6 +226,41 @@ def test_runs_of_one_statement_in_a_batch_answer_each_its_own(
     assert pg_count(pg_fresh) == 14
 
 
+def test_a_batch_past_64_requests_commits_once(
+    pg_writer: mpwriter.Writer, pg_fresh: str, gate: Gate
+) -> None:
+    # Without savepoints the fast path needs no chunks of 64 (the
+    # subtransaction cache): a batch of 100 inserts is one transaction.
+    commits = pg_writer.stats()["commits"]
+    gate.hold(pg_writer)
+    futures = [pg_writer.submit(INSERT, (30, seq)) for seq in range(100)]
+    gate.release()
+    assert gate.future.result(timeout=30) == "released"
+    assert [future.result(timeout=30).rowcount for future in futures] == [1] * 100
+    stats = pg_writer.stats()
+    assert stats["commits"] - commits == 2, stats  # the gate's batch, then the 100
+    assert pg_count(pg_fresh) == 100
+
+
+def test_a_failure_in_a_batch_past_64_requests_is_its_own(
+    pg_writer: mpwriter.Writer, pg_fresh: str, gate: Gate
+) -> None:
+    # Replayed with a savepoint per request, at most 64 to a transaction.
+    pg_writer.execute(INSERT, (31, 70))
+    gate.hold(pg_writer)
+    futures = [pg_writer.submit(INSERT, (31, seq)) for seq in range(100)]
+    gate.release()
+    assert gate.future.result(timeout=30) == "released"
+    outcomes = []
+    for future in futures:
+        try:
+            outcomes.append(future.result(timeout=30).rowcount)
+        except mpwriter.IntegrityError:
+            outcomes.append("duplicate")
+    assert outcomes == [1] * 70 + ["duplicate"] + [1] * 29
+    assert pg_count(pg_fresh) == 100
+
+
 def flaky_serialization(conn: Any, marker: str) -> int:
     """Fails with a real 40001 from the server on its first run, succeeds after."""
     conn.execute(INSERT, (11, 1))

@@ -5,11 +5,14 @@ inherited across a fork) and reopened with backoff when it is lost. Several
 writers (one per machine) may serve the same database: nothing here assumes
 it is the only one, so there is no lock file.
 
-A batch is cut into chunks of at most 64 requests, each chunk one
-transaction: PostgreSQL caches 64 subtransactions per transaction, and more
-savepoints than that slow the whole server and its replicas.
+A batch runs as one transaction on the fast path below, which takes no
+savepoints. Where savepoints are needed (a `call()`, a held request, a
+replay after a failure) it is cut into chunks of at most 64 requests, each
+chunk one transaction: PostgreSQL caches 64 subtransactions per
+transaction, and more savepoints than that slow the whole server and its
+replicas.
 
-The error-free case (fast path), one chunk::
+The error-free case (fast path), the whole batch::
 
     pipeline: BEGIN; time limits; every request's statements   -> one round trip
               (a run of one SQL text: one executemany, `_queue_run`)
@@ -469,8 +472,11 @@ class PostgresEngine:
                 # Counted here, once: a replayed batch queues its posts again.
                 counters.posts_dropped += work.body[2]
         replies: dict[int, bytes] = {}
-        for start in range(0, len(batch), MAX_CHUNK):
-            self._run_chunk(batch[start : start + MAX_CHUNK], replies)
+        if self._pipelinable(batch):
+            self._run_chunk(batch, replies)  # no savepoints: one transaction for all
+        else:
+            for start in range(0, len(batch), MAX_CHUNK):
+                self._run_chunk(batch[start : start + MAX_CHUNK], replies)
         self._state.busy_until = 0.0
         # A request deferred to `run_alone`, or held, has no reply yet.
         return [(work.request, replies[id(work)]) for work in batch if id(work) in replies]
@@ -527,11 +533,17 @@ class PostgresEngine:
 
     # -- one chunk ------------------------------------------------------------------
 
-    def _run_chunk(self, chunk: list[Work], replies: dict[int, bytes]) -> None:
+    def _pipelinable(self, chunk: list[Work]) -> bool:
+        """Whether ``chunk`` may try the pipelined path: no call(), no held request."""
         held = self._held
-        pipelined = not any(
+        return not any(
             work.request.kind == Kind.CALL or (held and _key(work) in held) for work in chunk
         )
+
+    def _run_chunk(self, chunk: list[Work], replies: dict[int, bytes]) -> None:
+        """Run ``chunk`` in one transaction (pipelined, else isolated), or in
+        smaller ones after a failure; every request gets its reply."""
+        pipelined = self._pipelinable(chunk)
         attempts = 0
         while True:
             chunk = self._ensure_connected(self._drop_expired(chunk, replies), replies)
@@ -562,6 +574,12 @@ class PostgresEngine:
             except _StatementFailed:
                 self._rollback()
                 self._counters.replayed_batches += 1
+                if len(chunk) > MAX_CHUNK:
+                    # The isolated path's savepoints: at most MAX_CHUNK a
+                    # transaction. Each part tries the pipelined path first.
+                    for start in range(0, len(chunk), MAX_CHUNK):
+                        self._run_chunk(chunk[start : start + MAX_CHUNK], replies)
+                    return
                 pipelined = False
             except _CommitFailed as failed:
                 self._rollback()
