@@ -658,7 +658,13 @@ class PostgresEngine:
         state = exc.sqlstate or ""
         # Class 08 (connection exception) and the server shutting down (57P01-3)
         # end the session even when libpq has not noticed the socket closing yet.
-        if conn is None or conn.broken or state.startswith("08") or state in _SHUTDOWN:
+        if (
+            conn is None
+            or conn.broken
+            or state.startswith("08")
+            or state in _SHUTDOWN
+            or _connection_failed(exc)
+        ):
             return _Lost(exc, commit_sent)
         if state in _RETRYABLE:
             return _Retryable(exc)
@@ -746,7 +752,7 @@ class PostgresEngine:
                     with conn.transaction(savepoint_name="mpwriter_request"):
                         succeeded[id(work)] = self._ok(work, self._queue(conn, work)())
                 except psycopg.Error as exc:
-                    if conn.broken or exc.sqlstate in _RETRYABLE:
+                    if conn.broken or exc.sqlstate in _RETRYABLE or _connection_failed(exc):
                         raise
                     if exc.sqlstate == _NOT_IN_TRANSACTION and work.request.kind in _ALONE:
                         alone.append(work)  # VACUUM and the like: after the batch
@@ -982,6 +988,19 @@ def _queue_run(conn: psycopg.Connection[Any], run: list[Work]) -> list[Finish]:
         return value
 
     return [finish] * len(run)
+
+
+def _connection_failed(exc: psycopg.Error) -> bool:
+    """Whether ``exc`` is the connection's failure, not a statement's.
+
+    Every error the server reports for a statement carries a SQLSTATE; an
+    OperationalError without one comes from the client side of the
+    connection (libpq or psycopg: a socket that failed before libpq marked
+    it closed, a pipeline left in a state it cannot go on from). No request
+    caused it, so none is answered with it: the connection is dropped and
+    the requests replayed on a new one, or told it is unavailable.
+    """
+    return isinstance(exc, psycopg.OperationalError) and not exc.sqlstate
 
 
 def _lock_timed_out(exc: psycopg.Error) -> bool:
