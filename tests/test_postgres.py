@@ -201,6 +201,66 @@ def test_a_failed_request_does_not_spoil_its_batch(
     assert pg_writer.stats()["replayed_batches"] >= 1
 
 
+def test_runs_of_one_statement_in_a_batch_answer_each_its_own(
+    pg_writer: mpwriter.Writer, pg_fresh: str, gate: Gate
+) -> None:
+    # Consecutive requests of one SQL text go to the server together: each
+    # must still get its own rowcount and rows, in order, with the runs
+    # broken by other statements and by requests without parameters.
+    for seq in range(6):
+        pg_writer.execute(INSERT, (20, seq))
+    update = "UPDATE items SET payload = 'u' WHERE client = ? AND seq <= ?"
+    returning = "INSERT INTO items(client, seq) VALUES (?, ?) RETURNING seq * 10"
+    gate.hold(pg_writer)
+    futures = [pg_writer.submit(update, (20, bound)) for bound in (0, 3, -1, 5, 1)]
+    futures += [pg_writer.submit(returning, (21, seq)) for seq in range(5)]
+    futures.append(pg_writer.submit("SELECT count(*) FROM items WHERE client = 21"))
+    futures += [pg_writer.submit(returning, (22, seq)) for seq in range(3)]  # a short run
+    gate.release()
+    assert gate.future.result(timeout=30) == "released"
+    results = [future.result(timeout=30) for future in futures]
+    assert [r.rowcount for r in results[:5]] == [1, 4, 0, 6, 2]
+    assert [r.rows for r in results[5:10]] == [[(seq * 10,)] for seq in range(5)]
+    assert results[10].rows == [(5,)]
+    assert [r.rows for r in results[11:]] == [[(seq * 10,)] for seq in range(3)]
+    assert pg_count(pg_fresh) == 14
+
+
+def test_a_batch_past_64_requests_commits_once(
+    pg_writer: mpwriter.Writer, pg_fresh: str, gate: Gate
+) -> None:
+    # Without savepoints the fast path needs no chunks of 64 (the
+    # subtransaction cache): a batch of 100 inserts is one transaction.
+    commits = pg_writer.stats()["commits"]
+    gate.hold(pg_writer)
+    futures = [pg_writer.submit(INSERT, (30, seq)) for seq in range(100)]
+    gate.release()
+    assert gate.future.result(timeout=30) == "released"
+    assert [future.result(timeout=30).rowcount for future in futures] == [1] * 100
+    stats = pg_writer.stats()
+    assert stats["commits"] - commits == 2, stats  # the gate's batch, then the 100
+    assert pg_count(pg_fresh) == 100
+
+
+def test_a_failure_in_a_batch_past_64_requests_is_its_own(
+    pg_writer: mpwriter.Writer, pg_fresh: str, gate: Gate
+) -> None:
+    # Replayed with a savepoint per request, at most 64 to a transaction.
+    pg_writer.execute(INSERT, (31, 70))
+    gate.hold(pg_writer)
+    futures = [pg_writer.submit(INSERT, (31, seq)) for seq in range(100)]
+    gate.release()
+    assert gate.future.result(timeout=30) == "released"
+    outcomes = []
+    for future in futures:
+        try:
+            outcomes.append(future.result(timeout=30).rowcount)
+        except mpwriter.IntegrityError:
+            outcomes.append("duplicate")
+    assert outcomes == [1] * 70 + ["duplicate"] + [1] * 29
+    assert pg_count(pg_fresh) == 100
+
+
 def flaky_serialization(conn: Any, marker: str) -> int:
     """Fails with a real 40001 from the server on its first run, succeeds after."""
     conn.execute(INSERT, (11, 1))

@@ -11,6 +11,9 @@ Workloads (each run on a fresh WAL database; details in each module):
                    "stream": one executemany of a generator of --stream-rows
                    rows, the caller's peak memory growth
   bench_memory.py  a client's added memory after --memory-calls calls
+  bench_floor.py   "floor": SELECT ? round trips through mpwriter against the
+                   transport floor (plain pipes, pickle, no database), at 1
+                   and 8 clients
   (the writer's resident memory is sampled during every mpwriter insert run)
 
 Each configuration runs --runs times; within a round every mode runs in turn
@@ -44,12 +47,13 @@ from typing import Any
 
 import _benchlib as lib
 import bench_bulk
+import bench_floor
 import bench_insert
 import bench_memory
 import bench_report
 import bench_rmw
 
-EXTRA_MODES = ("bulk", "stream", "memory")
+EXTRA_MODES = ("bulk", "stream", "memory", "floor")
 MODES = bench_insert.MODES + bench_rmw.MODES + EXTRA_MODES
 QUICK = {
     "clients": "1,8,16",
@@ -100,7 +104,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-Rounds = tuple[Results, Results, list[lib.Run], list[lib.Run], list[lib.Run]]
+Rounds = tuple[Results, Results, list[lib.Run], list[lib.Run], list[lib.Run], list[lib.Run]]
 
 
 def run_rounds(args: argparse.Namespace) -> Rounds:
@@ -119,6 +123,7 @@ def run_rounds(args: argparse.Namespace) -> Rounds:
     bulk: list[lib.Run] = []
     memory: list[lib.Run] = []
     streams: list[lib.Run] = []
+    floors: list[lib.Run] = []
     sound = True
     for round_no in range(1, args.runs + 1):
         print(f"round {round_no}/{args.runs}", flush=True)
@@ -145,8 +150,16 @@ def run_rounds(args: argparse.Namespace) -> Rounds:
             run = bench_memory.run_once(args.sync[0], args.dir, args.memory_calls)
             sound &= bench_memory.check(run)
             memory.append(run)
+        if "floor" in args.modes:
+            # Alternate which goes first, as for bulk.
+            order = bench_floor.MODES if round_no % 2 else bench_floor.MODES[::-1]
+            for clients in bench_floor.CLIENTS:
+                for mode in order:
+                    run = bench_floor.run_once(mode, clients, args.duration, args.sync[0], args.dir)
+                    print(f"  {mode}-{clients:<18} {run['per_second']:9.0f} round trips/s")
+                    floors.append(run)
     args.sound = sound
-    return inserts, rmw, bulk, streams, memory
+    return inserts, rmw, bulk, streams, memory, floors
 
 
 def print_key_figures(figures: dict[str, Any]) -> None:
@@ -183,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     info = lib.machine(args.dir)
     print("machine: " + ", ".join(f"{k}={v}" for k, v in info.items()), flush=True)
-    inserts, rmw, bulk_runs, stream_runs, memory_runs = run_rounds(args)
+    inserts, rmw, bulk_runs, stream_runs, memory_runs, floor_runs = run_rounds(args)
     header = f"medians of {args.runs} run(s) of {args.duration:g} s each"
 
     insert_rows = bench_insert.table(inserts)
@@ -226,9 +239,13 @@ def main(argv: list[str] | None = None) -> int:
             f" +{memory['control_uss_added_mb']:.2f} MB USS)"
         )
 
+    floor = bench_floor.summary(floor_runs) if floor_runs else None
+    if floor:
+        bench_floor.print_summary(floor, header)
+
     insert_runs = [r for runs in inserts.values() for r in runs]
     figures = bench_report.key_figures(
-        insert_rows, insert_runs, rmw_rows, bulk, streamed, memory, args.clients
+        insert_rows, insert_runs, rmw_rows, bulk, streamed, memory, args.clients, floor
     )
     print("\nkey figures:")
     print_key_figures(figures)
@@ -248,13 +265,15 @@ def main(argv: list[str] | None = None) -> int:
             "bulk": bulk,
             "stream": streamed,
             "memory": memory,
+            "floor": floor,
             "key_figures": figures,
             "targets": [t._asdict() for t in found],
             "runs": insert_runs
             + [r for runs in rmw.values() for r in runs]
             + bulk_runs
             + stream_runs
-            + memory_runs,
+            + memory_runs
+            + floor_runs,
         }
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as out:

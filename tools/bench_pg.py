@@ -16,6 +16,9 @@ and the most server connections seen on the benchmark's database
   PYTHONPATH=. python3 tools/bench.py --database postgresql://postgres@127.0.0.1:5432/postgres
   PYTHONPATH=. python3 tools/bench_pg.py --database URL --clients 8,16,64,128 --duration 3
 
+After the table: mpwriter/naive per client count, and issue 22's targets
+(>= 1.4x at 16 clients, >= 2.5x at 64, zero errors, p99 at 16 < 10 ms).
+
 The database named in the URL is not touched: the benchmark creates its own
 (mpwriter_bench_<random>) on that server and drops it at the end.
 """
@@ -175,9 +178,10 @@ def main(argv: list[str] | None = None) -> int:
             print("| clients | mode | inserts/s | p99 ms | max ms | errors | server connections |")
             print("|---:|---|---:|---:|---:|---:|---:|")
             problems = 0
+            results: dict[tuple[str, int], dict[str, Any]] = {}
             for clients in (int(c) for c in args.clients.split(",")):
                 for mode in args.modes.split(","):
-                    r = run_once(mode, url, clients, args.duration)
+                    r = results[(mode, clients)] = run_once(mode, url, clients, args.duration)
                     print(
                         f"| {clients} | {mode} | {r['per_second']:,.0f} | {r['p99_ms']:.1f}"
                         f" | {r['max_ms']:.1f} | {r['errors']} | {r['connections']} |",
@@ -186,9 +190,39 @@ def main(argv: list[str] | None = None) -> int:
                     if r["stored"] < r["acknowledged"]:
                         print(f"  PROBLEM: {r['acknowledged']} acknowledged, {r['stored']} stored")
                         problems += 1
+            print_targets(results)
         finally:
             admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")  # type: ignore[call-overload]
     return 1 if problems else 0
+
+
+TARGETS = {16: 1.4, 64: 2.5}  # mpwriter / naive inserts per second (issue 22)
+P99_MS_16 = 10.0
+
+
+def print_targets(results: dict[tuple[str, int], dict[str, Any]]) -> None:
+    """The ratios mpwriter/naive of this run, and the targets they meet or not."""
+    ratios = [
+        f"{clients} clients x{results[('mpwriter', clients)]['per_second'] / r['per_second']:.2f}"
+        for (mode, clients), r in results.items()
+        if mode == "naive" and ("mpwriter", clients) in results and r["per_second"]
+    ]
+    print("\nmpwriter/naive: " + ", ".join(ratios))
+    print("targets:")
+    for clients, bound in TARGETS.items():
+        mp, naive = results.get(("mpwriter", clients)), results.get(("naive", clients))
+        if mp is None or naive is None or not naive["per_second"]:
+            print(f"  not judged    {clients} clients >= {bound}x naive (not measured)")
+            continue
+        ratio = mp["per_second"] / naive["per_second"]
+        verdict = "met" if ratio >= bound else "NOT MET"
+        print(f"  {verdict:12}  {clients} clients >= {bound}x naive: x{ratio:.2f}")
+    mp16 = results.get(("mpwriter", 16))
+    if mp16 is not None:
+        verdict = "met" if mp16["p99_ms"] < P99_MS_16 else "NOT MET"
+        print(f"  {verdict:12}  p99 at 16 clients < {P99_MS_16:g} ms: {mp16['p99_ms']:.1f} ms")
+    errors = sum(r["errors"] for (mode, _), r in results.items() if mode == "mpwriter")
+    print(f"  {'met' if not errors else 'NOT MET':12}  mpwriter zero errors: {errors}")
 
 
 if __name__ == "__main__":

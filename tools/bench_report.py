@@ -14,12 +14,15 @@ import _benchlib as lib
 Row = dict[str, Any]
 
 TARGET_CLIENTS = (8, 16)
-# Issue 13's targets, each a ratio or a bound measured in the same run.
-INSERT_NORMAL_VS_RAW = 1.3  # 8 clients, synchronous=NORMAL
+# Issue 22's targets, each a ratio or a bound measured in the same run.
+INSERT_NORMAL_VS_RAW = 1.0  # 8 clients, synchronous=NORMAL
+INSERT_NORMAL_MOONSHOT = 1.3
+INSERT_ONE_CLIENT_VS_RAW = 0.25  # 1 client, synchronous=NORMAL
+SELECT_VS_FLOOR = {8: 0.6, 1: 0.5}  # SELECT ? round trips / the transport floor's
 INSERT_FULL_VS_RAW = {8: 3.5, 16: 5.0}
 P99_MS_8_NORMAL = 1.0
 FAIRNESS = 0.85  # 8 and 16 clients, every sync
-WORST_LATENCY_MS = 50.0
+WORST_LATENCY_MS = 30.0
 WORST_LATENCY_RUN_S = 10.0  # the runs the worst-latency target is defined over
 RMW_VS_IMMEDIATE = {"NORMAL": 1.1, "FULL": 2.0}  # at 8 clients
 RMW_FAIRNESS_16 = 0.8
@@ -74,6 +77,7 @@ def key_figures(
     stream: dict[str, Any] | None,
     memory: dict[str, Any] | None,
     clients: list[int],
+    floor: list[Row] | None = None,
 ) -> dict[str, Any]:
     """The figures the targets use, by name (None where not measured).
 
@@ -86,7 +90,13 @@ def key_figures(
             figures[f"mpwriter/raw {n} {sync}"] = _ratio(
                 _find(insert_rows, "mpwriter", sync, n), _find(insert_rows, "raw", sync, 1)
             )
+    figures["mpwriter/raw 1 NORMAL"] = _ratio(
+        _find(insert_rows, "mpwriter", "NORMAL", 1), _find(insert_rows, "raw", "NORMAL", 1)
+    )
     figures["mpwriter/echo 8 NORMAL"] = _ratio(mp8n, _find(insert_rows, "echo", None, 8))
+    for n in SELECT_VS_FLOOR:
+        row = next((r for r in floor or () if r["clients"] == n), None)
+        figures[f"select/floor {n}"] = row["ratio"] if row else None
     figures["p99 ms 8 NORMAL"] = mp8n["p99_ms"] if mp8n else None
     for n in TARGET_CLIENTS:
         rows = [r for r in insert_rows if r["mode"] == "mpwriter" and r["clients"] == n]
@@ -152,16 +162,35 @@ def _per_sync(
 
 
 def targets(figures: dict[str, Any], duration: float) -> list[Target]:
-    """Issue 13's targets against ``figures`` (`key_figures`) of one bench run."""
+    """Issue 22's targets against ``figures`` (`key_figures`) of one bench run."""
     f = figures
+    out = []
+    for n, bound in SELECT_VS_FLOOR.items():
+        ratio = f[f"select/floor {n}"]
+        out.append(
+            Target(
+                f"SELECT ? round trips, {n} client(s) >= {bound} x the transport floor",
+                f"x{_fmt(ratio)}",
+                _at_least(ratio, bound),
+            )
+        )
     ratio = f["mpwriter/raw 8 NORMAL"]
-    out = [
+    out.append(
         Target(
-            f"inserts 8 clients NORMAL >= {INSERT_NORMAL_VS_RAW} x raw",
+            f"inserts 8 clients NORMAL >= {INSERT_NORMAL_VS_RAW} x raw"
+            f" (moonshot {INSERT_NORMAL_MOONSHOT})",
             f"x{_fmt(ratio)}",
             _at_least(ratio, INSERT_NORMAL_VS_RAW),
         )
-    ]
+    )
+    ratio = f["mpwriter/raw 1 NORMAL"]
+    out.append(
+        Target(
+            f"inserts 1 client NORMAL >= {INSERT_ONE_CLIENT_VS_RAW} x raw",
+            f"x{_fmt(ratio)}",
+            _at_least(ratio, INSERT_ONE_CLIENT_VS_RAW),
+        )
+    )
     for n, bound in INSERT_FULL_VS_RAW.items():
         ratio = f[f"mpwriter/raw {n} FULL"]
         out.append(

@@ -17,6 +17,8 @@ Usage (from the repository root):
   PYTHONPATH=. python3 tools/profile_writer.py --profiler perf
   PYTHONPATH=. python3 tools/profile_writer.py --profiler perf --side client
   PYTHONPATH=. python3 tools/profile_writer.py --profiler cprofile --echo
+  PYTHONPATH=. python3 tools/profile_writer.py --profiler cprofile --database URL
+      # a PostgreSQL writer (bench_pg's INSERT, on a fresh table in that database)
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from typing import Any
 
 import _benchlib as lib
 import bench_insert
+import bench_pg
 import mpwriter
 from mpwriter._writer import loop as writer_loop
 
@@ -45,15 +48,23 @@ PAYLOAD = "x" * 100
 
 
 def client(
-    writer: mpwriter.Writer, requests: int, go: Connection, done: Connection, profile: str
+    writer: mpwriter.Writer,
+    requests: int,
+    go: Connection,
+    done: Connection,
+    profile: str,
+    postgres: bool,
 ) -> None:
     """A forked client: wait for ``go``, insert ``requests`` rows, report."""
     go.recv()
     profiler = cProfile.Profile() if profile else None
     if profiler is not None:
         profiler.enable()
-    for _ in range(requests):
-        writer.execute(bench_insert.INSERT, (0, PAYLOAD))
+    for seq in range(requests):
+        if postgres:
+            writer.execute(bench_pg.INSERT, (0, seq, PAYLOAD))
+        else:
+            writer.execute(bench_insert.INSERT, (0, PAYLOAD))
     if profiler is not None:
         profiler.disable()
         profiler.dump_stats(profile)
@@ -105,6 +116,7 @@ def main() -> None:
     parser.add_argument("--side", choices=("writer", "client"), default="writer")
     parser.add_argument("--echo", action="store_true", help="the echo engine, no database")
     parser.add_argument("--sync", default="NORMAL")
+    parser.add_argument("--database", help="a PostgreSQL URL: profile a PostgreSQL writer")
     parser.add_argument("--top", type=int, default=25, help="rows of each table")
     args = parser.parse_args()
     if args.profiler == "perf" and shutil.which("perf") is None:
@@ -118,11 +130,17 @@ def main() -> None:
                 writer_loop.WriterLoop.run, output
             )
         engine = bench_insert.echo_runner() if args.echo else contextlib.nullcontext()
+        # A fresh table: the rows of earlier profiles do not slow this one.
+        pg_schema = f"DROP TABLE IF EXISTS items; {bench_pg.SCHEMA}"
         fork = multiprocessing.get_context("fork")
         with (
             engine,
-            lib.start_writer(
-                os.path.join(directory, "profile.db"), args.sync, init=bench_insert.SCHEMA
+            (
+                mpwriter.start(args.database, context="fork", init=pg_schema, timeout=60)
+                if args.database
+                else lib.start_writer(
+                    os.path.join(directory, "profile.db"), args.sync, init=bench_insert.SCHEMA
+                )
             ) as writer,
         ):
             processes, gos, dones = [], [], []
@@ -132,7 +150,14 @@ def main() -> None:
                 profile = output if args.profiler == "cprofile" and args.side == "client" else ""
                 process = fork.Process(
                     target=client,
-                    args=(writer, args.requests, go_r, done_w, profile if number == 0 else ""),
+                    args=(
+                        writer,
+                        args.requests,
+                        go_r,
+                        done_w,
+                        profile if number == 0 else "",
+                        bool(args.database),
+                    ),
                 )
                 process.start()
                 processes.append(process)
@@ -157,7 +182,7 @@ def main() -> None:
             stats = writer.stats()
             for process in processes:
                 lib.reap(process)
-        where = "echo" if args.echo else f"SQLite {args.sync}"
+        where = "echo" if args.echo else "PostgreSQL" if args.database else f"SQLite {args.sync}"
         print(
             f"{args.clients} clients x {args.requests} inserts, {where} writer,"
             f" mean batch {stats['mean_batch_size']:.1f}; profiled: the {args.side}"

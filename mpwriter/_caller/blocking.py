@@ -18,12 +18,16 @@ library.
 
 from __future__ import annotations
 
+import os
 import select
 import time
 from typing import Any, TypeVar
 
-from .._wire.replies import millis
+from .._wire.frames import MAX_PAYLOAD, REPLY_HEADER, REPLY_HEADER_SIZE, WHOLE, Kind, encode_frame
+from .._wire.replies import READ_SIZE, millis, no_reply, unpack_reply
+from . import calls
 from .calls import READ, Step, Wait
+from .pipe_pool import PipePool
 
 T = TypeVar("T")
 
@@ -53,6 +57,56 @@ def run(step: Step[T]) -> T:
     except BaseException:
         step.close()  # a no-op if the generator itself raised
         raise
+
+
+def request(pool: PipePool, request_fd: int, kind: Kind, payload: bytes, deadline: float) -> Any:
+    """`calls.request` run to its end in this thread: the decoded reply, or its error.
+
+    The common request -- a free reply pipe, one frame, written at once, the
+    reply whole in one read -- runs here as a straight line, with no
+    generator: the same steps as `calls.request`, in the same order, with the
+    same deadline on its one wait. Anything else goes on in `calls`'s
+    generators from where this line left it: no slot free (a new pipe to
+    register), a payload of several frames, a full queue, a reply in pieces,
+    EOF (the writer died: `calls.after_eof`), gevent's poll.
+    """
+    local = pool.local
+    free = local.free
+    if not free or len(payload) > MAX_PAYLOAD or _pollers_made_by[0] is not select.poll:
+        return run(calls.request(pool, request_fd, kind, payload, deadline))
+    slot = free.pop()
+    try:
+        request_id = next(local.request_ids) % 0xFFFFFFFF + 1  # pool.next_request_id()
+        frame = encode_frame(
+            kind, WHOLE, local.sender, request_id, slot.number, payload, pool.frame_key
+        )
+        try:
+            os.write(request_fd, frame)
+        except BlockingIOError:
+            run(calls.write_frames(pool, request_fd, (frame,), deadline))
+        except BrokenPipeError:
+            raise pool.unavailable(sent=False) from None
+        fd = slot.fd
+        poller = _reply_pollers.get(fd) or _reply_poller(fd)
+        remaining = deadline - time.monotonic()
+        # millis(remaining), inlined: rounded up, so poll never returns early.
+        if remaining <= 0 or not poller.poll(int(remaining * 1000) + 1):
+            raise no_reply()
+        chunk = os.read(fd, READ_SIZE)
+        reply: bytes | bytearray = chunk
+        # `replies.read_reply`'s check, inlined: the usual reply is whole, and its own.
+        if len(reply) < REPLY_HEADER_SIZE or REPLY_HEADER.unpack_from(reply) != (
+            len(reply) - REPLY_HEADER_SIZE,
+            request_id,
+        ):
+            reply = run(calls.receive_rest(pool, slot, request_id, deadline, chunk))
+    except BaseException:
+        # Whatever went wrong, the pipe may still receive a reply.
+        pool.retire(slot)
+        raise
+    # A whole reply was read: the pipe is clean, even if the reply is an error.
+    free.append(slot)
+    return unpack_reply(reply)
 
 
 def run_until_sent(step: Step[T]) -> Wait:

@@ -226,6 +226,22 @@ def receive(
             yield from after_eof(pool, slot, incoming is not None, request_id, deadline)
 
 
+def receive_rest(
+    pool: PipePool, slot: Slot, request_id: int, deadline: float, chunk: bytes
+) -> Step[bytes | bytearray]:
+    """The whole reply to ``request_id`` whose first read (a driver's own)
+    brought ``chunk`` and not the whole reply: nothing (EOF), a part of it,
+    or a header naming another request (`Error`)."""
+    if not chunk:
+        yield from after_eof(pool, slot, False, request_id, deadline)
+        return (yield from receive(pool, slot, request_id, deadline))
+    incoming = Incoming(request_id)
+    reply = incoming.take(chunk)
+    if reply is not None:
+        return reply
+    return (yield from receive(pool, slot, request_id, deadline, incoming))
+
+
 def after_eof(
     pool: PipePool, slot: Slot, started: bool, request_id: int, deadline: float
 ) -> Step[None]:

@@ -126,7 +126,7 @@ class Writer:
         SQL errors are raised as their `sqlite3` class, and nothing of the
         failed statement is applied.
         """
-        # `_request`, inlined: this is every app's hot path (a Python call fewer).
+        # `_encode`, inlined: this is every app's hot path (a Python call fewer).
         pool = self._pool
         if pool.closed or self._state.status != RUNNING:
             pool = self._revive()  # or raise what says why: the handle or the writer
@@ -136,7 +136,7 @@ class Writer:
             payload = pickle.dumps((deadline, now, (sql, params)), PICKLE_PROTOCOL)
         except Exception as exc:
             raise _not_picklable(_EXECUTE, exc) from exc
-        value = blocking.run(calls.request(pool, self._request_fd, _EXECUTE, payload, deadline))
+        value = blocking.request(pool, self._request_fd, _EXECUTE, payload, deadline)
         # A write without rows comes as a Result already (`unpack_reply`).
         return value if value.__class__ is Result else Result(*value)
 
@@ -161,7 +161,7 @@ class Writer:
 
         Transaction control inside the script is refused (`StatementRefused`).
         """
-        blocking.run(self._request(Kind.SCRIPT, (script,), timeout))
+        self._blocking(Kind.SCRIPT, (script,), timeout)
 
     @contextlib.contextmanager
     def transaction(self, *, timeout: float | None = None) -> Iterator[Transaction]:
@@ -173,7 +173,7 @@ class Writer:
         tx = Transaction()
         yield tx
         if tx._statements:
-            raw = blocking.run(self._request(Kind.TRANSACTION, (tx._statements,), timeout))
+            raw = self._blocking(Kind.TRANSACTION, (tx._statements,), timeout)
             tx.results = [Result(*item) for item in raw]
         else:
             tx.results = []
@@ -223,7 +223,7 @@ class Writer:
         is re-raised here. It must not commit, roll back or close ``conn``.
         Uses the handle's default timeout; see `call_with_timeout`.
         """
-        result: R = blocking.run(self._request(Kind.CALL, (fn, args, kwargs), None))
+        result: R = self._blocking(_CALL, (fn, args, kwargs), None)
         return result
 
     def call_with_timeout(
@@ -235,7 +235,7 @@ class Writer:
         **kwargs: P.kwargs,
     ) -> R:
         """`call` with an explicit timeout in seconds."""
-        result: R = blocking.run(self._request(Kind.CALL, (fn, args, kwargs), timeout))
+        result: R = self._blocking(_CALL, (fn, args, kwargs), timeout)
         return result
 
     def post(self, sql: str, params: Any = (), *, max_block: float = 0.05) -> bool:
@@ -286,7 +286,7 @@ class Writer:
 
     def stats(self, *, timeout: float | None = None) -> Stats:
         """The writer's figures: requests, batches, commits, errors, queue depth..."""
-        figures: Stats = blocking.run(self._request(Kind.STATS, (), timeout))
+        figures: Stats = self._blocking(Kind.STATS, (), timeout)
         return figures
 
     # -- futures ----------------------------------------------------------------
@@ -475,6 +475,19 @@ class Writer:
 
     def _request(self, kind: Kind, body: tuple[Any, ...], timeout: float | None) -> calls.Step[Any]:
         """The protocol generator of one request, for any driver to run."""
+        pool, payload, deadline = self._encode(kind, body, timeout)
+        return calls.request(pool, self._request_fd, kind, payload, deadline)
+
+    def _blocking(self, kind: Kind, body: tuple[Any, ...], timeout: float | None) -> Any:
+        """`_request`, run in this thread by `blocking.request`: its straight
+        line for the usual request, the protocol's generators for the rest."""
+        pool, payload, deadline = self._encode(kind, body, timeout)
+        return blocking.request(pool, self._request_fd, kind, payload, deadline)
+
+    def _encode(
+        self, kind: Kind, body: tuple[Any, ...], timeout: float | None
+    ) -> tuple[PipePool, bytes, float]:
+        """The pool to send on, the pickled request and its deadline (`execute` inlines this)."""
         pool = self._pool
         if pool.closed or self._state.status != RUNNING:
             pool = self._revive()  # or raise what says why: the handle or the writer
@@ -484,7 +497,7 @@ class Writer:
             payload = pickle.dumps((deadline, now, body), PICKLE_PROTOCOL)
         except Exception as exc:
             raise _not_picklable(kind, exc) from exc
-        return calls.request(pool, self._request_fd, kind, payload, deadline)
+        return pool, payload, deadline
 
     def _many(
         self, sql: str, seq_of_params: Iterable[Any], timeout: float | None
@@ -601,6 +614,7 @@ _REDIAL_TIMEOUT = 5.0
 # Looked up once: `Kind.EXECUTE` goes through the enum's class attribute
 # lookup, 0.1 us per call on this machine.
 _EXECUTE = Kind.EXECUTE
+_CALL = Kind.CALL
 
 
 class Transaction:

@@ -232,11 +232,12 @@ class FrameReader:
         frames: list[Frame] = []
         position = 0
         end = len(stream)
-        unpack_from, crc32, header_size, key = (
+        unpack_from, crc32, header_size, key, new = (
             _HEADER.unpack_from,
             zlib.crc32,
             HEADER_SIZE,
             self._key,
+            _new_tuple,
         )
         while end - position >= header_size:
             magic, kind, flags, length, sender, request_id, slot, payload_crc, header_crc = (
@@ -252,7 +253,8 @@ class FrameReader:
             if crc32(payload) != payload_crc:
                 position = self._resync(stream, position + 1)
                 continue
-            frames.append(Frame(kind, flags, sender, request_id, slot, payload))
+            # tuple.__new__ in C: Frame(...) would run the NamedTuple's Python __new__.
+            frames.append(new(Frame, (kind, flags, sender, request_id, slot, payload)))
             position = start + length
         self._rest = stream[position:]
         return frames
@@ -263,6 +265,9 @@ class FrameReader:
         new_position = found if found >= 0 else max(position, len(stream) - 1)
         self.skipped += new_position - position + 1
         return new_position
+
+
+_new_tuple = tuple.__new__
 
 
 class Assembler:

@@ -67,6 +67,7 @@ from .. import testing
 from .._wire.frames import (
     HANDED_OVER,
     STREAMED,
+    WHOLE,
     Assembler,
     Frame,
     FrameReader,
@@ -96,6 +97,7 @@ log = logging.getLogger("mpwriter")
 
 _READ_SIZE = 1 << 16
 _HOUSEKEEPING_INTERVAL = 1.0
+_POLL_INTERVAL = 0.002  # see `WriterLoop._poll_due`
 # A request whose next frame has not come for this long was abandoned by a
 # live sender (its queue stayed full past its timeout): its pieces are dropped.
 _PARTIAL_REQUEST_MAX_IDLE = 300.0
@@ -128,6 +130,9 @@ _SELECT_FD_LIMIT = 1024
 _CLOSE = int(Kind.CLOSE)
 _STATS = int(Kind.STATS)
 _SESSION = int(Kind.SESSION)
+# tuple.__new__ in C, for the per-request tuples: a NamedTuple's own __new__
+# is a Python function, a call more per request.
+_new_tuple = tuple.__new__
 
 
 def serve(
@@ -248,6 +253,10 @@ class WriterLoop:
         self._started = time.monotonic()
         self._stopping = False
         self._next_housekeeping = self._started + _HOUSEKEEPING_INTERVAL
+        # While requests keep coming, batches follow one another without a
+        # wait: the other descriptors (side socket, lifeline, signals, reply
+        # pipes to flush) are still polled at least this often.
+        self._poll_due = self._started
         self._published = Publisher(config.path)  # for `python -m mpwriter stats`
 
         # A plain poll object: the selectors wrapper costs several microseconds
@@ -370,22 +379,31 @@ class WriterLoop:
                     return
             elif not self._backlog:
                 self._wait()
+            elif time.monotonic() >= self._poll_due:
+                self._wait(0.0)  # requests in hand: only a look at the other descriptors
             if self._backlog:
                 began, requests = time.monotonic(), self.counters.requests
                 self._gather()
                 self._serve_batch()
+                # The next requests are usually queued by now: read them at
+                # once, with no poll first. What this finds is also whether
+                # the writer is about to go idle.
+                self._read_available()
                 # Once per batch, after its replies were sent. The last batch
                 # before a quiet spell always finds the queue empty, so an idle
                 # writer has had its idle tidy before it waits.
-                self._engine.tidy(idle=not self._backlog and not self.queued_bytes())
+                self._engine.tidy(idle=not self._backlog)
                 self._load.served(began, self.counters.requests - requests)
             if time.monotonic() >= self._next_housekeeping:
                 self._housekeeping()
 
     def _wait(self, until: float | None = None) -> None:
+        now = time.monotonic()
+        self._poll_due = now + _POLL_INTERVAL
         end = self._next_housekeeping if until is None else min(until, self._next_housekeeping)
-        timeout = max(0.0, end - time.monotonic())
-        for fd, _ in self._poller.poll(int(timeout * 1000) + 1):
+        timeout = end - now
+        # Rounded up, so that poll never returns early; none at all for a look.
+        for fd, _ in self._poller.poll(int(timeout * 1000) + 1 if timeout > 0 else 0):
             role = self._roles.get(fd)
             if role == "requests":
                 self._read_available()
@@ -429,7 +447,12 @@ class WriterLoop:
             drained = len(data) < _READ_SIZE  # then skip the read that finds nothing
             self.consumed += len(data)
             for frame in self._frames.feed(data):
-                if frame.flags & HANDED_OVER:
+                flags = frame.flags
+                request: Request | None
+                if flags == WHOLE:  # the usual request: `Assembler.add`'s first case, inlined
+                    kind, _, sender, request_id, slot, payload = frame
+                    request = _new_tuple(Request, (kind, sender, request_id, slot, payload))
+                elif flags & HANDED_OVER:
                     request = self._take_handed_over(frame)
                 else:
                     request = self._assembler.add(frame)
@@ -531,7 +554,7 @@ class WriterLoop:
                 self.counters.count_error(exc)
                 extra.append((request, error_reply(request.request_id, exc)))
                 continue
-            work = Work(request, deadline, sent_at, body)
+            work = _new_tuple(Work, (request, deadline, sent_at, body))
             if kind == _STATS:
                 extra.append((request, self._stats_reply(work)))
             elif deadline <= now:
@@ -563,8 +586,9 @@ class WriterLoop:
             replies += self._sessions.settle(ran=bool(batch))
         committed = time.monotonic()
         send = self._replies.send
-        for request, reply in replies + extra:
-            send(request, reply)
+        self._replies.send_all(replies)
+        if extra:
+            self._replies.send_all(extra)
         if batch and len(replies) < len(batch):
             # Statements that must run alone (VACUUM) come after the batch's
             # replies went out, each a unit with its own deadline.

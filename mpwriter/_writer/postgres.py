@@ -5,13 +5,17 @@ inherited across a fork) and reopened with backoff when it is lost. Several
 writers (one per machine) may serve the same database: nothing here assumes
 it is the only one, so there is no lock file.
 
-A batch is cut into chunks of at most 64 requests, each chunk one
-transaction: PostgreSQL caches 64 subtransactions per transaction, and more
-savepoints than that slow the whole server and its replicas.
+A batch runs as one transaction on the fast path below, which takes no
+savepoints. Where savepoints are needed (a `call()`, a held request, a
+replay after a failure) it is cut into chunks of at most 64 requests, each
+chunk one transaction: PostgreSQL caches 64 subtransactions per
+transaction, and more savepoints than that slow the whole server and its
+replicas.
 
-The error-free case (fast path), one chunk::
+The error-free case (fast path), the whole batch::
 
     pipeline: BEGIN; time limits; every request's statements   -> one round trip
+              (a run of one SQL text: one executemany, `_queue_run`)
     results read and encoded;
     pipeline: SET LOCAL synchronous_commit; COMMIT; RESETs     -> one round trip
 
@@ -108,6 +112,12 @@ _LOCK_WAIT_MIN = 0.005
 # a single statement so refused runs alone after the batch (`run_alone`).
 _NOT_IN_TRANSACTION = "25001"
 _ALONE = frozenset({Kind.EXECUTE, Kind.POST})
+_SINGLE = _ALONE  # a single statement: the requests one executemany may send together
+# The shortest run sent as one executemany (`_queue_run`): its results are
+# fetched where it ends, a round trip in the middle of the pipeline, which
+# the CPU saved pays for from about four statements on (measured: runs of 2
+# no faster, of 4 even, of 8 a third less CPU per statement).
+_RUN_MIN = 4
 _SHUTDOWN = frozenset({"57P01", "57P02", "57P03"})  # admin/crash shutdown, starting up
 _MAX_RETRIES = 4
 _BACKOFF_FIRST = 0.005
@@ -461,8 +471,11 @@ class PostgresEngine:
                 # Counted here, once: a replayed batch queues its posts again.
                 counters.posts_dropped += work.body[2]
         replies: dict[int, bytes] = {}
-        for start in range(0, len(batch), MAX_CHUNK):
-            self._run_chunk(batch[start : start + MAX_CHUNK], replies)
+        if self._pipelinable(batch):
+            self._run_chunk(batch, replies)  # no savepoints: one transaction for all
+        else:
+            for start in range(0, len(batch), MAX_CHUNK):
+                self._run_chunk(batch[start : start + MAX_CHUNK], replies)
         self._state.busy_until = 0.0
         # A request deferred to `run_alone`, or held, has no reply yet.
         return [(work.request, replies[id(work)]) for work in batch if id(work) in replies]
@@ -519,11 +532,17 @@ class PostgresEngine:
 
     # -- one chunk ------------------------------------------------------------------
 
-    def _run_chunk(self, chunk: list[Work], replies: dict[int, bytes]) -> None:
+    def _pipelinable(self, chunk: list[Work]) -> bool:
+        """Whether ``chunk`` may try the pipelined path: no call(), no held request."""
         held = self._held
-        pipelined = not any(
+        return not any(
             work.request.kind == Kind.CALL or (held and _key(work) in held) for work in chunk
         )
+
+    def _run_chunk(self, chunk: list[Work], replies: dict[int, bytes]) -> None:
+        """Run ``chunk`` in one transaction (pipelined, else isolated), or in
+        smaller ones after a failure; every request gets its reply."""
+        pipelined = self._pipelinable(chunk)
         attempts = 0
         while True:
             chunk = self._ensure_connected(self._drop_expired(chunk, replies), replies)
@@ -554,6 +573,12 @@ class PostgresEngine:
             except _StatementFailed:
                 self._rollback()
                 self._counters.replayed_batches += 1
+                if len(chunk) > MAX_CHUNK:
+                    # The isolated path's savepoints: at most MAX_CHUNK a
+                    # transaction. Each part tries the pipelined path first.
+                    for start in range(0, len(chunk), MAX_CHUNK):
+                        self._run_chunk(chunk[start : start + MAX_CHUNK], replies)
+                    return
                 pipelined = False
             except _CommitFailed as failed:
                 self._rollback()
@@ -632,7 +657,13 @@ class PostgresEngine:
         state = exc.sqlstate or ""
         # Class 08 (connection exception) and the server shutting down (57P01-3)
         # end the session even when libpq has not noticed the socket closing yet.
-        if conn is None or conn.broken or state.startswith("08") or state in _SHUTDOWN:
+        if (
+            conn is None
+            or conn.broken
+            or state.startswith("08")
+            or state in _SHUTDOWN
+            or _connection_failed(exc)
+        ):
             return _Lost(exc, commit_sent)
         if state in _RETRYABLE:
             return _Retryable(exc)
@@ -677,8 +708,14 @@ class PostgresEngine:
                 # waits on a lock at most until the first caller's: all wait for it.
                 earliest = min(work.deadline for work in chunk)
                 conn.execute(self._time_limits(max(work.deadline for work in chunk), earliest))
-                for work in chunk:
-                    finishers.append(self._queue(conn, work))
+                start = 0
+                while start < len(chunk):
+                    end = _run_end(chunk, start)
+                    if end - start >= _RUN_MIN:
+                        finishers += _queue_run(conn, chunk[start:end])
+                    else:
+                        finishers += [self._queue(conn, work) for work in chunk[start:end]]
+                    start = end
         except psycopg.Error as exc:
             raise self._classify(exc, commit_sent=False) from exc
         except Exception as exc:  # refused statement, unpicklable params...
@@ -714,7 +751,7 @@ class PostgresEngine:
                     with conn.transaction(savepoint_name="mpwriter_request"):
                         succeeded[id(work)] = self._ok(work, self._queue(conn, work)())
                 except psycopg.Error as exc:
-                    if conn.broken or exc.sqlstate in _RETRYABLE:
+                    if conn.broken or exc.sqlstate in _RETRYABLE or _connection_failed(exc):
                         raise
                     if exc.sqlstate == _NOT_IN_TRANSACTION and work.request.kind in _ALONE:
                         alone.append(work)  # VACUUM and the like: after the batch
@@ -902,6 +939,67 @@ class PostgresEngine:
                 "mpwriter: fire-and-forget write failed: %s: %s [%s]", name, exc, describe(work)
             )
         return error_reply(work.request.request_id, sendable(exc))
+
+
+def _run_end(chunk: list[Work], start: int) -> int:
+    """The end of the run of requests from ``start`` that one executemany can send.
+
+    A run is single statements (``execute``, ``post``) of the same SQL text,
+    each with parameters, and no SET LOCAL among them (`LocalSettings` puts
+    those back one request at a time). A request that cannot join one ends
+    the run: the statements keep their order.
+    """
+    first = chunk[start]
+    sql = first.body[0]
+    if (
+        first.request.kind not in _SINGLE
+        or not isinstance(sql, str)
+        or not first.body[1]
+        or local_settings(sql)
+    ):
+        return start + 1
+    end = start + 1
+    while end < len(chunk):
+        work = chunk[end]
+        if work.request.kind not in _SINGLE or work.body[0] != sql or not work.body[1]:
+            break
+        end += 1
+    return end
+
+
+def _queue_run(conn: psycopg.Connection[Any], run: list[Work]) -> list[Finish]:
+    """Send a run (`_run_end`) as one pipelined executemany; return each request's finisher.
+
+    One psycopg call for the run, where a cursor and an execute per request
+    cost half as much again per statement (measured: 28 against 46 us of CPU
+    per single-row insert, batches of 16). ``returning=True`` keeps a result
+    per statement: its own rowcount and rows. The finishers must be called
+    in the run's order: each reads its statement's result and moves on to
+    the next.
+    """
+    text, _ = _prepare(run[0].body[0], run[0].body[1])
+    cursor = conn.cursor()
+    cursor.executemany(text, [work.body[1] for work in run], returning=True)
+
+    def finish() -> Value:
+        value = _written(cursor)
+        cursor.nextset()
+        return value
+
+    return [finish] * len(run)
+
+
+def _connection_failed(exc: psycopg.Error) -> bool:
+    """Whether ``exc`` is the connection's failure, not a statement's.
+
+    Every error the server reports for a statement carries a SQLSTATE; an
+    OperationalError without one comes from the client side of the
+    connection (libpq or psycopg: a socket that failed before libpq marked
+    it closed, a pipeline left in a state it cannot go on from). No request
+    caused it, so none is answered with it: the connection is dropped and
+    the requests replayed on a new one, or told it is unavailable.
+    """
+    return isinstance(exc, psycopg.OperationalError) and not exc.sqlstate
 
 
 def _lock_timed_out(exc: psycopg.Error) -> bool:

@@ -392,6 +392,29 @@ class ReplyPipes:
                 return
         self._write_reply(key, fd, reply)
 
+    def send_all(self, replies: list[tuple[Request, bytes]]) -> None:
+        """`send` each reply, in order: a batch's replies, one call for them all.
+
+        The usual reply -- to a registered pipe with nothing unsent before
+        it, taken whole -- is written here; any other goes through `send`.
+        """
+        slots = self._slots
+        write = os.write
+        for request, reply in replies:
+            fd = slots.get((request.sender, request.slot))
+            if fd is None or self._unsent:
+                self.send(request, reply)  # not registered yet, no reply wanted, or a queue
+                continue
+            try:
+                written = write(fd, reply)
+            except BlockingIOError:
+                written = 0
+            except OSError as exc:
+                self._pipe_failed((request.sender, request.slot), fd, exc)
+                continue
+            if written < len(reply):
+                self._keep_rest((request.sender, request.slot), fd, reply, written)
+
     def _write_reply(self, key: Key, fd: int, data: bytes) -> None:
         try:
             written = os.write(fd, data)
@@ -401,8 +424,12 @@ class ReplyPipes:
             self._pipe_failed(key, fd, exc)
             return
         if written < len(data):
-            self._unsent[fd] = (key, deque((memoryview(data)[written:],)))
-            self._watch(fd)
+            self._keep_rest(key, fd, data, written)
+
+    def _keep_rest(self, key: Key, fd: int, data: bytes, written: int) -> None:
+        """Keep what a full pipe did not take, to write once poll says it can (`flush`)."""
+        self._unsent[fd] = (key, deque((memoryview(data)[written:],)))
+        self._watch(fd)
 
     def _pipe_failed(self, key: Key, fd: int, exc: OSError) -> None:
         if exc.errno not in (errno.EPIPE, errno.EBADF):
