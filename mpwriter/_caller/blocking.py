@@ -72,9 +72,14 @@ def request(pool: PipePool, request_fd: int, kind: Kind, payload: bytes, deadlin
     """
     local = pool.local
     free = local.free
-    if not free or len(payload) > MAX_PAYLOAD or _pollers_made_by[0] is not select.poll:
+    if len(payload) > MAX_PAYLOAD or _pollers_made_by[0] is not select.poll:
         return run(calls.request(pool, request_fd, kind, payload, deadline))
-    slot = free.pop()
+    try:
+        # Not "if free: pop": the pool is shared by this process's threads,
+        # and another may take the last pipe between the test and the pop.
+        slot = free.pop()
+    except IndexError:
+        return run(calls.request(pool, request_fd, kind, payload, deadline))
     try:
         request_id = next(local.request_ids) % 0xFFFFFFFF + 1  # pool.next_request_id()
         frame = encode_frame(

@@ -100,7 +100,10 @@ def request(
     # written at once, and one reply, read in one chunk.
     local = pool.local
     free = local.free
-    slot = free.pop() if free else (yield from new_slot(pool, deadline))
+    try:
+        slot = free.pop()  # atomic: another thread may take the last pipe
+    except IndexError:
+        slot = yield from new_slot(pool, deadline)
     try:
         if len(payload) <= MAX_PAYLOAD:
             request_id = next(local.request_ids) % 0xFFFFFFFF + 1  # pool.next_request_id()
@@ -335,7 +338,10 @@ def request_streamed(
     """
     local = pool.local
     try:
-        slot = local.free.pop() if local.free else (yield from new_slot(pool, deadline))
+        try:
+            slot = local.free.pop()  # atomic: another thread may take the last pipe
+        except IndexError:
+            slot = yield from new_slot(pool, deadline)
         try:
             request_id = pool.next_request_id()
             message = PAYLOAD_HANDOVER.pack(PAYLOAD_TAG, local.sender, request_id, length)

@@ -577,7 +577,10 @@ class Writer:
 
     def _borrow_slot(self, deadline: float) -> Slot:
         free = self._pool.local.free
-        return free.pop() if free else blocking.run(calls.new_slot(self._pool, deadline))
+        try:
+            return free.pop()  # atomic: another thread may take the last pipe
+        except IndexError:
+            return blocking.run(calls.new_slot(self._pool, deadline))
 
     def _next_request_id(self) -> int:
         return self._pool.next_request_id()

@@ -252,7 +252,10 @@ class Session:
             slot = self._held[0]
         else:
             free = pool.local.free
-            slot = free.pop() if free else (yield from calls.new_slot(pool, deadline))
+            try:
+                slot = free.pop()  # atomic: another thread may take the last pipe
+            except IndexError:
+                slot = yield from calls.new_slot(pool, deadline)
             self._held.append(slot)
         sent = False
         try:
