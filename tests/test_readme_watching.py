@@ -6,6 +6,7 @@ Prometheus text parses, and that the shell commands answer a running writer."""
 
 from __future__ import annotations
 
+import json
 import re
 import select
 import shlex
@@ -65,7 +66,7 @@ def test_the_command_line_examples_run_against_a_running_writer(tmp_path: Path) 
         for line in block("sh", "python -m mpwriter stats").splitlines()
         if line.strip()
     ]
-    assert len(commands) == 4
+    assert len(commands) == 5
     with mpwriter.start(tmp_path / "app.db", context="fork") as writer:
         writer.stats()  # served after the writer's first snapshot
         for command in commands:
@@ -80,10 +81,14 @@ def test_the_command_line_examples_run_against_a_running_writer(tmp_path: Path) 
             with subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.PIPE, text=True) as watch:
                 assert watch.stdout is not None
                 try:
-                    for _ in range(2):  # the header, then a reading
+                    # The header, then a reading; with --json, a JSON object a reading.
+                    for _ in range(1 if "--json" in argv else 2):
                         assert select.select([watch.stdout], [], [], 10)[0], command
                         line = watch.stdout.readline()
-                    assert line.split()[1] == "serving"
+                    if "--json" in argv:
+                        assert json.loads(line)["state"] == "serving"
+                    else:
+                        assert line.split()[1] == "serving"
                     watch.send_signal(signal.SIGINT)  # Ctrl-C
                     assert watch.wait(timeout=10) == 0
                 finally:
