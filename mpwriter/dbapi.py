@@ -39,6 +39,7 @@ import datetime
 import os
 import pathlib
 import sqlite3
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -438,6 +439,18 @@ class Connection:
             self._session.commit()
         self._autocommit = value
         self._in_transaction = value is False
+
+    if sys.version_info >= (3, 11):  # sqlite3.Connection.getlimit is 3.11's
+
+        def getlimit(self, category: int, /) -> int:
+            """SQLite's run-time limit ``category`` (``sqlite3.SQLITE_LIMIT_*``).
+
+            Read on the local reader: the writer runs the same SQLite library with
+            its default limits, so its limit is the same (Django 6 sizes its bulk
+            inserts by the number of variables allowed).
+            """
+            self._check_open()
+            return int(self._statements.conn.getlimit(category))
 
     def create_function(
         self, name: str, narg: int, func: Any, *, deterministic: bool = False

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import signal
 import sqlite3
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -453,3 +455,11 @@ def test_a_writer_killed_mid_transaction_ends_it_and_the_connection_goes_on(
     finally:
         conn.close()
     assert writer.execute("SELECT payload FROM items", timeout=30.0).rows == [("after",)]
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="sqlite3.Connection.getlimit is 3.11's")
+def test_getlimit_answers_as_sqlite3_does(conn: dbapi.Connection) -> None:
+    # Django 6 sizes bulk inserts by the variables a statement may hold.
+    category = sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER
+    with contextlib.closing(sqlite3.connect(":memory:")) as reference:
+        assert conn.getlimit(category) == reference.getlimit(category)
