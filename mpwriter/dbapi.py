@@ -59,6 +59,7 @@ from ._errors import (
     SessionExpired,
     WriterUnavailable,
 )
+from ._wire.address import is_server_url
 from ._wire.replies import Result
 
 R = TypeVar("R")
@@ -202,24 +203,15 @@ def _writer_for(database: str) -> Any:
         attached = None
     if attached is not None and _same_database(attached.path, database):
         return attached
-    # mpwriter.connect (a handle on a writer another process started, through
-    # its endpoint) is looked up on the package at call time; without it
-    # (an older mpwriter) the error below says what to do instead.
-    import mpwriter
+    import mpwriter  # its public connect(), looked up when first needed
 
-    connect_to = getattr(mpwriter, "connect", None)
-    if connect_to is None:
-        raise InterfaceError(
-            f"this process has no writer handle for {database!r}: attach one with "
-            "mpwriter.attach(writer), or pass connect(..., writer=handle)"
-        )
     # One handle per file for the process (a pool's connections share it),
     # made again once closed.
     key = os.path.abspath(database)
     with _connected_lock:
         handle = _connected.get(key)
         if handle is None or handle.closed:
-            handle = _connected[key] = connect_to(database)
+            handle = _connected[key] = mpwriter.connect(database)
     return handle
 
 
@@ -256,8 +248,8 @@ def connect(
     The writer handle is ``writer`` if given, else the one attached to this
     process (`mpwriter.attach`, inherited through fork) if it serves
     ``database``, else ``mpwriter.connect(database)`` (one handle per file for
-    the process); otherwise, or if ``writer`` serves another file,
-    `InterfaceError`. ``timeout`` is the local
+    the process; `WriterUnavailable` when no writer serves it). A ``writer``
+    that serves another file is `InterfaceError`. ``timeout`` is the local
     reader's busy timeout (as sqlite3's); ``isolation_level`` and
     ``autocommit`` are sqlite3's; ``idle_limit`` and ``total_limit`` bound
     each transaction's session (`Writer.session`). ``check_same_thread``,
@@ -267,7 +259,7 @@ def connect(
     """
     del check_same_thread, cached_statements, uri  # one thread at a time; a path, not a URI
     path = os.fspath(database)
-    if path.startswith(("postgresql://", "postgres://")):
+    if is_server_url(path):
         raise NotSupportedError(
             "mpwriter.dbapi serves SQLite writers only: for PostgreSQL use psycopg "
             "or SQLAlchemy's postgresql dialect directly (see docs/orm.md)"

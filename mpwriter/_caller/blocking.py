@@ -141,7 +141,7 @@ def _ready(fd: int, events: int, deadline: float) -> bool:
 
 
 # A poll object per reply-pipe descriptor number, kept: making and filling one
-# cost ~0.9 us per call on the hot path. Safe to share by number: a poll
+# per call would be a measurable share of the hot path. Safe to share by number: a poll
 # object holds only numbers and passes them to poll(2) on each call, and a
 # reply pipe (the only thing waited on for reading) is lent to one request,
 # so no two threads poll the same number at once. Dropped whenever

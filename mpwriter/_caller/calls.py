@@ -80,7 +80,7 @@ T = TypeVar("T")
 # What a step waits for: ``(fd, events, deadline)``. Resume the generator
 # once ``fd`` is ready for ``events`` (`READ` or `WRITE`), sending True; or at
 # ``deadline`` (`time.monotonic`), sending False. A plain tuple, not a
-# NamedTuple: building one of those cost 0.8 us per wait on the hot path.
+# NamedTuple: building one of those runs Python code on every wait.
 Wait = tuple[int, int, float]
 
 
@@ -118,8 +118,8 @@ def request(
                 raise pool.unavailable(sent=False) from None
         else:
             request_id = yield from send_bulk(pool, request_fd, kind, payload, slot, deadline)
-        # The first turn of `receive`, inlined: a generator fewer per call
-        # (0.4 us on the hot path). A reply that does not come whole in one
+        # The first turn of `receive`, inlined: a generator fewer per call on
+        # the hot path. A reply that does not come whole in one
         # read, or a writer that died, goes on in `receive`.
         if not (yield (slot.fd, READ, deadline)):
             raise no_reply()

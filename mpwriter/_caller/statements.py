@@ -8,7 +8,7 @@ connection compiles the statement under an authorizer callback
 (`sqlite3.Connection.set_authorizer`) that lets reads through and refuses,
 noting it, the first action that would write or control a transaction
 (SQLITE_INSERT on a table, SQLITE_TRANSACTION "COMMIT", SQLITE_SAVEPOINT ...).
-A refused statement was compiled, never run: about 4 microseconds. A read
+A refused statement was compiled, never run (no I/O, no lock). A read
 runs at once, in the same call. Each text's kind is cached (SQLite does not
 ask the authorizer again for a statement in its own statement cache).
 """

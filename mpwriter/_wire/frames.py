@@ -188,8 +188,8 @@ def encode_frame(
     head = _CHECKED.pack(
         _MAGIC, kind, flags, len(chunk), sender, request_id, slot, zlib.crc32(chunk)
     )
-    # Two concatenations of small bytes cost less than int.to_bytes and a join
-    # (0.1 us of 0.9 per frame, measured): this runs for every request.
+    # Two concatenations of small bytes cost less than int.to_bytes and a join,
+    # and this runs for every request.
     return head + _HEADER_CRC.pack(zlib.crc32(head, key)) + chunk
 
 
@@ -371,9 +371,8 @@ REPLY_HEADER_SIZE = _REPLY_HEADER.size
 
 # The usual reply -- a write that returned no rows: (rowcount, lastrowid, []) --
 # goes without pickle: a tag byte that starts no pickle (those start with the
-# PROTO opcode), then two signed 64-bit integers. Measured on this 2-core
-# machine with 8 clients, unpickling a reply and building its tuple cost a
-# client 4-8 us of CPU per request (cold caches: 9 processes share 2 cores).
+# PROTO opcode), then two signed 64-bit integers: unpickling a reply and
+# building its tuple is a large share of a client's CPU per request.
 _WROTE_REPLY = struct.Struct("!IIcqq")
 _WROTE = b"W"
 _WROTE_NO_ROWID = b"w"  # lastrowid is None

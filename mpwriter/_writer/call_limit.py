@@ -54,8 +54,8 @@ def not_an_exception(exc: BaseException) -> RemoteError:
 
 # signal.getsignal and signal.pthread_sigmask wrap these C functions to turn
 # their ints into enums: for a Python handler getsignal raises and catches a
-# ValueError inside Enum to find out it is not one (measured: 2.2 us a call
-# against 0.06 us here). `restore_signals` runs them after every call().
+# ValueError inside Enum to find out it is not one, tens of times slower than
+# these. `restore_signals` runs them after every call().
 _raw_getsignal: Callable[[int], object] = _signal.getsignal
 _raw_sigmask: Callable[[int, Iterable[int]], set[int]] = _signal.pthread_sigmask
 
