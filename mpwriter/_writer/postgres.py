@@ -56,7 +56,6 @@ from __future__ import annotations
 import functools
 import logging
 import pickle
-import random
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
@@ -67,15 +66,25 @@ from psycopg.pq import TransactionStatus
 
 from .._errors import (
     Interrupted,
-    NotPicklable,
     OutcomeUnknown,
     ServerUnavailable,
     StatementRefused,
-    Timeout,
     carry_cause,
 )
-from .._wire.frames import Kind, Request, Status, encode_reply, encode_wrote
-from .batch import Counters, Work, commit_cost, describe, error_reply
+from .._wire.frames import Kind, Request
+from .batch import (
+    DEADLINE_MARGIN,
+    SINGLE_STATEMENT,
+    Counters,
+    Failures,
+    Work,
+    back_off,
+    commit_cost,
+    count_batch,
+    expired,
+    ok_reply,
+    out_of_time,
+)
 from .call_limit import CallLimiter, CallOverrun, own_signals, restore_signals
 from .migrations import apply_postgres as apply_migrations
 from .pg_sql import (
@@ -94,8 +103,6 @@ log = logging.getLogger("mpwriter")
 _PYTHON_GRACE = 0.1
 # PostgreSQL keeps 64 subtransactions per transaction in its cache (PGPROC_MAX_CACHED_SUBXIDS).
 MAX_CHUNK = 64
-# Kinds whose result is (rowcount, lastrowid, rows), sent compact without rows.
-_WRITE_RESULTS = frozenset({Kind.EXECUTE, Kind.EXECUTEMANY, Kind.POST})
 _RETRYABLE = frozenset({"40001", "40P01"})  # serialization failure, deadlock detected
 _QUERY_CANCELED = "57014"  # statement_timeout
 _LOCK_NOT_AVAILABLE = "55P03"  # lock_timeout (and NOWAIT)
@@ -111,8 +118,8 @@ _LOCK_WAIT_MIN = 0.005
 # "cannot run inside a transaction block" (VACUUM, CREATE INDEX CONCURRENTLY...):
 # a single statement so refused runs alone after the batch (`run_alone`).
 _NOT_IN_TRANSACTION = "25001"
-_ALONE = frozenset({Kind.EXECUTE, Kind.POST})
-_SINGLE = _ALONE  # a single statement: the requests one executemany may send together
+_ALONE = SINGLE_STATEMENT
+_SINGLE = SINGLE_STATEMENT  # the requests one executemany may send together
 # The shortest run sent as one executemany (`_queue_run`): its results are
 # fetched where it ends, a round trip in the middle of the pipeline, which
 # the CPU saved pays for from about four statements on (measured: runs of 2
@@ -123,7 +130,6 @@ _MAX_RETRIES = 4
 _BACKOFF_FIRST = 0.005
 _BACKOFF_MAX = 0.5
 _CONNECT_BACKOFF_MAX = 1.0
-_DEADLINE_MARGIN = 0.02
 ISOLATION_LEVELS = {"read committed": "READ COMMITTED", "serializable": "SERIALIZABLE",
                     "repeatable read": "REPEATABLE READ"}  # fmt: skip
 
@@ -376,6 +382,8 @@ class PostgresEngine:
         # Requests set aside after waiting LOCK_SLICE on a lock; tried again
         # in a later batch (the loop serves again what `run` left unanswered).
         self._held: set[tuple[int, int]] = set()
+        # Error replies answered but not yet counted: they are once they stand.
+        self._failures = Failures(counters)
         # Requests the last `run` deferred: they cannot run in a transaction.
         self._deferred: list[Work] = []
         # call() functions run under a `CallLimiter`, started at the first.
@@ -429,7 +437,7 @@ class PostgresEngine:
         self._drop_connection()
         delay = _BACKOFF_FIRST
         while chunk:
-            remaining = min(work.deadline for work in chunk) - _DEADLINE_MARGIN - time.monotonic()
+            remaining = min(work.deadline for work in chunk) - DEADLINE_MARGIN - time.monotonic()
             try:
                 self._connect(connect_timeout=int(max(1.0, remaining)))
                 log.warning("mpwriter: connected to PostgreSQL again")
@@ -442,40 +450,36 @@ class PostgresEngine:
             failure = ServerUnavailable(f"{reason}; not applied")
             still = []
             for work in chunk:
-                if work.deadline - _DEADLINE_MARGIN <= now:
+                if out_of_time(work, now):
                     replies[id(work)] = self._fail(work, failure)
                 else:
                     still.append(work)
             chunk = still
             if chunk:
                 self._counters.retries += 1
-                earliest = min(work.deadline for work in chunk) - _DEADLINE_MARGIN
-                time.sleep(max(0.0, min(earliest - now, delay * random.uniform(0.5, 1.5))))
+                back_off(chunk, delay, now)
                 delay = min(delay * 2, _CONNECT_BACKOFF_MAX)
         return chunk
 
     # -- the Engine protocol ------------------------------------------------------
 
     def run(self, batch: list[Work]) -> list[tuple[Request, bytes]]:
-        counters = self._counters
-        counters.batches += 1
         held = self._held
         if held:
             # A held request comes back at the head of the next batch, or expired.
             held.intersection_update(_key(work) for work in batch)
-        for work in batch:
-            if held and _key(work) in held:
-                continue  # counted when it first came
-            counters.requests += 1
-            if work.request.kind == Kind.POST:
-                # Counted here, once: a replayed batch queues its posts again.
-                counters.posts_dropped += work.body[2]
+            # Counted when it first came.
+            count_batch(self._counters, [work for work in batch if _key(work) not in held])
+        else:
+            count_batch(self._counters, batch)
+        self._failures.clear()  # a `run` that raised left its own: they did not stand
         replies: dict[int, bytes] = {}
         if self._pipelinable(batch):
             self._run_chunk(batch, replies)  # no savepoints: one transaction for all
         else:
             for start in range(0, len(batch), MAX_CHUNK):
                 self._run_chunk(batch[start : start + MAX_CHUNK], replies)
+        self._failures.settle()
         self._state.busy_until = 0.0
         # A request deferred to `run_alone`, or held, has no reply yet.
         return [(work.request, replies[id(work)]) for work in batch if id(work) in replies]
@@ -492,6 +496,7 @@ class PostgresEngine:
             pending = self._ensure_connected(self._drop_expired([work], replies), replies)
             if pending:
                 replies[id(work)] = self._run_one_alone(work)
+            self._failures.settle()
             yield work.request, replies[id(work)]
         self._state.busy_until = 0.0
 
@@ -505,7 +510,7 @@ class PostgresEngine:
             try:
                 cursor = conn.cursor()
                 _execute(cursor, work.body[0], work.body[1])
-                return self._ok(work, _written(cursor))
+                return _ok(work, _written(cursor))
             finally:
                 if not conn.broken:
                     conn.execute("RESET statement_timeout")
@@ -602,18 +607,13 @@ class PostgresEngine:
         for work in chunk:
             if work.deadline <= now:
                 self._counters.expired += 1
-                replies[id(work)] = self._fail(
-                    work,
-                    Timeout("the deadline passed before the writer ran this request; not applied"),
-                )
+                replies[id(work)] = self._fail(work, expired())
             else:
                 kept.append(work)
         return kept
 
     def _backoff(self, attempts: int, chunk: list[Work]) -> None:
-        delay = min(_BACKOFF_MAX, _BACKOFF_FIRST * 2**attempts) * random.uniform(0.5, 1.5)
-        earliest = min(work.deadline for work in chunk) - _DEADLINE_MARGIN
-        time.sleep(max(0.0, min(delay, earliest - time.monotonic())))
+        back_off(chunk, min(_BACKOFF_MAX, _BACKOFF_FIRST * 2**attempts), time.monotonic())
 
     def _rollback(self) -> None:
         try:
@@ -723,7 +723,7 @@ class PostgresEngine:
         encoded: list[bytes] = []
         try:
             for work, finish in zip(chunk, finishers, strict=True):
-                encoded.append(self._ok(work, finish()))
+                encoded.append(_ok(work, finish()))
         except Exception as exc:
             raise _StatementFailed from exc
         self._commit(conn)
@@ -749,7 +749,7 @@ class PostgresEngine:
                 conn.execute(self._time_limits(work.deadline, min(work.deadline, lock_until)))
                 try:
                     with conn.transaction(savepoint_name="mpwriter_request"):
-                        succeeded[id(work)] = self._ok(work, self._queue(conn, work)())
+                        succeeded[id(work)] = _ok(work, self._queue(conn, work)())
                 except psycopg.Error as exc:
                     if conn.broken or exc.sqlstate in _RETRYABLE or _connection_failed(exc):
                         raise
@@ -802,7 +802,7 @@ class PostgresEngine:
         rather than holding them.
         """
         now = time.monotonic()
-        lock_end = min(lock_deadline - _DEADLINE_MARGIN, now + LOCK_SLICE)
+        lock_end = min(lock_deadline - DEADLINE_MARGIN, now + LOCK_SLICE)
         lock_millis = max(1, int((lock_end - now) * 1000))
         return psql.SQL(
             "SELECT set_config('statement_timeout', {}, true), set_config('lock_timeout', {}, true)"
@@ -814,7 +814,7 @@ class PostgresEngine:
         Not past its deadline; and not a streamed executemany, whose rows the
         loop releases once the batch is answered.
         """
-        if work.deadline - _DEADLINE_MARGIN <= time.monotonic():
+        if out_of_time(work, time.monotonic()):
             return False
         return work.request.kind != Kind.EXECUTEMANY or isinstance(work.body[1], list | tuple)
 
@@ -918,27 +918,13 @@ class PostgresEngine:
                 " rolled back, not applied"
             ) from overrun
 
-    def _ok(self, work: Work, value: Value) -> bytes:
-        request_id = work.request.request_id
-        if work.request.kind in _WRITE_RESULTS and len(value) == 3:  # no result set
-            return encode_wrote(request_id, value[0], value[1])
-        try:
-            return encode_reply(request_id, Status.OK, value)
-        except Exception as exc:
-            raise NotPicklable(f"the result could not be pickled: {exc}") from exc
-
     def _fail(self, work: Work, exc: BaseException) -> bytes:
-        counters = self._counters
-        counters.count_error(exc)
-        if isinstance(exc, StatementRefused):
-            counters.refused += 1
-        if work.request.kind == Kind.POST:
-            name = type(exc).__qualname__
-            counters.post_errors_by_class[name] = counters.post_errors_by_class.get(name, 0) + 1
-            log.warning(
-                "mpwriter: fire-and-forget write failed: %s: %s [%s]", name, exc, describe(work)
-            )
-        return error_reply(work.request.request_id, sendable(exc))
+        """``work``'s error reply; counted when the `run` that answers it ends."""
+        return self._failures.fail(work, sendable(exc))
+
+
+def _ok(work: Work, value: Value) -> bytes:
+    return ok_reply(work.request.request_id, work.request.kind, value)
 
 
 def _run_end(chunk: list[Work], start: int) -> int:
