@@ -82,8 +82,10 @@ from .batch import (
     commit_cost,
     count_batch,
     expired,
+    interrupted,
     ok_reply,
     out_of_time,
+    stop_time,
 )
 from .call_limit import CallLimiter, CallOverrun, own_signals, restore_signals
 from .migrations import apply_postgres as apply_migrations
@@ -99,7 +101,8 @@ from .pg_sql import (
 log = logging.getLogger("mpwriter")
 
 # A call() function's Python is interrupted this long after its stop time,
-# when the server's statement_timeout has stopped its SQL already.
+# when the server's statement_timeout has stopped its SQL already (at most
+# half the time left before its deadline: its caller must hear `Interrupted`).
 _PYTHON_GRACE = 0.1
 # PostgreSQL keeps 64 subtransactions per transaction in its cache (PGPROC_MAX_CACHED_SUBXIDS).
 MAX_CHUNK = 64
@@ -384,6 +387,9 @@ class PostgresEngine:
         self._held: set[tuple[int, int]] = set()
         # Error replies answered but not yet counted: they are once they stand.
         self._failures = Failures(counters)
+        # When each request of the current `run` was first sent: its stop
+        # time (`batch.stop_time`) counts from there, replays included.
+        self._started: dict[tuple[int, int], float] = {}
         # Requests the last `run` deferred: they cannot run in a transaction.
         self._deferred: list[Work] = []
         # call() functions run under a `CallLimiter`, started at the first.
@@ -473,6 +479,7 @@ class PostgresEngine:
         else:
             count_batch(self._counters, batch)
         self._failures.clear()  # a `run` that raised left its own: they did not stand
+        self._started.clear()
         replies: dict[int, bytes] = {}
         if self._pipelinable(batch):
             self._run_chunk(batch, replies)  # no savepoints: one transaction for all
@@ -504,8 +511,9 @@ class PostgresEngine:
         conn = self._conn
         assert conn is not None
         self._state.busy_until = work.deadline
+        self._started[_key(work)] = time.monotonic()  # a unit of its own
         try:
-            timeout = psql.Literal(self._millis(work.deadline))
+            timeout = psql.Literal(_millis(self._stop_time(work)[0]))
             conn.execute(psql.SQL("SET statement_timeout = {}").format(timeout))
             try:
                 cursor = conn.cursor()
@@ -514,6 +522,10 @@ class PostgresEngine:
             finally:
                 if not conn.broken:
                     conn.execute("RESET statement_timeout")
+        except psycopg.Error as exc:
+            if exc.sqlstate == _QUERY_CANCELED:
+                return self._fail(work, self._interrupted(work))
+            return self._fail(work, exc)
         except Exception as exc:
             return self._fail(work, exc)
 
@@ -704,10 +716,13 @@ class PostgresEngine:
         try:
             with conn.pipeline():
                 conn.execute(self._begin)
-                # Each statement may run until the last caller's deadline, but
-                # waits on a lock at most until the first caller's: all wait for it.
+                # Each statement may run until the last caller's stop time, but
+                # waits on a lock at most until the first caller's deadline: all
+                # wait for it. A statement stopped sends the chunk to the isolated
+                # path, where each request has its own stop time.
                 earliest = min(work.deadline for work in chunk)
-                conn.execute(self._time_limits(max(work.deadline for work in chunk), earliest))
+                stop_at = max(self._stop_time(work)[0] for work in chunk)
+                conn.execute(self._time_limits(stop_at, earliest))
                 start = 0
                 while start < len(chunk):
                     end = _run_end(chunk, start)
@@ -746,7 +761,8 @@ class PostgresEngine:
                 _check_transaction_open(conn)
                 self._state.busy_until = work.deadline
                 lock_until = max(locks_until, time.monotonic() + _LOCK_WAIT_MIN)
-                conn.execute(self._time_limits(work.deadline, min(work.deadline, lock_until)))
+                stop_at = self._stop_time(work)[0]
+                conn.execute(self._time_limits(stop_at, min(work.deadline, lock_until)))
                 try:
                     with conn.transaction(savepoint_name="mpwriter_request"):
                         succeeded[id(work)] = _ok(work, self._queue(conn, work)())
@@ -766,10 +782,7 @@ class PostgresEngine:
                             f" ({exc}); rolled back, not applied"
                         )
                     elif exc.sqlstate == _QUERY_CANCELED:
-                        error = Interrupted(
-                            f"interrupted at its deadline or execution limit ({exc});"
-                            " rolled back, not applied"
-                        )
+                        error = self._interrupted(work)
                     failed.append((work, error))
                 except Exception as exc:  # refused, unpicklable result, the function's own
                     failed.append((work, exc))
@@ -791,11 +804,11 @@ class PostgresEngine:
             if id(work) in replies:
                 self._held.discard(_key(work))
 
-    def _time_limits(self, deadline: float, lock_deadline: float) -> psql.Composed:
+    def _time_limits(self, stop_at: float, lock_deadline: float) -> psql.Composed:
         """SET LOCAL statement_timeout and lock_timeout, in one statement.
 
-        statement_timeout: the server stops SQL that outlives ``deadline``
-        (or the execution limit). lock_timeout: a statement's wait on a lock
+        statement_timeout: the server stops SQL that runs past ``stop_at``
+        (`_stop_time`). lock_timeout: a statement's wait on a lock
         ends at ``lock_deadline`` or after `LOCK_SLICE`, whichever comes
         first: a request that waits longer on a lock held outside the writer
         is set aside (`_may_hold`) and tried again after the others' replies,
@@ -806,7 +819,7 @@ class PostgresEngine:
         lock_millis = max(1, int((lock_end - now) * 1000))
         return psql.SQL(
             "SELECT set_config('statement_timeout', {}, true), set_config('lock_timeout', {}, true)"
-        ).format(psql.Literal(str(self._millis(deadline))), psql.Literal(str(lock_millis)))
+        ).format(psql.Literal(str(_millis(stop_at))), psql.Literal(str(lock_millis)))
 
     def _may_hold(self, work: Work) -> bool:
         """Whether ``work``, stopped by its lock_timeout, may be tried again in a later batch.
@@ -818,17 +831,20 @@ class PostgresEngine:
             return False
         return work.request.kind != Kind.EXECUTEMANY or isinstance(work.body[1], list | tuple)
 
-    def _millis(self, deadline: float) -> int:
-        """The statement_timeout for ``deadline``: the server stops SQL that outlives its caller.
+    def _stop_time(self, work: Work) -> tuple[float, bool]:
+        """When ``work`` must stop, and whether the execution limit decided it
+        (`batch.stop_time`), counted from when it was first sent in this `run`.
 
-        The owner's watchdog would otherwise kill the writer stuck past the
-        deadline; the limit is the execution limit when that comes first.
+        The server stops its SQL then (statement_timeout), so that the caller,
+        still waiting, is told `Interrupted` (rolled back), not `Timeout`.
         """
-        now = time.monotonic()
-        stop_at = deadline
-        if self._execution_limit is not None:
-            stop_at = min(stop_at, now + self._execution_limit)
-        return max(1, int((stop_at - now) * 1000))
+        started = self._started.setdefault(_key(work), time.monotonic())
+        return stop_time(work, started, self._execution_limit)
+
+    def _interrupted(self, work: Work) -> Interrupted:
+        """The error of ``work`` stopped at its stop time, worded by what stopped it."""
+        ran = time.monotonic() - self._started[_key(work)]
+        return interrupted(ran, self._stop_time(work)[1])
 
     # -- one request ------------------------------------------------------------------
 
@@ -885,42 +901,45 @@ class PostgresEngine:
 
         Its SQL is stopped by the server (``statement_timeout``, set at the
         same stop time); its Python by a `CallLimiter` a moment later
-        (`_PYTHON_GRACE`), so that an overrunning statement ends as the
-        server's clean cancellation, not as an exception raised in the middle
-        of psycopg's own code. Raises `Interrupted` if the function ran past
-        its deadline or execution limit (even if it caught the interruption),
-        `RemoteError` for a BaseException that is not an Exception
-        (SystemExit, KeyboardInterrupt, GeneratorExit...), or the function's
-        own exception; the savepoint around it then rolls it back, and the
-        writer serves on. Signal handling it changed is put back.
+        (`_PYTHON_GRACE`, less where the deadline comes sooner), so that an
+        overrunning statement ends as the server's clean cancellation, not as
+        an exception raised in the middle of psycopg's own code. Raises
+        `Interrupted` if the function ran past its stop time (even if it
+        caught the interruption), `RemoteError` for a BaseException that is
+        not an Exception (SystemExit, KeyboardInterrupt, GeneratorExit...), or
+        the function's own exception; the savepoint around it then rolls it
+        back, and the writer serves on. Signal handling it changed is put back.
         """
         function: Callable[..., Any] = work.body[0]
-        started = time.monotonic()
-        stop_at = work.deadline
-        if self._execution_limit is not None:
-            stop_at = min(stop_at, started + self._execution_limit)
+        stop_at, by_limit = self._stop_time(work)
+        # The Python's stop comes after the SQL's, and before the deadline
+        # while the caller still waits.
+        python_stop = stop_at + min(_PYTHON_GRACE, max(0.0, work.deadline - stop_at) / 2)
+        if by_limit:
+            python_stop = stop_at + _PYTHON_GRACE
         limiter = self._limiter
         if limiter is None:
             limiter = self._limiter = CallLimiter(None)
         # For the owner's watchdog: a function that swallows every
         # interruption is ended with the writer, its grace after this.
-        self._state.busy_until = stop_at + _PYTHON_GRACE
+        self._state.busy_until = python_stop
         try:
             return limiter.run(
-                stop_at + _PYTHON_GRACE,
+                python_stop,
                 lambda: function(Connection(conn, settings), *work.body[1], **work.body[2]),
                 lambda: restore_signals(self._signal_mask),
             )
         except CallOverrun as overrun:
-            ran = time.monotonic() - started
-            raise Interrupted(
-                f"interrupted after {ran:.3f} s at its deadline or execution limit;"
-                " rolled back, not applied"
-            ) from overrun
+            raise self._interrupted(work) from overrun
 
     def _fail(self, work: Work, exc: BaseException) -> bytes:
         """``work``'s error reply; counted when the `run` that answers it ends."""
         return self._failures.fail(work, sendable(exc))
+
+
+def _millis(stop_at: float) -> int:
+    """The statement_timeout that stops SQL at ``stop_at`` (at least 1 ms: 0 is none)."""
+    return max(1, int((stop_at - time.monotonic()) * 1000))
 
 
 def _ok(work: Work, value: Value) -> bytes:
