@@ -72,6 +72,7 @@ from .._errors import (
     carry_cause,
 )
 from .._wire.frames import Kind, Request
+from . import forks
 from .batch import (
     DEADLINE_MARGIN,
     SINGLE_STATEMENT,
@@ -418,6 +419,10 @@ class PostgresEngine:
                 f"the PostgreSQL server could not be reached or refused the connection: {exc}"
             )
             raise carry_cause(failure, sendable(exc)) from exc
+        # A child forked by a call() function lets go of the server socket: one
+        # that lived on would keep the writer's session (its transaction, its
+        # locks) open after the writer died, and could write on it (`forks`).
+        forks.forbid_in_child(conn.fileno())
         try:
             if self._init is not None:
                 with conn.transaction():
