@@ -142,7 +142,9 @@ def count_replies_after_a_mid_chunk_reregistration(directory: str) -> tuple[int,
     lifeline_r, _lifeline_w = os.pipe()
     state = SharedState()
     loop = _writer.WriterLoop(
-        engine, counters, config, Connection(request_r), side, Connection(lifeline_r), state
+        _writer.LoopArgs(
+            engine, counters, config, Connection(request_r), side, Connection(lifeline_r), state
+        )
     )
     bulk_sender = _wire.make_sender_token(os.getpid())
     caller = _wire.make_sender_token(os.getpid())
