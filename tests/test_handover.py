@@ -6,9 +6,9 @@ These tests pin what that must mean: a bulk request needs no room in the
 queue, a caller killed half-way leaves nothing behind, and a payload lost
 with a dead writer is answered "not applied" -- exactly once.
 
-They drive the handle's request path one step at a time (`_prepare`,
-`_send`, `_await_reply`): the step under test is "sent", which the public
-calls never return at.
+Where the step under test is one the public calls never stop at (a payload
+handed over and its frame never sent, a frame whose payload is gone), they
+write to the handle's pipes themselves.
 """
 
 from __future__ import annotations
@@ -43,6 +43,8 @@ pytestmark = pytest.mark.skipif(not _wire.CAN_HAND_OVER, reason="needs os.memfd_
 
 INSERT = "INSERT INTO items(client, seq, payload) VALUES (?, ?, ?)"
 QUEUE_SIZE = 1 << 16
+# A request id no call of these tests' handles reaches (ids are 32 bits).
+STRAY_REQUEST_ID = 0xFFFF0000
 
 
 def bulk_rows(client: int, count: int) -> list[tuple[int, int, str]]:
@@ -57,17 +59,14 @@ def test_a_bulk_request_larger_than_the_queue_is_sent_while_the_writer_is_busy(
     with mpwriter.start(db_path, init=SCHEMA, context="fork", queue_size=QUEUE_SIZE) as writer:
         gate.hold(writer)
         rows = bulk_rows(1, 10_000)
-        deadline, payload = writer._prepare(_wire.Kind.EXECUTEMANY, (INSERT, rows), 10.0)
-        assert len(payload) > 10 * QUEUE_SIZE
-        slot = writer._borrow_slot(deadline)
-        request_id = writer._send(
-            _wire.Kind.EXECUTEMANY, payload, slot.number, time.monotonic() + 1.0
-        )
+        assert len(pickle.dumps(rows)) > 10 * QUEUE_SIZE
+        # submit_many returns once its request is sent: as frames, it could
+        # not be while the writer is held (QueueFull after its timeout).
+        bulk = writer.submit_many(INSERT, rows, timeout=10.0)
         behind = writer.submit(INSERT, (2, 0, "queued behind the bulk request"))
         gate.release()
         assert gate.future.result(timeout=10) == "released"
-        reply = writer._await_reply(slot, request_id, deadline)
-        assert _reply.unpack_reply(reply)[0] == len(rows)
+        assert bulk.result(timeout=10).rowcount == len(rows)
         assert behind.result(timeout=10).rowcount == 1
     assert count_rows(db_path) == len(rows) + 1
 
@@ -79,9 +78,10 @@ def test_a_caller_killed_between_hand_over_and_frame_leaves_nothing_behind(
     pid = os.fork()
     if pid == 0:  # the child: hand the payload over, then die before the frame
         try:
-            deadline, payload = writer._prepare(
-                _wire.Kind.EXECUTEMANY, (INSERT, bulk_rows(3, 5_000)), 10.0
-            )
+            now = time.monotonic()
+            deadline = now + 10.0
+            body = (INSERT, bulk_rows(3, 5_000))
+            payload = pickle.dumps((deadline, now, body), _wire.PICKLE_PROTOCOL)
             writer._hand_over(payload, 1, deadline)
             os.write(payload_sent_w, b"!")
         finally:
@@ -103,9 +103,9 @@ def test_a_frame_whose_payload_was_lost_is_answered_not_applied_once(
     writer: mpwriter.Writer, db_path: Path
 ) -> None:
     """What a successor sees when the writer that died had taken the file."""
-    deadline = time.monotonic() + 10.0
-    slot = writer._borrow_slot(deadline)
-    request_id = writer._next_request_id()
+    writer.stats()  # pools a reply pipe
+    slot = writer._local.free.pop()
+    request_id = STRAY_REQUEST_ID
     frame = _wire.encode_frame(
         _wire.Kind.EXECUTEMANY,
         _wire.WHOLE | _wire.HANDED_OVER,
@@ -116,7 +116,9 @@ def test_a_frame_whose_payload_was_lost_is_answered_not_applied_once(
         testing.frame_key(writer),
     )
     os.write(writer._request_fd, frame)
-    reply = writer._await_reply(slot, request_id, deadline)
+    assert select.select([slot.fd], [], [], 10.0)[0], "the writer did not answer the frame"
+    reply = _reply.read_reply(slot.fd, request_id)
+    assert isinstance(reply, bytes)  # whole: a short error reply
     with pytest.raises(mpwriter.WriterCrashed, match="not applied"):
         _reply.unpack_reply(reply)
     writer._local.free.append(slot)
@@ -142,7 +144,9 @@ def count_replies_after_a_mid_chunk_reregistration(directory: str) -> tuple[int,
     lifeline_r, _lifeline_w = os.pipe()
     state = SharedState()
     loop = _writer.WriterLoop(
-        engine, counters, config, Connection(request_r), side, Connection(lifeline_r), state
+        _writer.LoopArgs(
+            engine, counters, config, Connection(request_r), side, Connection(lifeline_r), state
+        )
     )
     bulk_sender = _wire.make_sender_token(os.getpid())
     caller = _wire.make_sender_token(os.getpid())

@@ -47,7 +47,7 @@ from .._wire.state import BACKING_OFF, CLOSED, RUNNING
 from .._wire.stats import Stats
 from . import aio, blocking, calls
 from .futures import Collector, Pending
-from .pipe_pool import PipePool, Slot
+from .pipe_pool import PipePool
 from .session import DEFAULT_IDLE_LIMIT, DEFAULT_TOTAL_LIMIT, Session
 
 P = ParamSpec("P")
@@ -569,34 +569,16 @@ class Writer:
             local.collector = fresh
             return fresh
 
-    # Steps of the protocol, one at a time, for tests that must stop between them.
+    # Steps of the protocol that no public call stops between, for the tests
+    # that must: a frame sent past the "closed?" check (`_send`), a payload
+    # handed over and its frame never sent (`_hand_over`).
 
     @property
     def _local(self) -> Any:
         return self._pool.local
 
-    def _borrow_slot(self, deadline: float) -> Slot:
-        free = self._pool.local.free
-        try:
-            return free.pop()  # atomic: another thread may take the last pipe
-        except IndexError:
-            return blocking.run(calls.new_slot(self._pool, deadline))
-
-    def _next_request_id(self) -> int:
-        return self._pool.next_request_id()
-
-    def _prepare(
-        self, kind: Kind, body: tuple[Any, ...], timeout: float | None
-    ) -> tuple[float, bytes]:
-        now = time.monotonic()
-        deadline = now + (self.timeout if timeout is None else timeout)
-        return deadline, pickle.dumps((deadline, now, body), PICKLE_PROTOCOL)
-
     def _send(self, kind: Kind, payload: bytes, slot_number: int, deadline: float) -> int:
-        slot = Slot(slot_number, -1)
-        if len(payload) > MAX_PAYLOAD:
-            bulk = calls.send_bulk(self._pool, self._request_fd, kind, payload, slot, deadline)
-            return blocking.run(bulk)
+        assert len(payload) <= MAX_PAYLOAD  # one frame
         request_id = self._pool.next_request_id()
         sender = self._pool.local.sender
         key = self._pool.frame_key
@@ -606,9 +588,6 @@ class Writer:
 
     def _hand_over(self, payload: bytes, request_id: int, deadline: float) -> None:
         blocking.run(calls.hand_over(self._pool, payload, request_id, deadline))
-
-    def _await_reply(self, slot: Slot, request_id: int, deadline: float) -> bytes | bytearray:
-        return blocking.run(calls.receive(self._pool, slot, request_id, deadline))
 
 
 # How long a connected handle waits for its endpoint to answer again.

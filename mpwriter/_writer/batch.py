@@ -43,6 +43,8 @@ DEADLINE_MARGIN = 0.02
 # Kinds whose result is (rowcount, lastrowid, rows[, columns]): without a
 # result set, it is sent in the compact form (`encode_wrote`).
 WRITE_RESULTS = frozenset({Kind.EXECUTE, Kind.EXECUTEMANY, Kind.POST})
+# Kinds that are one SQL statement with its parameters.
+SINGLE_STATEMENT = frozenset({Kind.EXECUTE, Kind.POST})
 
 
 class Work(NamedTuple):

@@ -61,7 +61,7 @@ import termios
 import time
 from collections import deque
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import Any, NamedTuple
 
 from .. import testing
 from .._wire.frames import (
@@ -163,7 +163,7 @@ def serve(
         ready.send(("error", exc))
         return
     forks.leave_if_forked()
-    loop = WriterLoop(engine, counters, config, requests, registrations, lifeline, state)
+    loop = WriterLoop(LoopArgs(engine, counters, config, requests, registrations, lifeline, state))
     state.writer_pid = os.getpid()
     ready.send(("ready", os.getpid()))
     ready.close()
@@ -208,22 +208,26 @@ def reset_signals() -> None:
     signal.set_wakeup_fd(-1)
 
 
+class LoopArgs(NamedTuple):
+    """What a `WriterLoop` serves with; `serve` gathers them in the writer process."""
+
+    engine: Engine  # opened in this process
+    counters: Counters  # the figures the engine and the loop count
+    config: WriterConfig
+    requests: Connection  # the request pipe's read end
+    registrations: socket.socket  # the writer's end of the registration socket
+    lifeline: Connection  # a read end whose EOF means "stop"
+    state: Any  # shared with the supervisor and the owner
+
+
 class WriterLoop:
     """Reads requests, runs them in batches, hands replies to `ReplyPipes`.
 
     It is the `RequestStream` its `ReplyPipes` consults after a restart.
     """
 
-    def __init__(
-        self,
-        engine: Engine,
-        counters: Counters,
-        config: WriterConfig,
-        requests: Connection,
-        registrations: socket.socket,
-        lifeline: Connection,
-        state: Any,
-    ) -> None:
+    def __init__(self, args: LoopArgs) -> None:
+        engine, counters, config, requests, registrations, lifeline, state = args
         self._engine = engine
         self._config = config
         # The Connection objects are kept, unused, because collecting one

@@ -56,7 +56,6 @@ from __future__ import annotations
 import functools
 import logging
 import pickle
-import random
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
@@ -67,15 +66,28 @@ from psycopg.pq import TransactionStatus
 
 from .._errors import (
     Interrupted,
-    NotPicklable,
     OutcomeUnknown,
     ServerUnavailable,
     StatementRefused,
-    Timeout,
     carry_cause,
 )
-from .._wire.frames import Kind, Request, Status, encode_reply, encode_wrote
-from .batch import Counters, Work, commit_cost, describe, error_reply
+from .._wire.frames import Kind, Request
+from . import forks
+from .batch import (
+    DEADLINE_MARGIN,
+    SINGLE_STATEMENT,
+    Counters,
+    Failures,
+    Work,
+    back_off,
+    commit_cost,
+    count_batch,
+    expired,
+    interrupted,
+    ok_reply,
+    out_of_time,
+    stop_time,
+)
 from .call_limit import CallLimiter, CallOverrun, own_signals, restore_signals
 from .migrations import apply_postgres as apply_migrations
 from .pg_sql import (
@@ -90,12 +102,11 @@ from .pg_sql import (
 log = logging.getLogger("mpwriter")
 
 # A call() function's Python is interrupted this long after its stop time,
-# when the server's statement_timeout has stopped its SQL already.
+# when the server's statement_timeout has stopped its SQL already (at most
+# half the time left before its deadline: its caller must hear `Interrupted`).
 _PYTHON_GRACE = 0.1
 # PostgreSQL keeps 64 subtransactions per transaction in its cache (PGPROC_MAX_CACHED_SUBXIDS).
 MAX_CHUNK = 64
-# Kinds whose result is (rowcount, lastrowid, rows), sent compact without rows.
-_WRITE_RESULTS = frozenset({Kind.EXECUTE, Kind.EXECUTEMANY, Kind.POST})
 _RETRYABLE = frozenset({"40001", "40P01"})  # serialization failure, deadlock detected
 _QUERY_CANCELED = "57014"  # statement_timeout
 _LOCK_NOT_AVAILABLE = "55P03"  # lock_timeout (and NOWAIT)
@@ -111,8 +122,8 @@ _LOCK_WAIT_MIN = 0.005
 # "cannot run inside a transaction block" (VACUUM, CREATE INDEX CONCURRENTLY...):
 # a single statement so refused runs alone after the batch (`run_alone`).
 _NOT_IN_TRANSACTION = "25001"
-_ALONE = frozenset({Kind.EXECUTE, Kind.POST})
-_SINGLE = _ALONE  # a single statement: the requests one executemany may send together
+_ALONE = SINGLE_STATEMENT
+_SINGLE = SINGLE_STATEMENT  # the requests one executemany may send together
 # The shortest run sent as one executemany (`_queue_run`): its results are
 # fetched where it ends, a round trip in the middle of the pipeline, which
 # the CPU saved pays for from about four statements on (measured: runs of 2
@@ -123,7 +134,6 @@ _MAX_RETRIES = 4
 _BACKOFF_FIRST = 0.005
 _BACKOFF_MAX = 0.5
 _CONNECT_BACKOFF_MAX = 1.0
-_DEADLINE_MARGIN = 0.02
 ISOLATION_LEVELS = {"read committed": "READ COMMITTED", "serializable": "SERIALIZABLE",
                     "repeatable read": "REPEATABLE READ"}  # fmt: skip
 
@@ -376,6 +386,11 @@ class PostgresEngine:
         # Requests set aside after waiting LOCK_SLICE on a lock; tried again
         # in a later batch (the loop serves again what `run` left unanswered).
         self._held: set[tuple[int, int]] = set()
+        # Error replies answered but not yet counted: they are once they stand.
+        self._failures = Failures(counters)
+        # When each request of the current `run` was first sent: its stop
+        # time (`batch.stop_time`) counts from there, replays included.
+        self._started: dict[tuple[int, int], float] = {}
         # Requests the last `run` deferred: they cannot run in a transaction.
         self._deferred: list[Work] = []
         # call() functions run under a `CallLimiter`, started at the first.
@@ -404,6 +419,10 @@ class PostgresEngine:
                 f"the PostgreSQL server could not be reached or refused the connection: {exc}"
             )
             raise carry_cause(failure, sendable(exc)) from exc
+        # A child forked by a call() function lets go of the server socket: one
+        # that lived on would keep the writer's session (its transaction, its
+        # locks) open after the writer died, and could write on it (`forks`).
+        forks.forbid_in_child(conn.fileno())
         try:
             if self._init is not None:
                 with conn.transaction():
@@ -429,7 +448,7 @@ class PostgresEngine:
         self._drop_connection()
         delay = _BACKOFF_FIRST
         while chunk:
-            remaining = min(work.deadline for work in chunk) - _DEADLINE_MARGIN - time.monotonic()
+            remaining = min(work.deadline for work in chunk) - DEADLINE_MARGIN - time.monotonic()
             try:
                 self._connect(connect_timeout=int(max(1.0, remaining)))
                 log.warning("mpwriter: connected to PostgreSQL again")
@@ -442,40 +461,37 @@ class PostgresEngine:
             failure = ServerUnavailable(f"{reason}; not applied")
             still = []
             for work in chunk:
-                if work.deadline - _DEADLINE_MARGIN <= now:
+                if out_of_time(work, now):
                     replies[id(work)] = self._fail(work, failure)
                 else:
                     still.append(work)
             chunk = still
             if chunk:
                 self._counters.retries += 1
-                earliest = min(work.deadline for work in chunk) - _DEADLINE_MARGIN
-                time.sleep(max(0.0, min(earliest - now, delay * random.uniform(0.5, 1.5))))
+                back_off(chunk, delay, now)
                 delay = min(delay * 2, _CONNECT_BACKOFF_MAX)
         return chunk
 
     # -- the Engine protocol ------------------------------------------------------
 
     def run(self, batch: list[Work]) -> list[tuple[Request, bytes]]:
-        counters = self._counters
-        counters.batches += 1
         held = self._held
         if held:
             # A held request comes back at the head of the next batch, or expired.
             held.intersection_update(_key(work) for work in batch)
-        for work in batch:
-            if held and _key(work) in held:
-                continue  # counted when it first came
-            counters.requests += 1
-            if work.request.kind == Kind.POST:
-                # Counted here, once: a replayed batch queues its posts again.
-                counters.posts_dropped += work.body[2]
+            # Counted when it first came.
+            count_batch(self._counters, [work for work in batch if _key(work) not in held])
+        else:
+            count_batch(self._counters, batch)
+        self._failures.clear()  # a `run` that raised left its own: they did not stand
+        self._started.clear()
         replies: dict[int, bytes] = {}
         if self._pipelinable(batch):
             self._run_chunk(batch, replies)  # no savepoints: one transaction for all
         else:
             for start in range(0, len(batch), MAX_CHUNK):
                 self._run_chunk(batch[start : start + MAX_CHUNK], replies)
+        self._failures.settle()
         self._state.busy_until = 0.0
         # A request deferred to `run_alone`, or held, has no reply yet.
         return [(work.request, replies[id(work)]) for work in batch if id(work) in replies]
@@ -492,6 +508,7 @@ class PostgresEngine:
             pending = self._ensure_connected(self._drop_expired([work], replies), replies)
             if pending:
                 replies[id(work)] = self._run_one_alone(work)
+            self._failures.settle()
             yield work.request, replies[id(work)]
         self._state.busy_until = 0.0
 
@@ -499,16 +516,21 @@ class PostgresEngine:
         conn = self._conn
         assert conn is not None
         self._state.busy_until = work.deadline
+        self._started[_key(work)] = time.monotonic()  # a unit of its own
         try:
-            timeout = psql.Literal(self._millis(work.deadline))
+            timeout = psql.Literal(_millis(self._stop_time(work)[0]))
             conn.execute(psql.SQL("SET statement_timeout = {}").format(timeout))
             try:
                 cursor = conn.cursor()
                 _execute(cursor, work.body[0], work.body[1])
-                return self._ok(work, _written(cursor))
+                return _ok(work, _written(cursor))
             finally:
                 if not conn.broken:
                     conn.execute("RESET statement_timeout")
+        except psycopg.Error as exc:
+            if exc.sqlstate == _QUERY_CANCELED:
+                return self._fail(work, self._interrupted(work))
+            return self._fail(work, exc)
         except Exception as exc:
             return self._fail(work, exc)
 
@@ -602,18 +624,13 @@ class PostgresEngine:
         for work in chunk:
             if work.deadline <= now:
                 self._counters.expired += 1
-                replies[id(work)] = self._fail(
-                    work,
-                    Timeout("the deadline passed before the writer ran this request; not applied"),
-                )
+                replies[id(work)] = self._fail(work, expired())
             else:
                 kept.append(work)
         return kept
 
     def _backoff(self, attempts: int, chunk: list[Work]) -> None:
-        delay = min(_BACKOFF_MAX, _BACKOFF_FIRST * 2**attempts) * random.uniform(0.5, 1.5)
-        earliest = min(work.deadline for work in chunk) - _DEADLINE_MARGIN
-        time.sleep(max(0.0, min(delay, earliest - time.monotonic())))
+        back_off(chunk, min(_BACKOFF_MAX, _BACKOFF_FIRST * 2**attempts), time.monotonic())
 
     def _rollback(self) -> None:
         try:
@@ -704,10 +721,13 @@ class PostgresEngine:
         try:
             with conn.pipeline():
                 conn.execute(self._begin)
-                # Each statement may run until the last caller's deadline, but
-                # waits on a lock at most until the first caller's: all wait for it.
+                # Each statement may run until the last caller's stop time, but
+                # waits on a lock at most until the first caller's deadline: all
+                # wait for it. A statement stopped sends the chunk to the isolated
+                # path, where each request has its own stop time.
                 earliest = min(work.deadline for work in chunk)
-                conn.execute(self._time_limits(max(work.deadline for work in chunk), earliest))
+                stop_at = max(self._stop_time(work)[0] for work in chunk)
+                conn.execute(self._time_limits(stop_at, earliest))
                 start = 0
                 while start < len(chunk):
                     end = _run_end(chunk, start)
@@ -723,7 +743,7 @@ class PostgresEngine:
         encoded: list[bytes] = []
         try:
             for work, finish in zip(chunk, finishers, strict=True):
-                encoded.append(self._ok(work, finish()))
+                encoded.append(_ok(work, finish()))
         except Exception as exc:
             raise _StatementFailed from exc
         self._commit(conn)
@@ -746,10 +766,11 @@ class PostgresEngine:
                 _check_transaction_open(conn)
                 self._state.busy_until = work.deadline
                 lock_until = max(locks_until, time.monotonic() + _LOCK_WAIT_MIN)
-                conn.execute(self._time_limits(work.deadline, min(work.deadline, lock_until)))
+                stop_at = self._stop_time(work)[0]
+                conn.execute(self._time_limits(stop_at, min(work.deadline, lock_until)))
                 try:
                     with conn.transaction(savepoint_name="mpwriter_request"):
-                        succeeded[id(work)] = self._ok(work, self._queue(conn, work)())
+                        succeeded[id(work)] = _ok(work, self._queue(conn, work)())
                 except psycopg.Error as exc:
                     if conn.broken or exc.sqlstate in _RETRYABLE or _connection_failed(exc):
                         raise
@@ -766,10 +787,7 @@ class PostgresEngine:
                             f" ({exc}); rolled back, not applied"
                         )
                     elif exc.sqlstate == _QUERY_CANCELED:
-                        error = Interrupted(
-                            f"interrupted at its deadline or execution limit ({exc});"
-                            " rolled back, not applied"
-                        )
+                        error = self._interrupted(work)
                     failed.append((work, error))
                 except Exception as exc:  # refused, unpicklable result, the function's own
                     failed.append((work, exc))
@@ -791,22 +809,22 @@ class PostgresEngine:
             if id(work) in replies:
                 self._held.discard(_key(work))
 
-    def _time_limits(self, deadline: float, lock_deadline: float) -> psql.Composed:
+    def _time_limits(self, stop_at: float, lock_deadline: float) -> psql.Composed:
         """SET LOCAL statement_timeout and lock_timeout, in one statement.
 
-        statement_timeout: the server stops SQL that outlives ``deadline``
-        (or the execution limit). lock_timeout: a statement's wait on a lock
+        statement_timeout: the server stops SQL that runs past ``stop_at``
+        (`_stop_time`). lock_timeout: a statement's wait on a lock
         ends at ``lock_deadline`` or after `LOCK_SLICE`, whichever comes
         first: a request that waits longer on a lock held outside the writer
         is set aside (`_may_hold`) and tried again after the others' replies,
         rather than holding them.
         """
         now = time.monotonic()
-        lock_end = min(lock_deadline - _DEADLINE_MARGIN, now + LOCK_SLICE)
+        lock_end = min(lock_deadline - DEADLINE_MARGIN, now + LOCK_SLICE)
         lock_millis = max(1, int((lock_end - now) * 1000))
         return psql.SQL(
             "SELECT set_config('statement_timeout', {}, true), set_config('lock_timeout', {}, true)"
-        ).format(psql.Literal(str(self._millis(deadline))), psql.Literal(str(lock_millis)))
+        ).format(psql.Literal(str(_millis(stop_at))), psql.Literal(str(lock_millis)))
 
     def _may_hold(self, work: Work) -> bool:
         """Whether ``work``, stopped by its lock_timeout, may be tried again in a later batch.
@@ -814,21 +832,24 @@ class PostgresEngine:
         Not past its deadline; and not a streamed executemany, whose rows the
         loop releases once the batch is answered.
         """
-        if work.deadline - _DEADLINE_MARGIN <= time.monotonic():
+        if out_of_time(work, time.monotonic()):
             return False
         return work.request.kind != Kind.EXECUTEMANY or isinstance(work.body[1], list | tuple)
 
-    def _millis(self, deadline: float) -> int:
-        """The statement_timeout for ``deadline``: the server stops SQL that outlives its caller.
+    def _stop_time(self, work: Work) -> tuple[float, bool]:
+        """When ``work`` must stop, and whether the execution limit decided it
+        (`batch.stop_time`), counted from when it was first sent in this `run`.
 
-        The owner's watchdog would otherwise kill the writer stuck past the
-        deadline; the limit is the execution limit when that comes first.
+        The server stops its SQL then (statement_timeout), so that the caller,
+        still waiting, is told `Interrupted` (rolled back), not `Timeout`.
         """
-        now = time.monotonic()
-        stop_at = deadline
-        if self._execution_limit is not None:
-            stop_at = min(stop_at, now + self._execution_limit)
-        return max(1, int((stop_at - now) * 1000))
+        started = self._started.setdefault(_key(work), time.monotonic())
+        return stop_time(work, started, self._execution_limit)
+
+    def _interrupted(self, work: Work) -> Interrupted:
+        """The error of ``work`` stopped at its stop time, worded by what stopped it."""
+        ran = time.monotonic() - self._started[_key(work)]
+        return interrupted(ran, self._stop_time(work)[1])
 
     # -- one request ------------------------------------------------------------------
 
@@ -885,60 +906,49 @@ class PostgresEngine:
 
         Its SQL is stopped by the server (``statement_timeout``, set at the
         same stop time); its Python by a `CallLimiter` a moment later
-        (`_PYTHON_GRACE`), so that an overrunning statement ends as the
-        server's clean cancellation, not as an exception raised in the middle
-        of psycopg's own code. Raises `Interrupted` if the function ran past
-        its deadline or execution limit (even if it caught the interruption),
-        `RemoteError` for a BaseException that is not an Exception
-        (SystemExit, KeyboardInterrupt, GeneratorExit...), or the function's
-        own exception; the savepoint around it then rolls it back, and the
-        writer serves on. Signal handling it changed is put back.
+        (`_PYTHON_GRACE`, less where the deadline comes sooner), so that an
+        overrunning statement ends as the server's clean cancellation, not as
+        an exception raised in the middle of psycopg's own code. Raises
+        `Interrupted` if the function ran past its stop time (even if it
+        caught the interruption), `RemoteError` for a BaseException that is
+        not an Exception (SystemExit, KeyboardInterrupt, GeneratorExit...), or
+        the function's own exception; the savepoint around it then rolls it
+        back, and the writer serves on. Signal handling it changed is put back.
         """
         function: Callable[..., Any] = work.body[0]
-        started = time.monotonic()
-        stop_at = work.deadline
-        if self._execution_limit is not None:
-            stop_at = min(stop_at, started + self._execution_limit)
+        stop_at, by_limit = self._stop_time(work)
+        # The Python's stop comes after the SQL's, and before the deadline
+        # while the caller still waits.
+        python_stop = stop_at + min(_PYTHON_GRACE, max(0.0, work.deadline - stop_at) / 2)
+        if by_limit:
+            python_stop = stop_at + _PYTHON_GRACE
         limiter = self._limiter
         if limiter is None:
             limiter = self._limiter = CallLimiter(None)
         # For the owner's watchdog: a function that swallows every
         # interruption is ended with the writer, its grace after this.
-        self._state.busy_until = stop_at + _PYTHON_GRACE
+        self._state.busy_until = python_stop
         try:
             return limiter.run(
-                stop_at + _PYTHON_GRACE,
+                python_stop,
                 lambda: function(Connection(conn, settings), *work.body[1], **work.body[2]),
                 lambda: restore_signals(self._signal_mask),
             )
         except CallOverrun as overrun:
-            ran = time.monotonic() - started
-            raise Interrupted(
-                f"interrupted after {ran:.3f} s at its deadline or execution limit;"
-                " rolled back, not applied"
-            ) from overrun
-
-    def _ok(self, work: Work, value: Value) -> bytes:
-        request_id = work.request.request_id
-        if work.request.kind in _WRITE_RESULTS and len(value) == 3:  # no result set
-            return encode_wrote(request_id, value[0], value[1])
-        try:
-            return encode_reply(request_id, Status.OK, value)
-        except Exception as exc:
-            raise NotPicklable(f"the result could not be pickled: {exc}") from exc
+            raise self._interrupted(work) from overrun
 
     def _fail(self, work: Work, exc: BaseException) -> bytes:
-        counters = self._counters
-        counters.count_error(exc)
-        if isinstance(exc, StatementRefused):
-            counters.refused += 1
-        if work.request.kind == Kind.POST:
-            name = type(exc).__qualname__
-            counters.post_errors_by_class[name] = counters.post_errors_by_class.get(name, 0) + 1
-            log.warning(
-                "mpwriter: fire-and-forget write failed: %s: %s [%s]", name, exc, describe(work)
-            )
-        return error_reply(work.request.request_id, sendable(exc))
+        """``work``'s error reply; counted when the `run` that answers it ends."""
+        return self._failures.fail(work, sendable(exc))
+
+
+def _millis(stop_at: float) -> int:
+    """The statement_timeout that stops SQL at ``stop_at`` (at least 1 ms: 0 is none)."""
+    return max(1, int((stop_at - time.monotonic()) * 1000))
+
+
+def _ok(work: Work, value: Value) -> bytes:
+    return ok_reply(work.request.request_id, work.request.kind, value)
 
 
 def _run_end(chunk: list[Work], start: int) -> int:

@@ -45,9 +45,10 @@ from typing import Any
 
 from .. import testing
 from .._errors import StatementRefused
-from .._wire.frames import Kind, Request, Status, encode_reply
+from .._wire.frames import Request, Status, encode_reply
 from . import forks
 from .batch import (
+    SINGLE_STATEMENT,
     Counters,
     Failures,
     Work,
@@ -95,8 +96,6 @@ __all__ = [
 # retry comes soon, and none waits longer than this.
 _BACKOFF_FIRST = 0.001
 _BACKOFF_MAX = 0.1
-
-_SINGLE_STATEMENT = frozenset({Kind.EXECUTE, Kind.POST})
 
 log = logging.getLogger("mpwriter")
 
@@ -340,7 +339,7 @@ class SqliteEngine:
             # statement by itself. Where it does not (OR FAIL keeps the rows
             # written before the failure, and an unencodable result must be
             # undone), the change count shows it and the batch is replayed.
-            single = work.request.kind in _SINGLE_STATEMENT
+            single = work.request.kind in SINGLE_STATEMENT
             if single:
                 changes = conn.total_changes
             else:
@@ -394,7 +393,7 @@ class SqliteEngine:
         was first prepared inside the batch, so it runs unguarded here -- VACUUM
         issues its own BEGIN internally -- but held to its own stop time.
         """
-        if work.request.kind not in _SINGLE_STATEMENT:
+        if work.request.kind not in SINGLE_STATEMENT:
             return self._failures.fail(work, cause)
         if testing.faults.solo_delay:
             self._state.busy_until = work.deadline
