@@ -65,6 +65,14 @@ class Faults:
     before_reregister: Callable[[], None] | None = None
     after_reregister: Callable[[], None] | None = None
 
+    # Writer side (mpwriter._writer.sqlite, when the engine opens): called in
+    # the writer with the text of each of its own transaction statements
+    # (BEGIN, SAVEPOINT, RELEASE, ROLLBACK TO, COMMIT) just before it runs;
+    # what it raises, that statement raises -- as a failing disk would make
+    # it (``sqlite3.OperationalError("disk I/O error")``). A forked writer
+    # inherits it (start with context="fork").
+    writer_statement: Callable[[str], None] | None = None
+
 
 faults = Faults()
 

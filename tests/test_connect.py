@@ -9,14 +9,18 @@ twice was applied twice.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import multiprocessing
 import os
 import select
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -517,3 +521,121 @@ def test_a_connected_handle_passes_to_a_spawned_child_and_re_dials_there(db_path
         assert child.exitcode == 0
         connected.execute(INSERT, (3, 0))
     assert sorted(rows_by_client(db_path)) == [1, 2, 3]
+
+
+class SilentEndpoint:
+    """A socket at a writer's endpoint, of this user, that takes connections
+    and never answers: an endpoint whose supervisor is stopped or stuck."""
+
+    def __init__(self, database: Path) -> None:
+        self.path = str(database.resolve()) + ".mpwriter.sock"
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)  # a closed writer's endpoint, if it left one
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.sock.bind(self.path)
+        self.sock.listen(64)  # connections complete in the backlog; none is answered
+
+    def close(self) -> None:
+        self.sock.close()
+        os.unlink(self.path)
+
+
+def test_a_connected_handle_whose_endpoint_does_not_answer_fails_within_the_calls_timeout(
+    db_path: Path,
+) -> None:
+    with start_writer(db_path):
+        connected = mpwriter.connect(db_path, timeout=10.0)
+        connected.execute(INSERT, (1, 0))
+    silent = SilentEndpoint(db_path)
+    try:
+        started = time.monotonic()
+        with pytest.raises(mpwriter.WriterClosed, match="not sent"):
+            connected.execute(INSERT, (1, 1), timeout=0.3)
+        assert time.monotonic() - started < 2.0  # the dial waited 5 s whatever the timeout
+        # A thread that dials holds back no other thread past its own bound.
+        outcome: list[BaseException] = []
+
+        def dial() -> None:
+            try:
+                connected.execute(INSERT, (1, 2), timeout=4.0)
+            except BaseException as exc:  # asserted below, in the test's thread
+                outcome.append(exc)
+
+        dialing = threading.Thread(target=dial)
+        dialing.start()
+        started = time.monotonic()
+        assert connected.post(INSERT, (1, 3), max_block=0.05) is False
+        with pytest.raises(mpwriter.WriterClosed, match="not sent"):
+            connected.execute(INSERT, (1, 4), timeout=0.3)
+        assert time.monotonic() - started < 2.0
+        dialing.join(10.0)
+        assert not dialing.is_alive()
+        assert len(outcome) == 1
+        assert isinstance(outcome[0], mpwriter.WriterClosed), repr(outcome[0])
+    finally:
+        silent.close()
+        connected.close()
+    assert rows_by_client(db_path) == {1: [0]}
+
+
+def test_threads_calling_while_the_handle_dials_a_new_writer_lose_nothing(
+    db_path: Path,
+) -> None:
+    """Every acknowledged write is there; a failed call says it was not sent,
+    never "outcome unknown" (a request paired with another writer's pipe)."""
+    first = start_writer(db_path)
+    connected = mpwriter.connect(db_path, timeout=10.0)
+    stop = threading.Event()
+    progress = threading.Condition()
+    acks: dict[int, list[int]] = {n: [] for n in range(4)}
+    errors: list[BaseException] = []
+
+    def write(client: int) -> None:
+        for seq in itertools.count():
+            if stop.is_set():
+                return
+            try:
+                connected.execute(INSERT, (client, seq))
+            except mpwriter.Error as exc:
+                errors.append(exc)
+            else:
+                with progress:
+                    acks[client].append(seq)
+                    progress.notify_all()
+
+    threads = [threading.Thread(target=write, args=(n,)) for n in acks]
+    for thread in threads:
+        thread.start()
+    second = None
+    try:
+        marks = wait_for_acks(progress, acks, dict.fromkeys(acks, 20))
+        first.close()
+        second = start_writer(db_path)
+        wait_for_acks(progress, acks, {n: marks[n] + 20 for n in acks})
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(30.0)
+        first.close()
+        if second is not None:
+            second.close()
+        connected.close()
+    assert not any(thread.is_alive() for thread in threads)
+    assert all(isinstance(exc, mpwriter.WriterUnavailable) for exc in errors), errors[:3]
+    assert not any(isinstance(exc, mpwriter.Timeout) for exc in errors), errors[:3]
+    found = rows_by_client(db_path)
+    for client, seqs in acks.items():
+        rows = found.get(client, [])
+        assert len(rows) == len(set(rows))
+        assert set(seqs) <= set(rows), sorted(set(seqs) - set(rows))[:5]
+
+
+def wait_for_acks(
+    progress: threading.Condition, acks: dict[int, list[int]], targets: dict[int, int]
+) -> dict[int, int]:
+    """Wait (10 s at most) until each client has its target count of acks; the counts."""
+    with progress:
+        reached = progress.wait_for(lambda: all(len(acks[n]) >= targets[n] for n in acks), 10.0)
+        counts = {n: len(acks[n]) for n in acks}
+    assert reached, counts
+    return counts

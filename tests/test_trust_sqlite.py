@@ -322,6 +322,66 @@ def test_a_lone_request_failing_at_commit_gets_the_error_and_leaves_nothing(
         assert conn.execute("SELECT id FROM parent").fetchall() == [(1,)]
 
 
+class FailSavepointAfterCommits:
+    """A ``writer_statement`` fault: once ``armed`` exists, the first SAVEPOINT
+    after ``commits`` COMMITs raises, as a failing disk would make it."""
+
+    def __init__(self, armed: Path, commits: int) -> None:
+        self.armed = armed
+        self.commits = commits
+        self.fired = False
+
+    def __call__(self, sql: str) -> None:
+        if self.fired or not self.armed.exists():
+            return
+        if sql.startswith("COMMIT"):
+            self.commits -= 1
+        elif sql.startswith("SAVEPOINT") and self.commits <= 0:
+            self.fired = True
+            raise sqlite3.OperationalError("disk I/O error")
+
+
+def test_a_writer_statement_failing_after_a_bisected_commit_fails_only_the_rest(
+    db_path: Path, gate: Gate, tmp_path: Path
+) -> None:
+    """61 scripts in one batch, the 31st leaving a dangling reference: the
+    bisection commits the first 30, then the writer's own SAVEPOINT fails.
+    The 30 committed get their OK, the other 31 "not applied", and the
+    database holds exactly the acknowledged rows."""
+    armed = tmp_path / "armed"
+    # Commits once armed: the held call's batch, the whole batch (refused),
+    # its first half (committed); then the next SAVEPOINT fails.
+    fault = FailSavepointAfterCommits(armed, commits=3)
+    with testing.inject(writer_statement=fault):
+        writer = mpwriter.start(db_path, init=DEFERRED_SCHEMA, context="fork", timeout=10.0)
+    with writer:
+        warm_slots(writer, tmp_path, 62)
+        gate.hold(writer)
+        armed.touch()
+        insert = "INSERT INTO child(parent_id, note) VALUES ({}, '{}')"
+        futures = [
+            writer.submit_script(insert.format(999 if n == 30 else 1, f"n {n}")) for n in range(61)
+        ]
+        gate.release()
+        assert gate.future.result(timeout=10.0) == "released"
+        acknowledged = set()
+        for n, future in enumerate(futures):
+            error = future.exception(timeout=10.0)
+            if error is None:
+                acknowledged.add(f"n {n}")
+            else:
+                assert n >= 30, (n, error)
+                assert isinstance(error, sqlite3.OperationalError), repr(error)
+                assert "disk I/O error" in str(error)
+                assert "not applied" in str(error)
+        assert acknowledged == {f"n {n}" for n in range(30)}
+        # The writer serves on.
+        assert writer.execute("INSERT INTO child(parent_id, note) VALUES (1, 'after')").rowcount
+    with mpwriter.reader(db_path) as conn:
+        notes = {row[0] for row in conn.execute("SELECT note FROM child")}
+    assert notes == acknowledged | {"after"}
+
+
 # -- counters count once when a batch is replayed ------------------------------------
 
 

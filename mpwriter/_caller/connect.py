@@ -51,8 +51,10 @@ def connect(
 
     When the writer is closed and another process starts one for ``path``,
     the handle's next call goes on with the new writer by itself; while none
-    serves, calls fail at once with `WriterClosed` or `WriterCrashed`. Works
-    in forked children of the connecting process.
+    serves, calls fail with `WriterClosed` or `WriterCrashed` (not sent): at
+    once when nothing listens on the endpoint, and within the call's own
+    timeout (``post``: its ``max_block``) when something there does not
+    answer. Works in forked children of the connecting process.
 
     Raises `WriterUnavailable` if no writer serves ``path``, `AccessDenied`
     if this process's user may not use it, `Timeout` if the endpoint does

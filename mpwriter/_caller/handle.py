@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import dataclasses
 import itertools
 import os
 import pickle
@@ -32,7 +33,7 @@ from multiprocessing import reduction
 from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar
 
 from .. import testing
-from .._errors import NotPicklable, WriterUnavailable
+from .._errors import NotPicklable, Timeout, WriterUnavailable
 from .._wire.frames import (
     CAN_HAND_OVER,
     MAX_PAYLOAD,
@@ -64,6 +65,18 @@ class _Dialer(Protocol):
     """How a connected handle reaches its writer's endpoint again (`connect.Dialer`)."""
 
     def dial(self, deadline: float) -> Any: ...
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Link:
+    """What a request is sent on: one writer's pool (its reply pipes, side
+    socket, state and frame key) and its request pipe. A connected handle
+    that dials a new writer replaces its link whole, in one assignment: a
+    request reads the link once and so never pairs one writer's pool with
+    another's pipe (whose writer would drop the frame as foreign)."""
+
+    pool: PipePool
+    request_fd: int
 
 
 class Writer:
@@ -102,17 +115,29 @@ class Writer:
     ) -> None:
         self.path = path
         self.timeout = timeout
-        self._request_fd = request_fd
-        self._state = state
-        self._pool = PipePool(registration, state, frame_key)
+        self._link = _Link(PipePool(registration, state, frame_key), request_fd)
         self._owner_here = owner
         self._owner_pid = os.getpid()
         self._dialer = dialer  # a connected handle's way back to its endpoint
         # A collected handle stops its collector thread (which never refers
         # to the handle) and releases its descriptors. Not at interpreter
         # exit: the owner's own exit hook closes the writer through the handle.
-        self._release = weakref.finalize(self, _release, self._pool, request_fd, owner is not None)
+        self._release = weakref.finalize(
+            self, _release, self._link.pool, request_fd, owner is not None
+        )
         self._release.atexit = False
+
+    @property
+    def _pool(self) -> PipePool:
+        return self._link.pool
+
+    @property
+    def _request_fd(self) -> int:
+        return self._link.request_fd
+
+    @property
+    def _state(self) -> Any:
+        return self._link.pool.state
 
     def __repr__(self) -> str:
         status = "closed" if self.closed else "open"
@@ -127,16 +152,18 @@ class Writer:
         failed statement is applied.
         """
         # `_encode`, inlined: this is every app's hot path (a Python call fewer).
-        pool = self._pool
-        if pool.closed or self._state.status != RUNNING:
-            pool = self._revive()  # or raise what says why: the handle or the writer
+        link = self._link
+        pool = link.pool
         now = time.monotonic()
         deadline = now + (self.timeout if timeout is None else timeout)
+        if pool.closed or pool.state.status != RUNNING:
+            link = self._revive(link, deadline)  # or raise why not: the handle or the writer
+            pool = link.pool
         try:
             payload = pickle.dumps((deadline, now, (sql, params)), PICKLE_PROTOCOL)
         except Exception as exc:
             raise _not_picklable(_EXECUTE, exc) from exc
-        value = blocking.request(pool, self._request_fd, _EXECUTE, payload, deadline)
+        value = blocking.request(pool, link.request_fd, _EXECUTE, payload, deadline)
         # A write without rows comes as a Result already (`unpack_reply`).
         return value if value.__class__ is Result else Result(*value)
 
@@ -204,9 +231,10 @@ class Writer:
         enforcement back on before it serves any other request, and such a
         transaction commits alone (held requests do not share its COMMIT).
         """
+        link = self._link
         session = Session(
-            self._pool,
-            self._request_fd,
+            link.pool,
+            link.request_fd,
             self.timeout if timeout is None else timeout,
             DEFAULT_IDLE_LIMIT if idle_limit is None else idle_limit,
             DEFAULT_TOTAL_LIMIT if total_limit is None else total_limit,
@@ -249,13 +277,15 @@ class Writer:
         failures inside the writer are logged there with the statement's head
         and counted by class (``post_errors_by_class``). Not durable on return.
         """
-        pool = self._pool
+        link = self._link
+        pool = link.pool
         local = pool.local
         reported = local.posts_dropped
         try:
             now = time.monotonic()
             if not pool.writer_running():
-                pool = self._revive()
+                link = self._revive(link, now + max_block)
+                pool = link.pool
                 local = pool.local
             body = (sql, params, reported)
             payload = pickle.dumps((now + self.timeout, now, body), PICKLE_PROTOCOL)
@@ -269,10 +299,10 @@ class Writer:
                 pool.frame_key,
             )
             try:
-                os.write(self._request_fd, frame)
+                os.write(link.request_fd, frame)
             except BlockingIOError:  # a full queue: wait up to max_block for room
                 frames = (frame,)
-                blocking.run(calls.write_frames(pool, self._request_fd, frames, now + max_block))
+                blocking.run(calls.write_frames(pool, link.request_fd, frames, now + max_block))
         except Exception:
             # Dropped: counted here, reported with the next post that gets through.
             with local.lock:
@@ -378,7 +408,8 @@ class Writer:
     @property
     def closed(self) -> bool:
         """True once this handle, or the writer itself, was closed."""
-        return self._pool.closed or self._state.status == CLOSED
+        pool = self._link.pool
+        return pool.closed or pool.state.status == CLOSED
 
     def close(self, timeout: float | None = None) -> None:
         """Release this handle; in the owner process, stop the writer.
@@ -391,7 +422,8 @@ class Writer:
         the handle's collector thread (``submit``) stops, failing futures
         still pending with `WriterClosed`. Idempotent.
         """
-        pool = self._pool
+        link = self._link
+        pool = link.pool
         if pool.closed:
             return
         owner = self._owner
@@ -399,7 +431,7 @@ class Writer:
             pool.closed = True  # refuse new calls while the writer drains
             owner.close(self.timeout if timeout is None else timeout)
         pool.close()
-        _disarm(self._request_fd)
+        _disarm(link.request_fd)
 
     def __enter__(self) -> Writer:
         return self
@@ -418,52 +450,77 @@ class Writer:
                 " arguments: see mpwriter.attach) or inherited through fork; it"
                 " cannot be sent as a task argument or through a queue"
             )
+        link = self._link
         return (
             _rebuild,
             (
                 self.path,
                 self.timeout,
-                reduction.DupFd(self._request_fd),
-                reduction.DupFd(self._pool.registration.fileno()),
-                self._state,
-                self._pool.frame_key,
+                reduction.DupFd(link.request_fd),
+                reduction.DupFd(link.pool.registration.fileno()),
+                link.pool.state,
+                link.pool.frame_key,
                 self._dialer,
             ),
         )
 
-    def _revive(self) -> PipePool:
-        """The pool to send on, when this one's writer is not running; or raise why not.
+    def _revive(self, link: _Link, deadline: float) -> _Link:
+        """The link to send on, when ``link``'s writer is not running; or raise why not.
 
         A connected handle whose writer was closed, or died for good, dials
-        its endpoint again: if another writer serves the file now, the handle
-        takes its descriptors and goes on with it. Anything else raises the
-        error that says why no writer can serve (the request was not sent).
+        its endpoint again, by ``deadline`` (the call's): if another writer
+        serves the file now, the handle takes its descriptors and goes on
+        with it. Anything else raises the `WriterUnavailable` that says why
+        no writer can serve (the request was not sent): at once when nothing
+        listens on the endpoint, at ``deadline`` when it does not answer.
         """
-        pool = self._pool
-        if pool.closed or self._dialer is None or self._state.status in (RUNNING, BACKING_OFF):
-            raise pool.unavailable(sent=False)  # says which: the handle or the writer
-        with pool.local.lock:  # one thread dials; the others then find its pool
-            if self._pool is not pool:
-                return self._revive() if self._state.status != RUNNING else self._pool
+        while True:
+            pool = link.pool
+            if not pool.closed and pool.state.status == RUNNING:
+                return link  # another thread's dial found a writer
+            if pool.closed or self._dialer is None or pool.state.status == BACKING_OFF:
+                raise pool.unavailable(sent=False)  # says which: the handle or the writer
+            fresh = self._redial(link, deadline)
+            if fresh is not None:
+                return fresh
+            link = self._link  # another thread dialed: see what it found
+
+    def _redial(self, link: _Link, deadline: float) -> _Link | None:
+        """Dial the endpoint and swap in the new writer's link; None if
+        another thread replaced ``link`` first.
+
+        One thread of the process dials at a time, under the pool's own
+        ``redial`` lock (not the lock its calls take, which would stall every
+        thread for the dial); the others wait for it no longer than their own
+        deadline.
+        """
+        pool = link.pool
+        redial = pool.local.redial
+        left = deadline - time.monotonic()
+        if left <= 0 or not redial.acquire(timeout=left):
+            raise _not_redialed(pool, "its timeout passed while another thread dialed")
+        try:
+            if self._link is not link:
+                return None
+            assert self._dialer is not None  # `_revive` checked
             try:
-                grant = self._dialer.dial(time.monotonic() + _REDIAL_TIMEOUT)
-            except WriterUnavailable as exc:
-                raise type(pool.unavailable(sent=False))(
-                    f"{pool.unavailable(sent=False)}; {exc}"
-                ) from None
-            fresh = PipePool(grant.registration, grant.state, grant.offer.frame_key)
-            old_fd = self._request_fd
-            self._request_fd = grant.request_fd
-            self._state = grant.state
-            self._pool = fresh
+                grant = self._dialer.dial(deadline)
+            except (WriterUnavailable, Timeout) as exc:
+                raise _not_redialed(pool, str(exc)) from None
+            fresh = _Link(
+                PipePool(grant.registration, grant.state, grant.offer.frame_key), grant.request_fd
+            )
+            self._link = fresh  # one assignment: a request reads the old link or this one
             self._release.detach()
-            self._release = weakref.finalize(self, _release, fresh, grant.request_fd, False)
+            self._release = weakref.finalize(self, _release, fresh.pool, fresh.request_fd, False)
             self._release.atexit = False
-        # Calls of other threads may still hold the old pool and descriptor:
-        # they fail (WriterClosed) rather than write into a reused number.
+        finally:
+            redial.release()
+        # Calls of other threads may still hold the old link: they fail
+        # (WriterClosed, not sent) rather than write into a reused number.
         pool.close()
-        _disarm(old_fd)
-        weakref.finalize(self, os.close, old_fd).atexit = False
+        _disarm(link.request_fd)
+        weakref.finalize(self, os.close, link.request_fd).atexit = False
         return fresh
 
     @property
@@ -475,29 +532,29 @@ class Writer:
 
     def _request(self, kind: Kind, body: tuple[Any, ...], timeout: float | None) -> calls.Step[Any]:
         """The protocol generator of one request, for any driver to run."""
-        pool, payload, deadline = self._encode(kind, body, timeout)
-        return calls.request(pool, self._request_fd, kind, payload, deadline)
+        link, payload, deadline = self._encode(kind, body, timeout)
+        return calls.request(link.pool, link.request_fd, kind, payload, deadline)
 
     def _blocking(self, kind: Kind, body: tuple[Any, ...], timeout: float | None) -> Any:
         """`_request`, run in this thread by `blocking.request`: its straight
         line for the usual request, the protocol's generators for the rest."""
-        pool, payload, deadline = self._encode(kind, body, timeout)
-        return blocking.request(pool, self._request_fd, kind, payload, deadline)
+        link, payload, deadline = self._encode(kind, body, timeout)
+        return blocking.request(link.pool, link.request_fd, kind, payload, deadline)
 
     def _encode(
         self, kind: Kind, body: tuple[Any, ...], timeout: float | None
-    ) -> tuple[PipePool, bytes, float]:
-        """The pool to send on, the pickled request and its deadline (`execute` inlines this)."""
-        pool = self._pool
-        if pool.closed or self._state.status != RUNNING:
-            pool = self._revive()  # or raise what says why: the handle or the writer
+    ) -> tuple[_Link, bytes, float]:
+        """The link to send on, the pickled request and its deadline (`execute` inlines this)."""
+        link = self._link
         now = time.monotonic()
         deadline = now + (self.timeout if timeout is None else timeout)
+        if link.pool.closed or link.pool.state.status != RUNNING:
+            link = self._revive(link, deadline)  # or raise why not: the handle or the writer
         try:
             payload = pickle.dumps((deadline, now, body), PICKLE_PROTOCOL)
         except Exception as exc:
             raise _not_picklable(kind, exc) from exc
-        return pool, payload, deadline
+        return link, payload, deadline
 
     def _many(
         self, sql: str, seq_of_params: Iterable[Any], timeout: float | None
@@ -513,9 +570,12 @@ class Writer:
         first = list(itertools.islice(rows, calls.STREAM_FIRST_ROWS))
         if len(first) < calls.STREAM_FIRST_ROWS:
             return self._request(Kind.EXECUTEMANY, (sql, first), timeout)
-        pool = self._pool
-        if pool.closed or self._state.status != RUNNING:
-            pool = self._revive()  # or raise what says why: the handle or the writer
+        link = self._link
+        if link.pool.closed or link.pool.state.status != RUNNING:
+            # Its deadline counts from the last row read; the dial's from now.
+            budget = self.timeout if timeout is None else timeout
+            link = self._revive(link, time.monotonic() + budget)
+        pool = link.pool
         chunks = [first]
         del first  # `write_rows` takes it out of `chunks`: held nowhere else
         fd = calls.new_request_file(pool)
@@ -532,7 +592,7 @@ class Writer:
             pool.close_fd(fd)
             raise
         many = Kind.EXECUTEMANY
-        return calls.request_streamed(pool, self._request_fd, many, fd, length, deadline)
+        return calls.request_streamed(pool, link.request_fd, many, fd, length, deadline)
 
     def _submit(
         self,
@@ -590,9 +650,6 @@ class Writer:
         blocking.run(calls.hand_over(self._pool, payload, request_id, deadline))
 
 
-# How long a connected handle waits for its endpoint to answer again.
-_REDIAL_TIMEOUT = 5.0
-
 # Looked up once: `Kind.EXECUTE` goes through the enum's class attribute
 # lookup, 0.1 us per call on this machine.
 _EXECUTE = Kind.EXECUTE
@@ -615,6 +672,12 @@ class Transaction:
 
 def _not_picklable(kind: Kind, exc: Exception) -> NotPicklable:
     return NotPicklable(f"cannot send this {kind.name.lower()} request to the writer: {exc}")
+
+
+def _not_redialed(pool: PipePool, why: str) -> WriterUnavailable:
+    """``pool``'s error (not sent), with why dialing again found no writer."""
+    error = pool.unavailable(sent=False)
+    return type(error)(f"{error}; {why}")
 
 
 def _to_result(value: Any) -> Result:

@@ -74,6 +74,10 @@ class ProcessState:
     def __init__(self) -> None:
         self.sender = make_sender_token(os.getpid())
         self.lock = threading.Lock()
+        # Held by the one thread that dials a connected handle's endpoint
+        # again (`Writer._revive`), not `lock`: a dial may take a call's
+        # whole timeout, and `lock` is taken on the request path.
+        self.redial = threading.Lock()
         self.free: list[Slot] = []
         self.slot_numbers = itertools.count()
         self.open_slots: set[int] = set()  # numbers of the pipes not retired yet

@@ -218,6 +218,11 @@ class Failures:
         """Forget the failures recorded since ``mark``: that attempt does not stand."""
         del self._pending[mark:]
 
+    def keep_only(self, answered: dict[int, bytes]) -> None:
+        """Forget the failures of requests not in ``answered`` (by ``id``): an
+        attempt that broke off recorded them, and its outcome does not stand."""
+        self._pending = [item for item in self._pending if id(item[0]) in answered]
+
     def clear(self) -> None:
         """Forget every failure not settled (they belonged to a run that raised)."""
         self._pending.clear()

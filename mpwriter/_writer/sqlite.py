@@ -128,6 +128,32 @@ class _CommitRefused(Exception):
         return deferred_violation(self.error, "this request leaves it violated")
 
 
+class _FaultyControl:
+    """The writer's control cursor under the ``writer_statement`` fault
+    (`mpwriter.testing`): the hook sees each statement first, and may raise."""
+
+    def __init__(self, cursor: sqlite3.Cursor, hook: Callable[[str], None]) -> None:
+        self._cursor = cursor
+        self._hook = hook
+
+    def execute(self, sql: str) -> sqlite3.Cursor:
+        self._hook(sql)
+        return self._cursor.execute(sql)
+
+
+def _not_applied(exc: Exception) -> Exception:
+    """``exc``, for a request it kept from committing: its class, saying so."""
+    message = f"{exc} (the writer's own statement failed); rolled back, not applied"
+    try:
+        told = type(exc)(message)
+    except Exception:  # a class that takes other arguments: the generic one
+        told = sqlite3.OperationalError(message)
+    for name in ("sqlite_errorcode", "sqlite_errorname"):  # Python 3.11+
+        if hasattr(exc, name):
+            setattr(told, name, getattr(exc, name))
+    return told
+
+
 def deferred_violation(error: sqlite3.IntegrityError, whose: str) -> sqlite3.IntegrityError:
     """SQLite's error of a COMMIT refused by a deferred constraint, saying what it means.
 
@@ -161,7 +187,9 @@ class SqliteEngine:
         # The writer's transaction statements (BEGIN, SAVEPOINT, RELEASE,
         # COMMIT) run on a cursor of their own: conn.execute makes a new
         # cursor each time (a call() costs two of them).
-        self._control = conn.cursor()
+        self._control: sqlite3.Cursor | _FaultyControl = conn.cursor()
+        if testing.faults.writer_statement is not None:
+            self._control = _FaultyControl(self._control, testing.faults.writer_statement)
         self._counters = counters
         self._state = state
         self._execution_limit = execution_limit
@@ -201,7 +229,13 @@ class SqliteEngine:
         self._failures.clear()  # a `run` that raised left its own: they did not stand
         replies: dict[int, bytes] = {}
         solo: list[tuple[Work, BaseException]] = []
-        self._commit_what_can(batch, replies, solo)
+        try:
+            self._commit_what_can(batch, replies, solo)
+        except Exception as exc:
+            # Only the writer's own statements get here (a SAVEPOINT, RELEASE
+            # or ROLLBACK TO on a failing disk), and attempts of this batch may
+            # have committed already: their replies stand, the rest is failed.
+            self._fail_the_rest(batch, replies, solo, exc)
         self.carrying_session = False
         self._failures.settle()
         self._state.busy_until = 0.0
@@ -275,6 +309,33 @@ class SqliteEngine:
             pending = pending[size:]
             if suspects is not None:
                 suspects = suspects - size if suspects > size else None
+
+    def _fail_the_rest(
+        self,
+        batch: list[Work],
+        replies: dict[int, bytes],
+        solo: list[tuple[Work, BaseException]],
+        exc: Exception,
+    ) -> None:
+        """After a writer's own statement raised ``exc`` in `_commit_what_can`:
+        roll back the attempt it broke and answer every request of ``batch``
+        not answered yet (nor deferred) with ``exc``'s class, saying "not applied".
+
+        ``replies`` holds only what stands: the replies of committed attempts
+        and of requests failed before them; the broken attempt's own failures
+        did not stand, and are forgotten.
+        """
+        log.error("mpwriter: the writer's own statement failed: %s", exc, exc_info=exc)
+        self._failures.keep_only(replies)
+        try:
+            self.abandon_transaction()
+        except Exception:
+            log.exception("mpwriter: rolling back the failed attempt failed too")
+        deferred = {id(work) for work, _ in solo}
+        failure = _not_applied(exc)
+        for work in batch:
+            if id(work) not in replies and id(work) not in deferred:
+                replies[id(work)] = self._failures.fail(work, failure)
 
     def run_alone(self) -> Iterator[tuple[Request, bytes]]:
         """Run the requests the last `run` deferred, one at a time; yield each reply.
