@@ -541,3 +541,41 @@ def test_a_busy_session_is_rolled_back_at_its_total_limit(
             pace.wait(0.05)  # sleep-ok: a session that keeps busy past its total limit
     assert rows_of(db_path, 1) == []
     assert writer.stats()["sessions_expired"] == 1
+
+
+@pytest.mark.parametrize(
+    "limits",
+    [
+        {"idle_limit": float("nan")},
+        {"total_limit": float("nan")},
+        {"idle_limit": float("inf")},
+        {"total_limit": float("inf")},
+        {"idle_limit": -1.0},
+        {"total_limit": 0.0},
+    ],
+)
+def test_session_limits_that_are_not_finite_and_positive_are_refused_at_the_call(
+    writer: mpwriter.Writer, limits: dict[str, float]
+) -> None:
+    before = writer.stats()["requests"]
+    with pytest.raises(ValueError, match="finite positive"):
+        writer.session(**limits)
+    assert writer.stats()["requests"] == before  # nothing was sent
+    with pytest.raises(ValueError, match="max_session_seconds"):
+        mpwriter.start(":unused:", max_session_seconds=limits.popitem()[1])
+
+
+def test_a_session_asking_past_the_owners_maximum_is_rolled_back_at_it(db_path: Path) -> None:
+    with mpwriter.start(
+        db_path, init=SCHEMA, timeout=10.0, context="fork", max_session_seconds=1.0
+    ) as writer:
+        session = writer.session(idle_limit=300.0, total_limit=300.0)
+        session.execute(INSERT, (1, 1))
+        # Held behind the idle session, then served once the writer rolled it
+        # back at its maximum (1 s), not after the 300 s the session asked for.
+        assert writer.execute(INSERT, (2, 1), timeout=8.0).rowcount == 1
+        with pytest.raises(mpwriter.SessionExpired, match="limit"):
+            session.execute(INSERT, (1, 2))
+        assert rows_of(db_path, 1) == []
+        assert rows_of(db_path, 2) == [1]
+        assert writer.stats()["sessions_expired"] == 1

@@ -272,7 +272,7 @@ class WriterLoop:
             self._unwatch,
             **({} if bound is None else {"handed_over_bytes_max": bound}),
         )
-        self._sessions = Sessions(engine, counters, self, self._backlog)
+        self._sessions = Sessions(engine, counters, self, self._backlog, config.max_session_seconds)
         self._watch(self._request_fd, "requests")
         self._watch(registrations.fileno(), "registrations")
         self._watch(lifeline.fileno(), "lifeline")
@@ -400,7 +400,9 @@ class WriterLoop:
     def _wait(self, until: float | None = None) -> None:
         now = time.monotonic()
         self._poll_due = now + _POLL_INTERVAL
-        end = self._next_housekeeping if until is None else min(until, self._next_housekeeping)
+        end = self._next_housekeeping
+        if until is not None and until < end:  # False for NaN: never a busy loop of poll(0)
+            end = until
         timeout = end - now
         # Rounded up, so that poll never returns early; none at all for a look.
         for fd, _ in self._poller.poll(int(timeout * 1000) + 1 if timeout > 0 else 0):

@@ -21,7 +21,9 @@ only what is committed or its own. So the batch before it commits first, and
 the requests that came while it was open join its commit.
 
 Bounds: an idle limit between statements and a total limit (the caller sends
-both), after which the writer rolls the session back; its caller's reply pipe
+both; each is cut to the owner's ``max_session_seconds``, and one that is not
+a number in that range is taken as that maximum), after which the writer
+rolls the session back; its caller's reply pipe
 is watched (a duplicate of its write end polls POLLERR once every reader is
 gone: a killed caller is rolled back at once); a writer that is closing rolls
 it back. The caller is not waiting then: its next call on the transaction is
@@ -162,9 +164,15 @@ class Sessions:
     """Serves interactive sessions for the loop; see the module docstring."""
 
     def __init__(
-        self, engine: Engine, counters: Counters, host: SessionHost, backlog: deque[Request]
+        self,
+        engine: Engine,
+        counters: Counters,
+        host: SessionHost,
+        backlog: deque[Request],
+        max_seconds: float = 60.0,
     ) -> None:
         self._engine = engine if isinstance(engine, SqliteEngine) else None
+        self._max_seconds = max_seconds
         self._counters = counters
         self._host = host
         self._backlog = backlog
@@ -341,7 +349,20 @@ class Sessions:
                 self._foreign_keys_on()
             self._host.send(request, failed)  # an outside lock holder stayed
             return None
-        return _Open(request, txn, idle_limit, total_limit, bool(foreign_keys))
+        idle, total = self._bounded(idle_limit), self._bounded(total_limit)
+        return _Open(request, txn, idle, total, bool(foreign_keys))
+
+    def _bounded(self, limit: object) -> float:
+        """A limit the caller sent, cut to the owner's maximum.
+
+        A hostile or broken caller may send anything: NaN (which compares
+        false with every deadline, so the session would never end), infinity,
+        a negative number or not a number at all are taken as the maximum.
+        """
+        most = self._max_seconds
+        if isinstance(limit, (int, float)) and 0 < limit <= most:
+            return float(limit)
+        return most
 
     def _foreign_keys_on(self) -> None:
         """Enforcement back on after a session that ran without it, its transaction ended."""
