@@ -579,3 +579,29 @@ def test_a_session_asking_past_the_owners_maximum_is_rolled_back_at_it(db_path: 
         assert rows_of(db_path, 1) == []
         assert rows_of(db_path, 2) == [1]
         assert writer.stats()["sessions_expired"] == 1
+
+
+def test_requests_held_behind_a_session_are_bounded_and_served_in_order_after_it(
+    db_path: Path,
+) -> None:
+    # max_batch=4: the writer holds 16 batches (64 requests) and one read of
+    # the pipe past them while a session is open; the rest wait in the pipe.
+    with mpwriter.start(db_path, init=SCHEMA, timeout=10.0, context="fork", max_batch=4) as writer:
+        session = writer.session(idle_limit=30.0, total_limit=30.0)
+        session.execute(INSERT, (1, 1))
+        for seq in range(40):  # under the bound: held, and the session goes on
+            assert writer.post(INSERT, (2, seq), max_block=5.0)
+        figures = writer.stats()  # answered while the session is open
+        assert figures["queue_depth"] == 40
+        assert session.execute("SELECT count(*) FROM items").rows == [(1,)]
+        # Far more than the bound (and than one read of the pipe): the writer
+        # stops reading, and the session's next statement is behind them.
+        for seq in range(40, 3040):
+            assert writer.post(INSERT, (2, seq), max_block=5.0)
+        with pytest.raises(mpwriter.SessionExpired, match="filled the queue behind it"):
+            session.execute(INSERT, (1, 2))
+        with mpwriter.reader(db_path) as conn:
+            assert writer.execute("SELECT 1", timeout=10.0).rows == [(1,)]  # after every post
+            found = conn.execute("SELECT client, seq FROM items ORDER BY id").fetchall()
+        assert found == [(2, seq) for seq in range(3040)]  # all of them, in order
+        assert writer.stats()["sessions_expired"] == 1
