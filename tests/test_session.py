@@ -565,11 +565,17 @@ def test_session_limits_that_are_not_finite_and_positive_are_refused_at_the_call
         mpwriter.start(":unused:", max_session_seconds=limits.popitem()[1])
 
 
-def test_a_session_asking_past_the_owners_maximum_is_rolled_back_at_it(db_path: Path) -> None:
+@pytest.mark.parametrize("asks", [300.0, float("nan"), float("inf")])
+def test_a_session_asking_past_the_owners_maximum_is_rolled_back_at_it(
+    db_path: Path, asks: float
+) -> None:
     with mpwriter.start(
         db_path, init=SCHEMA, timeout=10.0, context="fork", max_session_seconds=1.0
     ) as writer:
-        session = writer.session(idle_limit=300.0, total_limit=300.0)
+        session = writer.session()
+        # Set after the call's check, as a broken or hostile client could
+        # send them: the writer must not trust what it is sent.
+        session.idle_limit = session.total_limit = asks
         session.execute(INSERT, (1, 1))
         # Held behind the idle session, then served once the writer rolled it
         # back at its maximum (1 s), not after the 300 s the session asked for.
