@@ -541,3 +541,73 @@ def test_a_busy_session_is_rolled_back_at_its_total_limit(
             pace.wait(0.05)  # sleep-ok: a session that keeps busy past its total limit
     assert rows_of(db_path, 1) == []
     assert writer.stats()["sessions_expired"] == 1
+
+
+@pytest.mark.parametrize(
+    "limits",
+    [
+        {"idle_limit": float("nan")},
+        {"total_limit": float("nan")},
+        {"idle_limit": float("inf")},
+        {"total_limit": float("inf")},
+        {"idle_limit": -1.0},
+        {"total_limit": 0.0},
+    ],
+)
+def test_session_limits_that_are_not_finite_and_positive_are_refused_at_the_call(
+    writer: mpwriter.Writer, limits: dict[str, float]
+) -> None:
+    before = writer.stats()["requests"]
+    with pytest.raises(ValueError, match="finite positive"):
+        writer.session(**limits)
+    assert writer.stats()["requests"] == before  # nothing was sent
+    with pytest.raises(ValueError, match="max_session_seconds"):
+        mpwriter.start(":unused:", max_session_seconds=limits.popitem()[1])
+
+
+@pytest.mark.parametrize("asks", [300.0, float("nan"), float("inf")])
+def test_a_session_asking_past_the_owners_maximum_is_rolled_back_at_it(
+    db_path: Path, asks: float
+) -> None:
+    with mpwriter.start(
+        db_path, init=SCHEMA, timeout=10.0, context="fork", max_session_seconds=1.0
+    ) as writer:
+        session = writer.session()
+        # Set after the call's check, as a broken or hostile client could
+        # send them: the writer must not trust what it is sent.
+        session.idle_limit = session.total_limit = asks
+        session.execute(INSERT, (1, 1))
+        # Held behind the idle session, then served once the writer rolled it
+        # back at its maximum (1 s), not after the 300 s the session asked for.
+        assert writer.execute(INSERT, (2, 1), timeout=8.0).rowcount == 1
+        with pytest.raises(mpwriter.SessionExpired, match="limit"):
+            session.execute(INSERT, (1, 2))
+        assert rows_of(db_path, 1) == []
+        assert rows_of(db_path, 2) == [1]
+        assert writer.stats()["sessions_expired"] == 1
+
+
+def test_requests_held_behind_a_session_are_bounded_and_served_in_order_after_it(
+    db_path: Path,
+) -> None:
+    # max_batch=4: the writer holds 16 batches (64 requests) and one read of
+    # the pipe past them while a session is open; the rest wait in the pipe.
+    with mpwriter.start(db_path, init=SCHEMA, timeout=10.0, context="fork", max_batch=4) as writer:
+        session = writer.session(idle_limit=30.0, total_limit=30.0)
+        session.execute(INSERT, (1, 1))
+        for seq in range(40):  # under the bound: held, and the session goes on
+            assert writer.post(INSERT, (2, seq), max_block=5.0)
+        figures = writer.stats()  # answered while the session is open
+        assert figures["queue_depth"] == 40
+        assert session.execute("SELECT count(*) FROM items").rows == [(1,)]
+        # Far more than the bound (and than one read of the pipe): the writer
+        # stops reading, and the session's next statement is behind them.
+        for seq in range(40, 3040):
+            assert writer.post(INSERT, (2, seq), max_block=5.0)
+        with pytest.raises(mpwriter.SessionExpired, match="filled the queue behind it"):
+            session.execute(INSERT, (1, 2))
+        with mpwriter.reader(db_path) as conn:
+            assert writer.execute("SELECT 1", timeout=10.0).rows == [(1,)]  # after every post
+            found = conn.execute("SELECT client, seq FROM items ORDER BY id").fetchall()
+        assert found == [(2, seq) for seq in range(3040)]  # all of them, in order
+        assert writer.stats()["sessions_expired"] == 1

@@ -30,6 +30,7 @@ open (a new writer after a crash) with `WriterCrashed`.
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import pickle
 import time
@@ -85,8 +86,13 @@ class Session:
         idle_limit: float,
         total_limit: float,
     ) -> None:
-        if idle_limit <= 0 or total_limit <= 0:
-            raise ValueError("a session's idle_limit and total_limit must be positive")
+        # NaN and infinity are refused here, before anything is sent: the
+        # writer holds every other caller for as long as a session lasts.
+        if not (0 < idle_limit < math.inf and 0 < total_limit < math.inf):
+            raise ValueError(
+                "a session's idle_limit and total_limit must be finite positive numbers"
+                f" of seconds, not {idle_limit!r} and {total_limit!r}"
+            )
         self._pool = pool
         self._request_fd = request_fd
         self.timeout = timeout

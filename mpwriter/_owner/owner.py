@@ -34,6 +34,7 @@ import atexit
 import contextlib
 import fcntl
 import logging
+import math
 import multiprocessing
 import multiprocessing.process
 import os
@@ -129,6 +130,7 @@ def start(
     migrations: Sequence[str | Callable[[Any], object]] = (),
     endpoint: str | os.PathLike[str] | None = None,
     allow_group: int | str | None = None,
+    max_session_seconds: float = 60.0,
 ) -> Writer:
     """Start the writer process for the database at ``path``; return its handle.
 
@@ -185,6 +187,11 @@ def start(
     ``endpoint`` says. Only this process's user may connect, and the
     group ``allow_group`` (a name or id) if given.
 
+    ``max_session_seconds``: the longest a `Writer.session()` transaction may
+    last, idle or in all, whatever its caller asks for (60 by default): the
+    writer holds every other request while one is open, so a caller cannot
+    hold it longer.
+
     Raises `WriterAlreadyRunning` if another writer serves this file (under
     any name: symlinks and hard links reach the same writer), `UntrustedFile`
     if its lock file is a symlink or another user's, the sqlite3 error if the
@@ -198,6 +205,10 @@ def start(
     synchronous = _check_options(
         synchronous, isolation, max_batch, max_restarts, restart_backoff_max, migrations
     )
+    if not 0 < max_session_seconds < math.inf:
+        raise ValueError(
+            f"max_session_seconds must be a finite positive number, not {max_session_seconds!r}"
+        )
     # Any: typeshed's BaseContext lacks Process(), which every concrete context has.
     ctx: Any = context if isinstance(context, BaseContext) else multiprocessing.get_context(context)
     config = WriterConfig(
@@ -210,6 +221,7 @@ def start(
         frame_key=new_frame_key(),
         isolation=isolation,
         migrations=tuple(migrations),
+        max_session_seconds=float(max_session_seconds),
     )
     policy = RestartPolicy(
         restart, max_restarts, restart_backoff_max, watchdog_grace, start_timeout

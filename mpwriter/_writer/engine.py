@@ -98,6 +98,9 @@ class WriterConfig:
     isolation: str = "read committed"  # PostgreSQL only
     # Applied once each, in order, after init (`migrations.py`).
     migrations: tuple[str | Callable[[Any], object], ...] = ()
+    # The most a session may last, idle or in all, whatever its caller asks:
+    # the writer holds every other request while one is open.
+    max_session_seconds: float = 60.0
 
 
 def open_engine(config: WriterConfig, counters: Counters, state: Any) -> Engine:

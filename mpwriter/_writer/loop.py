@@ -56,7 +56,6 @@ import select
 import signal
 import socket
 import struct
-import sys
 import termios
 import time
 from collections import deque
@@ -241,7 +240,7 @@ class WriterLoop:
         self._assembler = Assembler()
         self._backlog: deque[Request] = deque()
         # How many requests `_read_available` takes into the backlog: one
-        # batch, or all there are while a session holds the others.
+        # batch, or `session.HELD_BATCHES` of them while a session holds the others.
         self._read_limit = config.max_batch
         # (sender, request id) -> the rows of a streamed request, until served
         self._streams: dict[tuple[int, int], StreamedRows] = {}
@@ -276,7 +275,9 @@ class WriterLoop:
             self._unwatch,
             **({} if bound is None else {"handed_over_bytes_max": bound}),
         )
-        self._sessions = Sessions(engine, counters, self, self._backlog)
+        self._sessions = Sessions(
+            engine, counters, self, self._backlog, config.max_session_seconds, config.max_batch
+        )
         self._watch(self._request_fd, "requests")
         self._watch(registrations.fileno(), "registrations")
         self._watch(lifeline.fileno(), "lifeline")
@@ -337,8 +338,8 @@ class WriterLoop:
     def stopping(self) -> bool:
         return self._stopping
 
-    def hold_requests(self, holding: bool) -> None:
-        self._read_limit = sys.maxsize if holding else self._config.max_batch
+    def hold_requests(self, limit: int | None) -> None:
+        self._read_limit = self._config.max_batch if limit is None else limit
 
     def wait_until(self, until: float) -> None:
         self._wait(until)
@@ -351,19 +352,15 @@ class WriterLoop:
     def reply_pipe(self, sender: int, slot: int) -> int | None:
         return self._replies.pipe_of((sender, slot))
 
-    def answer_stats(self) -> None:
-        # Figures are no writes: they need not wait for the session to end.
-        held = [request for request in self._backlog if request.kind == _STATS]
-        for request in held:
-            self._backlog.remove(request)
-            try:
-                deadline, sent_at, body = pickle.loads(request.payload)
-            except Exception as exc:
-                self.counters.count_error(exc)
-                self._replies.send(request, error_reply(request.request_id, exc))
-                continue
-            work = Work(request, deadline, sent_at, body)
-            self._replies.send(request, self._stats_reply(work))
+    def answer_stats(self, request: Request) -> None:
+        try:
+            deadline, sent_at, body = pickle.loads(request.payload)
+        except Exception as exc:
+            self.counters.count_error(exc)
+            self._replies.send(request, error_reply(request.request_id, exc))
+            return
+        work = Work(request, deadline, sent_at, body)
+        self._replies.send(request, self._stats_reply(work))
 
     def watch(self, fd: int) -> None:
         self._watch(fd, "session", 0)  # POLLERR wakes the wait; the session looks
@@ -404,7 +401,9 @@ class WriterLoop:
     def _wait(self, until: float | None = None) -> None:
         now = time.monotonic()
         self._poll_due = now + _POLL_INTERVAL
-        end = self._next_housekeeping if until is None else min(until, self._next_housekeeping)
+        end = self._next_housekeeping
+        if until is not None and until < end:  # False for NaN: never a busy loop of poll(0)
+            end = until
         timeout = end - now
         # Rounded up, so that poll never returns early; none at all for a look.
         for fd, _ in self._poller.poll(int(timeout * 1000) + 1 if timeout > 0 else 0):

@@ -20,8 +20,20 @@ reply until the session ends (up to its total limit), and a session may read
 only what is committed or its own. So the batch before it commits first, and
 the requests that came while it was open join its commit.
 
-Bounds: an idle limit between statements and a total limit (the caller sends
-both), after which the writer rolls the session back; its caller's reply pipe
+The held requests are bounded: the loop reads the request pipe while the
+held backlog is under `HELD_BATCHES` batches (``max_batch`` requests each),
+then stops, so the pipe fills and callers meet its backpressure (`QueueFull`
+after their timeout, `post()` drops) as they would without a session. The
+session's own next statement may then be behind requests the writer will not
+read: once the backlog is at that bound without it and requests wait unread,
+the writer rolls the session back ("requests filled the queue behind it").
+Each step looks only at the requests that arrived since the last (taking out
+the session's own, answering STATS, noting CLOSE), never the whole backlog.
+
+Bounds in time: an idle limit between statements and a total limit (the caller sends
+both; each is cut to the owner's ``max_session_seconds``, and one that is not
+a number in that range is taken as that maximum), after which the writer
+rolls the session back; its caller's reply pipe
 is watched (a duplicate of its write end polls POLLERR once every reader is
 gone: a killed caller is rolled back at once); a writer that is closing rolls
 it back. The caller is not waiting then: its next call on the transaction is
@@ -72,6 +84,11 @@ log = logging.getLogger("mpwriter")
 
 SESSION_SUFFIX = "\n/* mpwriter session */"
 _SESSION = int(Kind.SESSION)
+_STATS = int(Kind.STATS)
+_CLOSE = int(Kind.CLOSE)
+# While a session is open, the loop holds at most this many batches of other
+# requests (and one read of the pipe past it); the rest wait in the pipe.
+HELD_BATCHES = 16
 # Transactions the writer ended on its own, remembered so that their next
 # request is told why (oldest forgotten first).
 _ENDED_KEPT = 4096
@@ -102,9 +119,14 @@ class SessionHost(Protocol):
         """Whether the writer is closing (CLOSE, SIGTERM, its owner gone)."""
         ...
 
-    def hold_requests(self, holding: bool) -> None:
-        """While ``holding``, read every request at hand, past the batch limit:
-        the session's next statement may be queued behind any number of them."""
+    def hold_requests(self, limit: int | None) -> None:
+        """Read requests into the backlog up to ``limit`` of them (past the
+        batch limit: the session's next statement may be queued behind
+        others), or up to one batch again for None."""
+        ...
+
+    def queued_bytes(self) -> int:
+        """Bytes in the request pipe, not read yet."""
         ...
 
     def wait_until(self, until: float) -> None:
@@ -119,8 +141,8 @@ class SessionHost(Protocol):
         """The write end of this slot's reply pipe, if the writer holds it."""
         ...
 
-    def answer_stats(self) -> None:
-        """Answer the STATS requests held in the backlog, now."""
+    def answer_stats(self, request: Request) -> None:
+        """Answer this STATS request now: figures need not wait for the session."""
         ...
 
     def watch(self, fd: int) -> None:
@@ -162,9 +184,21 @@ class Sessions:
     """Serves interactive sessions for the loop; see the module docstring."""
 
     def __init__(
-        self, engine: Engine, counters: Counters, host: SessionHost, backlog: deque[Request]
+        self,
+        engine: Engine,
+        counters: Counters,
+        host: SessionHost,
+        backlog: deque[Request],
+        max_seconds: float = 60.0,
+        max_batch: int = 256,
     ) -> None:
         self._engine = engine if isinstance(engine, SqliteEngine) else None
+        self._max_seconds = max_seconds
+        self._held_max = HELD_BATCHES * max_batch
+        # The open session's requests, taken out of the backlog as they arrive.
+        self._own: deque[Request] = deque()
+        self._seen = 0  # how many backlog requests (from its head) were looked at
+        self._closing = False  # a CLOSE request arrived during the session
         self._counters = counters
         self._host = host
         self._backlog = backlog
@@ -256,11 +290,12 @@ class Sessions:
         started = last = time.monotonic()
         session.pipe = os.dup(fd)
         host.watch(session.pipe)
-        host.hold_requests(True)
+        host.hold_requests(self._held_max)
+        self._seen = 0
+        self._closing = False
         try:
             ending = self._statement(session, first)
             while ending is None:
-                host.answer_stats()
                 own = self._take_own(session)
                 now = time.monotonic()
                 counters.session_wait_seconds += len(self._backlog) * (now - last)
@@ -272,7 +307,11 @@ class Sessions:
                 if ending is None:
                     host.wait_until(min(session.idle_until, session.total_until))
         finally:
-            host.hold_requests(False)
+            host.hold_requests(None)
+            # Sent on a transaction that ended meanwhile (they are answered as
+            # such, first): back at the head, in their order.
+            self._backlog.extendleft(reversed(self._own))
+            self._own.clear()
             if session.pipe >= 0:
                 host.unwatch(session.pipe)
                 os.close(session.pipe)
@@ -341,7 +380,20 @@ class Sessions:
                 self._foreign_keys_on()
             self._host.send(request, failed)  # an outside lock holder stayed
             return None
-        return _Open(request, txn, idle_limit, total_limit, bool(foreign_keys))
+        idle, total = self._bounded(idle_limit), self._bounded(total_limit)
+        return _Open(request, txn, idle, total, bool(foreign_keys))
+
+    def _bounded(self, limit: object) -> float:
+        """A limit the caller sent, cut to the owner's maximum.
+
+        A hostile or broken caller may send anything: NaN (which compares
+        false with every deadline, so the session would never end), infinity,
+        a negative number or not a number at all are taken as the maximum.
+        """
+        most = self._max_seconds
+        if isinstance(limit, (int, float)) and 0 < limit <= most:
+            return float(limit)
+        return most
 
     def _foreign_keys_on(self) -> None:
         """Enforcement back on after a session that ran without it, its transaction ended."""
@@ -350,13 +402,28 @@ class Sessions:
         engine.enforce_foreign_keys(True)
 
     def _take_own(self, session: _Open) -> Request | None:
-        """The session's next request, taken out of the backlog if it came."""
-        sender, slot = session.request.sender, session.request.slot
-        for index, request in enumerate(self._backlog):
-            if request.sender == sender and request.slot == slot and request.kind == _SESSION:
-                del self._backlog[index]
-                return request
-        return None
+        """The session's next request, if it came.
+
+        Looks only at the requests that arrived since the last look (they are
+        at the backlog's tail: the loop only appends while a session is open):
+        takes the session's own out, answers STATS, notes a CLOSE.
+        """
+        backlog = self._backlog
+        arrived = [backlog.pop() for _ in range(len(backlog) - self._seen)]
+        if arrived:
+            key = (session.request.sender, session.request.slot)
+            for request in reversed(arrived):
+                kind = request.kind
+                if kind == _SESSION and (request.sender, request.slot) == key:
+                    self._own.append(request)
+                elif kind == _STATS:
+                    self._host.answer_stats(request)
+                else:
+                    if kind == _CLOSE:
+                        self._closing = True
+                    backlog.append(request)
+        self._seen = len(backlog)
+        return self._own.popleft() if self._own else None
 
     def _why_end(self, session: _Open, now: float) -> str | None:
         """Why the writer must roll the session back now, if it must."""
@@ -367,8 +434,13 @@ class Sessions:
                 f"the session sent nothing for its idle limit ({session.idle_limit:g} s);"
                 " its transaction was rolled back"
             )
-        if self._host.stopping or any(r.kind == Kind.CLOSE for r in self._backlog):
+        if self._host.stopping or self._closing:
             return "the writer is closing; the session's transaction was rolled back"
+        if len(self._backlog) >= self._held_max and self._host.queued_bytes():
+            # Its next statement, sent or not, can only be behind requests
+            # the loop will not read (and the pipe, readable, would wake
+            # every wait at once).
+            return "requests filled the queue behind it; rolled back, not applied"
         if self._caller_gone(session):
             return "the session's caller is gone; its transaction was rolled back"
         return None
