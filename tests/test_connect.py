@@ -759,3 +759,16 @@ def test_a_grant_whose_descriptors_cannot_be_used_keeps_none_of_them(tmp_path: P
     finally:
         for fd in (request_r, request_w, read_only):
             os.close(fd)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become another user")
+def test_another_users_live_socket_at_a_postgresql_endpoint_is_replaced(
+    pg_fresh: str, sticky_dir: Path
+) -> None:
+    endpoint = sticky_dir / "pg.sock"
+    with planted_endpoint(endpoint, b"", -1) as stop:
+        # It answers, but it is no writer of this user's: not "in use".
+        with mpwriter.start(pg_fresh, init=LOG_TABLE, context="fork", endpoint=endpoint):
+            assert endpoint.lstat().st_uid == 0
+            mpwriter.connect(pg_fresh, endpoint=endpoint).execute(INSERT, (1, 0))
+        stop()
