@@ -44,15 +44,26 @@ class AccessDenied(Error, PermissionError):
 
 
 class WriterAlreadyRunning(Error):
-    """Another mpwriter writer serves this database file, under this name or another."""
+    """Another mpwriter writer serves this database file, under this name or another.
+
+    For a PostgreSQL writer (no file to lock): another writer of this user
+    answers at the endpoint given to `start()`; that one is also an `OSError`.
+    """
 
 
 class UntrustedFile(Error, PermissionError):
     """A file mpwriter keeps beside the database is not safely this user's own.
 
     Raised by `start()` when the lock file is a symlink, not a regular file,
-    or owned by another user (who could hold its lock or change it). Nothing
-    was started; the message names the file.
+    or owned by another user (who could hold its lock or change it), or when
+    another user's file stands at the endpoint and this user may not replace
+    it (a sticky directory). Nothing was started; the message names the file.
+
+    Raised by `connect()` (and a connected handle's next call, which dials
+    again) when the process answering at the endpoint, or its socket file,
+    is not of a user it trusts (see `connect`): whoever answers there would
+    receive the requests and send the replies this process unpickles.
+    Nothing was sent; the message says who answered.
     """
 
 

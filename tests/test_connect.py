@@ -9,6 +9,7 @@ twice was applied twice.
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import itertools
 import multiprocessing
@@ -22,14 +23,14 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 import mpwriter
-from conftest import reap_pid
+from conftest import NOBODY, as_nobody, reap_pid
 from connect_client import INSERT, LOG_TABLE
 
 HERE = Path(__file__).resolve().parent
@@ -308,15 +309,19 @@ def test_short_lived_connecting_processes_leave_no_descriptors_behind(db_path: P
     assert sorted(rows_by_client(db_path)) == [-1, *range(processes)]
 
 
-@pytest.fixture
-def shared_dir() -> Iterator[Path]:
-    """A directory anyone may enter (pytest's tmp_path is for root only)."""
+def _scratch_dir(mode: int) -> Iterator[Path]:
     directory = Path(tempfile.mkdtemp(prefix="mpwriter-connect-"))
-    directory.chmod(0o755)
+    directory.chmod(mode)
     try:
         yield directory
     finally:
         shutil.rmtree(directory)
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    """A directory anyone may enter (pytest's tmp_path is for root only)."""
+    yield from _scratch_dir(0o755)
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become another user")
@@ -466,8 +471,11 @@ def test_a_postgresql_writer_accepts_connections_at_the_endpoint_its_owner_gives
         connected.execute(INSERT, (5, 1))
         connected.close()
         # No lock file admits one PostgreSQL writer: a live endpoint is left alone.
-        with pytest.raises(OSError, match="another mpwriter writer answers"):
+        with pytest.raises(
+            mpwriter.WriterAlreadyRunning, match="another mpwriter writer answers"
+        ) as in_use:
             mpwriter.start(pg_fresh, context="fork", endpoint=endpoint)
+        assert isinstance(in_use.value, OSError)
         mpwriter.connect(pg_fresh, endpoint=endpoint).close()
     assert not endpoint.exists()
     with psycopg.connect(pg_fresh) as conn:
@@ -639,3 +647,247 @@ def wait_for_acks(
         counts = {n: len(acks[n]) for n in acks}
     assert reached, counts
     return counts
+
+
+# -- whoever answers at the endpoint -------------------------------------------------------
+
+
+def _grant_of(database: Path) -> tuple[bytes, list[int]]:
+    """The grant a writer's endpoint sends, read off its socket as any client could."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
+        sock.settimeout(10.0)
+        sock.connect(f"{database}.mpwriter.sock")
+        message, fds, _, _ = socket.recv_fds(sock, 4096, 3)
+    assert len(fds) == 3
+    return message, fds
+
+
+def _serve_planted(
+    where: Path, uid: int, grant: bytes, state_fd: int, report: int, done: int
+) -> None:
+    """In a forked child: as ``uid``, listen at ``where`` and answer everyone with
+    ``grant``, a request pipe and a registration socket of its own and ``state_fd``;
+    once ``done`` closes, report what reached the pipe and the socket."""
+    if uid != os.geteuid():
+        os.setgroups([])
+        os.setresgid(uid, uid, uid)
+        os.setresuid(uid, uid, uid)
+    request_r, request_w = os.pipe()
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    listener.bind(str(where))
+    listener.listen(8)
+    os.write(report, b"ready\n")
+    answered = 0
+    deadline = time.monotonic() + 30.0  # bounded even if the test dies
+    while time.monotonic() < deadline:
+        readable = select.select([listener, done], [], [], deadline - time.monotonic())[0]
+        if done in readable:
+            break
+        peer, _ = listener.accept()
+        with peer:
+            try:
+                socket.send_fds(peer, [grant], [request_w, theirs.fileno(), state_fd])
+                answered += 1
+            except OSError:
+                pass  # the client hung up without reading: nothing was taken
+    os.set_blocking(request_r, False)
+    ours.setblocking(False)
+    received = []
+    for read in (lambda: os.read(request_r, 65536), lambda: ours.recv(65536)):
+        try:
+            received.append(len(read()))
+        except BlockingIOError:
+            received.append(0)
+    os.write(
+        report, f"answered {answered} request {received[0]} registration {received[1]}\n".encode()
+    )
+
+
+@contextlib.contextmanager
+def planted_endpoint(
+    where: Path, grant: bytes, state_fd: int, uid: int = NOBODY
+) -> Iterator[Callable[[], str]]:
+    """A socket listening at ``where`` in a child running as ``uid``, answering
+    with ``grant``; yields a function that stops it and returns its report."""
+    report_r, report_w = os.pipe()
+    done_r, done_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 1
+        try:
+            os.close(report_r)
+            os.close(done_w)
+            _serve_planted(where, uid, grant, state_fd, report_w, done_r)
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(report_w)
+    os.close(done_r)
+    reports = os.fdopen(report_r, "rb")
+
+    def stop() -> str:
+        os.close(done_w)
+        assert select.select([reports], [], [], 30.0)[0], "the planted endpoint did not report"
+        return reports.readline().decode().strip()
+
+    try:
+        assert select.select([reports], [], [], 30.0)[0], "the planted endpoint did not start"
+        assert reports.readline() == b"ready\n"
+        yield stop
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(done_w)
+        reports.close()
+        reap_pid(pid)
+
+
+@pytest.fixture
+def sticky_dir() -> Iterator[Path]:
+    """A directory like /tmp: anyone may create files in it, only their owner replace them."""
+    yield from _scratch_dir(0o1777)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become another user")
+def test_connect_refuses_an_endpoint_another_user_planted_and_sends_it_nothing(
+    tmp_path: Path, sticky_dir: Path
+) -> None:
+    database = sticky_dir / "app.db"
+    database.touch()  # root's database; "nobody" plants its endpoint
+    with start_writer(tmp_path / "real.db"):
+        grant, fds = _grant_of(tmp_path / "real.db")  # a grant the client could use
+    try:
+        with planted_endpoint(Path(f"{database}.mpwriter.sock"), grant, fds[2]) as stop:
+            before = _fd_count(os.getpid())
+            with pytest.raises(mpwriter.UntrustedFile, match="uid 65534") as caught:
+                mpwriter.connect(database)
+            assert _fd_count(os.getpid()) == before  # no descriptor taken from it
+            assert "Nothing was sent" in str(caught.value)
+            report = stop()
+    finally:
+        for fd in fds:
+            os.close(fd)
+    assert report.endswith("request 0 registration 0"), report
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become another user")
+def test_a_socket_another_user_planted_does_not_keep_a_sqlite_writer_from_starting(
+    sticky_dir: Path,
+) -> None:
+    database = sticky_dir / "app.db"
+    endpoint = Path(f"{database}.mpwriter.sock")
+    with planted_endpoint(endpoint, b"", -1) as stop:
+        # Live and answering: still replaced, the writer holding the database's lock.
+        with start_writer(database):
+            assert endpoint.lstat().st_uid == 0
+            mpwriter.connect(database).execute(INSERT, (1, 0))
+        stop()
+    assert rows_by_client(database)[1] == [0]
+
+
+def _start_and_tell(database: Path) -> str:
+    try:
+        mpwriter.start(database, context="fork").close()
+    except mpwriter.Error as exc:
+        return f"{type(exc).__name__} {isinstance(exc, PermissionError)} {exc}"
+    return "started"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become another user")
+def test_a_writer_that_may_not_replace_another_users_socket_says_so(sticky_dir: Path) -> None:
+    database = sticky_dir / "app.db"
+    endpoint = Path(f"{database}.mpwriter.sock")
+    planted = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    planted.bind(str(endpoint))  # root's, in a sticky directory: "nobody" may not replace it
+    planted.close()
+    # "nobody" cannot read the interpreter's library under /root: what the
+    # start needs is loaded here first.
+    codecs.lookup("ascii")  # the writer reads /proc/locks as ASCII
+    start_writer(sticky_dir / "warm.db").close()
+    with as_nobody(lambda: _start_and_tell(database)) as outcome:
+        pass
+    assert outcome.startswith("UntrustedFile True"), outcome
+    assert str(endpoint) in outcome
+    assert "belongs to uid 0" in outcome
+    assert endpoint.lstat().st_uid == 0
+
+
+def _serve_once(listener: socket.socket, message: bytes, fds: list[int]) -> None:
+    peer, _ = listener.accept()
+    with peer:
+        socket.send_fds(peer, [message], fds)
+
+
+def assert_refused_keeping_nothing(tmp_path: Path, grant: bytes, fds: list[int]) -> None:
+    """connect() to an endpoint of this user answering ``grant`` with ``fds`` raises
+    WriterUnavailable and leaves this process no descriptor more."""
+    endpoint = tmp_path / "fake.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as listener:
+        listener.bind(str(endpoint))
+        listener.listen(1)
+        listener.settimeout(10.0)
+        before = _fd_count(os.getpid())
+        server = threading.Thread(target=_serve_once, args=(listener, grant, fds))
+        server.start()
+        with pytest.raises(mpwriter.WriterUnavailable, match="cannot use"):
+            mpwriter.connect(tmp_path / "app.db", endpoint=endpoint)
+        server.join(10.0)
+        assert not server.is_alive()
+        assert _fd_count(os.getpid()) == before
+
+
+@pytest.mark.parametrize(
+    "grant",
+    [
+        b'G{"path": "app.db", "timeout": 1.0}',  # a key missing
+        b"G[1, 2, 3]",  # not an object
+        b'G{"path": 1, "timeout": 1.0, "frame_key": 1}',  # a field of the wrong type
+        b"G\xff",  # not even text
+        b'G{"path": "app.db", "timeout": 1.0, "frame_key": 1}',  # descriptors of no use
+    ],
+    ids=["missing-key", "not-an-object", "wrong-type", "not-text", "unusable-descriptors"],
+)
+def test_a_malformed_grant_raises_writer_unavailable_and_keeps_no_descriptor(
+    tmp_path: Path, grant: bytes
+) -> None:
+    request_r, request_w = os.pipe()
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        # A pipe where the state should be.
+        assert_refused_keeping_nothing(tmp_path, grant, [request_w, theirs.fileno(), request_r])
+    finally:
+        for end in (request_r, request_w):
+            os.close(end)
+        ours.close()
+        theirs.close()
+
+
+def test_a_grant_whose_descriptors_cannot_be_used_keeps_none_of_them(tmp_path: Path) -> None:
+    with start_writer(tmp_path / "real.db"):
+        grant, real = _grant_of(tmp_path / "real.db")
+    size = os.fstat(real[2]).st_size
+    for fd in real:
+        os.close(fd)
+    state = tmp_path / "state"
+    state.write_bytes(bytes(size))
+    request_r, request_w = os.pipe()
+    read_only = os.open(state, os.O_RDONLY)  # of the state's size, but cannot be mapped
+    try:
+        # A pipe where the registration socket should be, too.
+        assert_refused_keeping_nothing(tmp_path, grant, [request_w, request_r, read_only])
+    finally:
+        for fd in (request_r, request_w, read_only):
+            os.close(fd)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become another user")
+def test_another_users_live_socket_at_a_postgresql_endpoint_is_replaced(
+    pg_fresh: str, sticky_dir: Path
+) -> None:
+    endpoint = sticky_dir / "pg.sock"
+    with planted_endpoint(endpoint, b"", -1) as stop:
+        # It answers, but it is no writer of this user's: not "in use".
+        with mpwriter.start(pg_fresh, init=LOG_TABLE, context="fork", endpoint=endpoint):
+            assert endpoint.lstat().st_uid == 0
+            mpwriter.connect(pg_fresh, endpoint=endpoint).execute(INSERT, (1, 0))
+        stop()

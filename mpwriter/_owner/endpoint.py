@@ -14,9 +14,12 @@ group given. Binding: to a fresh temporary name in the same directory,
 then renamed over the endpoint's name. rename() replaces a directory entry
 and never follows a symlink there; it runs only once this supervisor's
 writer is ready, which for SQLite means it holds the database's lock file,
-so what it replaces is a stale endpoint nobody serves. (A PostgreSQL writer
-has no lock file: there, a socket that still accepts is left alone and
-start() fails.)
+so whatever stands at the name, live or not, is a stale endpoint or another
+user's plant, and is replaced without a look (a socket planted there must
+not keep the writer from starting). In a sticky directory another user's
+file cannot be replaced: `UntrustedFile`. A PostgreSQL writer has no lock
+file: there, a socket of this user that still accepts is left alone and
+start() fails (`EndpointInUse`, a `WriterAlreadyRunning`).
 """
 
 from __future__ import annotations
@@ -29,16 +32,16 @@ import os
 import secrets
 import socket
 import stat
-import struct
 from dataclasses import dataclass
 from typing import Any
 
-from .._wire.endpoint import REFUSED, Offer, address
+from .._errors import UntrustedFile, WriterAlreadyRunning
+from .._wire.address import is_server_url
+from .._wire.endpoint import REFUSED, Offer, address, peer_credentials
 
 log = logging.getLogger("mpwriter")
 
 _BACKLOG = 128
-_PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 
 @dataclass(frozen=True)
@@ -50,8 +53,8 @@ class EndpointConfig:
     allow_gid: int | None = None
 
 
-class EndpointInUse(OSError):
-    """Another live writer answers at this endpoint."""
+class EndpointInUse(WriterAlreadyRunning, OSError):
+    """Another live writer of this user answers at this (PostgreSQL) endpoint."""
 
 
 class Endpoint:
@@ -60,8 +63,11 @@ class Endpoint:
     def __init__(self, config: EndpointConfig, fds: tuple[int, int, int]) -> None:
         """Bind and listen at ``config.path``; ``fds`` are handed to each peer (not owned).
 
-        Raises `EndpointInUse` if a live endpoint answers there, OSError if
-        the directory cannot take the socket.
+        Raises `EndpointInUse` if a live endpoint of this user answers there
+        (PostgreSQL only: a SQLite writer holds its database's lock, so what
+        is there is stale or planted, and replaced), `UntrustedFile` if
+        another user's file there cannot be replaced, OSError if the
+        directory cannot take the socket.
         """
         self._config = config
         self._fds = array.array("i", fds)
@@ -69,7 +75,8 @@ class Endpoint:
         self._directory, self._name = os.path.split(config.path)
         self._dir_fd = os.open(self._directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            self._refuse_if_live()
+            if is_server_url(config.offer.path):
+                self._refuse_if_live()
             self._sock, self._identity = self._bind()
         except BaseException:
             os.close(self._dir_fd)
@@ -93,10 +100,13 @@ class Endpoint:
         try:
             probe.settimeout(1.0)
             probe.connect(address(self._dir_fd, self._directory, self._name))
+            _, uid, _ = peer_credentials(probe)
         except OSError:
             return  # stale: nothing listens
         finally:
             probe.close()
+        if uid != os.geteuid():
+            return  # another user's: no writer of ours; replaced if the directory lets us
         raise EndpointInUse(
             errno.EADDRINUSE, f"another mpwriter writer answers at {self._config.path}"
         )
@@ -119,7 +129,7 @@ class Endpoint:
                     )  # fmt: skip
                 sock.listen(_BACKLOG)
                 sock.setblocking(False)
-                os.rename(temporary, self._name, src_dir_fd=self._dir_fd, dst_dir_fd=self._dir_fd)
+                self._rename_into_place(temporary)
             except BaseException:
                 with contextlib.suppress(OSError):
                     os.unlink(temporary, dir_fd=self._dir_fd)
@@ -129,6 +139,23 @@ class Endpoint:
             sock.close()
             raise
         return sock, (found.st_dev, found.st_ino)
+
+    def _rename_into_place(self, temporary: str) -> None:
+        try:
+            os.rename(temporary, self._name, src_dir_fd=self._dir_fd, dst_dir_fd=self._dir_fd)
+        except PermissionError as exc:
+            # A sticky directory (/tmp) lets only its owner replace a file.
+            try:
+                owner = os.stat(self._name, dir_fd=self._dir_fd, follow_symlinks=False).st_uid
+            except OSError:
+                raise exc from None
+            if owner == os.geteuid():
+                raise
+            raise UntrustedFile(
+                f"mpwriter: {self._config.path} belongs to uid {owner}, not to this process's"
+                f" uid {os.geteuid()}, and this user may not replace it: another user's"
+                " socket stands where this writer listens (remove it)"
+            ) from exc
 
     def answer(self) -> None:
         """Answer every peer waiting: a grant with the descriptors, or a refusal."""
@@ -145,8 +172,7 @@ class Endpoint:
                 self._answer_one(peer)
 
     def _answer_one(self, peer: socket.socket) -> None:
-        raw = peer.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
-        pid, uid, gid = _PEERCRED.unpack(raw)
+        pid, uid, gid = peer_credentials(peer)
         try:
             if self._permits(pid, uid, gid):
                 ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, self._fds.tobytes())]

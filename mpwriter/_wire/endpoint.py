@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import struct
 from dataclasses import dataclass
 
 from .address import is_server_url
@@ -28,6 +30,17 @@ GRANT = b"G"
 REFUSED = b"R"
 GRANT_FDS = 3  # request pipe, registration socket, shared state
 MESSAGE_MAX = 4096
+_PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+
+def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process at the other end of the connected Unix socket ``sock``.
+
+    For the connecting side, those of the process that called listen().
+    """
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+    pid, uid, gid = _PEERCRED.unpack(raw)
+    return pid, uid, gid
 
 
 @dataclass(frozen=True)
@@ -53,7 +66,10 @@ class Offer:
         if not message.startswith(GRANT):
             raise ValueError("not a grant")
         fields = json.loads(message[len(GRANT) :])
-        path, timeout, key = fields["path"], fields["timeout"], fields["frame_key"]
+        try:
+            path, timeout, key = fields["path"], fields["timeout"], fields["frame_key"]
+        except (KeyError, TypeError):
+            raise ValueError("a malformed grant") from None
         if not (isinstance(path, str) and isinstance(timeout, (int, float))):
             raise ValueError("a malformed grant")
         if not isinstance(key, int):
