@@ -785,6 +785,22 @@ def test_a_socket_another_user_planted_does_not_keep_a_sqlite_writer_from_starti
     assert rows_by_client(database)[1] == [0]
 
 
+def test_start_or_connect_is_not_kept_from_starting_by_a_planted_socket(
+    sticky_dir: Path,
+) -> None:
+    database = sticky_dir / "app.db"
+    endpoint = Path(f"{database}.mpwriter.sock")
+    with planted_endpoint(endpoint, b"", -1) as stop:
+        # connect() refuses the plant; starting a writer here replaces it.
+        with mpwriter.start_or_connect(
+            database, init=LOG_TABLE, context="fork", timeout=10.0
+        ) as writer:
+            assert endpoint.lstat().st_uid == 0
+            writer.execute(INSERT, (1, 0))
+        stop()
+    assert rows_by_client(database)[1] == [0]
+
+
 def _start_and_tell(database: Path) -> str:
     try:
         mpwriter.start(database, context="fork").close()

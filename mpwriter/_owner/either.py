@@ -15,7 +15,7 @@ from typing import Any
 
 from .._caller.connect import connect
 from .._caller.handle import Writer
-from .._errors import WriterAlreadyRunning, WriterUnavailable
+from .._errors import UntrustedFile, WriterAlreadyRunning, WriterUnavailable
 from .owner import start
 
 # Between the winner's writer taking the lock and its endpoint opening, a
@@ -34,9 +34,10 @@ def start_or_connect(path: str | os.PathLike[str], **start_options: Any) -> Writ
     or exits; see `Writer.close`.
 
     Raises what `start()` raises when it fails for another reason than a
-    writer already serving (the database cannot be opened, ``init`` fails),
-    and `WriterUnavailable` if, within ``start_timeout`` (30 s), neither
-    starting nor connecting succeeds.
+    writer already serving (the database cannot be opened, ``init`` fails,
+    another user's socket at the endpoint that this user may not replace:
+    `UntrustedFile`), and `WriterUnavailable` if, within ``start_timeout``
+    (30 s), neither starting nor connecting succeeds.
     """
     endpoint = start_options.get("endpoint")
     timeout = start_options.get("timeout")
@@ -44,7 +45,10 @@ def start_or_connect(path: str | os.PathLike[str], **start_options: Any) -> Writ
     while True:
         try:
             return connect(path, timeout=timeout, endpoint=endpoint)
-        except WriterUnavailable as exc:
+        except (WriterUnavailable, UntrustedFile) as exc:
+            # UntrustedFile: another user's socket stands at the endpoint. A
+            # SQLite writer started here replaces it once it holds the file's
+            # lock (or says it may not); a real writer would have answered.
             unavailable = exc
         try:
             return start(path, **start_options)
