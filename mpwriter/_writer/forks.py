@@ -67,7 +67,7 @@ def become_writer() -> None:
         )
     _guard.writer_pid = os.getpid()
     _guard.child_actions = []
-    _guard.forbidden = {_identity(os.fstat(fd)) for fd in _open_descriptors()}
+    _guard.forbidden = set(_open_files().values())
 
 
 def forbid_in_child(*files: int | str) -> None:
@@ -115,23 +115,28 @@ def _identity(info: os.stat_result) -> tuple[int, int]:
     return (info.st_dev, info.st_ino)
 
 
-def _open_descriptors() -> list[int]:
-    """This process's open descriptors above the standard streams."""
-    found = []
+def _open_files() -> dict[int, tuple[int, int]]:
+    """This process's open descriptors above the standard streams, each with
+    the identity of its file.
+
+    One fstat per descriptor: a descriptor may close between the listing and
+    its fstat (the listing's own, or one a finalizer closes), and is then
+    left out.
+    """
+    found = {}
     for name in os.listdir("/proc/self/fd"):
         fd = int(name)
         if fd >= _STANDARD_STREAMS:
             try:
-                os.fstat(fd)  # the listing's own descriptor is closed by now
+                found[fd] = _identity(os.fstat(fd))
             except OSError:
                 continue
-            found.append(fd)
     return found
 
 
 def _blank_forbidden() -> None:
     forbidden = _guard.forbidden
-    blank(fd for fd in _open_descriptors() if _identity(os.fstat(fd)) in forbidden)
+    blank(fd for fd, identity in _open_files().items() if identity in forbidden)
 
 
 def blank(fds: Iterable[int]) -> None:
