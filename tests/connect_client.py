@@ -62,8 +62,7 @@ def main(argv: list[str]) -> int:
                 writer.execute(INSERT, (client, seq))
             except mpwriter.WriterUnavailable as exc:
                 print(f"error {type(exc).__name__}: {exc}", flush=True)
-                # sleep-ok: paces retries while no writer serves; nothing to wait on
-                time.sleep(_RETRY_PAUSE)
+                time.sleep(_RETRY_PAUSE)  # sleep-ok: paces retries while no writer serves
                 continue
             except mpwriter.Timeout as exc:
                 print(f"error Timeout: {exc}", flush=True)

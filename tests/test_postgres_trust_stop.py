@@ -21,7 +21,7 @@ from conftest import PG_SCHEMA, Gate, pg_count
 
 psycopg = pytest.importorskip("psycopg", reason="PostgreSQL tests: psycopg is not installed")
 
-SLEEP = "SELECT pg_sleep(30)"
+SLEEP = "SELECT pg_sleep(30)"  # sleep-ok: the server's, a statement for the writer to stop
 
 # -- call() targets (module level: the writer imports them) ---------------------
 
