@@ -9,6 +9,7 @@ same line on PostgreSQL as on SQLite (the line the page shows).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -52,7 +53,7 @@ Rows = list[tuple[object, ...]]
 def rows(sqlite_path: Path, url: str, table: str, order: str) -> tuple[Rows, Rows]:
     import psycopg
 
-    with sqlite3.connect(sqlite_path) as lite:
+    with contextlib.closing(sqlite3.connect(sqlite_path)) as lite:
         before = lite.execute(f"SELECT * FROM {table} ORDER BY {order}").fetchall()
     with psycopg.connect(url) as server:
         after = server.execute(f"SELECT * FROM {table} ORDER BY {order}").fetchall()

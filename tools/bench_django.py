@@ -18,6 +18,7 @@ ledgers. A benchmark: it reports, never gates.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import sqlite3
@@ -42,7 +43,7 @@ BACKENDS = {
 
 
 def consistent(db: Path) -> str:
-    with sqlite3.connect(db) as conn:
+    with contextlib.closing(sqlite3.connect(db)) as conn:
         total, accounts = conn.execute("SELECT sum(balance), count(*) FROM shop_account").fetchone()
         drift = conn.execute(
             "SELECT count(*) FROM shop_account a LEFT JOIN (SELECT account_id, sum(delta) AS d"
