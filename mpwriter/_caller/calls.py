@@ -41,7 +41,7 @@ from __future__ import annotations
 import os
 import select
 import socket
-from collections.abc import Generator, Iterable
+from collections.abc import Callable, Generator, Iterable
 from typing import Any, TypeVar
 
 from .. import testing
@@ -207,10 +207,14 @@ def receive(
     request_id: int,
     deadline: float,
     incoming: Incoming | None = None,
+    on_eof: Callable[[], None] | None = None,
 ) -> Step[bytes | bytearray]:
     """The whole reply to ``request_id``; raises on timeout or a lost writer.
 
     ``incoming`` holds the start of the reply when some of it was read already.
+    ``on_eof`` runs when the writer is gone, before the request waits for a
+    successor: it raises if this request cannot be resumed by one (a session
+    whose transaction died with its writer).
     """
     while True:
         if not (yield (slot.fd, READ, deadline)):
@@ -226,6 +230,8 @@ def receive(
                 if reply is not None:
                     return reply
         except EOFError:
+            if on_eof is not None:
+                on_eof()
             yield from after_eof(pool, slot, incoming is not None, request_id, deadline)
 
 

@@ -57,7 +57,7 @@ from .._wire.frames import (
     SessionOp,
     encode_frame,
 )
-from .._wire.replies import Incoming, Result, no_reply, read_reply, unpack_reply
+from .._wire.replies import Result, unpack_reply
 from .._wire.state import CLOSED, RUNNING
 from . import aio, blocking, calls
 from .pipe_pool import PipePool, Slot
@@ -282,7 +282,9 @@ class Session:
                     pool, self._request_fd, Kind.SESSION, payload, slot, deadline
                 )
             sent = True
-            reply = yield from self._receive(slot, request_id, deadline, op)
+            reply = yield from calls.receive(
+                self._pool, slot, request_id, deadline, on_eof=lambda: self._refuse_a_successor(op)
+            )
         except BaseException as exc:
             if isinstance(exc, QueueFull) and not sent:
                 raise  # not sent: nothing will come on the slot, the transaction goes on
@@ -307,32 +309,13 @@ class Session:
             self._confirmed = True
         return value
 
-    def _receive(
-        self, slot: Slot, request_id: int, deadline: float, op: SessionOp
-    ) -> calls.Step[bytes | bytearray]:
-        """The whole reply on the transaction's slot; a dead writer raises at once."""
-        incoming: Incoming | None = None
-        while True:
-            if not (yield (slot.fd, calls.READ, deadline)):
-                raise no_reply()
-            try:
-                if incoming is None:
-                    first = read_reply(slot.fd, request_id)
-                    if isinstance(first, bytes):
-                        return first
-                    incoming = first
-                else:
-                    reply = incoming.read(slot.fd)
-                    if reply is not None:
-                        return reply
-            except EOFError:
-                if self._confirmed:
-                    raise self._lost(rolled_back=op != SessionOp.COMMIT) from None
-                # Nothing of this transaction was applied yet (a pooled slot
-                # whose writer died since, or a first statement that failed):
-                # as any request, it waits for the next writer on a new pipe.
-                started = incoming is not None and incoming.started
-                yield from calls.after_eof(self._pool, slot, started, request_id, deadline)
+    def _refuse_a_successor(self, op: SessionOp) -> None:
+        """At EOF: a transaction the writer confirmed died with it (raise);
+        one of which nothing was applied yet (a pooled slot whose writer died
+        since, or a first statement that failed) waits, as any request, for
+        the next writer on a new pipe."""
+        if self._confirmed:
+            raise self._lost(rolled_back=op != SessionOp.COMMIT) from None
 
     def _lost(self, *, rolled_back: bool) -> WriterUnavailable:
         """The error for a transaction whose writer is gone (closed or dead)."""
