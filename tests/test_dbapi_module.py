@@ -101,9 +101,8 @@ def test_connect_uses_the_attached_writer(writer: mpwriter.Writer) -> None:
     assert count_rows(Path(writer.path)) == 1
 
 
-def test_connect_falls_back_to_mpwriter_connect_once_per_file(
-    writer: mpwriter.Writer, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def count_dials(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The paths `mpwriter.connect` is called with from now on, in order."""
     dialed: list[str] = []
     connect = mpwriter.connect
 
@@ -112,6 +111,13 @@ def test_connect_falls_back_to_mpwriter_connect_once_per_file(
         return connect(path)
 
     monkeypatch.setattr(mpwriter, "connect", counting_connect)
+    return dialed
+
+
+def test_connect_falls_back_to_mpwriter_connect_once_per_file(
+    writer: mpwriter.Writer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dialed = count_dials(monkeypatch)
     # This process's attached writer serves another file: the endpoint is asked.
     mpwriter.attach(mpwriter.start(Path(writer.path).with_name("other.db"), context="fork"))
     try:
@@ -133,15 +139,8 @@ def test_dbapi_uses_the_handle_django_got_for_the_file(
     """One handle per file for the process, whichever integration asked first."""
     import mpwriter.django
 
-    dialed: list[str] = []
-    connect = mpwriter.connect
-
-    def counting_connect(path: str) -> mpwriter.Writer:
-        dialed.append(path)
-        return connect(path)
-
     django_handle = mpwriter.django.writer_for(writer.path)  # connects: a writer serves
-    monkeypatch.setattr(mpwriter, "connect", counting_connect)
+    dialed = count_dials(monkeypatch)
     try:
         conn = dbapi.connect(writer.path, isolation_level=None)
         conn.execute(INSERT, (1, 1, "shared"))

@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 import pytest
 
 import mpwriter
-from conftest import SCHEMA, Gate, count_rows
+from conftest import SCHEMA, Gate, count_rows, sigkill_and_wait
 
 INSERT = "INSERT INTO items(client, seq, payload) VALUES (?, ?, ?) RETURNING seq"
 DEADLINE = 30.0  # the most any wait of the test itself may take
@@ -356,12 +356,7 @@ def test_writer_killed_mid_wait_every_caller_gets_an_honest_outcome(
     waiting.start()
     # sleep-ok: lets the calls reach their waits; the assertions hold either way.
     select.select([], [], [], 0.3)
-    pidfd = os.pidfd_open(victim)
-    os.kill(victim, signal.SIGKILL)
-    try:
-        assert select.select([pidfd], [], [], DEADLINE)[0]
-    finally:
-        os.close(pidfd)
+    sigkill_and_wait(victim, DEADLINE)
     waiting.join(DEADLINE)
     assert not waiting.is_alive()
     assert len(outcomes) == 20
@@ -385,12 +380,7 @@ def test_pooled_pipes_of_a_dead_writer_hit_eof_and_are_registered_again(
     pooled = driver.run(writer, [insert(11, n) for n in range(8)])
     assert [seq_of(outcome) for outcome in pooled] == list(range(8))
     victim = writer.stats()["pid"]
-    pidfd = os.pidfd_open(victim)
-    os.kill(victim, signal.SIGKILL)
-    try:
-        assert select.select([pidfd], [], [], DEADLINE)[0]
-    finally:
-        os.close(pidfd)
+    sigkill_and_wait(victim, DEADLINE)
     outcomes = driver.run(writer, [insert(12, n) for n in range(8)])
     assert [seq_of(outcome) for outcome in outcomes] == list(range(8))
     assert writer.stats()["restarts"] == 1

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 import mpwriter
-from conftest import PG_SCHEMA, Gate, pg_count
+from conftest import PG_SCHEMA, Gate, pg_count, wait_exited
 
 psycopg = pytest.importorskip("psycopg", reason="PostgreSQL tests: psycopg is not installed")
 
@@ -131,18 +131,6 @@ def _tcp_sockets_of(pid: int) -> set[str]:
         with open(f"/proc/{pid}/net/{table}") as file:
             tcp.update(line.split()[9] for line in file.readlines()[1:])
     return inodes & tcp
-
-
-def wait_exited(pid: int, timeout: float = 10.0) -> None:
-    """Wait for a process that is not our child to exit (a zombie has exited)."""
-    try:
-        pidfd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return  # gone and reaped already
-    try:
-        assert select.select([pidfd], [], [], timeout)[0], f"process {pid} still runs"
-    finally:
-        os.close(pidfd)
 
 
 def test_a_call_that_forks_leaves_one_writer_serving(
