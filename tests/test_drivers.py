@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import functools
 import gc
 import multiprocessing
@@ -433,17 +434,28 @@ def _threads() -> set[str]:
     return {thread.name for thread in threading.enumerate()}
 
 
-def _open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
+def _open_fds() -> dict[int, str]:
+    """This process's open descriptors, and what each is (for the failure message)."""
+    found = {}
+    for name in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(FileNotFoundError):  # the listing's own, closed since
+            found[int(name)] = os.readlink(f"/proc/self/fd/{name}")
+    return found
 
 
 def test_closed_handles_that_used_submit_leave_no_thread_and_no_descriptor(
     tmp_path: Path,
 ) -> None:
     """Issue 9: five handles that used submit(), closed: no collector thread
-    and at most one descriptor left behind."""
+    and at most one descriptor left behind.
+
+    What the test's handles leave is what is open after and was not before:
+    other tests' garbage is collected first (its finalizers would close
+    descriptors and end threads meanwhile), and a descriptor or thread of
+    theirs ending during the test does not hide one of ours."""
+    gc.collect()
     before_fds = _open_fds()
-    before_threads = threading.active_count()
+    before_threads = set(threading.enumerate())
     for n in range(5):
         handle = mpwriter.start(tmp_path / f"db{n}.db", init=SCHEMA, context="fork")
         assert handle.submit("INSERT INTO items(seq) VALUES (1)").result(timeout=DEADLINE)
@@ -452,8 +464,9 @@ def test_closed_handles_that_used_submit_leave_no_thread_and_no_descriptor(
         assert "mpwriter-replies" not in _threads()
         del handle
     gc.collect()
-    assert threading.active_count() <= before_threads
-    assert _open_fds() - before_fds <= 1
+    assert set(threading.enumerate()) - before_threads == set()
+    left = {fd: what for fd, what in _open_fds().items() if before_fds.get(fd) != what}
+    assert len(left) <= 1, left
 
 
 def test_a_collected_handle_stops_its_collector(writer: mpwriter.Writer) -> None:
