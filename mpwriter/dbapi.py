@@ -36,18 +36,18 @@ temporary tables are not supported; a PostgreSQL writer is refused
 from __future__ import annotations
 
 import datetime
+import functools
 import os
 import pathlib
 import sqlite3
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol, TypeVar
 
 from . import _errors
-from ._caller.attached import get_writer
 from ._caller.cursor import Cursor
+from ._caller.per_file import handle_for, same_database
 from ._caller.reader import reader
 from ._caller.statements import Kind, LocalStatements
 from ._errors import (
@@ -195,37 +195,11 @@ class _Session(Protocol):
     def close(self) -> None: ...
 
 
-def _writer_for(database: str) -> Any:
-    """The handle this process has on ``database``: attached, else `mpwriter.connect`-ed."""
-    try:
-        attached = get_writer()
-    except Error:
-        attached = None
-    if attached is not None and _same_database(attached.path, database):
-        return attached
+def _connected(database: str) -> Any:
+    """A new handle on the writer that serves ``database``: `mpwriter.connect`."""
     import mpwriter  # its public connect(), looked up when first needed
 
-    # One handle per file for the process (a pool's connections share it),
-    # made again once closed.
-    key = os.path.abspath(database)
-    with _connected_lock:
-        handle = _connected.get(key)
-        if handle is None or handle.closed:
-            handle = _connected[key] = mpwriter.connect(database)
-    return handle
-
-
-_connected: dict[str, Any] = {}
-_connected_lock = threading.Lock()
-
-
-def _same_database(a: str, b: str) -> bool:
-    if os.path.abspath(a) == os.path.abspath(b):
-        return True
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return False
+    return mpwriter.connect(database)
 
 
 def connect(
@@ -269,8 +243,8 @@ def connect(
         raise NotSupportedError("mpwriter.dbapi needs a database file path (not a URI)")
     if detect_types or factory is not None:
         raise NotSupportedError("detect_types and factory are not supported")
-    handle = writer if writer is not None else _writer_for(path)
-    if not _same_database(handle.path, path):
+    handle = writer if writer is not None else handle_for(path, functools.partial(_connected, path))
+    if not same_database(handle.path, path):
         # Reads here and writes there would be two databases.
         raise InterfaceError(f"the writer given serves {handle.path!r}, not {path!r}")
     return Connection(

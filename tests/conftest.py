@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import multiprocessing
 import os
 import select
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,59 @@ def reap_pid(pid: int, timeout: float = 10.0) -> None:
     finally:
         os.close(pidfd)
     os.waitpid(pid, 0)
+
+
+# How late a call that ended within its timeout may be seen to return: its
+# thread may wait for a core after the reply is read (two shared cores in CI).
+# A call answered past its own deadline raises Timeout, which the tests that
+# use this check first: the slip is only the scheduler's.
+SCHEDULING_SLIP = 0.5
+
+
+def rowcounts_or_duplicate(
+    futures: Iterable[concurrent.futures.Future[mpwriter.Result]],
+    duplicate: type[BaseException],
+    *,
+    timeout: float,
+) -> list[int | str]:
+    """Each future's rowcount, in order, or "duplicate" where it raised ``duplicate``."""
+    outcomes: list[int | str] = []
+    for future in futures:
+        try:
+            outcomes.append(future.result(timeout=timeout).rowcount)
+        except duplicate:
+            outcomes.append("duplicate")
+    return outcomes
+
+
+def wait_exited(pid: int, timeout: float = 10.0) -> None:
+    """Return once process ``pid`` has exited (a zombie has); fail past ``timeout``.
+
+    For a process that need not be our child (a writer, which its supervisor
+    reaps): through a pidfd, as `reap_pid`.
+    """
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return  # gone and reaped already
+    try:
+        assert select.select([pidfd], [], [], timeout)[0], f"process {pid} still runs"
+    finally:
+        os.close(pidfd)
+
+
+def sigkill_and_wait(pid: int, timeout: float = 10.0) -> None:
+    """SIGKILL ``pid`` and return once it has exited; fail past ``timeout``.
+
+    Through a pidfd, which stays bound to the process even if another
+    process (its supervisor) reaps it and its pid is reused meanwhile.
+    """
+    pidfd = os.pidfd_open(pid)
+    try:
+        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        assert select.select([pidfd], [], [], timeout)[0], f"process {pid} survived SIGKILL"
+    finally:
+        os.close(pidfd)
 
 
 NOBODY = 65534

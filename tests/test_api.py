@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 import mpwriter
-from conftest import SCHEMA, Gate, count_rows
+from conftest import SCHEMA, Gate, count_rows, rowcounts_or_duplicate
 from mpwriter import testing
 from mpwriter._wire import frames as _wire
 
@@ -405,12 +405,7 @@ def test_a_failing_request_inside_a_batch_leaves_the_others_committed(
     ]
     gate.release()
     assert gate.future.result(timeout=10) == "released"
-    outcomes = []
-    for future in futures:
-        try:
-            outcomes.append(future.result(timeout=10).rowcount)
-        except sqlite3.IntegrityError:
-            outcomes.append("duplicate")
+    outcomes = rowcounts_or_duplicate(futures, sqlite3.IntegrityError, timeout=10)
     assert outcomes == [1] * 5 + ["duplicate"] + [1] * 4
     assert count_rows(db_path) == 9
     # The gate's call was one batch; the ten requests queued behind it, one more.

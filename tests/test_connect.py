@@ -462,6 +462,45 @@ def test_an_owner_that_dropped_its_handle_still_stops_its_writer_at_exit(db_path
         mpwriter.connect(db_path)
 
 
+_EXIT_HOLDING_HANDLES = f"""
+import os, sys, mpwriter, mpwriter.dbapi
+database = sys.argv[1]
+# dbapi keeps its handle on the file for the process after the connection closes.
+connection = mpwriter.dbapi.connect(database)
+connection.execute({INSERT!r}, (1, 1))
+connection.commit()
+connection.close()
+held = mpwriter.connect(database)
+held.execute({INSERT!r}, (1, 2))
+pid = os.fork()
+if pid == 0:
+    held.execute({INSERT!r}, (1, 3))
+    sys.exit(0)  # through the interpreter's teardown, with the inherited handle
+assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+print("exiting", flush=True)
+"""
+
+
+def test_a_process_exiting_with_handles_open_leaves_no_descriptor_unclosed(db_path: Path) -> None:
+    """Handles alive at exit (a cache's, a global, a forked child's copy) are
+    closed as the interpreter ends, not destroyed open: Python's development
+    mode reports a socket destroyed open as a ResourceWarning on stderr."""
+    env = dict(os.environ, PYTHONPATH=str(HERE.parent), PYTHONFAULTHANDLER="1")
+    command = [sys.executable, "-X", "dev", "-W", "error::ResourceWarning"]
+    with start_writer(db_path):
+        done = subprocess.run(
+            [*command, "-c", _EXIT_HOLDING_HANDLES, str(db_path)],
+            check=False,  # the code is asserted with what the process printed
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert (done.returncode, done.stdout) == (0, "exiting\n"), done.stderr
+        assert "ResourceWarning" not in done.stderr, done.stderr
+        assert rows_by_client(db_path) == {1: [1, 2, 3]}
+
+
 def test_a_postgresql_writer_accepts_connections_at_the_endpoint_its_owner_gives(
     pg_fresh: str, tmp_path: Path
 ) -> None:

@@ -7,6 +7,7 @@ import os
 import pickle
 import signal
 import sqlite3
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -100,9 +101,8 @@ def test_connect_uses_the_attached_writer(writer: mpwriter.Writer) -> None:
     assert count_rows(Path(writer.path)) == 1
 
 
-def test_connect_falls_back_to_mpwriter_connect_once_per_file(
-    writer: mpwriter.Writer, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def count_dials(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The paths `mpwriter.connect` is called with from now on, in order."""
     dialed: list[str] = []
     connect = mpwriter.connect
 
@@ -111,6 +111,13 @@ def test_connect_falls_back_to_mpwriter_connect_once_per_file(
         return connect(path)
 
     monkeypatch.setattr(mpwriter, "connect", counting_connect)
+    return dialed
+
+
+def test_connect_falls_back_to_mpwriter_connect_once_per_file(
+    writer: mpwriter.Writer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dialed = count_dials(monkeypatch)
     # This process's attached writer serves another file: the endpoint is asked.
     mpwriter.attach(mpwriter.start(Path(writer.path).with_name("other.db"), context="fork"))
     try:
@@ -123,6 +130,90 @@ def test_connect_falls_back_to_mpwriter_connect_once_per_file(
     finally:
         mpwriter.get_writer().close(timeout=10.0)
     assert dialed == [writer.path]
+    assert count_rows(Path(writer.path)) == 1
+
+
+def test_dbapi_uses_the_handle_django_got_for_the_file(
+    writer: mpwriter.Writer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One handle per file for the process, whichever integration asked first."""
+    import mpwriter.django
+
+    django_handle = mpwriter.django.writer_for(writer.path)  # connects: a writer serves
+    dialed = count_dials(monkeypatch)
+    try:
+        conn = dbapi.connect(writer.path, isolation_level=None)
+        conn.execute(INSERT, (1, 1, "shared"))
+        conn.close()
+        mpwriter.django.close_writer(writer.path)
+        assert django_handle.closed
+        # Once closed, it is made again (by dbapi's connect, this time).
+        conn = dbapi.connect(writer.path, isolation_level=None)
+        conn.execute(INSERT, (1, 2, "again"))
+        conn.close()
+    finally:
+        mpwriter.django.close_writer(writer.path)
+    assert dialed == [writer.path]
+    assert count_rows(Path(writer.path)) == 2
+
+
+# A thread is inside dbapi.connect (holding the lock of the process's handles,
+# connecting) when the process forks: the child, which has no such thread,
+# still gets a handle. faulthandler ends a stuck child, saying where it was.
+_FORK_WHILE_CONNECTING = """
+import faulthandler, os, sys, threading
+import mpwriter
+from mpwriter import dbapi
+
+served, elsewhere = sys.argv[1], sys.argv[2]
+connect = mpwriter.connect
+inside, leave = threading.Event(), threading.Event()
+
+def held_connect(path):
+    if path == elsewhere:
+        inside.set()
+        assert leave.wait(60)
+        raise mpwriter.WriterUnavailable("no writer serves it (this test's)")
+    return connect(path)
+
+def connect_elsewhere():
+    try:
+        dbapi.connect(elsewhere)
+    except mpwriter.WriterUnavailable:
+        pass
+
+mpwriter.connect = held_connect
+thread = threading.Thread(target=connect_elsewhere)
+thread.start()
+assert inside.wait(60)
+pid = os.fork()
+if pid == 0:
+    faulthandler.dump_traceback_later(20, exit=True)
+    conn = dbapi.connect(served, isolation_level=None)
+    conn.execute("INSERT INTO items(client, seq, payload) VALUES (1, 1, 'child')")
+    conn.close()
+    os._exit(0)
+leave.set()
+thread.join(60)
+assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+print("child connected", flush=True)
+"""
+
+
+def test_a_child_forked_while_a_thread_connects_still_gets_a_handle(
+    writer: mpwriter.Writer, tmp_path: Path
+) -> None:
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    script = [sys.executable, "-c", _FORK_WHILE_CONNECTING]
+    done = subprocess.run(
+        [*script, writer.path, str(tmp_path / "elsewhere.db")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,  # the code is asserted with what the process printed
+    )
+    assert (done.returncode, done.stdout) == (0, "child connected\n"), done.stderr
     assert count_rows(Path(writer.path)) == 1
 
 

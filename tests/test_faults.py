@@ -37,7 +37,7 @@ import pytest
 import kill_clients
 import mpwriter
 from _faults import INSERT, reap
-from conftest import SCHEMA, Gate, count_rows
+from conftest import SCHEDULING_SLIP, SCHEMA, Gate, count_rows
 from mpwriter import testing
 
 DEADLINE = 10.0  # the most any single wait in this file may take before the test fails
@@ -359,7 +359,7 @@ def test_outside_lock_holder(db_path: Path, children: Children) -> None:
         began = time.monotonic()
         with pytest.raises(sqlite3.OperationalError, match="locked"):
             writer.execute(INSERT, (1, 0), timeout=0.3)
-        assert time.monotonic() - began < 0.5
+        assert time.monotonic() - began < 0.3 + SCHEDULING_SLIP  # by its timeout
         retries = writer.stats()["retries"]
         assert retries > 0
         with contextlib.suppress(BlockingIOError):

@@ -17,7 +17,7 @@ import pytest
 
 import mpwriter
 from _faults import reap
-from conftest import SCHEMA, Gate, count_rows, hold_writer
+from conftest import SCHEMA, Gate, count_rows, hold_writer, sigkill_and_wait
 from mpwriter import testing
 from mpwriter._wire import frames as _wire
 
@@ -274,10 +274,7 @@ def test_a_writer_dying_while_it_restarts_is_restarted_again(tmp_path: Path) -> 
         writer.execute("INSERT INTO t VALUES (1)")
         (tmp_path / "app.db.die-once").touch()
         first = writer.stats()["pid"]
-        pidfd = os.pidfd_open(first)
-        os.kill(first, signal.SIGKILL)
-        assert select.select([pidfd], [], [], 10)[0]
-        os.close(pidfd)
+        sigkill_and_wait(first)
         # The first successor dies in its start-up; the second one serves.
         assert writer.execute("INSERT INTO t VALUES (2)").rowcount == 1
         assert writer.stats()["restarts"] == 2
@@ -302,10 +299,7 @@ def test_a_request_served_by_the_successor_is_never_reported_lost(
     with mpwriter.start(db_path, init=SCHEMA, context="fork", timeout=10) as writer:
         writer.execute("INSERT INTO items(payload) VALUES ('first')")  # pipe of writer 1
         first = writer.stats()["pid"]
-        pidfd = os.pidfd_open(first)
-        os.kill(first, signal.SIGKILL)
-        assert select.select([pidfd], [], [], 10)[0]
-        os.close(pidfd)
+        sigkill_and_wait(first)
         probe = multiprocessing.get_context("fork").Process(target=ask_for_stats, args=(writer,))
         probe.start()  # fresh pipes: returns once the successor serves
         reap(probe)

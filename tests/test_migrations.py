@@ -9,9 +9,6 @@ leaves nothing of itself, and keeps the ones before it.
 from __future__ import annotations
 
 import multiprocessing
-import os
-import select
-import signal
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -19,6 +16,7 @@ from typing import Any
 import pytest
 
 import mpwriter
+from conftest import sigkill_and_wait
 
 V1 = "CREATE TABLE notes(id INTEGER PRIMARY KEY, body TEXT NOT NULL)"
 V2 = "ALTER TABLE notes ADD COLUMN created TEXT; CREATE INDEX notes_created ON notes(created)"
@@ -37,19 +35,10 @@ def recorded(db_path: Path) -> list[tuple[int, str]]:
         return [(int(v), str(d)) for v, d in rows]
 
 
-def kill_and_wait(pid: int) -> None:
-    pidfd = os.pidfd_open(pid)
-    try:
-        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-        assert select.select([pidfd], [], [], 10)[0], f"process {pid} survived SIGKILL"
-    finally:
-        os.close(pidfd)
-
-
 def test_migrations_apply_once_in_order_across_starts_and_a_restart(db_path: Path) -> None:
     with mpwriter.start(db_path, migrations=[V1, V2], context="fork") as writer:
         writer.execute("INSERT INTO notes(body, created) VALUES ('a', 'today')")
-        kill_and_wait(writer.stats()["pid"])
+        sigkill_and_wait(writer.stats()["pid"])
         # The supervisor starts a new writer, which opens the database again:
         # V2 run twice would fail ("duplicate column name") and the writer with it.
         writer.execute("INSERT INTO notes(body, created) VALUES ('b', 'today')")

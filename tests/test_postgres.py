@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import mpwriter
-from conftest import PG_SCHEMA, Gate, pg_count
+from conftest import PG_SCHEMA, Gate, pg_count, rowcounts_or_duplicate
 from mpwriter._writer.pg_sql import translate
 
 psycopg = pytest.importorskip("psycopg", reason="PostgreSQL tests: psycopg is not installed")
@@ -190,12 +190,7 @@ def test_a_failed_request_does_not_spoil_its_batch(
     # seq 0 exists; seq 1..4 appear twice: 8 requests, 4 commit, 4 fail.
     gate.release()
     assert gate.future.result(timeout=30) == "released"
-    outcomes = []
-    for future in futures:
-        try:
-            outcomes.append(future.result(timeout=30).rowcount)
-        except mpwriter.IntegrityError:
-            outcomes.append("duplicate")
+    outcomes = rowcounts_or_duplicate(futures, mpwriter.IntegrityError, timeout=30)
     assert outcomes == [1, 1, 1, 1, "duplicate", "duplicate", "duplicate", "duplicate"]
     assert pg_count(pg_fresh) == 5
     assert pg_writer.stats()["replayed_batches"] >= 1
@@ -251,12 +246,7 @@ def test_a_failure_in_a_batch_past_64_requests_is_its_own(
     futures = [pg_writer.submit(INSERT, (31, seq)) for seq in range(100)]
     gate.release()
     assert gate.future.result(timeout=30) == "released"
-    outcomes = []
-    for future in futures:
-        try:
-            outcomes.append(future.result(timeout=30).rowcount)
-        except mpwriter.IntegrityError:
-            outcomes.append("duplicate")
+    outcomes = rowcounts_or_duplicate(futures, mpwriter.IntegrityError, timeout=30)
     assert outcomes == [1] * 70 + ["duplicate"] + [1] * 29
     assert pg_count(pg_fresh) == 100
 

@@ -6,7 +6,6 @@ import concurrent.futures
 import contextlib
 import multiprocessing
 import os
-import select
 import signal
 import sqlite3
 import subprocess
@@ -20,7 +19,7 @@ import pytest
 
 import mpwriter
 from _faults import reap
-from conftest import SCHEMA, count_rows, reap_pid
+from conftest import SCHEMA, count_rows, reap_pid, wait_exited
 
 
 def tag_row(conn: sqlite3.Connection, client: int, seq: int) -> int:
@@ -266,12 +265,7 @@ def steal_exit_status(pid: int) -> None:
     The writer is the child of mpwriter's supervisor process, not of this
     one: the waitpid fails, and the pidfd waits for the death instead.
     """
-    with contextlib.suppress(ProcessLookupError):  # already dead and reaped
-        pidfd = os.pidfd_open(pid)
-        try:
-            assert select.select([pidfd], [], [], 10)[0], f"process {pid} survived SIGKILL"
-        finally:
-            os.close(pidfd)
+    wait_exited(pid)
     with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, 0)
 

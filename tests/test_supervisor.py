@@ -30,20 +30,10 @@ import pytest
 
 import mpwriter
 from _faults import reap
-from conftest import SCHEMA, count_rows
+from conftest import SCHEMA, count_rows, sigkill_and_wait
 from mpwriter._owner.supervisor import Backoff, RestartPolicy
 
 DEADLINE = 10.0  # the most any single wait in this file may take before the test fails
-
-
-def sigkill_and_wait(pid: int) -> None:
-    """SIGKILL ``pid`` and return once it has exited (a pidfd pins it against reuse)."""
-    pidfd = os.pidfd_open(pid)
-    try:
-        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-        assert select.select([pidfd], [], [], DEADLINE)[0], f"process {pid} survived SIGKILL"
-    finally:
-        os.close(pidfd)
 
 
 def parent_of(pid: int) -> int:

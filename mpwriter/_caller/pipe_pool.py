@@ -34,6 +34,7 @@ are steps of the protocol in `calls.py`.
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import os
 import socket
@@ -204,4 +205,22 @@ def _after_fork_in_child() -> None:
         pool.forget_parent_state()
 
 
+def _close_at_exit() -> None:
+    """At interpreter exit: close every pool this process still holds open.
+
+    A handle alive at exit (a module global, a cache of handles per file, a
+    forked child's inherited copy) is never collected before the interpreter
+    tears down, and its side socket would then be destroyed open
+    (``ResourceWarning: unclosed socket``). Closing here releases only this
+    process's descriptors: a forked child closes its copies, never its
+    parent's. Registered at import, so it runs after the owner's own exit
+    hook (`atexit` runs hooks last-registered first), which stops the
+    writer through its handle first.
+    """
+    for pool in list(_pools):
+        if not pool.closed:
+            pool.close()
+
+
 os.register_at_fork(after_in_child=_after_fork_in_child)
+atexit.register(_close_at_exit)

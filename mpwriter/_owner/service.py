@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import inspect
 import logging
 import os
 import re
@@ -35,6 +36,8 @@ from .owner import start
 log = logging.getLogger("mpwriter")
 
 EXIT_CANNOT_START = 1
+# The options' defaults are start()'s own: declared there once.
+_DEFAULT = {name: p.default for name, p in inspect.signature(start).parameters.items()}
 _FUNCTION_SPEC = re.compile(r"\w+(\.\w+)*:\w+")
 
 
@@ -87,16 +90,25 @@ def add_serve_command(commands: Any) -> None:
         " (e.g. mpwriter.django:writer_init)",
     )
     serve.add_argument(
-        "--synchronous", choices=("NORMAL", "FULL", "EXTRA"), type=str.upper, default="NORMAL"
+        "--synchronous",
+        choices=("NORMAL", "FULL", "EXTRA"),
+        type=str.upper,
+        default=_DEFAULT["synchronous"],
     )
-    serve.add_argument("--max-batch", type=int, default=256, metavar="N")
-    serve.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
+    serve.add_argument("--max-batch", type=int, default=_DEFAULT["max_batch"], metavar="N")
+    serve.add_argument("--timeout", type=float, default=_DEFAULT["timeout"], metavar="SECONDS",
                        help="the default per-call timeout of connected handles")  # fmt: skip
-    serve.add_argument("--queue-size", type=int, default=1 << 20, metavar="BYTES")
-    serve.add_argument("--execution-limit", type=float, default=None, metavar="SECONDS")
-    serve.add_argument("--slow-request", type=float, default=1.0, metavar="SECONDS")
-    serve.add_argument("--max-restarts", type=int, default=5, metavar="N")
-    serve.add_argument("--start-timeout", type=float, default=30.0, metavar="SECONDS")
+    serve.add_argument("--queue-size", type=int, default=_DEFAULT["queue_size"], metavar="BYTES")
+    serve.add_argument(
+        "--execution-limit", type=float, default=_DEFAULT["execution_limit"], metavar="SECONDS"
+    )
+    serve.add_argument(
+        "--slow-request", type=float, default=_DEFAULT["slow_request"], metavar="SECONDS"
+    )
+    serve.add_argument("--max-restarts", type=int, default=_DEFAULT["max_restarts"], metavar="N")
+    serve.add_argument(
+        "--start-timeout", type=float, default=_DEFAULT["start_timeout"], metavar="SECONDS"
+    )
     serve.add_argument("--drain-timeout", type=float, default=30.0, metavar="SECONDS",
                        help="how long a stop may take before the writer is killed")  # fmt: skip
     serve.add_argument("--endpoint", metavar="SOCKET",
@@ -106,7 +118,7 @@ def add_serve_command(commands: Any) -> None:
     serve.add_argument(
         "--isolation",
         choices=("read committed", "repeatable read", "serializable"),
-        default="read committed",
+        default=_DEFAULT["isolation"],
         help="PostgreSQL only",
     )
 

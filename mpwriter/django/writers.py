@@ -6,7 +6,8 @@ The one place that decides: `writer_for`. The order is
    gunicorn's workers from the master's ``on_starting`` hook), if it serves
    the file;
 2. the handle this process got earlier for the file (a process keeps one per
-   file, shared by its threads' connections);
+   file, shared by its threads' connections and by `mpwriter.dbapi`'s:
+   `mpwriter._caller.per_file`);
 3. `mpwriter.start_or_connect`: a handle on the writer another process
    serves the file with (a gunicorn master, ``python -m mpwriter serve``,
    another ``manage.py`` command), connected through its endpoint; or, if
@@ -16,20 +17,14 @@ The one place that decides: `writer_for`. The order is
 
 from __future__ import annotations
 
+import functools
 import os
 import sqlite3
-import threading
 from typing import Any
 
-from .._caller.attached import get_writer
+from .._caller import per_file
 from .._caller.handle import Writer
-from .._errors import Error
 from .._owner.either import start_or_connect
-from ..dbapi import _same_database
-
-_lock = threading.Lock()
-# The handles this process got (started or connected), by absolute path.
-_handles: dict[str, Writer] = {}
 
 
 def writer_init(conn: sqlite3.Connection) -> None:
@@ -55,21 +50,9 @@ def writer_for(path: str, **start_options: Any) -> Writer:
     writer (``init`` defaults to `writer_init`). Raises what
     `mpwriter.start_or_connect` raises (`WriterUnavailable`, `AccessDenied`).
     """
-    key = os.path.abspath(path)
-    try:
-        attached: Writer | None = get_writer()
-    except Error:
-        attached = None
-    if attached is not None and _same_database(attached.path, key):
-        return attached
-    with _lock:
-        mine = _handles.get(key)
-        if mine is not None and not mine.closed:
-            return mine
-        start_options.setdefault("init", writer_init)
-        writer = start_or_connect(key, **start_options)
-        _handles[key] = writer
-        return writer
+    start_options.setdefault("init", writer_init)
+    start = functools.partial(start_or_connect, os.path.abspath(path), **start_options)
+    return per_file.handle_for(path, start)
 
 
 def close_writer(path: str) -> None:
@@ -79,7 +62,6 @@ def close_writer(path: str) -> None:
     then releases the file (Django's test runner calls this before deleting
     a test database); a connected handle is only released.
     """
-    with _lock:
-        writer = _handles.pop(os.path.abspath(path), None)
+    writer = per_file.forget(path)
     if writer is not None:
         writer.close()
