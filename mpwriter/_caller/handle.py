@@ -378,17 +378,8 @@ class Writer:
         self.close()
 
     def __reduce__(self) -> tuple[Any, ...]:
-        link, lifetime = self._link, self._lifetime
-        fds = lifetime.for_child(link)  # duplicated into the child being started; or NotPicklable
-        args = (
-            self.path,
-            self.timeout,
-            *fds,
-            link.pool.state,
-            link.pool.frame_key,
-            lifetime.dialer,
-        )
-        return (_rebuild, args)
+        # What rebuilds the link in the child being started (or NotPicklable: `for_child`).
+        return (_rebuild, (self.path, self.timeout, *self._lifetime.for_child(self._link)))
 
     def _revive(self, link: Link, deadline: float) -> Link:
         """The link to send on when ``link``'s writer is not running (`Lifetime.revive`)."""

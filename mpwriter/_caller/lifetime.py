@@ -142,9 +142,11 @@ class Lifetime:
         weakref.finalize(handle, os.close, link.request_fd).atexit = False
         return fresh
 
-    def for_child(self, link: Link) -> tuple[Any, Any]:
-        """``link``'s descriptors, duplicated into the child being started; or
-        raise `NotPicklable` when no child is (see `Writer.__reduce__`)."""
+    def for_child(self, link: Link) -> tuple[Any, ...]:
+        """What rebuilds ``link`` in the child being started (`handle._rebuild`'s
+        arguments after the path and timeout): its descriptors duplicated
+        into the child, its state, frame key and dialer. Raises `NotPicklable`
+        when no child is being started (see `Writer.__reduce__`)."""
         # Descriptors can travel only while a child is being started (they are
         # then passed down with the new process); anywhere else -- a pool task
         # argument, a queue -- there is no channel for them.
@@ -155,8 +157,14 @@ class Lifetime:
                 " arguments: see mpwriter.attach) or inherited through fork; it"
                 " cannot be sent as a task argument or through a queue"
             )
-        registration = link.pool.registration.fileno()
-        return reduction.DupFd(link.request_fd), reduction.DupFd(registration)
+        pool = link.pool
+        return (
+            reduction.DupFd(link.request_fd),
+            reduction.DupFd(pool.registration.fileno()),
+            pool.state,
+            pool.frame_key,
+            self.dialer,
+        )
 
 
 @contextlib.contextmanager
