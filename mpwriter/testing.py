@@ -107,7 +107,7 @@ def shared_state(writer: Any) -> Any:
     takes a restart path of its own. Read its fields; never set them (their
     meaning: mpwriter/_wire/state.py).
     """
-    return writer._state
+    return writer._link.pool.state
 
 
 def frame_key(writer: Any) -> int:
@@ -117,5 +117,5 @@ def frame_key(writer: Any) -> int:
     writer skips a frame whose header was not keyed with it, as it skips the
     bytes of a caller's payload that happen to look like a frame.
     """
-    key: int = writer._pool.frame_key
+    key: int = writer._link.pool.frame_key
     return key

@@ -341,7 +341,7 @@ def test_slot_numbers_that_wrap_around_skip_the_pipes_still_open(
     not take the number of one still open, or the writer would take it for a
     replacement of that pipe and drop the old one under its request."""
     writer.execute("INSERT INTO items(client, seq) VALUES (0, 0)")  # pools pipe 0
-    writer._local.slot_numbers = itertools.count(_wire.NO_REPLY)  # next: 0 again
+    writer._link.pool.local.slot_numbers = itertools.count(_wire.NO_REPLY)  # next: 0 again
     gate.hold(writer)  # borrows pipe 0 and keeps its request in the writer
     behind = writer.submit("INSERT INTO items(client, seq) VALUES (0, 1)")  # a new pipe
     gate.release()
@@ -358,21 +358,21 @@ def test_a_reply_to_another_request_is_an_error_and_retires_the_pipe(
     """Should a pipe ever hold a reply that is not this request's, the call
     fails and the pipe is not lent again: its own reply may still come."""
     writer.execute("INSERT INTO items(client, seq) VALUES (0, 0)")  # pools one pipe
-    slot = writer._local.free.pop()
+    slot = writer._link.pool.local.free.pop()
     stray_id = 0xFFFF0000  # no request of this test has it (ids are 32 bits)
     # A frame whose handed-over payload is missing is answered at once
     # ("not applied"): a way to have the writer put a reply in this pipe.
     flags = _wire.WHOLE | _wire.HANDED_OVER
     key = testing.frame_key(writer)
     frame = _wire.encode_frame(
-        _wire.Kind.EXECUTE, flags, writer._local.sender, stray_id, slot.number, b"", key
+        _wire.Kind.EXECUTE, flags, writer._link.pool.local.sender, stray_id, slot.number, b"", key
     )
-    os.write(writer._request_fd, frame)
+    os.write(writer._link.request_fd, frame)
     assert select.select([slot.fd], [], [], 10.0)[0], "the writer did not answer the stray frame"
-    writer._local.free.append(slot)  # lent again with that reply unread, as a bug would
+    writer._link.pool.local.free.append(slot)  # lent again with that reply unread, as a bug would
     with pytest.raises(mpwriter.Error, match=f"reply to request {stray_id} arrived"):
         writer.execute("INSERT INTO items(client, seq) VALUES (0, 1)")
-    assert slot not in writer._local.free
+    assert slot not in writer._link.pool.local.free
     assert writer.execute("INSERT INTO items(client, seq) VALUES (0, 2)").rowcount == 1
 
 

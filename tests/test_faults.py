@@ -212,7 +212,7 @@ def queued_bytes(writer: mpwriter.Writer) -> int:
 
     stats() reports the same figure, but a held writer cannot answer it.
     """
-    answer = fcntl.ioctl(writer._request_fd, termios.FIONREAD, b"\0\0\0\0")
+    answer = fcntl.ioctl(writer._link.request_fd, termios.FIONREAD, b"\0\0\0\0")
     return int(struct.unpack("i", answer)[0])
 
 

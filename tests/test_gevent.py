@@ -125,7 +125,7 @@ def init_slow_successor(marker: str, conn: Any) -> None:
 
 def queued_bytes(writer: mpwriter.Writer) -> int:
     """Bytes waiting in the request pipe (FIONREAD on the owner's end)."""
-    answer = fcntl.ioctl(writer._request_fd, termios.FIONREAD, b"\0\0\0\0")
+    answer = fcntl.ioctl(writer._link.request_fd, termios.FIONREAD, b"\0\0\0\0")
     return int(struct.unpack("i", answer)[0])
 
 

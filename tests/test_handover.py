@@ -30,6 +30,7 @@ import pytest
 import mpwriter
 from conftest import SCHEMA, Gate, count_rows, reap_pid
 from mpwriter import testing
+from mpwriter._caller import blocking as _blocking
 from mpwriter._caller import calls as _calls
 from mpwriter._wire import frames as _wire
 from mpwriter._wire import replies as _reply
@@ -82,7 +83,7 @@ def test_a_caller_killed_between_hand_over_and_frame_leaves_nothing_behind(
             deadline = now + 10.0
             body = (INSERT, bulk_rows(3, 5_000))
             payload = pickle.dumps((deadline, now, body), _wire.PICKLE_PROTOCOL)
-            writer._hand_over(payload, 1, deadline)
+            _blocking.run(_calls.hand_over(writer._link.pool, payload, 1, deadline))
             os.write(payload_sent_w, b"!")
         finally:
             os.kill(os.getpid(), signal.SIGKILL)
@@ -104,24 +105,24 @@ def test_a_frame_whose_payload_was_lost_is_answered_not_applied_once(
 ) -> None:
     """What a successor sees when the writer that died had taken the file."""
     writer.stats()  # pools a reply pipe
-    slot = writer._local.free.pop()
+    slot = writer._link.pool.local.free.pop()
     request_id = STRAY_REQUEST_ID
     frame = _wire.encode_frame(
         _wire.Kind.EXECUTEMANY,
         _wire.WHOLE | _wire.HANDED_OVER,
-        writer._local.sender,
+        writer._link.pool.local.sender,
         request_id,
         slot.number,
         b"",
         testing.frame_key(writer),
     )
-    os.write(writer._request_fd, frame)
+    os.write(writer._link.request_fd, frame)
     assert select.select([slot.fd], [], [], 10.0)[0], "the writer did not answer the frame"
     reply = _reply.read_reply(slot.fd, request_id)
     assert isinstance(reply, bytes)  # whole: a short error reply
     with pytest.raises(mpwriter.WriterCrashed, match="not applied"):
         _reply.unpack_reply(reply)
-    writer._local.free.append(slot)
+    writer._link.pool.local.free.append(slot)
     # The same pipe serves the next request: no second answer was left in it.
     assert writer.execute(INSERT, (5, 0, "next")).rowcount == 1
     assert writer.stats()["lost_requests"] == 1

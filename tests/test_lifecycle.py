@@ -19,6 +19,7 @@ import mpwriter
 from _faults import reap
 from conftest import SCHEMA, Gate, count_rows, hold_writer, sigkill_and_wait
 from mpwriter import testing
+from mpwriter._caller import blocking, calls
 from mpwriter._wire import frames as _wire
 
 
@@ -53,7 +54,7 @@ def test_a_frame_inside_a_torn_payload_is_not_taken_for_a_request(
     hidden = _wire.encode_frame(_wire.Kind.EXECUTE, _wire.WHOLE, 1, 1, _wire.NO_REPLY, insert)
     carrier = next(_wire.encode_frames(_wire.Kind.EXECUTE, 1, 2, 1, b"x" * 64 + hidden))
     torn = carrier[40:]  # its head is gone; the hidden frame is whole
-    os.write(writer._request_fd, torn)
+    os.write(writer._link.request_fd, torn)
     assert writer.execute("INSERT INTO items(client, seq) VALUES (1, 1)").rowcount == 1
     assert writer.stats()["resync_skipped_bytes"] == len(torn)
     assert count_rows(db_path) == 1
@@ -68,7 +69,7 @@ def test_torn_bytes_in_the_queue_are_skipped_and_the_next_request_served(
     # the tail of a frame whose head is gone.
     whole = next(_wire.encode_frames(_wire.Kind.EXECUTE, 1, 1, 1, os.urandom(3000)))
     torn = whole[100:]
-    os.write(writer._request_fd, torn)
+    os.write(writer._link.request_fd, torn)
     result = writer.execute(
         "INSERT INTO items(payload) VALUES ('after the tear') RETURNING payload"
     )
@@ -341,11 +342,16 @@ def test_a_send_that_races_close_fails_cleanly_and_writes_nowhere(
     closed the handle still sends. Its frame must not land in whatever file
     the process opened since, under the descriptor number the queue had."""
     writer.close()
+    # What a send that passed the check goes on to do: frame and write.
+    pool, request_fd = writer._link.pool, writer._link.request_fd
+    sender, request_id = pool.local.sender, pool.next_request_id()
+    kind, key = _wire.Kind.EXECUTE, pool.frame_key
+    frame = _wire.encode_frame(kind, _wire.WHOLE, sender, request_id, 0, b"a late request", key)
     unrelated = tmp_path / "unrelated.bin"
     fd = os.open(unrelated, os.O_CREAT | os.O_WRONLY)
     try:
         with pytest.raises(mpwriter.WriterClosed):
-            writer._send(_wire.Kind.EXECUTE, b"a late request", 0, time.monotonic() + 1.0)
+            blocking.run(calls.write_frames(pool, request_fd, (frame,), time.monotonic() + 1.0))
     finally:
         os.close(fd)
     assert unrelated.stat().st_size == 0

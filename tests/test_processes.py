@@ -159,10 +159,10 @@ def test_forked_child_closes_every_descriptor_its_parents_handle_opened(
     """Reply pipes, and the pipe that wakes the parent's submit() collector:
     a child that kept them would hold them open for as long as it lives."""
     assert writer.submit("INSERT INTO items(client, seq) VALUES (0, 0)").result(timeout=10)
-    collector = writer._local.collector
+    collector = writer._link.pool.local.collector
     assert collector is not None
     wake_pipe = {collector._wake_r, collector._wake_w}
-    inherited = sorted(wake_pipe | {slot.fd for slot in writer._local.free})
+    inherited = sorted(wake_pipe | {slot.fd for slot in writer._link.pool.local.free})
     receive, send = multiprocessing.Pipe(duplex=False)
     pid = os.fork()
     if pid == 0:  # pragma: no cover - child

@@ -252,7 +252,7 @@ def test_a_chunk_the_writer_cannot_read_applies_no_row(
 ) -> None:
     """The writer fails the request if any chunk of the file is unreadable,
     however many rows it ran before: the savepoint takes them all back."""
-    pool = writer._pool
+    pool = writer._link.pool
     fd = calls.new_request_file(pool)
     source = rows(1, MANY)
     written = calls.write_rows(fd, [list(itertools.islice(source, 1_000))], source)
@@ -265,7 +265,7 @@ def test_a_chunk_the_writer_cannot_read_applies_no_row(
     head = pickle.dumps((now + 30, now, (INSERT, None)))
     length = calls.finish_rows(fd, written, head)
     step = calls.request_streamed(
-        pool, writer._request_fd, _wire.Kind.EXECUTEMANY, fd, length, now + 30
+        pool, writer._link.request_fd, _wire.Kind.EXECUTEMANY, fd, length, now + 30
     )
     with pytest.raises(ValueError, match="could not be decoded"):
         blocking.run(step)

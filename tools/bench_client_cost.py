@@ -57,16 +57,22 @@ def client(writer: mpwriter.Writer, mode: str, seconds: float, out: Connection) 
             done += 1
     else:
         writer.stats()  # pools a reply pipe
-        slot = writer._local.free.pop()
+        slot = writer._link.pool.local.free.pop()
         now = time.monotonic()
         # One request, sent again and again; its deadline is far enough that
         # the writer never drops it as expired.
         payload = pickle.dumps((now + 3600, now, (INSERT, (0, PAYLOAD))), _wire.PICKLE_PROTOCOL)
         key = testing.frame_key(writer)
         frame = _wire.encode_frame(
-            _wire.Kind.EXECUTE, _wire.WHOLE, writer._local.sender, 1, slot.number, payload, key
+            _wire.Kind.EXECUTE,
+            _wire.WHOLE,
+            writer._link.pool.local.sender,
+            1,
+            slot.number,
+            payload,
+            key,
         )
-        request_fd, reply_fd = writer._request_fd, slot.fd
+        request_fd, reply_fd = writer._link.request_fd, slot.fd
         poller = select.poll()
         poller.register(reply_fd, select.POLLIN)
         poll = poller.poll

@@ -4,7 +4,7 @@ The connecting side of `mpwriter._wire.endpoint`: connect to the Unix
 socket, receive the grant and its descriptors, build a `Writer` from them.
 The handle keeps its `Dialer`: when its writer has been closed (or died for
 good) and another process starts a writer for the same file, its next call
-dials again and goes on with the new writer (`Writer._revive`).
+dials again and goes on with the new writer (`lifetime.Lifetime.revive`).
 """
 
 from __future__ import annotations

@@ -31,7 +31,9 @@ from typing import Any
 from .. import testing
 from .._errors import Error, WriterClosed
 from .._wire.replies import millis
+from . import blocking
 from .calls import Step, Wait
+from .pipe_pool import PipePool
 
 log = logging.getLogger("mpwriter")
 
@@ -191,6 +193,37 @@ class Collector:
             entry.step.close()  # retires its pipe: a reply may still come
             if not entry.future.done():
                 entry.future.set_exception(outcome())
+
+
+def submit(
+    pool: PipePool, step: Step[Any], convert: Callable[[Any], Any]
+) -> concurrent.futures.Future[Any]:
+    """Send ``step``'s request here, in the caller's thread (so its requests
+    stay in order), and hand the rest to the collector of ``pool``'s process;
+    the future resolves to ``convert`` of its reply."""
+    wait = blocking.run_until_sent(step)
+    future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+    future.set_running_or_notify_cancel()
+    pending = Pending(step, wait, future, convert)
+    while not _collector(pool).add(pending):
+        if pool.closed:
+            step.close()
+            future.set_exception(pool.unavailable(sent=True))
+            break
+        # That collector broke (and logged why): the next turn starts a new one.
+    return future
+
+
+def _collector(pool: PipePool) -> Collector:
+    """The collector of ``pool`` in this process: the current one, or a new one if it broke."""
+    local = pool.local
+    with local.lock:
+        current = local.collector
+        if isinstance(current, Collector) and not current.broken:
+            return current
+        fresh = Collector(local.fds)
+        local.collector = fresh
+        return fresh
 
 
 def _closed() -> WriterClosed:

@@ -20,23 +20,18 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import dataclasses
 import itertools
 import os
 import pickle
 import socket
 import time
-import weakref
 from collections.abc import Callable, Iterable, Iterator
-from multiprocessing import context as mp_context
-from multiprocessing import reduction
-from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from .. import testing
-from .._errors import NotPicklable, Timeout, WriterUnavailable
+from .._errors import NotPicklable
 from .._wire.frames import (
     CAN_HAND_OVER,
-    MAX_PAYLOAD,
     NO_REPLY,
     PICKLE_PROTOCOL,
     WHOLE,
@@ -44,39 +39,15 @@ from .._wire.frames import (
     encode_frame,
 )
 from .._wire.replies import Result
-from .._wire.state import BACKING_OFF, CLOSED, RUNNING
+from .._wire.state import CLOSED, RUNNING
 from .._wire.stats import Stats
-from . import aio, blocking, calls
-from .futures import Collector, Pending
+from . import aio, blocking, calls, futures
+from .lifetime import Dialer, Lifetime, Link, Owner
 from .pipe_pool import PipePool
 from .session import DEFAULT_IDLE_LIMIT, DEFAULT_TOTAL_LIMIT, Session
 
 P = ParamSpec("P")
 R = TypeVar("R")
-
-
-class _Owner(Protocol):
-    """What the owning process adds to its handle (see `_owner.py`)."""
-
-    def close(self, timeout: float) -> None: ...
-
-
-class _Dialer(Protocol):
-    """How a connected handle reaches its writer's endpoint again (`connect.Dialer`)."""
-
-    def dial(self, deadline: float) -> Any: ...
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class _Link:
-    """What a request is sent on: one writer's pool (its reply pipes, side
-    socket, state and frame key) and its request pipe. A connected handle
-    that dials a new writer replaces its link whole, in one assignment: a
-    request reads the link once and so never pairs one writer's pool with
-    another's pipe (whose writer would drop the frame as foreign)."""
-
-    pool: PipePool
-    request_fd: int
 
 
 class Writer:
@@ -109,35 +80,14 @@ class Writer:
         request_fd: int,
         registration: socket.socket,
         state: Any,
-        owner: _Owner | None = None,
+        owner: Owner | None = None,
         frame_key: int = 0,
-        dialer: _Dialer | None = None,
+        dialer: Dialer | None = None,
     ) -> None:
         self.path = path
         self.timeout = timeout
-        self._link = _Link(PipePool(registration, state, frame_key), request_fd)
-        self._owner_here = owner
-        self._owner_pid = os.getpid()
-        self._dialer = dialer  # a connected handle's way back to its endpoint
-        # A collected handle stops its collector thread (which never refers
-        # to the handle) and releases its descriptors. Not at interpreter
-        # exit: the owner's own exit hook closes the writer through the handle.
-        self._release = weakref.finalize(
-            self, _release, self._link.pool, request_fd, owner is not None
-        )
-        self._release.atexit = False
-
-    @property
-    def _pool(self) -> PipePool:
-        return self._link.pool
-
-    @property
-    def _request_fd(self) -> int:
-        return self._link.request_fd
-
-    @property
-    def _state(self) -> Any:
-        return self._link.pool.state
+        self._link = Link(PipePool(registration, state, frame_key), request_fd)
+        self._lifetime = Lifetime(self, owner, dialer)
 
     def __repr__(self) -> str:
         status = "closed" if self.closed else "open"
@@ -199,11 +149,8 @@ class Writer:
         """
         tx = Transaction()
         yield tx
-        if tx._statements:
-            raw = self._blocking(Kind.TRANSACTION, (tx._statements,), timeout)
-            tx.results = [Result(*item) for item in raw]
-        else:
-            tx.results = []
+        raw = self._blocking(Kind.TRANSACTION, (tx._statements,), timeout) if tx._statements else ()
+        tx.results = [Result(*item) for item in raw]
 
     def session(
         self,
@@ -290,7 +237,7 @@ class Writer:
             body = (sql, params, reported)
             payload = pickle.dumps((now + self.timeout, now, body), PICKLE_PROTOCOL)
             frame = encode_frame(
-                Kind.POST,
+                _POST,
                 WHOLE,
                 local.sender,
                 pool.next_request_id(),
@@ -334,25 +281,25 @@ class Writer:
         No thread per request: one background thread per handle collects the
         replies of every pending future.
         """
-        return self._submit(Kind.EXECUTE, (sql, params), timeout, _to_result)
+        return self._submit(self._request(Kind.EXECUTE, (sql, params), timeout), _to_result)
 
     def submit_many(
         self, sql: str, seq_of_params: Iterable[Any], *, timeout: float | None = None
     ) -> concurrent.futures.Future[Result]:
         """`executemany`, as a future (see `submit`); the iterable is read here, first."""
-        return self._submit_step(self._many(sql, seq_of_params, timeout), _to_result)
+        return self._submit(self._many(sql, seq_of_params, timeout), _to_result)
 
     def submit_script(
         self, script: str, *, timeout: float | None = None
     ) -> concurrent.futures.Future[None]:
         """`executescript`, as a future (see `submit`)."""
-        return self._submit(Kind.SCRIPT, (script,), timeout, _to_none)
+        return self._submit(self._request(Kind.SCRIPT, (script,), timeout), _to_none)
 
     def submit_call(
         self, fn: Callable[Concatenate[Any, P], R], /, *args: P.args, **kwargs: P.kwargs
     ) -> concurrent.futures.Future[R]:
         """`call`, as a future (see `submit`); the handle's default timeout."""
-        return self._submit(Kind.CALL, (fn, args, kwargs), None, _same)
+        return self._submit(self._request(Kind.CALL, (fn, args, kwargs), None), _same)
 
     def submit_call_with_timeout(
         self,
@@ -363,7 +310,7 @@ class Writer:
         **kwargs: P.kwargs,
     ) -> concurrent.futures.Future[R]:
         """`call_with_timeout`, as a future (see `submit`)."""
-        return self._submit(Kind.CALL, (fn, args, kwargs), timeout, _same)
+        return self._submit(self._request(Kind.CALL, (fn, args, kwargs), timeout), _same)
 
     # -- asyncio ----------------------------------------------------------------
 
@@ -422,16 +369,7 @@ class Writer:
         the handle's collector thread (``submit``) stops, failing futures
         still pending with `WriterClosed`. Idempotent.
         """
-        link = self._link
-        pool = link.pool
-        if pool.closed:
-            return
-        owner = self._owner
-        if owner is not None:
-            pool.closed = True  # refuse new calls while the writer drains
-            owner.close(self.timeout if timeout is None else timeout)
-        pool.close()
-        _disarm(link.request_fd)
+        self._lifetime.close(self, timeout)
 
     def __enter__(self) -> Writer:
         return self
@@ -440,93 +378,17 @@ class Writer:
         self.close()
 
     def __reduce__(self) -> tuple[Any, ...]:
-        # Descriptors can travel only while a child is being started (they are
-        # then passed down with the new process); anywhere else -- a pool task
-        # argument, a queue -- there is no channel for them.
-        if mp_context.get_spawning_popen() is None:
-            raise NotPicklable(
-                "a mpwriter.Writer can only be passed to a child process when it is"
-                " created (Process args, Pool/ProcessPoolExecutor initializer"
-                " arguments: see mpwriter.attach) or inherited through fork; it"
-                " cannot be sent as a task argument or through a queue"
-            )
-        link = self._link
-        return (
-            _rebuild,
-            (
-                self.path,
-                self.timeout,
-                reduction.DupFd(link.request_fd),
-                reduction.DupFd(link.pool.registration.fileno()),
-                link.pool.state,
-                link.pool.frame_key,
-                self._dialer,
-            ),
-        )
+        # What rebuilds the link in the child being started (or NotPicklable: `for_child`).
+        return (_rebuild, (self.path, self.timeout, *self._lifetime.for_child(self._link)))
 
-    def _revive(self, link: _Link, deadline: float) -> _Link:
-        """The link to send on, when ``link``'s writer is not running; or raise why not.
-
-        A connected handle whose writer was closed, or died for good, dials
-        its endpoint again, by ``deadline`` (the call's): if another writer
-        serves the file now, the handle takes its descriptors and goes on
-        with it. Anything else raises the `WriterUnavailable` that says why
-        no writer can serve (the request was not sent): at once when nothing
-        listens on the endpoint, at ``deadline`` when it does not answer.
-        """
-        while True:
-            pool = link.pool
-            if not pool.closed and pool.state.status == RUNNING:
-                return link  # another thread's dial found a writer
-            if pool.closed or self._dialer is None or pool.state.status == BACKING_OFF:
-                raise pool.unavailable(sent=False)  # says which: the handle or the writer
-            fresh = self._redial(link, deadline)
-            if fresh is not None:
-                return fresh
-            link = self._link  # another thread dialed: see what it found
-
-    def _redial(self, link: _Link, deadline: float) -> _Link | None:
-        """Dial the endpoint and swap in the new writer's link; None if
-        another thread replaced ``link`` first.
-
-        One thread of the process dials at a time, under the pool's own
-        ``redial`` lock (not the lock its calls take, which would stall every
-        thread for the dial); the others wait for it no longer than their own
-        deadline.
-        """
-        pool = link.pool
-        redial = pool.local.redial
-        left = deadline - time.monotonic()
-        if left <= 0 or not redial.acquire(timeout=left):
-            raise _not_redialed(pool, "its timeout passed while another thread dialed")
-        try:
-            if self._link is not link:
-                return None
-            assert self._dialer is not None  # `_revive` checked
-            try:
-                grant = self._dialer.dial(deadline)
-            except (WriterUnavailable, Timeout) as exc:
-                raise _not_redialed(pool, str(exc)) from None
-            fresh = _Link(
-                PipePool(grant.registration, grant.state, grant.offer.frame_key), grant.request_fd
-            )
-            self._link = fresh  # one assignment: a request reads the old link or this one
-            self._release.detach()
-            self._release = weakref.finalize(self, _release, fresh.pool, fresh.request_fd, False)
-            self._release.atexit = False
-        finally:
-            redial.release()
-        # Calls of other threads may still hold the old link: they fail
-        # (WriterClosed, not sent) rather than write into a reused number.
-        pool.close()
-        _disarm(link.request_fd)
-        weakref.finalize(self, os.close, link.request_fd).atexit = False
-        return fresh
+    def _revive(self, link: Link, deadline: float) -> Link:
+        """The link to send on when ``link``'s writer is not running (`Lifetime.revive`)."""
+        return self._lifetime.revive(self, link, deadline)
 
     @property
-    def _owner(self) -> _Owner | None:
+    def _owner(self) -> Owner | None:
         """The owner, in the process that started the writer only (not a forked child)."""
-        return self._owner_here if os.getpid() == self._owner_pid else None
+        return self._lifetime.owner
 
     # -- request path -----------------------------------------------------------
 
@@ -543,7 +405,7 @@ class Writer:
 
     def _encode(
         self, kind: Kind, body: tuple[Any, ...], timeout: float | None
-    ) -> tuple[_Link, bytes, float]:
+    ) -> tuple[Link, bytes, float]:
         """The link to send on, the pickled request and its deadline (`execute` inlines this)."""
         link = self._link
         now = time.monotonic()
@@ -571,89 +433,25 @@ class Writer:
         if len(first) < calls.STREAM_FIRST_ROWS:
             return self._request(Kind.EXECUTEMANY, (sql, first), timeout)
         link = self._link
+        budget = self.timeout if timeout is None else timeout
         if link.pool.closed or link.pool.state.status != RUNNING:
             # Its deadline counts from the last row read; the dial's from now.
-            budget = self.timeout if timeout is None else timeout
             link = self._revive(link, time.monotonic() + budget)
-        pool = link.pool
         chunks = [first]
         del first  # `write_rows` takes it out of `chunks`: held nowhere else
-        fd = calls.new_request_file(pool)
-        try:
-            written = calls.write_rows(fd, chunks, rows)
-            now = time.monotonic()
-            deadline = now + (self.timeout if timeout is None else timeout)
-            try:
-                payload = pickle.dumps((deadline, now, (sql, None)), PICKLE_PROTOCOL)
-            except Exception as exc:
-                raise NotPicklable(f"cannot send this executemany request: {exc}") from exc
-            length = calls.finish_rows(fd, written, payload)
-        except BaseException:
-            pool.close_fd(fd)
-            raise
-        many = Kind.EXECUTEMANY
-        return calls.request_streamed(pool, link.request_fd, many, fd, length, deadline)
+        return _streamed(link, sql, chunks, rows, budget)
 
     def _submit(
-        self,
-        kind: Kind,
-        body: tuple[Any, ...],
-        timeout: float | None,
-        convert: Callable[[Any], Any],
-    ) -> concurrent.futures.Future[Any]:
-        return self._submit_step(self._request(kind, body, timeout), convert)
-
-    def _submit_step(
         self, step: calls.Step[Any], convert: Callable[[Any], Any]
     ) -> concurrent.futures.Future[Any]:
-        # Sent here, in the caller's thread: its requests stay in order.
-        wait = blocking.run_until_sent(step)
-        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
-        future.set_running_or_notify_cancel()
-        pending = Pending(step, wait, future, convert)
-        while not self._collector().add(pending):
-            if self._pool.closed:
-                step.close()
-                future.set_exception(self._pool.unavailable(sent=True))
-                break
-            # That collector broke (and logged why): the next turn starts a new one.
-        return future
-
-    def _collector(self) -> Collector:
-        local = self._pool.local
-        with local.lock:
-            current = local.collector
-            if isinstance(current, Collector) and not current.broken:
-                return current
-            fresh = Collector(local.fds)
-            local.collector = fresh
-            return fresh
-
-    # Steps of the protocol that no public call stops between, for the tests
-    # that must: a frame sent past the "closed?" check (`_send`), a payload
-    # handed over and its frame never sent (`_hand_over`).
-
-    @property
-    def _local(self) -> Any:
-        return self._pool.local
-
-    def _send(self, kind: Kind, payload: bytes, slot_number: int, deadline: float) -> int:
-        assert len(payload) <= MAX_PAYLOAD  # one frame
-        request_id = self._pool.next_request_id()
-        sender = self._pool.local.sender
-        key = self._pool.frame_key
-        frame = encode_frame(kind, WHOLE, sender, request_id, slot_number, payload, key)
-        blocking.run(calls.write_frames(self._pool, self._request_fd, (frame,), deadline))
-        return request_id
-
-    def _hand_over(self, payload: bytes, request_id: int, deadline: float) -> None:
-        blocking.run(calls.hand_over(self._pool, payload, request_id, deadline))
+        return futures.submit(self._link.pool, step, convert)
 
 
 # Looked up once: `Kind.EXECUTE` goes through the enum's class attribute
 # lookup, 0.1 us per call on this machine.
 _EXECUTE = Kind.EXECUTE
 _CALL = Kind.CALL
+_POST = Kind.POST
 
 
 class Transaction:
@@ -670,14 +468,33 @@ class Transaction:
         self._statements.append((True, sql, list(seq_of_params)))
 
 
+def _streamed(
+    link: Link, sql: str, chunks: list[list[Any]], rows: Iterator[Any], budget: float
+) -> calls.Step[Any]:
+    """The generator of an executemany whose rows are written to a file
+    handed over with its frame; ``budget`` counts from the last row read.
+
+    ``chunks`` holds the rows read so far, and is emptied as they are written.
+    """
+    pool = link.pool
+    fd = calls.new_request_file(pool)
+    try:
+        written = calls.write_rows(fd, chunks, rows)
+        now = time.monotonic()
+        deadline = now + budget
+        try:
+            payload = pickle.dumps((deadline, now, (sql, None)), PICKLE_PROTOCOL)
+        except Exception as exc:
+            raise NotPicklable(f"cannot send this executemany request: {exc}") from exc
+        length = calls.finish_rows(fd, written, payload)
+    except BaseException:
+        pool.close_fd(fd)
+        raise
+    return calls.request_streamed(pool, link.request_fd, Kind.EXECUTEMANY, fd, length, deadline)
+
+
 def _not_picklable(kind: Kind, exc: Exception) -> NotPicklable:
     return NotPicklable(f"cannot send this {kind.name.lower()} request to the writer: {exc}")
-
-
-def _not_redialed(pool: PipePool, why: str) -> WriterUnavailable:
-    """``pool``'s error (not sent), with why dialing again found no writer."""
-    error = pool.unavailable(sent=False)
-    return type(error)(f"{error}; {why}")
 
 
 def _to_result(value: Any) -> Result:
@@ -693,35 +510,6 @@ def _same(value: Any) -> Any:
     return value
 
 
-def _release(pool: PipePool, request_fd: int, owned: bool) -> None:
-    """When a handle is collected: what `close` releases, and the request pipe.
-
-    The owner's handle keeps the side socket and the request pipe, as it
-    always did: they outlive it with the writer, which the owner stops at exit.
-    """
-    if owned and pool.state.status != CLOSED and os.getpid() == pool.creator_pid:
-        pool.release_pipes()
-        return
-    if not pool.closed:
-        pool.close()
-    os.close(request_fd)
-
-
-def _disarm(fd: int) -> None:
-    """Point ``fd`` at a pipe nobody reads, keeping its number.
-
-    Other threads may be sending on it while the handle closes. A closed
-    number is taken by the next open() anywhere in the process, and their
-    frames would land in that file; on a pipe without a reader they fail
-    with EPIPE instead, which they report as `WriterClosed`. The number is
-    released when the handle is collected.
-    """
-    read_fd, write_fd = os.pipe()
-    os.close(read_fd)
-    os.dup2(write_fd, fd, inheritable=False)
-    os.close(write_fd)
-
-
 def _rebuild(
     path: str,
     timeout: float,
@@ -729,7 +517,7 @@ def _rebuild(
     registration_fd: Any,
     state: Any,
     frame_key: int,
-    dialer: _Dialer | None = None,
+    dialer: Dialer | None = None,
 ) -> Writer:
     registration = socket.socket(fileno=registration_fd.detach())
     request = request_fd.detach()

@@ -76,7 +76,7 @@ class ProcessState:
         self.sender = make_sender_token(os.getpid())
         self.lock = threading.Lock()
         # Held by the one thread that dials a connected handle's endpoint
-        # again (`Writer._revive`), not `lock`: a dial may take a call's
+        # again (`Lifetime.revive`), not `lock`: a dial may take a call's
         # whole timeout, and `lock` is taken on the request path.
         self.redial = threading.Lock()
         self.free: list[Slot] = []

@@ -141,6 +141,16 @@ class _FaultyControl:
         return self._cursor.execute(sql)
 
 
+def _control_cursor(conn: WriterConnection) -> sqlite3.Cursor | _FaultyControl:
+    """The cursor the writer's own transaction statements run on (BEGIN,
+    SAVEPOINT, RELEASE, COMMIT), wrapped when the ``writer_statement`` fault is on."""
+    # A cursor of their own: conn.execute makes a new cursor each time (a
+    # call() costs two of them).
+    cursor = conn.cursor()
+    hook = testing.faults.writer_statement
+    return cursor if hook is None else _FaultyControl(cursor, hook)
+
+
 def _not_applied(exc: Exception) -> Exception:
     """``exc``, for a request it kept from committing: its class, saying so."""
     message = f"{exc} (the writer's own statement failed); rolled back, not applied"
@@ -184,12 +194,7 @@ class SqliteEngine:
         self._conn = conn
         self._lock = lock
         self._guard = Guard(conn, state, execution_limit)
-        # The writer's transaction statements (BEGIN, SAVEPOINT, RELEASE,
-        # COMMIT) run on a cursor of their own: conn.execute makes a new
-        # cursor each time (a call() costs two of them).
-        self._control: sqlite3.Cursor | _FaultyControl = conn.cursor()
-        if testing.faults.writer_statement is not None:
-            self._control = _FaultyControl(self._control, testing.faults.writer_statement)
+        self._control = _control_cursor(conn)
         self._counters = counters
         self._state = state
         self._execution_limit = execution_limit
