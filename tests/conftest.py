@@ -5,6 +5,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import multiprocessing
+import multiprocessing.connection
 import os
 import select
 import signal
@@ -354,3 +355,32 @@ def database(request: pytest.FixtureRequest, db_path: Path) -> Iterator[Database
         yield Database(request.param, target, handle)
     finally:
         handle.close(timeout=10.0)
+
+
+@contextlib.contextmanager
+def writer_inbox(**bounds: int) -> Iterator[tuple[Any, Any, Any]]:
+    """A writer's `Inbox` and `Outbox`, in this process, for the tests of what
+    they hold: yields (inbox, outbox, the callers' end of the side socket).
+    The request pipe has nothing queued. ``bounds``: ``handed_over_bytes_max``
+    (the inbox's), ``orphan_bytes_max`` (the outbox's)."""
+    import socket
+
+    from mpwriter._writer.batch import Counters
+    from mpwriter._writer.inbox import Inbox
+    from mpwriter._writer.outbox import Outbox
+
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    request_r, request_w = os.pipe()
+    requests = multiprocessing.connection.Connection(request_r)
+    outbox = Outbox(select.poll(), **{k: v for k, v in bounds.items() if k.startswith("orphan")})
+    handed_over = {k: v for k, v in bounds.items() if k.startswith("handed_over")}
+    inbox = Inbox(requests, ours, outbox, Counters(), frame_key=0, batch_limit=64, **handed_over)
+    try:
+        yield inbox, outbox, theirs
+    finally:
+        inbox.close()
+        outbox.close()
+        requests.close()
+        os.close(request_w)
+        ours.close()
+        theirs.close()

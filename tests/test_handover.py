@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 
 import mpwriter
-from conftest import SCHEMA, Gate, count_rows, reap_pid
+from conftest import SCHEMA, Gate, count_rows, reap_pid, writer_inbox
 from mpwriter import testing
 from mpwriter._caller import blocking as _blocking
 from mpwriter._caller import calls as _calls
@@ -38,7 +38,6 @@ from mpwriter._wire.state import SharedState
 from mpwriter._writer import loop as _writer
 from mpwriter._writer.batch import Counters
 from mpwriter._writer.engine import WriterConfig, open_engine
-from mpwriter._writer.reply_pipes import ReplyPipes
 
 pytestmark = pytest.mark.skipif(not _wire.CAN_HAND_OVER, reason="needs os.memfd_create")
 
@@ -171,7 +170,7 @@ def count_replies_after_a_mid_chunk_reregistration(directory: str) -> tuple[int,
     registration = _wire.PIPE_REGISTRATION.pack(_wire.PIPE_TAG, caller, caller_slot, awaited_id)
     socket.send_fds(side_peer, [registration], [reply_w])
     os.close(reply_w)
-    loop._read_available()
+    loop._inbox.read_available()
     loop._serve_batch()
     os.set_blocking(reply_r, False)
     data = os.read(reply_r, 1 << 16)
@@ -205,18 +204,6 @@ def test_a_re_registration_read_mid_chunk_gets_one_reply(tmp_path: Path) -> None
     assert outcome == "1 1", "expected one reply and one row, got (replies, rows) = " + outcome
 
 
-class _NoStream:
-    """A `RequestStream` with nothing queued: enough for `ReplyPipes` alone."""
-
-    consumed = 0
-
-    def queued_bytes(self) -> int:
-        return 0
-
-    def holds(self, key: tuple[int, int]) -> bool:
-        return False
-
-
 def streamed_file(client: int, count: int) -> tuple[int, int]:
     """A request file as a caller streams it: (descriptor, length)."""
     fd = os.memfd_create("mpwriter-test", os.MFD_CLOEXEC)
@@ -231,40 +218,32 @@ def test_streamed_files_in_use_count_against_the_bound_of_held_hand_overs() -> N
     """Taken streamed files cannot be dropped (their requests are queued), so
     they count: past the bound, the oldest files still waiting are dropped,
     never the newest; released ones stop counting."""
-    side, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
     sender = _wire.make_sender_token(os.getpid())
     probe, one_file = streamed_file(1, 10_000)
     os.close(probe)
-    pipes = ReplyPipes(
-        side, Counters(), _NoStream(), lambda fd: None, lambda fd: None,
-        handed_over_bytes_max=int(2.5 * one_file),
-    )  # fmt: skip
+    with writer_inbox(handed_over_bytes_max=int(2.5 * one_file)) as (inbox, _, peer):
+        held = inbox.handovers
 
-    def hand_over(request_id: int) -> None:
-        fd, length = streamed_file(request_id, 10_000)
-        message = _wire.PAYLOAD_HANDOVER.pack(_wire.PAYLOAD_TAG, sender, request_id, length)
-        socket.send_fds(peer, [message], [fd])
-        os.close(fd)
-        pipes.read_side_socket()
+        def hand_over(request_id: int) -> None:
+            fd, length = streamed_file(request_id, 10_000)
+            message = _wire.PAYLOAD_HANDOVER.pack(_wire.PAYLOAD_TAG, sender, request_id, length)
+            socket.send_fds(peer, [message], [fd])
+            os.close(fd)
+            inbox.read_side_socket()
 
-    try:
         hand_over(1)
-        in_use = pipes.take_streamed(sender, 1)
+        in_use = held.take_streamed((sender, 1))
         assert in_use is not None
         assert list(in_use) == list(in_use) == bulk_rows(1, 10_000)  # read again, whole
         hand_over(2)
         hand_over(3)  # 3 files > 2.5: file 2 goes, not the newest, not the one in use
-        assert pipes.dropped_handovers == 1
-        assert pipes.take_streamed(sender, 2) is None
-        newest = pipes.take_streamed(sender, 3)
+        assert held.dropped == 1
+        assert held.take_streamed((sender, 2)) is None
+        newest = held.take_streamed((sender, 3))
         assert newest is not None
         assert sum(1 for _ in newest) == 10_000
-        pipes.release_streamed(in_use)
-        pipes.release_streamed(newest)
+        held.release_streamed(in_use)
+        held.release_streamed(newest)
         hand_over(4)
         hand_over(5)  # two files: within the bound once the others were released
-        assert pipes.dropped_handovers == 1
-    finally:
-        pipes.close()
-        side.close()
-        peer.close()
+        assert held.dropped == 1

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 import mpwriter
-from conftest import SCHEMA, Gate, count_rows
+from conftest import SCHEMA, Gate, count_rows, writer_inbox
 from mpwriter import testing
 
 # -- call() targets (module level: the writer imports them) ---------------------
@@ -443,95 +443,61 @@ def test_stats_count_what_bounded_holds_dropped(writer: mpwriter.Writer) -> None
 # -- item 10: large replies without quadratic copies; bounded holds -------------------
 
 
-class _Stream:
-    """The request stream `ReplyPipes` consults; nothing queued here."""
-
-    consumed = 0
-
-    def queued_bytes(self) -> int:
-        return 0
-
-    def holds(self, key: tuple[int, int]) -> bool:
-        return False
-
-
-def _reply_pipes(**bounds: int) -> tuple[Any, socket.socket, list[int]]:
-    """A `ReplyPipes` on a fresh side socket; close it with `_close`."""
-    from mpwriter._writer.batch import Counters
-    from mpwriter._writer.reply_pipes import ReplyPipes
-
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
-    watched: list[int] = []
-    pipes = ReplyPipes(ours, Counters(), _Stream(), watched.append, watched.remove, **bounds)
-    return pipes, theirs, watched
-
-
-def _close(pipes: Any, side: socket.socket) -> None:
-    pipes.close()
-    pipes._side.close()
-    side.close()
-
-
 def test_a_large_reply_is_written_on_without_copying_what_is_left(tmp_path: Path) -> None:
     from mpwriter._wire.frames import PIPE_REGISTRATION, PIPE_TAG, Request
 
-    pipes, side, watched = _reply_pipes()
     read_end, write_end = os.pipe()
-    try:
-        socket.send_fds(side, [PIPE_REGISTRATION.pack(PIPE_TAG, 5, 1, 0)], [write_end])
-        pipes.read_side_socket()
-        reply = os.urandom(24 << 20)
-        received = 0
-        tracemalloc.start()
+    with writer_inbox() as (inbox, outbox, side):
         try:
-            pipes.send(Request(1, 5, 1, 1, b""), reply)
-            while received < len(reply):
-                received += len(os.read(read_end, 1 << 20))
-                if watched:
-                    pipes.flush(watched[0])
-            _, peak = tracemalloc.get_traced_memory()
+            socket.send_fds(side, [PIPE_REGISTRATION.pack(PIPE_TAG, 5, 1, 0)], [write_end])
+            inbox.read_side_socket()
+            reply = os.urandom(24 << 20)
+            received = 0
+            tracemalloc.start()
+            try:
+                outbox.send(Request(1, 5, 1, 1, b""), reply)
+                while received < len(reply):
+                    received += len(os.read(read_end, 1 << 20))
+                    for fd in outbox.descriptors():  # as the writer's poll would
+                        outbox.flush(fd)
+                _, peak = tracemalloc.get_traced_memory()
+            finally:
+                tracemalloc.stop()
+            # Re-slicing what is left (data[written:]) would copy up to 24 MB at
+            # each pipe-full: the peak shows at least one such copy.
+            assert peak < 4 << 20, peak
+            assert received == len(reply)
         finally:
-            tracemalloc.stop()
-        # Re-slicing what is left (data[written:]) would copy up to 24 MB at
-        # each pipe-full: the peak shows at least one such copy.
-        assert peak < 4 << 20, peak
-        assert received == len(reply)
-    finally:
-        _close(pipes, side)
-        os.close(read_end)
-        os.close(write_end)
+            os.close(read_end)
+            os.close(write_end)
 
 
 def test_orphan_replies_are_bounded_in_bytes_and_drops_counted() -> None:
     from mpwriter._wire.frames import Request
 
-    pipes, side, _ = _reply_pipes(orphan_bytes_max=1000)
-    try:
+    with writer_inbox(orphan_bytes_max=1000) as (inbox, outbox, _):
         for sender in (1, 2, 3):  # no pipe registered: each reply is an orphan
-            pipes.send(Request(1, sender, 1, 1, b""), b"x" * 600)
-        assert pipes.dropped_orphans == 2
-        assert pipes.dropped_orphan_bytes == 1200
-    finally:
-        _close(pipes, side)
+            outbox.send(Request(1, sender, 1, 1, b""), b"x" * 600)
+            inbox.route_unrouted()
+        assert outbox.dropped_orphans == 2
+        assert outbox.dropped_orphan_bytes == 1200
 
 
 def test_handed_over_payloads_are_bounded_in_bytes_and_drops_counted() -> None:
     from mpwriter._wire.frames import PAYLOAD_HANDOVER, PAYLOAD_TAG
 
-    pipes, side, _ = _reply_pipes(handed_over_bytes_max=1000)
-    try:
+    with writer_inbox(handed_over_bytes_max=1000) as (inbox, _, side):
         for request_id in (1, 2, 3):
             fd = os.memfd_create("payload")
             os.write(fd, b"p" * 600)
             socket.send_fds(side, [PAYLOAD_HANDOVER.pack(PAYLOAD_TAG, 9, request_id, 600)], [fd])
             os.close(fd)
-        pipes.read_side_socket()
-        assert pipes.dropped_handovers == 2
-        assert pipes.dropped_handover_bytes == 1200
-        assert pipes.take_payload(9, 1) is None  # dropped: answered "not applied"
-        assert pipes.take_payload(9, 3) == b"p" * 600  # the newest is kept
-    finally:
-        _close(pipes, side)
+        inbox.read_side_socket()
+        held = inbox.handovers
+        assert held.dropped == 2
+        assert held.dropped_bytes == 1200
+        assert held.take_payload((9, 1)) is None  # dropped: answered "not applied"
+        assert held.take_payload((9, 3)) == b"p" * 600  # the newest is kept
 
 
 class EqualToAnything:

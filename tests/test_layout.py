@@ -141,6 +141,21 @@ def test_the_graph_is_read_at_all() -> None:
     assert "mpwriter._writer.engine" in graph["mpwriter._writer.loop"]
 
 
+def test_the_writer_side_flows_one_way() -> None:
+    """inbox --> loop --> outbox: nothing imports (so calls) back up that stream."""
+    graph = import_graph()
+    inbox, loop, outbox = (
+        "mpwriter._writer.inbox",
+        "mpwriter._writer.loop",
+        "mpwriter._writer.outbox",
+    )
+    session = "mpwriter._writer.session"
+    assert {inbox, outbox, session} <= graph[loop]  # the test sees the modules at all
+    assert graph[outbox] & {inbox, loop, session} == set()
+    assert graph[inbox] & {loop, session} == set()
+    assert loop not in graph[session]
+
+
 def test_the_writer_side_imports_from_the_top_only_modules_that_import_no_mpwriter() -> None:
     """A writer-side import of a top-level module may not run back up to a side."""
     graph = import_graph()

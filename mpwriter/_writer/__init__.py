@@ -1,6 +1,7 @@
 """The writer side: the process that owns the only write connection.
 
-The loop (`loop.py`) reads requests and groups them; the batch runner
-(`batch.py`) commits each group; reply pipes (`reply_pipes.py`) carry the
-answers back. Imports the wire protocol, never the caller side.
+Data flows one way: the inbox (`inbox.py`) takes in frames, reply pipes
+and handed-over payloads; the loop (`loop.py`) groups requests into batches
+that an engine (`engine.py`) commits; the outbox (`outbox.py`) routes each
+reply to its pipe. Imports the wire protocol, never the caller side.
 """

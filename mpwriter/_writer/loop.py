@@ -1,16 +1,23 @@
 """The writer process: the one place that writes to the database.
 
-Data flow::
+Data flows one way, a module each::
 
-    callers (any process)  --frames-->  request pipe (one, shared by all)
-    request pipe           -->  writer loop: read every frame at hand, reassemble
-    writer loop            -->  group commit: up to max_batch requests, one
-                                transaction, a savepoint each (engine.py)
-    COMMIT returned        -->  each reply to the reply pipe its request named
-                                (reply_pipes.py)
-    replies sent           -->  statements that must run alone (VACUUM), each
-                                a unit with its own deadline, each reply sent
-                                as it comes (`Engine.run_alone`)
+    callers (any process)
+      --frames, pipes, payloads-->  inbox.py: the request pipe, reassembled
+                                    into a backlog; the side socket's reply
+                                    pipes and handed-over payloads; what a
+                                    restarted caller awaits
+      --> loop.py (here): a batch of up to max_batch requests from the
+                          backlog, gathered, run by the engine
+      --> engine.py: one transaction, a savepoint each, COMMIT
+      --> outbox.py: each reply to the pipe its request named, never blocking
+    after the replies: statements that must run alone (VACUUM), each a unit
+    with its own deadline, each reply sent as it comes (`Engine.run_alone`);
+    an interactive session (session.py), served between batches.
+
+Nothing calls back up that stream: the inbox files pipes in the outbox and
+answers there what it knows will never run; a reply the outbox cannot route
+yet waits, as data, until the loop has the inbox read the side socket.
 
 - The request pipe is bounded by its kernel capacity (plus at most one batch
   held here): a flood of callers blocks in their own process, with their own
@@ -23,30 +30,16 @@ Data flow::
 - Replies are written without blocking: a caller that stopped reading (it
   timed out, or was killed) can never stall the writer.
 
-This module is the loop: it reads and reassembles requests, serves them in
-batches, answers STATS and shuts down. The side socket, the reply pipes it
-brings, and the bookkeeping of restarts below live in `ReplyPipes`.
-
-Restarts: a caller whose reply pipe hit EOF (its writer died) registers a new
-pipe for the same slot, naming the request it awaits. If that request is
-still queued, this writer serves it and replies on the new pipe. If the reply
-was ready before the new pipe arrived, it is kept and sent on arrival. If this
-writer has read every byte that was queued when the new pipe arrived without
-meeting the request, the dead writer had taken it: the caller is told the
-outcome is unknown. The loop tells `ReplyPipes` how far it has read the
-request pipe and which slots it holds (`RequestStream`).
-
 The loop stops gracefully on a CLOSE request, on SIGTERM, or when its
-supervisor closes the lifeline pipe or dies (the pipe reads EOF): it marks itself closed so that
-callers fail fast, serves what is already queued, writes out every reply it
-owes (however large; a reader that takes nothing for 5 s is given up),
-checkpoints and exits.
+supervisor closes the lifeline pipe or dies (the pipe reads EOF): it marks
+itself closed so that callers fail fast, serves what is already queued,
+writes out every reply it owes (however large; a reader that takes nothing
+for 5 s is given up), checkpoints and exits.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import itertools
 import logging
 import multiprocessing
@@ -55,27 +48,12 @@ import pickle
 import select
 import signal
 import socket
-import struct
-import termios
 import time
-from collections import deque
 from multiprocessing.connection import Connection
 from typing import Any, NamedTuple
 
 from .. import testing
-from .._wire.frames import (
-    HANDED_OVER,
-    STREAMED,
-    WHOLE,
-    Assembler,
-    Frame,
-    FrameReader,
-    Kind,
-    Request,
-    Status,
-    encode_reply,
-    sender_pid,
-)
+from .._wire.frames import Kind, Request, Status, encode_reply
 from .._wire.state import CLOSED
 from .._wire.stats import Stats
 from . import forks
@@ -87,14 +65,14 @@ from .batch import (
     expired_reply,
 )
 from .engine import Engine, WriterConfig, open_engine
+from .inbox import Inbox
 from .metrics import Latencies, Load, SlowLog
+from .outbox import Key, Outbox
 from .published import Publisher
-from .reply_pipes import Key, ReplyPipes, StreamedRows, pid_alive
 from .session import Sessions
 
 log = logging.getLogger("mpwriter")
 
-_READ_SIZE = 1 << 16
 _HOUSEKEEPING_INTERVAL = 1.0
 _POLL_INTERVAL = 0.002  # see `WriterLoop._poll_due`
 # A request whose next frame has not come for this long was abandoned by a
@@ -113,10 +91,6 @@ _DRAIN_REPLY_TIMEOUT = 5.0
 # next to nothing, as under NORMAL) waiting could only add latency, and the
 # writer does not wait at all. `_GATHER_MAX` bounds the wait when a disk
 # stalls: the average follows a stall within a few commits, not at once.
-# Measured on the 2-core test machine, 3 interleaved pairs of 2 s runs under
-# FULL (tools/bench.py): 16 clients 8,517 -> 12,028 writes/s (medians),
-# batches 11 -> 15, fairness 0.88 -> 0.96; 8 clients 10,515 -> 9,600 (within
-# that run's noise), fairness 0.85 -> 0.97.
 _GATHER_MIN = 50e-6
 _GATHER_MAX = 50e-3
 _UNCOMMITTED = frozenset((Kind.STATS, Kind.CLOSE))  # a batch of these alone commits nothing
@@ -125,7 +99,7 @@ _UNCOMMITTED = frozenset((Kind.STATS, Kind.CLOSE))  # a batch of these alone com
 _SELECT_FD_LIMIT = 1024
 
 # Plain ints for the per-request tests: reading a member off the Kind class
-# costs ~0.3 us on Python 3.11 (an enum class attribute), comparing ints 0.02.
+# (an enum class attribute) costs many times a comparison of ints.
 _CLOSE = int(Kind.CLOSE)
 _STATS = int(Kind.STATS)
 _SESSION = int(Kind.SESSION)
@@ -207,6 +181,15 @@ def reset_signals() -> None:
     signal.set_wakeup_fd(-1)
 
 
+def _wakeup_pipe() -> tuple[int, int]:
+    """A non-blocking pipe that signal handlers write to (`signal.set_wakeup_fd`)."""
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_r, False)
+    os.set_blocking(wake_w, False)
+    signal.set_wakeup_fd(wake_w)
+    return wake_r, wake_w
+
+
 class LoopArgs(NamedTuple):
     """What a `WriterLoop` serves with; `serve` gathers them in the writer process."""
 
@@ -220,36 +203,18 @@ class LoopArgs(NamedTuple):
 
 
 class WriterLoop:
-    """Reads requests, runs them in batches, hands replies to `ReplyPipes`.
-
-    It is the `RequestStream` its `ReplyPipes` consults after a restart.
-    """
+    """Takes requests from its `Inbox` in batches, runs them through its
+    engine, and hands the replies to its `Outbox`."""
 
     def __init__(self, args: LoopArgs) -> None:
         engine, counters, config, requests, registrations, lifeline, state = args
         self._engine = engine
         self._config = config
-        # The Connection objects are kept, unused, because collecting one
-        # closes its descriptor; the loop works on the raw descriptors.
-        self._requests = requests
-        self._request_fd = requests.fileno()
-        os.set_blocking(self._request_fd, False)
-        self._lifeline = lifeline
+        self._lifeline = lifeline  # kept: collecting it would close its descriptor
         self._state = state
-        self._frames = FrameReader(config.frame_key)
-        self._assembler = Assembler()
-        self._backlog: deque[Request] = deque()
-        # How many requests `_read_available` takes into the backlog: one
-        # batch, or `session.HELD_BATCHES` of them while a session holds the others.
-        self._read_limit = config.max_batch
-        # (sender, request id) -> the rows of a streamed request, until served
-        self._streams: dict[tuple[int, int], StreamedRows] = {}
-        self.consumed = 0  # bytes read from the request pipe so far
-        # (sender, slot) of the requests taken from the backlog and not yet replied to
-        self._in_hand: set[Key] = set()
+        self.counters = counters
         # (sender, slot) of the requests the last batch answered: see `_gather`.
         self._answered: set[Key] = set()
-        self.counters = counters
         self._latencies = Latencies()
         self._load = Load()
         self._slow = SlowLog(config.slow_request)
@@ -263,34 +228,39 @@ class WriterLoop:
         self._published = Publisher(config.path)  # for `python -m mpwriter stats`
 
         # A plain poll object: the selectors wrapper costs several microseconds
-        # per wait, on the path every batch takes.
+        # per wait, on the path every batch takes. The loop's own descriptors
+        # have a role; any other it reports belongs to the outbox (a reply
+        # pipe with bytes unsent) or to the open session (its caller's pipe).
         self._poller = select.poll()
         self._roles: dict[int, str] = {}
+        self._outbox = Outbox(self._poller)
         bound = testing.faults.handed_over_bytes_max
-        self._replies = ReplyPipes(
+        self._inbox = Inbox(
+            requests,
             registrations,
-            self.counters,
-            self,
-            lambda fd: self._watch(fd, "reply", select.POLLOUT),
-            self._unwatch,
+            self._outbox,
+            counters,
+            frame_key=config.frame_key,
+            batch_limit=config.max_batch,
             **({} if bound is None else {"handed_over_bytes_max": bound}),
         )
         self._sessions = Sessions(
-            engine, counters, self, self._backlog, config.max_session_seconds, config.max_batch
+            engine,
+            counters,
+            self._inbox,
+            self._outbox,
+            self._poller,
+            config.max_session_seconds,
+            config.max_batch,
         )
-        self._watch(self._request_fd, "requests")
+        self._watch(self._inbox.request_fd, "requests")
         self._watch(registrations.fileno(), "registrations")
         self._watch(lifeline.fileno(), "lifeline")
         # SIGTERM means "close": the handler only sets a flag, and the wakeup
         # fd makes the poll return (PEP 475 would otherwise resume the wait).
-        wake_r, wake_w = os.pipe()
-        os.set_blocking(wake_r, False)
-        os.set_blocking(wake_w, False)
-        self._wake_r = wake_r
-        self._wake_w = wake_w
-        signal.set_wakeup_fd(wake_w)
+        self._wake_r, self._wake_w = _wakeup_pipe()
         signal.signal(signal.SIGTERM, self._on_sigterm)
-        self._watch(wake_r, "signal")
+        self._watch(self._wake_r, "signal")
         forks.in_forked_child(self._leave_nothing_to_a_child)
 
     def _leave_nothing_to_a_child(self) -> None:
@@ -298,102 +268,52 @@ class WriterLoop:
         (`forks`), and let SIGTERM end the child, as it would any process."""
         forks.blank(
             [
-                self._request_fd,
                 self._wake_r,
                 self._wake_w,
                 *_live_fds(self._lifeline),
-                *self._replies.descriptors(),
+                *self._inbox.descriptors(),
+                *self._outbox.descriptors(),
             ]
         )
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
-    def _watch(self, fd: int, role: str, events: int = select.POLLIN) -> None:
-        self._poller.register(fd, events)
+    def _watch(self, fd: int, role: str) -> None:
+        self._poller.register(fd, select.POLLIN)
         self._roles[fd] = role
-
-    def _unwatch(self, fd: int) -> None:
-        self._poller.unregister(fd)
-        del self._roles[fd]
 
     def _on_sigterm(self, _signum: int, _frame: object) -> None:
         self._stopping = True
 
-    # -- what ReplyPipes asks of the request stream (RequestStream) -------------
-
-    def queued_bytes(self) -> int:
-        """Bytes in the request pipe, not read yet."""
-        answer = fcntl.ioctl(self._request_fd, termios.FIONREAD, b"\0\0\0\0")
-        return int(struct.unpack("i", answer)[0])
-
-    def holds(self, key: Key) -> bool:
-        """Whether a request from this slot is queued here or being served."""
-        return key in self._in_hand or any(
-            r.sender == key[0] and r.slot == key[1] for r in self._backlog
-        )
-
-    # -- what an interactive session asks of the loop (session.SessionHost) ------
-
-    @property
-    def stopping(self) -> bool:
-        return self._stopping
-
-    def hold_requests(self, limit: int | None) -> None:
-        self._read_limit = self._config.max_batch if limit is None else limit
-
-    def wait_until(self, until: float) -> None:
-        self._wait(until)
-        if time.monotonic() >= self._next_housekeeping:
-            self._housekeeping()
-
-    def send(self, request: Request, reply: bytes) -> None:
-        self._replies.send(request, reply)
-
-    def reply_pipe(self, sender: int, slot: int) -> int | None:
-        return self._replies.pipe_of((sender, slot))
-
-    def answer_stats(self, request: Request) -> None:
-        try:
-            deadline, sent_at, body = pickle.loads(request.payload)
-        except Exception as exc:
-            self.counters.count_error(exc)
-            self._replies.send(request, error_reply(request.request_id, exc))
-            return
-        work = Work(request, deadline, sent_at, body)
-        self._replies.send(request, self._stats_reply(work))
-
-    def watch(self, fd: int) -> None:
-        self._watch(fd, "session", 0)  # POLLERR wakes the wait; the session looks
-
-    def unwatch(self, fd: int) -> None:
-        self._unwatch(fd)
-
     # -- main loop ------------------------------------------------------------
 
     def run(self) -> None:
+        inbox = self._inbox
+        backlog = inbox.backlog
         self._published.publish(self.figures(), self._stopping)
         while True:
-            if self._stopping:
+            if self._stopping or inbox.eof:
+                self._stopping = True
                 self._state.status = CLOSED
-                self._read_available()
-                if not self._backlog and not self.queued_bytes():
+                inbox.read_available()
+                if not backlog and not inbox.queued_bytes():
                     return
-            elif not self._backlog:
+            elif not backlog:
                 self._wait()
             elif time.monotonic() >= self._poll_due:
                 self._wait(0.0)  # requests in hand: only a look at the other descriptors
-            if self._backlog:
+            if backlog:
                 began, requests = time.monotonic(), self.counters.requests
                 self._gather()
                 self._serve_batch()
                 # The next requests are usually queued by now: read them at
                 # once, with no poll first. What this finds is also whether
                 # the writer is about to go idle.
-                self._read_available()
+                inbox.read_available()
                 # Once per batch, after its replies were sent. The last batch
                 # before a quiet spell always finds the queue empty, so an idle
                 # writer has had its idle tidy before it waits.
-                self._engine.tidy(idle=not self._backlog)
+                self._engine.tidy(idle=not backlog)
                 self._load.served(began, self.counters.requests - requests)
             if time.monotonic() >= self._next_housekeeping:
                 self._housekeeping()
@@ -409,13 +329,14 @@ class WriterLoop:
         for fd, _ in self._poller.poll(int(timeout * 1000) + 1 if timeout > 0 else 0):
             role = self._roles.get(fd)
             if role == "requests":
-                self._read_available()
+                self._inbox.read_available()
             elif role == "registrations":
-                self._replies.read_side_socket()
-                if self._replies.awaited:
-                    self._replies.report_lost()
+                self._inbox.read_side_socket()
+                if self._inbox.awaited:
+                    self._inbox.report_lost()
             elif role == "lifeline":
-                self._unwatch(fd)
+                self._poller.unregister(fd)
+                del self._roles[fd]
                 # The supervisor closes the lifeline when close() found the
                 # queue full (the status says CLOSED: nothing to warn about)
                 # or when the owner is gone (it logs that itself); or it died.
@@ -428,45 +349,8 @@ class WriterLoop:
             elif role == "signal":
                 with contextlib.suppress(BlockingIOError):
                     os.read(self._wake_r, 512)
-            elif role == "reply":
-                self._replies.flush(fd)
-
-    def _read_available(self) -> None:
-        """Take every request already queued, up to one batch in hand."""
-        limit = self._read_limit
-        # Empty but after a restart. Never rebound, so a pipe registered while
-        # this reads (a handed-over frame reads the side socket) is seen too.
-        awaited = self._replies.awaited
-        while len(self._backlog) < limit:
-            try:
-                data = os.read(self._request_fd, _READ_SIZE)
-            except BlockingIOError:
-                break
-            if not data:
-                # No write end is left anywhere (rare: a fork-started writer
-                # inherits one): nobody can send again.
-                self._stopping = True
-                break
-            drained = len(data) < _READ_SIZE  # then skip the read that finds nothing
-            self.consumed += len(data)
-            for frame in self._frames.feed(data):
-                flags = frame.flags
-                request: Request | None
-                if flags == WHOLE:  # the usual request: `Assembler.add`'s first case, inlined
-                    kind, _, sender, request_id, slot, payload = frame
-                    request = _new_tuple(Request, (kind, sender, request_id, slot, payload))
-                elif flags & HANDED_OVER:
-                    request = self._take_handed_over(frame)
-                else:
-                    request = self._assembler.add(frame)
-                if request is not None:
-                    self._backlog.append(request)
-                    if awaited:
-                        self._replies.arrived(request)
-            if drained:
-                break
-        if awaited:
-            self._replies.report_lost()
+            else:  # a reply pipe that can take its unsent bytes; or the session's, broken
+                self._outbox.flush(fd)
 
     def _gather(self) -> None:
         """Wait a little for the callers the last batch answered, to share this commit.
@@ -484,13 +368,14 @@ class WriterLoop:
         each wait for one who is not coming back soon, for nothing.
         """
         window = self._engine.commit_seconds
-        backlog = self._backlog
+        inbox = self._inbox
+        backlog = inbox.backlog
         limit = self._config.max_batch
         if (
             window < _GATHER_MIN
             or len(self._answered) < 2
             or len(backlog) >= limit
-            or self._request_fd >= _SELECT_FD_LIMIT
+            or inbox.request_fd >= _SELECT_FD_LIMIT
         ):
             return
         missing = self._answered.difference([(r.sender, r.slot) for r in backlog])
@@ -501,71 +386,23 @@ class WriterLoop:
         end = time.monotonic() + min(window, _GATHER_MAX)
         while True:
             remaining = end - time.monotonic()
-            if remaining <= 0 or not select.select((self._request_fd,), (), (), remaining)[0]:
+            if remaining <= 0 or not select.select((inbox.request_fd,), (), (), remaining)[0]:
                 break
             seen = len(backlog)
-            self._read_available()
+            inbox.read_available()
             for request in itertools.islice(backlog, seen, None):
                 missing.discard((request.sender, request.slot))
-            if not missing or len(backlog) >= limit or self._stopping:
+            if not missing or len(backlog) >= limit or inbox.eof:
                 break
         self.counters.gathered += len(backlog) - before
 
-    def _take_handed_over(self, frame: Frame) -> Request | None:
-        """The request whose payload was handed over as a file; None if lost.
-
-        A streamed executemany's rows stay in their file: the request carries
-        its head (deadline, sql), and its `StreamedRows` wait in `_streams`
-        until the request is served (`_attach_streams`).
-        """
-        if frame.flags & STREAMED:
-            rows = self._replies.take_streamed(frame.sender, frame.request_id)
-            if rows is not None:
-                self._streams[(frame.sender, frame.request_id)] = rows
-                return Request(frame.kind, frame.sender, frame.request_id, frame.slot, rows.head)
-            payload = None
-        else:
-            payload = self._replies.take_payload(frame.sender, frame.request_id)
-        if payload is not None:
-            return Request(frame.kind, frame.sender, frame.request_id, frame.slot, payload)
-        # A writer that died had taken the file (or it was cut short): the
-        # request never ran.
-        self._replies.answer_lost(
-            Request(frame.kind, frame.sender, frame.request_id, frame.slot, b"")
-        )
-        return None
+    # -- a batch ------------------------------------------------------------------
 
     def _serve_batch(self) -> None:
-        limit = self._config.max_batch
-        batch: list[Work] = []
-        extra: list[tuple[Request, bytes]] = []
-        now = time.monotonic()
-        in_hand = self._in_hand
-        loads = pickle.loads
-        while self._backlog and len(batch) < limit:
-            if self._backlog[0].kind == _SESSION:
-                break  # served alone, once this batch is answered (session.py)
-            request = self._backlog.popleft()
-            in_hand.add((request.sender, request.slot))
-            kind = request.kind
-            if kind == _CLOSE:
-                self._stopping = True
-                continue
-            try:
-                deadline, sent_at, body = loads(request.payload)
-            except Exception as exc:
-                self.counters.count_error(exc)
-                extra.append((request, error_reply(request.request_id, exc)))
-                continue
-            work = _new_tuple(Work, (request, deadline, sent_at, body))
-            if kind == _STATS:
-                extra.append((request, self._stats_reply(work)))
-            elif deadline <= now:
-                self.counters.expired += 1
-                extra.append((request, expired_reply(work)))
-            else:
-                batch.append(work)
-        streams = self._attach_streams(batch, extra) if self._streams else None
+        inbox = self._inbox
+        outbox = self._outbox
+        batch, extra = self._take_batch()
+        streams = inbox.attach_streams(batch, extra) if inbox.streams else None
         replies: list[tuple[Request, bytes]] = []
         taken = time.monotonic()
         if batch:
@@ -588,71 +425,121 @@ class WriterLoop:
             # A session committed into this batch's transaction: answered only now.
             replies += self._sessions.settle(ran=bool(batch))
         committed = time.monotonic()
-        send = self._replies.send
-        self._replies.send_all(replies)
+        outbox.send_all(replies)
         if extra:
-            self._replies.send_all(extra)
+            outbox.send_all(extra)
+        # Replies to slots whose pipe is not filed yet; routed while the slots
+        # are still in hand (a re-registration awaiting one finds it held).
+        if outbox.unrouted:
+            inbox.route_unrouted()
         if batch and len(replies) < len(batch):
-            # Statements that must run alone (VACUUM) come after the batch's
-            # replies went out, each a unit with its own deadline.
-            answered = {id(request) for request, _ in replies}
-            try:
-                for request, reply in self._engine.run_alone():
-                    answered.add(id(request))
-                    send(request, reply)
-            except Exception as exc:
-                log.exception("mpwriter: a statement run alone failed")
-                for work in batch:
-                    if id(work.request) not in answered:
-                        send(work.request, error_reply(work.request.request_id, exc))
-            else:
-                self._serve_again([w.request for w in batch if id(w.request) not in answered])
+            self._run_alone(batch, replies)
         # The keys in hand become the ones just answered (two sets, swapped:
         # no set is built per batch).
-        self._answered, self._in_hand = in_hand, self._answered
-        self._in_hand.clear()
+        self._answered, inbox.in_hand = inbox.in_hand, self._answered
+        inbox.in_hand.clear()
         if streams:
-            for rows in streams:
-                self._replies.release_streamed(rows)
+            inbox.release_streamed(streams)
         if batch:
             self._record_timings(batch, taken, committed)
-        if self._backlog and self._backlog[0].kind == _SESSION:
-            self._sessions.serve(self._backlog.popleft())
+        backlog = inbox.backlog
+        if backlog and backlog[0].kind == _SESSION:
+            self._serve_session(backlog.popleft())
 
-    def _serve_again(self, requests: list[Request]) -> None:
-        """Put requests the engine left unanswered back at the head of the backlog.
+    def _take_batch(self) -> tuple[list[Work], list[tuple[Request, bytes]]]:
+        """Take up to one batch from the backlog's head, noting each slot in hand.
 
-        The engine held them (PostgreSQL: a request waiting on a lock held
-        outside the writer) so as not to hold the others: they run again in
-        the next batch, with what arrived meanwhile, until answered or expired.
+        Returns the work for the engine, and the replies of what needs no
+        engine (STATS, expired, unreadable); a CLOSE only marks the loop.
+        Stops before a session's request: it is served alone, once this
+        batch is answered (session.py).
         """
-        if not requests:
+        limit = self._config.max_batch
+        batch: list[Work] = []
+        extra: list[tuple[Request, bytes]] = []
+        now = time.monotonic()
+        backlog = self._inbox.backlog
+        in_hand = self._inbox.in_hand
+        loads = pickle.loads
+        while backlog and len(batch) < limit:
+            if backlog[0].kind == _SESSION:
+                break
+            request = backlog.popleft()
+            in_hand.add((request.sender, request.slot))
+            kind = request.kind
+            if kind == _CLOSE:
+                self._stopping = True
+                continue
+            try:
+                deadline, sent_at, body = loads(request.payload)
+            except Exception as exc:
+                self.counters.count_error(exc)
+                extra.append((request, error_reply(request.request_id, exc)))
+                continue
+            work = _new_tuple(Work, (request, deadline, sent_at, body))
+            if kind == _STATS:
+                extra.append((request, self._stats_reply(work)))
+            elif deadline <= now:
+                self.counters.expired += 1
+                extra.append((request, expired_reply(work)))
+            else:
+                batch.append(work)
+        return batch, extra
+
+    def _run_alone(self, batch: list[Work], replies: list[tuple[Request, bytes]]) -> None:
+        """Run the statements of ``batch`` that must run alone (VACUUM), after
+        the batch's ``replies`` went out: each a unit with its own deadline."""
+        send = self._outbox.send
+        answered = {id(request) for request, _ in replies}
+        try:
+            for request, reply in self._engine.run_alone():
+                answered.add(id(request))
+                send(request, reply)
+        except Exception as exc:
+            log.exception("mpwriter: a statement run alone failed")
+            for work in batch:
+                if id(work.request) not in answered:
+                    send(work.request, error_reply(work.request.request_id, exc))
+        else:
+            # The engine held back the others (PostgreSQL: a request waiting on
+            # a lock held outside the writer) so as not to hold the rest: they
+            # go back to the head of the backlog and run again in the next
+            # batch, with what arrived meanwhile, until answered or expired.
+            again = [w.request for w in batch if id(w.request) not in answered]
+            if again:
+                self._inbox.backlog.extendleft(reversed(again))
+                self._inbox.read_available()
+        if self._outbox.unrouted:
+            self._inbox.route_unrouted()
+
+    def _serve_session(self, first: Request) -> None:
+        """Serve the session ``first`` opens, to its end: between its steps,
+        wait for anything the loop waits for, until it must go on."""
+        sessions = self._sessions
+        until = sessions.serve(first, self._stopping or self._inbox.eof)
+        while True:
+            for request in sessions.stats:
+                self._answer_stats(request)
+            sessions.stats.clear()
+            if self._outbox.unrouted:
+                self._inbox.route_unrouted()
+            if until is None:
+                return
+            self._wait(until)
+            if time.monotonic() >= self._next_housekeeping:
+                self._housekeeping()
+            until = sessions.resume(self._stopping or self._inbox.eof)
+
+    def _answer_stats(self, request: Request) -> None:
+        """Answer a STATS request now (one that came during a session)."""
+        try:
+            deadline, sent_at, body = pickle.loads(request.payload)
+        except Exception as exc:
+            self.counters.count_error(exc)
+            self._outbox.send(request, error_reply(request.request_id, exc))
             return
-        self._backlog.extendleft(reversed(requests))
-        self._read_available()
-
-    def _attach_streams(
-        self, batch: list[Work], extra: list[tuple[Request, bytes]]
-    ) -> list[StreamedRows]:
-        """Give the streamed requests taken for this batch their rows; return
-        the files to release once they are answered.
-
-        Only called while some request is streamed: an ordinary batch pays
-        one test per batch, none per request.
-        """
-        streams = self._streams
-        taken: list[StreamedRows] = []
-        for index, work in enumerate(batch):
-            request = work.request
-            rows = streams.pop((request.sender, request.request_id), None)
-            if rows is not None:
-                batch[index] = work._replace(body=(work.body[0], rows))
-                taken.append(rows)
-        for request, _ in extra:  # expired, or a head that did not unpickle
-            rows = streams.pop((request.sender, request.request_id), None)
-            if rows is not None:
-                taken.append(rows)
-        return taken
+        work = Work(request, deadline, sent_at, body)
+        self._outbox.send(request, self._stats_reply(work))
 
     def _record_timings(self, batch: list[Work], taken: float, committed: float) -> None:
         replied = time.monotonic()
@@ -664,42 +551,30 @@ class WriterLoop:
                 if replied - work.sent_at >= threshold:
                     self._slow.warn(replied - work.sent_at, describe(work))
 
+    # -- figures ------------------------------------------------------------------
+
     def _stats_reply(self, work: Work) -> bytes:
         return encode_reply(work.request.request_id, Status.OK, self.figures())
 
     def figures(self) -> Stats:
         """What STATS answers and the published snapshot holds."""
         figures: Any = self.counters.as_dict()
-        figures["queue_depth"] = len(self._backlog) + self._queued_estimate()
-        figures["queued_bytes"] = self.queued_bytes()
-        figures["reply_pipes"] = self._replies.pipe_count
+        self._inbox.add_figures(figures)
+        self._outbox.add_figures(figures)
         figures["uptime"] = time.monotonic() - self._started
         figures["pid"] = os.getpid()
-        figures["resync_skipped_bytes"] = self._frames.skipped
         figures["restarts"] = self._state.restarts
         # A writer that answers is serving, whatever phase its supervisor has
         # recorded yet; while none serves, stats() raises `WriterCrashed`,
         # whose message says "restarting" or "backing off until ...".
-        figures["state"] = "closing" if self._stopping else "running"
+        figures["state"] = "closing" if self._stopping or self._inbox.eof else "running"
         figures["latency_ms"] = self._latencies.summary()
         figures["latency_count"] = self._latencies.count
         figures["latency_sum_seconds"] = self._latencies.sums_seconds()
         figures["busy_seconds"] = self._load.seconds
         figures["busy_share"], figures["requests_per_second"] = self._load.recent()
-        figures["dropped_partial_requests"] = (
-            self._assembler.dropped + self._replies.dropped_handovers
-        )
-        figures["dropped_partial_request_bytes"] = (
-            self._assembler.dropped_bytes + self._replies.dropped_handover_bytes
-        )
-        figures["dropped_orphan_replies"] = self._replies.dropped_orphans
-        figures["dropped_orphan_reply_bytes"] = self._replies.dropped_orphan_bytes
         stats: Stats = figures
         return stats
-
-    def _queued_estimate(self) -> int:
-        # Requests are typically one frame; a rough count is what a dashboard needs.
-        return -(-self.queued_bytes() // 256)
 
     # -- housekeeping -----------------------------------------------------------
 
@@ -708,12 +583,7 @@ class WriterLoop:
         self._next_housekeeping = time.monotonic() + _HOUSEKEEPING_INTERVAL
         if self._published.due():
             self._published.publish(self.figures(), self._stopping)
-        stale = time.monotonic() - _PARTIAL_REQUEST_MAX_IDLE
-        self._replies.housekeeping(stale)
-        dead = {sender for sender in self._assembler.senders() if not pid_alive(sender_pid(sender))}
-        if dead:
-            self._assembler.drop_senders(dead)
-        self._assembler.drop_stale(stale)
+        self._inbox.housekeeping(time.monotonic() - _PARTIAL_REQUEST_MAX_IDLE)
 
     def shut_down(self) -> None:
         """Checkpoint and close; called once the loop has returned or failed."""
@@ -723,7 +593,8 @@ class WriterLoop:
         try:
             # Every reply of what was committed goes out before the writer
             # exits, however large: its caller is reading it now.
-            self._replies.drain(_DRAIN_REPLY_TIMEOUT)
+            self._outbox.drain(_DRAIN_REPLY_TIMEOUT)
             self._engine.close()
         finally:
-            self._replies.close()
+            self._outbox.close()
+            self._inbox.close()

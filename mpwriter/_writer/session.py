@@ -6,8 +6,10 @@ answered at once (reads included), until it commits or rolls back::
     first request (Kind.SESSION)  -->  the loop finishes the batch before it,
                                        then hands it here (`Sessions.serve`)
     BEGIN IMMEDIATE                -->  the session owns the writer's transaction
-    its statements, one by one     -->  run at once, each answered at once
-    everyone else's requests       -->  held in the loop's backlog, in order
+    its statements, one by one     -->  run at once, each answered at once;
+                                       between them the loop waits, until the
+                                       time `serve`/`resume` returned at most
+    everyone else's requests       -->  held in the inbox's backlog, in order
     its COMMIT                     -->  its work stays in the open transaction;
                                        the loop's next batch (the held
                                        requests) runs in it and COMMITs: one
@@ -65,7 +67,6 @@ import select
 import sqlite3
 import time
 from collections import OrderedDict, deque
-from typing import Protocol
 
 from .._errors import (
     NotSupportedError,
@@ -76,6 +77,8 @@ from .._errors import (
 from .._wire.frames import Kind, Request, SessionOp, Status, encode_reply
 from .batch import Counters, Work, error_reply, expired_reply
 from .engine import Engine
+from .inbox import Inbox
+from .outbox import Outbox
 from .sqlite import SqliteEngine, deferred_violation
 from .sqlite_connection import split_script
 from .sqlite_guard import NeedsSolo, Refused
@@ -111,47 +114,6 @@ _REFUSED_HINT = (
 TxnKey = tuple[int, int]  # (sender token, the caller's transaction id)
 
 
-class SessionHost(Protocol):
-    """What a session needs of the writer loop (`loop.WriterLoop`)."""
-
-    @property
-    def stopping(self) -> bool:
-        """Whether the writer is closing (CLOSE, SIGTERM, its owner gone)."""
-        ...
-
-    def hold_requests(self, limit: int | None) -> None:
-        """Read requests into the backlog up to ``limit`` of them (past the
-        batch limit: the session's next statement may be queued behind
-        others), or up to one batch again for None."""
-        ...
-
-    def queued_bytes(self) -> int:
-        """Bytes in the request pipe, not read yet."""
-        ...
-
-    def wait_until(self, until: float) -> None:
-        """Wait for anything the loop waits for, until ``until`` at most."""
-        ...
-
-    def send(self, request: Request, reply: bytes) -> None:
-        """Write ``reply`` to the pipe ``request`` named (never blocks)."""
-        ...
-
-    def reply_pipe(self, sender: int, slot: int) -> int | None:
-        """The write end of this slot's reply pipe, if the writer holds it."""
-        ...
-
-    def answer_stats(self, request: Request) -> None:
-        """Answer this STATS request now: figures need not wait for the session."""
-        ...
-
-    def watch(self, fd: int) -> None:
-        """Wake `wait_until` when ``fd`` reports an error (its readers are gone)."""
-        ...
-
-    def unwatch(self, fd: int) -> None: ...
-
-
 class _Open:
     """The session being served."""
 
@@ -159,8 +121,10 @@ class _Open:
         "foreign_keys",
         "idle_limit",
         "idle_until",
+        "last",
         "pipe",
         "request",
+        "started",
         "total_until",
         "txn",
     )
@@ -178,6 +142,8 @@ class _Open:
         self.idle_until = now + idle_limit
         self.total_until = now + total
         self.pipe = -1  # a duplicate of its reply pipe's write end, watched
+        self.started = now
+        self.last = now  # when the wait of the requests held behind it was last counted
 
 
 class Sessions:
@@ -187,21 +153,31 @@ class Sessions:
         self,
         engine: Engine,
         counters: Counters,
-        host: SessionHost,
-        backlog: deque[Request],
+        inbox: Inbox,
+        outbox: Outbox,
+        poller: select.poll,
         max_seconds: float = 60.0,
         max_batch: int = 256,
     ) -> None:
+        """``poller`` is the writer's poll object: the open session's reply
+        pipe is registered on it, so that its caller's death wakes the
+        writer's wait (and the writer, finding it none of its own, passes)."""
         self._engine = engine if isinstance(engine, SqliteEngine) else None
         self._max_seconds = max_seconds
         self._held_max = HELD_BATCHES * max_batch
+        self._session: _Open | None = None
         # The open session's requests, taken out of the backlog as they arrive.
         self._own: deque[Request] = deque()
         self._seen = 0  # how many backlog requests (from its head) were looked at
         self._closing = False  # a CLOSE request arrived during the session
+        # STATS requests that arrived during the session: the loop answers
+        # them after each step (figures need not wait for the session).
+        self.stats: list[Request] = []
         self._counters = counters
-        self._host = host
-        self._backlog = backlog
+        self._inbox = inbox
+        self._outbox = outbox
+        self._poller = poller
+        self._backlog = inbox.backlog
         self._ended: OrderedDict[TxnKey, str] = OrderedDict()
         # A committed session's request, whose work waits in the open
         # transaction for the next COMMIT; with the counters as they were.
@@ -264,68 +240,100 @@ class Sessions:
 
     # -- one session ----------------------------------------------------------------
 
-    def serve(self, first: Request) -> None:
-        """Serve the session ``first`` belongs to, from there to its end.
+    def serve(self, first: Request, stopping: bool) -> float | None:
+        """Open the session ``first`` belongs to and serve it as far as it goes.
 
-        ``first`` was at the head of the backlog, and no transaction is open.
-        Returns once the session committed (its work carried: see `settle`),
-        rolled back, or was rolled back by the writer. If it committed and
-        no plain request is there to share its COMMIT, commits at once.
+        ``first`` was at the head of the backlog, and no transaction is open;
+        ``stopping``: the writer is closing. Returns when to `resume` it at
+        the latest (the loop waits for anything until then), or None once
+        it ended: committed (its work carried: see `settle`), rolled back,
+        or rolled back by the writer. If it committed and no plain request
+        is there to share its COMMIT, commits at once.
         """
-        host = self._host
-        fd = host.reply_pipe(first.sender, first.slot)
+        key = (first.sender, first.slot)
+        fd = self._outbox.pipe_of(key)
+        if fd is None:
+            self._inbox.read_side_socket()  # its registration may be queued there
+            fd = self._outbox.pipe_of(key)
         if fd is None:
             # Its caller is gone, or gave up on this request and retired the
             # slot (it waited behind another session past its timeout):
             # opening the session would hold everyone for its idle limit.
             self._counters.expired += 1
             gone = SessionExpired("the session's caller was gone before it began; not applied")
-            host.send(first, error_reply(first.request_id, gone))
-            return
+            self._outbox.send(first, error_reply(first.request_id, gone))
+            return None
         session = self._open(first)
         if session is None:
-            return
-        counters = self._counters
-        counters.sessions += 1
-        started = last = time.monotonic()
+            return None
+        self._counters.sessions += 1
+        self._session = session
         session.pipe = os.dup(fd)
-        host.watch(session.pipe)
-        host.hold_requests(self._held_max)
+        self._poller.register(session.pipe, 0)  # POLLERR wakes the wait; the session looks
+        self._inbox.hold_requests(self._held_max)
         self._seen = 0
         self._closing = False
+        return self._go_on(session, first, stopping)
+
+    def resume(self, stopping: bool) -> float | None:
+        """Serve the open session on, after the loop's wait; as `serve` returns."""
+        session = self._session
+        assert session is not None, "no session is open"
+        return self._go_on(session, None, stopping)
+
+    def _go_on(self, session: _Open, request: Request | None, stopping: bool) -> float | None:
+        """Run what the session sent until it must wait (its deadline) or ends (None)."""
+        counters = self._counters
+        ending: str | None = None
         try:
-            ending = self._statement(session, first)
+            if request is not None:
+                ending = self._statement(session, request)
             while ending is None:
                 own = self._take_own(session)
                 now = time.monotonic()
-                counters.session_wait_seconds += len(self._backlog) * (now - last)
-                last = now
+                counters.session_wait_seconds += len(self._backlog) * (now - session.last)
+                session.last = now
                 if own is not None:
                     ending = self._statement(session, own)
                     continue
-                ending = self._why_end(session, now)
+                ending = self._why_end(session, now, stopping)
                 if ending is None:
-                    host.wait_until(min(session.idle_until, session.total_until))
-        finally:
-            host.hold_requests(None)
-            # Sent on a transaction that ended meanwhile (they are answered as
-            # such, first): back at the head, in their order.
-            self._backlog.extendleft(reversed(self._own))
-            self._own.clear()
-            if session.pipe >= 0:
-                host.unwatch(session.pipe)
-                os.close(session.pipe)
+                    return min(session.idle_until, session.total_until)
+        except BaseException:
+            self._release(session)
+            raise
+        self._release(session)
+        self._finish(session, ending)
+        return None
+
+    def _release(self, session: _Open) -> None:
+        """What the open session held: the backlog's bound, its own requests, its pipe."""
+        self._session = None
+        self._inbox.hold_requests(None)
+        # Sent on a transaction that ended meanwhile (they are answered as
+        # such, first): back at the head, in their order.
+        self._backlog.extendleft(reversed(self._own))
+        self._own.clear()
+        if session.pipe >= 0:
+            self._poller.unregister(session.pipe)
+            os.close(session.pipe)
+
+    def _finish(self, session: _Open, ending: str) -> None:
+        """Count an ended session; end it for good if the writer rolled it back."""
+        counters = self._counters
         now = time.monotonic()
-        counters.session_wait_seconds += len(self._backlog) * (now - last)
+        counters.session_wait_seconds += len(self._backlog) * (now - session.last)
         counters.session_waits += len(self._backlog)
         if ending:  # rolled back by the writer: remembered for the caller's next call
             counters.sessions_expired += 1
             self._end(session.txn, ending)
-            log.warning("mpwriter: session rolled back after %.3f s: %s", now - started, ending)
+            log.warning(
+                "mpwriter: session rolled back after %.3f s: %s", now - session.started, ending
+            )
         if not session.foreign_keys:
             self._foreign_keys_on()
         if self._carried is not None and not (self._backlog and self._backlog[0].kind != _SESSION):
-            self._host.send(*self.settle(ran=False)[0])
+            self._outbox.send(*self.settle(ran=False)[0])
 
     def _open(self, request: Request) -> _Open | None:
         """Open the session ``request`` starts; None if it was answered instead."""
@@ -334,7 +342,7 @@ class Sessions:
             txn_id, first, op, _, idle_limit, total_limit, foreign_keys = body
         except Exception as exc:
             self._counters.count_error(exc)
-            self._host.send(request, error_reply(request.request_id, exc))
+            self._outbox.send(request, error_reply(request.request_id, exc))
             return None
         txn = (request.sender, txn_id)
         engine = self._engine
@@ -368,7 +376,7 @@ class Sessions:
             work = Work(request, deadline, 0.0, ())
             reply = expired_reply(work)
         if reply is not None:
-            self._host.send(request, reply)
+            self._outbox.send(request, reply)
             return None
         assert engine is not None  # answered NotSupportedError above
         work = Work(request, deadline, 0.0, ())
@@ -378,22 +386,13 @@ class Sessions:
         if failed is not None:
             if not foreign_keys:
                 self._foreign_keys_on()
-            self._host.send(request, failed)  # an outside lock holder stayed
+            self._outbox.send(request, failed)  # an outside lock holder stayed
             return None
-        idle, total = self._bounded(idle_limit), self._bounded(total_limit)
+        idle, total = (
+            _bounded(idle_limit, self._max_seconds),
+            _bounded(total_limit, self._max_seconds),
+        )
         return _Open(request, txn, idle, total, bool(foreign_keys))
-
-    def _bounded(self, limit: object) -> float:
-        """A limit the caller sent, cut to the owner's maximum.
-
-        A hostile or broken caller may send anything: NaN (which compares
-        false with every deadline, so the session would never end), infinity,
-        a negative number or not a number at all are taken as the maximum.
-        """
-        most = self._max_seconds
-        if isinstance(limit, (int, float)) and 0 < limit <= most:
-            return float(limit)
-        return most
 
     def _foreign_keys_on(self) -> None:
         """Enforcement back on after a session that ran without it, its transaction ended."""
@@ -417,7 +416,7 @@ class Sessions:
                 if kind == _SESSION and (request.sender, request.slot) == key:
                     self._own.append(request)
                 elif kind == _STATS:
-                    self._host.answer_stats(request)
+                    self.stats.append(request)
                 else:
                     if kind == _CLOSE:
                         self._closing = True
@@ -425,7 +424,7 @@ class Sessions:
         self._seen = len(backlog)
         return self._own.popleft() if self._own else None
 
-    def _why_end(self, session: _Open, now: float) -> str | None:
+    def _why_end(self, session: _Open, now: float, stopping: bool) -> str | None:
         """Why the writer must roll the session back now, if it must."""
         if now >= session.total_until:
             return "the session passed its total limit; its transaction was rolled back"
@@ -434,9 +433,9 @@ class Sessions:
                 f"the session sent nothing for its idle limit ({session.idle_limit:g} s);"
                 " its transaction was rolled back"
             )
-        if self._host.stopping or self._closing:
+        if stopping or self._closing:
             return "the writer is closing; the session's transaction was rolled back"
-        if len(self._backlog) >= self._held_max and self._host.queued_bytes():
+        if len(self._backlog) >= self._held_max and self._inbox.queued_bytes():
             # Its next statement, sent or not, can only be behind requests
             # the loop will not read (and the pipe, readable, would wake
             # every wait at once).
@@ -458,7 +457,7 @@ class Sessions:
         """
         engine = self._engine
         assert engine is not None
-        host = self._host
+        send = self._outbox.send
         try:
             deadline, sent_at, body = pickle.loads(request.payload)
             txn_id, _, op, args, _, _, _ = body
@@ -467,11 +466,11 @@ class Sessions:
             text: str = args[0] + "" if args else ""  # a str, or the request fails here
         except Exception as exc:
             self._counters.count_error(exc)
-            host.send(request, error_reply(request.request_id, exc))
+            send(request, error_reply(request.request_id, exc))
             return None
         if (request.sender, txn_id) != session.txn:
             refused = StatementRefused("another transaction of this session is still open")
-            host.send(request, error_reply(request.request_id, refused))
+            send(request, error_reply(request.request_id, refused))
             return None
         self._counters.requests += 1
         if op in (_COMMIT_OP, _ROLLBACK_OP):
@@ -484,14 +483,14 @@ class Sessions:
             reply = encode_reply(request.request_id, Status.OK, None)
             for statement in split_script(text):
                 work = Work(request, stop_at, sent_at, (statement.strip() + SESSION_SUFFIX, ()))
-                succeeded, answer = self._run(engine, work, Kind.EXECUTE)
+                succeeded, answer = _run(engine, work, Kind.EXECUTE)
                 if not succeeded:
                     reply = answer
                     break
         else:
             work = Work(request, stop_at, sent_at, (text + SESSION_SUFFIX, args[1]))
-            _, reply = self._run(engine, work, _STATEMENT_KINDS[op])
-        host.send(request, reply)
+            _, reply = _run(engine, work, _STATEMENT_KINDS[op])
+        send(request, reply)
         session.idle_until = time.monotonic() + session.idle_limit
         if not engine.in_transaction:
             return (
@@ -504,46 +503,25 @@ class Sessions:
         self, engine: SqliteEngine, session: _Open, request: Request, op: int
     ) -> None:
         """End the session with its COMMIT or ROLLBACK."""
-        host = self._host
+        send = self._outbox.send
         if op == _ROLLBACK_OP:
             engine.abandon_transaction()
-            host.send(request, encode_reply(request.request_id, Status.OK, None))
+            send(request, encode_reply(request.request_id, Status.OK, None))
         elif not session.foreign_keys:
             # Committed alone, now: the requests held behind it must not run
             # in a transaction without foreign key enforcement.
             failed = self._commit_now()
             if failed is None:
-                host.send(request, encode_reply(request.request_id, Status.OK, None))
+                send(request, encode_reply(request.request_id, Status.OK, None))
             else:
                 self._counters.sessions_expired += 1
-                host.send(request, error_reply(request.request_id, _told(failed)))
+                send(request, error_reply(request.request_id, _told(failed)))
         else:
             # Carried: answered once the next batch's COMMIT made it durable (`settle`).
             self._carried = request
             engine.carrying_session = True
             self._commits_before = self._counters.commits
             self._replays_before = self._counters.replayed_batches
-
-    def _run(self, engine: SqliteEngine, work: Work, kind: Kind) -> tuple[bool, bytes]:
-        """Run one statement, vetted, as a request of ``kind``: (succeeded, its reply)."""
-        work = work._replace(request=work.request._replace(kind=int(kind)))
-        try:
-            return True, engine.run_session_statement(work)
-        except Refused as refused:
-            message = str(refused.args[0])
-            verb = message.split(" is refused", 1)[0]
-            if verb in _TRANSACTION_VERBS:
-                message = f"{verb} is refused in a session{_REFUSED_HINT}"
-            return False, engine.fail_now(work, StatementRefused(message))
-        except NeedsSolo:
-            solo = StatementRefused(
-                "this statement cannot run inside a transaction; send it with"
-                " Writer.execute(), outside the session"
-            )
-            return False, engine.fail_now(work, solo)
-        except Exception as exc:
-            # A session's statement is never replayed: its failure stands.
-            return False, engine.fail_now(work, exc)
 
     def _end(self, txn: TxnKey, why: str) -> None:
         engine = self._engine
@@ -559,3 +537,37 @@ def _told(error: sqlite3.Error) -> sqlite3.Error:
     if isinstance(error, sqlite3.IntegrityError):
         return deferred_violation(error, "this session's transaction leaves it violated")
     return error
+
+
+def _bounded(limit: object, most: float) -> float:
+    """A limit the caller sent, cut to the owner's maximum.
+
+    A hostile or broken caller may send anything: NaN (which compares
+    false with every deadline, so the session would never end), infinity,
+    a negative number or not a number at all are taken as the maximum.
+    """
+    if isinstance(limit, (int, float)) and 0 < limit <= most:
+        return float(limit)
+    return most
+
+
+def _run(engine: SqliteEngine, work: Work, kind: Kind) -> tuple[bool, bytes]:
+    """Run one statement, vetted, as a request of ``kind``: (succeeded, its reply)."""
+    work = work._replace(request=work.request._replace(kind=int(kind)))
+    try:
+        return True, engine.run_session_statement(work)
+    except Refused as refused:
+        message = str(refused.args[0])
+        verb = message.split(" is refused", 1)[0]
+        if verb in _TRANSACTION_VERBS:
+            message = f"{verb} is refused in a session{_REFUSED_HINT}"
+        return False, engine.fail_now(work, StatementRefused(message))
+    except NeedsSolo:
+        solo = StatementRefused(
+            "this statement cannot run inside a transaction; send it with"
+            " Writer.execute(), outside the session"
+        )
+        return False, engine.fail_now(work, solo)
+    except Exception as exc:
+        # A session's statement is never replayed: its failure stands.
+        return False, engine.fail_now(work, exc)
