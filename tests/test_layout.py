@@ -221,3 +221,40 @@ def test_no_test_imports_from_tools() -> None:
             offenders += [(path.name, n) for n in names if n.split(".")[0] in tools]
     assert tools  # the test sees the tools at all
     assert offenders == []
+
+
+MAX_CLASS_LINES = 400
+MAX_FUNCTION_LINES = 60  # the body, docstring left out
+LONG_MARK = "# long:"  # on the line of the def: why this function is read best whole
+
+
+def _body_lines(node: ast.FunctionDef | ast.AsyncFunctionDef) -> int:
+    body = node.body
+    first = body[0]
+    has_docstring = (
+        isinstance(first, ast.Expr)
+        and isinstance(first.value, ast.Constant)
+        and isinstance(first.value.value, str)
+    )
+    start = body[1].lineno if has_docstring and len(body) > 1 else first.lineno
+    assert node.end_lineno is not None
+    return node.end_lineno - start + 1
+
+
+def test_no_class_or_function_is_too_long_to_read() -> None:
+    """No class over 400 lines; no function body over 60 unless its def line says why."""
+    too_long = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        lines = path.read_text().splitlines()
+        for node in ast.walk(ast.parse("\n".join(lines))):
+            where = f"{path.relative_to(PACKAGE)}:{getattr(node, 'lineno', 0)}"
+            if isinstance(node, ast.ClassDef):
+                assert node.end_lineno is not None
+                size = node.end_lineno - node.lineno + 1
+                if size > MAX_CLASS_LINES:
+                    too_long.append(f"{where} class {node.name}: {size} lines")
+            elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                size = _body_lines(node)
+                if size > MAX_FUNCTION_LINES and LONG_MARK not in lines[node.lineno - 1]:
+                    too_long.append(f"{where} def {node.name}: {size} lines")
+    assert too_long == []

@@ -1,7 +1,8 @@
 """The seam between the group-commit loop and a database engine.
 
-The loop (`loop.py`) reads requests, forms batches, sends replies, answers
-STATS and shuts down; it knows nothing of SQL. An engine owns everything that
+The loop (`loop.py`) takes requests from the inbox (`inbox.py`), forms
+batches, hands their replies to the outbox (`outbox.py`), answers STATS and
+shuts down; it knows nothing of SQL. An engine owns everything that
 is its database's: claiming the right to write (SQLite's lock file), opening
 the one connection after the writer process has started, running a batch as
 one transaction with each request isolated from the others, the busy/retry
