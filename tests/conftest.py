@@ -74,6 +74,13 @@ def reap_pid(pid: int, timeout: float = 10.0) -> None:
 # use this check first: the slip is only the scheduler's.
 SCHEDULING_SLIP = 0.5
 
+# How soon an event-driven answer (a dead writer's EOF, a state that refuses
+# calls) must come for the tests that claim "at once". Such a test gives its
+# calls a timeout of several times AT_ONCE + SCHEDULING_SLIP and checks the
+# kind of error first: an answer that waited out its timeout would be a
+# Timeout, and one that waited for a poll or a restart's back-off, late.
+AT_ONCE = 1.0
+
 
 def rowcounts_or_duplicate(
     futures: Iterable[concurrent.futures.Future[mpwriter.Result]],

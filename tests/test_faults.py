@@ -37,7 +37,7 @@ import pytest
 import kill_clients
 import mpwriter
 from _faults import INSERT, reap
-from conftest import SCHEDULING_SLIP, SCHEMA, Gate, count_rows
+from conftest import AT_ONCE, SCHEDULING_SLIP, SCHEMA, Gate, count_rows
 from mpwriter import testing
 
 DEADLINE = 10.0  # the most any single wait in this file may take before the test fails
@@ -229,12 +229,13 @@ def rows_of(db_path: Path, where: str = "1") -> list[tuple[Any, ...]]:
 def test_writer_sigkill_fails_waiting_callers_fast(
     db_path: Path, gate: Gate, children: Children, restart: bool, context: str
 ) -> None:
-    """Callers waiting on a killed writer learn it within a second.
+    """Callers waiting on a killed writer learn it at once (`AT_ONCE`).
 
     The gate's request was taken by the writer that died: its outcome is
     unknown either way. The callers' requests were still queued: without
     restarts they fail too (outcome unknown: the caller cannot tell they were
-    never read); with a restart the successor serves them.
+    never read); with a restart the successor serves them. Every call here
+    has a timeout of 5 s or more, and none ends in Timeout: none waited it out.
     """
     writer = mpwriter.start(db_path, init=SCHEMA, timeout=10.0, context=context, restart=restart)
     try:
@@ -249,13 +250,14 @@ def test_writer_sigkill_fails_waiting_callers_fast(
         killed_at = time.monotonic()
         os.kill(writer_pid, signal.SIGKILL)
 
-        gate_error = gate.future.exception(timeout=5.0)
-        assert time.monotonic() - killed_at < 1.0
+        gate_error = gate.future.exception(timeout=5.0)  # its call's own timeout is 10 s
+        assert time.monotonic() - killed_at < AT_ONCE + SCHEDULING_SLIP
         assert isinstance(gate_error, mpwriter.WriterCrashed), repr(gate_error)
         assert OUTCOME_UNKNOWN.search(str(gate_error)), str(gate_error)
         for caller in callers:
             status, value, ended = receive(caller.report, 5.0)
-            assert ended - killed_at < 1.0, f"answered {ended - killed_at:.2f} s after the kill"
+            took = ended - killed_at  # the callers' timeout is 30 s
+            assert took < AT_ONCE + SCHEDULING_SLIP, f"answered {took:.2f} s after the kill"
             if restart:
                 assert status == "ok", repr(value)
                 assert value.rowcount == 1
@@ -276,11 +278,11 @@ def test_writer_sigkill_fails_waiting_callers_fast(
             # "died", or "was killed by signal 9" once the owner has reaped it;
             # never a claim that someone else took the exit status.
             assert "reaped elsewhere" not in str(refused.value)
-        assert time.monotonic() - began < 1.0
+        assert time.monotonic() - began < AT_ONCE + SCHEDULING_SLIP
     finally:
         began = time.monotonic()
         writer.close(timeout=5.0)
-    assert time.monotonic() - began < 1.0
+    assert time.monotonic() - began < AT_ONCE + SCHEDULING_SLIP  # not by its 5 s timeout
     assert writer.closed
     assert count_rows(db_path) == (4 if restart else 0)
 

@@ -14,12 +14,13 @@ import sys
 import threading
 import time
 import urllib.parse
+import uuid
 from typing import Any
 
 import pytest
 
 import mpwriter
-from conftest import PG_SCHEMA, Gate, pg_count
+from conftest import PG_SCHEMA, SCHEDULING_SLIP, Gate, pg_count
 
 psycopg = pytest.importorskip("psycopg", reason="PostgreSQL tests: psycopg is not installed")
 
@@ -262,7 +263,7 @@ def test_a_request_waiting_on_an_outside_lock_holds_nobody_else(
         outside.rollback()
         outside.close()
     assert "not applied" in str(caught.value)
-    assert answered < 4.0 + 0.5
+    assert answered < 4.0 + SCHEDULING_SLIP  # within its timeout
     # Every other caller was answered well within its own 2 s, many times over.
     assert written >= 20
     assert max(slowest) < 1.5, slowest
@@ -311,8 +312,9 @@ def test_a_table_lock_costs_a_batch_one_lock_wait_not_one_per_request(
         gate.release()
         for future in others:
             future.result(timeout=10)
-        # One pass waits 0.1 s on the lock in all, not 0.1 s for each of the 20.
-        assert time.monotonic() - released < 1.0
+        # One pass waits 0.1 s on the lock in all, not 0.1 s for each of the 20
+        # (2 s): the bound leaves the scheduler its slip and stays below that.
+        assert time.monotonic() - released < 1.0 + SCHEDULING_SLIP
         assert not any(future.done() for future in blocked)
     finally:
         outside.rollback()
@@ -482,9 +484,10 @@ def _as_user(url: str, user: str) -> str:
 
 
 def test_start_on_a_full_server_is_server_unavailable(pg_url: str) -> None:
-    role = "mpwriter_test_full"
+    # Roles are the whole server's: a name of its own keeps another run of the
+    # suite on the same server from dropping it meanwhile.
+    role = f"mpwriter_test_full_{os.getpid()}_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(pg_url, autocommit=True) as admin:
-        admin.execute(f"DROP ROLE IF EXISTS {role}")
         admin.execute(f"CREATE ROLE {role} LOGIN CONNECTION LIMIT 0")
         try:
             url = _as_user(pg_url, role)

@@ -30,7 +30,7 @@ import pytest
 
 import mpwriter
 from _faults import reap
-from conftest import SCHEMA, count_rows, sigkill_and_wait
+from conftest import AT_ONCE, SCHEDULING_SLIP, SCHEMA, count_rows, sigkill_and_wait
 from mpwriter._owner.supervisor import Backoff, RestartPolicy
 
 DEADLINE = 10.0  # the most any single wait in this file may take before the test fails
@@ -93,8 +93,10 @@ def test_a_writer_that_served_is_replaced_at_once_every_time(db_path: Path) -> N
             sigkill_and_wait(victim)
             began = time.monotonic()
             writer.execute("INSERT INTO items(client, seq) VALUES (2, ?)", (n,))
-            resumed = time.monotonic() - began
-            assert resumed < 1.0, f"kill {n}: the next call took {resumed:.2f} s"
+            resumed = time.monotonic() - began  # its timeout: DEADLINE, 10 s
+            assert resumed < AT_ONCE + SCHEDULING_SLIP, (
+                f"kill {n}: the next call took {resumed:.2f} s"
+            )
             for future in pending:
                 # WriterCrashed: taken by the killed writer, outcome unknown.
                 with contextlib.suppress(mpwriter.WriterCrashed):
@@ -218,7 +220,8 @@ def test_past_the_burst_limit_calls_fail_fast_until_a_writer_serves_again(
         began = time.monotonic()
         with pytest.raises(mpwriter.WriterCrashed, match="backing off until"):
             writer.execute("INSERT INTO items(payload) VALUES ('refused')")
-        assert time.monotonic() - began < 1.0, "failed by timeout, not at once"
+        # WriterCrashed, not Timeout: it did not wait out its 30 s.
+        assert time.monotonic() - began < AT_ONCE + SCHEDULING_SLIP, "not at once"
         with pytest.raises(mpwriter.WriterCrashed, match="not sent"):
             writer.stats()
 
