@@ -477,8 +477,11 @@ class Connection:
         return self._autocommit == LEGACY_TRANSACTION_CONTROL and self._isolation_level is not None
 
     def _run(self, sql: str, params: Any) -> Result | sqlite3.Cursor:
-        """Run one statement where it belongs; return the reader's cursor or the writer's Result."""
-        self._check_open()
+        """Run one statement where it belongs; return the reader's cursor or the writer's Result.
+
+        Called by a cursor, which checked that this connection is open (as for
+        `_run_many` and `_run_script`).
+        """
         if self._in_transaction:
             kind, _ = self._statements.classify(sql, params, run_reads=False)
             return self._in_session(kind, sql, params)
@@ -520,7 +523,6 @@ class Connection:
         return result
 
     def _run_many(self, sql: str, seq_of_params: Iterable[Any]) -> Result:
-        self._check_open()
         params_list = list(seq_of_params)
         if not params_list:
             return _NO_ROWS
@@ -537,7 +539,6 @@ class Connection:
         return self._in_open_transaction(self._session_now().executemany, sql, params_list)
 
     def _run_script(self, script: str) -> None:
-        self._check_open()
         if self._autocommit == LEGACY_TRANSACTION_CONTROL and self._in_transaction:
             self.commit()  # as sqlite3: a pending transaction is committed first
         if self._in_transaction:

@@ -108,6 +108,10 @@ class Session:
         # which tells the writer to roll the transaction back at once.
         self._held: list[Slot] = []
         self._pid = os.getpid()
+        # The pool's per-process state, replaced in a forked child (see
+        # `pipe_pool`): a check by identity, where os.getpid() is a system
+        # call on every statement.
+        self._process_state = pool.local
         self._closed = False
         abandon = weakref.finalize(self, _abandon, pool, self._held, self._pid)
         abandon.atexit = False  # at exit the process's descriptors close anyway
@@ -224,9 +228,9 @@ class Session:
         """The protocol generator of one session request, for any driver to run."""
         if self._closed:
             raise Error("this session was closed")
-        if os.getpid() != self._pid:
-            raise Error("a session cannot be used in a process forked from its own")
         pool = self._pool
+        if pool.local is not self._process_state:
+            raise Error("a session cannot be used in a process forked from its own")
         if pool.closed or pool.state.status != RUNNING:
             if self._txn is not None:
                 self._end()

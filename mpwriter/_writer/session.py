@@ -98,10 +98,15 @@ _ENDED_KEPT = 4096
 _SCRIPT = int(SessionOp.SCRIPT)
 _COMMIT_OP = int(SessionOp.COMMIT)
 _ROLLBACK_OP = int(SessionOp.ROLLBACK)
+# The request kind each statement runs as (the engine runs it as a request).
 _STATEMENT_KINDS = {
-    int(SessionOp.EXECUTE): Kind.EXECUTE,
-    int(SessionOp.EXECUTEMANY): Kind.EXECUTEMANY,
+    int(SessionOp.EXECUTE): int(Kind.EXECUTE),
+    int(SessionOp.EXECUTEMANY): int(Kind.EXECUTEMANY),
 }
+_EXECUTE = int(Kind.EXECUTE)
+# tuple.__new__ in C: a NamedTuple's own constructor and _replace run Python
+# code, and these run for every statement of a session.
+_new_tuple = tuple.__new__
 # The authorizer's refusals of transaction control start with one of these.
 _TRANSACTION_VERBS = frozenset(
     {"BEGIN", "COMMIT", "ROLLBACK", "SAVEPOINT", "RELEASE", "transaction control"}
@@ -285,6 +290,7 @@ class Sessions:
         """Run what the session sent until it must wait (its deadline) or ends (None)."""
         counters = self._counters
         ending: str | None = None
+        ran = request is not None
         try:
             if request is not None:
                 ending = self._statement(session, request)
@@ -295,8 +301,13 @@ class Sessions:
                 session.last = now
                 if own is not None:
                     ending = self._statement(session, own)
+                    ran = True
                     continue
-                ending = self._why_end(session, now, stopping)
+                # Its caller's death is looked for only when this step ran
+                # nothing: after a statement, the loop's wait (which watches
+                # the caller's pipe) wakes at once if the caller is gone, and
+                # the next step looks. This spares a poll per statement.
+                ending = self._why_end(session, now, stopping, look=not ran)
                 if ending is None:
                     return min(session.idle_until, session.total_until)
         except BaseException:
@@ -408,6 +419,8 @@ class Sessions:
         takes the session's own out, answers STATS, notes a CLOSE.
         """
         backlog = self._backlog
+        if len(backlog) == self._seen:  # nothing arrived: the usual case, without a list
+            return self._own.popleft() if self._own else None
         arrived = [backlog.pop() for _ in range(len(backlog) - self._seen)]
         if arrived:
             key = (session.request.sender, session.request.slot)
@@ -424,8 +437,9 @@ class Sessions:
         self._seen = len(backlog)
         return self._own.popleft() if self._own else None
 
-    def _why_end(self, session: _Open, now: float, stopping: bool) -> str | None:
-        """Why the writer must roll the session back now, if it must."""
+    def _why_end(self, session: _Open, now: float, stopping: bool, look: bool) -> str | None:
+        """Why the writer must roll the session back now, if it must; with
+        ``look``, whether its caller is gone too."""
         if now >= session.total_until:
             return "the session passed its total limit; its transaction was rolled back"
         if now >= session.idle_until:
@@ -440,7 +454,7 @@ class Sessions:
             # the loop will not read (and the pipe, readable, would wake
             # every wait at once).
             return "requests filled the queue behind it; rolled back, not applied"
-        if self._caller_gone(session):
+        if look and self._caller_gone(session):
             return "the session's caller is gone; its transaction was rolled back"
         return None
 
@@ -481,15 +495,17 @@ class Sessions:
             # Statement by statement, each with the suffix (see the module);
             # like sqlite3's executescript, it stops at the first that fails.
             reply = encode_reply(request.request_id, Status.OK, None)
+            as_execute = _new_tuple(Request, (_EXECUTE, *request[1:]))
             for statement in split_script(text):
-                work = Work(request, stop_at, sent_at, (statement.strip() + SESSION_SUFFIX, ()))
-                succeeded, answer = _run(engine, work, Kind.EXECUTE)
+                body = (statement.strip() + SESSION_SUFFIX, ())
+                succeeded, answer = _run(engine, Work(as_execute, stop_at, sent_at, body))
                 if not succeeded:
                     reply = answer
                     break
         else:
-            work = Work(request, stop_at, sent_at, (text + SESSION_SUFFIX, args[1]))
-            _, reply = _run(engine, work, _STATEMENT_KINDS[op])
+            as_kind = _new_tuple(Request, (_STATEMENT_KINDS[op], *request[1:]))
+            body = (text + SESSION_SUFFIX, args[1])
+            _, reply = _run(engine, _new_tuple(Work, (as_kind, stop_at, sent_at, body)))
         send(request, reply)
         session.idle_until = time.monotonic() + session.idle_limit
         if not engine.in_transaction:
@@ -551,9 +567,8 @@ def _bounded(limit: object, most: float) -> float:
     return most
 
 
-def _run(engine: SqliteEngine, work: Work, kind: Kind) -> tuple[bool, bytes]:
-    """Run one statement, vetted, as a request of ``kind``: (succeeded, its reply)."""
-    work = work._replace(request=work.request._replace(kind=int(kind)))
+def _run(engine: SqliteEngine, work: Work) -> tuple[bool, bytes]:
+    """Run one statement, vetted, as a request of its kind: (succeeded, its reply)."""
     try:
         return True, engine.run_session_statement(work)
     except Refused as refused:
