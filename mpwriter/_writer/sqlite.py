@@ -216,6 +216,11 @@ class SqliteEngine:
             forks.blank([self._checkpoints.wal_index])
         self._guard.refuse_all()
 
+    def _fail(self, work: Work, exc: BaseException) -> tuple[Request, bytes]:
+        """``work``'s request and error reply, as ``replies`` holds them
+        (`Failures.fail`: counted once its outcome stands)."""
+        return work.request, self._failures.fail(work, exc)
+
     def abandon_transaction(self) -> None:
         """Roll back whatever transaction is open, with the writer's own statement text."""
         if self._conn.in_transaction:
@@ -232,7 +237,7 @@ class SqliteEngine:
         """
         count_batch(self._counters, batch)
         self._failures.clear()  # a `run` that raised left its own: they did not stand
-        replies: dict[int, bytes] = {}
+        replies: dict[int, tuple[Request, bytes]] = {}
         solo: list[tuple[Work, BaseException]] = []
         try:
             self._commit_what_can(batch, replies, solo)
@@ -246,10 +251,15 @@ class SqliteEngine:
         self._state.busy_until = 0.0
         self._guard.repair_between_batches()
         self._deferred = solo
-        return [(work.request, replies[id(work)]) for work in batch if id(work) in replies]
+        # Keyed by ``id(work)``, valued (request, reply): the replies are the
+        # values, with no lookup per request.
+        return list(replies.values())
 
     def _commit_what_can(
-        self, batch: list[Work], replies: dict[int, bytes], solo: list[tuple[Work, BaseException]]
+        self,
+        batch: list[Work],
+        replies: dict[int, tuple[Request, bytes]],
+        solo: list[tuple[Work, BaseException]],
     ) -> None:
         """Run and commit ``batch``, replaying it without each culprit; fill ``replies``.
 
@@ -286,7 +296,7 @@ class SqliteEngine:
                 self._failures.drop_since(recorded)  # this attempt's outcome does not stand
                 counters.replayed_batches += 1
                 culprit = attempt[lost.index]
-                replies[id(culprit)] = self._failures.fail(culprit, lost.error)
+                replies[id(culprit)] = self._fail(culprit, lost.error)
                 pending = [work for work in pending if work is not culprit]
                 suspects = None
                 continue
@@ -301,9 +311,7 @@ class SqliteEngine:
                 if len(pending) > 1:
                     counters.replayed_batches += 1  # some of it runs again
                 if size == 1:
-                    replies[id(attempt[0])] = self._failures.fail(
-                        attempt[0], refused.culprit_error()
-                    )
+                    replies[id(attempt[0])] = self._fail(attempt[0], refused.culprit_error())
                     pending = pending[1:]
                     suspects = None
                 else:
@@ -318,7 +326,7 @@ class SqliteEngine:
     def _fail_the_rest(
         self,
         batch: list[Work],
-        replies: dict[int, bytes],
+        replies: dict[int, tuple[Request, bytes]],
         solo: list[tuple[Work, BaseException]],
         exc: Exception,
     ) -> None:
@@ -340,7 +348,7 @@ class SqliteEngine:
         failure = _not_applied(exc)
         for work in batch:
             if id(work) not in replies and id(work) not in deferred:
-                replies[id(work)] = self._failures.fail(work, failure)
+                replies[id(work)] = self._fail(work, failure)
 
     def run_alone(self) -> Iterator[tuple[Request, bytes]]:
         """Run the requests the last `run` deferred, one at a time; yield each reply.
@@ -355,7 +363,7 @@ class SqliteEngine:
             self._failures.settle()
             yield work.request, reply
 
-    def _begin(self, batch: list[Work], replies: dict[int, bytes]) -> list[Work]:
+    def _begin(self, batch: list[Work], replies: dict[int, tuple[Request, bytes]]) -> list[Work]:
         """BEGIN IMMEDIATE, waiting out outside lock holders with backoff.
 
         Requests whose deadline comes first are answered with SQLite's
@@ -374,14 +382,14 @@ class SqliteEngine:
             except sqlite3.OperationalError as exc:
                 if not is_busy(exc):
                     for work in pending:
-                        replies[id(work)] = self._failures.fail(work, exc)
+                        replies[id(work)] = self._fail(work, exc)
                     return []
                 busy = exc
             now = time.monotonic()
             still: list[Work] = []
             for work in pending:
                 if out_of_time(work, now):
-                    replies[id(work)] = self._failures.fail(work, busy)
+                    replies[id(work)] = self._fail(work, busy)
                 else:
                     still.append(work)
             pending = still
@@ -394,11 +402,11 @@ class SqliteEngine:
 
     def _run_in_transaction(
         self, pending: list[Work], solo: list[tuple[Work, BaseException]]
-    ) -> dict[int, bytes]:
+    ) -> dict[int, tuple[Request, bytes]]:
         conn = self._conn
         control = self._control
         run = self._guard.run
-        replies: dict[int, bytes] = {}
+        replies: dict[int, tuple[Request, bytes]] = {}
         succeeded: list[Work] = []
         for index, work in enumerate(pending):
             # A single statement needs no savepoint: SQLite undoes a failed
@@ -411,15 +419,15 @@ class SqliteEngine:
             else:
                 control.execute(SAVEPOINT)
             try:
-                replies[id(work)] = run(work)
+                replies[id(work)] = (work.request, run(work))
             except NeedsSolo as needs:
                 solo.append((work, needs.__cause__ or needs))
             except Refused as refused:
-                replies[id(work)] = self._failures.fail(work, StatementRefused(refused.args[0]))
+                replies[id(work)] = self._fail(work, StatementRefused(refused.args[0]))
             except Exception as exc:
                 if not conn.in_transaction or (single and conn.total_changes != changes):
                     raise _TransactionLost(index, exc) from exc
-                replies[id(work)] = self._failures.fail(work, exc)
+                replies[id(work)] = self._fail(work, exc)
             else:
                 if not single:
                     control.execute(RELEASE)
@@ -431,7 +439,7 @@ class SqliteEngine:
         self._commit(succeeded, replies)
         return replies
 
-    def _commit(self, succeeded: list[Work], replies: dict[int, bytes]) -> None:
+    def _commit(self, succeeded: list[Work], replies: dict[int, tuple[Request, bytes]]) -> None:
         """COMMIT; if it fails, fail ``succeeded`` (rolled back), or raise
         `_CommitRefused` for a deferred constraint (a culprit to find)."""
         started = time.monotonic()
@@ -447,7 +455,7 @@ class SqliteEngine:
             if deferred is not None and succeeded:
                 raise _CommitRefused(deferred) from exc
             for work in succeeded:
-                replies[id(work)] = self._failures.fail(work, exc)
+                replies[id(work)] = self._fail(work, exc)
         else:
             self._counters.commits += 1
             self.commit_seconds = commit_cost(self.commit_seconds, started, time.monotonic())
@@ -498,10 +506,10 @@ class SqliteEngine:
         Returns None once it is open, or ``work``'s error reply (counted) if
         an outside lock holder stayed past its deadline or BEGIN failed.
         """
-        replies: dict[int, bytes] = {}
+        replies: dict[int, tuple[Request, bytes]] = {}
         opened = self._begin([work], replies)
         self._failures.settle()
-        return None if opened else replies[id(work)]
+        return None if opened else replies[id(work)][1]
 
     def run_session_statement(self, work: Work) -> bytes:
         """Run one statement of a session in the open transaction; its OK reply.
