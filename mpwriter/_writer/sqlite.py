@@ -407,7 +407,9 @@ class SqliteEngine:
         control = self._control
         run = self._guard.run
         replies: dict[int, tuple[Request, bytes]] = {}
-        succeeded: list[Work] = []
+        # The requests answered with their own error (by ``id``): rare, so
+        # noted, where a list of those that succeeded cost a call per request.
+        failed: set[int] = set()
         for index, work in enumerate(pending):
             # A single statement needs no savepoint: SQLite undoes a failed
             # statement by itself. Where it does not (OR FAIL keeps the rows
@@ -424,28 +426,33 @@ class SqliteEngine:
                 solo.append((work, needs.__cause__ or needs))
             except Refused as refused:
                 replies[id(work)] = self._fail(work, StatementRefused(refused.args[0]))
+                failed.add(id(work))
             except Exception as exc:
                 if not conn.in_transaction or (single and conn.total_changes != changes):
                     raise _TransactionLost(index, exc) from exc
                 replies[id(work)] = self._fail(work, exc)
+                failed.add(id(work))
             else:
                 if not single:
                     control.execute(RELEASE)
-                succeeded.append(work)
                 continue
             if not single:
                 control.execute(ROLLBACK_TO)
                 control.execute(RELEASE)
-        self._commit(succeeded, replies)
+        self._commit(pending, failed, replies)
         return replies
 
-    def _commit(self, succeeded: list[Work], replies: dict[int, tuple[Request, bytes]]) -> None:
-        """COMMIT; if it fails, fail ``succeeded`` (rolled back), or raise
+    def _commit(
+        self, ran: list[Work], failed: set[int], replies: dict[int, tuple[Request, bytes]]
+    ) -> None:
+        """COMMIT; if it fails, fail the requests of ``ran`` that succeeded
+        (answered in ``replies``, not ``failed``: rolled back now), or raise
         `_CommitRefused` for a deferred constraint (a culprit to find)."""
         started = time.monotonic()
         try:
             self._control.execute(COMMIT)
         except sqlite3.Error as exc:
+            succeeded = [w for w in ran if id(w) in replies and id(w) not in failed]
             # A COMMIT refused by a deferred constraint leaves the transaction
             # open (SQLite's rule); any other failure is nobody's fault.
             deferred = exc if isinstance(exc, sqlite3.IntegrityError) else None
