@@ -46,7 +46,10 @@ Replies
 -------
 A reply goes to the reply pipe that the request named, which only that request
 is using; it is a small header (payload length, request id) and a pickled
-``(status, value)``. No atomicity is needed there: one writer, one reader.
+``(status, value)`` -- or, for the two usual OK replies, a tag byte that no
+pickle starts with: a write without rows as two integers (`encode_wrote`), a
+result set marshalled (`encode_rows`). No atomicity is needed there: one
+writer, one reader.
 """
 
 from __future__ import annotations
