@@ -214,6 +214,10 @@ class Failures:
         self._pending.append((work, exc))
         return error_reply(work.request.request_id, exc)
 
+    def answer(self, work: Work, exc: BaseException) -> tuple[Request, bytes]:
+        """`fail`, paired with ``work``'s request: as an engine gathers replies."""
+        return work.request, self.fail(work, exc)
+
     def mark(self) -> int:
         """Where the failures of an attempt about to run begin (`drop_since`)."""
         return len(self._pending)
