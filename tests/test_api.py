@@ -125,6 +125,19 @@ def test_execute_returns_rowcount_lastrowid_and_returning_rows(
     assert count_rows(db_path) == 2
 
 
+def test_a_query_returns_its_values_with_their_types_and_column_names(
+    writer: mpwriter.Writer,
+) -> None:
+    result = writer.execute("SELECT ?, ?, ?, ?, ? AS n", (1, 2.5, "text", b"blob", None))
+    assert result.rows == [(1, 2.5, "text", b"blob", None)]
+    assert [type(value) for value in result.rows[0]] == [int, float, str, bytes, type(None)]
+    assert result.columns == ("?", "?", "?", "?", "n")
+    assert result.rowcount == -1
+    empty = writer.execute("SELECT id FROM items WHERE id < 0")
+    assert empty.rows == []
+    assert empty.columns == ("id",)
+
+
 def test_a_returned_write_is_visible_to_a_reader_opened_afterwards(
     writer: mpwriter.Writer, db_path: Path
 ) -> None:

@@ -131,6 +131,40 @@ def test_a_write_result_travels_without_pickle_and_unpacks_equal(
     assert unpacked.columns is None
 
 
+@pytest.mark.parametrize(
+    "value",
+    [
+        (-1, None, [(1, "x", 2.5, b"blob", None, 2**70)], ("a", "b", "c", "d", "e", "f")),
+        (0, 7, [], ("id",)),
+        (3, 9, [(1,), (2,), (3,)], ("id",)),
+    ],
+)
+def test_a_result_set_travels_marshalled_and_unpacks_into_an_equal_result(
+    value: tuple[int, int | None, list[tuple[object, ...]], tuple[str, ...]],
+) -> None:
+    encoded = _wire.encode_rows(9, value)
+    assert encoded[_wire.REPLY_HEADER_SIZE] == _wire.ROWS_TAG
+    assert _reply.Incoming(9).take(encoded) == encoded  # its header gives its whole size
+    unpacked = _reply.unpack_reply(encoded)
+    assert type(unpacked) is _reply.Result
+    assert unpacked == _reply.Result(*value)
+    for row, sent in zip(unpacked.rows, value[2], strict=True):
+        assert [type(item) for item in row] == [type(item) for item in sent]
+
+
+class Named(str):
+    """A str subclass: marshal refuses it, pickle keeps its class."""
+
+
+def test_a_result_set_marshal_refuses_is_pickled_with_its_types() -> None:
+    value = (-1, None, [(Named("kept"),)], ("name",))
+    encoded = _wire.encode_rows(9, value)
+    assert encoded[_wire.REPLY_HEADER_SIZE] == _wire.PICKLED
+    unpacked = _reply.unpack_reply(encoded)
+    assert unpacked == value
+    assert type(unpacked[2][0][0]) is Named
+
+
 def test_any_other_result_is_pickled_and_unpacks_equal() -> None:
     value = (1, 2, [(3, "row")])
     encoded = _wire.encode_reply(9, _wire.Status.OK, value)

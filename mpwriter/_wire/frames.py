@@ -46,12 +46,16 @@ Replies
 -------
 A reply goes to the reply pipe that the request named, which only that request
 is using; it is a small header (payload length, request id) and a pickled
-``(status, value)``. No atomicity is needed there: one writer, one reader.
+``(status, value)`` -- or, for the two usual OK replies, a tag byte that no
+pickle starts with: a write without rows as two integers (`encode_wrote`), a
+result set marshalled (`encode_rows`). No atomicity is needed there: one
+writer, one reader.
 """
 
 from __future__ import annotations
 
 import enum
+import marshal
 import os
 import pickle
 import select
@@ -377,6 +381,10 @@ _WROTE_REPLY = struct.Struct("!IIcqq")
 _WROTE = b"W"
 _WROTE_NO_ROWID = b"w"  # lastrowid is None
 _WROTE_SIZE = _WROTE_REPLY.size - REPLY_HEADER_SIZE
+# A statement with a result set (a query, a RETURNING): its 4-tuple,
+# marshalled, after a tag byte (`encode_rows`).
+_ROWS_REPLY = struct.Struct("!IIc")
+_ROWS = b"R"
 PICKLED = pickle.PROTO[0]  # the first byte of every other reply's payload
 
 
@@ -384,6 +392,24 @@ def encode_reply(request_id: int, status: Status, value: Any) -> bytes:
     """Pickle a reply; raises whatever pickle raises for ``value``."""
     payload = pickle.dumps((int(status), value), PICKLE_PROTOCOL)
     return _REPLY_HEADER.pack(len(payload), request_id) + payload
+
+
+def encode_rows(request_id: int, result: tuple[Any, ...]) -> bytes:
+    """The OK reply of a statement with a result set, ``(rowcount, lastrowid,
+    rows, columns)``: marshalled, which costs both sides about half what
+    pickle does, behind a tag byte (`ROWS_REPLY`); pickled like any reply
+    (`encode_reply`) when marshal refuses a value.
+
+    Only for values marshal keeps exactly: it refuses subclasses (a
+    `sqlite3.Row`), but turns a bytearray or memoryview into bytes, so rows
+    that may hold those must go through `encode_reply`. Raises whatever
+    pickle raises for the fallback.
+    """
+    try:
+        payload = marshal.dumps(result)
+    except ValueError:
+        return encode_reply(request_id, Status.OK, result)
+    return _ROWS_REPLY.pack(len(payload) + 1, request_id, _ROWS) + payload
 
 
 def encode_wrote(request_id: int, rowcount: int, lastrowid: int | None) -> bytes:
@@ -406,3 +432,6 @@ REPLY_HEADER = _REPLY_HEADER
 # rowcount, lastrowid); lastrowid is None when the tag is WROTE_NO_ROWID.
 WROTE_REPLY = _WROTE_REPLY
 WROTE_NO_ROWID = _WROTE_NO_ROWID
+# The first payload byte of a reply made by `encode_rows` from marshal's
+# bytes; the marshalled 4-tuple follows it.
+ROWS_TAG = _ROWS[0]

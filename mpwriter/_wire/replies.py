@@ -6,6 +6,7 @@ driver runs it.
 
 from __future__ import annotations
 
+import marshal
 import os
 import pickle
 from typing import Any, NamedTuple
@@ -15,6 +16,7 @@ from .frames import (
     PICKLED,
     REPLY_HEADER,
     REPLY_HEADER_SIZE,
+    ROWS_TAG,
     WROTE_NO_ROWID,
     WROTE_REPLY,
     Status,
@@ -164,14 +166,18 @@ def unpack_reply(reply: bytes | bytearray) -> Any:
     """The value of a whole reply (from `Incoming`), or raise the error it carries.
 
     A write's compact reply (`frames.encode_wrote`) comes back as a `Result`
-    already, ``(rowcount, lastrowid, [], None)``, so that ``execute`` need
-    not build a second one; any other value is as the writer pickled it.
+    already, ``(rowcount, lastrowid, [], None)``, and so does a result set's
+    (`frames.encode_rows`), so that ``execute`` need not build a second one;
+    any other value is as the writer pickled it.
     """
-    if reply[REPLY_HEADER_SIZE] != PICKLED:
-        _, _, tag, rowcount, lastrowid = WROTE_REPLY.unpack(reply)
-        if tag == WROTE_NO_ROWID:
+    tag = reply[REPLY_HEADER_SIZE]
+    if tag != PICKLED:
+        if tag == ROWS_TAG:
+            # tuple.__new__ in C: Result(...) would run the NamedTuple's Python __new__.
+            return _new_tuple(Result, marshal.loads(memoryview(reply)[REPLY_HEADER_SIZE + 1 :]))
+        _, _, wrote, rowcount, lastrowid = WROTE_REPLY.unpack(reply)
+        if wrote == WROTE_NO_ROWID:
             lastrowid = None
-        # tuple.__new__ in C: Result(...) would run the NamedTuple's Python __new__.
         return _new_tuple(Result, (rowcount, lastrowid, [], None))
     status, value = pickle.loads(memoryview(reply)[REPLY_HEADER_SIZE:])
     if status == Status.OK:

@@ -17,6 +17,7 @@ import pickle
 import random
 import time
 import traceback
+from collections.abc import Container
 from typing import Any, NamedTuple, get_origin, get_type_hints
 
 from .._errors import Interrupted, NotPicklable, RemoteError, StatementRefused, Timeout
@@ -45,6 +46,9 @@ DEADLINE_MARGIN = 0.02
 WRITE_RESULTS = frozenset({Kind.EXECUTE, Kind.EXECUTEMANY, Kind.POST})
 # Kinds that are one SQL statement with its parameters.
 SINGLE_STATEMENT = frozenset({Kind.EXECUTE, Kind.POST})
+# A plain int for the per-request test: reading a member off the Kind class
+# costs many times a comparison of ints.
+_POST = int(Kind.POST)
 
 
 class Work(NamedTuple):
@@ -210,6 +214,10 @@ class Failures:
         self._pending.append((work, exc))
         return error_reply(work.request.request_id, exc)
 
+    def answer(self, work: Work, exc: BaseException) -> tuple[Request, bytes]:
+        """`fail`, paired with ``work``'s request: as an engine gathers replies."""
+        return work.request, self.fail(work, exc)
+
     def mark(self) -> int:
         """Where the failures of an attempt about to run begin (`drop_since`)."""
         return len(self._pending)
@@ -218,7 +226,7 @@ class Failures:
         """Forget the failures recorded since ``mark``: that attempt does not stand."""
         del self._pending[mark:]
 
-    def keep_only(self, answered: dict[int, bytes]) -> None:
+    def keep_only(self, answered: Container[int]) -> None:
         """Forget the failures of requests not in ``answered`` (by ``id``): an
         attempt that broke off recorded them, and its outcome does not stand."""
         self._pending = [item for item in self._pending if id(item[0]) in answered]
@@ -254,7 +262,7 @@ def count_batch(counters: Counters, batch: list[Work]) -> None:
     counters.batches += 1
     counters.requests += len(batch)
     for work in batch:
-        if work.request.kind == Kind.POST:
+        if work.request.kind == _POST:
             counters.posts_dropped += work.body[2]
 
 

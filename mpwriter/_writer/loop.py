@@ -461,7 +461,10 @@ class WriterLoop:
         backlog = self._inbox.backlog
         in_hand = self._inbox.in_hand
         loads = pickle.loads
-        while backlog and len(batch) < limit:
+        # The backlog holds about one batch (the inbox reads no more): one
+        # count for the loop, not a test of two lengths per request. What
+        # needs no engine counts too; it is rare, and the rest waits a batch.
+        for _ in range(min(len(backlog), limit)):
             if backlog[0].kind == _SESSION:
                 break
             request = backlog.popleft()

@@ -99,6 +99,11 @@ _BACKOFF_MAX = 0.1
 
 log = logging.getLogger("mpwriter")
 
+# A batch's replies as the engine gathers them: by ``id(work)``, each the
+# request and its reply, so that the loop's list is the values, in order of
+# answering, with no lookup per request.
+Replies = dict[int, tuple[Request, bytes]]
+
 
 class _TransactionLost(Exception):
     """One request failed in a way that spoils the whole transaction.
@@ -232,7 +237,7 @@ class SqliteEngine:
         """
         count_batch(self._counters, batch)
         self._failures.clear()  # a `run` that raised left its own: they did not stand
-        replies: dict[int, bytes] = {}
+        replies: Replies = {}
         solo: list[tuple[Work, BaseException]] = []
         try:
             self._commit_what_can(batch, replies, solo)
@@ -246,10 +251,10 @@ class SqliteEngine:
         self._state.busy_until = 0.0
         self._guard.repair_between_batches()
         self._deferred = solo
-        return [(work.request, replies[id(work)]) for work in batch if id(work) in replies]
+        return list(replies.values())  # (`Replies`: no lookup per request)
 
     def _commit_what_can(
-        self, batch: list[Work], replies: dict[int, bytes], solo: list[tuple[Work, BaseException]]
+        self, batch: list[Work], replies: Replies, solo: list[tuple[Work, BaseException]]
     ) -> None:
         """Run and commit ``batch``, replaying it without each culprit; fill ``replies``.
 
@@ -286,7 +291,7 @@ class SqliteEngine:
                 self._failures.drop_since(recorded)  # this attempt's outcome does not stand
                 counters.replayed_batches += 1
                 culprit = attempt[lost.index]
-                replies[id(culprit)] = self._failures.fail(culprit, lost.error)
+                replies[id(culprit)] = self._failures.answer(culprit, lost.error)
                 pending = [work for work in pending if work is not culprit]
                 suspects = None
                 continue
@@ -301,7 +306,7 @@ class SqliteEngine:
                 if len(pending) > 1:
                     counters.replayed_batches += 1  # some of it runs again
                 if size == 1:
-                    replies[id(attempt[0])] = self._failures.fail(
+                    replies[id(attempt[0])] = self._failures.answer(
                         attempt[0], refused.culprit_error()
                     )
                     pending = pending[1:]
@@ -318,7 +323,7 @@ class SqliteEngine:
     def _fail_the_rest(
         self,
         batch: list[Work],
-        replies: dict[int, bytes],
+        replies: Replies,
         solo: list[tuple[Work, BaseException]],
         exc: Exception,
     ) -> None:
@@ -340,7 +345,7 @@ class SqliteEngine:
         failure = _not_applied(exc)
         for work in batch:
             if id(work) not in replies and id(work) not in deferred:
-                replies[id(work)] = self._failures.fail(work, failure)
+                replies[id(work)] = self._failures.answer(work, failure)
 
     def run_alone(self) -> Iterator[tuple[Request, bytes]]:
         """Run the requests the last `run` deferred, one at a time; yield each reply.
@@ -355,7 +360,7 @@ class SqliteEngine:
             self._failures.settle()
             yield work.request, reply
 
-    def _begin(self, batch: list[Work], replies: dict[int, bytes]) -> list[Work]:
+    def _begin(self, batch: list[Work], replies: Replies) -> list[Work]:
         """BEGIN IMMEDIATE, waiting out outside lock holders with backoff.
 
         Requests whose deadline comes first are answered with SQLite's
@@ -374,14 +379,14 @@ class SqliteEngine:
             except sqlite3.OperationalError as exc:
                 if not is_busy(exc):
                     for work in pending:
-                        replies[id(work)] = self._failures.fail(work, exc)
+                        replies[id(work)] = self._failures.answer(work, exc)
                     return []
                 busy = exc
             now = time.monotonic()
             still: list[Work] = []
             for work in pending:
                 if out_of_time(work, now):
-                    replies[id(work)] = self._failures.fail(work, busy)
+                    replies[id(work)] = self._failures.answer(work, busy)
                 else:
                     still.append(work)
             pending = still
@@ -394,12 +399,12 @@ class SqliteEngine:
 
     def _run_in_transaction(
         self, pending: list[Work], solo: list[tuple[Work, BaseException]]
-    ) -> dict[int, bytes]:
+    ) -> Replies:
         conn = self._conn
         control = self._control
         run = self._guard.run
-        replies: dict[int, bytes] = {}
-        succeeded: list[Work] = []
+        replies: Replies = {}
+        failed: set[int] = set()  # ids of those failed: rare, where successes are not
         for index, work in enumerate(pending):
             # A single statement needs no savepoint: SQLite undoes a failed
             # statement by itself. Where it does not (OR FAIL keeps the rows
@@ -411,33 +416,35 @@ class SqliteEngine:
             else:
                 control.execute(SAVEPOINT)
             try:
-                replies[id(work)] = run(work)
+                replies[id(work)] = (work.request, run(work))
             except NeedsSolo as needs:
                 solo.append((work, needs.__cause__ or needs))
             except Refused as refused:
-                replies[id(work)] = self._failures.fail(work, StatementRefused(refused.args[0]))
+                replies[id(work)] = self._failures.answer(work, StatementRefused(refused.args[0]))
+                failed.add(id(work))
             except Exception as exc:
                 if not conn.in_transaction or (single and conn.total_changes != changes):
                     raise _TransactionLost(index, exc) from exc
-                replies[id(work)] = self._failures.fail(work, exc)
+                replies[id(work)] = self._failures.answer(work, exc)
+                failed.add(id(work))
             else:
                 if not single:
                     control.execute(RELEASE)
-                succeeded.append(work)
                 continue
             if not single:
                 control.execute(ROLLBACK_TO)
                 control.execute(RELEASE)
-        self._commit(succeeded, replies)
+        self._commit(pending, failed, replies)
         return replies
 
-    def _commit(self, succeeded: list[Work], replies: dict[int, bytes]) -> None:
-        """COMMIT; if it fails, fail ``succeeded`` (rolled back), or raise
-        `_CommitRefused` for a deferred constraint (a culprit to find)."""
+    def _commit(self, ran: list[Work], failed: set[int], replies: Replies) -> None:
+        """COMMIT; if it fails, fail those of ``ran`` answered OK (rolled back
+        now), or raise `_CommitRefused` for a deferred constraint (a culprit)."""
         started = time.monotonic()
         try:
             self._control.execute(COMMIT)
         except sqlite3.Error as exc:
+            succeeded = [w for w in ran if id(w) in replies and id(w) not in failed]
             # A COMMIT refused by a deferred constraint leaves the transaction
             # open (SQLite's rule); any other failure is nobody's fault.
             deferred = exc if isinstance(exc, sqlite3.IntegrityError) else None
@@ -447,7 +454,7 @@ class SqliteEngine:
             if deferred is not None and succeeded:
                 raise _CommitRefused(deferred) from exc
             for work in succeeded:
-                replies[id(work)] = self._failures.fail(work, exc)
+                replies[id(work)] = self._failures.answer(work, exc)
         else:
             self._counters.commits += 1
             self.commit_seconds = commit_cost(self.commit_seconds, started, time.monotonic())
@@ -498,10 +505,10 @@ class SqliteEngine:
         Returns None once it is open, or ``work``'s error reply (counted) if
         an outside lock holder stayed past its deadline or BEGIN failed.
         """
-        replies: dict[int, bytes] = {}
+        replies: Replies = {}
         opened = self._begin([work], replies)
         self._failures.settle()
-        return None if opened else replies[id(work)]
+        return None if opened else replies[id(work)][1]
 
     def run_session_statement(self, work: Work) -> bytes:
         """Run one statement of a session in the open transaction; its OK reply.

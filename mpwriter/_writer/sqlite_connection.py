@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Callable
+from operator import itemgetter
 from typing import Any
 
 SQLITE_BUSY = 5
@@ -119,4 +120,7 @@ def execute(cursor: sqlite3.Cursor, sql: str, params: Any) -> tuple[Any, ...]:
         return (cursor.rowcount, cursor.lastrowid, [])
     # RETURNING rows must be fetched before rowcount is final.
     rows = cursor.fetchall()
-    return (cursor.rowcount, cursor.lastrowid, rows, tuple(column[0] for column in description))
+    return (cursor.rowcount, cursor.lastrowid, rows, tuple(map(_name, description)))
+
+
+_name = itemgetter(0)  # a column's name from its `description` entry, in C

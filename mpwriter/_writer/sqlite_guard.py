@@ -26,10 +26,11 @@ import pickle
 import sqlite3
 import time
 from collections.abc import Callable
+from operator import itemgetter
 from typing import Any
 
 from .._errors import Interrupted, NotPicklable
-from .._wire.frames import REPLY_HEADER_SIZE, Kind, Status, encode_reply
+from .._wire.frames import REPLY_HEADER_SIZE, Kind, Status, encode_reply, encode_rows, encode_wrote
 from .batch import STOP_MARGIN, STOP_MARGIN_SHARE, Work, interrupted, ok_reply
 from .call_limit import CallLimiter, CallOverrun, own_signals, restore_signals
 from .sqlite_connection import WriterConnection, execute, split_script
@@ -76,6 +77,9 @@ _SOLO_MESSAGE = "within a transaction"  # "cannot VACUUM from within a transacti
 _EXECUTE = int(Kind.EXECUTE)
 _CALL = int(Kind.CALL)
 _OK = Status.OK
+# A column's name, from its entry in a cursor's ``description``: mapped in C,
+# where a generator cost a Python call per column.
+_name = itemgetter(0)
 # What `_check_pinned` reads after a call() function (one statement, cached).
 _PINNED_NOW = (
     "SELECT * FROM pragma_locking_mode, pragma_query_only, pragma_busy_timeout,"
@@ -359,8 +363,21 @@ class Guard:
         self._guarded = True
         try:
             kind = work.request.kind
-            if kind == _EXECUTE:  # the common case, without a call per layer
-                value = execute(self._cursor, *work.body)
+            if kind == _EXECUTE:  # the common case: `execute` and `ok_reply`, inlined
+                cursor = self._cursor
+                cursor.execute(*work.body)
+                description = cursor.description
+                if description is None:
+                    return encode_wrote(work.request.request_id, cursor.rowcount, cursor.lastrowid)
+                rows = cursor.fetchall()  # RETURNING rows: fetched before rowcount is final
+                value = (cursor.rowcount, cursor.lastrowid, rows, tuple(map(_name, description)))
+                # Marshalled (`encode_rows`): the text factory is str, put back
+                # after every call(), so no bytearray is there for marshal to
+                # change; a row factory's rows are refused, and pickled.
+                try:
+                    return encode_rows(work.request.request_id, value)
+                except Exception as exc:
+                    raise NotPicklable(f"the result could not be pickled: {exc}") from exc
             elif kind == _CALL:
                 return self._run_call(work.request.request_id, work.body)
             else:
