@@ -255,16 +255,18 @@ def _fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
-def _copies_held(fds: list[int]) -> int:
-    """How many of this process's descriptors refer to the files, pipes or sockets ``fds``
-    refer to. Unlike a count of all descriptors, other tests' garbage being collected
-    meanwhile does not change it."""
-    wanted = {(st.st_dev, st.st_ino) for st in map(os.fstat, fds)}
-    held = 0
+def _descriptors() -> set[tuple[int, int, int]]:
+    """This process's descriptors, each with the device and inode it refers to.
+
+    A leak shows as an entry that was not there before, even when another
+    test's garbage, collected meanwhile, closed a descriptor and the leaked
+    one took its number; unlike a count, it does not fall when that happens.
+    """
+    held = set()
     for name in os.listdir("/proc/self/fd"):
         with contextlib.suppress(OSError):  # the listing's own descriptor, closed by now
             st = os.fstat(int(name))
-            held += (st.st_dev, st.st_ino) in wanted
+            held.add((int(name), st.st_dev, st.st_ino))
     return held
 
 
@@ -810,10 +812,10 @@ def test_connect_refuses_an_endpoint_another_user_planted_and_sends_it_nothing(
         grant, fds = _grant_of(tmp_path / "real.db")  # a grant the client could use
     try:
         with planted_endpoint(Path(f"{database}.mpwriter.sock"), grant, fds[2]) as stop:
-            before = _copies_held(fds)
+            before = _descriptors()
             with pytest.raises(mpwriter.UntrustedFile, match="uid 65534") as caught:
                 mpwriter.connect(database)
-            assert _copies_held(fds) == before  # no descriptor taken from it
+            assert _descriptors() - before == set()  # no descriptor taken from it
             assert "Nothing was sent" in str(caught.value)
             report = stop()
     finally:
@@ -894,14 +896,14 @@ def assert_refused_keeping_nothing(tmp_path: Path, grant: bytes, fds: list[int])
         listener.bind(str(endpoint))
         listener.listen(1)
         listener.settimeout(10.0)
-        before = _copies_held(fds)
+        before = _descriptors()
         server = threading.Thread(target=_serve_once, args=(listener, grant, fds))
         server.start()
         with pytest.raises(mpwriter.WriterUnavailable, match="cannot use"):
             mpwriter.connect(tmp_path / "app.db", endpoint=endpoint)
         server.join(10.0)
         assert not server.is_alive()
-        assert _copies_held(fds) == before
+        assert _descriptors() - before == set()
 
 
 @pytest.mark.parametrize(
