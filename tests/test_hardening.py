@@ -123,6 +123,11 @@ def set_row_factory(conn: sqlite3.Connection) -> None:
     conn.text_factory = bytes
 
 
+def schema_with_bytearray_text(conn: sqlite3.Connection) -> None:
+    conn.executescript(SCHEMA)
+    conn.text_factory = bytearray
+
+
 def read_rows(conn: sqlite3.Connection) -> list[Any]:
     return conn.execute("SELECT 'text', 1").fetchall()
 
@@ -392,6 +397,15 @@ def test_connection_settings_a_call_changes_do_not_leak(writer: mpwriter.Writer)
     assert writer.call(read_rows) == [("text", 1)]  # plain tuples of str again
     writer.call(deny_everything)
     assert writer.execute("INSERT INTO items(payload) VALUES ('x')").rowcount == 1
+
+
+def test_a_text_factory_set_by_init_reaches_the_caller_unchanged(db_path: Path) -> None:
+    with mpwriter.start(db_path, init=schema_with_bytearray_text, context="fork") as writer:
+        rows = writer.execute("SELECT 'text', x'00ff'").rows
+        assert rows == [(bytearray(b"text"), b"\x00\xff")]
+        assert type(rows[0][0]) is bytearray
+        returned = writer.execute("INSERT INTO items(payload) VALUES ('x') RETURNING payload").rows
+        assert [type(value) for (value,) in returned] == [bytearray]
 
 
 def test_a_trace_callback_a_call_sets_ends_with_the_call(
