@@ -123,6 +123,11 @@ def set_row_factory(conn: sqlite3.Connection) -> None:
     conn.text_factory = bytes
 
 
+def schema_with_bytearray_text(conn: sqlite3.Connection) -> None:
+    conn.executescript(SCHEMA)
+    conn.text_factory = bytearray
+
+
 def read_rows(conn: sqlite3.Connection) -> list[Any]:
     return conn.execute("SELECT 'text', 1").fetchall()
 
@@ -394,6 +399,15 @@ def test_connection_settings_a_call_changes_do_not_leak(writer: mpwriter.Writer)
     assert writer.execute("INSERT INTO items(payload) VALUES ('x')").rowcount == 1
 
 
+def test_a_text_factory_set_by_init_reaches_the_caller_unchanged(db_path: Path) -> None:
+    with mpwriter.start(db_path, init=schema_with_bytearray_text, context="fork") as writer:
+        rows = writer.execute("SELECT 'text', x'00ff'").rows
+        assert rows == [(bytearray(b"text"), b"\x00\xff")]
+        assert type(rows[0][0]) is bytearray
+        returned = writer.execute("INSERT INTO items(payload) VALUES ('x') RETURNING payload").rows
+        assert [type(value) for (value,) in returned] == [bytearray]
+
+
 def test_a_trace_callback_a_call_sets_ends_with_the_call(
     writer: mpwriter.Writer, tmp_path: Path
 ) -> None:
@@ -470,6 +484,29 @@ def test_a_large_reply_is_written_on_without_copying_what_is_left(tmp_path: Path
         finally:
             os.close(read_end)
             os.close(write_end)
+
+
+def test_a_re_registration_awaiting_a_request_the_session_holds_is_not_declared_lost() -> None:
+    from mpwriter._wire.frames import PIPE_REGISTRATION, PIPE_TAG
+
+    pipes = [os.pipe(), os.pipe()]
+    with writer_inbox() as (inbox, _, side):
+        try:
+            # As the writer's session sets it while it holds a request of slot 1
+            # (its first, a queued one, its carried COMMIT): it answers that one.
+            inbox.session_slot = (5, 1)
+            for slot, (read_end, write_end) in enumerate(pipes, 1):
+                os.set_blocking(read_end, False)
+                socket.send_fds(side, [PIPE_REGISTRATION.pack(PIPE_TAG, 5, slot, 7)], [write_end])
+            inbox.read_side_socket()
+            inbox.report_lost()
+            with pytest.raises(BlockingIOError):
+                os.read(pipes[0][0], 1 << 16)  # not answered here too
+            assert os.read(pipes[1][0], 1 << 16)  # slot 2, held by nobody: declared lost
+        finally:
+            for read_end, write_end in pipes:
+                os.close(read_end)
+                os.close(write_end)
 
 
 def test_orphan_replies_are_bounded_in_bytes_and_drops_counted() -> None:

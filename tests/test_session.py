@@ -38,6 +38,12 @@ def rows_of(db_path: Path, client: int) -> list[int]:
         return [row[0] for row in found]
 
 
+def free_pages(db_path: Path) -> int:
+    with mpwriter.reader(db_path) as conn:
+        count: int = conn.execute("PRAGMA freelist_count").fetchone()[0]
+        return count
+
+
 # -- one session -------------------------------------------------------------------
 
 
@@ -165,6 +171,27 @@ def test_a_session_commit_shares_the_commit_of_the_requests_it_held(
     assert after["session_wait_seconds"] > before["session_wait_seconds"]
     assert rows_of(db_path, 1) == [1]
     assert rows_of(db_path, 2) == [1]
+
+
+def test_a_vacuum_held_behind_a_session_runs_alone_after_the_shared_commit(
+    writer: mpwriter.Writer, db_path: Path
+) -> None:
+    writer.execute("CREATE TABLE ballast(b BLOB)")
+    writer.execute("INSERT INTO ballast VALUES (zeroblob(200000))")
+    writer.execute("DROP TABLE ballast")
+    assert free_pages(db_path) > 0
+    before = writer.stats()
+    session = writer.session()
+    session.execute(INSERT, (1, 1))
+    # Held while the session is open; SQLite sets it aside to run alone, after
+    # the batch the session's COMMIT is carried into.
+    vacuum = writer.submit("VACUUM")
+    session.commit()
+    vacuum.result(timeout=10)
+    assert free_pages(db_path) == 0  # the VACUUM ran
+    assert writer.stats()["session_waits"] - before["session_waits"] == 1
+    assert rows_of(db_path, 1) == [1]
+    assert not session.in_transaction
 
 
 def test_a_session_whose_shared_commit_is_abandoned_by_sqlite_is_told_so(

@@ -220,6 +220,10 @@ class Inbox:
         # (sender, slot) of the requests the loop took from the backlog and
         # has not answered yet: the loop fills it and clears it per batch.
         self.in_hand: set[Key] = set()
+        # The slot of the session being served while it holds a request of
+        # that slot unanswered (its first, its queued own, its carried
+        # COMMIT): set and cleared by the session (`session.py`).
+        self.session_slot: Key | None = None
         self._batch_limit = batch_limit
         # How many requests `read_available` takes into the backlog: one
         # batch, or more while a session holds the others (`hold_requests`).
@@ -248,9 +252,12 @@ class Inbox:
         return int(struct.unpack("i", answer)[0])
 
     def holds(self, key: Key) -> bool:
-        """Whether a request from this slot is queued here or being served."""
-        return key in self.in_hand or any(
-            r.sender == key[0] and r.slot == key[1] for r in self.backlog
+        """Whether a request from this slot is queued here or being served
+        (by a batch or by the open session)."""
+        return (
+            key in self.in_hand
+            or key == self.session_slot
+            or any(r.sender == key[0] and r.slot == key[1] for r in self.backlog)
         )
 
     # -- the request pipe ---------------------------------------------------------

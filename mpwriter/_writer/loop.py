@@ -421,6 +421,7 @@ class WriterLoop:
             # A child forked while the batch ran (by a function it ran: a SQL
             # function a call() registered, say) must not answer it.
             forks.leave_if_forked()
+        set_aside = len(replies) < len(batch)  # before a carried session's reply joins
         if self._sessions.carried:
             # A session committed into this batch's transaction: answered only now.
             replies += self._sessions.settle(ran=bool(batch))
@@ -432,7 +433,7 @@ class WriterLoop:
         # are still in hand (a re-registration awaiting one finds it held).
         if outbox.unrouted:
             inbox.route_unrouted()
-        if batch and len(replies) < len(batch):
+        if set_aside:
             self._run_alone(batch, replies)
         # The keys in hand become the ones just answered (two sets, swapped:
         # no set is built per batch).

@@ -175,8 +175,7 @@ class Sessions:
         self._own: deque[Request] = deque()
         self._seen = 0  # how many backlog requests (from its head) were looked at
         self._closing = False  # a CLOSE request arrived during the session
-        # STATS requests that arrived during the session: the loop answers
-        # them after each step (figures need not wait for the session).
+        # STATS requests that came during the session: the loop answers them after each step.
         self.stats: list[Request] = []
         self._counters = counters
         self._inbox = inbox
@@ -207,6 +206,7 @@ class Sessions:
         if request is None:
             return []
         self._carried = None
+        self._inbox.session_slot = None  # its last reply: sent by the caller of settle
         if self._engine is not None:
             self._engine.carrying_session = False  # settled, whatever the batch did
         if not ran:
@@ -256,6 +256,7 @@ class Sessions:
         is there to share its COMMIT, commits at once.
         """
         key = (first.sender, first.slot)
+        self._inbox.session_slot = key  # until its last reply: held, never declared lost
         fd = self._outbox.pipe_of(key)
         if fd is None:
             self._inbox.read_side_socket()  # its registration may be queued there
@@ -267,9 +268,11 @@ class Sessions:
             self._counters.expired += 1
             gone = SessionExpired("the session's caller was gone before it began; not applied")
             self._outbox.send(first, error_reply(first.request_id, gone))
+            self._inbox.session_slot = None
             return None
         session = self._open(first)
         if session is None:
+            self._inbox.session_slot = None
             return None
         self._counters.sessions += 1
         self._session = session
@@ -321,6 +324,8 @@ class Sessions:
         """What the open session held: the backlog's bound, its own requests, its pipe."""
         self._session = None
         self._inbox.hold_requests(None)
+        if self._carried is None:  # else held until `settle` answers it
+            self._inbox.session_slot = None
         # Sent on a transaction that ended meanwhile (they are answered as
         # such, first): back at the head, in their order.
         self._backlog.extendleft(reversed(self._own))

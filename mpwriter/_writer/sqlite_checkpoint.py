@@ -104,10 +104,13 @@ class Checkpoints:
 def _open_wal_index(conn: sqlite3.Connection) -> int | None:
     """A read-only descriptor of the database's -shm file, or None if it has none
     (an in-memory database, or ``locking_mode=EXCLUSIVE``, keeps it in memory)."""
-    row = conn.execute("PRAGMA database_list").fetchone()
-    if not row or not row[2]:
+    # As a blob: bytes whatever text factory ``init`` set on the connection.
+    row = conn.execute(
+        "SELECT CAST(file AS BLOB) FROM pragma_database_list WHERE name = 'main'"
+    ).fetchone()
+    if not row or not row[0]:
         return None
     try:
-        return os.open(row[2] + "-shm", os.O_RDONLY | os.O_CLOEXEC)
+        return os.open(os.fsdecode(row[0]) + "-shm", os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return None

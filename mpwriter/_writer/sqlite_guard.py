@@ -114,6 +114,10 @@ class Guard:
         # What a call() function may change and the guard puts back after it.
         self._row_factory = conn.row_factory
         self._text_factory = conn.text_factory
+        # Result sets go marshalled (`encode_rows`) only while the rows are
+        # plain tuples of values marshal keeps exactly: it turns a bytearray
+        # or memoryview (a text factory ``init`` set) into bytes.
+        self._marshal_rows = self._row_factory is None and self._text_factory in (str, bytes)
         self._synchronous = conn.execute("PRAGMA synchronous /* mpwriter */").fetchone()[0]
         # Set when a call() changed sqlite3's transaction handling: put back
         # between batches (`repair_between_batches`).
@@ -371,11 +375,12 @@ class Guard:
                     return encode_wrote(work.request.request_id, cursor.rowcount, cursor.lastrowid)
                 rows = cursor.fetchall()  # RETURNING rows: fetched before rowcount is final
                 value = (cursor.rowcount, cursor.lastrowid, rows, tuple(map(_name, description)))
-                # Marshalled (`encode_rows`): the text factory is str, put back
-                # after every call(), so no bytearray is there for marshal to
-                # change; a row factory's rows are refused, and pickled.
+                # The factories are put back after every call(), so what was
+                # decided when they were saved holds (`_marshal_rows`).
                 try:
-                    return encode_rows(work.request.request_id, value)
+                    if self._marshal_rows:
+                        return encode_rows(work.request.request_id, value)
+                    return encode_reply(work.request.request_id, _OK, value)
                 except Exception as exc:
                     raise NotPicklable(f"the result could not be pickled: {exc}") from exc
             elif kind == _CALL:
