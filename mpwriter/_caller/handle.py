@@ -38,7 +38,7 @@ from .._wire.frames import (
     Kind,
     encode_frame,
 )
-from .._wire.replies import Result
+from .._wire.replies import Result, as_result
 from .._wire.state import CLOSED, RUNNING
 from .._wire.stats import Stats
 from . import aio, blocking, calls, futures
@@ -114,7 +114,7 @@ class Writer:
         except Exception as exc:
             raise _not_picklable(_EXECUTE, exc) from exc
         value = blocking.request(pool, link.request_fd, _EXECUTE, payload, deadline)
-        # A write without rows comes as a Result already (`unpack_reply`).
+        # `as_result`, in line: this is the path every plain statement takes.
         return value if value.__class__ is Result else Result(*value)
 
     def executemany(
@@ -281,13 +281,13 @@ class Writer:
         No thread per request: one background thread per handle collects the
         replies of every pending future.
         """
-        return self._submit(self._request(Kind.EXECUTE, (sql, params), timeout), _to_result)
+        return self._submit(self._request(Kind.EXECUTE, (sql, params), timeout), as_result)
 
     def submit_many(
         self, sql: str, seq_of_params: Iterable[Any], *, timeout: float | None = None
     ) -> concurrent.futures.Future[Result]:
         """`executemany`, as a future (see `submit`); the iterable is read here, first."""
-        return self._submit(self._many(sql, seq_of_params, timeout), _to_result)
+        return self._submit(self._many(sql, seq_of_params, timeout), as_result)
 
     def submit_script(
         self, script: str, *, timeout: float | None = None
@@ -495,11 +495,6 @@ def _streamed(
 
 def _not_picklable(kind: Kind, exc: Exception) -> NotPicklable:
     return NotPicklable(f"cannot send this {kind.name.lower()} request to the writer: {exc}")
-
-
-def _to_result(value: Any) -> Result:
-    # A write without rows comes as a Result already (`unpack_reply`).
-    return value if value.__class__ is Result else Result(*value)
 
 
 def _to_none(value: Any) -> None:

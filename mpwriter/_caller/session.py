@@ -57,7 +57,7 @@ from .._wire.frames import (
     SessionOp,
     encode_frame,
 )
-from .._wire.replies import Result, unpack_reply
+from .._wire.replies import Result, as_result, unpack_reply
 from .._wire.state import CLOSED, RUNNING
 from . import aio, blocking, calls
 from .pipe_pool import PipePool, Slot
@@ -137,14 +137,14 @@ class Session:
         transaction was rolled back), `StatementRefused` for BEGIN, COMMIT,
         END or ROLLBACK sent as SQL.
         """
-        return _to_result(blocking.run(self._step(SessionOp.EXECUTE, (sql, params), timeout)))
+        return as_result(blocking.run(self._step(SessionOp.EXECUTE, (sql, params), timeout)))
 
     def executemany(
         self, sql: str, seq_of_params: Iterable[Any], *, timeout: float | None = None
     ) -> Result:
         """`execute` once per parameter set, as one statement of the session."""
         body = (sql, list(seq_of_params))
-        return _to_result(blocking.run(self._step(SessionOp.EXECUTEMANY, body, timeout)))
+        return as_result(blocking.run(self._step(SessionOp.EXECUTEMANY, body, timeout)))
 
     def executescript(self, script: str, *, timeout: float | None = None) -> None:
         """Run several statements; stops at the first that fails (which is raised)."""
@@ -199,14 +199,14 @@ class Session:
 
     async def aexecute(self, sql: str, params: Any = (), *, timeout: float | None = None) -> Result:
         """`execute` for asyncio."""
-        return _to_result(await aio.run(self._step(SessionOp.EXECUTE, (sql, params), timeout)))
+        return as_result(await aio.run(self._step(SessionOp.EXECUTE, (sql, params), timeout)))
 
     async def aexecutemany(
         self, sql: str, seq_of_params: Iterable[Any], *, timeout: float | None = None
     ) -> Result:
         """`executemany` for asyncio."""
         body = (sql, list(seq_of_params))
-        return _to_result(await aio.run(self._step(SessionOp.EXECUTEMANY, body, timeout)))
+        return as_result(await aio.run(self._step(SessionOp.EXECUTEMANY, body, timeout)))
 
     async def aexecutescript(self, script: str, *, timeout: float | None = None) -> None:
         """`executescript` for asyncio."""
@@ -343,8 +343,3 @@ def _abandon(pool: PipePool, held: list[Slot], pid: int) -> None:
     """A session collected with its transaction open: retire its slot (see `Session`)."""
     if held and os.getpid() == pid and not pool.closed:
         pool.retire(held.pop())
-
-
-def _to_result(value: Any) -> Result:
-    # A write without rows comes as a Result already (`unpack_reply`).
-    return value if value.__class__ is Result else Result(*value)

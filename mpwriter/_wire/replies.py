@@ -132,6 +132,16 @@ class Incoming:
         return self._needed
 
 
+def as_result(value: Any) -> Result:
+    """The `Result` of an EXECUTE or EXECUTEMANY reply's value.
+
+    `unpack_reply` already gives a `Result` for a write without rows and a
+    marshalled result set; a pickled reply (PostgreSQL's, or rows marshal
+    refused) carries the plain tuple.
+    """
+    return value if value.__class__ is Result else Result(*value)
+
+
 def read_reply(fd: int, request_id: int) -> bytes | Incoming:
     """Read once from the non-blocking ``fd`` for the reply to ``request_id``.
 
