@@ -408,6 +408,21 @@ def test_a_text_factory_set_by_init_reaches_the_caller_unchanged(db_path: Path) 
         assert [type(value) for (value,) in returned] == [bytearray]
 
 
+def allow_everything_and_insert(conn: sqlite3.Connection) -> None:
+    conn.set_authorizer(lambda *_args: sqlite3.SQLITE_OK)  # replaced, but nothing pinned changes
+    conn.execute("INSERT INTO items(payload) VALUES ('allowed')")
+
+
+def test_the_pinned_settings_are_read_whatever_text_factory_init_set(db_path: Path) -> None:
+    """The check after a call() that replaced the authorizer reads the locking
+    mode in SQL: with bytearray text, an unchanged one is not taken for a change."""
+    with mpwriter.start(db_path, init=schema_with_bytearray_text, context="fork") as writer:
+        writer.call(allow_everything_and_insert)
+        with pytest.raises(mpwriter.StatementRefused, match="locking_mode"):
+            writer.call(take_exclusive_lock_behind_the_authorizer)
+        assert writer.execute("SELECT payload FROM items").rows == [(bytearray(b"allowed"),)]
+
+
 def test_a_trace_callback_a_call_sets_ends_with_the_call(
     writer: mpwriter.Writer, tmp_path: Path
 ) -> None:

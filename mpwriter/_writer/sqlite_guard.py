@@ -81,9 +81,11 @@ _OK = Status.OK
 # where a generator cost a Python call per column.
 _name = itemgetter(0)
 # What `_check_pinned` reads after a call() function (one statement, cached).
+# The locking mode is compared in SQL: an ``init`` may have set a text
+# factory (bytes, bytearray, a function) that changes what Python would see.
 _PINNED_NOW = (
-    "SELECT * FROM pragma_locking_mode, pragma_query_only, pragma_busy_timeout,"
-    " pragma_synchronous /* mpwriter */"
+    "SELECT lower(locking_mode) <> 'normal', * FROM pragma_locking_mode, pragma_query_only,"
+    " pragma_busy_timeout, pragma_synchronous /* mpwriter */"
 )
 
 
@@ -317,11 +319,12 @@ class Guard:
             return
         guarded, self._guarded = self._guarded, False
         try:
-            locking, query_only, busy_timeout, synchronous = conn.execute(_PINNED_NOW).fetchone()
+            row = conn.execute(_PINNED_NOW).fetchone()
+            not_normal, locking, query_only, busy_timeout, synchronous = row
         finally:
             self._guarded = guarded
         repairs: list[str] = []
-        if str(locking).lower() != "normal":
+        if not_normal:
             changed.append(f"locking_mode={locking}")
             repairs.append("PRAGMA locking_mode=NORMAL /* mpwriter */")
         if query_only:
